@@ -1,0 +1,1 @@
+"""Data shipped inside the package: the embedded tiny-llada checkpoint."""

@@ -1,0 +1,80 @@
+"""Model definitions (LLaDA, Dream) and the registry that picks one from a config.json."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .checkpoint import CheckpointError, check_state_dict, config_to_dict, load_state_dict, read_config, save_checkpoint
+from .dream import DreamConfig, DreamModel
+from .llada import LLaDAConfig, LLaDAModelLM
+from .spec import DiffusionSpec
+
+
+@dataclass(frozen=True)
+class Architecture:
+    name: str
+    config_cls: type
+    model_cls: type
+    model_types: tuple[str, ...]
+    class_names: tuple[str, ...]
+
+
+ARCHITECTURES = (
+    Architecture("llada", LLaDAConfig, LLaDAModelLM, ("llada",), ("LLaDAModelLM",)),
+    Architecture("dream", DreamConfig, DreamModel, ("dream",), ("DreamModel",)),
+)
+
+
+def resolve_architecture(config: dict[str, Any]) -> Architecture:
+    """Pick the architecture from config.json's ``model_type`` or ``architectures``."""
+    model_type = str(config.get("model_type", "")).lower()
+    class_names = set(config.get("architectures") or ())
+    for arch in ARCHITECTURES:
+        if model_type in arch.model_types or class_names & set(arch.class_names):
+            return arch
+    known = ", ".join(f"{a.name} (model_type {a.model_types[0]!r})" for a in ARCHITECTURES)
+    raise CheckpointError(
+        f"unknown architecture: model_type={config.get('model_type')!r}, architectures={sorted(class_names)}. "
+        f"dyllm-fx loads {known}; for another model, build it yourself and pass the module to dyllm_fx.transform()."
+    )
+
+
+def build_model(config: dict[str, Any]) -> nn.Module:
+    arch = resolve_architecture(config)
+    return arch.model_cls(arch.config_cls.from_dict(config))
+
+
+def load_model(
+    folder: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
+) -> nn.Module:
+    """Build the model named by ``folder/config.json`` and fill it with the folder's safetensors."""
+    config = read_config(folder)
+    with torch.device("meta"):
+        model = build_model(config)
+    state = load_state_dict(folder, dtype=dtype, device=device)
+    check_state_dict(model, state, str(folder))
+    model.load_state_dict(state, assign=True)
+    return model.eval()
+
+
+def model_config_dict(model: nn.Module) -> dict[str, Any]:
+    """The config.json content that rebuilds ``model`` (for saving checkpoints)."""
+    for arch in ARCHITECTURES:
+        if isinstance(model, arch.model_cls):
+            return config_to_dict(model.config, arch.model_types[0], arch.class_names[0])
+    raise TypeError(f"{type(model).__name__} is not a dyllm-fx model class")
+
+
+def save_model(model: nn.Module, folder: str | Path, max_shard_bytes: int | None = None) -> Path:
+    return save_checkpoint(model, folder, model_config_dict(model), max_shard_bytes)
+
+
+__all__ = [
+    "ARCHITECTURES", "CheckpointError", "DiffusionSpec", "DreamConfig", "DreamModel", "LLaDAConfig",
+    "LLaDAModelLM", "build_model", "load_model", "model_config_dict", "resolve_architecture", "save_model",
+]

@@ -1,0 +1,131 @@
+"""Reading and writing Hugging Face style checkpoint folders (config.json + safetensors).
+
+Supports a single ``model.safetensors`` and sharded checkpoints described by
+``model.safetensors.index.json``. Nothing here touches the network.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder that cannot be loaded as it is; the message says what to fix."""
+
+
+def read_config(folder: str | Path) -> dict[str, Any]:
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{folder} has no config.json; pass a Hugging Face model folder (config.json + *.safetensors).")
+    return json.loads(path.read_text())
+
+
+def safetensors_files(folder: str | Path) -> list[Path]:
+    """The weight files of a folder, from the shard index if there is one."""
+    folder = Path(folder)
+    index = folder / INDEX_FILE
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map")
+        if not weight_map:
+            raise CheckpointError(f"{index} has no weight_map; re-save the checkpoint with save_pretrained().")
+        files = [folder / name for name in sorted(set(weight_map.values()))]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise CheckpointError(f"{index} names shard files that are not in {folder}: {missing}")
+        return files
+    if (folder / SINGLE_FILE).is_file():
+        return [folder / SINGLE_FILE]
+    found = sorted(folder.glob("*.safetensors"))
+    if found:
+        return found
+    if any(folder.glob("*.bin")):
+        raise CheckpointError(
+            f"{folder} holds only PyTorch .bin weights; convert them to safetensors "
+            "(transformers: model.save_pretrained(dir, safe_serialization=True))."
+        )
+    raise CheckpointError(f"{folder} has no *.safetensors weights.")
+
+
+def load_state_dict(folder: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    state: dict[str, torch.Tensor] = {}
+    for file in safetensors_files(folder):
+        with safe_open(str(file), framework="pt", device=str(device)) as f:
+            for key in f.keys():
+                t = f.get_tensor(key)
+                state[key] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+    return state
+
+
+def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Raise a CheckpointError that names every missing, unexpected or mis-shaped key."""
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    misshaped = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k])}"
+        for k in sorted(set(expected) & set(state))
+        if tuple(state[k].shape) != tuple(expected[k])
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing keys {_preview(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys {_preview(unexpected)}")
+    if misshaped:
+        problems.append(f"mis-shaped keys {_preview(misshaped)}")
+    if problems:
+        raise CheckpointError(
+            f"checkpoint {source} does not match {type(model).__name__} built from its config.json: "
+            + "; ".join(problems)
+            + ". Check that config.json belongs to these weights and that the files are complete."
+        )
+
+
+def _preview(items: list[str], limit: int = 8) -> str:
+    shown = ", ".join(items[:limit])
+    return f"[{shown}{', ... (%d more)' % (len(items) - limit) if len(items) > limit else ''}]"
+
+
+def save_checkpoint(
+    model: nn.Module, folder: str | Path, config: dict[str, Any], max_shard_bytes: int | None = None
+) -> Path:
+    """Write config.json and safetensors (sharded with an index when ``max_shard_bytes`` is set)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if max_shard_bytes is None:
+        save_file(state, str(folder / SINGLE_FILE), metadata={"format": "pt"})
+        return folder
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key, t in state.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = t
+        size += nbytes
+    weight_map = {}
+    for i, shard in enumerate(shards, start=1):
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(folder / name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in shard})
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    (folder / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+    return folder
+
+
+def config_to_dict(cfg: Any, model_type: str, architecture: str) -> dict[str, Any]:
+    return {"model_type": model_type, "architectures": [architecture], **asdict(cfg)}

@@ -1,0 +1,135 @@
+"""Dream (Dream-org/Dream-v0-Base-7B / -Instruct-7B), written from the published architecture.
+
+A Qwen2 stack (q/k/v biases, grouped-query attention, RMSNorm, SwiGLU, RoPE) run
+bidirectionally. Dream was initialised from an autoregressive model and keeps its shift: the
+logits for position i are read at position i - 1 (``DiffusionSpec.logits_shift = 1``); the
+runtime applies it. State-dict keys are the Qwen2 ones:
+
+    model.embed_tokens.weight
+    model.layers.{i}.self_attn.{q_proj,k_proj,v_proj}.{weight,bias}
+    model.layers.{i}.self_attn.o_proj.weight
+    model.layers.{i}.mlp.{gate_proj,up_proj,down_proj}.weight
+    model.layers.{i}.{input_layernorm,post_attention_layernorm}.weight
+    model.norm.weight
+    lm_head.weight                            (absent when tie_word_embeddings is true)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+from torch import nn
+
+from .layers import RMSNorm, default_position_ids, key_padding_mask, rope_cos_sin, self_attention, swiglu_mlp
+from .spec import DiffusionSpec
+
+
+@dataclass
+class DreamConfig:
+    """The config.json fields of a Dream checkpoint that define the network."""
+
+    hidden_size: int = 3584
+    intermediate_size: int = 18944
+    num_hidden_layers: int = 28
+    num_attention_heads: int = 28
+    num_key_value_heads: int = 4
+    vocab_size: int = 152064
+    max_position_embeddings: int = 131072
+    rope_theta: float = 1000000.0
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    mask_token_id: int = 151666
+    eos_token_id: int = 151643
+    pad_token_id: int = 151643
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "DreamConfig":
+        if raw.get("rope_scaling"):
+            raise ValueError(
+                f"Dream config sets rope_scaling={raw['rope_scaling']!r}; dyllm-fx implements plain RoPE "
+                "only. Remove rope_scaling from config.json or use a checkpoint without it."
+            )
+        if "mask_token_id" not in raw:
+            raise ValueError("Dream config.json has no mask_token_id; add it (151666 for Dream-v0 checkpoints).")
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in raw.items() if k in known and v is not None})
+
+
+class DreamBlock(nn.Module):
+    """Qwen2 decoder layer without the causal mask."""
+
+    def __init__(self, cfg: DreamConfig):
+        super().__init__()
+        head_dim = cfg.hidden_size // cfg.num_attention_heads
+        self.n_heads, self.n_kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = nn.Module()
+        self.self_attn.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * head_dim, bias=True)
+        self.self_attn.k_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * head_dim, bias=True)
+        self.self_attn.v_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * head_dim, bias=True)
+        self.self_attn.o_proj = nn.Linear(self.n_heads * head_dim, cfg.hidden_size, bias=False)
+        self.mlp = nn.Module()
+        self.mlp.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.mlp.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.mlp.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, mask):
+        a = self.self_attn
+        h = self.input_layernorm(x)
+        x = x + self_attention(h, a.q_proj, a.k_proj, a.v_proj, a.o_proj, self.n_heads, self.n_kv_heads, cos, sin, mask)
+        m = self.mlp
+        return x + swiglu_mlp(self.post_attention_layernorm(x), m.gate_proj, m.up_proj, m.down_proj)
+
+
+class _DreamBackbone(nn.Module):
+    def __init__(self, cfg: DreamConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DreamBlock(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class DreamModel(nn.Module):
+    """Dream masked diffusion LM. ``forward`` returns unshifted logits (B, T, vocab)."""
+
+    architecture = "dream"
+
+    def __init__(self, cfg: DreamConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = _DreamBackbone(cfg)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.diffusion = DiffusionSpec(
+            mask_token_id=cfg.mask_token_id,
+            eos_token_ids=(cfg.eos_token_id,),
+            pad_token_id=cfg.pad_token_id,
+            logits_shift=1,
+            max_length=cfg.max_position_embeddings,
+        )
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.model.layers
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if position_ids is None:
+            position_ids = default_position_ids(input_ids, attention_mask)
+        x = self.model.embed_tokens(input_ids)
+        head_dim = self.config.hidden_size // self.config.num_attention_heads
+        cos, sin = rope_cos_sin(position_ids, head_dim, self.config.rope_theta, x.dtype)
+        mask = key_padding_mask(attention_mask)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, mask)
+        x = self.model.norm(x)
+        if self.config.tie_word_embeddings:
+            return x @ self.model.embed_tokens.weight.t()
+        return self.lm_head(x)

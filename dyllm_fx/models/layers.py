@@ -1,0 +1,106 @@
+"""Building blocks shared by the LLaDA and Dream modules.
+
+Everything here is plain torch (nn.Linear, elementwise ops, SDPA) so that torch.fx, dynamo and
+torch.onnx see a graph made of standard ops; the compiler passes find the blocks from that
+structure.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm, computed in float32 as the reference models do."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+
+def rope_cos_sin(
+    position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables of shape (batch, 1, seq, head_dim) for the given positions.
+
+    Computed per call from the positions (no buffer), so models built on the meta device
+    and filled by ``load_state_dict(assign=True)`` need no re-initialisation.
+    """
+    exponent = torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim
+    inv_freq = 1.0 / (theta**exponent)
+    freqs = position_ids.float()[..., None] * inv_freq  # (B, T, hd/2)
+    emb = torch.cat([freqs, freqs], dim=-1)[:, None]  # (B, 1, T, hd)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (B, H, T, hd) by the half-split convention used by Llama, OLMo/LLaDA and Qwen2."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+def key_padding_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """(B, T) 1/0 mask -> boolean (B, 1, 1, T) SDPA mask that hides padded keys only.
+
+    Padded query rows still attend to the real keys, so no row is fully masked (no NaN);
+    their outputs are never read.
+    """
+    if attention_mask is None:
+        return None
+    return attention_mask.bool()[:, None, None, :]
+
+
+def bidirectional_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+) -> torch.Tensor:
+    """Full (non-causal) attention; q (B, H, T, hd), k/v (B, KV, T, hd) with H % KV == 0."""
+    n_rep = q.shape[1] // k.shape[1]
+    if n_rep > 1:
+        k = k.repeat_interleave(n_rep, dim=1)
+        v = v.repeat_interleave(n_rep, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=False)
+
+
+def default_position_ids(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Positions that skip left padding, so a padded row sees the same positions as alone."""
+    if attention_mask is None:
+        return torch.arange(input_ids.shape[1], device=input_ids.device).expand(input_ids.shape[0], -1)
+    pos = attention_mask.long().cumsum(-1) - 1
+    return pos.clamp(min=0)
+
+
+def self_attention(
+    x: torch.Tensor,
+    q_proj: nn.Linear,
+    k_proj: nn.Linear,
+    v_proj: nn.Linear,
+    o_proj: nn.Linear,
+    n_heads: int,
+    n_kv_heads: int,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    mask: torch.Tensor | None,
+) -> torch.Tensor:
+    """Projection -> RoPE -> bidirectional attention -> output projection, on (B, T, D)."""
+    bsz, seq, _ = x.shape
+    head_dim = q_proj.out_features // n_heads
+    q = q_proj(x).view(bsz, seq, n_heads, head_dim).transpose(1, 2)
+    k = k_proj(x).view(bsz, seq, n_kv_heads, head_dim).transpose(1, 2)
+    v = v_proj(x).view(bsz, seq, n_kv_heads, head_dim).transpose(1, 2)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    ctx = bidirectional_attention(q, k, v, mask)
+    return o_proj(ctx.transpose(1, 2).reshape(bsz, seq, n_heads * head_dim))
+
+
+def swiglu_mlp(x: torch.Tensor, gate: nn.Linear, up: nn.Linear, down: nn.Linear) -> torch.Tensor:
+    return down(F.silu(gate(x)) * up(x))

@@ -1,0 +1,148 @@
+"""LLaDA (GSAI-ML/LLaDA-8B-Base / -Instruct), written from the published architecture.
+
+An OLMo-style stack run bidirectionally: RMSNorm, SwiGLU, RoPE, no biases. Module names
+reproduce the published checkpoint's state-dict keys, so its safetensors load unchanged:
+
+    model.transformer.wte.weight
+    model.transformer.blocks.{i}.{attn_norm,ff_norm}.weight
+    model.transformer.blocks.{i}.{q_proj,k_proj,v_proj,attn_out,ff_proj,up_proj,ff_out}.weight
+    model.transformer.ln_f.weight
+    model.transformer.ff_out.weight          (absent when weight_tying is true)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+from torch import nn
+
+from .layers import RMSNorm, default_position_ids, key_padding_mask, rope_cos_sin, self_attention, swiglu_mlp
+from .spec import DiffusionSpec
+
+LLADA_MASK_TOKEN_ID = 126336
+
+
+@dataclass
+class LLaDAConfig:
+    """The config.json fields of a LLaDA checkpoint that define the network."""
+
+    d_model: int = 4096
+    n_heads: int = 32
+    n_kv_heads: int | None = None
+    n_layers: int = 32
+    mlp_hidden_size: int = 12288
+    vocab_size: int = 126464
+    embedding_size: int | None = None
+    max_sequence_length: int = 4096
+    rope_theta: float = 500000.0
+    rms_norm_eps: float = 1e-5
+    include_bias: bool = False
+    include_qkv_bias: bool = False
+    weight_tying: bool = False
+    mask_token_id: int = LLADA_MASK_TOKEN_ID
+    eos_token_id: int = 126081
+    pad_token_id: int = 126081
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "LLaDAConfig":
+        known = {f.name for f in fields(cls)}
+        cfg = cls(**{k: v for k, v in raw.items() if k in known and v is not None})
+        unsupported = {k: raw[k] for k in ("attention_layer_norm", "alibi", "clip_qkv") if raw.get(k)}
+        if raw.get("activation_type", "silu") not in ("silu", "swiglu"):
+            unsupported["activation_type"] = raw["activation_type"]
+        if unsupported:
+            raise ValueError(
+                f"LLaDA config uses features dyllm-fx does not implement: {unsupported}. "
+                "Only the published LLaDA-8B layout (RMSNorm, SwiGLU, RoPE) is supported."
+            )
+        return cfg
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def padded_vocab(self) -> int:
+        return self.embedding_size or self.vocab_size
+
+
+class LLaDABlock(nn.Module):
+    """One bidirectional transformer block (OLMo `LLaDALlamaBlock` layout)."""
+
+    def __init__(self, cfg: LLaDAConfig):
+        super().__init__()
+        head_dim = cfg.d_model // cfg.n_heads
+        qkv_bias = cfg.include_bias or cfg.include_qkv_bias
+        self.n_heads, self.n_kv_heads = cfg.n_heads, cfg.kv_heads
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
+        self.ff_norm = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
+        self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(cfg.d_model, cfg.kv_heads * head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(cfg.d_model, cfg.kv_heads * head_dim, bias=qkv_bias)
+        self.attn_out = nn.Linear(cfg.n_heads * head_dim, cfg.d_model, bias=cfg.include_bias)
+        self.ff_proj = nn.Linear(cfg.d_model, cfg.mlp_hidden_size, bias=cfg.include_bias)  # gate
+        self.up_proj = nn.Linear(cfg.d_model, cfg.mlp_hidden_size, bias=cfg.include_bias)
+        self.ff_out = nn.Linear(cfg.mlp_hidden_size, cfg.d_model, bias=cfg.include_bias)
+
+    def forward(self, x, cos, sin, mask):
+        h = self.attn_norm(x)
+        x = x + self_attention(
+            h, self.q_proj, self.k_proj, self.v_proj, self.attn_out, self.n_heads, self.n_kv_heads, cos, sin, mask
+        )
+        return x + swiglu_mlp(self.ff_norm(x), self.ff_proj, self.up_proj, self.ff_out)
+
+
+class _LLaDATransformer(nn.Module):
+    def __init__(self, cfg: LLaDAConfig):
+        super().__init__()
+        modules = {
+            "wte": nn.Embedding(cfg.padded_vocab, cfg.d_model),
+            "blocks": nn.ModuleList(LLaDABlock(cfg) for _ in range(cfg.n_layers)),
+            "ln_f": RMSNorm(cfg.d_model, cfg.rms_norm_eps),
+        }
+        if not cfg.weight_tying:
+            modules["ff_out"] = nn.Linear(cfg.d_model, cfg.padded_vocab, bias=cfg.include_bias)
+        self.transformer = nn.ModuleDict(modules)
+
+
+class LLaDAModelLM(nn.Module):
+    """LLaDA masked diffusion LM. ``forward`` returns logits (B, T, embedding_size)."""
+
+    architecture = "llada"
+
+    def __init__(self, cfg: LLaDAConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = _LLaDATransformer(cfg)
+        self.diffusion = DiffusionSpec(
+            mask_token_id=cfg.mask_token_id,
+            eos_token_ids=(cfg.eos_token_id,),
+            pad_token_id=cfg.pad_token_id,
+            logits_shift=0,
+            max_length=cfg.max_sequence_length,
+        )
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.model.transformer.blocks
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        t = self.model.transformer
+        if position_ids is None:
+            position_ids = default_position_ids(input_ids, attention_mask)
+        x = t.wte(input_ids)
+        cos, sin = rope_cos_sin(position_ids, self.config.d_model // self.config.n_heads, self.config.rope_theta, x.dtype)
+        mask = key_padding_mask(attention_mask)
+        for block in t.blocks:
+            x = block(x, cos, sin, mask)
+        x = t.ln_f(x)
+        if self.config.weight_tying:
+            return x @ t.wte.weight.t()
+        return t.ff_out(x)

@@ -1,0 +1,95 @@
+"""The synthetic reasoning suite the embedded model is trained and evaluated on.
+
+Each task maps a random instance to a (prompt, answer) pair of short character strings. The
+answers are 16-33 characters and the model decodes them into a 64-token window padded with
+EOS, so caching has a whole response region to work on. A deterministic hash splits the
+instance space into train and test, so evaluation prompts never appear in training.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import string
+from collections.abc import Callable
+from dataclasses import dataclass
+
+DIGITS = string.digits
+LETTERS = string.ascii_lowercase
+SEPARATORS = ":=+,?"
+ALPHABET = DIGITS + LETTERS + SEPARATORS  # every character a prompt or answer can contain
+
+
+@dataclass(frozen=True)
+class Example:
+    task: str
+    prompt: str
+    answer: str
+
+
+def _reverse(rng: random.Random) -> tuple[str, str]:
+    s = "".join(rng.choices(LETTERS, k=32))
+    return f"rev:{s}=", s[::-1]
+
+
+def _sort(rng: random.Random) -> tuple[str, str]:
+    s = "".join(rng.choices(DIGITS, k=32))
+    return f"sort:{s}=", "".join(sorted(s))
+
+
+def _lookup(rng: random.Random) -> tuple[str, str]:
+    keys = rng.sample(LETTERS, 10)
+    table = {k: rng.choice(DIGITS) for k in keys}
+    query = "".join(rng.choices(keys, k=32))
+    pairs = ",".join(f"{k}{v}" for k, v in table.items())
+    return f"kv:{pairs}?{query}=", "".join(table[k] for k in query)
+
+
+def _running_sum(rng: random.Random) -> tuple[str, str]:
+    digits = [rng.randrange(10) for _ in range(32)]
+    out, acc = [], 0
+    for d in digits:
+        acc = (acc + d) % 10
+        out.append(str(acc))
+    return "cum:" + "".join(map(str, digits)) + "=", "".join(out)
+
+
+def _add(rng: random.Random) -> tuple[str, str]:
+    a, b = (rng.randrange(10**15, 10**16) for _ in range(2))
+    return f"add:{a}+{b}=", str(a + b)
+
+
+TASKS: dict[str, Callable[[random.Random], tuple[str, str]]] = {
+    "reverse": _reverse,
+    "sort": _sort,
+    "lookup": _lookup,
+    "running_sum": _running_sum,
+    "add": _add,
+}
+EASY_TASKS = ("reverse", "sort", "lookup")
+
+
+def is_test_prompt(prompt: str) -> bool:
+    """One instance in ten, chosen by a stable hash of the prompt, is held out for evaluation."""
+    return hashlib.sha256(prompt.encode()).digest()[0] % 10 == 0
+
+
+def sample(task: str, rng: random.Random, split: str = "train") -> Example:
+    """Draw one instance of ``task`` from ``split`` ("train" or "test")."""
+    if task not in TASKS:
+        raise KeyError(f"unknown task {task!r}; the suite has {sorted(TASKS)}")
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    while True:
+        prompt, answer = TASKS[task](rng)
+        if is_test_prompt(prompt) == (split == "test"):
+            return Example(task, prompt, answer)
+
+
+def test_set(n_per_task: int, tasks: tuple[str, ...] | None = None, seed: int = 1234) -> list[Example]:
+    """A fixed, reproducible list of held-out examples, ``n_per_task`` for each task."""
+    out = []
+    for task in tasks or tuple(TASKS):
+        rng = random.Random(f"{seed}-{task}")
+        out.extend(sample(task, rng, "test") for _ in range(n_per_task))
+    return out

@@ -1,0 +1,1 @@
+"""Denoising runtime: the loop, samplers and schedules."""

@@ -1,0 +1,131 @@
+"""The denoising loop: blocks left to right, a step function for logits, a sampler to commit."""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from dyllm_fx.models.layers import default_position_ids
+from dyllm_fx.models.spec import DiffusionSpec
+
+from .samplers import StepContext
+from .schedule import BlockSchedule
+from .step import StepFunction, StepRequest
+
+
+@dataclass
+class GenerationStats:
+    """Per-generation counters. ``tokens_per_second`` counts response-window positions
+    decoded per second (B x gen_length / seconds), as Fast-dLLM and the DyLLM paper report."""
+
+    nfe: int = 0
+    seconds: float = 0.0
+    step_seconds: list[float] = field(default_factory=list)
+    tokens_committed: list[int] = field(default_factory=list)  # per step, summed over the batch
+    stopped_early_at_block: int | None = None
+    tokens_per_second: float = 0.0
+
+
+@dataclass
+class GenerationOutput:
+    sequences: torch.Tensor  # (B, P + G) prompt (left padded) + response
+    prompt_length: int
+    stats: GenerationStats
+    texts: list[str] = field(default_factory=list)  # decoded responses, cut at the first EOS
+
+    @property
+    def responses(self) -> torch.Tensor:
+        return self.sequences[:, self.prompt_length :]
+
+
+def denoise(
+    step_fn: StepFunction,
+    sampler,
+    spec: DiffusionSpec,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor | None,
+    schedule: BlockSchedule,
+    cfg_scale: float = 0.0,
+    stop_at_eos: bool = True,
+    progress: bool | None = None,
+) -> GenerationOutput:
+    """Decode ``schedule.gen_length`` tokens after ``prompt_ids`` (B, P), left padded.
+
+    ``stop_at_eos``: once every row has an EOS in the decoded part and its blocks before it are
+    complete, the rest of the response is filled with EOS and no more steps run (the text is
+    cut at the first EOS anyway).
+    """
+    bsz, plen = prompt_ids.shape
+    device = prompt_ids.device
+    mask_id = spec.mask_token_id
+    x = torch.cat([prompt_ids, torch.full((bsz, schedule.gen_length), mask_id, dtype=torch.long, device=device)], 1)
+    attn = None
+    if prompt_mask is not None:
+        attn = torch.cat([prompt_mask.long(), torch.ones(bsz, schedule.gen_length, dtype=torch.long, device=device)], 1)
+    pos = default_position_ids(x, attn)
+    stats = GenerationStats()
+    total_steps = schedule.num_blocks * (schedule.steps_per_block or schedule.block_length)
+    if progress is None:
+        progress = sys.stderr.isatty() and total_steps >= 64
+    bar = tqdm(total=total_steps, disable=not progress, desc="denoising", unit="step", leave=False)
+    start_time = time.perf_counter()
+    try:
+        for block in range(schedule.num_blocks):
+            start, end = schedule.block_bounds(block)
+            masked = x[:, start:end] == mask_id
+            initial = masked.sum(-1)
+            step = 0
+            while _block_continues(schedule, step, masked):
+                t0 = time.perf_counter()
+                request = StepRequest(x, attn, pos, block, start, end, step, stats.nfe)
+                logits = _guided_logits(step_fn, request, cfg_scale, plen, mask_id) if cfg_scale else step_fn(request)
+                ctx = StepContext(step, schedule.steps_per_block, initial, start, x.shape[1])
+                chosen = sampler.select(logits, masked, ctx)
+                x[:, start:end] = torch.where(chosen.transfer, chosen.tokens, x[:, start:end])
+                masked = x[:, start:end] == mask_id
+                stats.nfe += 1 + (cfg_scale > 0)
+                stats.step_seconds.append(time.perf_counter() - t0)
+                stats.tokens_committed.append(int(chosen.transfer.sum()))
+                step += 1
+                bar.update(1)
+            if stop_at_eos and block < schedule.num_blocks - 1 and _all_rows_ended(x[:, plen:end], spec):
+                x[:, end:] = spec.eos_token_ids[0]
+                stats.stopped_early_at_block = block
+                break
+    finally:
+        bar.close()
+    stats.seconds = time.perf_counter() - start_time
+    stats.tokens_per_second = bsz * schedule.gen_length / max(stats.seconds, 1e-9)
+    return GenerationOutput(sequences=x, prompt_length=plen, stats=stats)
+
+
+def _block_continues(schedule: BlockSchedule, step: int, masked: torch.Tensor) -> bool:
+    if schedule.steps_per_block is None:  # threshold decoding: until the block is fully decoded
+        return bool(masked.any())
+    return step < schedule.steps_per_block
+
+
+def _all_rows_ended(decoded: torch.Tensor, spec: DiffusionSpec) -> bool:
+    if not spec.eos_token_ids:
+        return False
+    is_eos = torch.isin(decoded, torch.tensor(spec.eos_token_ids, device=decoded.device))
+    return bool(is_eos.any(dim=-1).all())
+
+
+def _guided_logits(step_fn: StepFunction, request: StepRequest, cfg_scale: float, plen: int, mask_id: int) -> torch.Tensor:
+    """LLaDA's classifier-free guidance: the unconditional branch sees the prompt masked."""
+    x = request.input_ids
+    uncond = x.clone()
+    uncond[:, :plen] = mask_id
+    both = StepRequest(
+        torch.cat([x, uncond]),
+        None if request.attention_mask is None else request.attention_mask.repeat(2, 1),
+        request.position_ids.repeat(2, 1),
+        request.block, request.block_start, request.block_end, request.step_in_block, request.nfe,
+    )
+    cond, uncond_logits = step_fn(both).chunk(2)
+    return uncond_logits + (cfg_scale + 1) * (cond - uncond_logits)
