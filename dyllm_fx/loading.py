@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+from transformers import AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from .models import CheckpointError, load_model, read_config, resolve_architecture
 
@@ -37,7 +37,11 @@ def load_tokenizer(folder: str | Path) -> PreTrainedTokenizerBase:
     tokenizer class needs remote code (Dream), which dyllm-fx never runs."""
     folder = Path(folder)
     try:
-        tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
+        tok = AutoTokenizer.from_pretrained(
+            # An empty config stops transformers from parsing config.json as one of its own
+            # model types (it does not know llada / Dream and warns).
+            str(folder), local_files_only=True, trust_remote_code=False, config=PretrainedConfig()
+        )
     except (ValueError, OSError, KeyError) as err:
         if not (folder / "tokenizer.json").is_file():
             raise CheckpointError(f"cannot load a tokenizer from {folder}: {err}") from err

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from dyllm_fx.char_tokenizer import build_char_tokenizer
-from dyllm_fx.models import LLaDAConfig, LLaDAModelLM, save_model
+from dyllm_fx.models import LLaDAConfig, LLaDAModelLM, load_model, save_model
 from dyllm_fx.tasks import ALPHABET, TASKS, sample
 
 
@@ -43,6 +43,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--save-every", type=int, default=250)
+    p.add_argument("--init-from", default=None, help="continue from this checkpoint folder (same architecture)")
     return p.parse_args()
 
 
@@ -84,10 +85,14 @@ def main() -> None:
         max_sequence_length=256, rope_theta=10000.0, mask_token_id=tokenizer.mask_token_id,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
-    model = LLaDAModelLM(cfg)
-    for name, p in model.named_parameters():
-        if p.dim() == 2:
-            torch.nn.init.normal_(p, std=0.02 if "wte" not in name else 0.05)
+    if args.init_from:
+        model = load_model(args.init_from).train()
+        cfg = model.config
+    else:
+        model = LLaDAModelLM(cfg)
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                torch.nn.init.normal_(p, std=0.02 if "wte" not in name else 0.05)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params / 1e6:.2f}M parameters, config {cfg}", flush=True)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)

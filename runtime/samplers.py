@@ -48,13 +48,22 @@ def _check_threshold(threshold: float | None) -> None:
         raise ValueError(f"threshold must be in (0, 1], got {threshold}; 0.9 is the Fast-dLLM default")
 
 
-def _select_top(confidence: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """Per row, mark the ``counts[b]`` highest-confidence positions."""
+def _select_top(confidence: torch.Tensor, counts: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+    """Per row, mark the ``counts[b]`` highest-confidence positions.
+
+    The references run top-k over the whole sequence (-inf outside the candidates); torch.topk
+    breaks exact ties (probabilities that round to 1.0) differently for different lengths, so
+    the block's scores are placed in a whole-sequence vector to break them the same way.
+    """
+    bsz, width = confidence.shape
+    full = confidence.new_full((bsz, ctx.seq_len), -torch.inf)
+    full[:, ctx.block_start : ctx.block_start + width] = confidence
     transfer = torch.zeros_like(confidence, dtype=torch.bool)
-    for b in range(confidence.shape[0]):
+    for b in range(bsz):
         k = int(counts[b])
         if k > 0:
-            transfer[b, torch.topk(confidence[b], k).indices] = True
+            idx = torch.topk(full[b], k).indices - ctx.block_start
+            transfer[b, idx[(idx >= 0) & (idx < width)]] = True
     return transfer
 
 
@@ -98,7 +107,7 @@ class LLaDASampler:
             transfer = _select_threshold(conf, masked, self.threshold)
         else:
             counts = llada_transfer_counts(ctx.initial_masked, ctx.steps)[:, ctx.step]
-            transfer = _select_top(conf, counts)
+            transfer = _select_top(conf, counts, ctx)
         return Selection(transfer & masked, tokens, conf)
 
 
@@ -154,7 +163,7 @@ class DreamSampler:
         grid = self._grid(ctx.steps)
         counts = [dream_transfer_count(int(n), ctx.step, ctx.steps, grid) for n in masked.sum(-1)]
         if not self.alg_temp:
-            transfer = _select_top(conf, torch.tensor(counts))
+            transfer = _select_top(conf, torch.tensor(counts), ctx)
         else:
             transfer = torch.zeros_like(masked)
             weights = torch.softmax(conf / self.alg_temp, dim=-1)

@@ -9,7 +9,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import CheckpointError, check_state_dict, config_to_dict, load_state_dict, read_config, save_checkpoint
+from .checkpoint import (
+    CheckpointError, check_state_dict, config_to_dict, load_state_dict, read_config, safetensors_files, save_checkpoint,
+)
 from .dream import DreamConfig, DreamModel
 from .llada import LLaDAConfig, LLaDAModelLM
 from .spec import DiffusionSpec

@@ -63,12 +63,12 @@ def key_padding_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None
 def bidirectional_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
 ) -> torch.Tensor:
-    """Full (non-causal) attention; q (B, H, T, hd), k/v (B, KV, T, hd) with H % KV == 0."""
-    n_rep = q.shape[1] // k.shape[1]
-    if n_rep > 1:
-        k = k.repeat_interleave(n_rep, dim=1)
-        v = v.repeat_interleave(n_rep, dim=1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=False)
+    """Full (non-causal) attention; q (B, H, T, hd), k/v (B, KV, T, hd) with H % KV == 0.
+
+    GQA is left to SDPA (``enable_gqa``) so K/V stay at KV heads in the graph, and the
+    compiler's K/V cache stores KV heads only.
+    """
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=False, enable_gqa=q.shape[1] != k.shape[1])
 
 
 def default_position_ids(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
