@@ -13,7 +13,7 @@ import torch
 
 import dyllm_fx
 from dyllm_fx.evaluation import evaluate
-from dyllm_fx.tasks import EASY_TASKS, test_set
+from dyllm_fx.tasks import DIFFICULTY, test_set
 
 
 def main() -> None:
@@ -37,7 +37,7 @@ def main() -> None:
     )
     print(f"| task | difficulty | exact match | n |\n|---|---|---|---|")
     for task, score in res.per_task.items():
-        level = "easy" if task in EASY_TASKS else "hard"
+        level = DIFFICULTY[task]
         print(f"| {task} | {level} | {100 * score.accuracy:.1f}% | {score.total} |")
     print(f"| all | | {100 * res.accuracy:.1f}% | {sum(s.total for s in res.per_task.values())} |")
     print(f"\nNFE {res.nfe}, {res.seconds:.1f} s, {res.tokens_per_second:.1f} response tokens/s")

@@ -27,6 +27,12 @@ class Example:
     answer: str
 
 
+def _shift(rng: random.Random) -> tuple[str, str]:
+    """Caesar shift by one (a->b, ..., z->a): each answer character depends on one prompt character."""
+    s = "".join(rng.choices(LETTERS, k=32))
+    return f"shift:{s}=", "".join(LETTERS[(LETTERS.index(c) + 1) % 26] for c in s)
+
+
 def _reverse(rng: random.Random) -> tuple[str, str]:
     s = "".join(rng.choices(LETTERS, k=32))
     return f"rev:{s}=", s[::-1]
@@ -60,13 +66,18 @@ def _add(rng: random.Random) -> tuple[str, str]:
 
 
 TASKS: dict[str, Callable[[random.Random], tuple[str, str]]] = {
+    "shift": _shift,
     "reverse": _reverse,
     "sort": _sort,
     "lookup": _lookup,
     "running_sum": _running_sum,
     "add": _add,
 }
-EASY_TASKS = ("reverse", "sort", "lookup")
+# Difficulty tiers for reporting: easy tasks read each answer character at a fixed offset
+# (plus one content match for lookup); medium ones chain through the previous answer
+# character; hard ones need position arithmetic (reverse), counting (sort) or carries (add).
+DIFFICULTY = {"shift": "easy", "lookup": "easy", "running_sum": "medium", "reverse": "hard", "sort": "hard", "add": "hard"}
+EASY_TASKS = tuple(t for t, d in DIFFICULTY.items() if d == "easy")
 
 
 def is_test_prompt(prompt: str) -> bool:

@@ -1,0 +1,151 @@
+"""``dyllm_fx.transform``: run the compiler passes on a model and return the sparse-step module."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from .models.spec import DiffusionSpec
+from .passes.capture import CapturedGraph, capture, capture_module, example_inputs
+from .passes.find_blocks import find_blocks
+from .passes.rewrite_attention import rewrite_attention
+from .passes.split_pieces import StepProgram, split_pieces
+from .runtime.cache import StepCache
+from .runtime.policies import Policy, make_policy
+from .runtime.sparse_step import SparseStepEngine
+from .runtime.step import StepRequest
+
+
+def build_program(captured: CapturedGraph) -> StepProgram:
+    """The pass pipeline: find blocks -> split into row pieces -> rewrite attention cores."""
+    program = split_pieces(captured, find_blocks(captured.gm))
+    for piece in program.attn:
+        rewrite_attention(piece)
+    return program
+
+
+def inductor(gm: torch.fx.GraphModule) -> Callable:
+    """Compile one piece with inductor; each bucket width is one static-shape graph."""
+    return torch.compile(gm, backend="inductor", dynamic=False)
+
+
+class TransformedModel(nn.Module):
+    """A dLLM rewritten into a cache-backed, token-sparse step.
+
+    ``forward(input_ids, attention_mask, position_ids)`` keeps the original signature and
+    returns logits for every position (the cache persists across calls of one generation).
+    The denoising loop instead calls ``make_step_function()``, whose steps compute the LM head
+    only for the current block.
+    """
+
+    def __init__(self, program: StepProgram, policy: Policy, spec: DiffusionSpec | None, compile: bool = False):
+        super().__init__()
+        self.program = program
+        self.diffusion = spec
+        self.engine = SparseStepEngine(program, policy, inductor if compile else None)
+        # Registered so .parameters() / .to() see the shared weights once.
+        self.pieces = nn.ModuleList([program.prologue, *(p.gm for p in program.attn), *(p.gm for p in program.mlp), program.epilogue.gm])
+        self._last_ids: torch.Tensor | None = None
+
+    @property
+    def policy(self) -> Policy:
+        return self.engine.policy
+
+    @property
+    def cache(self) -> StepCache | None:
+        return self.engine.cache
+
+    def cache_nbytes(self, batch: int, seq_len: int) -> int:
+        """Bytes of cache a generation of this batch x sequence length allocates."""
+        return StepCache.predicted_nbytes(self.program, batch, seq_len)
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None):
+        from .models.layers import default_position_ids
+
+        if position_ids is None:
+            position_ids = default_position_ids(input_ids, attention_mask)
+        if not self._continues(input_ids):
+            self.engine.reset()
+        self._last_ids = input_ids.clone()
+        return self.engine.step(input_ids, attention_mask, position_ids, None)
+
+    def _continues(self, input_ids: torch.Tensor) -> bool:
+        """Same generation iff no already-decoded token changed (tokens only go mask -> token)."""
+        last = self._last_ids
+        if last is None or last.shape != input_ids.shape or self.diffusion is None:
+            return False
+        decoded = last != self.diffusion.mask_token_id
+        return bool((last[decoded] == input_ids[decoded]).all())
+
+    def make_step_function(self) -> "SparseStep":
+        if self.diffusion is None:
+            raise TypeError("this model has no `diffusion` spec; pass spec=DiffusionSpec(...) to transform()")
+        return SparseStep(self)
+
+    def explain(self) -> str:
+        from .explain import explain
+
+        return explain(self)
+
+    def print_graph(self) -> None:
+        print(self.explain())
+
+
+class SparseStep:
+    """The runtime's step function over a TransformedModel (see runtime.step.StepFunction)."""
+
+    def __init__(self, model: TransformedModel):
+        self.model = model
+        self.engine = model.engine
+
+    def __call__(self, request: StepRequest) -> torch.Tensor:
+        if request.nfe == 0:
+            self.engine.reset()  # a new generation: nothing cached is valid
+        shift = self.model.diffusion.logits_shift
+        positions = torch.arange(request.block_start - shift, request.block_end - shift, device=request.input_ids.device)
+        positions = positions.expand(request.input_ids.shape[0], -1)
+        return self.engine.step(
+            request.input_ids, request.attention_mask, request.position_ids, positions,
+            request.nfe, (request.block_start, request.block_end),
+        )
+
+
+def transform(
+    model: nn.Module,
+    policy: str | Policy = "dense",
+    compile: bool = False,
+    spec: DiffusionSpec | None = None,
+    **policy_config,
+) -> TransformedModel:
+    """Trace ``model`` and rewrite it into a cache-backed, token-sparse step.
+
+    Args:
+        model: a dyllm-fx model (``dyllm_fx.load``), or any module called as
+            ``model(input_ids, attention_mask=..., position_ids=...)`` with bidirectional
+            attention through SDPA (see ``dyllm_fx.models.hf.bidirectional`` for transformers
+            Llama / Qwen2 models).
+        policy: which rows each layer recomputes: ``"dense"`` (all: identical to the input
+            model), ``"fixed"`` (``rows=[...]``), or a :class:`Policy` object.
+        compile: compile each piece with inductor (static shapes per row bucket).
+        spec: mask token id and logit shift; taken from ``model.diffusion`` when present.
+        **policy_config: parameters of the named policy.
+
+    Returns:
+        :class:`TransformedModel`, usable with ``dyllm_fx.generate`` like the original.
+    """
+    if model.training:
+        raise ValueError("model is in training mode; call model.eval() before dyllm_fx.transform()")
+    spec = spec or getattr(model, "diffusion", None)
+    program = build_program(capture_module(model))
+    return TransformedModel(program, make_policy(policy, **policy_config), spec, compile=compile)
+
+
+def transform_graph(gm: torch.fx.GraphModule, forward_inputs: tuple, policy: str | Policy = "dense", spec=None, **cfg):
+    """The same passes on a graph someone else captured (the dynamo backend)."""
+    program = build_program(capture(gm, forward_inputs))
+    return TransformedModel(program, make_policy(policy, **cfg), spec)
+
+
+__all__ = ["TransformedModel", "build_program", "example_inputs", "transform"]

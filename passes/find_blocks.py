@@ -1,0 +1,156 @@
+"""Pass 2: find the transformer blocks in a captured graph from its structure.
+
+A block is recognised from data flow, not module names:
+
+    h_in ──norm──> linear (q) ─┐
+                 ├> linear (k) ─┼─> attention core (SDPA) ──> linear (o) ─┐
+                 └> linear (v) ─┘                                        add ──> h_mid
+    h_in ────────────────────────────────────────────────────────────────┘
+    h_mid ──norm──> linears (MLP) ──> mlp_out ──> add(h_mid, mlp_out) = h_out = next block's h_in
+
+So LLaDA (ff_proj/up_proj/ff_out), Dream and transformers Llama/Qwen2 (gate/up/down) all
+match, whatever their modules are called.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from torch import fx
+
+from .ops import ADD, LINEAR, SDPA, is_op, is_tensor, tensor_inputs
+
+
+class BlockMatchError(ValueError):
+    """The graph does not have the block structure the compiler rewrites; names the node."""
+
+
+@dataclass
+class BlockMatch:
+    index: int
+    h_in: fx.Node
+    q_proj: fx.Node
+    k_proj: fx.Node
+    v_proj: fx.Node
+    attention: fx.Node
+    o_proj: fx.Node
+    h_mid: fx.Node
+    mlp_out: fx.Node
+    h_out: fx.Node
+    mlp_linears: list[fx.Node] = field(default_factory=list)
+
+
+class _Reach:
+    """Memoised 'does node a depend on node b', pruned by topological order (no recursion,
+    so 32-layer graphs are fine)."""
+
+    def __init__(self, graph: fx.Graph):
+        self.order = {n: i for i, n in enumerate(graph.nodes)}
+        self._memo: dict[tuple[fx.Node, fx.Node], bool] = {}
+
+    def depends(self, node: fx.Node, on: fx.Node) -> bool:
+        key = (node, on)
+        if key not in self._memo:
+            self._memo[key] = on in self.between(node, on)
+        return self._memo[key]
+
+    def between(self, node: fx.Node, on: fx.Node) -> set[fx.Node]:
+        """Ancestors of ``node`` (inclusive) that come after ``on`` in the graph, plus ``on`` if reached."""
+        floor = self.order[on]
+        seen, stack = {node}, [node]
+        while stack:
+            for a in stack.pop().all_input_nodes:
+                if a not in seen and self.order[a] >= floor:
+                    seen.add(a)
+                    stack.append(a)
+        return seen
+
+
+def _nearest(start: fx.Node, ops: set, forward: bool, limit: int = 64) -> fx.Node | None:
+    """Breadth-first search from ``start`` (producers or users) for the first node of ``ops``."""
+    seen, queue = {start}, deque([start])
+    while queue and len(seen) < limit:
+        node = queue.popleft()
+        nxt = list(node.users) if forward else tensor_inputs(node)
+        for n in nxt:
+            if n in seen:
+                continue
+            if is_op(n, ops):
+                return n
+            if not is_op(n, SDPA):
+                seen.add(n)
+                queue.append(n)
+    return None
+
+
+def find_blocks(gm: fx.GraphModule) -> list[BlockMatch]:
+    """Match every attention core to its projections, residual adds and MLP."""
+    reach = _Reach(gm.graph)
+    cores = [n for n in gm.graph.nodes if is_op(n, SDPA)]
+    if not cores:
+        raise BlockMatchError(
+            "no attention core (aten.scaled_dot_product_attention) in the graph; load transformers models "
+            "with attn_implementation='sdpa' so attention appears as one op"
+        )
+    blocks: list[BlockMatch] = []
+    for i, core in enumerate(cores):
+        where = f"block {i} (attention node '{core.name}')"
+        proj = {}
+        for role, arg in zip(("q", "k", "v"), core.args[:3]):
+            lin = arg if is_op(arg, LINEAR) else _nearest(arg, LINEAR, forward=False)
+            if lin is None:
+                raise BlockMatchError(f"{where}: no linear projection feeds the attention's {role} input '{arg.name}'")
+            proj[role] = lin
+        o_proj = _nearest(core, LINEAR, forward=True)
+        if o_proj is None:
+            raise BlockMatchError(f"{where}: no output projection (linear) consumes the attention output")
+        h_mid, h_in = _residual_add(o_proj, core, reach)
+        if h_mid is None:
+            raise BlockMatchError(f"{where}: no residual add joins the output projection '{o_proj.name}' to the block input")
+        if not all(reach.depends(p.args[0], h_in) for p in proj.values()):
+            raise BlockMatchError(f"{where}: the q/k/v projections do not read the residual stream '{h_in.name}'")
+        h_out, mlp_out = _mlp_residual(h_mid, reach)
+        if h_out is None:
+            raise BlockMatchError(f"{where}: no MLP branch added back onto '{h_mid.name}' after attention")
+        span = reach.between(mlp_out, h_mid)
+        mlp_linears = [n for n in gm.graph.nodes if n in span and is_op(n, LINEAR) and reach.depends(n, h_mid)]
+        if not mlp_linears:
+            raise BlockMatchError(f"{where}: the branch '{mlp_out.name}' after attention has no linear layers")
+        if blocks and blocks[-1].h_out is not h_in:
+            raise BlockMatchError(
+                f"{where}: its input '{h_in.name}' is not the previous block's output '{blocks[-1].h_out.name}'; "
+                "the compiler needs a plain residual stream between blocks"
+            )
+        blocks.append(BlockMatch(i, h_in, proj["q"], proj["k"], proj["v"], core, o_proj, h_mid, mlp_out, h_out, mlp_linears))
+    return blocks
+
+
+def _residual_add(o_proj: fx.Node, core: fx.Node, reach: _Reach) -> tuple[fx.Node | None, fx.Node | None]:
+    """The add(h_in, attention branch) after the output projection, and h_in."""
+    queue, seen = deque([o_proj]), {o_proj}
+    while queue:
+        node = queue.popleft()
+        for user in node.users:
+            if user in seen or not is_tensor(user):
+                continue
+            if is_op(user, ADD) and len(tensor_inputs(user)) == 2:
+                a, b = user.args[:2]
+                other = b if reach.depends(a, o_proj) else a
+                if not reach.depends(other, core):
+                    return user, other
+            seen.add(user)
+            queue.append(user)
+    return None, None
+
+
+def _mlp_residual(h_mid: fx.Node, reach: _Reach) -> tuple[fx.Node | None, fx.Node | None]:
+    """The add(h_mid, mlp(h_mid)) that closes the block."""
+    for user in h_mid.users:
+        if is_op(user, ADD) and len(user.args) >= 2:
+            a, b = user.args[:2]
+            if a is h_mid and isinstance(b, fx.Node) and b is not h_mid and reach.depends(b, h_mid):
+                return user, b
+            if b is h_mid and isinstance(a, fx.Node) and a is not h_mid and reach.depends(a, h_mid):
+                return user, a
+    return None, None

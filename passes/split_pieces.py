@@ -1,0 +1,215 @@
+"""Pass 3: cut the captured graph into pieces that run on a subset of rows.
+
+    prologue(input_ids, attention_mask, position_ids) -> h0 (B, L, D), *tables
+    attn[i](h (B, A, D), rows (B, A), *tables)        -> h_mid (B, A, D), context (B, H, A, d)
+    mlp[i](h_mid (B, A, D), rows)                     -> mlp branch output (B, A, D)
+    epilogue(h (B, P, D), positions (B, P))           -> logits (B, P, V)
+
+Every piece takes its rows (B, A) second, whether it gathers with them or not.
+
+*Tables* are tensors the blocks read that do not depend on the residual stream (RoPE cos/sin,
+attention masks). A piece receives them whole and gathers the rows it needs: the pass inserts
+``gather_rows(table, rows, dim)`` on every table with a sequence dimension, except masks that
+only feed the attention core, whose key dimension must stay whole.
+
+Sizes inside a piece are re-bound: a symbolic size that was the sequence length of
+``input_ids`` becomes the row count of the piece's input, so ``view(B, L, H, d)`` in the
+captured graph becomes ``view(B, A, H, d)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx
+
+from dyllm_fx.kernels.ops import gather_rows
+
+from .capture import CapturedGraph
+from .find_blocks import BlockMatch
+from .ops import SDPA, is_op, is_tensor
+
+aten = torch.ops.aten
+
+
+class PieceError(ValueError):
+    """A block whose graph cannot run on a subset of rows; the message names the node."""
+
+
+@dataclass
+class Piece:
+    gm: fx.GraphModule
+    tables: list[str]  # names of the prologue tables it takes, after its row inputs
+    replaced: dict[str, str] = field(default_factory=dict)  # original node -> what it became
+
+
+@dataclass
+class StepProgram:
+    """The step graph, piecewise: what the sparse-step runtime executes."""
+
+    prologue: fx.GraphModule
+    table_names: list[str]  # prologue outputs after h0, in order
+    attn: list[Piece]
+    mlp: list[Piece]
+    epilogue: Piece
+    blocks: list[BlockMatch]
+    kv_shapes: list[tuple[tuple[int, ...], tuple[int, ...]]]  # per layer: K and V shapes without (B, L)
+    kv_dtype: torch.dtype
+    hidden_size: int
+    hidden_dtype: torch.dtype
+    param_names: dict[str, str]
+
+
+def _descendants(roots: list[fx.Node]) -> set[fx.Node]:
+    seen, stack = set(roots), list(roots)
+    while stack:
+        for user in stack.pop().users:
+            if user not in seen:
+                seen.add(user)
+                stack.append(user)
+    return seen
+
+
+class _Cutter:
+    """Shared state for cutting pieces out of one captured graph."""
+
+    def __init__(self, cg: CapturedGraph):
+        self.cg = cg
+        self.graph = cg.gm.graph
+        self.user_inputs = [n for n in self.graph.nodes if n.op == "placeholder"]
+        self.from_inputs = _descendants(self.user_inputs)
+        self.order = {n: i for i, n in enumerate(self.graph.nodes)}
+        self.tables: dict[str, fx.Node] = {}
+
+    def _dim_roles(self, node: fx.Node) -> list[str]:
+        """For each dim of a tensor node: 'batch', 'seq' or '' (anything else)."""
+        roles = []
+        for size in node.meta["val"].shape:
+            s = str(size)
+            roles.append("seq" if s == self.cg.seq_symbol else "batch" if s == self.cg.batch_symbol else "")
+        return roles
+
+    def cut(self, name: str, row_input: fx.Node, outputs: list[fx.Node], attention: fx.Node | None = None) -> Piece:
+        roles = self._dim_roles(row_input)
+        if roles[:2] != ["batch", "seq"]:
+            raise PieceError(f"{name}: the residual stream '{row_input.name}' is not laid out (batch, seq, hidden)")
+        inside = _descendants([row_input])
+        members: list[fx.Node] = []
+        externals: list[fx.Node] = []
+        seen: set[fx.Node] = {row_input}
+        stack = list(outputs)
+        while stack:
+            node = stack.pop()
+            if node in seen:
+                continue
+            seen.add(node)
+            if node in inside or node.op == "get_attr" or node not in self.from_inputs or _is_size(node):
+                members.append(node)
+                if not _is_size(node) or node in inside or node.target is not aten.sym_size.int:
+                    stack.extend(node.all_input_nodes)
+            else:
+                externals.append(node)
+        members.sort(key=self.order.__getitem__)
+        externals.sort(key=self.order.__getitem__)
+        return self._build(name, row_input, members, externals, outputs, attention)
+
+    def _build(self, name, row_input, members, externals, outputs, attention) -> Piece:
+        g = fx.Graph()
+        env: dict[fx.Node, fx.Node] = {}
+        h = g.placeholder("h")
+        h.meta["val"] = row_input.meta["val"]
+        env[row_input] = h
+        rows = g.placeholder("rows")
+        mask_only = {attention.args[3] if len(attention.args) > 3 else attention.kwargs.get("attn_mask")} if attention else set()
+        table_names = []
+        for ext in externals:
+            if not is_tensor(ext):
+                raise PieceError(f"{name}: needs '{ext.name}', a value computed from the inputs that is not a tensor")
+            table_names.append(ext.name)
+            self.tables[ext.name] = ext
+            ph = g.placeholder(ext.name)
+            ph.meta["val"] = ext.meta["val"]
+            seq_dims = [d for d, r in enumerate(self._dim_roles(ext)) if r == "seq"]
+            if ext in mask_only and all(u is attention for u in ext.users):
+                env[ext] = ph  # the attention op gathers the query rows of a full mask itself
+            elif len(seq_dims) == 1:
+                env[ext] = g.call_function(gather_rows, (ph, rows, seq_dims[0]))
+            elif not seq_dims:
+                env[ext] = ph
+            else:
+                raise PieceError(f"{name}: input '{ext.name}' has several sequence dimensions {seq_dims} and is not an attention mask")
+        replaced = {}
+        for node in members:
+            if node.op == "call_function" and node.target is aten.sym_size.int and node.args[0] not in env:
+                env[node] = self._rebind_size(g, node, h, name)
+                replaced[node.name] = f"size of the active rows ({env[node].name})"
+            else:
+                env[node] = g.node_copy(node, lambda n: env[n])
+        result = tuple(env[o] for o in outputs)
+        g.output(result if len(result) > 1 else result[0])
+        gm = fx.GraphModule(self.cg.gm, g, class_name=name)
+        return Piece(gm, table_names, replaced)
+
+    def _rebind_size(self, g: fx.Graph, node: fx.Node, h: fx.Node, name: str) -> fx.Node:
+        s = str(node.meta.get("val"))
+        if s == self.cg.seq_symbol:
+            return g.call_function(aten.sym_size.int, (h, 1))
+        if s == self.cg.batch_symbol:
+            return g.call_function(aten.sym_size.int, (h, 0))
+        raise PieceError(f"{name}: cannot re-bind size '{node.name}' = {s} to the active rows")
+
+    def prologue(self, h0: fx.Node) -> fx.GraphModule:
+        wanted = [h0] + list(self.tables.values())
+        g = fx.Graph()
+        env = {}
+        needed = set()
+        stack = list(wanted)
+        while stack:
+            n = stack.pop()
+            if n not in needed:
+                needed.add(n)
+                stack.extend(n.all_input_nodes)
+        for node in self.graph.nodes:
+            if node.op == "placeholder" or node in needed:
+                env[node] = g.node_copy(node, lambda n: env[n])
+        g.output(tuple(env[w] for w in wanted))
+        return fx.GraphModule(self.cg.gm, g, class_name="prologue")
+
+
+def _is_size(node: fx.Node) -> bool:
+    val = node.meta.get("val")
+    return not isinstance(val, torch.Tensor) and (
+        isinstance(val, (torch.SymInt, int)) or node.target is aten.sym_size.int
+    )
+
+
+def split_pieces(cg: CapturedGraph, blocks: list[BlockMatch]) -> StepProgram:
+    cutter = _Cutter(cg)
+    attn, mlp, kv_shapes = [], [], []
+    for b in blocks:
+        attn.append(cutter.cut(f"attn_{b.index}", b.h_in, [b.h_mid, b.attention], attention=b.attention))
+        mlp.append(cutter.cut(f"mlp_{b.index}", b.h_mid, [b.mlp_out]))
+        k, v = b.attention.args[1].meta["val"], b.attention.args[2].meta["val"]
+        kv_shapes.append((tuple(int(d) for d in k.shape[1:2]) + (int(k.shape[3]),), tuple(int(d) for d in v.shape[1:2]) + (int(v.shape[3]),)))
+    output = next(n for n in cg.gm.graph.nodes if n.op == "output")
+    logits = output.args[0]
+    epilogue = cutter.cut("epilogue", blocks[-1].h_out, [logits])
+    if epilogue.tables:
+        raise PieceError(f"the LM head reads inputs other than the final hidden state: {epilogue.tables}")
+    h0 = blocks[0].h_in
+    prologue = cutter.prologue(h0)
+    hval = h0.meta["val"]
+    return StepProgram(
+        prologue=prologue,
+        table_names=list(cutter.tables),
+        attn=attn,
+        mlp=mlp,
+        epilogue=epilogue,
+        blocks=blocks,
+        kv_shapes=kv_shapes,
+        kv_dtype=blocks[0].attention.args[1].meta["val"].dtype,
+        hidden_size=int(hval.shape[-1]),
+        hidden_dtype=hval.dtype,
+        param_names=cg.param_names,
+    )

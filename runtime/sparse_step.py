@@ -1,0 +1,150 @@
+"""Execute a piecewise step program on the active rows, with caches.
+
+One call = one denoising step:
+
+    h0, tables = prologue(input_ids, mask, positions)         # embeddings + RoPE tables, all rows
+    hidden[0] = h0
+    for each layer l:
+        rows = policy.rows(l)                                   # padded to a bucket
+        h_mid, ctx = attn[l](hidden[l][rows], rows, tables, K[l], V[l])   # writes K/V rows
+        sub = policy.after_attention(l, rows, ctx)              # rows that get the MLP
+        hidden[l + 1][rows] = h_mid + mlp[l](h_mid)             # (cached MLP output off `sub`)
+        policy.after_block(l, rows, hidden[l + 1][rows])
+    logits = epilogue(hidden[n][positions])                     # LM head where the sampler reads
+
+Row counts are padded to buckets (powers of two, capped at the sequence length) by repeating
+a row, so each piece sees a handful of shapes and compiled graphs are reused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from dyllm_fx.kernels.ops import gather_rows
+
+from .cache import StepCache
+from .policies import Policy, StepState
+
+
+def bucket_size(n: int, seq_len: int, minimum: int = 8) -> int:
+    """Next power of two >= n (at least ``minimum``), capped at ``seq_len``."""
+    size = minimum
+    while size < n:
+        size *= 2
+    return min(size, seq_len)
+
+
+def pad_rows(rows: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """Pad (B, A) row indices to a bucket width by repeating each row's last index."""
+    width = bucket_size(rows.shape[1], seq_len)
+    if width == rows.shape[1]:
+        return rows
+    return torch.cat([rows, rows[:, -1:].expand(-1, width - rows.shape[1])], dim=1)
+
+
+def scatter_rows(buffer: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> None:
+    buffer.scatter_(1, rows[..., None].expand(-1, -1, buffer.shape[-1]), values)
+
+
+@dataclass
+class StepRecord:
+    """Active rows per layer at one step (before bucket padding)."""
+
+    active: list[int] = field(default_factory=list)
+    seq_len: int = 0
+
+    @property
+    def active_fraction(self) -> float:
+        return sum(self.active) / (len(self.active) * self.seq_len) if self.active else 0.0
+
+
+class SparseStepEngine:
+    """Owns the pieces (eager or compiled), the cache and the policy."""
+
+    def __init__(self, program, policy: Policy, compile_fn: Callable | None = None):
+        self.program = program
+        self.policy = policy
+        wrap = compile_fn or (lambda m: m)
+        self.prologue = wrap(program.prologue)
+        self.attn = [wrap(p.gm) for p in program.attn]
+        self.mlp = [wrap(p.gm) for p in program.mlp]
+        self.epilogue = wrap(program.epilogue.gm)
+        self.table_index = {name: i for i, name in enumerate(program.table_names)}
+        self.cache: StepCache | None = None
+        self.records: list[StepRecord] = []
+        self.mlp_cache: list[torch.Tensor] | None = None
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.attn)
+
+    def reset(self) -> None:
+        """Forget cached rows (the next step recomputes everything); keeps the buffers."""
+        if self.cache is not None:
+            self.cache.warm = False
+        self.records = []
+
+    def _ensure_cache(self, batch: int, seq_len: int, device: torch.device) -> StepCache:
+        if self.cache is None or not self.cache.fits(batch, seq_len, device):
+            self.cache = StepCache.allocate(self.program, batch, seq_len, device)
+            self.mlp_cache = None
+            if self.policy.needs_mlp_cache:
+                self.mlp_cache = [torch.zeros_like(h) for h in self.cache.hidden[1:]]
+        return self.cache
+
+    def step(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor,
+        logit_positions: torch.Tensor | None,
+        nfe: int = 0,
+        block: tuple[int, int] | None = None,
+    ) -> torch.Tensor:
+        """Run one step; returns logits at ``logit_positions`` (B, P) (all positions if None)."""
+        bsz, seq_len = input_ids.shape
+        cache = self._ensure_cache(bsz, seq_len, input_ids.device)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        cold = not cache.warm
+        state = StepState(input_ids, attention_mask, nfe, *(block or (None, None)), cold)
+        self.policy.begin_step(state)
+        h0, *tables = self.prologue(input_ids, attention_mask, position_ids)
+        cache.hidden[0].copy_(h0)
+        all_rows = torch.arange(seq_len, device=input_ids.device).expand(bsz, -1)
+        record = StepRecord(seq_len=seq_len)
+        for layer in range(self.n_layers):
+            rows = None if cold else self.policy.rows(layer, state)
+            rows = all_rows if rows is None else rows
+            record.active.append(int(rows.shape[1]))
+            rows = pad_rows(rows, seq_len)
+            self._layer(layer, rows, tables, cache)
+        cache.warm = True
+        self.records.append(record)
+        if logit_positions is None:
+            logit_positions = all_rows
+        return self.epilogue(gather_rows(cache.hidden[-1], logit_positions, 1), logit_positions)
+
+    def _layer(self, layer: int, rows: torch.Tensor, tables: list[torch.Tensor], cache: StepCache) -> None:
+        piece = self.program.attn[layer]
+        x = gather_rows(cache.hidden[layer], rows, 1)
+        piece_tables = [tables[self.table_index[name]] for name in piece.tables]
+        h_mid, context = self.attn[layer](x, rows, *piece_tables, cache.k[layer], cache.v[layer])
+        subset = self.policy.after_attention(layer, rows, context)
+        if subset is None:
+            branch = self.mlp[layer](h_mid, rows)
+            if self.mlp_cache is not None:
+                scatter_rows(self.mlp_cache[layer], rows, branch)
+        else:
+            # Rows off the subset keep the MLP output cached when they last ran it.
+            branch = gather_rows(self.mlp_cache[layer], rows, 1)
+            sub_rows = rows.gather(1, subset)
+            fresh = self.mlp[layer](h_mid.gather(1, subset[..., None].expand(-1, -1, h_mid.shape[-1])), sub_rows)
+            scatter_rows(self.mlp_cache[layer], sub_rows, fresh)
+            branch = branch.scatter(1, subset[..., None].expand(-1, -1, branch.shape[-1]), fresh)
+        out = h_mid + branch
+        scatter_rows(cache.hidden[layer + 1], rows, out)
+        self.policy.after_block(layer, rows, out)
