@@ -3,15 +3,20 @@
 Public API:
     load(path_or_name)            -> (model, tokenizer)
     generate(model, tokenizer, prompts, **params) -> GenerationOutput
+    transform(model, policy="dense", **config) -> TransformedModel (cache-backed sparse step)
+    explain(transformed) -> str
+    torch.compile(model, backend="dyllm")   (dynamo backend, see dyllm_fx.backend)
 """
 
+from .explain import explain
 from .generation import generate
 from .loading import DEFAULT_MODEL, default_model_path, load
 from .models import CheckpointError, DiffusionSpec
 from .runtime.loop import GenerationOutput, GenerationStats
+from .transform import TransformedModel, transform
 
 __all__ = [
     "CheckpointError", "DEFAULT_MODEL", "DiffusionSpec", "GenerationOutput", "GenerationStats",
-    "default_model_path", "generate", "load",
+    "TransformedModel", "default_model_path", "explain", "generate", "load", "transform",
 ]
 __version__ = "0.1.0"

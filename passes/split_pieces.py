@@ -41,6 +41,7 @@ class PieceError(ValueError):
 class Piece:
     gm: fx.GraphModule
     tables: list[str]  # names of the prologue tables it takes, after its row inputs
+    gathered: list[str] = field(default_factory=list)  # the tables it gathers by row (the rest pass whole)
     replaced: dict[str, str] = field(default_factory=dict)  # original node -> what it became
 
 
@@ -131,7 +132,7 @@ class _Cutter:
             ph = g.placeholder(ext.name)
             ph.meta["val"] = ext.meta["val"]
             seq_dims = [d for d, r in enumerate(self._dim_roles(ext)) if r == "seq"]
-            if ext in mask_only and all(u is attention for u in ext.users):
+            if ext in mask_only and all(is_op(u, SDPA) for u in ext.users):
                 env[ext] = ph  # the attention op gathers the query rows of a full mask itself
             elif len(seq_dims) == 1:
                 env[ext] = g.call_function(gather_rows, (ph, rows, seq_dims[0]))
@@ -139,6 +140,7 @@ class _Cutter:
                 env[ext] = ph
             else:
                 raise PieceError(f"{name}: input '{ext.name}' has several sequence dimensions {seq_dims} and is not an attention mask")
+        gathered = [n for n in table_names if env[self.tables[n]].op == "call_function"]
         replaced = {}
         for node in members:
             if node.op == "call_function" and node.target is aten.sym_size.int and node.args[0] not in env:
@@ -149,7 +151,7 @@ class _Cutter:
         result = tuple(env[o] for o in outputs)
         g.output(result if len(result) > 1 else result[0])
         gm = fx.GraphModule(self.cg.gm, g, class_name=name)
-        return Piece(gm, table_names, replaced)
+        return Piece(gm, table_names, gathered, replaced)
 
     def _rebind_size(self, g: fx.Graph, node: fx.Node, h: fx.Node, name: str) -> fx.Node:
         s = str(node.meta.get("val"))
