@@ -13,7 +13,7 @@ import torch
 
 import dyllm_fx
 from dyllm_fx.evaluation import evaluate
-from dyllm_fx.tasks import DIFFICULTY, test_set
+from dyllm_fx.tasks import DIFFICULTY, held_out_set
 
 
 def main() -> None:
@@ -32,7 +32,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     model, tok = dyllm_fx.load(args.model)
     res = evaluate(
-        model, tok, test_set(args.n), batch_size=args.batch_size, gen_length=args.gen_length,
+        model, tok, held_out_set(args.n), batch_size=args.batch_size, gen_length=args.gen_length,
         block_length=args.block_length, steps=args.steps, threshold=args.threshold,
     )
     print(f"| task | difficulty | exact match | n |\n|---|---|---|---|")

@@ -97,7 +97,7 @@ def sample(task: str, rng: random.Random, split: str = "train") -> Example:
             return Example(task, prompt, answer)
 
 
-def test_set(n_per_task: int, tasks: tuple[str, ...] | None = None, seed: int = 1234) -> list[Example]:
+def held_out_set(n_per_task: int, tasks: tuple[str, ...] | None = None, seed: int = 1234) -> list[Example]:
     """A fixed, reproducible list of held-out examples, ``n_per_task`` for each task."""
     out = []
     for task in tasks or tuple(TASKS):
