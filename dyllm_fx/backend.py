@@ -43,21 +43,44 @@ def _placeholder_roles(gm: fx.GraphModule) -> dict[str, int]:
     return roles
 
 
+def _size_inputs(gm: fx.GraphModule, roles: dict[str, int]) -> dict[int, tuple[str, int]]:
+    """Graph inputs that are sizes (dynamo passes symbolic sizes as inputs once shapes are
+    dynamic): input position -> (role, dim) of the input tensor they measure. The capture must
+    read them off the traced tensors, so the step graph stays symbolic in those sizes."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    shapes = {}
+    for role, i in roles.items():
+        val = placeholders[i].meta.get("example_value")
+        if isinstance(val, torch.Tensor):
+            shapes[role] = [str(s) for s in val.shape]
+    sizes = {}
+    for i, node in enumerate(placeholders):
+        val = node.meta.get("example_value")
+        if not isinstance(val, torch.SymInt):
+            continue
+        found = next(((role, d) for role, dims in shapes.items() for d, s in enumerate(dims) if s == str(val)), None)
+        if found is None:
+            raise ValueError(f"the dyllm backend cannot tell which input size the graph input '{node.target}' ({val}) is")
+        sizes[i] = found
+    return sizes
+
+
 def dyllm_backend(gm: fx.GraphModule, example_inputs: list, options: dict | None = None):
     opts = dict(options or {})
     policy = opts.pop("policy", "dense")
     compile_pieces = opts.pop("compile_pieces", True)
     mask_token_id = opts.pop("mask_token_id", None)
     roles = _placeholder_roles(gm)
+    sizes = _size_inputs(gm, roles)
     args = list(example_inputs)
 
     def forward(input_ids, attention_mask, position_ids):
         call = list(args)
-        call[roles["input_ids"]] = input_ids
-        if "attention_mask" in roles:
-            call[roles["attention_mask"]] = attention_mask
-        if "position_ids" in roles:
-            call[roles["position_ids"]] = position_ids
+        given = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+        for role, i in roles.items():
+            call[i] = given[role]
+        for i, (role, dim) in sizes.items():
+            call[i] = given[role].shape[dim]
         out = gm(*call)
         return out[0] if isinstance(out, (tuple, list)) else out
 

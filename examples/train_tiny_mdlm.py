@@ -1,8 +1,11 @@
 """Train the embedded LLaDA-architecture masked diffusion model on the synthetic task suite.
 
-MDLM / LLaDA-SFT objective: the prompt is kept, each response token (answer + EOS padding to
-the generation window) is masked with probability t ~ U(eps, 1), and the loss is the
-cross-entropy on masked tokens weighted by 1/t, averaged over response positions.
+MDLM / LLaDA-SFT masking: the prompt is kept, each response token (answer + EOS padding to
+the generation window) is masked with probability t ~ U(eps, 1). The default loss is the mean
+cross-entropy over masked tokens (``--loss mean``). The ELBO weighting by 1/t (``--loss elbo``,
+as LLaDA) learns far slower at this batch size: the rare nearly-unmasked samples get weights up
+to 1/eps and dominate the clipped gradient (200 steps on `shift`: 7% token accuracy with elbo,
+33% with mean).
 
     python examples/train_tiny_mdlm.py --out dyllm_fx/assets/tiny-llada --minutes 45
 
@@ -32,7 +35,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--out", default="dyllm_fx/assets/tiny-llada")
     p.add_argument("--steps", type=int, default=100_000, help="upper bound; --minutes usually stops first")
     p.add_argument("--minutes", type=float, default=45.0, help="wall-clock training budget")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--loss", choices=["mean", "elbo"], default="mean", help="masked-token CE: plain mean or 1/t weighted")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--warmup", type=int, default=200)
     p.add_argument("--d-model", type=int, default=128)
@@ -61,7 +65,7 @@ def make_batch(tokenizer, task: str, rng: random.Random, batch_size: int, gen_le
     return torch.tensor(rows), prompt_len
 
 
-def mdlm_loss(model, x0: torch.Tensor, prompt_len: int, mask_id: int, eps: float = 1e-3) -> torch.Tensor:
+def mdlm_loss(model, x0: torch.Tensor, prompt_len: int, mask_id: int, eps: float = 1e-3, weighting: str = "elbo") -> torch.Tensor:
     bsz, total = x0.shape
     gen = total - prompt_len
     t = torch.rand(bsz, 1) * (1 - eps) + eps
@@ -70,6 +74,8 @@ def mdlm_loss(model, x0: torch.Tensor, prompt_len: int, mask_id: int, eps: float
     xt[:, prompt_len:][masked] = mask_id
     logits = model(xt)[:, prompt_len:]
     ce = F.cross_entropy(logits[masked], x0[:, prompt_len:][masked], reduction="none")
+    if weighting == "mean":
+        return ce.mean()
     return (ce / t.expand(-1, gen)[masked]).sum() / (bsz * gen)
 
 
@@ -111,7 +117,7 @@ def main() -> None:
         for g in opt.param_groups:
             g["lr"] = lr
         x0, prompt_len = make_batch(tokenizer, tasks[step % len(tasks)], rng, args.batch_size, args.gen_length)
-        loss = mdlm_loss(model, x0, prompt_len, cfg.mask_token_id)
+        loss = mdlm_loss(model, x0, prompt_len, cfg.mask_token_id, weighting=args.loss)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
