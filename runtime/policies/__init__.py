@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 from .base import Policy, StepState
+from .block_cache import DualCachePolicy, PrefixCachePolicy
 from .dense import DensePolicy
 from .fixed import FixedPolicy
 
-POLICIES: dict[str, type[Policy]] = {"dense": DensePolicy, "fixed": FixedPolicy}
+POLICIES: dict[str, type[Policy]] = {
+    "dense": DensePolicy,
+    "fixed": FixedPolicy,
+    "prefix_cache": PrefixCachePolicy,
+    "dual_cache": DualCachePolicy,
+}
 
 
 def make_policy(policy: str | Policy, **config) -> Policy:
@@ -23,4 +29,6 @@ def make_policy(policy: str | Policy, **config) -> Policy:
         raise ValueError(f"bad parameters for policy {policy!r}: {err}") from err
 
 
-__all__ = ["POLICIES", "DensePolicy", "FixedPolicy", "Policy", "StepState", "make_policy"]
+__all__ = [
+    "POLICIES", "DensePolicy", "DualCachePolicy", "FixedPolicy", "Policy", "PrefixCachePolicy", "StepState", "make_policy",
+]
