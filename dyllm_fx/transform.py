@@ -7,8 +7,9 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from .models.layers import default_position_ids
 from .models.spec import DiffusionSpec
-from .passes.capture import CapturedGraph, capture, capture_module, example_inputs
+from .passes.capture import CapturedGraph, capture_module
 from .passes.find_blocks import find_blocks
 from .passes.rewrite_attention import rewrite_attention
 from .passes.split_pieces import StepProgram, split_pieces
@@ -62,8 +63,6 @@ class TransformedModel(nn.Module):
         return StepCache.predicted_nbytes(self.program, batch, seq_len)
 
     def forward(self, input_ids, attention_mask=None, position_ids=None):
-        from .models.layers import default_position_ids
-
         if position_ids is None:
             position_ids = default_position_ids(input_ids, attention_mask)
         if not self._continues(input_ids):
@@ -142,10 +141,4 @@ def transform(
     return TransformedModel(program, make_policy(policy, **policy_config), spec, compile=compile)
 
 
-def transform_graph(gm: torch.fx.GraphModule, forward_inputs: tuple, policy: str | Policy = "dense", spec=None, **cfg):
-    """The same passes on a graph someone else captured (the dynamo backend)."""
-    program = build_program(capture(gm, forward_inputs))
-    return TransformedModel(program, make_policy(policy, **cfg), spec)
-
-
-__all__ = ["TransformedModel", "build_program", "example_inputs", "transform"]
+__all__ = ["SparseStep", "TransformedModel", "build_program", "transform"]
