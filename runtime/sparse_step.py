@@ -89,10 +89,13 @@ class SparseStepEngine:
 
     def _ensure_cache(self, batch: int, seq_len: int, device: torch.device) -> StepCache:
         if self.cache is None or not self.cache.fits(batch, seq_len, device):
-            self.cache = StepCache.allocate(self.program, batch, seq_len, device)
-            self.mlp_cache = None
-            if self.policy.needs_mlp_cache:
-                self.mlp_cache = [torch.zeros_like(h) for h in self.cache.hidden[1:]]
+            # Normal tensors even when called under inference_mode (generate() is): inference
+            # tensors could not be written by a later call made outside it.
+            with torch.inference_mode(False):
+                self.cache = StepCache.allocate(self.program, batch, seq_len, device)
+                self.mlp_cache = None
+                if self.policy.needs_mlp_cache:
+                    self.mlp_cache = [torch.zeros_like(h) for h in self.cache.hidden[1:]]
         return self.cache
 
     def step(
