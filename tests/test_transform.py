@@ -118,6 +118,8 @@ def test_dense_logits_equal_original(models, dense, name, bsz):
         ("llada", PROMPTS_RAGGED, 8),
         ("dream", ["kv:a1,b2?ab="], 8),
         ("dream", PROMPTS_RAGGED, None),
+        ("hf-llama", ["rev:abc="], 8),
+        ("hf-llama", PROMPTS_RAGGED, 8),
     ],
 )
 def test_generation_token_identical(models, dense, tok, name, prompts, block_length):
@@ -133,8 +135,9 @@ def test_generation_token_identical(models, dense, tok, name, prompts, block_len
 # --------------------------------------------------------------------------- (c) torch.compile backend
 
 
-def test_backend_eager_pieces_logits_and_generation(models, tok, dynamo):
-    model = models["llada"]
+@pytest.mark.parametrize("name", ["llada", "dream", "hf-llama"])
+def test_backend_eager_pieces_logits_and_generation(models, tok, dynamo, name):
+    model = models[name]
     compiled = torch.compile(model, backend="dyllm", options={"compile_pieces": False, "mask_token_id": 1})
     for bsz, seq_len in ((3, 13), (2, 9)):
         ids, mask = _batch(_vocab(model), bsz, seq_len, seed=seq_len)
