@@ -35,7 +35,7 @@ def main() -> None:
         model, tok, held_out_set(args.n), batch_size=args.batch_size, gen_length=args.gen_length,
         block_length=args.block_length, steps=args.steps, threshold=args.threshold,
     )
-    print(f"| task | difficulty | exact match | n |\n|---|---|---|---|")
+    print("| task | difficulty | exact match | n |\n|---|---|---|---|")
     for task, score in res.per_task.items():
         level = DIFFICULTY[task]
         print(f"| {task} | {level} | {100 * score.accuracy:.1f}% | {score.total} |")

@@ -33,7 +33,7 @@ from .partial_attention import (
     partial_attention_stats_reference,
     triton_partial_attention,
 )
-from .saliency import check_range, saliency_reference, triton_saliency
+from .saliency import saliency_reference, triton_saliency
 
 __all__ = [
     "approx_attention", "cache_write_rows", "gather_rows", "partial_attention", "partial_attention_stats", "saliency",

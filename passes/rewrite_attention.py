@@ -13,7 +13,6 @@ runtime's StepCache, one pair per layer.
 from __future__ import annotations
 
 import torch
-from torch import fx
 
 import dyllm_fx.kernels.ops  # noqa: F401  (registers torch.ops.dyllm.*)
 

@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 # Lets test modules `from tiny_checkpoints import ...` whatever the rootdir / import mode.
 _TESTS_DIR = str(Path(__file__).resolve().parent)
@@ -11,6 +12,16 @@ if _TESTS_DIR not in sys.path:
     sys.path.insert(0, _TESTS_DIR)
 
 import tiny_checkpoints  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """Tiny shapes: extra intra-op threads only spin, and on a busy machine they make every
+    step wait for a free core."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture

@@ -11,13 +11,6 @@ from dyllm_fx.kernels.ops import gather_rows
 ops = torch.ops.dyllm
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def _gen(seed=0):
     return torch.Generator().manual_seed(seed)

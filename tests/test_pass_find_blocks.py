@@ -13,13 +13,6 @@ from dyllm_fx.passes.find_blocks import BlockMatchError, find_blocks
 from tiny_checkpoints import tiny_dream, tiny_llada
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def _hf(kind: str):
     transformers = pytest.importorskip("transformers")

@@ -22,13 +22,6 @@ B, L = 2, 10
 ROWS = torch.tensor([[7, 1, 4], [0, 9, 5]])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def models():

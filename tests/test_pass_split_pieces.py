@@ -20,13 +20,6 @@ B, L = 2, 12
 ROWS = torch.tensor([[9, 0, 4, 3, 11], [2, 5, 6, 11, 7]])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def model():

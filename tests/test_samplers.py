@@ -112,15 +112,6 @@ class Recording(Biased):
 NO_MASK = {MASK: -1e4}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny shapes: extra intra-op threads only spin, and on a busy machine they make every
-    step wait for a free core. Restored after this module."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def llada():

@@ -19,13 +19,6 @@ PROMPTS_RAGGED = ["rev:abc=", "kv:a1,b2?ab=", "x=1?"]
 GEN = dict(gen_length=16, block_length=8, steps=16, stop_at_eos=False, progress=False)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def _sharpen(model, head):
     """Scale the LM head up: larger logit gaps, varied greedy tokens, no near-ties."""

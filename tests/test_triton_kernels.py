@@ -37,13 +37,6 @@ SETTINGS = settings(max_examples=10, deadline=None, suppress_health_check=[Healt
 LENGTHS = st.sampled_from([5, 7, 13])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def _gen(seed):
     return torch.Generator().manual_seed(seed)
