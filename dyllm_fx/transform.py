@@ -126,7 +126,8 @@ def transform(
             attention through SDPA (see ``dyllm_fx.models.hf.bidirectional`` for transformers
             Llama / Qwen2 models).
         policy: which rows each layer recomputes: ``"dense"`` (all: identical to the input
-            model), ``"fixed"`` (``rows=[...]``), or a :class:`Policy` object.
+            model), ``"fixed"`` (``rows=[...]``), ``"prefix_cache"`` / ``"dual_cache"``
+            (Fast-dLLM), or a :class:`Policy` object.
         compile: compile each piece with inductor (static shapes per row bucket).
         spec: mask token id and logit shift; taken from ``model.diffusion`` when present.
         **policy_config: parameters of the named policy.
