@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 from torch import fx
 
+from .models.layers import default_position_ids
 from .models.spec import DiffusionSpec
 from .passes.capture import capture
 from .runtime.policies import make_policy
@@ -93,7 +94,7 @@ def dyllm_backend(gm: fx.GraphModule, example_inputs: list, options: dict | None
         if not built:
             ids = inputs[roles["input_ids"]]
             mask = inputs[roles["attention_mask"]] if "attention_mask" in roles else torch.ones_like(ids)
-            pos = inputs[roles["position_ids"]] if "position_ids" in roles else torch.arange(ids.shape[1]).expand_as(ids)
+            pos = inputs[roles["position_ids"]] if "position_ids" in roles else default_position_ids(ids, mask)
             program = build_program(capture(forward, (ids, mask, pos)))
             built.append(TransformedModel(program, make_policy(policy, **opts), spec, compile=compile_pieces))
         return built[0]

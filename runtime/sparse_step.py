@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dyllm_fx.kernels.ops import gather_rows
+from dyllm_fx.kernels.ops import cache_write_rows, gather_rows
 
 from .cache import StepCache
 from .policies import Policy, StepState
@@ -43,10 +43,6 @@ def pad_rows(rows: torch.Tensor, seq_len: int) -> torch.Tensor:
     if width == rows.shape[1]:
         return rows
     return torch.cat([rows, rows[:, -1:].expand(-1, width - rows.shape[1])], dim=1)
-
-
-def scatter_rows(buffer: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> None:
-    buffer.scatter_(1, rows[..., None].expand(-1, -1, buffer.shape[-1]), values)
 
 
 @dataclass
@@ -140,14 +136,14 @@ class SparseStepEngine:
         if subset is None:
             branch = self.mlp[layer](h_mid, rows)
             if self.mlp_cache is not None:
-                scatter_rows(self.mlp_cache[layer], rows, branch)
+                cache_write_rows(self.mlp_cache[layer], rows, branch, 1)
         else:
             # Rows off the subset keep the MLP output cached when they last ran it.
             branch = gather_rows(self.mlp_cache[layer], rows, 1)
             sub_rows = rows.gather(1, subset)
-            fresh = self.mlp[layer](h_mid.gather(1, subset[..., None].expand(-1, -1, h_mid.shape[-1])), sub_rows)
-            scatter_rows(self.mlp_cache[layer], sub_rows, fresh)
-            branch = branch.scatter(1, subset[..., None].expand(-1, -1, branch.shape[-1]), fresh)
+            fresh = self.mlp[layer](gather_rows(h_mid, subset, 1), sub_rows)
+            cache_write_rows(self.mlp_cache[layer], sub_rows, fresh, 1)
+            cache_write_rows(branch, subset, fresh, 1)  # branch is a gathered copy: safe to update
         out = h_mid + branch
-        scatter_rows(cache.hidden[layer + 1], rows, out)
+        cache_write_rows(cache.hidden[layer + 1], rows, out, 1)
         self.policy.after_block(layer, rows, out)

@@ -4,6 +4,7 @@ import torch
 from tiny_checkpoints import tiny_llada, tiny_tokenizer
 
 import dyllm_fx
+from dyllm_fx.runtime.policies import Policy
 from dyllm_fx.runtime.sparse_step import bucket_size, pad_rows
 
 
@@ -26,3 +27,36 @@ def test_cache_from_generate_is_usable_outside_inference_mode():
     with torch.no_grad():  # same shape: the engine reuses the cache generate() allocated
         logits = fast(out.sequences.clone())
         assert torch.allclose(logits, model(out.sequences), atol=1e-5)
+
+
+class _HalfMLP(Policy):
+    """Every row active, but only the even positions of each layer's rows get a fresh MLP."""
+
+    name = "half_mlp"
+    needs_mlp_cache = True
+
+    def __init__(self):
+        self.subsets = 0
+
+    def after_attention(self, layer, rows, context):
+        if self.state.cold:
+            return None
+        self.subsets += 1
+        return torch.arange(0, rows.shape[1], 2, device=rows.device).expand(rows.shape[0], -1)
+
+
+def test_mlp_subset_reuses_cached_mlp_output():
+    model = tiny_llada(seed=1)
+    policy = _HalfMLP()
+    fast = dyllm_fx.transform(model, policy=policy)
+    ids = torch.randint(3, 40, (2, 11))
+    with torch.no_grad():
+        cold = fast(ids)  # fills the MLP cache
+        warm = fast(ids)  # same tokens: cached MLP outputs equal fresh ones
+        assert policy.subsets == model.config.n_layers
+        torch.testing.assert_close(warm, cold, rtol=0, atol=1e-6)
+        torch.testing.assert_close(warm, model(ids), rtol=0, atol=1e-5)
+        # a stale MLP cache must show: zero it, and the odd rows' outputs change
+        for buf in fast.engine.mlp_cache:
+            buf.zero_()
+        assert not torch.allclose(fast(ids), cold, atol=1e-3)

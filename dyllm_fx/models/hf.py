@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .layers import default_position_ids
 from .spec import DiffusionSpec
 
 
@@ -35,7 +36,7 @@ class BidirectionalLM(nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if position_ids is None:
-            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+            position_ids = default_position_ids(input_ids, attention_mask)
         # (B, 1, L, L): every query sees every real key; a 4-D mask is used as given.
         mask4 = attention_mask.bool()[:, None, None, :].expand(bsz, 1, seq, seq)
         out = self.model(input_ids=input_ids, attention_mask=mask4, position_ids=position_ids, use_cache=False)
