@@ -34,7 +34,7 @@ def _placeholder_roles(gm: fx.GraphModule) -> dict[str, int]:
     roles = {}
     for i, node in enumerate(n for n in gm.graph.nodes if n.op == "placeholder"):
         for role in _ROLES:
-            if node.target.strip("_").lower().endswith(role.lower()) or node.target == f"L_{role}_":
+            if node.target.strip("_").lower().endswith(role):
                 roles[role] = i
     if "input_ids" not in roles:
         raise ValueError(

@@ -163,6 +163,16 @@ def approx_attention_reference(
 if HAS_TRITON:
 
     @triton.jit
+    def _load_changed_keys(ch_ptr, k_base, b, A, a0, offs_a, offs_d, d_ok, sk_n, sk_d):
+        """One tile of changed rows: (slots, row index, valid, their current keys)."""
+        slots = a0 + offs_a
+        idx = tl.load(ch_ptr + b * A + slots, mask=slots < A, other=-1)
+        ok = idx >= 0
+        idx = tl.where(ok, idx, 0)
+        kn = tl.load(k_base + idx[:, None] * sk_n + offs_d[None, :] * sk_d, mask=ok[:, None] & d_ok[None, :], other=0.0)
+        return slots, idx, ok, kn
+
+    @triton.jit
     def _approx_attention_kernel(
         q_ptr, k_ptr, ch_ptr, dv_ptr, c_ptr, slot_ptr, sal_ptr, bias_ptr, kold_ptr, mold_ptr, lold_ptr,
         o_ptr, part_ptr, m_ptr, l_ptr,
@@ -207,13 +217,7 @@ if HAS_TRITON:
             new_sum = tl.zeros([BLOCK_M], tl.float32)
             kold_base = kold_ptr + b * sko_b + kvh * sko_h
             for a0 in range(0, A, BLOCK_A):
-                slots = a0 + offs_a
-                idx = tl.load(ch_ptr + b * A + slots, mask=slots < A, other=-1)
-                ok = idx >= 0
-                idx = tl.where(ok, idx, 0)
-                kn = tl.load(
-                    k_base + idx[:, None] * sk_n + offs_d[None, :] * sk_d, mask=ok[:, None] & d_ok[None, :], other=0.0
-                )
+                slots, idx, ok, kn = _load_changed_keys(ch_ptr, k_base, b, A, a0, offs_a, offs_d, d_ok, sk_n, sk_d)
                 ko = tl.load(
                     kold_base + slots[:, None] * sko_a + offs_d[None, :] * sko_d,
                     mask=ok[:, None] & d_ok[None, :], other=0.0,
@@ -262,13 +266,7 @@ if HAS_TRITON:
         acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
         dv_base = dv_ptr + b * sdv_b + kvh * sdv_h
         for a0 in range(0, A, BLOCK_A):
-            slots = a0 + offs_a
-            idx = tl.load(ch_ptr + b * A + slots, mask=slots < A, other=-1)
-            ok = idx >= 0
-            idx = tl.where(ok, idx, 0)
-            kn = tl.load(
-                k_base + idx[:, None] * sk_n + offs_d[None, :] * sk_d, mask=ok[:, None] & d_ok[None, :], other=0.0
-            )
+            slots, idx, ok, kn = _load_changed_keys(ch_ptr, k_base, b, A, a0, offs_a, offs_d, d_ok, sk_n, sk_d)
             s = tl.dot(q, tl.trans(kn), input_precision=PREC) * scale_log2
             if HAS_BIAS:
                 bias = tl.load(bias_base + idx[None, :] * sbias_l, mask=row_ok[:, None] & ok[None, :], other=0.0)
