@@ -47,10 +47,14 @@ def pad_rows(rows: torch.Tensor, seq_len: int) -> torch.Tensor:
 
 @dataclass
 class StepRecord:
-    """Active rows per layer at one step (before bucket padding)."""
+    """What one step computed: active rows per layer (before bucket padding) and, for
+    policies that measure it, each layer's per-position cosine similarity of the attention
+    context to the previous step's ((B, L) fp32 on the CPU, NaN where not measured; None for
+    layers or policies that measure nothing)."""
 
     active: list[int] = field(default_factory=list)
     seq_len: int = 0
+    similarity: list[torch.Tensor | None] = field(default_factory=list)
 
     @property
     def active_fraction(self) -> float:
@@ -72,6 +76,8 @@ class SparseStepEngine:
         self.cache: StepCache | None = None
         self.records: list[StepRecord] = []
         self.mlp_cache: list[torch.Tensor] | None = None
+        # Off by default: copying similarities to the host each layer costs a sync.
+        self.record_similarity = False
 
     @property
     def n_layers(self) -> int:
@@ -121,6 +127,7 @@ class SparseStepEngine:
             record.active.append(int(rows.shape[1]))
             rows = pad_rows(rows, seq_len)
             self._layer(layer, rows, tables, cache)
+            record.similarity.append(self.policy.layer_similarity(layer) if self.record_similarity else None)
         cache.warm = True
         self.records.append(record)
         if logit_positions is None:

@@ -45,3 +45,9 @@ class Policy:
 
     def after_block(self, layer: int, rows: torch.Tensor, hidden: torch.Tensor) -> None:
         return None
+
+    def layer_similarity(self, layer: int) -> torch.Tensor | None:
+        """(B, L) fp32 cosine similarity of each position's attention context to the previous
+        step's, as measured at this step's ``layer`` (NaN where not measured), or None when
+        this policy measures none. Read by the engine when ``record_similarity`` is on."""
+        return None
