@@ -12,6 +12,7 @@ from .models.spec import DiffusionSpec
 from .passes.capture import CapturedGraph, capture_module
 from .passes.find_blocks import find_blocks
 from .passes.rewrite_attention import rewrite_attention
+from .passes.split_attention import split_attention
 from .passes.split_pieces import StepProgram, split_pieces
 from .runtime.cache import StepCache
 from .runtime.policies import Policy, make_policy
@@ -20,8 +21,10 @@ from .runtime.step import StepRequest
 
 
 def build_program(captured: CapturedGraph) -> StepProgram:
-    """The pass pipeline: find blocks -> split into row pieces -> rewrite attention cores."""
+    """The pass pipeline: find blocks -> split into row pieces -> cut each attention at its core
+    (kept for DyLLM-style layers) -> rewrite the cores into cache-backed partial attention."""
     program = split_pieces(captured, find_blocks(captured.gm))
+    program.attn_parts = [split_attention(piece) for piece in program.attn]
     for piece in program.attn:
         rewrite_attention(piece)
     return program

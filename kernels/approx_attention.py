@@ -15,7 +15,9 @@ changed rows, zero elsewhere); ``cached_ctx`` (B, H, N, d); ``salient_rows`` (B,
 ``salient_ctx`` (B, H, S, d), the exact context of the salient rows; an optional SDPA mask as in
 ``partial_attention`` ((B|1, 1, 1, N) key padding or a full (B|1, 1, N, N) mask, boolean or
 additive; other layouts fall back to the reference);
-``scale`` (None: 1/sqrt(d)). Row lists may hold -1 (padding, skipped) and repeats (the repeated
+``scale`` (None: 1/sqrt(d)). ``q_start``: q, ``cached_ctx`` and the outputs may cover only the
+contiguous query rows [q_start, q_start + Nq) of the N key rows (a response or a block: rows
+outside it are not queried at all); ``salient_rows`` stay absolute positions. Row lists may hold -1 (padding, skipped) and repeats (the repeated
 entries must carry identical values; a repeated changed row is counted once).
 
 Outputs: ``ctx`` (B, H, N, d) in cached_ctx's dtype; ``stats`` (B, N, 3) fp32 per row
@@ -94,10 +96,14 @@ def salient_slots(salient_rows: torch.Tensor, n_rows: int) -> torch.Tensor:
     return slot.scatter_(1, target, src)[:, :n_rows]
 
 
-def _check(q, k, changed, dv_rows, cached_ctx, salient_rows, salient_ctx, k_old_rows=None, m_old=None, l_old=None):
+def _check(
+    q, k, changed, dv_rows, cached_ctx, salient_rows, salient_ctx, k_old_rows=None, m_old=None, l_old=None, q_start=0
+):
     bsz, heads, n_rows, d = q.shape
-    if k.shape[0] != bsz or k.shape[2] != n_rows or heads % k.shape[1]:
+    if k.shape[0] != bsz or heads % k.shape[1]:
         raise ValueError(f"k {tuple(k.shape)} does not match q {tuple(q.shape)}")
+    if q_start < 0 or q_start + n_rows > k.shape[2]:
+        raise ValueError(f"query rows [{q_start}, {q_start + n_rows}) do not lie within the {k.shape[2]} key rows")
     if dv_rows.shape[:3] != (bsz, k.shape[1], changed.shape[1]):
         raise ValueError(f"dv_rows {tuple(dv_rows.shape)} does not match changed {tuple(changed.shape)}")
     if cached_ctx.shape[:3] != (bsz, heads, n_rows) or cached_ctx.shape[-1] != dv_rows.shape[-1]:
@@ -124,16 +130,25 @@ def _finish(out, cached, salient_rows, salient_ctx, dtype):
     return out.to(dtype), stats
 
 
+def query_bias(mask, bsz: int, n_keys: int, q_start: int, n_query: int):
+    """The additive fp32 bias (B|1, 1 | n_query, n_keys) of the query rows [q_start, +n_query)."""
+    bias = attention_bias(mask, None, bsz, n_keys)
+    if bias is not None and bias.shape[1] != 1:
+        bias = bias[:, q_start : q_start + n_query]
+    return bias
+
+
 def approx_attention_reference(
     q, k, changed, dv_rows, cached_ctx, salient_rows, salient_ctx, mask, scale,
-    k_old_rows=None, m_old=None, l_old=None,
+    k_old_rows=None, m_old=None, l_old=None, q_start=0,
 ):
     """Plain torch, fp32 (see the module doc); mode 2 when ``m_old`` is given."""
-    _check(q, k, changed, dv_rows, cached_ctx, salient_rows, salient_ctx, k_old_rows, m_old, l_old)
+    _check(q, k, changed, dv_rows, cached_ctx, salient_rows, salient_ctx, k_old_rows, m_old, l_old, q_start)
     bsz, heads, n_rows, d = q.shape
+    n_keys = k.shape[2]
     scale = 1.0 / math.sqrt(d) if scale is None else scale
-    bias = attention_bias(mask, None, bsz, n_rows)
-    ch = unique_rows(changed, n_rows)
+    bias = query_bias(mask, bsz, n_keys, q_start, n_rows)
+    ch = unique_rows(changed, n_keys)
     valid = (ch >= 0)[:, None, None, :]
     cols = ch.clamp_min(0)
     n_ch = cols.shape[1]
@@ -156,7 +171,7 @@ def approx_attention_reference(
     p_ch = torch.exp(s_new - m_safe[..., None]) / l_safe[..., None]
     cached = cached_ctx.float()
     out = cached + p_ch @ _repeat_kv(dv_rows, heads).float()
-    ctx, stats = _finish(out, cached, salient_rows, salient_ctx, cached_ctx.dtype)
+    ctx, stats = _finish(out, cached, salient_rows - q_start, salient_ctx, cached_ctx.dtype)
     return ctx, stats, m, l
 
 
@@ -183,7 +198,7 @@ if HAS_TRITON:
         ss_b, ss_h, ss_s, ss_d,
         sko_b, sko_h, sko_a, sko_d,
         sbias_b, sbias_q, sbias_l,
-        H, N, A, D, DV, GROUP, scale_log2,
+        H, N, NQ, Q0, A, D, DV, GROUP, scale_log2,
         HAS_BIAS: tl.constexpr, USE_STATS: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_A: tl.constexpr,
         BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PREC: tl.constexpr,
@@ -197,7 +212,7 @@ if HAS_TRITON:
         offs_d = tl.arange(0, BLOCK_D)
         offs_dv = tl.arange(0, BLOCK_DV)
         offs_a = tl.arange(0, BLOCK_A)
-        row_ok = offs_m < N
+        row_ok = offs_m < NQ
         d_ok = offs_d < D
         dv_ok = offs_dv < DV
         q = tl.load(
@@ -205,8 +220,8 @@ if HAS_TRITON:
             mask=row_ok[:, None] & d_ok[None, :], other=0.0,
         )
         k_base = k_ptr + b * sk_b + kvh * sk_h
-        bias_base = bias_ptr + b * sbias_b + offs_m[:, None] * sbias_q
-        stat_rows = (b * H + h) * N + offs_m
+        bias_base = bias_ptr + b * sbias_b + (Q0 + offs_m)[:, None] * sbias_q
+        stat_rows = (b * H + h) * NQ + offs_m
 
         # Score pass: the softmax row max m_i and row sum l_i (base 2).
         if USE_STATS:
@@ -284,7 +299,7 @@ if HAS_TRITON:
         cached = tl.load(
             c_ptr + b * sc_b + h * sc_h + offs_m[:, None] * sc_n + offs_dv[None, :] * sc_d, mask=out_mask, other=0.0
         ).to(tl.float32)
-        slot = tl.load(slot_ptr + b * N + offs_m, mask=row_ok, other=-1)
+        slot = tl.load(slot_ptr + b * NQ + offs_m, mask=row_ok, other=-1)
         is_sal = slot >= 0
         slot = tl.where(is_sal, slot, 0).to(tl.int64)
         exact = tl.load(
@@ -302,23 +317,25 @@ if HAS_TRITON:
 
 def triton_approx_attention(
     q, k, changed, dv_rows, cached_ctx, salient_rows, salient_ctx, mask, scale,
-    k_old_rows=None, m_old=None, l_old=None,
+    k_old_rows=None, m_old=None, l_old=None, q_start=0,
 ):
     """Triton version of :func:`approx_attention_reference`: (ctx, stats, m, l)."""
     require_triton(q)
-    _check(q, k, changed, dv_rows, cached_ctx, salient_rows, salient_ctx, k_old_rows, m_old, l_old)
+    _check(q, k, changed, dv_rows, cached_ctx, salient_rows, salient_ctx, k_old_rows, m_old, l_old, q_start)
     use_stats = m_old is not None
     bsz, heads, n_rows, d = q.shape
+    n_keys = k.shape[2]
     dv = cached_ctx.shape[-1]
     try:
-        bias = attention_bias(mask, None, bsz, n_rows)
+        bias = attention_bias(mask, None, bsz, n_keys)
     except NotImplementedError:
         return approx_attention_reference(
-            q, k, changed, dv_rows, cached_ctx, salient_rows, salient_ctx, mask, scale, k_old_rows, m_old, l_old
+            q, k, changed, dv_rows, cached_ctx, salient_rows, salient_ctx, mask, scale, k_old_rows, m_old, l_old,
+            q_start,
         )
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    ch = unique_rows(changed, n_rows).contiguous()
-    slot = salient_slots(salient_rows, n_rows).contiguous()
+    ch = unique_rows(changed, n_keys).contiguous()
+    slot = salient_slots(salient_rows - q_start, n_rows).contiguous()
     n_ch = ch.shape[1]
     ctx = torch.empty(bsz, heads, n_rows, dv, dtype=cached_ctx.dtype, device=q.device)
     part = torch.empty(bsz, heads, n_rows, 3, dtype=torch.float32, device=q.device)
@@ -342,9 +359,9 @@ def triton_approx_attention(
         ctx, part, m, l,
         *q.stride(), *k.stride(), *dv_rows.stride(), *cached_ctx.stride(), *salient_ctx.stride(),
         *kold.stride(), *sbias,
-        heads, n_rows, n_ch, d, dv, heads // k.shape[1], scale * LOG2E,
+        heads, n_keys, n_rows, q_start, n_ch, d, dv, heads // k.shape[1], scale * LOG2E,
         HAS_BIAS=bias is not None, USE_STATS=use_stats,
-        BLOCK_M=block_m, BLOCK_N=min(64, next_pow2(n_rows)), BLOCK_A=min(64, next_pow2(n_ch)),
+        BLOCK_M=block_m, BLOCK_N=min(64, next_pow2(n_keys)), BLOCK_A=min(64, next_pow2(n_ch)),
         BLOCK_D=next_pow2(d), BLOCK_DV=next_pow2(dv), PREC=dot_precision(q.dtype),
     )
     # Per-head partial statistics summed here (deterministic; no float atomics).

@@ -131,19 +131,22 @@ def approx_attention(
     k_old_rows: torch.Tensor | None = None,
     m_old: torch.Tensor | None = None,
     l_old: torch.Tensor | None = None,
+    q_start: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """DyLLM's approximate attention with saliency: every row's context = cached context +
     P[:, changed] . dV, salient rows exact; returns (ctx, stats (B, N, 3), m, l). Mode 2 (cached
-    softmax statistics) when m_old / l_old / k_old_rows are given. See ``kernels/approx_attention.py``.
+    softmax statistics) when m_old / l_old / k_old_rows are given; q may cover only the rows
+    [q_start, q_start + Nq). See ``kernels/approx_attention.py``.
     """
     return approx_attention_reference(
-        q, k, changed, dv_rows, cached_ctx, salient_rows, salient_ctx, mask, scale, k_old_rows, m_old, l_old
+        q, k, changed, dv_rows, cached_ctx, salient_rows, salient_ctx, mask, scale, k_old_rows, m_old, l_old, q_start
     )
 
 
 @approx_attention.register_fake
 def _(
-    q, k, changed, dv_rows, cached_ctx, salient_rows, salient_ctx, mask, scale, k_old_rows=None, m_old=None, l_old=None
+    q, k, changed, dv_rows, cached_ctx, salient_rows, salient_ctx, mask, scale, k_old_rows=None, m_old=None, l_old=None,
+    q_start=0,
 ):
     bsz, heads, n_rows = q.shape[:3]
     return (

@@ -60,6 +60,9 @@ class StepProgram:
     hidden_size: int
     hidden_dtype: torch.dtype
     param_names: dict[str, str]
+    # Per layer: the attention piece cut at its core (query / kv / post), for layers that
+    # run their own attention (DyLLM); filled by dyllm_fx.transform.build_program.
+    attn_parts: list = field(default_factory=list)
 
 
 def _descendants(roots: list[fx.Node]) -> set[fx.Node]:

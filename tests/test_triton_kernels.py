@@ -215,6 +215,33 @@ def test_triton_approx_attention_matches_reference(
         _close(x, y)
 
 
+@SETTINGS
+@given(n_rows=st.integers(3, 17), mask_kind=st.sampled_from([None, "key", "full"]), cached_stats=st.booleans(),
+       seed=st.integers(0, 2**16), data=st.data())
+def test_approx_attention_query_range_equals_slice_of_all_rows(n_rows, mask_kind, cached_stats, seed, data):
+    """Querying only rows [q0, q1) gives exactly those rows of the all-rows call (reference and,
+    where Triton imports, the kernel)."""
+    g = _gen(seed)
+    q0 = data.draw(st.integers(0, n_rows - 1))
+    q1 = data.draw(st.integers(q0 + 1, n_rows))
+    args = list(_approx_inputs(2, 2, 2, n_rows, max(1, n_rows // 3), 8, g, "other"))
+    mask = _mask(mask_kind, 2, n_rows, g)
+    extra = [None, None, None]
+    if cached_stats:
+        k_old = args[1].gather(2, args[2][:, None, :, None].expand(-1, 2, -1, 8)) + 0.1
+        s = pa.scores_reference(args[0], args[1], pa.attention_bias(mask, None, 2, n_rows), 1 / math.sqrt(8))
+        extra = [k_old, *pa.softmax_stats(s)]
+    full = aa.approx_attention_reference(*args, mask, None, *extra)
+    sub = list(args)
+    sub[0], sub[4] = args[0][:, :, q0:q1], args[4][:, :, q0:q1]
+    sub_extra = extra if not cached_stats else [extra[0], extra[1][:, :, q0:q1], extra[2][:, :, q0:q1]]
+    want = (full[0][:, :, q0:q1], full[1][:, q0:q1], full[2][:, :, q0:q1], full[3][:, :, q0:q1])
+    impls = [aa.approx_attention_reference] + ([aa.triton_approx_attention] if HAS_TRITON and INTERPRET else [])
+    for impl in impls:
+        for x, y in zip(impl(*sub, mask, None, *sub_extra, q_start=q0), want):
+            _close(x, y)
+
+
 @needs_triton
 def test_triton_kernels_in_half_precision():
     """16-bit inputs (fp32 accumulation inside). fp16 only: the interpreter's tl.dot mishandles
