@@ -49,6 +49,7 @@ class TransformedModel(nn.Module):
         self.program = program
         self.diffusion = spec
         self.engine = SparseStepEngine(program, policy, inductor if compile else None)
+        self.engine.mask_token_id = spec.mask_token_id if spec is not None else None
         # Registered so .parameters() / .to() see the shared weights once.
         self.pieces = nn.ModuleList([program.prologue, *(p.gm for p in program.attn), *(p.gm for p in program.mlp), program.epilogue.gm])
         self._last_ids: torch.Tensor | None = None
@@ -101,16 +102,18 @@ class SparseStep:
     def __init__(self, model: TransformedModel):
         self.model = model
         self.engine = model.engine
+        self.response_start: int | None = None
 
     def __call__(self, request: StepRequest) -> torch.Tensor:
         if request.nfe == 0:
             self.engine.reset()  # a new generation: nothing cached is valid
+            self.response_start = request.block_start  # the first block starts at the prompt's end
         shift = self.model.diffusion.logits_shift
         positions = torch.arange(request.block_start - shift, request.block_end - shift, device=request.input_ids.device)
         positions = positions.expand(request.input_ids.shape[0], -1)
         return self.engine.step(
             request.input_ids, request.attention_mask, request.position_ids, positions,
-            request.nfe, (request.block_start, request.block_end),
+            request.nfe, (request.block_start, request.block_end), self.response_start,
         )
 
 

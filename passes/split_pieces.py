@@ -56,6 +56,7 @@ class StepProgram:
     epilogue: Piece
     blocks: list[BlockMatch]
     kv_shapes: list[tuple[tuple[int, ...], tuple[int, ...]]]  # per layer: K and V shapes without (B, L)
+    attn_heads: list[int]  # per layer: query heads (= the context's head count)
     kv_dtype: torch.dtype
     hidden_size: int
     hidden_dtype: torch.dtype
@@ -191,11 +192,12 @@ def _is_size(node: fx.Node) -> bool:
 
 def split_pieces(cg: CapturedGraph, blocks: list[BlockMatch]) -> StepProgram:
     cutter = _Cutter(cg)
-    attn, mlp, kv_shapes = [], [], []
+    attn, mlp, kv_shapes, heads = [], [], [], []
     for b in blocks:
         attn.append(cutter.cut(f"attn_{b.index}", b.h_in, [b.h_mid, b.attention], attention=b.attention))
         mlp.append(cutter.cut(f"mlp_{b.index}", b.h_mid, [b.mlp_out]))
         k, v = b.attention.args[1].meta["val"], b.attention.args[2].meta["val"]
+        heads.append(int(b.attention.args[0].meta["val"].shape[1]))
         kv_shapes.append((tuple(int(d) for d in k.shape[1:2]) + (int(k.shape[3]),), tuple(int(d) for d in v.shape[1:2]) + (int(v.shape[3]),)))
     output = next(n for n in cg.gm.graph.nodes if n.op == "output")
     logits = output.args[0]
@@ -213,6 +215,7 @@ def split_pieces(cg: CapturedGraph, blocks: list[BlockMatch]) -> StepProgram:
         epilogue=epilogue,
         blocks=blocks,
         kv_shapes=kv_shapes,
+        attn_heads=heads,
         kv_dtype=blocks[0].attention.args[1].meta["val"].dtype,
         hidden_size=int(hval.shape[-1]),
         hidden_dtype=hval.dtype,

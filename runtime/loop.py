@@ -28,6 +28,7 @@ class GenerationStats:
     tokens_committed: list[int] = field(default_factory=list)  # per step, summed over the batch
     stopped_early_at_block: int | None = None
     tokens_per_second: float = 0.0
+    cache_bytes: int = 0  # bytes of the transformed model's step cache (0 for a dense model)
 
 
 @dataclass

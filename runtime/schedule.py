@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -18,10 +19,18 @@ class BlockSchedule:
 
     @classmethod
     def build(cls, prompt_length: int, gen_length: int, block_length: int | None, steps: int | None) -> "BlockSchedule":
-        block_length = block_length or gen_length
+        gen_length = _as_int("gen_length", gen_length)
+        steps = None if steps is None else _as_int("steps", steps)
+        # Only None means "one block": block_length=0 is an error, not a silent default.
+        block_length = gen_length if block_length is None else _as_int("block_length", block_length)
         if gen_length <= 0:
             raise ValueError(f"gen_length must be positive, got {gen_length}")
-        if block_length <= 0 or gen_length % block_length:
+        if block_length <= 0:
+            raise ValueError(
+                f"block_length must be positive (or None for a single block), got {block_length}; "
+                f"e.g. use block_length={_largest_divisor_at_most(gen_length, 32)}"
+            )
+        if gen_length % block_length:
             raise ValueError(
                 f"block_length={block_length} must divide gen_length={gen_length}; "
                 f"e.g. use block_length={_largest_divisor_at_most(gen_length, block_length)}"
@@ -43,6 +52,18 @@ class BlockSchedule:
     def block_bounds(self, block: int) -> tuple[int, int]:
         start = self.prompt_length + block * self.block_length
         return start, start + self.block_length
+
+
+def _as_int(name: str, value) -> int:
+    """``value`` as a Python int (numpy / torch integers too); a clear TypeError otherwise."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an integer, got {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(
+            f"{name} must be an integer, got {value!r} ({type(value).__name__}); pass e.g. {name}=int({value!r})"
+        ) from None
 
 
 def _largest_divisor_at_most(n: int, bound: int) -> int:

@@ -25,6 +25,7 @@ import torch
 
 from dyllm_fx.kernels.ops import cache_write_rows, gather_rows
 
+from .approx_layer import run_approx_layer
 from .cache import StepCache
 from .policies import Policy, StepState
 
@@ -76,8 +77,10 @@ class SparseStepEngine:
         self.cache: StepCache | None = None
         self.records: list[StepRecord] = []
         self.mlp_cache: list[torch.Tensor] | None = None
+        self.context_cache: list[torch.Tensor] | None = None  # (B, H, L, d) per layer, DyLLM layers
         # Off by default: copying similarities to the host each layer costs a sync.
         self.record_similarity = False
+        self.mask_token_id: int | None = None  # set by TransformedModel from the diffusion spec
 
     @property
     def n_layers(self) -> int:
@@ -96,8 +99,16 @@ class SparseStepEngine:
             with torch.inference_mode(False):
                 self.cache = StepCache.allocate(self.program, batch, seq_len, device)
                 self.mlp_cache = None
-                if self.policy.needs_mlp_cache:
-                    self.mlp_cache = [torch.zeros_like(h) for h in self.cache.hidden[1:]]
+                self.context_cache = None
+        # Per-policy buffers: a policy object may be swapped between generations.
+        with torch.inference_mode(False):
+            if self.policy.needs_mlp_cache and self.mlp_cache is None:
+                self.mlp_cache = [torch.zeros_like(h) for h in self.cache.hidden[1:]]
+            if self.policy.approximate and self.context_cache is None:
+                self.context_cache = [
+                    torch.zeros(batch, self.program.attn_heads[i], seq_len, v[1], dtype=self.program.kv_dtype, device=device)
+                    for i, (_, v) in enumerate(self.program.kv_shapes)
+                ]
         return self.cache
 
     def step(
@@ -108,6 +119,7 @@ class SparseStepEngine:
         logit_positions: torch.Tensor | None,
         nfe: int = 0,
         block: tuple[int, int] | None = None,
+        response_start: int | None = None,
     ) -> torch.Tensor:
         """Run one step; returns logits at ``logit_positions`` (B, P) (all positions if None)."""
         bsz, seq_len = input_ids.shape
@@ -115,30 +127,52 @@ class SparseStepEngine:
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         cold = not cache.warm
-        state = StepState(input_ids, attention_mask, nfe, *(block or (None, None)), cold)
-        self.policy.begin_step(state)
+        state = StepState(
+            input_ids, attention_mask, nfe, *(block or (None, None)), cold,
+            response_start=response_start, cache=cache, kv_probe=None, mask_token_id=self.mask_token_id,
+        )
         h0, *tables = self.prologue(input_ids, attention_mask, position_ids)
+        state.kv_probe = lambda layer, rows: self._kv_probe(layer, rows, tables, cache)
+        # Any failure below leaves the cache half-written: mark it cold until a step completes.
+        cache.warm = False
+        self.policy.begin_step(state)
         cache.hidden[0].copy_(h0)
         all_rows = torch.arange(seq_len, device=input_ids.device).expand(bsz, -1)
         record = StepRecord(seq_len=seq_len)
         for layer in range(self.n_layers):
-            rows = None if cold else self.policy.rows(layer, state)
-            rows = all_rows if rows is None else rows
-            record.active.append(int(rows.shape[1]))
-            rows = pad_rows(rows, seq_len)
-            self._layer(layer, rows, tables, cache)
+            plan = None if cold else self.policy.approx_layer(layer, state) if self.policy.approximate else None
+            if plan is not None:
+                record.active.append(run_approx_layer(self, layer, plan, tables, cache))
+            else:
+                rows = None if cold else self.policy.rows(layer, state)
+                rows = all_rows if rows is None else rows
+                record.active.append(int(rows.shape[1]))
+                self._layer(layer, pad_rows(rows, seq_len), tables, cache)
             record.similarity.append(self.policy.layer_similarity(layer) if self.record_similarity else None)
         cache.warm = True
         self.records.append(record)
         if logit_positions is None:
             logit_positions = all_rows
-        return self.epilogue(gather_rows(cache.hidden[-1], logit_positions, 1), logit_positions)
+        logits = self.epilogue(gather_rows(cache.hidden[-1], logit_positions, 1), logit_positions)
+        self.policy.after_logits(logit_positions, logits)
+        return logits
+
+    def _piece_tables(self, names: list[str], tables: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [tables[self.table_index[name]] for name in names]
+
+    def _kv_probe(self, layer: int, rows: torch.Tensor, tables, cache: StepCache):
+        """K, V of ``rows`` from their current input to ``layer``; writes nothing."""
+        parts = self.program.attn_parts[layer]
+        x = gather_rows(cache.hidden[layer], rows, 1)
+        return parts.kv(x, rows, *self._piece_tables(self.program.attn[layer].tables, tables))
 
     def _layer(self, layer: int, rows: torch.Tensor, tables: list[torch.Tensor], cache: StepCache) -> None:
         piece = self.program.attn[layer]
         x = gather_rows(cache.hidden[layer], rows, 1)
-        piece_tables = [tables[self.table_index[name]] for name in piece.tables]
+        piece_tables = self._piece_tables(piece.tables, tables)
         h_mid, context = self.attn[layer](x, rows, *piece_tables, cache.k[layer], cache.v[layer])
+        if self.context_cache is not None:
+            cache_write_rows(self.context_cache[layer], rows, context, 2)
         subset = self.policy.after_attention(layer, rows, context)
         if subset is None:
             branch = self.mlp[layer](h_mid, rows)

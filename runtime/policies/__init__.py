@@ -1,10 +1,22 @@
-"""Row-selection policies for the sparse step, by name."""
+"""Row-selection policies for the sparse step, by name, and their composition.
+
+A *block-level* cache policy (Fast-dLLM ``prefix_cache`` / ``dual_cache``) composes with one
+*row-level* policy (``dyllm``, ``es_dllm``, ``dllm_cache``): the block policy fixes which rows
+may run at all (the row policy's ``scope``), the row policy picks among them. Threshold
+parallel decoding is a sampler option (``generate(threshold=...)``) and combines with any of
+them.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 from .base import Policy, StepState
 from .block_cache import DualCachePolicy, PrefixCachePolicy
 from .dense import DensePolicy
+from .dllm_cache import DLLMCachePolicy
+from .dyllm import DyLLMPolicy
+from .es_dllm import ESDLLMPolicy
 from .fixed import FixedPolicy
 
 POLICIES: dict[str, type[Policy]] = {
@@ -12,23 +24,54 @@ POLICIES: dict[str, type[Policy]] = {
     "fixed": FixedPolicy,
     "prefix_cache": PrefixCachePolicy,
     "dual_cache": DualCachePolicy,
+    "dyllm": DyLLMPolicy,
+    "es_dllm": ESDLLMPolicy,
+    "dllm_cache": DLLMCachePolicy,
 }
 
+# Block-level policies and the scope they give a row-level policy composed with them.
+BLOCK_SCOPES = {"dual_cache": "block", "prefix_cache": "suffix"}
+ROW_POLICIES = ("dyllm", "es_dllm", "dllm_cache")
 
-def make_policy(policy: str | Policy, **config) -> Policy:
-    """A policy object from a name (and its parameters) or an object passed through."""
+
+def _build(name: str, config: dict) -> Policy:
+    if name not in POLICIES:
+        raise ValueError(f"unknown policy {name!r}; available: {sorted(POLICIES)} (compose as 'dual_cache+dyllm')")
+    try:
+        return POLICIES[name](**config)
+    except TypeError as err:
+        raise ValueError(f"bad parameters for policy {name!r}: {err}") from err
+
+
+def _compose(names: Sequence[str], config: dict) -> Policy:
+    blocks = [n for n in names if n in BLOCK_SCOPES]
+    rows = [n for n in names if n not in BLOCK_SCOPES]
+    if len(blocks) != 1 or len(rows) != 1 or rows[0] not in ROW_POLICIES:
+        raise ValueError(
+            f"cannot compose {list(names)}: combine one block cache {sorted(BLOCK_SCOPES)} with one row policy "
+            f"{list(ROW_POLICIES)}, e.g. ['dual_cache', 'dyllm']"
+        )
+    if "scope" in config:
+        raise ValueError(f"'scope' is set by the block cache ({blocks[0]} -> {BLOCK_SCOPES[blocks[0]]!r}); drop it")
+    policy = _build(rows[0], {**config, "scope": BLOCK_SCOPES[blocks[0]]})
+    policy.name = f"{blocks[0]}+{rows[0]}"
+    return policy
+
+
+def make_policy(policy: str | Sequence[str] | Policy, **config) -> Policy:
+    """A policy object from a name (and its parameters), a composition (``["dual_cache",
+    "dyllm"]`` or ``"dual_cache+dyllm"``), or an object passed through."""
     if isinstance(policy, Policy):
         if config:
             raise ValueError(f"policy parameters {sorted(config)} given with a policy object; set them on the object")
         return policy
-    if policy not in POLICIES:
-        raise ValueError(f"unknown policy {policy!r}; available: {sorted(POLICIES)}")
-    try:
-        return POLICIES[policy](**config)
-    except TypeError as err:
-        raise ValueError(f"bad parameters for policy {policy!r}: {err}") from err
+    names = policy.split("+") if isinstance(policy, str) else list(policy)
+    if len(names) == 1:
+        return _build(names[0], config)
+    return _compose(names, config)
 
 
 __all__ = [
-    "POLICIES", "DensePolicy", "DualCachePolicy", "FixedPolicy", "Policy", "PrefixCachePolicy", "StepState", "make_policy",
+    "BLOCK_SCOPES", "DLLMCachePolicy", "DensePolicy", "DualCachePolicy", "DyLLMPolicy", "ESDLLMPolicy",
+    "FixedPolicy", "POLICIES", "Policy", "PrefixCachePolicy", "ROW_POLICIES", "StepState", "make_policy",
 ]

@@ -28,11 +28,38 @@ class StepState:
     block_start: int | None  # current block bounds, when the caller is the denoising loop
     block_end: int | None
     cold: bool  # the cache is empty: every row runs
+    response_start: int | None = None  # first response position (None: unknown, e.g. forward())
+    cache: object | None = None  # the engine's StepCache (K/V/hidden per layer), read-only for policies
+    # kv_probe(layer, rows) -> (k, v) of those rows from their current layer input, without
+    # writing anything (dLLM-Cache compares them with the cached V).
+    kv_probe: object | None = None
+    mask_token_id: int | None = None  # when the engine knows the model's diffusion spec
+
+    @property
+    def seq_len(self) -> int:
+        return self.input_ids.shape[1]
+
+    def span(self, scope: str) -> tuple[int, int]:
+        """The [start, end) rows a row-level policy works on: ``all``, ``response`` (prompt
+        frozen between refreshes), ``block`` (dual-cache composition: the current block) or
+        ``suffix`` (prefix-cache composition: the current block and everything after it)."""
+        if scope == "all" or self.block_start is None:
+            return 0, self.seq_len
+        if scope == "response":
+            return (self.response_start if self.response_start is not None else 0), self.seq_len
+        if scope == "block":
+            return self.block_start, self.block_end
+        if scope == "suffix":
+            return self.block_start, self.seq_len
+        raise ValueError(f"unknown scope {scope!r}; use 'all', 'response', 'block' or 'suffix'")
 
 
 class Policy:
     name = "base"
     needs_mlp_cache = False  # set by policies whose after_attention returns subsets
+    # Policies that run DyLLM-style layers (queries for a span, K/V for the changed rows,
+    # approximate attention) set this and implement the ``approx_*`` hooks below.
+    approximate = False
 
     def begin_step(self, state: StepState) -> None:
         self.state = state
@@ -51,3 +78,19 @@ class Policy:
         step's, as measured at this step's ``layer`` (NaN where not measured), or None when
         this policy measures none. Read by the engine when ``record_similarity`` is on."""
         return None
+
+    def after_logits(self, positions: torch.Tensor, logits: torch.Tensor) -> None:
+        """The step's logits (B, P, V) at ``positions`` (B, P), e.g. for confidence scores."""
+        return None
+
+    # --- DyLLM-style layers (used when ``approximate`` is True) -------------------------------
+
+    def approx_layer(self, layer: int, state: StepState) -> tuple[int, int, torch.Tensor] | None:
+        """(start, end, changed): run ``layer`` approximately, querying rows [start, end), with
+        K/V recomputed for ``changed`` (B, A) (A may be 0); None: run it as a normal layer."""
+        return None
+
+    def approx_salient(self, layer: int, cos: torch.Tensor, start: int) -> torch.Tensor:
+        """Rows (B, S) (absolute positions, S may be 0) that get the MLP at ``layer``, from the
+        cosine similarity (B, end - start) of each queried row's new context to its cached one."""
+        raise NotImplementedError

@@ -1,0 +1,75 @@
+"""One DyLLM-style layer on the sparse step's caches (arXiv 2603.08026).
+
+For the queried rows Q = [start, end) and the changed rows C (the rows whose input to this
+layer was recomputed: the previous layer's salient set, or at layer 0 the tokens that changed):
+
+    q      = query(h[Q])                       queries of every queried row
+    k, v   = kv(h[C])                          K/V of the changed rows only, written to the cache
+    exact  = attention(q[C], K, V)             exact context of the changed rows
+    ctx    = cached_ctx[Q] + P[:, C] . dV      every other row, corrected by the value change
+                                               (one dyllm::approx_attention call, which also
+                                               returns the cosine statistics)
+    S      = policy.approx_salient(cos(ctx, cached_ctx))   this layer's salient rows
+    h_mid  = post(h[Q], ctx)                   o_proj + residual for every queried row
+    mlp[S] recomputed, the other rows reuse their cached MLP output
+    h[l+1][Q] = h_mid + mlp
+
+Rows outside [start, end) are not touched (their caches stay as the last full step left them).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dyllm_fx.kernels.ops import approx_attention, cache_write_rows, gather_rows, partial_attention
+from dyllm_fx.kernels.saliency import cosine_from_stats
+
+
+def pad_row_set(rows: torch.Tensor, fill: int, seq_len: int) -> torch.Tensor:
+    """(B, A) rows with -1 holes -> a bucket-wide set with every hole filled by a real row (the
+    element's last valid row, or ``fill`` when it has none); repeats are harmless to the ops."""
+    from .sparse_step import bucket_size
+
+    width = bucket_size(max(rows.shape[1], 1), seq_len)
+    if width > rows.shape[1]:
+        rows = torch.cat([rows, rows.new_full((rows.shape[0], width - rows.shape[1]), -1)], 1)
+    valid = rows >= 0
+    last = torch.where(valid, rows, -1).amax(1, keepdim=True)
+    last = torch.where(last >= 0, last, fill)
+    return torch.where(valid, rows, last)
+
+
+def run_approx_layer(engine, layer: int, plan, tables, cache) -> int:
+    """Run ``layer`` approximately per ``plan`` = (start, end, changed); returns the number of
+    rows whose MLP ran (the layer's active count for the step record)."""
+    start, end, changed = plan
+    parts = engine.program.attn_parts[layer]
+    piece_tables = engine._piece_tables(engine.program.attn[layer].tables, tables)
+    k_cache, v_cache, ctx_cache = cache.k[layer], cache.v[layer], engine.context_cache[layer]
+    bsz, seq_len = cache.batch, cache.seq_len
+    q_rows = torch.arange(start, end, device=k_cache.device).expand(bsz, -1)
+
+    x_q = cache.hidden[layer][:, start:end]
+    q_out = parts.query(x_q, q_rows, *piece_tables)
+    q, mask = (q_out[0], q_out[1]) if parts.has_mask else (q_out, None)
+    cached_ctx = ctx_cache[:, :, start:end]
+
+    crow = pad_row_set(changed, start, seq_len)
+    k_new, v_new = parts.kv(gather_rows(cache.hidden[layer], crow, 1), crow, *piece_tables)
+    dv = v_new - gather_rows(v_cache, crow, 2)
+    cache_write_rows(k_cache, crow, k_new, 2)
+    cache_write_rows(v_cache, crow, v_new, 2)
+    exact = partial_attention(gather_rows(q, crow - start, 2), k_cache, v_cache, crow, mask, parts.scale)
+    ctx, stats, _, _ = approx_attention(q, k_cache, crow, dv, cached_ctx, crow, exact, mask, parts.scale, q_start=start)
+    cos = cosine_from_stats(stats[..., 0], stats[..., 1], stats[..., 2])
+    ctx_cache[:, :, start:end] = ctx
+
+    h_mid = parts.post(x_q, ctx)
+    salient = engine.policy.approx_salient(layer, cos, start)
+    mlp_cache = engine.mlp_cache[layer]
+    if salient.shape[1]:
+        srow = pad_row_set(salient, start, seq_len)
+        fresh = engine.mlp[layer](gather_rows(h_mid, srow - start, 1), srow)
+        cache_write_rows(mlp_cache, srow, fresh, 1)
+    cache.hidden[layer + 1][:, start:end] = h_mid + mlp_cache[:, start:end]
+    return int((salient >= 0).sum(1).max()) if salient.numel() else 0
