@@ -43,7 +43,7 @@ def run_approx_layer(engine, layer: int, plan, tables, cache) -> int:
     """Run ``layer`` approximately per ``plan`` = (start, end, changed); returns the number of
     rows whose MLP ran (the layer's active count for the step record)."""
     start, end, changed = plan
-    parts = engine.program.attn_parts[layer]
+    parts = engine.parts[layer]
     piece_tables = engine._piece_tables(engine.program.attn[layer].tables, tables)
     k_cache, v_cache, ctx_cache = cache.k[layer], cache.v[layer], engine.context_cache[layer]
     bsz, seq_len = cache.batch, cache.seq_len

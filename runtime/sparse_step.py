@@ -46,6 +46,17 @@ def pad_rows(rows: torch.Tensor, seq_len: int) -> torch.Tensor:
     return torch.cat([rows, rows[:, -1:].expand(-1, width - rows.shape[1])], dim=1)
 
 
+@dataclass(frozen=True)
+class AttentionCalls:
+    """One layer's split attention (``passes.split_attention``), as the engine calls it."""
+
+    query: Callable
+    kv: Callable
+    post: Callable
+    scale: float | None
+    has_mask: bool
+
+
 @dataclass
 class StepRecord:
     """What one step computed: active rows per layer (before bucket padding) and, for
@@ -73,6 +84,8 @@ class SparseStepEngine:
         self.attn = [wrap(p.gm) for p in program.attn]
         self.mlp = [wrap(p.gm) for p in program.mlp]
         self.epilogue = wrap(program.epilogue.gm)
+        # The attention pieces cut at their core (query, kv, post), for DyLLM-style layers.
+        self.parts = [AttentionCalls(wrap(p.query), wrap(p.kv), wrap(p.post), p.scale, p.has_mask) for p in program.attn_parts]
         self.table_index = {name: i for i, name in enumerate(program.table_names)}
         self.cache: StepCache | None = None
         self.records: list[StepRecord] = []
@@ -162,7 +175,7 @@ class SparseStepEngine:
 
     def _kv_probe(self, layer: int, rows: torch.Tensor, tables, cache: StepCache):
         """K, V of ``rows`` from their current input to ``layer``; writes nothing."""
-        parts = self.program.attn_parts[layer]
+        parts = self.parts[layer]
         x = gather_rows(cache.hidden[layer], rows, 1)
         return parts.kv(x, rows, *self._piece_tables(self.program.attn[layer].tables, tables))
 

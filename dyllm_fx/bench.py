@@ -1,0 +1,144 @@
+"""``dyllm bench``: every method on one engine, side by side, on held-out task prompts.
+
+Each method is a policy (or a composition, or vanilla), optionally with threshold parallel
+decoding. All of them run in one process on the same prompts, vanilla first, so speedups are
+ratios measured in the same run. Accuracy is exact match of the response; agreement is the
+fraction of response tokens identical to vanilla's on the same prompts.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .generation import generate
+from .tasks import Example, held_out_set
+
+
+@dataclass(frozen=True)
+class Method:
+    label: str
+    policy: str  # "vanilla" or a policy name / composition for transform()
+    params: dict = field(default_factory=dict)
+    threshold: float | None = None
+
+
+def default_methods(threshold: float = 0.9, tau: float = 0.95) -> list[Method]:
+    """The baselines and the methods, alone and composed (``tau`` tuned on the embedded model:
+    see the README)."""
+    return [
+        Method("vanilla", "vanilla"),
+        Method("vanilla + threshold", "vanilla", threshold=threshold),
+        Method("prefix_cache", "prefix_cache"),
+        Method("dual_cache", "dual_cache"),
+        Method("dual_cache + threshold (Fast-dLLM)", "dual_cache", threshold=threshold),
+        Method("dllm_cache", "dllm_cache"),
+        Method("es_dllm", "es_dllm"),
+        Method("dual_cache+es_dllm", "dual_cache+es_dllm"),
+        Method("dyllm", "dyllm", {"tau": tau}),
+        Method("dual_cache+dyllm", "dual_cache+dyllm", {"tau": tau}),
+        Method("dyllm + threshold", "dyllm", {"tau": tau}, threshold=threshold),
+        Method("dual_cache+dyllm + threshold", "dual_cache+dyllm", {"tau": tau}, threshold=threshold),
+    ]
+
+
+@dataclass
+class MethodResult:
+    method: str
+    accuracy: float
+    tokens_per_s: float
+    speedup: float
+    active_fraction: float
+    nfe: float  # forward evaluations per batch
+    agreement: float
+    seconds: float
+
+
+def _run(model, tokenizer, examples: list[Example], method: Method, gen: dict, batch_size: int):
+    from .policy_setup import apply_policy
+
+    target = apply_policy(model, method.policy, method.params, compile=gen.pop("compile", False))
+    generate(target, tokenizer, [examples[0].prompt], threshold=method.threshold, progress=False, **gen)  # warm-up
+    responses, texts, nfe, seconds, active = [], [], 0, 0.0, []
+    for i in range(0, len(examples), batch_size):
+        batch = examples[i : i + batch_size]
+        start = time.perf_counter()
+        out = generate(target, tokenizer, [e.prompt for e in batch], threshold=method.threshold, progress=False, **gen)
+        seconds += time.perf_counter() - start
+        nfe += out.stats.nfe
+        responses.append(out.responses)
+        texts += out.texts
+        engine = getattr(target, "engine", None)
+        active += [r.active_fraction for r in engine.records] if engine is not None else [1.0] * out.stats.nfe
+    return responses, texts, nfe, seconds, sum(active) / max(len(active), 1)
+
+
+def run_bench(
+    model, tokenizer, examples: list[Example], methods: list[Method] | None = None, batch_size: int = 16,
+    gen_length: int = 64, block_length: int = 32, steps: int | None = None, compile: bool = False,
+    progress: bool | None = None,
+) -> dict:
+    """Run every method on ``examples``; returns {"rows": [...], "settings": {...}} (the JSON
+    ``dyllm plot pareto`` reads). The first method must be vanilla (the speed and agreement
+    reference)."""
+    methods = methods or default_methods()
+    if methods[0].policy != "vanilla" or methods[0].threshold is not None:
+        raise ValueError("the first method must be plain vanilla: it is the reference for speedup and agreement")
+    gen = dict(gen_length=gen_length, block_length=block_length, steps=steps or gen_length)
+    rows, reference, ref_tps = [], None, None
+    n_tokens = len(examples) * gen_length
+    for method in tqdm(methods, desc="methods", unit="method", disable=progress is False):
+        responses, texts, nfe, seconds, active = _run(model, tokenizer, examples, method, dict(gen, compile=compile and method.policy != "vanilla"), batch_size)
+        correct = sum(t.strip() == e.answer.strip() for t, e in zip(texts, examples))
+        if reference is None:
+            reference = responses
+        same = sum(int((a == b).sum()) for a, b in zip(responses, reference))
+        tps = n_tokens / seconds
+        ref_tps = ref_tps or tps
+        rows.append(MethodResult(
+            method=method.label, accuracy=correct / len(examples), tokens_per_s=tps, speedup=tps / ref_tps,
+            active_fraction=active, nfe=nfe / -(-len(examples) // batch_size), agreement=same / n_tokens,
+            seconds=seconds,
+        ))
+    return {
+        "rows": [asdict(r) for r in rows],
+        "settings": {**gen, "batch_size": batch_size, "examples": len(examples), "compile": compile,
+                     "threads": torch.get_num_threads()},
+        "device": str(next(model.parameters()).device),
+    }
+
+
+def format_table(bench: dict) -> str:
+    """The bench rows as a markdown table."""
+    lines = [
+        "| method | accuracy | tokens/s | speedup | active fraction | NFE / batch | agreement with vanilla |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in bench["rows"]:
+        lines.append(
+            f"| {r['method']} | {100 * r['accuracy']:.1f}% | {r['tokens_per_s']:.1f} | {r['speedup']:.2f}x | "
+            f"{r['active_fraction']:.3f} | {r['nfe']:.1f} | {100 * r['agreement']:.1f}% |"
+        )
+    return "\n".join(lines)
+
+
+def bench_examples(n_per_task: int, tasks: tuple[str, ...], seed: int = 1234) -> list[Example]:
+    """Held-out prompts of the embedded model's task suite (never in its training split)."""
+    return held_out_set(n_per_task, tasks, seed=seed)
+
+
+def write_outputs(bench: dict, json_path: str | Path | None, plot_path: str | Path | None) -> None:
+    if json_path:
+        Path(json_path).write_text(json.dumps(bench, indent=2))
+    if plot_path:
+        from .plots import plot_pareto
+
+        plot_pareto(bench, plot_path, title="dyllm bench: speed vs accuracy")
+
+
+__all__ = ["Method", "MethodResult", "bench_examples", "default_methods", "format_table", "run_bench", "write_outputs"]

@@ -1,0 +1,52 @@
+"""``dyllm bench``: the methods table (see ``dyllm_fx.bench``)."""
+
+from __future__ import annotations
+
+import argparse
+
+from .loading import DEFAULT_MODEL
+
+
+def add_bench_parser(sub) -> None:
+    p = sub.add_parser("bench", help="every method side by side on held-out task prompts: accuracy, tokens/s, speedup")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="model folder, or 'default' for the embedded model")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--tasks", default="shift,sort", help="comma-separated tasks of the suite (default shift,sort)")
+    p.add_argument("--n", type=int, default=16, help="held-out prompts per task (default 16)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--gen-length", type=int, default=64)
+    p.add_argument("--block-length", type=int, default=32)
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: gen-length)")
+    p.add_argument("--threshold", type=float, default=0.9, help="threshold of the '+ threshold' rows (default 0.9)")
+    p.add_argument("--tau", type=float, default=0.95, help="DyLLM's saliency threshold (default 0.95)")
+    p.add_argument("--methods", default=None, help="comma-separated method labels to run (default: all; vanilla always runs first)")
+    p.add_argument("--compile", action="store_true", help="compile the transformed pieces with inductor")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--json", default=None, metavar="FILE", help="write the rows as JSON (input of `dyllm plot pareto`)")
+    p.add_argument("--plot", default=None, metavar="FILE.png", help="draw the speed-accuracy plot (needs matplotlib)")
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from .bench import bench_examples, default_methods, format_table, run_bench, write_outputs
+    from .loading import load
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    methods = default_methods(threshold=args.threshold, tau=args.tau)
+    if args.methods:
+        wanted = [m.strip() for m in args.methods.split(",")]
+        unknown = sorted(set(wanted) - {m.label for m in methods})
+        if unknown:
+            raise ValueError(f"unknown method(s) {unknown}; available: {[m.label for m in methods]}")
+        methods = [methods[0]] + [m for m in methods[1:] if m.label in wanted]
+    model, tok = load(args.model, device=args.device)
+    examples = bench_examples(args.n, tuple(t.strip() for t in args.tasks.split(",")))
+    bench = run_bench(
+        model, tok, examples, methods, batch_size=args.batch_size, gen_length=args.gen_length,
+        block_length=args.block_length, steps=args.steps, compile=args.compile,
+    )
+    print(format_table(bench))
+    write_outputs(bench, args.json, args.plot)
+    return 0
