@@ -5,10 +5,14 @@ layer was recomputed: the previous layer's salient set, or at layer 0 the tokens
 
     q      = query(h[Q])                       queries of every queried row
     k, v   = kv(h[C])                          K/V of the changed rows only, written to the cache
-    exact  = attention(q[C], K, V)             exact context of the changed rows
+    exact  = attention(q[C], K, V)             exact context (and softmax stats) of the changed rows
     ctx    = cached_ctx[Q] + P[:, C] . dV      every other row, corrected by the value change
                                                (one dyllm::approx_attention call, which also
-                                               returns the cosine statistics)
+                                               returns the cosine statistics; its normalizer
+                                               comes from the cached softmax statistics updated
+                                               over the changed keys, O(N A d), except on the
+                                               first approximate step after a refresh, which
+                                               runs the full score pass)
     S      = policy.approx_salient(cos(ctx, cached_ctx))   this layer's salient rows
     h_mid  = post(h[Q], ctx)                   o_proj + residual for every queried row
     mlp[S] recomputed, the other rows reuse their cached MLP output
@@ -21,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from dyllm_fx.kernels.ops import approx_attention, cache_write_rows, gather_rows, partial_attention
+from dyllm_fx.kernels.ops import approx_attention, cache_write_rows, gather_rows, partial_attention_stats
 from dyllm_fx.kernels.saliency import cosine_from_stats
 
 
@@ -56,13 +60,28 @@ def run_approx_layer(engine, layer: int, plan, tables, cache) -> int:
 
     crow = pad_row_set(changed, start, seq_len)
     k_new, v_new = parts.kv(gather_rows(cache.hidden[layer], crow, 1), crow, *piece_tables)
+    k_old = gather_rows(k_cache, crow, 2)
     dv = v_new - gather_rows(v_cache, crow, 2)
     cache_write_rows(k_cache, crow, k_new, 2)
     cache_write_rows(v_cache, crow, v_new, 2)
-    exact = partial_attention(gather_rows(q, crow - start, 2), k_cache, v_cache, crow, mask, parts.scale)
-    ctx, stats, _, _ = approx_attention(q, k_cache, crow, dv, cached_ctx, crow, exact, mask, parts.scale, q_start=start)
+    exact, m_exact, l_exact = partial_attention_stats(
+        gather_rows(q, crow - start, 2), k_cache, v_cache, crow, mask, parts.scale
+    )
+    m_cache, l_cache = engine.softmax_stats[layer]
+    # Mode 2 (score pass over the changed keys only) once this layer holds softmax statistics
+    # from an earlier approximate step; mode 1 (full score pass) right after a refresh.
+    cached_stats = (k_old, m_cache[:, :, start:end], l_cache[:, :, start:end]) if engine.stats_valid[layer] else ()
+    ctx, stats, m, l = approx_attention(
+        q, k_cache, crow, dv, cached_ctx, crow, exact, mask, parts.scale, *cached_stats, q_start=start
+    )
     cos = cosine_from_stats(stats[..., 0], stats[..., 1], stats[..., 2])
     ctx_cache[:, :, start:end] = ctx
+    m_cache[:, :, start:end] = m
+    l_cache[:, :, start:end] = l
+    # The changed rows' statistics are exact (their own attention pass), not the update's.
+    cache_write_rows(m_cache, crow, m_exact, 2)
+    cache_write_rows(l_cache, crow, l_exact, 2)
+    engine.stats_valid[layer] = engine.policy.cached_softmax_stats
 
     h_mid = parts.post(x_q, ctx)
     salient = engine.policy.approx_salient(layer, cos, start)

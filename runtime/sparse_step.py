@@ -90,7 +90,11 @@ class SparseStepEngine:
         self.cache: StepCache | None = None
         self.records: list[StepRecord] = []
         self.mlp_cache: list[torch.Tensor] | None = None
-        self.context_cache: list[torch.Tensor] | None = None  # (B, H, L, d) per layer, DyLLM layers
+        # DyLLM layers: per layer the context (B, H, L, d) and softmax statistics (m, l) (B, H, L)
+        # of every row, and whether the statistics are current (not after a full layer).
+        self.context_cache: list[torch.Tensor] | None = None
+        self.softmax_stats: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.stats_valid: list[bool] = []
         # Off by default: copying similarities to the host each layer costs a sync.
         self.record_similarity = False
         self.mask_token_id: int | None = None  # set by TransformedModel from the diffusion spec
@@ -118,10 +122,16 @@ class SparseStepEngine:
             if self.policy.needs_mlp_cache and self.mlp_cache is None:
                 self.mlp_cache = [torch.zeros_like(h) for h in self.cache.hidden[1:]]
             if self.policy.approximate and self.context_cache is None:
+                heads = self.program.attn_heads
                 self.context_cache = [
-                    torch.zeros(batch, self.program.attn_heads[i], seq_len, v[1], dtype=self.program.kv_dtype, device=device)
+                    torch.zeros(batch, heads[i], seq_len, v[1], dtype=self.program.kv_dtype, device=device)
                     for i, (_, v) in enumerate(self.program.kv_shapes)
                 ]
+                self.softmax_stats = [
+                    (torch.zeros(batch, h, seq_len, device=device), torch.zeros(batch, h, seq_len, device=device))
+                    for h in heads
+                ]
+                self.stats_valid = [False] * len(heads)
         return self.cache
 
     def step(
@@ -186,6 +196,7 @@ class SparseStepEngine:
         h_mid, context = self.attn[layer](x, rows, *piece_tables, cache.k[layer], cache.v[layer])
         if self.context_cache is not None:
             cache_write_rows(self.context_cache[layer], rows, context, 2)
+            self.stats_valid[layer] = False  # this path computes no softmax statistics
         subset = self.policy.after_attention(layer, rows, context)
         if subset is None:
             branch = self.mlp[layer](h_mid, rows)

@@ -60,6 +60,7 @@ class Policy:
     # Policies that run DyLLM-style layers (queries for a span, K/V for the changed rows,
     # approximate attention) set this and implement the ``approx_*`` hooks below.
     approximate = False
+    cached_softmax_stats = True  # DyLLM layers: approx attention mode 2 (see kernels/approx_attention.py)
 
     def begin_step(self, state: StepState) -> None:
         self.state = state

@@ -12,7 +12,10 @@ through the layers. At a warm step, each layer
   MLP output. o_proj and the residual run for every queried row.
 
 The whole sequence is recomputed at the first step of each block and every
-``refresh_interval`` steps. ``tau = 1`` marks every row of the scope salient at every layer,
+``refresh_interval`` steps. With ``cached_softmax_stats`` (default) the approximate attention
+keeps each row's softmax statistics and updates them over the changed keys only (mode 2 of
+``dyllm::approx_attention``, O(N A d)); off, every approximate layer runs the full score pass
+(mode 1, O(N^2 d), the exact normalizer). ``tau = 1`` marks every row of the scope salient at every layer,
 layer 0's input included: with ``scope="all"`` that is exactly the vanilla forward.
 """
 
@@ -40,12 +43,15 @@ class DyLLMPolicy(Policy):
     needs_mlp_cache = True
     approximate = True
 
-    def __init__(self, tau: float = 0.99, refresh_interval: int = 16, scope: str = "response"):
+    def __init__(
+        self, tau: float = 0.99, refresh_interval: int = 16, scope: str = "response", cached_softmax_stats: bool = True
+    ):
         if not 0.0 < tau <= 1.0:
             raise ValueError(f"tau must lie in (0, 1] (DyLLM uses about 0.99 to 0.995); got {tau}")
         if scope not in SCOPES:
             raise ValueError(f"scope must be one of {SCOPES}; got {scope!r}")
         self.tau = float(tau)
+        self.cached_softmax_stats = bool(cached_softmax_stats)
         self.scope = scope
         self.clock = RefreshClock(refresh_interval)
         self._prev_ids: torch.Tensor | None = None
