@@ -1,0 +1,114 @@
+"""Saliency heatmap and speed-accuracy plot: PNGs from Python and from `dyllm plot`."""
+
+import json
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("matplotlib", reason='plots need the optional extra: pip install "dyllm-fx[plot]"')
+
+import dyllm_fx  # noqa: E402
+from dyllm_fx.cli import main  # noqa: E402
+from dyllm_fx.plots import load_bench, pareto_front, plot_pareto, plot_saliency  # noqa: E402
+from dyllm_fx.runtime.sparse_step import StepRecord  # noqa: E402
+from dyllm_fx.saliency import RowRecorder, record_saliency, trace_from_records  # noqa: E402
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+BENCH = {
+    "device": "cpu (test)",
+    "rows": [
+        {"method": "vanilla", "accuracy": 0.6, "tokens_per_s": 10.0, "speedup": 1.0, "active_fraction": 1.0, "nfe": 256},
+        {"method": "dual_cache", "accuracy": 0.58, "tokens_per_s": 40.0, "speedup": 4.0, "active_fraction": 0.2, "nfe": 256},
+        {"method": "slow_and_bad", "accuracy": 0.3, "tokens_per_s": 5.0, "speedup": 0.5, "active_fraction": 0.9, "nfe": 256},
+    ],
+}
+
+
+def _assert_png(path):
+    data = path.read_bytes()
+    assert data[:8] == PNG_MAGIC and len(data) > 5000
+
+
+def test_pareto_png_and_front(tmp_path):
+    bench_file = tmp_path / "bench.json"
+    bench_file.write_text(json.dumps(BENCH))
+    _assert_png(plot_pareto(bench_file, tmp_path / "pareto.png"))
+    _assert_png(plot_pareto(BENCH, tmp_path / "speedup.png", x="speedup"))
+    assert pareto_front([(10, 0.6), (40, 0.58), (5, 0.3)]) == [0, 1]
+
+
+def test_bench_errors_name_the_row_and_field(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"rows": [{"method": "x", "accuracy": 1.0, "tokens_per_s": 1.0}, {"method": "y"}]}))
+    with pytest.raises(ValueError, match="row 1 lacks accuracy, tokens_per_s"):
+        load_bench(bad)
+    with pytest.raises(FileNotFoundError, match="benchmarks/methods.py"):
+        load_bench(tmp_path / "missing.json")
+
+
+def test_saliency_from_records_with_similarity(tmp_path):
+    seq, layers = 12, 3
+    records = []
+    for step in range(4):
+        sim = [torch.full((1, seq), math.nan) for _ in range(layers)]
+        sim[1][0, 6:] = torch.linspace(0.98, 1.0, seq - 6)
+        records.append(StepRecord(active=[seq if step == 0 else 4] * layers, seq_len=seq,
+                                  similarity=sim if step else [None] * layers))
+    trace = trace_from_records(records, None, layer=1, prompt_length=6, policy="fake")
+    assert trace.active_fraction.shape == (4, 3) and trace.similarity.shape == (4, seq)
+    assert math.isnan(trace.similarity[0, 0]) and trace.similarity[1, -1] == pytest.approx(1.0)
+    _assert_png(plot_saliency(trace, tmp_path / "fake.png"))
+    with pytest.raises(ValueError, match="layer 5 out of range"):
+        trace_from_records(records, None, layer=5, prompt_length=6, policy="fake")
+
+
+def test_record_saliency_on_the_embedded_model(tmp_path):
+    model, tok = dyllm_fx.load("default")
+    prompt = "shift:helloworldthisisdyllmfxdemoabcd="
+    trace = record_saliency(model, tok, prompt, policy="dual_cache", gen_length=32, block_length=16, layer=2,
+                           stop_at_eos=False)
+    plen = len(prompt)
+    assert trace.active_fraction.shape == (32, 6) and trace.similarity is None  # dual_cache measures none
+    assert trace.active_fraction[0].min() == 1.0 and trace.active_fraction[1].max() < 1.0  # refresh, then the block
+    assert trace.active_rows[1, plen : plen + 16].min() == 1.0 and trace.active_rows[1, :plen].max() == 0.0
+    _assert_png(plot_saliency(trace, tmp_path / "sal.png"))
+    with pytest.raises(ValueError, match="nothing to plot"):
+        record_saliency(model, tok, prompt, policy="vanilla")
+
+
+def test_record_saliency_with_dyllm_measures_similarity(tmp_path):
+    from dyllm_fx.runtime.policies import POLICIES
+
+    if "dyllm" not in POLICIES:
+        pytest.skip("the dyllm policy is not registered in this checkout")
+    model, tok = dyllm_fx.load("default")
+    prompt = "shift:helloworldthisisdyllmfxdemoabcd="
+    trace = record_saliency(model, tok, prompt, policy="dyllm", gen_length=32, block_length=16, stop_at_eos=False)
+    plen = len(prompt)
+    assert trace.similarity is not None and trace.similarity.shape == (32, plen + 32)
+    assert math.isnan(trace.similarity[1, 0]) and not math.isnan(trace.similarity[1, -1])  # response only
+    warm = trace.active_rows[1]
+    assert warm[:plen].max() == 0.0 and warm[plen:].min() >= 0.5  # the response span is queried
+    _assert_png(plot_saliency(trace, tmp_path / "dyllm.png"))
+
+
+def test_row_recorder_restores_the_policy():
+    from dyllm_fx.runtime.policies import DualCachePolicy
+
+    policy = DualCachePolicy()
+    with RowRecorder(policy):
+        assert "rows" in policy.__dict__
+    assert not {"rows", "begin_step", "after_attention"} & policy.__dict__.keys()
+
+
+def test_plot_cli(tmp_path, capsys):
+    bench = tmp_path / "bench.json"
+    bench.write_text(json.dumps(BENCH))
+    assert main(["plot", "pareto", str(bench), "--out", str(tmp_path / "p.png")]) == 0
+    _assert_png(tmp_path / "p.png")
+    assert main(["plot", "saliency", "--prompt", "rev:abcdefghijklmnop=", "--out", str(tmp_path / "s.png"),
+                 "--gen-length", "32", "--block-length", "16", "--layer", "5"]) == 0
+    _assert_png(tmp_path / "s.png")
+    assert main(["plot", "pareto", str(tmp_path / "nope.json"), "--out", str(tmp_path / "x.png")]) == 2
+    assert "does not exist" in capsys.readouterr().err
