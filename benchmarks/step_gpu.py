@@ -130,6 +130,8 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--smoke", action="store_true", help="CPU, tiny model, 1 repeat")
     p.add_argument("--json", default=None)
+    p.add_argument("--compile", action="store_true", help="inductor: transform(compile=True) and torch.compile(vanilla)")
+    p.add_argument("--methods", default=None, help="comma-separated label prefixes to run (default: all)")
     args = p.parse_args(argv)
     device = "cpu" if args.smoke else "cuda"
     if device == "cuda" and not torch.cuda.is_available():
@@ -155,15 +157,20 @@ def main(argv=None) -> int:
         methods += [(f"rows {f:.0%}", RandomRows(min(n, response), seq, response)),
                     (f"dyllm {f:.0%}", SyntheticDyLLM(min(n, response), "response")),
                     (f"dual_cache+dyllm {f:.0%}", SyntheticDyLLM(min(n, BLOCK), "block"))]
+    if args.methods:
+        wanted = tuple(m.strip() for m in args.methods.split(","))
+        methods = [(label, policy) for label, policy in methods if label.startswith(wanted)]
     steps = {}
     for label, policy in methods:
-        tm = dyllm_fx.transform(model, policy=policy)
+        tm = dyllm_fx.transform(model, policy=policy, compile=args.compile)
         with torch.inference_mode():
             tm.engine.step(ids, None, pos, logit_pos, 0, block, block[0])  # cold: fills the cache
         steps[label] = (lambda tm=tm: tm.engine.step(ids, None, pos, logit_pos, 1, block, block[0]))
 
+    forward = torch.compile(model, dynamic=False) if args.compile else model
+
     def vanilla():
-        model(ids, position_ids=pos)
+        forward(ids, position_ids=pos)
 
     time_ms = timer(device)
     samples = {"vanilla": [], **{k: [] for k in steps}}
@@ -179,12 +186,14 @@ def main(argv=None) -> int:
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     kernels = "triton" if os.environ.get("DYLLM_TRITON") == "1" else "torch reference"
     shape = "smoke model (d 64, 2 layers), fp32" if args.smoke else f"{args.layers} LLaDA-8B layers, bf16"
-    print(f"\n{name}, {shape}, seq {seq}, response {response}, custom ops: {kernels}\n")
+    mode = "inductor-compiled pieces (and vanilla)" if args.compile else "eager"
+    print(f"\n{name}, {shape}, seq {seq}, response {response}, custom ops: {kernels}, {mode}\n")
     print("| step | ms | speedup vs vanilla |\n|---|---|---|")
     for row in rows:
         print(f"| {row['config']} | {row['ms']:.2f} | {row['speedup_vs_vanilla']:.2f}x |")
     if args.json:
-        Path(args.json).write_text(json.dumps({"device": name, "kernels": kernels, "layers": args.layers, "seq": seq,
+        Path(args.json).write_text(json.dumps({"device": name, "kernels": kernels, "compiled": args.compile,
+                                               "layers": args.layers, "seq": seq,
                                                "response": response, "rows": rows}, indent=2))
     return 0
 

@@ -7,6 +7,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from .generation import check_model_tensors
 from .models.layers import default_position_ids
 from .models.spec import DiffusionSpec
 from .passes.capture import CapturedGraph, capture_module
@@ -63,10 +64,18 @@ class TransformedModel(nn.Module):
         return self.engine.cache
 
     def cache_nbytes(self, batch: int, seq_len: int) -> int:
-        """Bytes of cache a generation of this batch x sequence length allocates."""
-        return StepCache.predicted_nbytes(self.program, batch, seq_len)
+        """Bytes of cache a generation of this batch x sequence length allocates: K/V and hidden
+        states per layer, plus the policy's MLP-output and attention-context caches."""
+        return self.engine.predicted_nbytes(batch, seq_len)
+
+    @property
+    def allocated_nbytes(self) -> int:
+        """Bytes the engine's caches hold now (0 before the first step)."""
+        return self.engine.allocated_nbytes
 
     def forward(self, input_ids, attention_mask=None, position_ids=None):
+        if input_ids.is_floating_point() or input_ids.is_complex():
+            raise TypeError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}; pass ids.long()")
         if position_ids is None:
             position_ids = default_position_ids(input_ids, attention_mask)
         if not self._continues(input_ids):
@@ -107,6 +116,7 @@ class SparseStep:
     def __call__(self, request: StepRequest) -> torch.Tensor:
         if request.nfe == 0:
             self.engine.reset()  # a new generation: nothing cached is valid
+            self.model._last_ids = None  # nor for a later forward() call
             self.response_start = request.block_start  # the first block starts at the prompt's end
         shift = self.model.diffusion.logits_shift
         positions = torch.arange(request.block_start - shift, request.block_end - shift, device=request.input_ids.device)
@@ -143,6 +153,7 @@ def transform(
     """
     if model.training:
         raise ValueError("model is in training mode; call model.eval() before dyllm_fx.transform()")
+    check_model_tensors(model)
     spec = spec or getattr(model, "diffusion", None)
     program = build_program(capture_module(model))
     return TransformedModel(program, make_policy(policy, **policy_config), spec, compile=compile)

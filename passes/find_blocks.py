@@ -26,6 +26,13 @@ class BlockMatchError(ValueError):
     """The graph does not have the block structure the compiler rewrites; names the node."""
 
 
+# Appended to the messages below: what the compiler can rewrite, and the way out.
+_LAYOUT = (
+    ". dyllm_fx.transform() rewrites sequential blocks h = x + o(sdpa(q(n(x)), k(n(x)), v(n(x)))); "
+    "out = h + mlp(n(h)); write the model's blocks in that form, or generate with the untransformed model"
+)
+
+
 @dataclass
 class BlockMatch:
     index: int
@@ -100,27 +107,33 @@ def find_blocks(gm: fx.GraphModule) -> list[BlockMatch]:
         for role, arg in zip(("q", "k", "v"), core.args[:3]):
             lin = arg if is_op(arg, LINEAR) else _nearest(arg, LINEAR, forward=False)
             if lin is None:
-                raise BlockMatchError(f"{where}: no linear projection feeds the attention's {role} input '{arg.name}'")
+                raise BlockMatchError(f"{where}: no linear projection feeds the attention's {role} input '{arg.name}'" + _LAYOUT)
             proj[role] = lin
         o_proj = _nearest(core, LINEAR, forward=True)
         if o_proj is None:
-            raise BlockMatchError(f"{where}: no output projection (linear) consumes the attention output")
+            raise BlockMatchError(f"{where}: no output projection (linear) consumes the attention output" + _LAYOUT)
         h_mid, h_in = _residual_add(o_proj, core, reach)
         if h_mid is None:
-            raise BlockMatchError(f"{where}: no residual add joins the output projection '{o_proj.name}' to the block input")
+            raise BlockMatchError(
+                f"{where}: no residual add joins the output projection '{o_proj.name}' to the block input" + _LAYOUT
+            )
         if not all(reach.depends(p.args[0], h_in) for p in proj.values()):
-            raise BlockMatchError(f"{where}: the q/k/v projections do not read the residual stream '{h_in.name}'")
+            raise BlockMatchError(f"{where}: the q/k/v projections do not read the residual stream '{h_in.name}'" + _LAYOUT)
         h_out, mlp_out = _mlp_residual(h_mid, reach)
         if h_out is None:
-            raise BlockMatchError(f"{where}: no MLP branch added back onto '{h_mid.name}' after attention")
+            raise BlockMatchError(
+                f"{where}: no MLP branch added back onto '{h_mid.name}' after attention (parallel attention + MLP "
+                "blocks, GPT-J style, are not supported)" + _LAYOUT
+            )
         span = reach.between(mlp_out, h_mid)
         mlp_linears = [n for n in gm.graph.nodes if n in span and is_op(n, LINEAR) and reach.depends(n, h_mid)]
         if not mlp_linears:
-            raise BlockMatchError(f"{where}: the branch '{mlp_out.name}' after attention has no linear layers")
+            raise BlockMatchError(f"{where}: the branch '{mlp_out.name}' after attention has no linear layers" + _LAYOUT)
         if blocks and blocks[-1].h_out is not h_in:
             raise BlockMatchError(
                 f"{where}: its input '{h_in.name}' is not the previous block's output '{blocks[-1].h_out.name}'; "
-                "the compiler needs a plain residual stream between blocks"
+                "the compiler needs a plain residual stream between blocks (no scaling or norm between a "
+                "block's last add and the next block)" + _LAYOUT
             )
         blocks.append(BlockMatch(i, h_in, proj["q"], proj["k"], proj["v"], core, o_proj, h_mid, mlp_out, h_out, mlp_linears))
     return blocks

@@ -103,6 +103,26 @@ class SparseStepEngine:
     def n_layers(self) -> int:
         return len(self.attn)
 
+    def predicted_nbytes(self, batch: int, seq_len: int) -> int:
+        """Bytes the caches of a (batch, seq_len) generation take under the current policy."""
+        prog = self.program
+        total = StepCache.predicted_nbytes(prog, batch, seq_len)
+        h_item = torch.empty((), dtype=prog.hidden_dtype).element_size()
+        if self.policy.needs_mlp_cache:
+            total += self.n_layers * batch * seq_len * prog.hidden_size * h_item
+        if self.policy.approximate:
+            kv_item = torch.empty((), dtype=prog.kv_dtype).element_size()
+            for heads, (_, v) in zip(prog.attn_heads, prog.kv_shapes):
+                total += batch * heads * seq_len * (v[1] * kv_item + 2 * 4)  # context + fp32 (m, l)
+        return total
+
+    @property
+    def allocated_nbytes(self) -> int:
+        if self.cache is None:
+            return 0
+        extra = [*(self.mlp_cache or []), *(self.context_cache or []), *(t for ml in self.softmax_stats for t in ml)]
+        return self.cache.nbytes + sum(t.numel() * t.element_size() for t in extra)
+
     def reset(self) -> None:
         """Forget cached rows (the next step recomputes everything); keeps the buffers."""
         if self.cache is not None:
@@ -170,7 +190,8 @@ class SparseStepEngine:
                 rows = None if cold else self.policy.rows(layer, state)
                 rows = all_rows if rows is None else rows
                 record.active.append(int(rows.shape[1]))
-                self._layer(layer, pad_rows(rows, seq_len), tables, cache)
+                if rows.shape[1]:  # an empty row set: the layer keeps every cached output
+                    self._layer(layer, pad_rows(rows, seq_len), tables, cache)
             record.similarity.append(self.policy.layer_similarity(layer) if self.record_similarity else None)
         cache.warm = True
         self.records.append(record)

@@ -63,12 +63,14 @@ class DyLLMPolicy(Policy):
         self.refresh = self.clock.tick(state, force=stale)
         self._span = state.span(self.scope)
         start, end = self._span
+        # Left padding never becomes changed or salient (its keys are masked anyway).
+        self._real = state.attention_mask[:, start:end].bool() if state.attention_mask is not None else True
         if not self.refresh:
             if self.tau >= 1.0:
                 changed = torch.ones_like(state.input_ids[:, start:end], dtype=torch.bool)
             else:
                 changed = state.input_ids[:, start:end] != self._prev_ids[:, start:end]
-            self._changed = rows_where(changed, start)
+            self._changed = rows_where(changed & self._real, start)
         self._prev_ids = state.input_ids.clone()
         self._similarity = {}
 
@@ -82,6 +84,7 @@ class DyLLMPolicy(Policy):
     def approx_salient(self, layer: int, cos: torch.Tensor, start: int) -> torch.Tensor:
         self._similarity[layer] = cos
         flag = torch.ones_like(cos, dtype=torch.bool) if self.tau >= 1.0 else cos < self.tau
+        flag = flag & self._real
         self._salient = rows_where(flag, start)
         return self._salient
 

@@ -87,7 +87,11 @@ class ESDLLMPolicy(Policy):
     def begin_step(self, state: StepState) -> None:
         super().begin_step(state)
         if self.skip_layers[-1] >= len(state.cache.k):
-            raise ValueError(f"skip layer {self.skip_layers[-1]} does not exist: the model has {len(state.cache.k)} layers")
+            n = len(state.cache.k)
+            raise ValueError(
+                f"skip layer {self.skip_layers[-1]} does not exist: the model has {n} layers; "
+                f"pass skip_layers with indices below {n}, e.g. skip_layers=({max(n // 4, 0)},)"
+            )
         stale = self._confidence is None or self._confidence.shape != state.input_ids.shape
         if stale:
             self._snapshot = {}
