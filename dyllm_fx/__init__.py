@@ -6,6 +6,7 @@ Public API:
     transform(model, policy="dense", **config) -> TransformedModel (cache-backed sparse step)
     explain(transformed) -> str
     torch.compile(model, backend="dyllm")   (dynamo backend, see dyllm_fx.backend)
+    export.to_onnx(transformed, path) / export.load_onnx(path) / export.to_tensorrt(transformed)
 """
 
 from .explain import explain
@@ -14,6 +15,7 @@ from .loading import DEFAULT_MODEL, default_model_path, load
 from .models import CheckpointError, DiffusionSpec
 from .runtime.loop import GenerationOutput, GenerationStats
 from .transform import TransformedModel, transform
+from . import export  # dyllm_fx.export.to_onnx / load_onnx / to_tensorrt
 
 __all__ = [
     "CheckpointError", "DEFAULT_MODEL", "DiffusionSpec", "GenerationOutput", "GenerationStats",

@@ -1,4 +1,4 @@
-"""The ``dyllm`` command line: ``dyllm generate`` and ``dyllm info``."""
+"""The ``dyllm`` command line: ``dyllm generate``, ``info``, ``eval``, ``plot`` and ``export``."""
 
 from __future__ import annotations
 
@@ -9,6 +9,10 @@ from collections.abc import Sequence
 
 import torch
 
+from .cli_bench import add_bench_parser, cmd_bench
+from .cli_eval import add_eval_parser, cmd_eval
+from .cli_export import add_export_parser, cmd_export
+from .cli_plot import add_plot_parser, cmd_plot
 from .loading import DEFAULT_MODEL, resolve_model_path
 
 
@@ -35,18 +39,29 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--model", default=DEFAULT_MODEL, help="model folder, or 'default' for the embedded model")
     gen.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     gen.add_argument("--stats", action="store_true", help="print NFE, time and tokens/s to stderr")
+    gen.add_argument("--onnx", default=None, metavar="FILE", help="run a step graph from `dyllm export --onnx` with onnxruntime")
     _add_decoding_args(gen)
 
     info = sub.add_parser("info", help="architecture and sizes of a model folder")
     info.add_argument("model", nargs="?", default=DEFAULT_MODEL, help="model folder, or 'default'")
     info.add_argument("--json", action="store_true", help="machine-readable output")
+
+    add_eval_parser(sub, _add_decoding_args)
+    add_plot_parser(sub, _add_decoding_args)
+    add_export_parser(sub)
+    add_bench_parser(sub)
     return parser
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from . import generate, load
 
-    model, tokenizer = load(args.model, device=args.device)
+    if args.onnx:
+        from .cli_export import load_onnx_model
+
+        model, tokenizer = load_onnx_model(args)
+    else:
+        model, tokenizer = load(args.model, device=args.device)
     params = {"temperature": args.temperature}
     if args.remasking:
         params["remasking"] = args.remasking
@@ -109,7 +124,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"generate": cmd_generate, "info": cmd_info}
+    handlers = {"generate": cmd_generate, "info": cmd_info, "eval": cmd_eval, "plot": cmd_plot, "export": cmd_export, "bench": cmd_bench}
     try:
         return handlers[args.command](args)
     except (ValueError, FileNotFoundError) as err:  # bad input: one clear line, no traceback

@@ -1,0 +1,155 @@
+"""What an exported step graph records about itself, so that it can run without the model.
+
+Stored as ONNX ``metadata_props`` (string -> string), every key prefixed ``dyllm.``: the
+format version, the diffusion spec (mask / EOS / pad ids, logit shift, window), the policy and
+its parameters, the cache layout (layer count, hidden size, K/V shapes, dtypes) and the model
+folder whose tokenizer decodes the output (``"default"`` for the embedded model).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from dyllm_fx.loading import DEFAULT_MODEL, default_model_path
+from dyllm_fx.models.spec import DiffusionSpec
+from dyllm_fx.runtime.policies import FixedPolicy, Policy
+
+FORMAT = "dyllm-step/1"
+PREFIX = "dyllm."
+REQUIRED = (
+    "format", "mask_token_id", "eos_token_ids", "logits_shift", "policy", "policy_config",
+    "n_layers", "hidden_size", "kv_shapes", "hidden_dtype", "kv_dtype", "inputs", "outputs",
+)
+
+
+class NotAStepGraphError(ValueError):
+    """An ONNX file that is not a dyllm step graph (or not an ONNX file at all)."""
+
+
+def policy_config(policy: Policy) -> dict:
+    """The parameters that rebuild ``policy`` with ``make_policy(policy.name, **config)``."""
+    if isinstance(policy, FixedPolicy):
+        return {"rows": policy.index.tolist()}
+    return {}
+
+
+def model_path_label(model_path: str | Path | None) -> str:
+    """``"default"`` for the embedded model, else the folder as an absolute path ('' if unknown)."""
+    if model_path is None:
+        return ""
+    if str(model_path) == DEFAULT_MODEL or Path(model_path).resolve() == default_model_path():
+        return DEFAULT_MODEL
+    return str(Path(model_path).expanduser().resolve())
+
+
+@dataclass(frozen=True)
+class StepGraphInfo:
+    """The metadata of one exported step graph."""
+
+    spec: DiffusionSpec
+    policy: str
+    policy_config: dict
+    n_layers: int
+    hidden_size: int
+    kv_shapes: list[tuple[tuple[int, int], tuple[int, int]]]  # per layer: (KV heads, d) of K and of V
+    hidden_dtype: str  # torch dtype name, e.g. "float32"
+    kv_dtype: str
+    inputs: list[str]
+    outputs: list[str]
+    model_path: str = ""
+    extra: dict = field(default_factory=dict)
+
+    def to_props(self) -> dict[str, str]:
+        s = self.spec
+        props = {
+            "format": FORMAT,
+            "mask_token_id": str(s.mask_token_id),
+            "eos_token_ids": json.dumps(list(s.eos_token_ids)),
+            "pad_token_id": "" if s.pad_token_id is None else str(s.pad_token_id),
+            "logits_shift": str(s.logits_shift),
+            "max_length": "" if s.max_length is None else str(s.max_length),
+            "policy": self.policy,
+            "policy_config": json.dumps(self.policy_config),
+            "n_layers": str(self.n_layers),
+            "hidden_size": str(self.hidden_size),
+            "kv_shapes": json.dumps(self.kv_shapes),
+            "hidden_dtype": self.hidden_dtype,
+            "kv_dtype": self.kv_dtype,
+            "inputs": json.dumps(self.inputs),
+            "outputs": json.dumps(self.outputs),
+            "model_path": self.model_path,
+            **{k: str(v) for k, v in self.extra.items()},
+        }
+        return {PREFIX + k: v for k, v in props.items()}
+
+    @classmethod
+    def from_props(cls, props: dict[str, str], source: str) -> "StepGraphInfo":
+        """Parse ``metadata_props``; raises :class:`NotAStepGraphError` naming what is missing."""
+        missing = [PREFIX + k for k in REQUIRED if PREFIX + k not in props]
+        if missing:
+            raise NotAStepGraphError(
+                f"{source} is not a dyllm step graph (missing metadata {', '.join(missing)}); "
+                "export one with `dyllm export --onnx`"
+            )
+        p = {k[len(PREFIX):]: v for k, v in props.items() if k.startswith(PREFIX)}
+        if p["format"] != FORMAT:
+            raise NotAStepGraphError(
+                f"{source} is a dyllm step graph of format {p['format']!r}; this dyllm-fx reads {FORMAT!r}. "
+                "Export it again with `dyllm export --onnx`"
+            )
+        spec = DiffusionSpec(
+            mask_token_id=int(p["mask_token_id"]),
+            eos_token_ids=tuple(json.loads(p["eos_token_ids"])),
+            pad_token_id=int(p["pad_token_id"]) if p.get("pad_token_id") else None,
+            logits_shift=int(p["logits_shift"]),
+            max_length=int(p["max_length"]) if p.get("max_length") else None,
+        )
+        known = set(REQUIRED) | {"pad_token_id", "max_length", "model_path"}
+        return cls(
+            spec=spec,
+            policy=p["policy"],
+            policy_config=json.loads(p["policy_config"]),
+            n_layers=int(p["n_layers"]),
+            hidden_size=int(p["hidden_size"]),
+            kv_shapes=[tuple(tuple(s) for s in layer) for layer in json.loads(p["kv_shapes"])],
+            hidden_dtype=p["hidden_dtype"],
+            kv_dtype=p["kv_dtype"],
+            inputs=json.loads(p["inputs"]),
+            outputs=json.loads(p["outputs"]),
+            model_path=p.get("model_path", ""),
+            extra={k: v for k, v in p.items() if k not in known},
+        )
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def step_graph_info(model, model_path: str | Path | None = None) -> StepGraphInfo:
+    """The metadata of ``model`` (a TransformedModel with a layer-uniform policy)'s step."""
+    from .step_module import input_names, output_names
+
+    program = model.program
+    n_layers = len(program.attn)
+    return StepGraphInfo(
+        spec=model.diffusion,
+        policy=model.policy.name,
+        policy_config=policy_config(model.policy),
+        n_layers=n_layers,
+        hidden_size=program.hidden_size,
+        kv_shapes=[tuple(tuple(s) for s in layer) for layer in program.kv_shapes],
+        hidden_dtype=dtype_name(program.hidden_dtype),
+        kv_dtype=dtype_name(program.kv_dtype),
+        inputs=input_names(n_layers),
+        outputs=output_names(n_layers),
+        model_path=model_path_label(model_path),
+    )
+
+
+__all__ = [
+    "FORMAT", "NotAStepGraphError", "StepGraphInfo", "dtype_name", "model_path_label", "policy_config", "step_graph_info",
+]

@@ -1,0 +1,178 @@
+"""Run an exported dyllm step graph with onnxruntime, as a model ``dyllm_fx.generate`` takes.
+
+    model = dyllm_fx.export.load_onnx("step.onnx")
+    out = dyllm_fx.generate(model, model.tokenizer, ["shift:abc="])
+
+The caches stay in onnxruntime's memory between steps (``OrtValue`` through I/O binding, on
+the GPU under the CUDA provider); only the token ids, the row set and the block's logits
+cross to the host.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dyllm_fx.loading import load_tokenizer, resolve_model_path
+from dyllm_fx.runtime.policies import Policy
+
+from .driver import ExportedStepModel, build_policy
+from .metadata import NotAStepGraphError, StepGraphInfo
+
+_NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "float64": np.float64}
+_GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+
+
+def _ort():
+    try:
+        import onnxruntime
+    except ImportError as err:
+        raise ImportError(
+            'running an ONNX step graph needs onnxruntime: pip install onnxruntime (or onnxruntime-gpu for CUDA), '
+            'or pip install "dyllm-fx[onnx]"'
+        ) from err
+    return onnxruntime
+
+
+def _check_dtype(dtype: str) -> None:
+    if dtype not in _NUMPY_DTYPES:
+        raise ValueError(
+            f"the ONNX runner allocates its caches with numpy, which has no {dtype}; export a float32 or "
+            "float16 model (dyllm export --dtype float32, or dyllm_fx.load(..., dtype=torch.float32))"
+        )
+
+
+class OrtBackend:
+    """A step graph in an onnxruntime session; caches are ``OrtValue`` on the session's device."""
+
+    def __init__(self, session, info: StepGraphInfo):
+        self.session = session
+        self.info = info
+        self.device = "cuda" if session.get_providers()[0] in _GPU_PROVIDERS else "cpu"
+        self.cache_inputs = info.inputs[5:]
+        self.cache_outputs = info.outputs[1:]
+        for dtype in {info.hidden_dtype, info.kv_dtype}:
+            _check_dtype(dtype)
+
+    def zeros(self, shape: Sequence[int], dtype: str) -> Any:
+        _check_dtype(dtype)
+        ort = _ort()
+        return ort.OrtValue.ortvalue_from_numpy(np.zeros(tuple(shape), dtype=_NUMPY_DTYPES[dtype]), self.device, 0)
+
+    def run(self, inputs: dict[str, torch.Tensor], caches: list[Any]) -> tuple[torch.Tensor, list[Any]]:
+        binding = self.session.io_binding()
+        host = {name: t.numpy() for name, t in inputs.items()}  # kept alive until the run ends
+        for name, array in host.items():
+            binding.bind_cpu_input(name, array)
+        for name, value in zip(self.cache_inputs, caches):
+            binding.bind_ortvalue_input(name, value)
+        binding.bind_output("logits", "cpu")
+        for name in self.cache_outputs:
+            binding.bind_output(name, self.device)
+        self.session.run_with_iobinding(binding)
+        outputs = binding.get_outputs()
+        return torch.from_numpy(outputs[0].numpy()), list(outputs[1:])
+
+
+def _providers(device: str | None, providers: Sequence[str] | None) -> list[str]:
+    available = _ort().get_available_providers()
+    if providers is not None:
+        return list(providers)
+    if device is None:
+        device = "cuda" if "CUDAExecutionProvider" in available else "cpu"
+    if str(device).startswith("cuda"):
+        if "CUDAExecutionProvider" not in available:
+            raise ValueError(
+                f"device={device!r} but this onnxruntime has no CUDA provider (available: {available}); "
+                "pip install onnxruntime-gpu, or use device='cpu'"
+            )
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if str(device) != "cpu":
+        raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+    return ["CPUExecutionProvider"]
+
+
+def read_step_graph(session, source: str) -> StepGraphInfo:
+    """The dyllm metadata of an onnxruntime session's model; raises NotAStepGraphError."""
+    info = StepGraphInfo.from_props(dict(session.get_modelmeta().custom_metadata_map), source)
+    names = [i.name for i in session.get_inputs()]
+    if names != info.inputs:
+        raise NotAStepGraphError(
+            f"{source}: its inputs {names} differ from those its metadata lists {info.inputs}; "
+            "export it again with `dyllm export --onnx`"
+        )
+    return info
+
+
+class OnnxStepModel(ExportedStepModel):
+    """An exported step graph in onnxruntime; pass it to ``dyllm_fx.generate`` as the model.
+
+    Attributes: ``info`` (the file's metadata), ``policy``, ``session``, ``tokenizer`` (the
+    recorded model folder's tokenizer, loaded on first use, or the one given to load_onnx).
+    """
+
+    def __init__(self, path: Path, session, info: StepGraphInfo, policy: Policy, tokenizer=None):
+        super().__init__(OrtBackend(session, info), info, policy)
+        self.path = path
+        self.session = session
+        self._tokenizer = tokenizer
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            if not self.info.model_path:
+                raise ValueError(
+                    f"{self.path} records no model folder to load a tokenizer from; pass tokenizer= to load_onnx "
+                    "(CLI: --model FOLDER), or export with model_path=FOLDER (`dyllm export --model FOLDER`)"
+                )
+            self._tokenizer = load_tokenizer(resolve_model_path(self.info.model_path))
+        return self._tokenizer
+
+
+def load_onnx(
+    path: str | Path,
+    *,
+    device: str | None = None,
+    providers: Sequence[str] | None = None,
+    policy: str | Policy | None = None,
+    tokenizer=None,
+    threads: int | None = None,
+) -> OnnxStepModel:
+    """Open a step graph written by :func:`~dyllm_fx.export.to_onnx` (``dyllm export --onnx``).
+
+    Args:
+        path: the ``.onnx`` file. Anything else raises ``NotAStepGraphError`` (a ValueError)
+            naming the missing metadata.
+        device: ``"cpu"`` or ``"cuda"`` (onnxruntime-gpu); default CUDA when onnxruntime has it.
+        providers: onnxruntime execution providers, overriding ``device``.
+        policy: the row policy; default the one the graph was exported with (any layer-uniform
+            policy works with any exported step: the graph takes the rows as an input).
+        tokenizer: overrides the tokenizer of the model folder recorded at export.
+        threads: onnxruntime intra-op threads (default: onnxruntime's choice).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"ONNX file {str(path)!r} does not exist; export one with `dyllm export --onnx {path}`")
+    ort = _ort()
+    options = ort.SessionOptions()
+    if threads is not None:
+        options.intra_op_num_threads = threads
+    state = ort.capi.onnxruntime_pybind11_state
+    names = ("InvalidProtobuf", "InvalidGraph", "Fail", "NotImplemented")
+    unreadable = tuple(getattr(state, n) for n in names if hasattr(state, n))
+    try:
+        session = ort.InferenceSession(str(path), sess_options=options, providers=_providers(device, providers))
+    except unreadable as err:
+        raise NotAStepGraphError(
+            f"{path} is not a dyllm step graph (onnxruntime cannot load it: {str(err).strip()[:200]}); "
+            "export one with `dyllm export --onnx`"
+        ) from err
+    info = read_step_graph(session, str(path))
+    return OnnxStepModel(path, session, info, build_policy(info, policy), tokenizer)
+
+
+__all__ = ["OnnxStepModel", "OrtBackend", "load_onnx", "read_step_graph"]
