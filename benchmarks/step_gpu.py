@@ -132,6 +132,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None)
     p.add_argument("--compile", action="store_true", help="inductor: transform(compile=True) and torch.compile(vanilla)")
     p.add_argument("--methods", default=None, help="comma-separated label prefixes to run (default: all)")
+    p.add_argument("--profile", action="store_true", help="after timing, print torch.profiler tables of one step per config")
     args = p.parse_args(argv)
     device = "cpu" if args.smoke else "cuda"
     if device == "cuda" and not torch.cuda.is_available():
@@ -181,6 +182,17 @@ def main(argv=None) -> int:
                 if r >= args.warmup:
                     samples[label].append(ms)
             print(f"round {r + 1}/{args.warmup + args.repeats}", file=sys.stderr, flush=True)
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+        for label, fn in [("vanilla", vanilla), *steps.items()]:
+            with torch.inference_mode(), profile(activities=activities) as prof:
+                fn()
+                if device == "cuda":
+                    torch.cuda.synchronize()
+            print(f"\n### profile: {label}\n", flush=True)
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18, max_name_column_width=60))
     med = {k: statistics.median(v) for k, v in samples.items()}
     rows = [{"config": k, "ms": med[k], "speedup_vs_vanilla": med["vanilla"] / med[k]} for k in med]
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
