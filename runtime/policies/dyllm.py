@@ -55,6 +55,7 @@ class DyLLMPolicy(Policy):
         self.scope = scope
         self.clock = RefreshClock(refresh_interval)
         self._prev_ids: torch.Tensor | None = None
+        self._real: torch.Tensor | bool = True  # (B, span) non-padding rows, set per step
         self._similarity: dict[int, torch.Tensor] = {}
 
     def begin_step(self, state: StepState) -> None:
