@@ -361,11 +361,6 @@ def test_onnx_step_graph_metadata_that_does_not_fit(tmp_path, changes, pattern):
 
 
 @needs_onnx_loader
-@pytest.mark.xfail(
-    strict=True,
-    reason="a 0-byte .onnx makes onnxruntime raise InvalidArgument, which load_onnx lets through; proposed fix in "
-    "dyllm_fx/export/onnx_runner.py load_onnx: add 'InvalidArgument' to the `unreadable` exception names",
-)
 def test_onnx_empty_file(tmp_path):
     path = tmp_path / "empty.onnx"
     path.write_bytes(b"")
@@ -374,12 +369,6 @@ def test_onnx_empty_file(tmp_path):
 
 
 @needs_onnx_loader
-@pytest.mark.xfail(
-    strict=True,
-    reason="malformed dyllm.* metadata values escape as a bare int()/json error naming neither file nor key; "
-    "proposed fix in dyllm_fx/export/metadata.py StepGraphInfo.from_props: wrap the parsing in try/except "
-    "(ValueError, TypeError) and raise NotAStepGraphError naming the source, the key and its value",
-)
 @pytest.mark.parametrize("key, value", [("mask_token_id", "abc"), ("kv_shapes", "not json")])
 def test_onnx_malformed_metadata_value(tmp_path, key, value):
     path = _relu_graph(tmp_path / "step.onnx", {**STEP_METADATA, key: value})

@@ -101,25 +101,37 @@ class StepGraphInfo:
                 f"{source} is a dyllm step graph of format {p['format']!r}; this dyllm-fx reads {FORMAT!r}. "
                 "Export it again with `dyllm export --onnx`"
             )
+        def read(key: str, parse, optional: bool = False):
+            """p[key] parsed; a bad value raises an error naming the file, the key and the value."""
+            if optional and not p.get(key):
+                return None
+            try:
+                return parse(p[key])
+            except (ValueError, TypeError) as err:  # json.JSONDecodeError is a ValueError
+                raise NotAStepGraphError(
+                    f"{source}: malformed metadata {PREFIX}{key} = {p[key]!r} ({err}); "
+                    "export it again with `dyllm export --onnx`"
+                ) from err
+
         spec = DiffusionSpec(
-            mask_token_id=int(p["mask_token_id"]),
-            eos_token_ids=tuple(json.loads(p["eos_token_ids"])),
-            pad_token_id=int(p["pad_token_id"]) if p.get("pad_token_id") else None,
-            logits_shift=int(p["logits_shift"]),
-            max_length=int(p["max_length"]) if p.get("max_length") else None,
+            mask_token_id=read("mask_token_id", int),
+            eos_token_ids=tuple(read("eos_token_ids", json.loads)),
+            pad_token_id=read("pad_token_id", int, optional=True),
+            logits_shift=read("logits_shift", int),
+            max_length=read("max_length", int, optional=True),
         )
         known = set(REQUIRED) | {"pad_token_id", "max_length", "model_path"}
         return cls(
             spec=spec,
             policy=p["policy"],
-            policy_config=json.loads(p["policy_config"]),
-            n_layers=int(p["n_layers"]),
-            hidden_size=int(p["hidden_size"]),
-            kv_shapes=[tuple(tuple(s) for s in layer) for layer in json.loads(p["kv_shapes"])],
+            policy_config=read("policy_config", json.loads),
+            n_layers=read("n_layers", int),
+            hidden_size=read("hidden_size", int),
+            kv_shapes=[tuple(tuple(s) for s in layer) for layer in read("kv_shapes", json.loads)],
             hidden_dtype=p["hidden_dtype"],
             kv_dtype=p["kv_dtype"],
-            inputs=json.loads(p["inputs"]),
-            outputs=json.loads(p["outputs"]),
+            inputs=read("inputs", json.loads),
+            outputs=read("outputs", json.loads),
             model_path=p.get("model_path", ""),
             extra={k: v for k, v in p.items() if k not in known},
         )

@@ -162,7 +162,7 @@ def load_onnx(
     if threads is not None:
         options.intra_op_num_threads = threads
     state = ort.capi.onnxruntime_pybind11_state
-    names = ("InvalidProtobuf", "InvalidGraph", "Fail", "NotImplemented")
+    names = ("InvalidProtobuf", "InvalidGraph", "InvalidArgument", "Fail", "NotImplemented")
     unreadable = tuple(getattr(state, n) for n in names if hasattr(state, n))
     try:
         session = ort.InferenceSession(str(path), sess_options=options, providers=_providers(device, providers))
