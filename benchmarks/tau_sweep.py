@@ -1,0 +1,40 @@
+"""DyLLM's tau (and ES-dLLM's keep, dLLM-Cache's ratio) on the embedded model: accuracy and
+active fraction per setting, vanilla first, in one run.
+
+    python benchmarks/tau_sweep.py --n 24 [--json sweep.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import dyllm_fx
+from dyllm_fx.bench import Method, bench_examples, format_table, run_bench
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--n", type=int, default=24, help="held-out prompts per task")
+    p.add_argument("--tasks", default="shift,sort")
+    p.add_argument("--taus", default="0.99,0.98,0.95,0.9,0.8")
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+    model, tok = dyllm_fx.load("default")
+    methods = [Method("vanilla", "vanilla")]
+    for tau in (float(t) for t in args.taus.split(",")):
+        methods += [Method(f"dyllm tau={tau}", "dyllm", {"tau": tau}),
+                    Method(f"dual_cache+dyllm tau={tau}", "dual_cache+dyllm", {"tau": tau})]
+    for keep in ((0.5, 0.25), (0.75, 0.5)):
+        methods.append(Method(f"es_dllm keep={keep}", "es_dllm", {"keep": keep}))
+    for ratio in (0.25, 0.5):
+        methods.append(Method(f"dllm_cache ratio={ratio}", "dllm_cache", {"ratio": ratio}))
+    bench = run_bench(model, tok, bench_examples(args.n, tuple(args.tasks.split(","))), methods)
+    print(format_table(bench))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(bench, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
