@@ -50,6 +50,7 @@ class RandomRows(Policy):
     """The same random ``n`` response rows at every layer of every warm step."""
 
     name = "rows"
+    layer_uniform = True  # one row set for every layer, chosen before the step
 
     def __init__(self, n: int, seq: int, response: int, seed: int = 0):
         g = torch.Generator().manual_seed(seed)
@@ -132,6 +133,8 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None)
     p.add_argument("--compile", action="store_true", help="inductor: transform(compile=True) and torch.compile(vanilla)")
     p.add_argument("--methods", default=None, help="comma-separated label prefixes to run (default: all)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="replay warm steps of layer-uniform row patterns as CUDA graphs, and vanilla as a CUDA graph")
     p.add_argument("--profile", action="store_true", help="after timing, print torch.profiler tables of one step per config")
     args = p.parse_args(argv)
     device = "cpu" if args.smoke else "cuda"
@@ -163,12 +166,23 @@ def main(argv=None) -> int:
         methods = [(label, policy) for label, policy in methods if label.startswith(wanted)]
     steps = {}
     for label, policy in methods:
-        tm = dyllm_fx.transform(model, policy=policy, compile=args.compile)
+        tm = dyllm_fx.transform(model, policy=policy, compile=args.compile, cuda_graphs=args.cuda_graphs)
         with torch.inference_mode():
             tm.engine.step(ids, None, pos, logit_pos, 0, block, block[0])  # cold: fills the cache
         steps[label] = (lambda tm=tm: tm.engine.step(ids, None, pos, logit_pos, 1, block, block[0]))
 
     forward = torch.compile(model, dynamic=False) if args.compile else model
+    if args.cuda_graphs and device == "cuda":
+        with torch.inference_mode():
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                forward(ids, position_ids=pos)
+            torch.cuda.current_stream().wait_stream(side)
+            vanilla_graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(vanilla_graph):
+                forward(ids, position_ids=pos)
+        forward = lambda *a, **k: vanilla_graph.replay()  # noqa: E731 (static inputs: the same ids each step)
 
     def vanilla():
         forward(ids, position_ids=pos)
@@ -199,6 +213,8 @@ def main(argv=None) -> int:
     kernels = "triton" if os.environ.get("DYLLM_TRITON") == "1" else "torch reference"
     shape = "smoke model (d 64, 2 layers), fp32" if args.smoke else f"{args.layers} LLaDA-8B layers, bf16"
     mode = "inductor-compiled pieces (and vanilla)" if args.compile else "eager"
+    if args.cuda_graphs:
+        mode += ", CUDA graphs (vanilla and layer-uniform steps)"
     print(f"\n{name}, {shape}, seq {seq}, response {response}, custom ops: {kernels}, {mode}\n")
     print("| step | ms | speedup vs vanilla |\n|---|---|---|")
     for row in rows:

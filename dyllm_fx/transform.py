@@ -45,11 +45,15 @@ class TransformedModel(nn.Module):
     only for the current block.
     """
 
-    def __init__(self, program: StepProgram, policy: Policy, spec: DiffusionSpec | None, compile: bool = False):
+    def __init__(
+        self, program: StepProgram, policy: Policy, spec: DiffusionSpec | None, compile: bool = False,
+        cuda_graphs: bool = False,
+    ):
         super().__init__()
         self.program = program
         self.diffusion = spec
         self.engine = SparseStepEngine(program, policy, inductor if compile else None)
+        self.engine.cuda_graphs = cuda_graphs
         self.engine.mask_token_id = spec.mask_token_id if spec is not None else None
         # Registered so .parameters() / .to() see the shared weights once.
         self.pieces = nn.ModuleList([program.prologue, *(p.gm for p in program.attn), *(p.gm for p in program.mlp), program.epilogue.gm])
@@ -132,6 +136,7 @@ def transform(
     policy: str | Policy = "dense",
     compile: bool = False,
     spec: DiffusionSpec | None = None,
+    cuda_graphs: bool = False,
     **policy_config,
 ) -> TransformedModel:
     """Trace ``model`` and rewrite it into a cache-backed, token-sparse step.
@@ -146,6 +151,9 @@ def transform(
             (Fast-dLLM), or a :class:`Policy` object.
         compile: compile each piece with inductor (static shapes per row bucket).
         spec: mask token id and logit shift; taken from ``model.diffusion`` when present.
+        cuda_graphs: on CUDA, capture each warm step of a layer-uniform policy (``dense``,
+            ``fixed``, ``prefix_cache``, ``dual_cache``) as a CUDA graph per shape and replay
+            it (see ``runtime/cuda_graph.py``); other policies run eagerly.
         **policy_config: parameters of the named policy.
 
     Returns:
@@ -156,7 +164,7 @@ def transform(
     check_model_tensors(model)
     spec = spec or getattr(model, "diffusion", None)
     program = build_program(capture_module(model))
-    return TransformedModel(program, make_policy(policy, **policy_config), spec, compile=compile)
+    return TransformedModel(program, make_policy(policy, **policy_config), spec, compile=compile, cuda_graphs=cuda_graphs)
 
 
 __all__ = ["SparseStep", "TransformedModel", "build_program", "transform"]

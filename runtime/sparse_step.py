@@ -27,6 +27,7 @@ from dyllm_fx.kernels.ops import cache_write_rows, gather_rows
 
 from .approx_layer import run_approx_layer
 from .cache import StepCache
+from .cuda_graph import StepGraphs
 from .policies import Policy, StepState
 
 
@@ -98,6 +99,9 @@ class SparseStepEngine:
         # Off by default: copying similarities to the host each layer costs a sync.
         self.record_similarity = False
         self.mask_token_id: int | None = None  # set by TransformedModel from the diffusion spec
+        # CUDA-graph replay of warm steps of layer-uniform policies (runtime/cuda_graph.py).
+        self.cuda_graphs = False
+        self.graphs = StepGraphs(self._uniform_step)
 
     @property
     def n_layers(self) -> int:
@@ -137,6 +141,7 @@ class SparseStepEngine:
                 self.cache = StepCache.allocate(self.program, batch, seq_len, device)
                 self.mlp_cache = None
                 self.context_cache = None
+                self.graphs.clear()  # the captured graphs point at the old buffers
         # Per-policy buffers: a policy object may be swapped between generations.
         with torch.inference_mode(False):
             if self.policy.needs_mlp_cache and self.mlp_cache is None:
@@ -174,14 +179,26 @@ class SparseStepEngine:
             input_ids, attention_mask, nfe, *(block or (None, None)), cold,
             response_start=response_start, cache=cache, kv_probe=None, mask_token_id=self.mask_token_id,
         )
-        h0, *tables = self.prologue(input_ids, attention_mask, position_ids)
+        tables: list[torch.Tensor] = []  # filled by the prologue below, before any policy probes
         state.kv_probe = lambda layer, rows: self._kv_probe(layer, rows, tables, cache)
         # Any failure below leaves the cache half-written: mark it cold until a step completes.
         cache.warm = False
         self.policy.begin_step(state)
-        cache.hidden[0].copy_(h0)
         all_rows = torch.arange(seq_len, device=input_ids.device).expand(bsz, -1)
+        if logit_positions is None:
+            logit_positions = all_rows
         record = StepRecord(seq_len=seq_len)
+        if not cold and self.cuda_graphs and self.policy.layer_uniform and input_ids.is_cuda:
+            rows = self.policy.rows(0, state)
+            rows = all_rows if rows is None else rows
+            record.active = [int(rows.shape[1])] * self.n_layers
+            record.similarity = [None] * self.n_layers
+            logits = self.graphs.run(input_ids, attention_mask, position_ids, pad_rows(rows, seq_len), logit_positions)
+            cache.warm = True
+            self.records.append(record)
+            return logits
+        h0, *tables[:] = self.prologue(input_ids, attention_mask, position_ids)
+        cache.hidden[0].copy_(h0)
         for layer in range(self.n_layers):
             plan = None if cold else self.policy.approx_layer(layer, state) if self.policy.approximate else None
             if plan is not None:
@@ -195,11 +212,18 @@ class SparseStepEngine:
             record.similarity.append(self.policy.layer_similarity(layer) if self.record_similarity else None)
         cache.warm = True
         self.records.append(record)
-        if logit_positions is None:
-            logit_positions = all_rows
         logits = self.epilogue(gather_rows(cache.hidden[-1], logit_positions, 1), logit_positions)
         self.policy.after_logits(logit_positions, logits)
         return logits
+
+    def _uniform_step(self, input_ids, attention_mask, position_ids, rows, logit_positions) -> torch.Tensor:
+        """A warm step where every layer recomputes ``rows`` (padded): what ``graphs`` captures."""
+        cache = self.cache
+        h0, *tables = self.prologue(input_ids, attention_mask, position_ids)
+        cache.hidden[0].copy_(h0)
+        for layer in range(self.n_layers):
+            self._layer(layer, rows, tables, cache)
+        return self.epilogue(gather_rows(cache.hidden[-1], logit_positions, 1), logit_positions)
 
     def _piece_tables(self, names: list[str], tables: list[torch.Tensor]) -> list[torch.Tensor]:
         return [tables[self.table_index[name]] for name in names]

@@ -60,6 +60,10 @@ class Policy:
     # Policies that run DyLLM-style layers (queries for a span, K/V for the changed rows,
     # approximate attention) set this and implement the ``approx_*`` hooks below.
     approximate = False
+    # One row set per step, the same for every layer, chosen before the step from the host's
+    # state only (no hook reads values the step computes): the step can be exported as one
+    # graph (ONNX) and replayed as a CUDA graph.
+    layer_uniform = False
     cached_softmax_stats = True  # DyLLM layers: approx attention mode 2 (see kernels/approx_attention.py)
 
     def begin_step(self, state: StepState) -> None:

@@ -18,6 +18,7 @@ from .base import Policy, StepState
 
 
 class _BlockCachePolicy(Policy):
+    layer_uniform = True
     def __init__(self):
         self._block_start: int | None = None
         self.refresh = True

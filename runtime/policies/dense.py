@@ -6,4 +6,5 @@ from .base import Policy
 
 
 class DensePolicy(Policy):
+    layer_uniform = True
     name = "dense"

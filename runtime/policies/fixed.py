@@ -11,6 +11,7 @@ from .base import Policy, StepState
 
 
 class FixedPolicy(Policy):
+    layer_uniform = True
     name = "fixed"
 
     def __init__(self, rows: Sequence[int] | torch.Tensor):
