@@ -81,3 +81,14 @@ def tiny_programs() -> dict:
     """``dyllm_fx.transform`` of each of :func:`tiny_models`, traced once per test process;
     use :func:`fresh` for a model with its own engine and policy."""
     return {arch: dyllm_fx.transform(m) for arch, m in tiny_models().items()}
+
+
+# Shared module-scoped fixtures: test modules import them by name.
+@pytest.fixture(scope="module")
+def models():
+    return tiny_models()
+
+
+@pytest.fixture(scope="module")
+def programs():
+    return tiny_programs()

@@ -21,22 +21,13 @@ import dyllm_fx
 from dyllm_fx.runtime.cache import StepCache
 from dyllm_fx.runtime.policies import POLICIES
 from dyllm_fx.transform import TransformedModel
+from reliability_helpers import models, programs  # noqa: F401 (module-scoped fixtures)
 from reliability_helpers import NAMES, build_policy, fresh, tiny_models, tiny_programs
 from tiny_checkpoints import tiny_tokenizer
 
 TOK = tiny_tokenizer()
 PROMPTS = ["rev:abc=", "kv:a1,b2?ab=", "x=1?"]
 GEN = dict(gen_length=16, block_length=8, steps=8, stop_at_eos=False, progress=False)
-
-
-@pytest.fixture(scope="module")
-def models():
-    return tiny_models()
-
-
-@pytest.fixture(scope="module")
-def programs():
-    return tiny_programs()
 
 
 def engine_tensors(model: TransformedModel) -> list[torch.Tensor]:

@@ -19,22 +19,13 @@ import torch
 import dyllm_fx
 from dyllm_fx.runtime.policies import Policy, make_policy
 from dyllm_fx.transform import TransformedModel
+from reliability_helpers import models, programs  # noqa: F401 (module-scoped fixtures)
 from reliability_helpers import COMPOSED, NAMES, build_policy, fresh, tiny_models, tiny_programs
 from tiny_checkpoints import tiny_tokenizer
 
 TOK = tiny_tokenizer()
 RAGGED = ["rev:abc=", "kv:a1,b2?ab=", "x=1?"]  # 8, 12 and 4 tokens: left padding of 4 and 8
 GEN = dict(gen_length=16, block_length=8, steps=8, stop_at_eos=False, progress=False)
-
-
-@pytest.fixture(scope="module")
-def models():
-    return tiny_models()
-
-
-@pytest.fixture(scope="module")
-def programs():
-    return tiny_programs()
 
 
 class RowSpy:
