@@ -1,0 +1,76 @@
+"""dyllm bench (dyllm_fx/bench.py, benchmarks/methods.py) and the GPU step benchmark's CPU smoke
+path: the table's bookkeeping, not its timings."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import dyllm_fx
+from dyllm_fx.bench import Method, bench_examples, format_table, run_bench
+from dyllm_fx.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+GEN = dict(gen_length=32, block_length=16, steps=32)
+
+
+@pytest.fixture(scope="module")
+def bench():
+    model, tok = dyllm_fx.load("default")
+    methods = [
+        Method("vanilla", "vanilla"),
+        Method("dense", "dense"),
+        Method("dual_cache+dyllm", "dual_cache+dyllm", {"tau": 0.95}),
+        Method("dual_cache + threshold", "dual_cache", threshold=0.9),
+    ]
+    return run_bench(model, tok, bench_examples(2, ("shift",)), methods, batch_size=2, progress=False, **GEN)
+
+
+def test_rows_are_measured_against_vanilla(bench):
+    rows = {r["method"]: r for r in bench["rows"]}
+    assert list(rows) == ["vanilla", "dense", "dual_cache+dyllm", "dual_cache + threshold"]
+    assert rows["vanilla"]["speedup"] == 1.0 and rows["vanilla"]["agreement"] == 1.0
+    assert rows["dense"]["agreement"] == 1.0 and rows["dense"]["active_fraction"] == 1.0  # dense equals vanilla
+    assert rows["dense"]["accuracy"] == rows["vanilla"]["accuracy"]
+    assert rows["dual_cache+dyllm"]["active_fraction"] < 0.5
+    assert rows["dual_cache + threshold"]["nfe"] < 32  # several tokens per step
+    for r in bench["rows"]:
+        assert r["tokens_per_s"] > 0 and r["speedup"] == pytest.approx(r["tokens_per_s"] / rows["vanilla"]["tokens_per_s"])
+    assert bench["settings"]["examples"] == 2
+
+
+def test_table_and_plot_input(bench, tmp_path):
+    table = format_table(bench)
+    assert table.count("\n") == 1 + len(bench["rows"]) and "| vanilla | " in table
+    from dyllm_fx.plots import validate_bench
+
+    validate_bench(json.loads(json.dumps(bench)))  # what `dyllm plot pareto` reads
+
+
+def test_first_method_must_be_vanilla():
+    model, tok = dyllm_fx.load("default")
+    with pytest.raises(ValueError, match="first method must be plain vanilla"):
+        run_bench(model, tok, bench_examples(1, ("shift",)), [Method("dense", "dense")], progress=False)
+
+
+def test_cli_bench_writes_json(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    code = main(["bench", "--n", "1", "--tasks", "shift", "--methods", "dual_cache", "--gen-length", "32",
+                 "--block-length", "16", "--batch-size", "1", "--json", str(out)])
+    assert code == 0
+    assert [r["method"] for r in json.loads(out.read_text())["rows"]] == ["vanilla", "dual_cache"]
+    assert "| dual_cache |" in capsys.readouterr().out
+    assert main(["bench", "--methods", "nope"]) == 2  # one clear line, exit code 2
+
+
+def test_step_gpu_benchmark_smoke_runs_on_cpu():
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "step_gpu.py"), "--smoke", "--methods", "rows 10,dyllm 10"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "| vanilla |" in proc.stdout and "| dyllm 10% |" in proc.stdout
