@@ -181,6 +181,7 @@ class SparseStepEngine:
         )
         tables: list[torch.Tensor] = []  # filled by the prologue below, before any policy probes
         state.kv_probe = lambda layer, rows: self._kv_probe(layer, rows, tables, cache)
+        state.q_probe = lambda layer, rows: self._q_probe(layer, rows, tables, cache)
         # Any failure below leaves the cache half-written: mark it cold until a step completes.
         cache.warm = False
         self.policy.begin_step(state)
@@ -227,6 +228,13 @@ class SparseStepEngine:
 
     def _piece_tables(self, names: list[str], tables: list[torch.Tensor]) -> list[torch.Tensor]:
         return [tables[self.table_index[name]] for name in names]
+
+    def _q_probe(self, layer: int, rows: torch.Tensor, tables, cache: StepCache) -> torch.Tensor:
+        """Queries (B, H, A, d) of ``rows`` from their current input to ``layer``; writes nothing."""
+        parts = self.parts[layer]
+        x = gather_rows(cache.hidden[layer], rows, 1)
+        out = parts.query(x, rows, *self._piece_tables(self.program.attn[layer].tables, tables))
+        return out[0] if parts.has_mask else out
 
     def _kv_probe(self, layer: int, rows: torch.Tensor, tables, cache: StepCache):
         """K, V of ``rows`` from their current input to ``layer``; writes nothing."""

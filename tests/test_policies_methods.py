@@ -112,7 +112,7 @@ def test_es_dllm_helpers():
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(skip_layers=(3, 1)), "increasing"), (dict(keep=(0.5,)), "one value per skip layer"),
-    (dict(alpha=2.0), "alpha"), (dict(variation="query"), "variation"), (dict(keep=0.0), "keep"),
+    (dict(alpha=2.0), "alpha"), (dict(variation="attention"), "variation"), (dict(keep=0.0), "keep"),
 ])
 def test_es_dllm_rejects_bad_parameters(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -210,10 +210,13 @@ def trained():
     return model, tok, prompts, ref
 
 
-@pytest.mark.parametrize("name", ["dyllm", "es_dllm", "dllm_cache", "dual_cache+dyllm", "prefix_cache+es_dllm"])
-def test_sparse_methods_run_sparse_and_stay_close(trained, name):
+@pytest.mark.parametrize("name, cfg", [
+    ("dyllm", {}), ("es_dllm", {}), ("es_dllm", {"variation": "query"}), ("es_dllm", {"variation": "key"}),
+    ("es_dllm", {"variation": "hidden"}), ("dllm_cache", {}), ("dual_cache+dyllm", {}), ("prefix_cache+es_dllm", {}),
+])
+def test_sparse_methods_run_sparse_and_stay_close(trained, name, cfg):
     model, tok, prompts, ref = trained
-    tm = dyllm_fx.transform(model, policy=name)
+    tm = dyllm_fx.transform(model, policy=name, **cfg)
     tm.engine.record_similarity = True
     out = dyllm_fx.generate(tm, tok, prompts, gen_length=32, block_length=16, steps=32, progress=False)
     active = [r.active_fraction for r in tm.engine.records]

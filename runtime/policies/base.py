@@ -33,6 +33,7 @@ class StepState:
     # kv_probe(layer, rows) -> (k, v) of those rows from their current layer input, without
     # writing anything (dLLM-Cache compares them with the cached V).
     kv_probe: object | None = None
+    q_probe: object | None = None  # q_probe(layer, rows) -> q (B, H, A, d), likewise
     mask_token_id: int | None = None  # when the engine knows the model's diffusion spec
 
     @property

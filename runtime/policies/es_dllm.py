@@ -7,7 +7,8 @@ rows still running are scored
     importance = alpha * confidence (previous iteration) + (1 - alpha) * variation
 
 where variation is the mean absolute change since the previous iteration of the row's key,
-value or hidden state at that layer (``variation``), divided by its largest value among the
+value, query or hidden state at that layer (``variation``; queries are recomputed from the
+layer's input, one extra Q projection of the scored rows), divided by its largest value among the
 scored rows (so it lies in [0, 1]); confidence is the sampler's top probability at the
 position in the previous step (0 where no logits were computed). The top ``keep`` rows (a
 fraction of the scope, or a count) go on; the ``keep_confident`` most confident masked rows
@@ -31,7 +32,7 @@ from .base import Policy, StepState
 from .dyllm import SCOPES
 from .refresh import RefreshClock
 
-VARIATIONS = ("key", "value", "hidden")
+VARIATIONS = ("key", "value", "query", "hidden")
 
 
 def importance(confidence: torch.Tensor, variation: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -114,6 +115,8 @@ class ESDLLMPolicy(Policy):
         """The variation tensor of ``rows`` at ``layer`` as (B, A, features)."""
         if self.variation == "hidden":
             return hidden
+        if self.variation == "query":  # recomputed from the layer's input (queries are not cached)
+            return self.state.q_probe(layer, rows).transpose(1, 2).flatten(2)
         cache = self.state.cache.k[layer] if self.variation == "key" else self.state.cache.v[layer]
         t = gather_rows(cache, rows, 2)  # (B, KV, A, d), just written by the layer
         return t.transpose(1, 2).flatten(2)
