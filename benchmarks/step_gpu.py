@@ -2,7 +2,7 @@
 transformed step under each method's row pattern, measured side by side in one run.
 
     python benchmarks/step_gpu.py --json step_gpu.json            # CUDA, bf16
-    DYLLM_TRITON=1 python benchmarks/step_gpu.py --json ...       # with the Triton kernels
+    DYLLM_TRITON=0 python benchmarks/step_gpu.py --json ...       # torch references instead of Triton
     python benchmarks/step_gpu.py --smoke                         # CPU, tiny, proves it runs
 
 Model: LLaDA-8B's layer (d_model 4096, 32 heads of 128, MLP 12288, vocab 126464), ``--layers``
@@ -210,7 +210,7 @@ def main(argv=None) -> int:
     med = {k: statistics.median(v) for k, v in samples.items()}
     rows = [{"config": k, "ms": med[k], "speedup_vs_vanilla": med["vanilla"] / med[k]} for k in med]
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
-    kernels = "triton" if os.environ.get("DYLLM_TRITON") == "1" else "torch reference"
+    kernels = "torch reference" if os.environ.get("DYLLM_TRITON") == "0" else "triton"
     shape = "smoke model (d 64, 2 layers), fp32" if args.smoke else f"{args.layers} LLaDA-8B layers, bf16"
     mode = "inductor-compiled pieces (and vanilla)" if args.compile else "eager"
     if args.cuda_graphs:

@@ -7,7 +7,7 @@ kernels live one per file beside their references (``cache_scatter``, ``partial_
 this module is where they are registered.
 
 Registration: each op is a ``torch.library.custom_op`` whose default implementation (every
-device) is the torch reference, and, when Triton imports and ``DYLLM_TRITON=1`` is set, ``register_kernel("cuda")`` points
+device) is the torch reference, and, when Triton imports (and ``DYLLM_TRITON=0`` is not set), ``register_kernel("cuda")`` points
 CUDA tensors at the Triton launcher. We do not use ``torch.library.triton_op``: a triton_op has
 one implementation for all devices, which Inductor traces *into* (the Triton kernel becomes part
 of the compiled graph), so CPU tensors would reach a Triton launch; and it would replace the op
