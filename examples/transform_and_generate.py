@@ -15,7 +15,7 @@ from dyllm_fx.tasks import held_out_set
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="default")
-    p.add_argument("--policy", default="dense", help="dense, prefix_cache, dual_cache, ...")
+    p.add_argument("--policy", default="dense", help="dense, prefix_cache, dual_cache, dyllm, es_dllm, dllm_cache, dual_cache+dyllm, ...")
     p.add_argument("--chat", action="store_true", help="apply the chat template (Instruct checkpoints)")
     p.add_argument("prompts", nargs="*")
     args = p.parse_args()
@@ -31,7 +31,7 @@ def main() -> None:
         print(f"{prompt}\n  original:    {a}\n  transformed: {b}")
     active = [r.active_fraction for r in fast.engine.records]
     print(f"NFE {out.stats.nfe}, mean active rows {100 * sum(active) / len(active):.0f}%, "
-          f"cache {fast.cache.nbytes / 2**20:.2f} MiB")
+          f"cache {fast.allocated_nbytes / 2**20:.2f} MiB")
 
 
 if __name__ == "__main__":
