@@ -74,3 +74,12 @@ def test_step_gpu_benchmark_smoke_runs_on_cpu():
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "| vanilla |" in proc.stdout and "| dyllm 10% |" in proc.stdout
+
+
+def test_generate_gpu_benchmark_smoke_runs_on_cpu():
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "generate_gpu.py"), "--smoke"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "| dual_cache (CUDA graphs) |" in proc.stdout
