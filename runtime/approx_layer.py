@@ -54,6 +54,14 @@ def run_approx_layer(engine, layer: int, plan, tables, cache) -> int:
     q_rows = torch.arange(start, end, device=k_cache.device).expand(bsz, -1)
 
     x_q = cache.hidden[layer][:, start:end]
+    attn_out = engine.attn_out_cache[layer]
+    if changed.shape[1] == 0:
+        # No K/V changed: P[:, changed] . dV is empty, so every context equals its cached value
+        # (cosine 1, nothing salient) and o_proj(context) equals its cached value too. The layer
+        # reduces to the residual adds; the result is the same as the full path's.
+        cache.hidden[layer + 1][:, start:end] = x_q + attn_out[:, start:end] + engine.mlp_cache[layer][:, start:end]
+        engine.policy.approx_salient(layer, x_q.new_ones(x_q.shape[:2], dtype=torch.float32), start)
+        return 0
     q_out = parts.query(x_q, q_rows, *piece_tables)
     q, mask = (q_out[0], q_out[1]) if parts.has_mask else (q_out, None)
     cached_ctx = ctx_cache[:, :, start:end]
@@ -84,6 +92,7 @@ def run_approx_layer(engine, layer: int, plan, tables, cache) -> int:
     engine.stats_valid[layer] = engine.policy.cached_softmax_stats
 
     h_mid = parts.post(x_q, ctx)
+    attn_out[:, start:end] = h_mid - x_q
     salient = engine.policy.approx_salient(layer, cos, start)
     mlp_cache = engine.mlp_cache[layer]
     if salient.shape[1]:

@@ -95,6 +95,7 @@ class SparseStepEngine:
         # of every row, and whether the statistics are current (not after a full layer).
         self.context_cache: list[torch.Tensor] | None = None
         self.softmax_stats: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.attn_out_cache: list[torch.Tensor] = []
         self.stats_valid: list[bool] = []
         # Off by default: copying similarities to the host each layer costs a sync.
         self.record_similarity = False
@@ -118,13 +119,17 @@ class SparseStepEngine:
             kv_item = torch.empty((), dtype=prog.kv_dtype).element_size()
             for heads, (_, v) in zip(prog.attn_heads, prog.kv_shapes):
                 total += batch * heads * seq_len * (v[1] * kv_item + 2 * 4)  # context + fp32 (m, l)
+            total += self.n_layers * batch * seq_len * prog.hidden_size * h_item  # o_proj(context)
         return total
 
     @property
     def allocated_nbytes(self) -> int:
         if self.cache is None:
             return 0
-        extra = [*(self.mlp_cache or []), *(self.context_cache or []), *(t for ml in self.softmax_stats for t in ml)]
+        extra = [
+            *(self.mlp_cache or []), *(self.context_cache or []), *(t for ml in self.softmax_stats for t in ml),
+            *self.attn_out_cache,
+        ]
         return self.cache.nbytes + sum(t.numel() * t.element_size() for t in extra)
 
     def reset(self) -> None:
@@ -141,6 +146,7 @@ class SparseStepEngine:
                 self.cache = StepCache.allocate(self.program, batch, seq_len, device)
                 self.mlp_cache = None
                 self.context_cache = None
+                self.softmax_stats, self.attn_out_cache = [], []
                 self.graphs.clear()  # the captured graphs point at the old buffers
         # Per-policy buffers: a policy object may be swapped between generations.
         with torch.inference_mode(False):
@@ -157,6 +163,9 @@ class SparseStepEngine:
                     for h in heads
                 ]
                 self.stats_valid = [False] * len(heads)
+                # The attention branch's output o_proj(context) per row: a layer whose K/V did not
+                # change at all reuses it (runtime/approx_layer.py).
+                self.attn_out_cache = [torch.zeros_like(h) for h in self.cache.hidden[1:]]
         return self.cache
 
     def step(
@@ -249,6 +258,7 @@ class SparseStepEngine:
         h_mid, context = self.attn[layer](x, rows, *piece_tables, cache.k[layer], cache.v[layer])
         if self.context_cache is not None:
             cache_write_rows(self.context_cache[layer], rows, context, 2)
+            cache_write_rows(self.attn_out_cache[layer], rows, h_mid - x, 1)
             self.stats_valid[layer] = False  # this path computes no softmax statistics
         subset = self.policy.after_attention(layer, rows, context)
         if subset is None:
