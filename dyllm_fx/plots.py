@@ -110,6 +110,19 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     return sorted(front, key=lambda i: points[i][0])
 
 
+def _label_offsets(xs: list[float], ys: list[float], step: float = 11.0) -> list[float]:
+    """Vertical label offsets (points) that stack the labels of points lying close together
+    (same accuracy, speeds within 1.6x), so they do not print over each other."""
+    offsets = [0.0] * len(xs)
+    order = sorted(range(len(xs)), key=lambda i: (ys[i], xs[i]))
+    for n, i in enumerate(order):
+        for j in order[:n]:
+            near = abs(ys[i] - ys[j]) < 0.5 and max(xs[i], xs[j]) <= 1.6 * max(min(xs[i], xs[j]), 1e-9)
+            if near and offsets[i] <= offsets[j]:
+                offsets[i] = offsets[j] + step
+    return offsets
+
+
 def plot_pareto(bench: dict | str | Path, out: str | Path, x: str = "tokens_per_s", title: str | None = None) -> Path:
     """Accuracy against speed, one point per method, colored by active fraction, with the
     Pareto front drawn. ``x`` is ``"tokens_per_s"`` or ``"speedup"``. Returns the path written."""
@@ -124,17 +137,30 @@ def plot_pareto(bench: dict | str | Path, out: str | Path, x: str = "tokens_per_
     xs = [float(r[x]) for r in rows]
     ys = [100 * float(r["accuracy"]) for r in rows]
     colors = [float(r.get("active_fraction", np.nan)) for r in rows]
-    fig = _figure(figsize=(7, 5))
+    fig = _figure(figsize=(7, 4.5 + 0.125 * len(rows)))
     ax = fig.subplots()
     points = ax.scatter(xs, ys, c=colors, cmap="viridis_r", vmin=0.0, vmax=1.0, s=60, edgecolors="black", zorder=3,
                         plotnonfinite=True)
     front = pareto_front(list(zip(xs, ys)))
     ax.plot([xs[i] for i in front], [ys[i] for i in front], "--", color="tab:gray", zorder=2, label="Pareto front")
-    for r, px, py in zip(rows, xs, ys):
-        extra = f"\nNFE {float(r['nfe']):.0f}" if "nfe" in r else ""
-        ax.annotate(f"{r['method']}{extra}", (px, py), textcoords="offset points", xytext=(6, 4), fontsize=8)
-    if min(xs) > 0 and max(xs) / min(xs) > 20:
+    from matplotlib import ticker as mticker  # lazily, like every matplotlib import here
+
+    if min(xs) > 0 and max(xs) / min(xs) > 4:
         ax.set_xscale("log")
+        ax.xaxis.set_major_locator(mticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(mticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(mticker.NullFormatter())
+    # Points are numbered (stacked where they crowd) and named in a key beside the axes, so
+    # names never print over each other.
+    key = []
+    for n, ((r, px, py), dy) in enumerate(zip(zip(rows, xs, ys), _label_offsets(xs, ys, step=8.0)), start=1):
+        ax.annotate(str(n), (px, py), textcoords="offset points", xytext=(5, 3 + dy), fontsize=8, weight="bold",
+                    arrowprops=dict(arrowstyle="-", color="0.6", lw=0.5) if dy else None)
+        extra = f", NFE {float(r['nfe']):.0f}" if "nfe" in r else ""
+        key.append(f"{n:>2}  {r['method']} ({100 * float(r['accuracy']):.1f}%{extra})")
+    fig.text(0.01, 0.01, "\n".join(key), fontsize=7, va="bottom", ha="left", family="monospace")
+    height = fig.get_size_inches()[1]
+    fig.subplots_adjust(bottom=(0.75 + 0.125 * len(key)) / height)  # room for the x label and the key
     ax.set_xlabel("tokens / s" if x == "tokens_per_s" else "speedup over vanilla (x)")
     ax.set_ylabel("accuracy (%)")
     ax.grid(True, alpha=0.3)
