@@ -59,10 +59,11 @@ class MethodResult:
     seconds: float
 
 
-def _run(model, tokenizer, examples: list[Example], method: Method, gen: dict, batch_size: int):
+def _run(model, tokenizer, examples: list[Example], method: Method, gen: dict, batch_size: int, compile: bool):
     from .policy_setup import apply_policy
 
-    target = apply_policy(model, method.policy, method.params, compile=gen.pop("compile", False))
+    # Vanilla is the untransformed model: nothing of it is compiled.
+    target = apply_policy(model, method.policy, method.params, compile=compile and method.policy != "vanilla")
     generate(target, tokenizer, [examples[0].prompt], threshold=method.threshold, progress=False, **gen)  # warm-up
     responses, texts, nfe, seconds, active = [], [], 0, 0.0, []
     for i in range(0, len(examples), batch_size):
@@ -93,7 +94,7 @@ def run_bench(
     rows, reference, ref_tps = [], None, None
     n_tokens = len(examples) * gen_length
     for method in tqdm(methods, desc="methods", unit="method", disable=progress is False):
-        responses, texts, nfe, seconds, active = _run(model, tokenizer, examples, method, dict(gen, compile=compile and method.policy != "vanilla"), batch_size)
+        responses, texts, nfe, seconds, active = _run(model, tokenizer, examples, method, gen, batch_size, compile)
         correct = sum(t.strip() == e.answer.strip() for t, e in zip(texts, examples))
         if reference is None:
             reference = responses

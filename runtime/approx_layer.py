@@ -28,19 +28,7 @@ import torch
 from dyllm_fx.kernels.ops import approx_attention, cache_write_rows, gather_rows, partial_attention_stats
 from dyllm_fx.kernels.saliency import cosine_from_stats
 
-
-def pad_row_set(rows: torch.Tensor, fill: int, seq_len: int) -> torch.Tensor:
-    """(B, A) rows with -1 holes -> a bucket-wide set with every hole filled by a real row (the
-    element's last valid row, or ``fill`` when it has none); repeats are harmless to the ops."""
-    from .sparse_step import bucket_size
-
-    width = bucket_size(max(rows.shape[1], 1), seq_len)
-    if width > rows.shape[1]:
-        rows = torch.cat([rows, rows.new_full((rows.shape[0], width - rows.shape[1]), -1)], 1)
-    valid = rows >= 0
-    last = torch.where(valid, rows, -1).amax(1, keepdim=True)
-    last = torch.where(last >= 0, last, fill)
-    return torch.where(valid, rows, last)
+from .rows import pad_row_set
 
 
 def run_approx_layer(engine, layer: int, plan, tables, cache) -> int:
@@ -51,7 +39,6 @@ def run_approx_layer(engine, layer: int, plan, tables, cache) -> int:
     piece_tables = engine._piece_tables(engine.program.attn[layer].tables, tables)
     k_cache, v_cache, ctx_cache = cache.k[layer], cache.v[layer], engine.context_cache[layer]
     bsz, seq_len = cache.batch, cache.seq_len
-    q_rows = torch.arange(start, end, device=k_cache.device).expand(bsz, -1)
 
     x_q = cache.hidden[layer][:, start:end]
     attn_out = engine.attn_out_cache[layer]
@@ -62,6 +49,7 @@ def run_approx_layer(engine, layer: int, plan, tables, cache) -> int:
         cache.hidden[layer + 1][:, start:end] = x_q + attn_out[:, start:end] + engine.mlp_cache[layer][:, start:end]
         engine.policy.approx_salient(layer, x_q.new_ones(x_q.shape[:2], dtype=torch.float32), start)
         return 0
+    q_rows = torch.arange(start, end, device=k_cache.device).expand(bsz, -1)
     q_out = parts.query(x_q, q_rows, *piece_tables)
     q, mask = (q_out[0], q_out[1]) if parts.has_mask else (q_out, None)
     cached_ctx = ctx_cache[:, :, start:end]

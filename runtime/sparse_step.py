@@ -29,22 +29,7 @@ from .approx_layer import run_approx_layer
 from .cache import StepCache
 from .cuda_graph import StepGraphs
 from .policies import Policy, StepState
-
-
-def bucket_size(n: int, seq_len: int, minimum: int = 8) -> int:
-    """Next power of two >= n (at least ``minimum``), capped at ``seq_len``."""
-    size = minimum
-    while size < n:
-        size *= 2
-    return min(size, seq_len)
-
-
-def pad_rows(rows: torch.Tensor, seq_len: int) -> torch.Tensor:
-    """Pad (B, A) row indices to a bucket width by repeating each row's last index."""
-    width = bucket_size(rows.shape[1], seq_len)
-    if width == rows.shape[1]:
-        return rows
-    return torch.cat([rows, rows[:, -1:].expand(-1, width - rows.shape[1])], dim=1)
+from .rows import bucket_size, pad_rows  # noqa: F401 (bucket_size: part of this module's API)
 
 
 @dataclass(frozen=True)
@@ -188,7 +173,7 @@ class SparseStepEngine:
             input_ids, attention_mask, nfe, *(block or (None, None)), cold,
             response_start=response_start, cache=cache, kv_probe=None, mask_token_id=self.mask_token_id,
         )
-        tables: list[torch.Tensor] = []  # filled by the prologue below, before any policy probes
+        tables: list[torch.Tensor] = []  # filled by the prologue below, before any policy probes them
         state.kv_probe = lambda layer, rows: self._kv_probe(layer, rows, tables, cache)
         state.q_probe = lambda layer, rows: self._q_probe(layer, rows, tables, cache)
         # Any failure below leaves the cache half-written: mark it cold until a step completes.
@@ -207,7 +192,8 @@ class SparseStepEngine:
             cache.warm = True
             self.records.append(record)
             return logits
-        h0, *tables[:] = self.prologue(input_ids, attention_mask, position_ids)
+        h0, *prologue_tables = self.prologue(input_ids, attention_mask, position_ids)
+        tables.extend(prologue_tables)
         cache.hidden[0].copy_(h0)
         for layer in range(self.n_layers):
             plan = None if cold else self.policy.approx_layer(layer, state) if self.policy.approximate else None
@@ -238,18 +224,20 @@ class SparseStepEngine:
     def _piece_tables(self, names: list[str], tables: list[torch.Tensor]) -> list[torch.Tensor]:
         return [tables[self.table_index[name]] for name in names]
 
-    def _q_probe(self, layer: int, rows: torch.Tensor, tables, cache: StepCache) -> torch.Tensor:
-        """Queries (B, H, A, d) of ``rows`` from their current input to ``layer``; writes nothing."""
-        parts = self.parts[layer]
+    def _probe(self, part: str, layer: int, rows: torch.Tensor, tables, cache: StepCache):
+        """One split-attention part (``query`` or ``kv``) on ``rows``' current input to ``layer``;
+        writes nothing."""
         x = gather_rows(cache.hidden[layer], rows, 1)
-        out = parts.query(x, rows, *self._piece_tables(self.program.attn[layer].tables, tables))
-        return out[0] if parts.has_mask else out
+        return getattr(self.parts[layer], part)(x, rows, *self._piece_tables(self.program.attn[layer].tables, tables))
+
+    def _q_probe(self, layer: int, rows: torch.Tensor, tables, cache: StepCache) -> torch.Tensor:
+        """Queries (B, H, A, d) of ``rows`` (the query part also returns the mask when it has one)."""
+        out = self._probe("query", layer, rows, tables, cache)
+        return out[0] if self.parts[layer].has_mask else out
 
     def _kv_probe(self, layer: int, rows: torch.Tensor, tables, cache: StepCache):
-        """K, V of ``rows`` from their current input to ``layer``; writes nothing."""
-        parts = self.parts[layer]
-        x = gather_rows(cache.hidden[layer], rows, 1)
-        return parts.kv(x, rows, *self._piece_tables(self.program.attn[layer].tables, tables))
+        """K, V of ``rows``."""
+        return self._probe("kv", layer, rows, tables, cache)
 
     def _layer(self, layer: int, rows: torch.Tensor, tables: list[torch.Tensor], cache: StepCache) -> None:
         piece = self.program.attn[layer]

@@ -60,3 +60,23 @@ def test_mlp_subset_reuses_cached_mlp_output():
         for buf in fast.engine.mlp_cache:
             buf.zero_()
         assert not torch.allclose(fast(ids), cold, atol=1e-3)
+
+
+def test_pad_row_set_fills_holes_with_a_row_of_the_same_element():
+    from dyllm_fx.runtime.rows import pad_row_set
+
+    rows = torch.tensor([[3, 7, -1], [-1, -1, -1], [5, -1, 2]])
+    padded = pad_row_set(rows, fill=11, seq_len=40)
+    assert padded.shape == (3, 8)
+    assert padded[0].tolist() == [3, 7] + [7] * 6
+    assert padded[1].tolist() == [11] * 8  # no row at all: the fill row
+    assert padded[2].tolist() == [5, 5, 2] + [2] * 5
+    assert pad_row_set(rows[:, :0], fill=4, seq_len=40).tolist() == [[4] * 8] * 3  # an empty set
+
+
+def test_rows_where_lists_the_flagged_positions():
+    from dyllm_fx.runtime.rows import rows_where
+
+    flag = torch.tensor([[False, True, True, False], [False, False, False, True]])
+    assert rows_where(flag, offset=10).tolist() == [[11, 12], [13, -1]]
+    assert rows_where(flag & False, offset=10).shape == (2, 0)

@@ -30,14 +30,15 @@ from torch import fx, nn
 
 from dyllm_fx.kernels.cache_scatter import gather_rows
 from dyllm_fx.passes.split_pieces import Piece, StepProgram
-from dyllm_fx.runtime.policies import DensePolicy, DualCachePolicy, FixedPolicy, Policy, PrefixCachePolicy
+from dyllm_fx.runtime.policies import POLICIES, Policy
 
 from . import ops  # noqa: F401  (registers torch.ops.dyllm_export.*)
 
 WRITE_ROWS = torch.ops.dyllm_export.cache_write_rows.default
 
-# Policies whose rows depend only on the step's position in the schedule, the same for all layers.
-LAYER_UNIFORM_POLICIES: tuple[type[Policy], ...] = (DensePolicy, FixedPolicy, PrefixCachePolicy, DualCachePolicy)
+# The shipped policies whose rows depend only on the step's position in the schedule, the same
+# for all layers (their class attribute ``layer_uniform``).
+LAYER_UNIFORM_POLICIES: tuple[type[Policy], ...] = tuple(cls for cls in POLICIES.values() if cls.layer_uniform)
 
 
 class ExportError(ValueError):
@@ -45,11 +46,9 @@ class ExportError(ValueError):
 
 
 def is_layer_uniform(policy: Policy) -> bool:
-    """True for policies that choose one row set per step, on the host, for every layer.
-
-    A policy class outside the shipped ones opts in with a ``layer_uniform = True`` attribute.
-    """
-    return isinstance(policy, LAYER_UNIFORM_POLICIES) or getattr(policy, "layer_uniform", False) is True
+    """True for policies that choose one row set per step, on the host, for every layer
+    (``Policy.layer_uniform``; a custom policy class opts in by setting it)."""
+    return getattr(policy, "layer_uniform", False) is True
 
 
 def check_layer_uniform(policy: Policy) -> None:

@@ -18,6 +18,16 @@ from dataclasses import dataclass
 import torch
 
 
+SCOPES = ("all", "response", "block", "suffix")
+
+
+def check_scope(scope: str) -> str:
+    """``scope`` if it is one of :data:`SCOPES` (see :meth:`StepState.span`), else a ValueError."""
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be one of {SCOPES}; got {scope!r}")
+    return scope
+
+
 @dataclass
 class StepState:
     """What a policy may look at when it decides."""
@@ -48,11 +58,9 @@ class StepState:
             return 0, self.seq_len
         if scope == "response":
             return (self.response_start if self.response_start is not None else 0), self.seq_len
-        if scope == "block":
+        if check_scope(scope) == "block":
             return self.block_start, self.block_end
-        if scope == "suffix":
-            return self.block_start, self.seq_len
-        raise ValueError(f"unknown scope {scope!r}; use 'all', 'response', 'block' or 'suffix'")
+        return self.block_start, self.seq_len  # "suffix"
 
 
 class Policy:

@@ -20,8 +20,7 @@ import torch
 
 from dyllm_fx.kernels.ops import gather_rows
 
-from .base import Policy, StepState
-from .dyllm import SCOPES
+from .base import Policy, StepState, check_scope
 from .refresh import RefreshClock
 
 
@@ -39,12 +38,10 @@ class DLLMCachePolicy(Policy):
     ):
         if not 0.0 < ratio <= 1.0:
             raise ValueError(f"ratio (the fraction of response rows refreshed per step) must lie in (0, 1]; got {ratio}")
-        if scope not in SCOPES:
-            raise ValueError(f"scope must be one of {SCOPES}; got {scope!r}")
         self.prompt_clock = RefreshClock(prompt_interval, on_new_block=False, name="prompt_interval")
         self.response_clock = RefreshClock(response_interval, on_new_block=False, name="response_interval")
         self.ratio = float(ratio)
-        self.scope = scope
+        self.scope = check_scope(scope)
         self._shape: tuple | None = None
 
     def begin_step(self, state: StepState) -> None:

@@ -23,20 +23,9 @@ from __future__ import annotations
 
 import torch
 
-from .base import Policy, StepState
+from ..rows import rows_where
+from .base import Policy, StepState, check_scope
 from .refresh import RefreshClock
-
-SCOPES = ("all", "response", "block", "suffix")
-
-
-def rows_where(flag: torch.Tensor, offset: int) -> torch.Tensor:
-    """(B, N) bool -> (B, max count) absolute positions (offset + column), -1 padded."""
-    count = int(flag.sum(1).max()) if flag.numel() else 0
-    cols = torch.arange(flag.shape[1], device=flag.device).expand_as(flag)
-    big = flag.shape[1]
-    idx = torch.where(flag, cols, big).sort(dim=1).values[:, :count]
-    return torch.where(idx < big, idx + offset, -1)
-
 
 class DyLLMPolicy(Policy):
     name = "dyllm"
@@ -48,11 +37,9 @@ class DyLLMPolicy(Policy):
     ):
         if not 0.0 < tau <= 1.0:
             raise ValueError(f"tau must lie in (0, 1] (DyLLM uses about 0.99 to 0.995); got {tau}")
-        if scope not in SCOPES:
-            raise ValueError(f"scope must be one of {SCOPES}; got {scope!r}")
         self.tau = float(tau)
         self.cached_softmax_stats = bool(cached_softmax_stats)
-        self.scope = scope
+        self.scope = check_scope(scope)
         self.clock = RefreshClock(refresh_interval)
         self._prev_ids: torch.Tensor | None = None
         self._real: torch.Tensor | bool = True  # (B, span) non-padding rows, set per step

@@ -28,8 +28,7 @@ import torch
 
 from dyllm_fx.kernels.ops import gather_rows
 
-from .base import Policy, StepState
-from .dyllm import SCOPES
+from .base import Policy, StepState, check_scope
 from .refresh import RefreshClock
 
 VARIATIONS = ("key", "value", "query", "hidden")
@@ -77,10 +76,8 @@ class ESDLLMPolicy(Policy):
             raise ValueError(f"alpha must lie in [0, 1]; got {alpha}")
         if variation not in VARIATIONS:
             raise ValueError(f"variation must be one of {VARIATIONS}; got {variation!r}")
-        if scope not in SCOPES:
-            raise ValueError(f"scope must be one of {SCOPES}; got {scope!r}")
         self.skip_layers, self.keep, self.alpha = skip_layers, keep, float(alpha)
-        self.variation, self.keep_confident, self.scope = variation, int(keep_confident), scope
+        self.variation, self.keep_confident, self.scope = variation, int(keep_confident), check_scope(scope)
         self.clock = RefreshClock(refresh_interval)
         self._snapshot: dict[int, torch.Tensor] = {}
         self._confidence: torch.Tensor | None = None
