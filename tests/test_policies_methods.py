@@ -66,6 +66,23 @@ def test_dyllm_layer0_changed_rows_are_the_tokens_that_changed_and_refresh_rules
     assert policy.refresh  # a new block
 
 
+
+def test_dyllm_under_a_block_cache_refreshes_only_the_block_at_its_interval():
+    policy = make_policy("dual_cache+dyllm", tau=0.99, refresh_interval=2)
+    ids = torch.tensor([[1, 2, 3, 4, MASK, MASK, MASK, MASK, MASK, MASK]])
+    policy.begin_step(_state(ids, cold=True))
+    assert policy.refresh and policy.rows(0, _state(ids)) is None  # cold: every row
+    policy.begin_step(_state(ids))
+    assert not policy.refresh
+    policy.begin_step(_state(ids))  # the interval's refresh: the block (4, 8) only
+    assert policy.refresh and policy.rows(0, _state(ids)).tolist() == [[4, 5, 6, 7]]
+    policy.begin_step(_state(ids, block=(8, 10)))  # a new block: every row again
+    assert policy.refresh and policy.rows(0, _state(ids, block=(8, 10))) is None
+    alone = DyLLMPolicy(tau=0.99, refresh_interval=1)  # scope "response": always the whole sequence
+    alone.begin_step(_state(ids, cold=True))
+    alone.begin_step(_state(ids))
+    assert alone.refresh and alone.rows(0, _state(ids)) is None
+
 @pytest.mark.parametrize("tau", [0.0, -0.1, 1.01])
 def test_dyllm_rejects_tau_outside_unit_interval(tau):
     with pytest.raises(ValueError, match="tau"):

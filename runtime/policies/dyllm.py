@@ -12,7 +12,9 @@ through the layers. At a warm step, each layer
   MLP output. o_proj and the residual run for every queried row.
 
 The whole sequence is recomputed at the first step of each block and every
-``refresh_interval`` steps. With ``cached_softmax_stats`` (default) the approximate attention
+``refresh_interval`` steps; composed with a block cache (``scope`` ``block`` or ``suffix``), the
+interval refresh recomputes only that scope, since the rows outside it are the block cache's
+to refresh (at the next block). With ``cached_softmax_stats`` (default) the approximate attention
 keeps each row's softmax statistics and updates them over the changed keys only (mode 2 of
 ``dyllm::approx_attention``, O(N A d)); off, every approximate layer runs the full score pass
 (mode 1, O(N^2 d), the exact normalizer). ``tau = 1`` marks every row of the scope salient at every layer,
@@ -61,6 +63,14 @@ class DyLLMPolicy(Policy):
             self._changed = rows_where(changed & self._real, start)
         self._prev_ids = state.input_ids.clone()
         self._similarity = {}
+
+    def rows(self, layer: int, state: StepState) -> torch.Tensor | None:
+        """Refresh steps only (warm steps run ``approx_layer``): the whole sequence, or under a
+        block cache the scope alone when the refresh is the interval's."""
+        if self.refresh and not self.clock.forced and self.scope in ("block", "suffix"):
+            start, end = self._span
+            return torch.arange(start, end, device=state.input_ids.device).expand(state.input_ids.shape[0], -1)
+        return None
 
     def approx_layer(self, layer: int, state: StepState):
         if self.refresh:
