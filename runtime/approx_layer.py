@@ -28,7 +28,7 @@ import torch
 from dyllm_fx.kernels.ops import approx_attention, cache_write_rows, gather_rows, partial_attention_stats
 from dyllm_fx.kernels.saliency import cosine_from_stats
 
-from .rows import pad_row_set
+from .rows import flat_row_set, pad_row_set
 
 
 def run_approx_layer(engine, layer: int, plan, tables, cache) -> int:
@@ -84,8 +84,25 @@ def run_approx_layer(engine, layer: int, plan, tables, cache) -> int:
     salient = engine.policy.approx_salient(layer, cos, start)
     mlp_cache = engine.mlp_cache[layer]
     if salient.shape[1]:
-        srow = pad_row_set(salient, start, seq_len)
-        fresh = engine.mlp[layer](gather_rows(h_mid, srow - start, 1), srow)
-        cache_write_rows(mlp_cache, srow, fresh, 1)
+        if engine.program.mlp[layer].tables:  # an MLP that reads per-position tables keeps (B, S)
+            srow = pad_row_set(salient, start, seq_len)
+            fresh = engine.mlp[layer](gather_rows(h_mid, srow - start, 1), srow)
+            cache_write_rows(mlp_cache, srow, fresh, 1)
+        else:
+            _row_wise_mlp(engine.mlp[layer], h_mid, salient, start, mlp_cache)
     cache.hidden[layer + 1][:, start:end] = h_mid + mlp_cache[:, start:end]
     return int((salient >= 0).sum(1).max()) if salient.numel() else 0
+
+
+def _row_wise_mlp(mlp, h_mid: torch.Tensor, salient: torch.Tensor, start: int, mlp_cache: torch.Tensor) -> None:
+    """The MLP of the salient rows of every batch element as one flat (1, T) row set.
+
+    Salient counts differ a lot between the elements of a batch; a (B, S) set pads each
+    element to the largest count, a flat one runs each salient row once (padded to a bucket).
+    Only for MLPs that read no per-position table, so that a row needs nothing but its input.
+    """
+    batch, pos = flat_row_set(salient, h_mid.shape[0] * mlp_cache.shape[1])
+    if batch.numel() == 0:
+        return
+    fresh = mlp(h_mid[batch, pos - start][None], pos[None])[0]
+    mlp_cache.index_put_((batch, pos), fresh)

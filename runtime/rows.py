@@ -43,3 +43,16 @@ def rows_where(flag: torch.Tensor, offset: int) -> torch.Tensor:
     big = flag.shape[1]
     idx = torch.where(flag, cols, big).sort(dim=1).values[:, :count]
     return torch.where(idx < big, idx + offset, -1)
+
+
+def flat_row_set(rows: torch.Tensor, max_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A (B, A) row set with -1 holes as two flat (T,) vectors (batch index, position) of its
+    valid entries in batch order, padded to a bucket (capped at ``max_rows``) by repeating the
+    last entry; both empty when there is none. Costs one host sync (the count)."""
+    batch, slot = (rows >= 0).nonzero(as_tuple=True)
+    pos = rows[batch, slot]
+    width = bucket_size(batch.numel(), max_rows) if batch.numel() else 0
+    if width > batch.numel():
+        pad = width - batch.numel()
+        batch, pos = torch.cat([batch, batch[-1:].expand(pad)]), torch.cat([pos, pos[-1:].expand(pad)])
+    return batch, pos

@@ -80,3 +80,33 @@ def test_rows_where_lists_the_flagged_positions():
     flag = torch.tensor([[False, True, True, False], [False, False, False, True]])
     assert rows_where(flag, offset=10).tolist() == [[11, 12], [13, -1]]
     assert rows_where(flag & False, offset=10).shape == (2, 0)
+
+
+def test_flat_row_set_lists_valid_entries_in_batch_order_padded_to_a_bucket():
+    from dyllm_fx.runtime.rows import flat_row_set
+
+    rows = torch.tensor([[3, 7, -1], [-1, -1, -1], [5, -1, 2]])
+    batch, pos = flat_row_set(rows, max_rows=120)
+    assert batch.tolist() == [0, 0, 2, 2] + [2] * 4
+    assert pos.tolist() == [3, 7, 5, 2] + [2] * 4
+    batch, pos = flat_row_set(rows.new_full((2, 3), -1), max_rows=120)
+    assert batch.numel() == pos.numel() == 0
+    assert flat_row_set(rows, max_rows=6)[0].numel() == 6  # the bucket is capped
+
+
+def test_row_wise_mlp_writes_each_salient_row_once_and_nothing_else():
+    from dyllm_fx.runtime.approx_layer import _row_wise_mlp
+
+    calls = []
+
+    def mlp(x, rows):
+        calls.append(tuple(x.shape))
+        return 2 * x
+
+    h_mid = torch.randn(2, 5, 3)  # query rows [10, 15)
+    cache = torch.zeros(2, 16, 3)
+    _row_wise_mlp(mlp, h_mid, torch.tensor([[11, 14], [12, -1]]), 10, cache)
+    assert calls == [(1, 8, 3)]  # one flat call: 3 rows padded to the smallest bucket
+    expect = torch.zeros(2, 16, 3)
+    expect[0, 11], expect[0, 14], expect[1, 12] = 2 * h_mid[0, 1], 2 * h_mid[0, 4], 2 * h_mid[1, 2]
+    torch.testing.assert_close(cache, expect)
