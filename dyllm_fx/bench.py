@@ -59,12 +59,19 @@ class MethodResult:
     seconds: float
 
 
-def _run(model, tokenizer, examples: list[Example], method: Method, gen: dict, batch_size: int, compile: bool):
+def _prepare(model, tokenizer, examples: list[Example], method: Method, gen: dict, batch_size: int, compile: bool):
+    """The method's model, warmed up on the first batch (so compiled pieces meet its shapes)."""
     from .policy_setup import apply_policy
 
     # Vanilla is the untransformed model: nothing of it is compiled.
     target = apply_policy(model, method.policy, method.params, compile=compile and method.policy != "vanilla")
-    generate(target, tokenizer, [examples[0].prompt], threshold=method.threshold, progress=False, **gen)  # warm-up
+    warm = [e.prompt for e in examples[:batch_size]]
+    generate(target, tokenizer, warm, threshold=method.threshold, progress=False, **gen)
+    return target
+
+
+def _timed_pass(target, tokenizer, examples: list[Example], method: Method, gen: dict, batch_size: int):
+    """One generation of every example in batches: (responses, texts, nfe, seconds, active)."""
     responses, texts, nfe, seconds, active = [], [], 0, 0.0, []
     for i in range(0, len(examples), batch_size):
         batch = examples[i : i + batch_size]
@@ -82,19 +89,38 @@ def _run(model, tokenizer, examples: list[Example], method: Method, gen: dict, b
 def run_bench(
     model, tokenizer, examples: list[Example], methods: list[Method] | None = None, batch_size: int = 16,
     gen_length: int = 64, block_length: int = 32, steps: int | None = None, compile: bool = False,
-    progress: bool | None = None,
+    progress: bool | None = None, repeats: int = 1,
 ) -> dict:
     """Run every method on ``examples``; returns {"rows": [...], "settings": {...}} (the JSON
     ``dyllm plot pareto`` reads). The first method must be vanilla (the speed and agreement
-    reference)."""
+    reference).
+
+    With ``repeats`` > 1 the methods are timed round-robin, ``repeats`` passes over all of
+    them, and each keeps its fastest pass: load from other processes on a shared machine only
+    ever adds time, and interleaving spreads what it adds over every method alike.
+    """
     methods = methods or default_methods()
     if methods[0].policy != "vanilla" or methods[0].threshold is not None:
         raise ValueError("the first method must be plain vanilla: it is the reference for speedup and agreement")
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1; got {repeats}")
     gen = dict(gen_length=gen_length, block_length=block_length, steps=steps or gen_length)
+    targets = [
+        _prepare(model, tokenizer, examples, m, gen, batch_size, compile)
+        for m in tqdm(methods, desc="warm-up", unit="method", disable=progress is False)
+    ]
+    passes: list[list[tuple]] = [[] for _ in methods]
+    bar = tqdm(total=repeats * len(methods), desc="methods", unit="run", disable=progress is False)
+    for _ in range(repeats):
+        for i, (method, target) in enumerate(zip(methods, targets)):
+            passes[i].append(_timed_pass(target, tokenizer, examples, method, gen, batch_size))
+            bar.update()
+    bar.close()
     rows, reference, ref_tps = [], None, None
     n_tokens = len(examples) * gen_length
-    for method in tqdm(methods, desc="methods", unit="method", disable=progress is False):
-        responses, texts, nfe, seconds, active = _run(model, tokenizer, examples, method, gen, batch_size, compile)
+    for method, runs in zip(methods, passes):
+        responses, texts, nfe, _, active = runs[0]  # decoding is deterministic: every pass is the same
+        seconds = min(run[3] for run in runs)
         correct = sum(t.strip() == e.answer.strip() for t, e in zip(texts, examples))
         if reference is None:
             reference = responses
@@ -109,7 +135,7 @@ def run_bench(
     return {
         "rows": [asdict(r) for r in rows],
         "settings": {**gen, "batch_size": batch_size, "examples": len(examples), "compile": compile,
-                     "threads": torch.get_num_threads()},
+                     "threads": torch.get_num_threads(), "repeats": repeats},
         "device": str(next(model.parameters()).device),
     }
 

@@ -20,6 +20,8 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--threshold", type=float, default=0.9, help="threshold of the '+ threshold' rows (default 0.9)")
     p.add_argument("--tau", type=float, default=0.95, help="DyLLM's saliency threshold (default 0.95)")
     p.add_argument("--methods", default=None, help="comma-separated method labels to run (default: all; vanilla always runs first)")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="time the methods round-robin this many times and keep each one's fastest pass (noisy machines)")
     p.add_argument("--compile", action="store_true", help="compile the transformed pieces with inductor")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--json", default=None, metavar="FILE", help="write the rows as JSON (input of `dyllm plot pareto`)")
@@ -46,6 +48,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     bench = run_bench(
         model, tok, examples, methods, batch_size=args.batch_size, gen_length=args.gen_length,
         block_length=args.block_length, steps=args.steps, compile=args.compile,
+        repeats=args.repeats,
     )
     print(format_table(bench))
     write_outputs(bench, args.json, args.plot)

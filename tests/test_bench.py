@@ -57,6 +57,19 @@ def test_first_method_must_be_vanilla():
         run_bench(model, tok, bench_examples(1, ("shift",)), [Method("dense", "dense")], progress=False)
 
 
+def test_repeats_time_round_robin_and_keep_the_decisions():
+    model, tok = dyllm_fx.load("default")
+    methods = [Method("vanilla", "vanilla"), Method("dual_cache+dyllm", "dual_cache+dyllm", {"tau": 0.95})]
+    examples = bench_examples(1, ("shift",))
+    once = run_bench(model, tok, examples, methods, batch_size=1, progress=False, **GEN)
+    twice = run_bench(model, tok, examples, methods, batch_size=1, progress=False, repeats=2, **GEN)
+    assert twice["settings"]["repeats"] == 2
+    for a, b in zip(once["rows"], twice["rows"]):  # the same decoding, only the timing differs
+        assert (a["accuracy"], a["agreement"], a["nfe"]) == (b["accuracy"], b["agreement"], b["nfe"])
+    with pytest.raises(ValueError, match="repeats"):
+        run_bench(model, tok, examples, methods, progress=False, repeats=0)
+
+
 def test_cli_bench_writes_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
     code = main(["bench", "--n", "1", "--tasks", "shift", "--methods", "dual_cache", "--gen-length", "32",
