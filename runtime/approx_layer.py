@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from dyllm_fx.kernels.ops import approx_attention, cache_write_rows, gather_rows, partial_attention_stats
+from dyllm_fx.kernels.eager import approx_attention, cache_write_rows, gather_rows, partial_attention_stats
 from dyllm_fx.kernels.saliency import cosine_from_stats
 
 from .rows import flat_row_set, pad_row_set

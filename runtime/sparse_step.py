@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dyllm_fx.kernels.ops import cache_write_rows, gather_rows
+from dyllm_fx.kernels.eager import cache_write_rows, gather_rows
 
 from .approx_layer import run_approx_layer
 from .cache import StepCache

@@ -90,7 +90,9 @@ def test_partial_attention_is_attention_of_the_rows(bsz, kv_heads, group, seq_le
     assert got.shape == (bsz, kv_heads * group, n, d) and got.dtype == q.dtype
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
     out, m, l = ops.partial_attention_stats(q, k, v, rows, mask, scale)
-    assert torch.equal(out, got)
+    # the stats op's CPU path is its own one-pass attention (kernels/partial_attention.py), equal
+    # to SDPA's output up to float rounding
+    torch.testing.assert_close(out, got, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close((m + l.log()).double(), lse, rtol=1e-5, atol=1e-5)
 
 
