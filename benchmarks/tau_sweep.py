@@ -1,7 +1,9 @@
 """DyLLM's tau (and ES-dLLM's keep, dLLM-Cache's ratio) on the embedded model: accuracy and
 active fraction per setting, vanilla first, in one run.
 
-    python benchmarks/tau_sweep.py --n 24 [--json sweep.json]
+    python benchmarks/tau_sweep.py --n 24 --repeats 3 [--json sweep.json]
+
+The Fast-dLLM dual cache runs beside them, so each DyLLM row's speed can be read against it.
 """
 
 from __future__ import annotations
@@ -18,10 +20,11 @@ def main() -> None:
     p.add_argument("--n", type=int, default=24, help="held-out prompts per task")
     p.add_argument("--tasks", default="shift,sort")
     p.add_argument("--taus", default="0.99,0.98,0.95,0.9,0.8")
+    p.add_argument("--repeats", type=int, default=1, help="round-robin timing passes, fastest kept (see dyllm bench)")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     model, tok = dyllm_fx.load("default")
-    methods = [Method("vanilla", "vanilla")]
+    methods = [Method("vanilla", "vanilla"), Method("dual_cache", "dual_cache")]
     for tau in (float(t) for t in args.taus.split(",")):
         methods += [Method(f"dyllm tau={tau}", "dyllm", {"tau": tau}),
                     Method(f"dual_cache+dyllm tau={tau}", "dual_cache+dyllm", {"tau": tau})]
@@ -29,7 +32,9 @@ def main() -> None:
         methods.append(Method(f"es_dllm keep={keep}", "es_dllm", {"keep": keep}))
     for ratio in (0.25, 0.5):
         methods.append(Method(f"dllm_cache ratio={ratio}", "dllm_cache", {"ratio": ratio}))
-    bench = run_bench(model, tok, bench_examples(args.n, tuple(args.tasks.split(","))), methods)
+    bench = run_bench(
+        model, tok, bench_examples(args.n, tuple(args.tasks.split(","))), methods, repeats=args.repeats
+    )
     print(format_table(bench))
     if args.json:
         with open(args.json, "w") as f:

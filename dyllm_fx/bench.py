@@ -28,7 +28,7 @@ class Method:
     threshold: float | None = None
 
 
-def default_methods(threshold: float = 0.9, tau: float = 0.95) -> list[Method]:
+def default_methods(threshold: float = 0.9, tau: float = 0.9) -> list[Method]:
     """The baselines and the methods, alone and composed (``tau`` tuned on the embedded model:
     see the README)."""
     return [

@@ -18,7 +18,7 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--block-length", type=int, default=32)
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: gen-length)")
     p.add_argument("--threshold", type=float, default=0.9, help="threshold of the '+ threshold' rows (default 0.9)")
-    p.add_argument("--tau", type=float, default=0.95, help="DyLLM's saliency threshold (default 0.95)")
+    p.add_argument("--tau", type=float, default=0.9, help="DyLLM's saliency threshold (default 0.9: the embedded model's sweet spot, see README)")
     p.add_argument("--methods", default=None, help="comma-separated method labels to run (default: all; vanilla always runs first)")
     p.add_argument("--repeats", type=int, default=1,
                    help="time the methods round-robin this many times and keep each one's fastest pass (noisy machines)")
