@@ -606,17 +606,18 @@ OPCHECKS = (  # per op, the first argument set is the one the smoke run keeps
 
 def _device_launcher(run: Run, name: str):
     """What a call of ``dyllm::name`` should run on this device: Triton on CUDA (DYLLM_TRITON=1),
-    the reference on CPU."""
+    the op's CPU path on CPU (the reference, or the lean ``*_fast`` version where kernels/ops.py
+    registers one)."""
     cuda = run.device.type == "cuda"
     pa = K.partial_attention
     table = {
         "cache_write_rows": (K.cache_scatter.triton_cache_write_rows, K.cache_scatter.cache_write_rows_reference),
         "partial_attention": (pa.triton_partial_attention, pa.partial_attention_reference),
         "partial_attention_stats": (
-            lambda *a: pa.triton_partial_attention(*a, return_stats=True), pa.partial_attention_stats_reference,
+            lambda *a: pa.triton_partial_attention(*a, return_stats=True), pa.partial_attention_stats_fast,
         ),
         "saliency": (K.saliency.triton_saliency, K.saliency.saliency_reference),
-        "approx_attention": (K.approx_attention.triton_approx_attention, K.approx_attention.approx_attention_reference),
+        "approx_attention": (K.approx_attention.triton_approx_attention, K.approx_attention.approx_attention_fast),
     }
     return table[name][0 if cuda else 1]
 
@@ -704,7 +705,7 @@ def check_ops(run: Run) -> None:
             first.setdefault(name, (name, variant))
         opchecks = tuple(first.values())
     for name, variant in opchecks:
-        run_case(run, "ops", f"{name} ({variant}): op call == {'triton' if cuda else 'reference'} launcher",
+        run_case(run, "ops", f"{name} ({variant}): op call == {'triton' if cuda else 'CPU'} launcher",
                  torch.float32, lambda n=name, v=variant: _dispatch_check(run, n, v))
     for name, variant in opchecks:
         run_case(run, "ops", f"opcheck {name} ({variant})", torch.float32,
