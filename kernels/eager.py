@@ -1,9 +1,10 @@
 """The ``dyllm::`` ops as the eager runtime calls them.
 
-A ``torch.library.custom_op`` call from Python costs 25 to 50 us of dispatch (argument
-defaults, the autograd and ADInplaceOrView layers) before its implementation runs. On the
-engine's CPU tensors that is as much as the work itself: a DyLLM layer makes about eight such
-calls. The functions here take the op's own CPU implementation directly for CPU tensors in
+A ``torch.library.custom_op`` call from Python pays its dispatch (argument defaults, the
+autograd and ADInplaceOrView layers) before its implementation runs: tens of microseconds, as
+much as the work itself on the engine's small CPU tensors (``benchmarks/cpu_ops.py``: a small
+cache write takes about 3x as long through the op as direct). A DyLLM layer makes about eight
+such calls. The functions here take the op's own CPU implementation directly for CPU tensors in
 eager code, and the op otherwise: CUDA tensors reach the Triton kernels, and anything traced
 (torch.compile, torch.export) sees the opaque ``dyllm::`` node with its fake implementation.
 

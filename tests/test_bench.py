@@ -96,3 +96,13 @@ def test_generate_gpu_benchmark_smoke_runs_on_cpu():
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "| dual_cache (CUDA graphs) |" in proc.stdout
+
+
+def test_cpu_ops_benchmark_prints_every_variant():
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "cpu_ops.py"), "--iters", "1", "--rounds", "1"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and "us per call" not in line]
+    assert len(rows) == 8 and "| approx_attention mode 2: lean CPU path |" in proc.stdout
