@@ -9,10 +9,9 @@ The Fast-dLLM dual cache runs beside them, so each DyLLM row's speed can be read
 from __future__ import annotations
 
 import argparse
-import json
 
 import dyllm_fx
-from dyllm_fx.bench import Method, bench_examples, format_table, run_bench
+from dyllm_fx.bench import Method, bench_examples, format_table, run_bench, write_outputs
 
 
 def main() -> None:
@@ -36,9 +35,7 @@ def main() -> None:
         model, tok, bench_examples(args.n, tuple(args.tasks.split(","))), methods, repeats=args.repeats
     )
     print(format_table(bench))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(bench, f, indent=2)
+    write_outputs(bench, args.json, None)
 
 
 if __name__ == "__main__":

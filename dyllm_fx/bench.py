@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .agreement import AgreementCounter
 from .generation import generate
 from .tasks import Example, held_out_set
 
@@ -124,12 +125,14 @@ def run_bench(
         correct = sum(t.strip() == e.answer.strip() for t, e in zip(texts, examples))
         if reference is None:
             reference = responses
-        same = sum(int((a == b).sum()) for a, b in zip(responses, reference))
+        agreement = AgreementCounter()
+        for batch, ref in zip(responses, reference):
+            agreement.update(batch, ref)
         tps = n_tokens / seconds
         ref_tps = ref_tps or tps
         rows.append(MethodResult(
             method=method.label, accuracy=correct / len(examples), tokens_per_s=tps, speedup=tps / ref_tps,
-            active_fraction=active, nfe=nfe / -(-len(examples) // batch_size), agreement=same / n_tokens,
+            active_fraction=active, nfe=nfe / -(-len(examples) // batch_size), agreement=agreement.value,
             seconds=seconds,
         ))
     return {

@@ -50,9 +50,7 @@ def flat_row_set(rows: torch.Tensor, max_rows: int) -> tuple[torch.Tensor, torch
     valid entries in batch order, padded to a bucket (capped at ``max_rows``) by repeating the
     last entry; both empty when there is none. Costs one host sync (the count)."""
     batch, slot = (rows >= 0).nonzero(as_tuple=True)
-    pos = rows[batch, slot]
-    width = bucket_size(batch.numel(), max_rows) if batch.numel() else 0
-    if width > batch.numel():
-        pad = width - batch.numel()
-        batch, pos = torch.cat([batch, batch[-1:].expand(pad)]), torch.cat([pos, pos[-1:].expand(pad)])
+    if batch.numel() == 0:
+        return batch, batch
+    batch, pos = pad_rows(torch.stack([batch, rows[batch, slot]]), max_rows)
     return batch, pos

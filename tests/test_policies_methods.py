@@ -67,6 +67,12 @@ def test_dyllm_layer0_changed_rows_are_the_tokens_that_changed_and_refresh_rules
 
 
 
+def test_step_state_span_rows_lists_the_span_for_every_element():
+    state = _state(torch.zeros(3, 10, dtype=torch.long))
+    assert state.span_rows(4, 7).tolist() == [[4, 5, 6]] * 3
+    assert state.span_rows(*state.span("block")).tolist() == [[4, 5, 6, 7]] * 3
+
+
 def test_dyllm_under_a_block_cache_refreshes_only_the_block_at_its_interval():
     policy = make_policy("dual_cache+dyllm", tau=0.99, refresh_interval=2)
     ids = torch.tensor([[1, 2, 3, 4, MASK, MASK, MASK, MASK, MASK, MASK]])

@@ -62,6 +62,10 @@ class StepState:
             return self.block_start, self.block_end
         return self.block_start, self.seq_len  # "suffix"
 
+    def span_rows(self, start: int, end: int) -> torch.Tensor:
+        """The row set (B, end - start) of positions [start, end) for every batch element."""
+        return torch.arange(start, end, device=self.input_ids.device).expand(self.input_ids.shape[0], -1)
+
 
 class Policy:
     name = "base"

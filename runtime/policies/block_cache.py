@@ -36,8 +36,7 @@ class _BlockCachePolicy(Policy):
     def rows(self, layer: int, state: StepState) -> torch.Tensor | None:
         if self.refresh:
             return None
-        start, end = self._span(state)
-        return torch.arange(start, end, device=state.input_ids.device).expand(state.input_ids.shape[0], -1)
+        return state.span_rows(*self._span(state))
 
 
 class PrefixCachePolicy(_BlockCachePolicy):

@@ -50,8 +50,7 @@ class DLLMCachePolicy(Policy):
         self._shape = tuple(state.input_ids.shape)
         self.full = self.prompt_clock.tick(state, force=stale)
         self.whole_response = self.response_clock.tick(state, force=self.full) or self.ratio >= 1.0
-        start, end = state.span(self.scope)
-        self._span = torch.arange(start, end, device=state.input_ids.device).expand(state.input_ids.shape[0], -1)
+        self._span = state.span_rows(*state.span(self.scope))
 
     def rows(self, layer: int, state: StepState) -> torch.Tensor | None:
         if self.full:

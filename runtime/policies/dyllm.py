@@ -68,8 +68,7 @@ class DyLLMPolicy(Policy):
         """Refresh steps only (warm steps run ``approx_layer``): the whole sequence, or under a
         block cache the scope alone when the refresh is the interval's."""
         if self.refresh and not self.clock.forced and self.scope in ("block", "suffix"):
-            start, end = self._span
-            return torch.arange(start, end, device=state.input_ids.device).expand(state.input_ids.shape[0], -1)
+            return state.span_rows(*self._span)
         return None
 
     def approx_layer(self, layer: int, state: StepState):

@@ -95,8 +95,7 @@ class ESDLLMPolicy(Policy):
             self._snapshot = {}
             self._confidence = torch.zeros(state.input_ids.shape, device=state.input_ids.device)
         self.refresh = self.clock.tick(state, force=stale)
-        start, end = state.span(self.scope)
-        self._rows = torch.arange(start, end, device=state.input_ids.device).expand(state.input_ids.shape[0], -1)
+        self._rows = state.span_rows(*state.span(self.scope))
 
     def rows(self, layer: int, state: StepState) -> torch.Tensor | None:
         if self.refresh:
