@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import nn
 
@@ -16,9 +14,9 @@ from .passes.rewrite_attention import rewrite_attention
 from .passes.split_attention import split_attention
 from .passes.split_pieces import StepProgram, split_pieces
 from .runtime.cache import StepCache
-from .runtime.policies import Policy, make_policy
-from .runtime.sparse_step import SparseStepEngine
-from .runtime.step import StepRequest
+from .runtime.engine import StepEngine
+from .runtime.policies import Policy, family_of, make_policy
+from .runtime.step import SparseStep
 
 
 def build_program(captured: CapturedGraph) -> StepProgram:
@@ -31,11 +29,6 @@ def build_program(captured: CapturedGraph) -> StepProgram:
     return program
 
 
-def inductor(gm: torch.fx.GraphModule) -> Callable:
-    """Compile one piece with inductor; each bucket width is one static-shape graph."""
-    return torch.compile(gm, backend="inductor", dynamic=False)
-
-
 class TransformedModel(nn.Module):
     """A dLLM rewritten into a cache-backed, token-sparse step.
 
@@ -43,21 +36,25 @@ class TransformedModel(nn.Module):
     returns logits for every position (the cache persists across calls of one generation).
     The denoising loop instead calls ``make_step_function()``, whose steps compute the LM head
     only for the current block.
+
+    ``block_length`` tells ``forward()`` the block layout of the generation it is called in
+    (the denoising loop passes the block itself); None: the whole response is one block.
     """
 
     def __init__(
         self, program: StepProgram, policy: Policy, spec: DiffusionSpec | None, compile: bool = False,
-        cuda_graphs: bool = False,
+        cuda_graphs: bool = False, block_length: int | None = None,
     ):
         super().__init__()
         self.program = program
         self.diffusion = spec
-        self.engine = SparseStepEngine(program, policy, inductor if compile else None)
-        self.engine.cuda_graphs = cuda_graphs
-        self.engine.mask_token_id = spec.mask_token_id if spec is not None else None
+        self.engine = StepEngine(program, policy, compile=compile, cuda_graphs=cuda_graphs)
+        self.block_length = block_length
         # Registered so .parameters() / .to() see the shared weights once.
         self.pieces = nn.ModuleList([program.prologue, *(p.gm for p in program.attn), *(p.gm for p in program.mlp), program.epilogue.gm])
         self._last_ids: torch.Tensor | None = None
+        self._response_start: int | None = None
+        self.eval()
 
     @property
     def policy(self) -> Policy:
@@ -68,8 +65,8 @@ class TransformedModel(nn.Module):
         return self.engine.cache
 
     def cache_nbytes(self, batch: int, seq_len: int) -> int:
-        """Bytes of cache a generation of this batch x sequence length allocates: K/V and hidden
-        states per layer, plus the policy's MLP-output and attention-context caches."""
+        """Bytes of cache a generation of this batch x sequence length allocates: K/V and the
+        final hidden state per layer, plus the policy's own buffers."""
         return self.engine.predicted_nbytes(batch, seq_len)
 
     @property
@@ -84,21 +81,50 @@ class TransformedModel(nn.Module):
             position_ids = default_position_ids(input_ids, attention_mask)
         if not self._continues(input_ids):
             self.engine.reset()
+            self._response_start = self._first_mask(input_ids)
         self._last_ids = input_ids.clone()
-        return self.engine.step(input_ids, attention_mask, position_ids, None)
+        bsz, seq_len = input_ids.shape
+        everywhere = torch.arange(seq_len, device=input_ids.device).expand(bsz, -1)
+        return self.engine.step(input_ids, attention_mask, position_ids, everywhere, **self._host_info(input_ids)).logits
+
+    def _first_mask(self, input_ids: torch.Tensor) -> int | None:
+        """The first column holding a mask token (the response start of a new generation)."""
+        if self.diffusion is None:
+            return None
+        cols = (input_ids == self.diffusion.mask_token_id).any(0).nonzero()
+        return int(cols[0]) if cols.numel() else None
+
+    def _host_info(self, input_ids: torch.Tensor) -> dict:
+        """What the engine's policies need about the generation, inferred from the tokens: the
+        response start (the first masked column when it began) and the current block (the one
+        holding the leftmost mask)."""
+        spec, start = self.diffusion, self._response_start
+        if spec is None or start is None:
+            return {"step": len(self.engine.records)}
+        seq_len = input_ids.shape[1]
+        length = self.block_length or seq_len - start
+        masked = (input_ids[:, start:] == spec.mask_token_id).any(0).nonzero()
+        offset = int(masked[0]) if masked.numel() else seq_len - start - 1
+        block_start = start + offset // length * length
+        return {
+            "step": len(self.engine.records), "block_start": block_start, "block_end": min(block_start + length, seq_len),
+            "response_start": start, "mask_token_id": spec.mask_token_id, "logits_shift": spec.logits_shift,
+        }
 
     def _continues(self, input_ids: torch.Tensor) -> bool:
-        """Same generation iff no already-decoded token changed (tokens only go mask -> token)."""
+        """Same generation iff no already-decoded token changed (tokens only go mask -> token)
+        and no generate() ran since the last call (``make_step_function`` forgets the ids)."""
         last = self._last_ids
         if last is None or last.shape != input_ids.shape or self.diffusion is None:
             return False
         decoded = last != self.diffusion.mask_token_id
         return bool((last[decoded] == input_ids[decoded]).all())
 
-    def make_step_function(self) -> "SparseStep":
+    def make_step_function(self) -> SparseStep:
         if self.diffusion is None:
             raise TypeError("this model has no `diffusion` spec; pass spec=DiffusionSpec(...) to transform()")
-        return SparseStep(self)
+        self._last_ids = None  # a generation's steps are not a continuation of forward() calls
+        return SparseStep(self.engine, self.diffusion)
 
     def explain(self) -> str:
         from .explain import explain
@@ -107,28 +133,6 @@ class TransformedModel(nn.Module):
 
     def print_graph(self) -> None:
         print(self.explain())
-
-
-class SparseStep:
-    """The runtime's step function over a TransformedModel (see runtime.step.StepFunction)."""
-
-    def __init__(self, model: TransformedModel):
-        self.model = model
-        self.engine = model.engine
-        self.response_start: int | None = None
-
-    def __call__(self, request: StepRequest) -> torch.Tensor:
-        if request.nfe == 0:
-            self.engine.reset()  # a new generation: nothing cached is valid
-            self.model._last_ids = None  # nor for a later forward() call
-            self.response_start = request.block_start  # the first block starts at the prompt's end
-        shift = self.model.diffusion.logits_shift
-        positions = torch.arange(request.block_start - shift, request.block_end - shift, device=request.input_ids.device)
-        positions = positions.expand(request.input_ids.shape[0], -1)
-        return self.engine.step(
-            request.input_ids, request.attention_mask, request.position_ids, positions,
-            request.nfe, (request.block_start, request.block_end), self.response_start,
-        )
 
 
 def transform(
@@ -148,12 +152,14 @@ def transform(
             Llama / Qwen2 models).
         policy: which rows each layer recomputes: ``"dense"`` (all: identical to the input
             model), ``"fixed"`` (``rows=[...]``), ``"prefix_cache"`` / ``"dual_cache"``
-            (Fast-dLLM), or a :class:`Policy` object.
-        compile: compile each piece with inductor (static shapes per row bucket).
+            (Fast-dLLM), ``"dllm_cache"``, ``"es_dllm"``, ``"dyllm"``, a composition such as
+            ``"dual_cache+dyllm"``, or a :class:`Policy` object. The methods default to their
+            authors' settings, with per-model presets (``runtime/policies/presets.py``).
+        compile: compile each step whole with inductor (``fullgraph=True``; one graph per plan
+            key: a handful of capacity buckets and spans).
         spec: mask token id and logit shift; taken from ``model.diffusion`` when present.
-        cuda_graphs: on CUDA, capture each warm step of a layer-uniform policy (``dense``,
-            ``fixed``, ``prefix_cache``, ``dual_cache``) as a CUDA graph per shape and replay
-            it (see ``runtime/cuda_graph.py``); other policies run eagerly.
+        cuda_graphs: on CUDA, capture each warm step as a CUDA graph per plan key and shape,
+            and replay it (every policy; ``runtime/cuda_graph.py``).
         **policy_config: parameters of the named policy.
 
     Returns:
@@ -163,8 +169,9 @@ def transform(
         raise ValueError("model is in training mode; call model.eval() before dyllm_fx.transform()")
     check_model_tensors(model)
     spec = spec or getattr(model, "diffusion", None)
+    chosen = make_policy(policy, family=family_of(spec), **policy_config)
     program = build_program(capture_module(model))
-    return TransformedModel(program, make_policy(policy, **policy_config), spec, compile=compile, cuda_graphs=cuda_graphs)
+    return TransformedModel(program, chosen, spec, compile=compile, cuda_graphs=cuda_graphs)
 
 
-__all__ = ["SparseStep", "TransformedModel", "build_program", "transform"]
+__all__ = ["TransformedModel", "build_program", "transform"]

@@ -15,10 +15,12 @@ changed rows, zero elsewhere); ``cached_ctx`` (B, H, N, d); ``salient_rows`` (B,
 ``salient_ctx`` (B, H, S, d), the exact context of the salient rows; an optional SDPA mask as in
 ``partial_attention`` ((B|1, 1, 1, N) key padding or a full (B|1, 1, N, N) mask, boolean or
 additive; other layouts fall back to the reference);
-``scale`` (None: 1/sqrt(d)). ``q_start``: q, ``cached_ctx`` and the outputs may cover only the
-contiguous query rows [q_start, q_start + Nq) of the N key rows (a response or a block: rows
-outside it are not queried at all); ``salient_rows`` stay absolute positions. Row lists may hold -1 (padding, skipped) and repeats (the repeated
-entries must carry identical values; a repeated changed row is counted once).
+``scale`` (None: 1/sqrt(d)). ``q_rows`` (B, Nq) int64: the absolute positions of the query
+rows that q, ``cached_ctx`` and the outputs cover (a response, a block, any row set; None: the
+first Nq rows). Rows outside it are not queried at all; ``salient_rows`` stay absolute positions
+and every query slot whose row is salient takes the exact context. Row lists may hold -1
+(padding, skipped) and repeats (the repeated entries must carry identical values; a repeated
+changed row is counted once).
 
 Outputs: ``ctx`` (B, H, N, d) in cached_ctx's dtype; ``stats`` (B, N, 3) fp32 per row
 [<new, cached>, |new|^2, |cached|^2] summed over this call's heads (so shards of a
@@ -73,6 +75,7 @@ import math
 import torch
 
 from ._triton import HAS_TRITON, dot_precision, next_pow2, require_triton, tl, triton
+from .cache_scatter import gather_rows
 from .partial_attention import (
     _NEG_FINITE, LOG2E, _repeat_kv, apply_mask_, attention_bias, mask_layout, scores_reference, softmax_stats,
 )
@@ -100,14 +103,23 @@ def salient_slots(salient_rows: torch.Tensor, n_rows: int) -> torch.Tensor:
     return slot.scatter_(1, target, src)[:, :n_rows]
 
 
+def default_q_rows(q: torch.Tensor, q_rows: torch.Tensor | None) -> torch.Tensor:
+    """``q_rows``, or the first Nq rows for every batch element when it is None."""
+    if q_rows is not None:
+        return q_rows
+    return torch.arange(q.shape[2], device=q.device).expand(q.shape[0], -1)
+
+
 def _check(
-    q, k, changed, dv_rows, cached_ctx, salient_rows, salient_ctx, k_old_rows=None, m_old=None, l_old=None, q_start=0
+    q, k, changed, dv_rows, cached_ctx, salient_rows, salient_ctx, k_old_rows=None, m_old=None, l_old=None, q_rows=None
 ):
     bsz, heads, n_rows, d = q.shape
     if k.shape[0] != bsz or heads % k.shape[1]:
         raise ValueError(f"k {tuple(k.shape)} does not match q {tuple(q.shape)}")
-    if q_start < 0 or q_start + n_rows > k.shape[2]:
-        raise ValueError(f"query rows [{q_start}, {q_start + n_rows}) do not lie within the {k.shape[2]} key rows")
+    if q_rows is not None and tuple(q_rows.shape) != (bsz, n_rows):
+        raise ValueError(f"q_rows {tuple(q_rows.shape)} is not (B, Nq) = {(bsz, n_rows)}")
+    if q_rows is None and n_rows > k.shape[2]:
+        raise ValueError(f"{n_rows} query rows but only {k.shape[2]} key rows; pass q_rows")
     if dv_rows.shape[:3] != (bsz, k.shape[1], changed.shape[1]):
         raise ValueError(f"dv_rows {tuple(dv_rows.shape)} does not match changed {tuple(changed.shape)}")
     if cached_ctx.shape[:3] != (bsz, heads, n_rows) or cached_ctx.shape[-1] != dv_rows.shape[-1]:
@@ -123,10 +135,16 @@ def _check(
             raise ValueError(f"{name} {tuple(t.shape)} is not (B, H, N) = {(bsz, heads, n_rows)}")
 
 
-def _finish(out, cached, salient_rows, salient_ctx, dtype):
-    """Salient rows take their exact context; (ctx, stats) with the fp32 statistics."""
+def query_slots(salient_rows: torch.Tensor, q_rows: torch.Tensor, n_keys: int) -> torch.Tensor:
+    """(B, Nq) int64: for each query slot, the index of its row in ``salient_rows`` (any one
+    when repeated), or -1 when its row is not salient."""
+    return salient_slots(salient_rows, n_keys).gather(1, q_rows.clamp(0, n_keys - 1)).long()
+
+
+def _finish(out, cached, slot, salient_ctx, dtype):
+    """Query slots with a salient row (``slot`` >= 0, see :func:`query_slots`) take their exact
+    context; (ctx, stats) with the fp32 statistics."""
     bsz, heads, n_rows, dv = out.shape
-    slot = salient_slots(salient_rows, n_rows).long()
     if salient_ctx.shape[2]:
         exact = salient_ctx.float().gather(2, slot.clamp_min(0)[:, None, :, None].expand(bsz, heads, n_rows, dv))
         out = torch.where((slot >= 0)[:, None, :, None], exact, out)
@@ -134,24 +152,22 @@ def _finish(out, cached, salient_rows, salient_ctx, dtype):
     return out.to(dtype), stats
 
 
-def query_bias(mask, bsz: int, n_keys: int, q_start: int, n_query: int):
-    """The additive fp32 bias (B|1, 1 | n_query, n_keys) of the query rows [q_start, +n_query)."""
-    bias = attention_bias(mask, None, bsz, n_keys)
-    if bias is not None and bias.shape[1] != 1:
-        bias = bias[:, q_start : q_start + n_query]
-    return bias
+def query_bias(mask, bsz: int, n_keys: int, q_rows: torch.Tensor):
+    """The additive fp32 bias (B|1, 1 | Nq, n_keys) of the query rows ``q_rows`` (B, Nq)."""
+    return attention_bias(mask, q_rows, bsz, n_keys)
 
 
 def approx_attention_reference(
     q, k, changed, dv_rows, cached_ctx, salient_rows, salient_ctx, mask, scale,
-    k_old_rows=None, m_old=None, l_old=None, q_start=0,
+    k_old_rows=None, m_old=None, l_old=None, q_rows=None,
 ):
     """Plain torch, fp32 (see the module doc); mode 2 when ``m_old`` is given."""
-    _check(q, k, changed, dv_rows, cached_ctx, salient_rows, salient_ctx, k_old_rows, m_old, l_old, q_start)
+    _check(q, k, changed, dv_rows, cached_ctx, salient_rows, salient_ctx, k_old_rows, m_old, l_old, q_rows)
+    q_rows = default_q_rows(q, q_rows)
     bsz, heads, n_rows, d = q.shape
     n_keys = k.shape[2]
     scale = 1.0 / math.sqrt(d) if scale is None else scale
-    bias = query_bias(mask, bsz, n_keys, q_start, n_rows)
+    bias = query_bias(mask, bsz, n_keys, q_rows)
     ch = unique_rows(changed, n_keys)
     valid = (ch >= 0)[:, None, None, :]
     cols = ch.clamp_min(0)
@@ -175,7 +191,7 @@ def approx_attention_reference(
     p_ch = torch.exp(s_new - m_safe[..., None]) / l_safe[..., None]
     cached = cached_ctx.float()
     out = cached + p_ch @ _repeat_kv(dv_rows, heads).float()
-    ctx, stats = _finish(out, cached, salient_rows - q_start, salient_ctx, cached_ctx.dtype)
+    ctx, stats = _finish(out, cached, query_slots(salient_rows, q_rows, n_keys), salient_ctx, cached_ctx.dtype)
     return ctx, stats, m, l
 
 
@@ -201,7 +217,7 @@ def _rows_of(x: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
 
 def approx_attention_fast(
     q, k, changed, dv_rows, cached_ctx, salient_rows, salient_ctx, mask, scale,
-    k_old_rows=None, m_old=None, l_old=None, q_start=0,
+    k_old_rows=None, m_old=None, l_old=None, q_rows=None,
 ):
     """Lean torch version of :func:`approx_attention_reference` (the op's CPU path): the same
     (ctx, stats, m, l) up to float rounding, with about half the reference's torch ops and fewer
@@ -211,11 +227,11 @@ def approx_attention_fast(
     against cat([K[changed], k_old_rows]) in one ``bmm`` and exponentiates both halves at once;
     repeated / out-of-range changed entries and the mask's changed columns become one
     (B, 1|Nq, A) 0 / -inf bias on those columns. Mode 1 runs the full score pass and gathers
-    the changed columns of exp(s - m). The salient rows' exact context is written with one
-    ``index_copy_`` into an output buffer with one spare row, which absorbs the salient entries
-    outside the query span (and -1 padding), so no case needs a slower path.
+    the changed columns of exp(s - m). Query slots whose row is salient take the exact context
+    with one gather and one ``where``.
     """
-    _check(q, k, changed, dv_rows, cached_ctx, salient_rows, salient_ctx, k_old_rows, m_old, l_old, q_start)
+    _check(q, k, changed, dv_rows, cached_ctx, salient_rows, salient_ctx, k_old_rows, m_old, l_old, q_rows)
+    q_rows = default_q_rows(q, q_rows)
     bsz, heads, n_rows, d = q.shape
     kv_heads, n_keys = k.shape[1], k.shape[2]
     group = heads // kv_heads
@@ -225,7 +241,7 @@ def approx_attention_fast(
     layout = mask_layout(mask, bsz, n_keys)  # NotImplementedError for other layouts, as the reference
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     if layout == "full":
-        mask = mask.narrow(2, q_start, n_rows)  # (B|1, 1, Nq, N)
+        mask = gather_rows(mask, q_rows, 2)  # (B, 1, Nq, N)
     cols, drop = _dropped_columns(changed, n_keys)
     q3 = q.float().reshape(bkv, gq, d)
 
@@ -266,23 +282,14 @@ def approx_attention_fast(
         l = rest.clamp_min_(0.0).add_(sums[..., 0])
         p = e[..., :n_ch] / torch.where(l > 0, l, 1.0).unsqueeze(-1)
 
-    # out = cached + P[:, changed] . dV, written into a buffer with one spare row at the end
-    n_out = bsz * heads * n_rows
-    buf = torch.empty(n_out + 1, dv, dtype=torch.float32, device=q.device)
-    out = buf[:n_out]
+    # out = cached + P[:, changed] . dV
     cached = cached_ctx.float()
-    torch.baddbmm(
-        cached.reshape(bkv, gq, dv), p.reshape(bkv, gq, n_ch), dv_rows.float().reshape(bkv, n_ch, dv),
-        out=out.view(bkv, gq, dv),
-    )
-    if salient_rows.shape[1] and n_rows:
-        # the salient row r of head h goes to the flat row (b*H + h)*Nq + r - q_start; entries
-        # outside the query span (and -1 padding) go to the spare row
-        inside = salient_rows.clamp(q_start, q_start + n_rows - 1) == salient_rows
-        base = torch.arange(-q_start, n_out - q_start, n_rows, device=q.device).view(bsz, heads, 1)
-        idx = torch.where(inside[:, None, :], base + salient_rows[:, None, :], n_out)
-        buf.index_copy_(0, idx.view(-1), salient_ctx.float().reshape(-1, dv))
+    out = torch.baddbmm(cached.reshape(bkv, gq, dv), p.reshape(bkv, gq, n_ch), dv_rows.float().reshape(bkv, n_ch, dv))
     out = out.view(bsz, heads, n_rows, dv)
+    if salient_rows.shape[1] and n_rows:
+        slot = query_slots(salient_rows, q_rows, n_keys)  # (B, Nq)
+        exact = salient_ctx.float().gather(2, slot.clamp_min(0)[:, None, :, None].expand(bsz, heads, n_rows, dv))
+        out = torch.where((slot >= 0)[:, None, :, None], exact, out)
     dots = torch.stack(
         [torch.linalg.vecdot(out, cached), torch.linalg.vecdot(out, out), torch.linalg.vecdot(cached, cached)], -1
     )
@@ -312,7 +319,7 @@ if HAS_TRITON:
         ss_b, ss_h, ss_s, ss_d,
         sko_b, sko_h, sko_a, sko_d,
         sbias_b, sbias_q, sbias_l,
-        H, N, NQ, Q0, A, D, DV, GROUP, scale_log2,
+        H, N, NQ, A, D, DV, GROUP, scale_log2,
         HAS_BIAS: tl.constexpr, USE_STATS: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_A: tl.constexpr,
         BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PREC: tl.constexpr,
@@ -334,7 +341,7 @@ if HAS_TRITON:
             mask=row_ok[:, None] & d_ok[None, :], other=0.0,
         )
         k_base = k_ptr + b * sk_b + kvh * sk_h
-        bias_base = bias_ptr + b * sbias_b + (Q0 + offs_m)[:, None] * sbias_q
+        bias_base = bias_ptr + b * sbias_b + offs_m[:, None] * sbias_q
         stat_rows = (b * H + h) * NQ + offs_m
 
         # Score pass: the softmax row max m_i and row sum l_i (base 2).
@@ -431,25 +438,26 @@ if HAS_TRITON:
 
 def triton_approx_attention(
     q, k, changed, dv_rows, cached_ctx, salient_rows, salient_ctx, mask, scale,
-    k_old_rows=None, m_old=None, l_old=None, q_start=0,
+    k_old_rows=None, m_old=None, l_old=None, q_rows=None,
 ):
     """Triton version of :func:`approx_attention_reference`: (ctx, stats, m, l)."""
     require_triton(q)
-    _check(q, k, changed, dv_rows, cached_ctx, salient_rows, salient_ctx, k_old_rows, m_old, l_old, q_start)
+    _check(q, k, changed, dv_rows, cached_ctx, salient_rows, salient_ctx, k_old_rows, m_old, l_old, q_rows)
+    q_rows = default_q_rows(q, q_rows)
     use_stats = m_old is not None
     bsz, heads, n_rows, d = q.shape
     n_keys = k.shape[2]
     dv = cached_ctx.shape[-1]
     try:
-        bias = attention_bias(mask, None, bsz, n_keys)
+        bias = attention_bias(mask, q_rows, bsz, n_keys)  # full masks: the query rows' bias rows
     except NotImplementedError:
         return approx_attention_reference(
             q, k, changed, dv_rows, cached_ctx, salient_rows, salient_ctx, mask, scale, k_old_rows, m_old, l_old,
-            q_start,
+            q_rows,
         )
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     ch = unique_rows(changed, n_keys).contiguous()
-    slot = salient_slots(salient_rows - q_start, n_rows).contiguous()
+    slot = query_slots(salient_rows, q_rows, n_keys).to(torch.int32).contiguous()
     n_ch = ch.shape[1]
     ctx = torch.empty(bsz, heads, n_rows, dv, dtype=cached_ctx.dtype, device=q.device)
     part = torch.empty(bsz, heads, n_rows, 3, dtype=torch.float32, device=q.device)
@@ -473,7 +481,7 @@ def triton_approx_attention(
         ctx, part, m, l,
         *q.stride(), *k.stride(), *dv_rows.stride(), *cached_ctx.stride(), *salient_ctx.stride(),
         *kold.stride(), *sbias,
-        heads, n_keys, n_rows, q_start, n_ch, d, dv, heads // k.shape[1], scale * LOG2E,
+        heads, n_keys, n_rows, n_ch, d, dv, heads // k.shape[1], scale * LOG2E,
         HAS_BIAS=bias is not None, USE_STATS=use_stats,
         BLOCK_M=block_m, BLOCK_N=min(64, next_pow2(n_keys)), BLOCK_A=min(64, next_pow2(n_ch)),
         BLOCK_D=next_pow2(d), BLOCK_DV=next_pow2(dv), PREC=dot_precision(q.dtype),

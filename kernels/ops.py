@@ -1,26 +1,27 @@
-"""The custom ops the compiler inserts, as ``torch.library`` ops in the ``dyllm`` namespace.
+"""The ops the compiler and the runtime call, and the one table that says what runs them.
 
-Each op has a plain-torch implementation (the production path on CPU) and a fake implementation
-so torch.compile / torch.export / make_fx can trace through it. The kernels live one per file
-beside their references (``cache_scatter``, ``partial_attention``, ``saliency``,
-``approx_attention``; ``gathered_mlp`` documents why the projections stay in torch); this module
-is where they are registered.
+Each op has a plain-torch implementation and, where one exists, a Triton kernel:
 
-Registration: each op is a ``torch.library.custom_op`` whose default implementation (every
-device) is plain torch: the reference, except for ``partial_attention_stats`` and
-``approx_attention``, whose default is a lean version beside the reference (``*_fast``: the same
-fp32 quantities in fewer, larger torch ops, about 2x faster on CPU at decoding shapes; the
-``*_reference`` functions stay the tests' oracle; ``partial_attention_stats``'s output equals
-``partial_attention``'s up to float rounding, see ``STATS_OUT_FROM_SDPA``). ``partial_attention``
-stays SDPA (a one-pass version is no faster on CPU, and SDPA keeps the transformed model's dense
-steps equal to the original's). When Triton imports (and ``DYLLM_TRITON=0`` is not set), ``register_kernel("cuda")``
-points CUDA tensors at the Triton launcher. We do not use ``torch.library.triton_op``: a
-triton_op has one implementation for all devices, which Inductor traces *into* (the Triton
-kernel becomes part of the compiled graph), so CPU tensors would reach a Triton launch; and it
-would replace the op the passes insert by its kernels in exported graphs. A custom op with
-per-device kernels keeps one opaque ``dyllm::`` node for torch.compile / torch.export (shapes
-from the fake impl), plain torch on CPU and Triton on CUDA. To run a Triton kernel on CPU
-tensors (tests, with TRITON_INTERPRET=1) call the module's ``triton_*`` launcher directly.
+    op                        plain torch (CPU, and traced graphs on CPU)    Triton (CUDA)
+    cache_write_rows          cache_write_rows_reference                      triton_cache_write_rows
+    partial_attention         partial_attention_reference (SDPA)              triton_partial_attention
+    partial_attention_stats   partial_attention_stats_fast                    triton_partial_attention
+    saliency                  saliency_reference                              triton_saliency
+    approx_attention          approx_attention_fast                           triton_approx_attention
+
+The runtime and the passes call the functions at the bottom of this module. For a CUDA tensor
+(with Triton present and ``DYLLM_TRITON`` not 0) a function calls the registered
+``torch.ops.dyllm.*`` op, which runs the Triton kernel and shows torch.compile / torch.export
+one opaque node with a fake implementation. For anything else it calls the plain-torch
+implementation directly: no custom-op dispatch in eager code (it costs as much as a small op's
+work on the CPU), and traced graphs on the CPU see standard aten ops that inductor fuses and
+ONNX exports. Which branch is taken depends on the device only, so it is fixed when a graph is
+traced.
+
+The ``*_reference`` functions are the tests' oracle; ``partial_attention_stats_fast`` and
+``approx_attention_fast`` compute the same fp32 quantities in fewer torch ops. We do not use
+``torch.library.triton_op``: it has one implementation for every device, which inductor traces
+into, so CPU tensors would reach a Triton launch.
 
 Row sets are ``rows`` tensors of shape (B, A), int64: for each batch element the A sequence
 positions that are *active* this step. Padding a row set with repeats of one of its indices is
@@ -29,41 +30,61 @@ allowed: duplicated rows compute identical values, so the duplicated writes are 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
 
 from ._triton import CUDA_KERNELS_ENABLED, HAS_TRITON
 from .approx_attention import approx_attention_fast, triton_approx_attention
 from .cache_scatter import cache_write_rows_reference, gather_rows, triton_cache_write_rows
-from .partial_attention import (
-    partial_attention_reference,
-    partial_attention_stats_fast,
-    triton_partial_attention,
-)
+from .partial_attention import partial_attention_reference, partial_attention_stats_fast, triton_partial_attention
 from .saliency import saliency_reference, triton_saliency
 
 __all__ = [
-    "approx_attention", "cache_write_rows", "gather_rows", "partial_attention", "partial_attention_stats", "saliency",
+    "KERNELS", "approx_attention", "cache_write_rows", "gather_rows", "partial_attention", "partial_attention_stats",
+    "saliency",
 ]
 
 
+@dataclass(frozen=True)
+class Kernel:
+    """The implementations of one op: plain torch for every device, Triton for CUDA."""
+
+    torch_impl: Callable
+    triton_impl: Callable
+
+
+def _triton_stats(q, k_cache, v_cache, rows, mask, scale):
+    return triton_partial_attention(q, k_cache, v_cache, rows, mask, scale, return_stats=True)
+
+
+KERNELS: dict[str, Kernel] = {
+    "cache_write_rows": Kernel(cache_write_rows_reference, triton_cache_write_rows),
+    "partial_attention": Kernel(partial_attention_reference, triton_partial_attention),
+    "partial_attention_stats": Kernel(partial_attention_stats_fast, _triton_stats),
+    "saliency": Kernel(saliency_reference, triton_saliency),
+    "approx_attention": Kernel(approx_attention_fast, triton_approx_attention),
+}
+
+
+# --- the registered torch.library ops (their default implementation is the table's torch one)
+
+
 @torch.library.custom_op("dyllm::cache_write_rows", mutates_args=("cache",))
-def cache_write_rows(cache: torch.Tensor, rows: torch.Tensor, values: torch.Tensor, dim: int) -> None:
+def _cache_write_rows_op(cache: torch.Tensor, rows: torch.Tensor, values: torch.Tensor, dim: int) -> None:
     """cache[b, ..., rows[b, a], ...] = values[b, ..., a, ...] along ``dim`` (in place)."""
-    cache_write_rows_reference(cache, rows, values, dim)
+    KERNELS["cache_write_rows"].torch_impl(cache, rows, values, dim)
 
 
-@cache_write_rows.register_fake
+@_cache_write_rows_op.register_fake
 def _(cache, rows, values, dim):
     return None
 
 
 @torch.library.custom_op("dyllm::partial_attention", mutates_args=())
-def partial_attention(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    rows: torch.Tensor,
-    mask: torch.Tensor | None,
+def _partial_attention_op(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, rows: torch.Tensor, mask: torch.Tensor | None,
     scale: float | None,
 ) -> torch.Tensor:
     """Attention of the active rows' queries over every cached key.
@@ -73,36 +94,32 @@ def partial_attention(
     query x key mask, whose query rows are gathered here). Bidirectional: no causal mask.
     ``scale`` None: 1/sqrt(d).
     """
-    return partial_attention_reference(q, k_cache, v_cache, rows, mask, scale)
+    return KERNELS["partial_attention"].torch_impl(q, k_cache, v_cache, rows, mask, scale)
 
 
-@partial_attention.register_fake
+@_partial_attention_op.register_fake
 def _(q, k_cache, v_cache, rows, mask, scale):
     return q.new_empty(q.shape[:-1] + (v_cache.shape[-1],))
 
 
 @torch.library.custom_op("dyllm::partial_attention_stats", mutates_args=())
-def partial_attention_stats(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    rows: torch.Tensor,
-    mask: torch.Tensor | None,
+def _partial_attention_stats_op(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, rows: torch.Tensor, mask: torch.Tensor | None,
     scale: float | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``partial_attention`` plus its fp32 softmax statistics per query row: (out, m, l) with
     m (B, H, A) the row max of the scaled, masked scores and l = sum exp(s - m) (natural log)."""
-    return partial_attention_stats_fast(q, k_cache, v_cache, rows, mask, scale)
+    return KERNELS["partial_attention_stats"].torch_impl(q, k_cache, v_cache, rows, mask, scale)
 
 
-@partial_attention_stats.register_fake
+@_partial_attention_stats_op.register_fake
 def _(q, k_cache, v_cache, rows, mask, scale):
     out = q.new_empty(q.shape[:-1] + (v_cache.shape[-1],))
     return out, q.new_empty(q.shape[:-1], dtype=torch.float32), q.new_empty(q.shape[:-1], dtype=torch.float32)
 
 
 @torch.library.custom_op("dyllm::saliency", mutates_args=())
-def saliency(
+def _saliency_op(
     new_ctx: torch.Tensor, cached_ctx: torch.Tensor, tau: float, start: int, end: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Rows in [start, end) whose context moved: cos(new, cached) < tau, per row over all heads.
@@ -110,10 +127,10 @@ def saliency(
     Contexts (B, H, N, d) or (B, N, D). Returns (indices (B, end - start) int64, ascending, -1
     padded; count (B,) int64; cos (B, N) fp32). See ``kernels/saliency.py``.
     """
-    return saliency_reference(new_ctx, cached_ctx, tau, start, end)
+    return KERNELS["saliency"].torch_impl(new_ctx, cached_ctx, tau, start, end)
 
 
-@saliency.register_fake
+@_saliency_op.register_fake
 def _(new_ctx, cached_ctx, tau, start, end):
     bsz, n_rows = new_ctx.shape[0], new_ctx.shape[-2]
     return (
@@ -124,7 +141,7 @@ def _(new_ctx, cached_ctx, tau, start, end):
 
 
 @torch.library.custom_op("dyllm::approx_attention", mutates_args=())
-def approx_attention(
+def _approx_attention_op(
     q: torch.Tensor,
     k: torch.Tensor,
     changed: torch.Tensor,
@@ -137,23 +154,21 @@ def approx_attention(
     k_old_rows: torch.Tensor | None = None,
     m_old: torch.Tensor | None = None,
     l_old: torch.Tensor | None = None,
-    q_start: int = 0,
+    q_rows: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """DyLLM's approximate attention with saliency: every row's context = cached context +
-    P[:, changed] . dV, salient rows exact; returns (ctx, stats (B, N, 3), m, l). Mode 2 (cached
-    softmax statistics) when m_old / l_old / k_old_rows are given; q may cover only the rows
-    [q_start, q_start + Nq). See ``kernels/approx_attention.py``.
+    """DyLLM's approximate attention with saliency: every queried row's context = cached context
+    + P[:, changed] . dV, salient rows exact; returns (ctx, stats (B, Nq, 3), m, l). Mode 2
+    (cached softmax statistics) when m_old / l_old / k_old_rows are given; q covers the rows
+    ``q_rows`` (B, Nq). See ``kernels/approx_attention.py``.
     """
-    return approx_attention_fast(
-        q, k, changed, dv_rows, cached_ctx, salient_rows, salient_ctx, mask, scale, k_old_rows, m_old, l_old, q_start
+    return KERNELS["approx_attention"].torch_impl(
+        q, k, changed, dv_rows, cached_ctx, salient_rows, salient_ctx, mask, scale, k_old_rows, m_old, l_old, q_rows
     )
 
 
-@approx_attention.register_fake
-def _(
-    q, k, changed, dv_rows, cached_ctx, salient_rows, salient_ctx, mask, scale, k_old_rows=None, m_old=None, l_old=None,
-    q_start=0,
-):
+@_approx_attention_op.register_fake
+def _(q, k, changed, dv_rows, cached_ctx, salient_rows, salient_ctx, mask, scale, k_old_rows=None, m_old=None,
+      l_old=None, q_rows=None):
     bsz, heads, n_rows = q.shape[:3]
     return (
         cached_ctx.new_empty(cached_ctx.shape),
@@ -163,16 +178,38 @@ def _(
     )
 
 
+REGISTERED = {
+    "cache_write_rows": _cache_write_rows_op,
+    "partial_attention": _partial_attention_op,
+    "partial_attention_stats": _partial_attention_stats_op,
+    "saliency": _saliency_op,
+    "approx_attention": _approx_attention_op,
+}
+
 if HAS_TRITON and CUDA_KERNELS_ENABLED:
-    cache_write_rows.register_kernel("cuda")(triton_cache_write_rows)
+    for _name, _op in REGISTERED.items():
+        _op.register_kernel("cuda")(KERNELS[_name].triton_impl)
 
-    @partial_attention.register_kernel("cuda")
-    def _(q, k_cache, v_cache, rows, mask, scale):
-        return triton_partial_attention(q, k_cache, v_cache, rows, mask, scale)
 
-    @partial_attention_stats.register_kernel("cuda")
-    def _(q, k_cache, v_cache, rows, mask, scale):
-        return triton_partial_attention(q, k_cache, v_cache, rows, mask, scale, return_stats=True)
+def _uses_kernel(t: torch.Tensor) -> bool:
+    """Whether a call on tensors living where ``t`` lives goes through the registered op."""
+    return t.is_cuda and HAS_TRITON and CUDA_KERNELS_ENABLED
 
-    saliency.register_kernel("cuda")(triton_saliency)
-    approx_attention.register_kernel("cuda")(triton_approx_attention)
+
+def _dispatching(name: str):
+    op, impl = REGISTERED[name], KERNELS[name].torch_impl
+
+    def call(first: torch.Tensor, *args, **kwargs):
+        return op(first, *args, **kwargs) if _uses_kernel(first) else impl(first, *args, **kwargs)
+
+    call.__name__ = call.__qualname__ = name
+    call.__doc__ = op.__doc__ if hasattr(op, "__doc__") else None
+    call.op = op  # the registered op this stands for (tests compare the two)
+    return call
+
+
+cache_write_rows = _dispatching("cache_write_rows")
+partial_attention = _dispatching("partial_attention")
+partial_attention_stats = _dispatching("partial_attention_stats")
+saliency = _dispatching("saliency")
+approx_attention = _dispatching("approx_attention")

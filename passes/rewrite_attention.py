@@ -2,19 +2,18 @@
 
     sdpa(q, k, v, mask)          # all rows
 becomes
-    dyllm.cache_write_rows(k_cache, rows, k, 2)   # the active rows' new K/V into the cache
-    dyllm.cache_write_rows(v_cache, rows, v, 2)
-    dyllm.partial_attention(q, k_cache, v_cache, rows, mask, scale)   # active queries, all keys
+    cache_write_rows(k_cache, rows, k, 2)   # the active rows' new K/V into the cache
+    cache_write_rows(v_cache, rows, v, 2)
+    partial_attention(q, k_cache, v_cache, rows, mask, scale)   # active queries, all keys
 
 The caches become two new placeholders of the piece (``k_cache``, ``v_cache``), owned by the
-runtime's StepCache, one pair per layer.
+runtime's StepCache, one pair per layer. The two calls are ``dyllm_fx.kernels.ops``'s
+functions: the ``dyllm::`` op (Triton) for CUDA tensors, plain torch otherwise (see there).
 """
 
 from __future__ import annotations
 
-import torch
-
-import dyllm_fx.kernels.ops  # noqa: F401  (registers torch.ops.dyllm.*)
+from dyllm_fx.kernels import ops
 
 from .ops import SDPA, is_op
 from .split_pieces import Piece, PieceError
@@ -39,16 +38,15 @@ def rewrite_attention(piece: Piece) -> Piece:
     with g.inserting_after(last_placeholder):
         k_cache = g.placeholder("k_cache")
     with g.inserting_before(core):
-        g.call_function(torch.ops.dyllm.cache_write_rows.default, (k_cache, rows, args["key"], 2))
-        g.call_function(torch.ops.dyllm.cache_write_rows.default, (v_cache, rows, args["value"], 2))
+        g.call_function(ops.cache_write_rows, (k_cache, rows, args["key"], 2))
+        g.call_function(ops.cache_write_rows, (v_cache, rows, args["value"], 2))
         attn = g.call_function(
-            torch.ops.dyllm.partial_attention.default,
-            (args["query"], k_cache, v_cache, rows, args.get("attn_mask"), args.get("scale")),
+            ops.partial_attention, (args["query"], k_cache, v_cache, rows, args.get("attn_mask"), args.get("scale"))
         )
     attn.meta = dict(core.meta)
     core.replace_all_uses_with(attn)
     g.erase_node(core)
     g.lint()
     piece.gm.recompile()
-    piece.replaced[core.name] = "dyllm.cache_write_rows (K, V) + dyllm.partial_attention"
+    piece.replaced[core.name] = "cache_write_rows (K, V) + partial_attention"
     return piece

@@ -1,19 +1,16 @@
-"""CUDA-graph replay of warm sparse steps for policies that recompute one row set in every layer.
+"""CUDA-graph replay of warm steps, for every policy.
 
-At batch 1 on a GPU the eager step is host-bound: the kernels of a 10%-active step take a third
-of the vanilla forward's GPU time, but launching them (Python, dispatch, Triton launchers) takes
-longer than the forward. A warm step of a *layer-uniform* policy (``dense``, ``fixed``,
-``prefix_cache``, ``dual_cache``: the host picks one row set per step, no decision inside the
-step) is a fixed sequence of kernels for a given (batch, sequence, row-bucket, logit-positions)
-shape, so it is captured once per shape and replayed:
+At batch 1 on a GPU an eager step is host-bound: launching its kernels (Python, dispatch,
+Triton launchers) takes longer than running them. A policy's step has no host read and no
+data-dependent shape, so for a given plan key and input shapes it is a fixed sequence of
+kernels: it is captured once and replayed.
 
-    static inputs  <- this step's input_ids, attention_mask, position_ids, rows, logit_positions
-    graph.replay()    prologue, every layer on `rows`, the LM head: the caches are updated in place
-    logits          = a copy of the static output
+    static inputs  <- this step's tensors (tokens, mask, positions, logit positions, plan tensors)
+    graph.replay()    the whole step: caches and policy buffers are updated in place
+    outputs         = copies of the static outputs (logits, eligible mask, counts)
 
-The caches are the engine's own tensors (their addresses never change within a generation), so
-the replayed kernels read and write them directly. Policies that decide inside the step (DyLLM,
-ES-dLLM, dLLM-Cache) read values back to the host and run eagerly.
+The caches and buffers are the engine's own tensors, whose addresses never change within a
+generation, so the replayed kernels read and write them directly.
 """
 
 from __future__ import annotations
@@ -28,14 +25,13 @@ import torch
 class _Captured:
     graph: "torch.cuda.CUDAGraph"
     inputs: tuple[torch.Tensor, ...]
-    logits: torch.Tensor
+    outputs: tuple[torch.Tensor | None, ...]
 
 
 class StepGraphs:
-    """Captured warm steps, one per input shape; ``body(*inputs) -> logits`` is the step."""
+    """Captured steps, one per (plan key, input shapes)."""
 
-    def __init__(self, body: Callable[..., torch.Tensor]):
-        self.body = body
+    def __init__(self):
         self._captured: dict[tuple, _Captured] = {}
 
     def clear(self) -> None:
@@ -45,33 +41,39 @@ class StepGraphs:
     def __len__(self) -> int:
         return len(self._captured)
 
-    def run(self, *inputs: torch.Tensor) -> torch.Tensor:
-        key = tuple((tuple(t.shape), t.dtype) for t in inputs)
-        entry = self._captured.get(key)
+    def run(self, key: tuple, body: Callable[..., tuple], inputs: tuple[torch.Tensor, ...], state: list[torch.Tensor]) -> tuple:
+        """``body(*inputs)`` -> a tuple of tensors (or None), replayed from a graph. ``state``:
+        every tensor the step updates in place (restored after the capture's warm-up run)."""
+        full_key = (key, *((tuple(t.shape), t.dtype) for t in inputs))
+        entry = self._captured.get(full_key)
         if entry is None:
-            entry = self._capture(inputs)
+            entry = self._captured[full_key] = self._capture(body, inputs, state)
         else:
             for static, value in zip(entry.inputs, inputs):
                 static.copy_(value)
         entry.graph.replay()
-        return entry.logits.clone()
+        return tuple(None if t is None else t.clone() for t in entry.outputs)
 
-    def _capture(self, inputs: tuple[torch.Tensor, ...]) -> _Captured:
+    @staticmethod
+    def _capture(body: Callable[..., tuple], inputs: tuple[torch.Tensor, ...], state: list[torch.Tensor]) -> _Captured:
         static = tuple(t.clone() for t in inputs)
         # Warm up on a side stream first (Triton compiles, cuBLAS picks its workspace), as CUDA
-        # graph capture requires. A warm step with fixed inputs is idempotent: the prologue
-        # rewrites the first hidden state and each layer rewrites the same rows from it.
+        # graph capture requires. A step is not idempotent (DyLLM compares with the tokens and
+        # contexts it last saw), so the state the warm-up changed is put back before the
+        # capture; the replay below then runs the step the caller asked for exactly once.
+        saved = [t.clone() for t in state]
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            self.body(*static)
+            body(*static)
         torch.cuda.current_stream().wait_stream(side)
+        for t, s in zip(state, saved):
+            t.copy_(s)
+        del saved
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            logits = self.body(*static)
-        entry = _Captured(graph, static, logits)
-        self._captured[tuple((tuple(t.shape), t.dtype) for t in inputs)] = entry
-        return entry
+            outputs = body(*static)
+        return _Captured(graph, static, tuple(outputs))
 
 
 __all__ = ["StepGraphs"]

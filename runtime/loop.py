@@ -14,7 +14,8 @@ from dyllm_fx.models.spec import DiffusionSpec
 
 from .samplers import StepContext
 from .schedule import BlockSchedule
-from .step import StepFunction, StepRequest
+from .policies import StepOutput
+from .step import StepFunction, StepRequest, as_step_output
 
 
 @dataclass
@@ -29,6 +30,13 @@ class GenerationStats:
     stopped_early_at_block: int | None = None
     tokens_per_second: float = 0.0
     cache_bytes: int = 0  # bytes of the transformed model's step cache (0 for a dense model)
+    # per step, for step functions that select rows with a capacity (DyLLM): the capacity and
+    # the rows that qualified beyond it (approximated instead), summed over layers and batch
+    capacity: list[int] = field(default_factory=list)
+    overflow: list[int] = field(default_factory=list)
+    # steps run after a block's scheduled steps because masks were left: only step functions
+    # that restrict which positions may be committed (ES-dLLM) can cause them
+    extra_steps: int = 0
 
 
 @dataclass
@@ -74,23 +82,38 @@ def denoise(
         progress = sys.stderr.isatty() and total_steps >= 64
     bar = tqdm(total=total_steps, disable=not progress, desc="denoising", unit="step", leave=False)
     start_time = time.perf_counter()
+    last = (0, None)  # (most tokens any row committed, leftmost committed position) at the last step
     try:
         for block in range(schedule.num_blocks):
             start, end = schedule.block_bounds(block)
             masked = x[:, start:end] == mask_id
             initial = masked.sum(-1)
             step = 0
-            while _block_continues(schedule, step, masked):
+            restricted = False  # whether the step function withheld positions in this block
+            while _block_continues(schedule, step, masked, restricted):
                 t0 = time.perf_counter()
-                request = StepRequest(x, attn, pos, block, start, end, step, stats.nfe)
-                logits = _guided_logits(step_fn, request, cfg_scale, plen, mask_id) if cfg_scale else step_fn(request)
-                ctx = StepContext(step, schedule.steps_per_block, initial, start, x.shape[1])
-                chosen = sampler.select(logits, masked, ctx)
-                x[:, start:end] = torch.where(chosen.transfer, chosen.tokens, x[:, start:end])
+                request = StepRequest(x, attn, pos, block, start, end, step, stats.nfe, *last)
+                result = _guided(step_fn, request, cfg_scale, plen, mask_id) if cfg_scale else as_step_output(step_fn(request))
+                # ES-dLLM: only rows that ran every layer may be committed
+                allowed = masked if result.eligible is None else masked & result.eligible
+                restricted |= result.eligible is not None
+                extra = schedule.steps_per_block is not None and step >= schedule.steps_per_block
+                ctx = StepContext(_schedule_step(schedule, step), schedule.steps_per_block, initial, start, x.shape[1])
+                chosen = sampler.select(result.logits, allowed, ctx)
+                transfer = chosen.transfer & allowed
+                if extra and not transfer.any():  # past the schedule: commit the best allowed token
+                    transfer = _best_allowed(chosen.confidence, allowed)
+                x[:, start:end] = torch.where(transfer, chosen.tokens, x[:, start:end])
                 masked = x[:, start:end] == mask_id
                 stats.nfe += 1 + (cfg_scale > 0)
                 stats.step_seconds.append(time.perf_counter() - t0)
-                stats.tokens_committed.append(int(chosen.transfer.sum()))
+                most, leftmost, total = _commit_summary(transfer, start)
+                last = (most, leftmost)
+                stats.tokens_committed.append(total)
+                if result.report is not None:
+                    stats.capacity.append(result.report.capacity)
+                    stats.overflow.append(result.report.overflow)
+                stats.extra_steps += extra
                 step += 1
                 bar.update(1)
             if stop_at_eos and block < schedule.num_blocks - 1 and _all_rows_ended(x[:, plen:end], spec):
@@ -104,10 +127,38 @@ def denoise(
     return GenerationOutput(sequences=x, prompt_length=plen, stats=stats)
 
 
-def _block_continues(schedule: BlockSchedule, step: int, masked: torch.Tensor) -> bool:
-    if schedule.steps_per_block is None:  # threshold decoding: until the block is fully decoded
+def _block_continues(schedule: BlockSchedule, step: int, masked: torch.Tensor, restricted: bool) -> bool:
+    """Threshold decoding runs until the block is decoded. A fixed schedule runs its steps; a
+    step function that withheld positions (ES-dLLM: rows that skipped layers) may have left
+    masks the schedule meant to commit, so then the block continues while masks are left, for
+    at most another block length of steps (a model may keep predicting the mask token)."""
+    if schedule.steps_per_block is None:
         return bool(masked.any())
-    return step < schedule.steps_per_block
+    if step < schedule.steps_per_block:
+        return True
+    return restricted and step < schedule.steps_per_block + schedule.block_length and bool(masked.any())
+
+
+def _schedule_step(schedule: BlockSchedule, step: int) -> int:
+    """The step index the sampler's schedule sees: steps past the schedule count as its last."""
+    return step if schedule.steps_per_block is None else min(step, schedule.steps_per_block - 1)
+
+
+def _commit_summary(transfer: torch.Tensor, start: int) -> tuple[int, int | None, int]:
+    """(most tokens any row committed, leftmost committed position or None, total committed),
+    read from the device in one transfer."""
+    per_row = transfer.sum(-1)
+    cols = torch.arange(transfer.shape[1], device=transfer.device)
+    left = torch.where(transfer, cols, transfer.shape[1]).amin()
+    most, leftmost, total = torch.stack([per_row.amax(), left, per_row.sum()]).tolist()
+    return most, (start + leftmost if leftmost < transfer.shape[1] else None), total
+
+
+def _best_allowed(confidence: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """The most confident allowed position of every row that has one."""
+    score = torch.where(allowed, confidence.float(), float("-inf"))
+    best = torch.zeros_like(allowed).scatter_(1, score.argmax(-1, keepdim=True), True)
+    return best & allowed
 
 
 def _all_rows_ended(decoded: torch.Tensor, spec: DiffusionSpec) -> bool:
@@ -117,7 +168,7 @@ def _all_rows_ended(decoded: torch.Tensor, spec: DiffusionSpec) -> bool:
     return bool(is_eos.any(dim=-1).all())
 
 
-def _guided_logits(step_fn: StepFunction, request: StepRequest, cfg_scale: float, plen: int, mask_id: int) -> torch.Tensor:
+def _guided(step_fn: StepFunction, request: StepRequest, cfg_scale: float, plen: int, mask_id: int):
     """LLaDA's classifier-free guidance: the unconditional branch sees the prompt masked."""
     x = request.input_ids
     uncond = x.clone()
@@ -127,6 +178,9 @@ def _guided_logits(step_fn: StepFunction, request: StepRequest, cfg_scale: float
         None if request.attention_mask is None else request.attention_mask.repeat(2, 1),
         request.position_ids.repeat(2, 1),
         request.block, request.block_start, request.block_end, request.step_in_block, request.nfe,
+        request.last_committed, request.last_leftmost,
     )
-    cond, uncond_logits = step_fn(both).chunk(2)
-    return uncond_logits + (cfg_scale + 1) * (cond - uncond_logits)
+    out = as_step_output(step_fn(both))
+    cond, uncond_logits = out.logits.chunk(2)
+    eligible = None if out.eligible is None else out.eligible.chunk(2)[0] & out.eligible.chunk(2)[1]
+    return StepOutput(uncond_logits + (cfg_scale + 1) * (cond - uncond_logits), eligible, report=out.report)

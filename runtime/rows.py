@@ -1,8 +1,14 @@
-"""Row sets: (B, A) int64 positions per batch element, and how they are padded to buckets.
+"""Row sets with shapes fixed for a step: spans, padded row lists and top-C selections.
 
-Row counts are padded to buckets (powers of two, capped at the sequence length) by repeating a
-row of the same set, so compiled pieces see a handful of shapes; a repeated row computes and
-writes the same values twice, which every op allows.
+Every row set is a pair of (B, W) tensors: ``rows``, absolute sequence positions, and
+``valid``, which of them really belong to the set. W is a Python int chosen on the host before
+the step (a *capacity* or a bucketed width), so the step's shapes never depend on values it
+computes. Two conventions keep the padding harmless:
+
+* a padded *span* repeats its last row: the padding computes exactly what that row computes, so
+  its writes are idempotent and nothing needs masking (``span_rows``);
+* a *selection* (``select_top``) holds C distinct rows; the ones that are not valid are
+  computed but their writes are suppressed (``write_rows`` with ``valid``).
 """
 
 from __future__ import annotations
@@ -10,47 +16,73 @@ from __future__ import annotations
 import torch
 
 
-def bucket_size(n: int, seq_len: int, minimum: int = 8) -> int:
-    """Next power of two >= n (at least ``minimum``), capped at ``seq_len``."""
+def bucket_size(n: int, limit: int, minimum: int = 8) -> int:
+    """The next power of two >= n (at least ``minimum``), capped at ``limit``."""
     size = minimum
     while size < n:
         size *= 2
-    return min(size, seq_len)
+    return max(1, min(size, limit))
 
 
-def pad_rows(rows: torch.Tensor, seq_len: int) -> torch.Tensor:
-    """Pad (B, A) row indices to a bucket width by repeating each row's last index."""
-    width = bucket_size(rows.shape[1], seq_len)
-    if width == rows.shape[1]:
-        return rows
-    return torch.cat([rows, rows[:, -1:].expand(-1, width - rows.shape[1])], dim=1)
+def span_rows(start: torch.Tensor, length: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows [start[b], start[b] + length[b]) of each batch element as (rows, valid) of shape
+    (B, width); slots past a span's end repeat its last row. ``length`` must be >= 1 and
+    <= ``width``."""
+    offsets = torch.arange(width, device=start.device)
+    valid = offsets < length[:, None]
+    rows = start[:, None] + torch.minimum(offsets, length[:, None] - 1)
+    return rows, valid
 
 
-def pad_row_set(rows: torch.Tensor, fill: int, seq_len: int) -> torch.Tensor:
-    """``pad_rows`` for sets with -1 holes (ragged per element, possibly empty): every hole
-    becomes a real row of its element (its largest), or ``fill`` when the element has none."""
-    if rows.shape[1] == 0:
-        rows = rows.new_full((rows.shape[0], 1), -1)
-    valid = rows >= 0
-    last = torch.where(valid, rows, -1).amax(1, keepdim=True)
-    return pad_rows(torch.where(valid, rows, torch.where(last >= 0, last, fill)), seq_len)
+def select_top(key: torch.Tensor, eligible: torch.Tensor, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``capacity`` slots of largest ``key`` among the ``eligible`` ones, as (slots, valid)
+    (B, C) with slots in ascending order; ties are broken by position (a stable sort), so eager
+    and compiled steps choose the same rows. Where fewer than C are eligible the remaining slots
+    are other, distinct slots marked not valid."""
+    capacity = min(capacity, key.shape[1])
+    masked = torch.where(eligible, key.float(), float("-inf"))
+    order = torch.sort(masked, dim=1, descending=True, stable=True).indices[:, :capacity]
+    slots = order.sort(dim=1).values
+    return slots, eligible.gather(1, slots)
 
 
-def rows_where(flag: torch.Tensor, offset: int) -> torch.Tensor:
-    """(B, N) bool -> (B, max count) absolute positions (offset + column), -1 padded."""
-    count = int(flag.sum(1).max()) if flag.numel() else 0
-    cols = torch.arange(flag.shape[1], device=flag.device).expand_as(flag)
-    big = flag.shape[1]
-    idx = torch.where(flag, cols, big).sort(dim=1).values[:, :count]
-    return torch.where(idx < big, idx + offset, -1)
+def take(x: torch.Tensor, slots: torch.Tensor, dim: int) -> torch.Tensor:
+    """x[b, ..., slots[b, c], ...] along ``dim`` (a gather with the index broadcast over the
+    other dimensions)."""
+    shape = [1] * x.dim()
+    shape[0], shape[dim] = slots.shape
+    target = list(x.shape)
+    target[0], target[dim] = slots.shape
+    return x.gather(dim, slots.view(shape).expand(target))
 
 
-def flat_row_set(rows: torch.Tensor, max_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A (B, A) row set with -1 holes as two flat (T,) vectors (batch index, position) of its
-    valid entries in batch order, padded to a bucket (capped at ``max_rows``) by repeating the
-    last entry; both empty when there is none. Costs one host sync (the count)."""
-    batch, slot = (rows >= 0).nonzero(as_tuple=True)
-    if batch.numel() == 0:
-        return batch, batch
-    batch, pos = pad_rows(torch.stack([batch, rows[batch, slot]]), max_rows)
-    return batch, pos
+def write_rows(dest: torch.Tensor, rows: torch.Tensor, values: torch.Tensor, dim: int, valid: torch.Tensor | None = None):
+    """dest[b, ..., rows[b, a], ...] = values[b, ..., a, ...] along ``dim``, in place; with
+    ``valid`` (B, A) the entries that are not valid keep dest's old value (``rows`` must then
+    be distinct per batch element, as a :func:`select_top` selection is)."""
+    if valid is not None:
+        shape = [1] * values.dim()
+        shape[0], shape[dim] = valid.shape
+        values = torch.where(valid.view(shape), values, take(dest, rows, dim))
+    shape = [1] * dest.dim()
+    shape[0], shape[dim] = rows.shape
+    target = list(values.shape)
+    dest.scatter_(dim, rows.view(shape).expand(target), values)
+    return dest
+
+
+def count_rows(valid: torch.Tensor) -> torch.Tensor:
+    """The largest number of valid entries of any batch element, as a 0-d int64 tensor."""
+    return valid.sum(1).amax() if valid.numel() else valid.new_zeros((), dtype=torch.int64)
+
+
+def mark(activity: torch.Tensor | None, layer: int, rows: torch.Tensor, level: float, valid: torch.Tensor | None = None):
+    """Trace what ``layer`` did to ``rows`` into ``activity`` (n_layers, B, L) when tracing is on
+    (``activity`` None: off): ``level`` 1 recomputed, 0.5 attention only; the largest level a
+    row got this step is kept."""
+    if activity is None:
+        return
+    values = torch.full(rows.shape, level, dtype=activity.dtype, device=rows.device)
+    if valid is not None:
+        values = values * valid
+    activity[layer].scatter_reduce_(1, rows, values, "amax")

@@ -1,9 +1,11 @@
 """The contract between the denoising loop and whatever computes logits.
 
 The loop never calls a model directly: it hands a :class:`StepRequest` to a step function and
-gets back the logits of the current block. :class:`DenseStep` runs the untransformed model
-(a full forward every step); the compiler's transformed model provides its own step function
-with caches behind the same contract, so samplers and schedules are shared.
+gets back the logits of the current block, as a tensor or a :class:`StepOutput` (which may also
+say which positions' logits are fresh enough to commit). :class:`DenseStep` runs the
+untransformed model (a full forward every step); :class:`SparseStep` runs a transformed model's
+:class:`~dyllm_fx.runtime.engine.StepEngine`, with caches, behind the same contract, so samplers
+and schedules are shared.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from torch import nn
 
 from dyllm_fx.models.spec import DiffusionSpec
 
+from .policies import StepOutput
+
 
 @dataclass(frozen=True)
 class StepRequest:
@@ -27,12 +31,25 @@ class StepRequest:
     block_end: int
     step_in_block: int
     nfe: int  # forward evaluations so far in this generation
+    last_committed: int = 0  # tokens the previous step committed, most of any batch element
+    last_leftmost: int | None = None  # smallest position the previous step committed
 
 
 class StepFunction(Protocol):
-    def __call__(self, request: StepRequest) -> torch.Tensor:
+    def __call__(self, request: StepRequest) -> torch.Tensor | StepOutput:
         """Logits (B, block_end - block_start, V) for the positions of the current block."""
         ...
+
+
+def as_step_output(result: torch.Tensor | StepOutput) -> StepOutput:
+    return result if isinstance(result, StepOutput) else StepOutput(result)
+
+
+def block_logit_positions(request: StepRequest, shift: int) -> torch.Tensor:
+    """(B, block length) rows whose logits predict the block's tokens (shifted for Dream)."""
+    ids = request.input_ids
+    positions = torch.arange(request.block_start - shift, request.block_end - shift, device=ids.device)
+    return positions.expand(ids.shape[0], -1)
 
 
 class DenseStep:
@@ -48,3 +65,27 @@ class DenseStep:
         # With shift 1 the logit for position i is read at i - 1 (the prompt is never empty).
         shift = self.spec.logits_shift
         return logits[:, request.block_start - shift : request.block_end - shift]
+
+
+class SparseStep:
+    """A transformed model's engine as a step function: the LM head runs for the block only."""
+
+    def __init__(self, engine, spec: DiffusionSpec):
+        self.engine = engine
+        self.spec = spec
+        self.response_start: int | None = None
+
+    def __call__(self, request: StepRequest) -> StepOutput:
+        if request.nfe == 0:
+            self.engine.reset()  # a new generation: nothing cached is valid
+            self.response_start = request.block_start  # the first block starts at the prompt's end
+        shift = self.spec.logits_shift
+        return self.engine.step(
+            request.input_ids, request.attention_mask, request.position_ids, block_logit_positions(request, shift),
+            step=request.nfe, block_start=request.block_start, block_end=request.block_end,
+            response_start=self.response_start, mask_token_id=self.spec.mask_token_id, logits_shift=shift,
+            last_committed=request.last_committed, last_leftmost=request.last_leftmost,
+        )
+
+
+__all__ = ["DenseStep", "SparseStep", "StepFunction", "StepRequest", "as_step_output", "block_logit_positions"]

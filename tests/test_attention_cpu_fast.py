@@ -183,12 +183,17 @@ def _approx_inputs(g, bsz, heads, kv_heads, n, q_start, n_q, d, salient):
     return q, k, changed, dv_rows, cached, sal, sal_ctx, k_old
 
 
-def _old_stats(q, k, mask, q_start, g):
+def _span(start, n_q, bsz):
+    """The query rows [start, start + n_q) of every batch element."""
+    return torch.arange(start, start + n_q).expand(bsz, -1)
+
+
+def _old_stats(q, k, mask, q_rows, g):
     """m_old / l_old as an earlier step leaves them: exact stats of slightly different scores
     (-inf / 0 on fully masked rows), with l_old shrunk on some rows so that the update's
     max(0, .) clamp is exercised."""
     bsz, _, n_q, d = q.shape
-    bias = aa.query_bias(mask, bsz, k.shape[2], q_start, n_q)
+    bias = aa.query_bias(mask, bsz, k.shape[2], q_rows)
     s = pa.scores_reference(q, k, bias, 1 / math.sqrt(d))
     m, l = pa.softmax_stats(s + 0.1 * torch.randn(s.shape, generator=g))
     return m, l * torch.where(torch.rand(l.shape, generator=g) < 0.2, 0.3, 1.0)
@@ -207,18 +212,38 @@ def test_approx_attention_fast_matches_reference(heads, kv_heads, mask_kind, cac
         g, bsz, heads, kv_heads, n, q_start, n_q, d, salient
     )
     mask = _mask(mask_kind, bsz, n, g)
-    extra = (k_old, *_old_stats(q, k, mask, q_start, g)) if cached_stats else ()
+    q_rows = _span(q_start, n_q, bsz)
+    extra = (k_old, *_old_stats(q, k, mask, q_rows, g)) if cached_stats else ()
     args = (q, k, changed, dv_rows, cached, sal, sal_ctx, mask, None, *extra)
-    got = aa.approx_attention_fast(*args, q_start=q_start)
-    want = aa.approx_attention_reference(*args, q_start=q_start)
+    got = aa.approx_attention_fast(*args, q_rows=q_rows)
+    want = aa.approx_attention_reference(*args, q_rows=q_rows)
     _close(got, want)
     if mask_kind in ("key", "full"):  # fully masked rows: m -inf, l 0, context cached + 0
         dead = torch.isinf(want[2]) & (want[2] < 0)
         assert dead.any() or (mask_kind == "full" and q_start > 0)
         assert torch.equal(dead, torch.isinf(got[2]) & (got[2] < 0)) and (got[3][dead] == 0).all()
-    op = ops.approx_attention(q, k, changed, dv_rows, cached, sal, sal_ctx, mask, None, *extra, q_start=q_start)
+    op = ops.approx_attention(q, k, changed, dv_rows, cached, sal, sal_ctx, mask, None, *extra, q_rows=q_rows)
     for x, y in zip(op, got):
         assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("mask_kind", MASKS)
+def test_approx_attention_takes_any_query_row_set(mask_kind):
+    """Query rows need not be contiguous: a shuffled set with a repeated row (bucket padding)
+    gives, slot for slot, what the contiguous span gives for those rows."""
+    g = _gen(21)
+    bsz, heads, kv_heads, n, d = 2, 4, 2, 11, 8
+    q, k, changed, dv_rows, cached, sal, sal_ctx, _ = _approx_inputs(g, bsz, heads, kv_heads, n, 0, n, d, "changed")
+    mask = _mask(mask_kind, bsz, n, g)
+    full = aa.approx_attention_reference(q, k, changed, dv_rows, cached, sal, sal_ctx, mask, None)
+    pick = torch.stack([torch.cat([torch.randperm(n, generator=g)[:6], torch.tensor([3])]) for _ in range(bsz)])
+    pick[:, -1] = pick[:, 0]  # a repeat
+    q_sub, cached_sub = (t.gather(2, pick[:, None, :, None].expand(-1, heads, -1, d)) for t in (q, cached))
+    for fn in (aa.approx_attention_reference, aa.approx_attention_fast):
+        got = fn(q_sub, k, changed, dv_rows, cached_sub, sal, sal_ctx, mask, None, q_rows=pick)
+        idx = pick[:, None, :, None].expand(-1, heads, -1, d)
+        torch.testing.assert_close(got[0], full[0].gather(2, idx), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got[1], full[1].gather(1, pick[..., None].expand(-1, -1, 3)), rtol=1e-5, atol=1e-5)
 
 
 def test_approx_attention_fast_scale_and_edge_cases():
@@ -226,33 +251,34 @@ def test_approx_attention_fast_scale_and_edge_cases():
     bsz, heads, kv_heads, n, d = 2, 4, 1, 9, 8
     q, k, changed, dv_rows, cached, sal, sal_ctx, k_old = _approx_inputs(g, bsz, heads, kv_heads, n, 2, 6, d, "other")
     mask = _mask("key", bsz, n, g)
-    m_old, l_old = _old_stats(q, k, mask, 2, g)
+    q_rows = _span(2, 6, bsz)
+    m_old, l_old = _old_stats(q, k, mask, q_rows, g)
     for extra in [(), (k_old, m_old, l_old)]:
         args = (q, k, changed, dv_rows, cached, sal, sal_ctx, mask, 0.7, *extra)
-        _close(aa.approx_attention_fast(*args, q_start=2), aa.approx_attention_reference(*args, q_start=2))
+        _close(aa.approx_attention_fast(*args, q_rows=q_rows), aa.approx_attention_reference(*args, q_rows=q_rows))
     # sorted vs shuffled changed lists give the same result (the repeat test is order free)
     order = changed.argsort(1)
     idx = order[:, None, :, None].expand(-1, kv_heads, -1, d)  # keeps dV / k_old aligned with the slots
     args_sorted = (q, k, changed.gather(1, order), dv_rows.gather(2, idx), cached, sal, sal_ctx, mask, None,
                    k_old.gather(2, idx), m_old, l_old)
-    _close(aa.approx_attention_fast(*args_sorted, q_start=2), aa.approx_attention_reference(*args_sorted, q_start=2))
+    _close(aa.approx_attention_fast(*args_sorted, q_rows=q_rows), aa.approx_attention_reference(*args_sorted, q_rows=q_rows))
     # no changed row at all (mode 1): the context stays the cached one, the stats are exact
     none = changed[:, :0]
     args = (q, k, none, dv_rows[:, :, :0], cached, sal, sal_ctx, mask, None)
-    got = aa.approx_attention_fast(*args, q_start=2)
-    _close(got, aa.approx_attention_reference(*args, q_start=2))
+    got = aa.approx_attention_fast(*args, q_rows=q_rows)
+    _close(got, aa.approx_attention_reference(*args, q_rows=q_rows))
     # ... and in mode 2 (where the reference's max over no column raises): m, l stay the old ones
-    got = aa.approx_attention_fast(*args, k_old[:, :, :0], m_old, l_old, q_start=2)
+    got = aa.approx_attention_fast(*args, k_old[:, :, :0], m_old, l_old, q_rows=q_rows)
     torch.testing.assert_close(got[2], m_old)
     torch.testing.assert_close(got[3], l_old)
     # every changed entry dropped (-1): cached context, the old stats
     drop = torch.full_like(changed, -1)
     args = (q, k, drop, dv_rows, cached, sal, sal_ctx, mask, None, k_old, m_old, l_old)
-    _close(aa.approx_attention_fast(*args, q_start=2), aa.approx_attention_reference(*args, q_start=2))
+    _close(aa.approx_attention_fast(*args, q_rows=q_rows), aa.approx_attention_reference(*args, q_rows=q_rows))
     # 16-bit inputs: ctx in cached's dtype, fp32 stats
     half = [x.half() for x in (q, k, dv_rows, cached, sal_ctx)]
     args = (half[0], half[1], changed, half[2], half[3], sal, half[4], mask, None)
-    got, want = aa.approx_attention_fast(*args, q_start=2), aa.approx_attention_reference(*args, q_start=2)
+    got, want = aa.approx_attention_fast(*args, q_rows=q_rows), aa.approx_attention_reference(*args, q_rows=q_rows)
     assert got[0].dtype == torch.float16 and got[1].dtype == torch.float32
     torch.testing.assert_close(got[0].float(), want[0].float(), rtol=1e-3, atol=1e-3)
     torch.testing.assert_close(got[1:], want[1:], rtol=1e-4, atol=1e-4)
@@ -265,8 +291,8 @@ def test_approx_attention_fast_rejects_what_the_reference_rejects():
     for fn in (aa.approx_attention_fast, aa.approx_attention_reference):
         with pytest.raises(NotImplementedError):
             fn(q, k, changed, dv_rows, cached, sal, sal_ctx, per_head, None)
-        with pytest.raises(ValueError):
-            fn(q, k, changed, dv_rows, cached, sal, sal_ctx, None, None, q_start=1)
+        with pytest.raises(ValueError):  # q_rows must be (B, Nq)
+            fn(q, k, changed, dv_rows, cached, sal, sal_ctx, None, None, q_rows=_span(1, 6, 2))
 
 
 _VIEWS = {"view", "_unsafe_view", "unsqueeze", "squeeze", "expand", "select", "slice", "narrow", "transpose",
@@ -298,11 +324,12 @@ def test_fast_paths_issue_fewer_ops(kv_heads):
     inputs = _approx_inputs(g, bsz, heads, kv_heads, n, 5, 16, d, "changed")
     q, k, changed, dv_rows, cached, sal, sal_ctx, k_old = inputs
     mask = _mask("key", bsz, n, g)
-    m_old, l_old = _old_stats(q, k, mask, 5, g)
+    q_rows = _span(5, 16, bsz)
+    m_old, l_old = _old_stats(q, k, mask, q_rows, g)
     for extra in [(), (k_old, m_old, l_old)]:
         args = (q, k, changed, dv_rows, cached, sal, sal_ctx, mask, None, *extra)
-        fast = _count_aten_ops(lambda: aa.approx_attention_fast(*args, q_start=5))
-        ref = _count_aten_ops(lambda: aa.approx_attention_reference(*args, q_start=5))
+        fast = _count_aten_ops(lambda: aa.approx_attention_fast(*args, q_rows=q_rows))
+        ref = _count_aten_ops(lambda: aa.approx_attention_reference(*args, q_rows=q_rows))
         assert fast <= 0.7 * ref, (fast, ref)
     v = torch.randn(k.shape, generator=g)
     q_rows, rows = q[:, :, :5], changed[:, :5].clamp(0, n - 1)

@@ -124,28 +124,37 @@ def test_gather_rows_broadcasts_a_batch_one_table():
         assert torch.equal(got[b, 0], table[0, 0, rows[b]])
 
 
-def test_eager_calls_equal_the_ops_on_cpu():
-    # kernels/eager.py skips the custom-op dispatch for CPU tensors: same results as the op.
-    from dyllm_fx.kernels import eager
+def test_dispatch_functions_equal_the_ops_on_cpu():
+    # kernels/ops.py's functions call the plain-torch implementation for CPU tensors: the same
+    # results as the registered op (which CUDA tensors take).
+    from dyllm_fx.kernels import ops as dispatch
 
     bsz, heads, kv_heads, seq_len, d = 2, 4, 2, 12, 8
     q, k, v = _qkv(bsz, heads, kv_heads, 3, seq_len, d)
     rows = _rows(bsz, 3, seq_len)
     mask = _key_mask(bsz, seq_len)
-    for a, b in zip(eager.partial_attention_stats(q, k, v, rows, mask, None), ops.partial_attention_stats(q, k, v, rows, mask, None)):
+    got = dispatch.partial_attention_stats(q, k, v, rows, mask, None)
+    for a, b in zip(got, ops.partial_attention_stats(q, k, v, rows, mask, None)):
         torch.testing.assert_close(a, b)
     qa = torch.randn(bsz, heads, 5, d, generator=_gen(1))
     dv = torch.randn(bsz, kv_heads, 3, d, generator=_gen(2))
     cached = torch.randn(bsz, heads, 5, d, generator=_gen(3))
     exact = torch.randn(bsz, heads, 3, d, generator=_gen(4))
     changed = torch.tensor([[7, 8, 8], [4, 6, 9]])
+    q_rows = torch.arange(4, 9).expand(bsz, -1)
     args = (qa, k, changed, dv, cached, changed, exact, mask, None)
-    for a, b in zip(eager.approx_attention(*args, q_start=4), ops.approx_attention(*args, q_start=4)):
+    for a, b in zip(dispatch.approx_attention(*args, q_rows=q_rows), ops.approx_attention(*args, q_rows=q_rows)):
         torch.testing.assert_close(a, b)
     c1, c2 = torch.zeros(bsz, kv_heads, seq_len, d), torch.zeros(bsz, kv_heads, seq_len, d)
-    eager.cache_write_rows(c1, rows, v[:, :, :3], 2)
+    dispatch.cache_write_rows(c1, rows, v[:, :, :3], 2)
     ops.cache_write_rows(c2, rows, v[:, :, :3], 2)
     torch.testing.assert_close(c1, c2)
-    from dyllm_fx.kernels import ops as registered
+    assert dispatch.approx_attention.op._qualname == "dyllm::approx_attention"  # CUDA tensors take the registered op
 
-    assert eager.approx_attention.op is registered.approx_attention  # CUDA tensors and traced code take the op
+
+def test_one_table_names_every_registered_op():
+    from dyllm_fx.kernels.ops import KERNELS, REGISTERED
+
+    assert set(KERNELS) == set(REGISTERED) == {
+        "cache_write_rows", "partial_attention", "partial_attention_stats", "saliency", "approx_attention"
+    }

@@ -3,6 +3,8 @@
 import json
 import math
 
+import numpy as np
+
 import pytest
 import torch
 
@@ -11,8 +13,8 @@ pytest.importorskip("matplotlib", reason='plots need the optional extra: pip ins
 import dyllm_fx  # noqa: E402
 from dyllm_fx.cli import main  # noqa: E402
 from dyllm_fx.plots import load_bench, pareto_front, plot_pareto, plot_saliency  # noqa: E402
-from dyllm_fx.runtime.sparse_step import StepRecord  # noqa: E402
-from dyllm_fx.saliency import RowRecorder, record_saliency, trace_from_records  # noqa: E402
+from dyllm_fx.runtime.engine import StepRecord  # noqa: E402
+from dyllm_fx.saliency import record_saliency, trace_from_records  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 BENCH = {
@@ -55,12 +57,12 @@ def test_saliency_from_records_with_similarity(tmp_path):
         sim[1][0, 6:] = torch.linspace(0.98, 1.0, seq - 6)
         records.append(StepRecord(active=[seq if step == 0 else 4] * layers, seq_len=seq,
                                   similarity=sim if step else [None] * layers))
-    trace = trace_from_records(records, None, layer=1, prompt_length=6, policy="fake")
+    trace = trace_from_records(records, layer=1, prompt_length=6, policy="fake")
     assert trace.active_fraction.shape == (4, 3) and trace.similarity.shape == (4, seq)
     assert math.isnan(trace.similarity[0, 0]) and trace.similarity[1, -1] == pytest.approx(1.0)
     _assert_png(plot_saliency(trace, tmp_path / "fake.png"))
     with pytest.raises(ValueError, match="layer 5 out of range"):
-        trace_from_records(records, None, layer=5, prompt_length=6, policy="fake")
+        trace_from_records(records, layer=5, prompt_length=6, policy="fake")
 
 
 def test_record_saliency_on_the_embedded_model(tmp_path):
@@ -87,19 +89,12 @@ def test_record_saliency_with_dyllm_measures_similarity(tmp_path):
     trace = record_saliency(model, tok, prompt, policy="dyllm", gen_length=32, block_length=16, stop_at_eos=False)
     plen = len(prompt)
     assert trace.similarity is not None and trace.similarity.shape == (32, plen + 32)
-    assert math.isnan(trace.similarity[1, 0]) and not math.isnan(trace.similarity[1, -1])  # response only
-    warm = trace.active_rows[1]
+    assert np.isnan(trace.similarity[:4]).all()  # the official 4 dense steps measure nothing
+    assert math.isnan(trace.similarity[4, 0]) and not math.isnan(trace.similarity[4, -1])  # response only
+    assert not np.isnan(trace.similarity[7]).any()  # every 4th step queries the whole sequence
+    warm = trace.active_rows[4]
     assert warm[:plen].max() == 0.0 and warm[plen:].min() >= 0.5  # the response span is queried
     _assert_png(plot_saliency(trace, tmp_path / "dyllm.png"))
-
-
-def test_row_recorder_restores_the_policy():
-    from dyllm_fx.runtime.policies import DualCachePolicy
-
-    policy = DualCachePolicy()
-    with RowRecorder(policy):
-        assert "rows" in policy.__dict__
-    assert not {"rows", "begin_step", "after_attention"} & policy.__dict__.keys()
 
 
 def test_plot_cli(tmp_path, capsys):

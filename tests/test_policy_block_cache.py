@@ -5,30 +5,31 @@ import torch
 from tiny_checkpoints import tiny_llada, tiny_tokenizer
 
 import dyllm_fx
-from dyllm_fx.runtime.policies import DualCachePolicy, PrefixCachePolicy, StepState
+from dyllm_fx.runtime.policies import DualCachePolicy, HostState, PrefixCachePolicy
+from dyllm_fx.runtime.policies.uniform import plan_rows
 
 
-def _state(block, cold=False, seq=24):
-    return StepState(torch.zeros(2, seq, dtype=torch.long), None, 0, block[0], block[1], cold)
+def _host(block, cold=False, seq=24):
+    ids = torch.zeros(2, seq, dtype=torch.long)
+    return HostState(ids, torch.ones_like(ids), cold, 2, block_start=block[0], block_end=block[1])
 
 
 @pytest.mark.parametrize("policy, span", [(PrefixCachePolicy, (8, 24)), (DualCachePolicy, (8, 16))])
 def test_refresh_at_block_start_then_only_the_span(policy, span):
     p = policy()
-    p.begin_step(_state((8, 16)))
-    assert p.rows(0, p.state) is None  # first step of a block: everything
-    p.begin_step(_state((8, 16)))
-    rows = p.rows(3, p.state)
+    assert p.plan(_host((8, 16))).kind == "full"  # first step of a block: everything
+    plan = p.plan(_host((8, 16)))
+    rows = plan_rows(plan, 2, 24, "cpu")
+    assert plan.kind == "span" and plan.note["active"] == span[1] - span[0]
     assert rows.shape == (2, span[1] - span[0]) and rows[0].tolist() == list(range(*span))
-    p.begin_step(_state((16, 24)))
-    assert p.rows(0, p.state) is None  # new block: refresh again
-    p.begin_step(_state((16, 24), cold=True))
-    assert p.rows(0, p.state) is None  # a cold cache always refreshes
+    assert p.plan(_host((16, 24))).kind == "full"  # new block: refresh again
+    assert p.plan(_host((16, 24), cold=True)).kind == "full"  # a cold cache always refreshes
+    assert p.plan(_host((16, 24))).kind == "span"  # and the cold step was the block's refresh
 
 
 def test_needs_block_bounds():
     with pytest.raises(ValueError, match="block bounds"):
-        DualCachePolicy().begin_step(StepState(torch.zeros(1, 4, dtype=torch.long), None, 0, None, None, False))
+        DualCachePolicy().plan(_host((None, None)))
 
 
 @pytest.mark.parametrize("name", ["prefix_cache", "dual_cache"])

@@ -19,7 +19,6 @@ import torch
 
 import dyllm_fx
 from dyllm_fx.runtime.cache import StepCache
-from dyllm_fx.runtime.policies import POLICIES
 from dyllm_fx.transform import TransformedModel
 from reliability_helpers import models, programs  # noqa: F401 (module-scoped fixtures)
 from reliability_helpers import NAMES, build_policy, fresh, tiny_models, tiny_programs
@@ -31,15 +30,17 @@ GEN = dict(gen_length=16, block_length=8, steps=8, stop_at_eos=False, progress=F
 
 
 def engine_tensors(model: TransformedModel) -> list[torch.Tensor]:
-    """Every tensor buffer the engine holds: the step cache and any per-policy cache (MLP
-    outputs, attention contexts, ...), found by walking the engine's attributes."""
+    """Every tensor buffer the engine holds: the step cache and the policy's buffers (MLP
+    outputs, attention contexts, snapshots, ...), found by walking their attributes."""
     engine = model.engine
-    found = [*engine.cache.k, *engine.cache.v, *engine.cache.hidden]
-    stack = list(vars(engine).values())
-    while stack:  # lists of tensors, lists of (m, l) pairs, ...
+    found = []
+    stack = [*vars(engine.cache).values(), *vars(engine.buffers).values()] if engine.buffers is not None else list(vars(engine.cache).values())
+    while stack:  # lists of tensors, dicts of snapshots, ...
         value = stack.pop()
         if isinstance(value, (list, tuple)):
             stack.extend(value)
+        elif isinstance(value, dict):
+            stack.extend(value.values())
         elif isinstance(value, torch.Tensor):
             found.append(value)
     return found
@@ -85,7 +86,7 @@ def test_cache_nbytes_predicts_and_stats_report_the_cache(models, programs, arch
     out = dyllm_fx.generate(model, TOK, PROMPTS, **GEN)
     assert out.sequences.shape == (len(PROMPTS), seq)
     assert model.cache.nbytes == predicted == out.stats.cache_bytes
-    # by hand: K and V at KV heads (Dream: grouped-query, 2 of 4) + one hidden state per layer boundary
+    # by hand: K and V at KV heads (Dream: grouped-query, 2 of 4) + the final hidden state
     cfg = models[arch].config
     if arch == "llada":
         layers, width, kv, head_dim = cfg.n_layers, cfg.d_model, cfg.kv_heads, cfg.d_model // cfg.n_heads
@@ -93,14 +94,9 @@ def test_cache_nbytes_predicts_and_stats_report_the_cache(models, programs, arch
         layers, width = cfg.num_hidden_layers, cfg.hidden_size
         kv, head_dim = cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads
     assert kv * head_dim < width or arch == "llada"
-    assert predicted == 4 * len(PROMPTS) * seq * (layers * 2 * kv * head_dim + (layers + 1) * width)
+    assert predicted == 4 * len(PROMPTS) * seq * (layers * 2 * kv * head_dim + width)
     # an untransformed model has no step cache to report
     assert dyllm_fx.generate(models[arch], TOK, PROMPTS[:1], **GEN).stats.cache_bytes == 0
-
-
-def _extra_buffers(name: str) -> bool:
-    cls = POLICIES[name]
-    return bool(getattr(cls, "needs_mlp_cache", False) or getattr(cls, "approximate", False))
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -11,7 +11,7 @@ import dyllm_fx
 from dyllm_fx import generate, transform
 from dyllm_fx.models.hf import bidirectional
 from dyllm_fx.models.layers import apply_rope, default_position_ids, key_padding_mask, rope_cos_sin
-from dyllm_fx.runtime.policies import DensePolicy, FixedPolicy, StepState, make_policy
+from dyllm_fx.runtime.policies import DensePolicy, FixedPolicy, HostState, make_policy
 from dyllm_fx.transform import TransformedModel
 from tiny_checkpoints import tiny_dream, tiny_llada, tiny_tokenizer
 
@@ -300,12 +300,12 @@ def test_cache_size_and_allocated_once(models, dense, tok):
         tm(ids, mask)
     cache = tm.cache
     d = cfg.d_model // cfg.n_heads
-    by_hand = 4 * (cfg.n_layers * 2 * 2 * cfg.kv_heads * 11 * d + (cfg.n_layers + 1) * 2 * 11 * cfg.d_model)
+    by_hand = 4 * (cfg.n_layers * 2 * 2 * cfg.kv_heads * 11 * d + 2 * 11 * cfg.d_model)  # K/V + final hidden
     assert cache.nbytes == tm.cache_nbytes(2, 11) == by_hand
-    tensors = [*cache.k, *cache.v, *cache.hidden]
+    tensors = cache.tensors
     with torch.no_grad():
         tm(ids.flip(1), mask)  # same shape, new generation: buffers reused
-    assert tm.cache is cache and all(a is b for a, b in zip(tensors, [*tm.cache.k, *tm.cache.v, *tm.cache.hidden]))
+    assert tm.cache is cache and all(a is b for a, b in zip(tensors, tm.cache.tensors))
     with torch.no_grad():
         tm(ids[:, :7], mask[:, :7])  # another shape: a new cache of the predicted size
     assert tm.cache is not cache and tm.cache.nbytes == tm.cache_nbytes(2, 7)
@@ -330,7 +330,7 @@ def test_explain_mentions_every_block(models, dense, name):
     assert f"{n_layers} blocks" in text
     for i in range(n_layers):
         assert f"block {i}:" in text
-    assert text.count("dyllm.partial_attention") == n_layers
+    assert text.count("+ partial_attention") == n_layers
     assert "q_proj" in text and "policy 'dense'" in text
 
 
@@ -354,9 +354,9 @@ def test_unknown_policy_lists_available():
 @pytest.mark.parametrize("bad", [[0, 12], [-1, 3]])
 def test_fixed_positions_out_of_range(dense, bad):
     ids = torch.full((1, 12), 5)
-    state = StepState(ids, None, 1, None, None, False)
+    host = HostState(ids, torch.ones_like(ids), cold=False, n_layers=2)
     with pytest.raises(ValueError, match=r"\[0, 12\)"):
-        FixedPolicy(bad).rows(0, state)
+        FixedPolicy(bad).rows(host)
     # through a transformed model: the first (cold) step runs every row; the next one asks the policy
     base = dense["llada"]
     tm = TransformedModel(base.program, make_policy("fixed", rows=bad), base.diffusion)

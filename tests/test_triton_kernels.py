@@ -220,7 +220,7 @@ def test_triton_approx_attention_matches_reference(
        seed=st.integers(0, 2**16), data=st.data())
 def test_approx_attention_query_range_equals_slice_of_all_rows(n_rows, mask_kind, cached_stats, seed, data):
     """Querying only rows [q0, q1) gives exactly those rows of the all-rows call (reference and,
-    where Triton imports, the kernel)."""
+    where Triton imports, the kernel); so does any row set, here the span reversed with a repeat."""
     g = _gen(seed)
     q0 = data.draw(st.integers(0, n_rows - 1))
     q1 = data.draw(st.integers(q0 + 1, n_rows))
@@ -237,8 +237,17 @@ def test_approx_attention_query_range_equals_slice_of_all_rows(n_rows, mask_kind
     sub_extra = extra if not cached_stats else [extra[0], extra[1][:, :, q0:q1], extra[2][:, :, q0:q1]]
     want = (full[0][:, :, q0:q1], full[1][:, q0:q1], full[2][:, :, q0:q1], full[3][:, :, q0:q1])
     impls = [aa.approx_attention_reference] + ([aa.triton_approx_attention] if HAS_TRITON and INTERPRET else [])
+    q_rows = torch.arange(q0, q1).expand(2, -1)
     for impl in impls:
-        for x, y in zip(impl(*sub, mask, None, *sub_extra, q_start=q0), want):
+        for x, y in zip(impl(*sub, mask, None, *sub_extra, q_rows=q_rows), want):
+            _close(x, y)
+    pick = torch.cat([torch.arange(q1 - 1, q0 - 1, -1), torch.tensor([q0])])  # reversed, then q0 again
+    rows = pick.expand(2, -1)
+    sub[0], sub[4] = args[0][:, :, pick], args[4][:, :, pick]
+    sub_extra = extra if not cached_stats else [extra[0], extra[1][:, :, pick], extra[2][:, :, pick]]
+    want = (full[0][:, :, pick], full[1][:, pick], full[2][:, :, pick], full[3][:, :, pick])
+    for impl in impls:
+        for x, y in zip(impl(*sub, mask, None, *sub_extra, q_rows=rows), want):
             _close(x, y)
 
 

@@ -19,7 +19,8 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from dyllm_fx.runtime.policies import Policy, StepState, make_policy
+from dyllm_fx.runtime.policies import HostState, Policy, make_policy
+from dyllm_fx.runtime.policies.uniform import plan_rows
 from dyllm_fx.runtime.step import StepRequest
 
 from .metadata import StepGraphInfo
@@ -101,13 +102,12 @@ class UniformStep:
             self.caches = [self.backend.zeros(shape, dtype) for shape, dtype in cache_layout(self.info, bsz, seq_len)]
             self.cache_size = (bsz, seq_len)
         mask = torch.ones_like(ids) if request.attention_mask is None else request.attention_mask.cpu().long()
-        state = StepState(
-            ids, mask, request.nfe, request.block_start, request.block_end, cold, response_start=self.response_start
+        host = HostState(
+            ids, mask, cold, len(self.info.kv_shapes), step=request.nfe, block_start=request.block_start,
+            block_end=request.block_end, response_start=self.response_start, mask_token_id=self.info.spec.mask_token_id,
+            logits_shift=self.info.spec.logits_shift,
         )
-        self.policy.begin_step(state)
-        rows = None if cold else self.policy.rows(0, state)
-        if rows is None:
-            rows = torch.arange(seq_len).expand(bsz, -1)
+        rows = plan_rows(self.policy.plan(host), bsz, seq_len, ids.device)
         shift = self.info.spec.logits_shift
         positions = torch.arange(request.block_start - shift, request.block_end - shift).expand(bsz, -1)
         inputs = {
@@ -117,7 +117,6 @@ class UniformStep:
         inputs = {name: t.to(torch.long).contiguous() for name, t in inputs.items()}
         logits, self.caches = self.backend.run(inputs, self.caches)
         self.active_rows.append(int(rows.shape[1]))
-        self.policy.after_logits(positions, logits)
         return logits.to(request.input_ids.device)
 
 

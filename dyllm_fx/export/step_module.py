@@ -28,6 +28,7 @@ from __future__ import annotations
 import torch
 from torch import fx, nn
 
+from dyllm_fx.kernels import ops as kernel_ops
 from dyllm_fx.kernels.cache_scatter import gather_rows
 from dyllm_fx.passes.split_pieces import Piece, StepProgram
 from dyllm_fx.runtime.policies import POLICIES, Policy
@@ -35,6 +36,8 @@ from dyllm_fx.runtime.policies import POLICIES, Policy
 from . import ops  # noqa: F401  (registers torch.ops.dyllm_export.*)
 
 WRITE_ROWS = torch.ops.dyllm_export.cache_write_rows.default
+# What rewrite_attention inserts for a cache write (the dispatching function; the op itself)
+CACHE_WRITES = (kernel_ops.cache_write_rows, torch.ops.dyllm.cache_write_rows.default)
 
 # The shipped policies whose rows depend only on the step's position in the schedule, the same
 # for all layers (their class attribute ``layer_uniform``).
@@ -75,7 +78,7 @@ def functional_attention(piece: Piece) -> fx.GraphModule:
     caches = {n.name: n for n in graph.nodes if n.op == "placeholder" and n.name in ("k_cache", "v_cache")}
     if set(caches) != {"k_cache", "v_cache"}:
         raise ExportError(f"{piece.gm.__class__.__name__}: no k_cache / v_cache inputs; run rewrite_attention first")
-    writes = [n for n in graph.nodes if n.op == "call_function" and n.target is torch.ops.dyllm.cache_write_rows.default]
+    writes = [n for n in graph.nodes if n.op == "call_function" and n.target in CACHE_WRITES]
     updated = {}
     for node in writes:
         cache = node.args[0]

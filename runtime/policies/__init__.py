@@ -11,13 +11,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .base import Policy, StepState
+from .base import FULL, HostState, LayerResult, Plan, Policy, StepInputs, StepOutput, StepReport
 from .block_cache import DualCachePolicy, PrefixCachePolicy
 from .dense import DensePolicy
 from .dllm_cache import DLLMCachePolicy
 from .dyllm import DyLLMPolicy
 from .es_dllm import ESDLLMPolicy
 from .fixed import FixedPolicy
+from .presets import family_of, preset
+from .uniform import UniformPolicy
 
 POLICIES: dict[str, type[Policy]] = {
     "dense": DensePolicy,
@@ -34,16 +36,16 @@ BLOCK_SCOPES = {"dual_cache": "block", "prefix_cache": "suffix"}
 ROW_POLICIES = ("dyllm", "es_dllm", "dllm_cache")
 
 
-def _build(name: str, config: dict) -> Policy:
+def _build(name: str, config: dict, family: str | None) -> Policy:
     if name not in POLICIES:
         raise ValueError(f"unknown policy {name!r}; available: {sorted(POLICIES)} (compose as 'dual_cache+dyllm')")
     try:
-        return POLICIES[name](**config)
+        return POLICIES[name](**{**preset(name, family), **config})
     except TypeError as err:
         raise ValueError(f"bad parameters for policy {name!r}: {err}") from err
 
 
-def _compose(names: Sequence[str], config: dict) -> Policy:
+def _compose(names: Sequence[str], config: dict, family: str | None) -> Policy:
     blocks = [n for n in names if n in BLOCK_SCOPES]
     rows = [n for n in names if n not in BLOCK_SCOPES]
     if len(blocks) != 1 or len(rows) != 1 or rows[0] not in ROW_POLICIES:
@@ -53,25 +55,32 @@ def _compose(names: Sequence[str], config: dict) -> Policy:
         )
     if "scope" in config:
         raise ValueError(f"'scope' is set by the block cache ({blocks[0]} -> {BLOCK_SCOPES[blocks[0]]!r}); drop it")
-    policy = _build(rows[0], {**config, "scope": BLOCK_SCOPES[blocks[0]]})
+    policy = _build(rows[0], {**config, "scope": BLOCK_SCOPES[blocks[0]]}, family)
     policy.name = f"{blocks[0]}+{rows[0]}"
     return policy
 
 
-def make_policy(policy: str | Sequence[str] | Policy, **config) -> Policy:
+def policy_names(policy: str | Sequence[str]) -> list[str]:
+    """The policy names of a name, a composition string ("a+b") or a list of names."""
+    return policy.split("+") if isinstance(policy, str) else list(policy)
+
+
+def make_policy(policy: str | Sequence[str] | Policy, family: str | None = None, **config) -> Policy:
     """A policy object from a name (and its parameters), a composition (``["dual_cache",
-    "dyllm"]`` or ``"dual_cache+dyllm"``), or an object passed through."""
+    "dyllm"]`` or ``"dual_cache+dyllm"``), or an object passed through. ``family`` ("llada",
+    "dream") fills in the per-model presets (``presets.py``) for parameters not given."""
     if isinstance(policy, Policy):
         if config:
             raise ValueError(f"policy parameters {sorted(config)} given with a policy object; set them on the object")
         return policy
-    names = policy.split("+") if isinstance(policy, str) else list(policy)
+    names = policy_names(policy)
     if len(names) == 1:
-        return _build(names[0], config)
-    return _compose(names, config)
+        return _build(names[0], config, family)
+    return _compose(names, config, family)
 
 
 __all__ = [
-    "BLOCK_SCOPES", "DLLMCachePolicy", "DensePolicy", "DualCachePolicy", "DyLLMPolicy", "ESDLLMPolicy",
-    "FixedPolicy", "POLICIES", "Policy", "PrefixCachePolicy", "ROW_POLICIES", "StepState", "make_policy",
+    "BLOCK_SCOPES", "DLLMCachePolicy", "DensePolicy", "DualCachePolicy", "DyLLMPolicy", "ESDLLMPolicy", "FULL",
+    "FixedPolicy", "HostState", "LayerResult", "POLICIES", "Plan", "Policy", "PrefixCachePolicy", "ROW_POLICIES",
+    "StepInputs", "StepOutput", "StepReport", "UniformPolicy", "family_of", "make_policy", "policy_names", "preset",
 ]

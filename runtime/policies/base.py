@@ -1,114 +1,227 @@
-"""The policy contract: which rows each layer recomputes at a step.
+"""The policy contract: a host-side plan per step, and the step itself as tensor code.
 
-The sparse step asks the policy at three hook points:
+A policy decides which rows each layer recomputes. It does so in two halves:
 
-* ``rows(layer, state)`` before a layer: the active rows, (B, A) int64, or None for all;
-* ``after_attention(layer, rows, context)`` with the attention context of the active rows
-  (B, H, A, d): may return a subset (B, A') of positions *into* ``rows`` that get the MLP,
-  the others keep their cached MLP output (None: all of them);
-* ``after_block(layer, rows, hidden)`` with the layer's new output for the active rows.
+* ``plan(host)`` runs on the host before the step, from what the host already knows (the
+  tokens, the block, the counts the previous step reported). It returns a :class:`Plan`: a
+  hashable ``key`` of Python ints that fixes every shape of the step (a width, a capacity),
+  plus small tensors the step reads (a row list, a span) that may change from step to step
+  without changing a shape.
+* ``step(pieces, plan, inp, cache, buffers)`` is the step: torch ops only, no host reads, no
+  data-dependent shapes. Per-layer choices (DyLLM's salient rows, ES-dLLM's kept rows) are
+  top-C selections with the capacity in ``plan.key``. The same function runs eagerly, under
+  ``torch.compile(fullgraph=True)``, inside a CUDA graph and through ``torch.export``.
 
-A step with a cold cache always runs every row, whatever the policy says.
+After the step the engine reads the step's ``counts`` (one small tensor) back once and hands it
+to ``observe``, which returns what the step did (active rows per layer, overflow) and lets the
+policy size the next step's capacity.
+
+A cold cache (the first step of a generation) always runs :func:`full_step`, whatever the
+policy; ``record`` lets a policy fill its own buffers from that step.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 
+from ..cache import StepCache
+from ..pieces import Pieces
+from ..rows import mark, take, write_rows
 
 SCOPES = ("all", "response", "block", "suffix")
 
 
 def check_scope(scope: str) -> str:
-    """``scope`` if it is one of :data:`SCOPES` (see :meth:`StepState.span`), else a ValueError."""
+    """``scope`` if it is one of :data:`SCOPES`, else a ValueError."""
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {SCOPES}; got {scope!r}")
     return scope
 
 
-@dataclass
-class StepState:
-    """What a policy may look at when it decides."""
+@dataclass(frozen=True)
+class HostState:
+    """What the host knows before a step: everything a plan may depend on."""
 
-    input_ids: torch.Tensor  # (B, L)
-    attention_mask: torch.Tensor | None
-    step: int  # forward evaluations so far in this generation
-    block_start: int | None  # current block bounds, when the caller is the denoising loop
-    block_end: int | None
-    cold: bool  # the cache is empty: every row runs
-    response_start: int | None = None  # first response position (None: unknown, e.g. forward())
-    cache: object | None = None  # the engine's StepCache (K/V/hidden per layer), read-only for policies
-    # kv_probe(layer, rows) -> (k, v) of those rows from their current layer input, without
-    # writing anything (dLLM-Cache compares them with the cached V).
-    kv_probe: object | None = None
-    q_probe: object | None = None  # q_probe(layer, rows) -> q (B, H, A, d), likewise
-    mask_token_id: int | None = None  # when the engine knows the model's diffusion spec
+    input_ids: torch.Tensor  # (B, L), on the model's device
+    attention_mask: torch.Tensor  # (B, L) 1 for real tokens, 0 for left padding
+    cold: bool  # the cache is empty: this step runs every row
+    n_layers: int
+    step: int = 0  # forward evaluations so far in this generation
+    block_start: int | None = None  # current block [start, end), when the caller is the denoising loop
+    block_end: int | None = None
+    response_start: int | None = None  # first response position (None: unknown)
+    mask_token_id: int | None = None
+    logits_shift: int = 0  # 1 for Dream: the logit of position p is read at row p - 1
+    last_committed: int = 0  # tokens the previous step committed, most of any batch element
+    last_leftmost: int | None = None  # smallest position the previous step committed
+
+    @property
+    def batch(self) -> int:
+        return self.input_ids.shape[0]
 
     @property
     def seq_len(self) -> int:
         return self.input_ids.shape[1]
 
+    @property
+    def device(self) -> torch.device:
+        return self.input_ids.device
+
     def span(self, scope: str) -> tuple[int, int]:
-        """The [start, end) rows a row-level policy works on: ``all``, ``response`` (prompt
-        frozen between refreshes), ``block`` (dual-cache composition: the current block) or
-        ``suffix`` (prefix-cache composition: the current block and everything after it)."""
+        """The [start, end) rows of ``scope``: ``all``, ``response`` (from the response start),
+        ``block`` (the current block) or ``suffix`` (the current block and everything after)."""
         if scope == "all" or self.block_start is None:
             return 0, self.seq_len
         if scope == "response":
             return (self.response_start if self.response_start is not None else 0), self.seq_len
         if check_scope(scope) == "block":
             return self.block_start, self.block_end
-        return self.block_start, self.seq_len  # "suffix"
+        return self.block_start, self.seq_len
 
-    def span_rows(self, start: int, end: int) -> torch.Tensor:
-        """The row set (B, end - start) of positions [start, end) for every batch element."""
-        return torch.arange(start, end, device=self.input_ids.device).expand(self.input_ids.shape[0], -1)
+    def column(self, value: int) -> torch.Tensor:
+        """``value`` for every batch element, as a (B,) int64 tensor on the device."""
+        return torch.full((self.batch,), value, dtype=torch.long, device=self.device)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One step's shape (``key``) and the small per-step tensors the step reads."""
+
+    key: tuple  # hashable, Python ints and strings: one compiled step per key
+    rows: torch.Tensor | None = None  # (B, A) rows for policies that pick them on the host
+    span_start: torch.Tensor | None = None  # (B,) a policy-defined span
+    span_len: torch.Tensor | None = None  # (B,)
+    # host-side bookkeeping for ``observe`` (e.g. the row count before bucket padding); not
+    # part of the step's shape
+    note: dict = field(default_factory=dict, compare=False)
+
+    @property
+    def kind(self) -> str:
+        return self.key[0]
+
+
+FULL = Plan(("full",))
+
+
+@dataclass
+class StepInputs:
+    """The step's tensor arguments."""
+
+    input_ids: torch.Tensor  # (B, L)
+    attention_mask: torch.Tensor  # (B, L)
+    position_ids: torch.Tensor  # (B, L)
+    logit_positions: torch.Tensor  # (B, P) rows whose logits the step returns
+    rows: torch.Tensor | None = None  # Plan.rows
+    span_start: torch.Tensor | None = None  # Plan.span_start
+    span_len: torch.Tensor | None = None  # Plan.span_len
+
+
+@dataclass
+class StepOutput:
+    logits: torch.Tensor  # (B, P, V) at the logit positions
+    # (B, P) bool: positions whose logits come from rows that ran every layer this step (the
+    # sampler commits nothing else); None: all of them
+    eligible: torch.Tensor | None = None
+    counts: torch.Tensor | None = None  # int64 counters for ``observe`` (policy-defined)
+    report: "StepReport | None" = None  # filled by the engine after the step
+
+
+@dataclass
+class StepReport:
+    """What a step did, for the step record and the generation's statistics."""
+
+    active: list[int]  # per layer: rows that ran the MLP, most of any batch element
+    capacity: int = 0  # the step's top-C capacity (0: no selection)
+    overflow: int = 0  # rows that qualified beyond the capacity (approximated instead), summed over layers
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class LayerResult:
+    """One layer of a full or row step, as a policy's ``record`` sees it."""
+
+    layer: int
+    rows: torch.Tensor  # (B, A) the rows it ran
+    x: torch.Tensor  # (B, A, D) their input
+    prologue: object  # the step's Prologue (tables), for pieces that need them
+    h_mid: torch.Tensor  # after attention and its residual
+    context: torch.Tensor  # (B, H, A, d) attention context
+    branch: torch.Tensor  # the MLP branch's output
+    out: torch.Tensor  # the layer's output
+
+
+Record = Callable[[LayerResult], None]
+
+
+def full_step(pieces: Pieces, inp: StepInputs, cache: StepCache, record: Record | None = None) -> StepOutput:
+    """Every row through every layer (a cold cache, or a policy's refresh). ``record`` sees each
+    layer's :class:`LayerResult`, e.g. to fill a policy's buffers."""
+    return rows_step(pieces, inp, cache, None, record)
+
+
+def rows_step(
+    pieces: Pieces, inp: StepInputs, cache: StepCache, rows: torch.Tensor | None, record: Record | None = None
+) -> StepOutput:
+    """The rows ``rows`` (B, A) through every layer (None: every row); the other rows keep
+    their cached K/V and final hidden state. Row lists may repeat a row (bucket padding)."""
+    pro = pieces.prologue(inp.input_ids, inp.attention_mask, inp.position_ids)
+    if rows is None:
+        bsz, seq_len = inp.input_ids.shape
+        x, rows = pro.h0, torch.arange(seq_len, device=pro.h0.device).expand(bsz, -1)
+    else:
+        x = take(pro.h0, rows, 1)
+    for layer in range(pieces.n_layers):
+        out, h_mid, ctx, branch = pieces.layer(layer, x, rows, pro, cache)
+        mark(cache.activity, layer, rows, 1.0)
+        if record is not None:
+            record(LayerResult(layer, rows, x, pro, h_mid, ctx, branch, out))
+        x = out
+    write_rows(cache.hidden, rows, x, 1)
+    return StepOutput(head_logits(pieces, cache, inp.logit_positions))
+
+
+def head_logits(pieces: Pieces, cache: StepCache, positions: torch.Tensor) -> torch.Tensor:
+    """The LM head at ``positions`` (B, P) from the cached final hidden state."""
+    return pieces.head(take(cache.hidden, positions, 1), positions)
 
 
 class Policy:
+    """Base class: a policy that runs every row at every step (subclasses choose fewer)."""
+
     name = "base"
-    needs_mlp_cache = False  # set by policies whose after_attention returns subsets
-    # Policies that run DyLLM-style layers (queries for a span, K/V for the changed rows,
-    # approximate attention) set this and implement the ``approx_*`` hooks below.
-    approximate = False
-    # One row set per step, the same for every layer, chosen before the step from the host's
-    # state only (no hook reads values the step computes): the step can be exported as one
-    # graph (ONNX) and replayed as a CUDA graph.
+    # One row set per step, the same for every layer, chosen on the host (``Plan.rows``):
+    # such a policy's step is also the exported graph of the block caches.
     layer_uniform = False
-    cached_softmax_stats = True  # DyLLM layers: approx attention mode 2 (see kernels/approx_attention.py)
 
-    def begin_step(self, state: StepState) -> None:
-        self.state = state
+    def reset(self) -> None:
+        """A new generation starts: forget per-generation host state."""
 
-    def rows(self, layer: int, state: StepState) -> torch.Tensor | None:
+    def allocate(self, program, batch: int, seq_len: int, device: torch.device):
+        """The policy's device buffers for a (batch, seq_len) generation (None: none)."""
         return None
 
-    def after_attention(self, layer: int, rows: torch.Tensor, context: torch.Tensor) -> torch.Tensor | None:
+    def buffer_nbytes(self, program, batch: int, seq_len: int) -> int:
+        """Bytes ``allocate`` takes."""
+        return 0
+
+    def plan(self, host: HostState) -> Plan:
+        return FULL
+
+    def step(self, pieces: Pieces, plan: Plan, inp: StepInputs, cache: StepCache, buffers) -> StepOutput:
+        return full_step(pieces, inp, cache, self.recorder(buffers))
+
+    def recorder(self, buffers) -> Record | None:
+        """What a full step records into the policy's buffers (None: nothing)."""
         return None
 
-    def after_block(self, layer: int, rows: torch.Tensor, hidden: torch.Tensor) -> None:
+    def observe(self, plan: Plan, counts: list[int] | None, n_layers: int, seq_len: int) -> StepReport:
+        """What the step did, from its ``counts``; the default: every row of every layer."""
+        return StepReport([seq_len] * n_layers)
+
+    def similarity(self, buffers, plan: Plan) -> list[torch.Tensor | None] | None:
+        """Per layer (B, L) fp32 cosine of each row's attention context to the previous step's
+        (NaN where not measured), for policies that measure it; None otherwise."""
         return None
-
-    def layer_similarity(self, layer: int) -> torch.Tensor | None:
-        """(B, L) fp32 cosine similarity of each position's attention context to the previous
-        step's, as measured at this step's ``layer`` (NaN where not measured), or None when
-        this policy measures none. Read by the engine when ``record_similarity`` is on."""
-        return None
-
-    def after_logits(self, positions: torch.Tensor, logits: torch.Tensor) -> None:
-        """The step's logits (B, P, V) at ``positions`` (B, P), e.g. for confidence scores."""
-        return None
-
-    # --- DyLLM-style layers (used when ``approximate`` is True) -------------------------------
-
-    def approx_layer(self, layer: int, state: StepState) -> tuple[int, int, torch.Tensor] | None:
-        """(start, end, changed): run ``layer`` approximately, querying rows [start, end), with
-        K/V recomputed for ``changed`` (B, A) (A may be 0); None: run it as a normal layer."""
-        return None
-
-    def approx_salient(self, layer: int, cos: torch.Tensor, start: int) -> torch.Tensor:
-        """Rows (B, S) (absolute positions, S may be 0) that get the MLP at ``layer``, from the
-        cosine similarity (B, end - start) of each queried row's new context to its cached one."""
-        raise NotImplementedError

@@ -12,42 +12,42 @@ the block's later steps:
 
 from __future__ import annotations
 
-import torch
+from .base import HostState
+from .uniform import UniformPolicy
 
-from .base import Policy, StepState
 
-
-class _BlockCachePolicy(Policy):
-    layer_uniform = True
+class _BlockCachePolicy(UniformPolicy):
     def __init__(self):
         self._block_start: int | None = None
-        self.refresh = True
 
-    def begin_step(self, state: StepState) -> None:
-        super().begin_step(state)
-        if state.block_start is None:
+    def reset(self) -> None:
+        self._block_start = None
+
+    def span(self, host: HostState) -> tuple[int, int] | None:
+        new_block = host.block_start != self._block_start
+        self._block_start = host.block_start
+        return None if new_block else self._span(host)
+
+    def plan(self, host: HostState):
+        if host.block_start is None:
             raise ValueError(f"policy {self.name!r} needs the block bounds; run it through dyllm_fx.generate()")
-        self.refresh = state.cold or state.block_start != self._block_start
-        self._block_start = state.block_start
+        if host.cold:  # a cold step is the block's refresh: its next step is a warm one
+            self._block_start = host.block_start
+        return super().plan(host)
 
-    def _span(self, state: StepState) -> tuple[int, int]:
+    def _span(self, host: HostState) -> tuple[int, int]:
         raise NotImplementedError
-
-    def rows(self, layer: int, state: StepState) -> torch.Tensor | None:
-        if self.refresh:
-            return None
-        return state.span_rows(*self._span(state))
 
 
 class PrefixCachePolicy(_BlockCachePolicy):
     name = "prefix_cache"
 
-    def _span(self, state: StepState) -> tuple[int, int]:
-        return state.block_start, state.input_ids.shape[1]
+    def _span(self, host: HostState) -> tuple[int, int]:
+        return host.block_start, host.seq_len
 
 
 class DualCachePolicy(_BlockCachePolicy):
     name = "dual_cache"
 
-    def _span(self, state: StepState) -> tuple[int, int]:
-        return state.block_start, state.block_end
+    def _span(self, host: HostState) -> tuple[int, int]:
+        return host.block_start, host.block_end

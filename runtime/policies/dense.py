@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from .base import Policy
+from .uniform import UniformPolicy
 
 
-class DensePolicy(Policy):
-    layer_uniform = True
+class DensePolicy(UniformPolicy):
     name = "dense"

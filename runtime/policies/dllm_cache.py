@@ -4,9 +4,9 @@ intervals, with the response rows whose values moved most refreshed adaptively.
 * every ``prompt_interval`` steps (and at a cold cache) the whole sequence is recomputed;
 * every ``response_interval`` steps the response is recomputed (the prompt stays cached);
 * at the other steps each layer first projects V for every response row from its current
-  input (``kv_probe``, the cheap check the method is built on), and recomputes the
-  ``ratio`` fraction of rows whose V has the lowest cosine similarity to the cached V;
-  the other rows reuse their cached attention and MLP results.
+  input (the cheap check the method is built on), and recomputes the ``ratio`` fraction of rows
+  whose V has the lowest cosine similarity to the cached V; the other rows keep their cached
+  layer output.
 
 ``ratio=1.0`` recomputes the whole response at every step; with ``scope="all"`` that is
 the vanilla forward.
@@ -15,12 +15,13 @@ the vanilla forward.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
-from dyllm_fx.kernels.ops import gather_rows
-
-from .base import Policy, StepState, check_scope
+from ..rows import mark, select_top, span_rows, take, write_rows
+from .base import FULL, HostState, Plan, Policy, StepOutput, StepReport, check_scope, full_step, head_logits, rows_step
+from .params import number
 from .refresh import RefreshClock
 
 
@@ -30,35 +31,81 @@ def value_similarity(v_new: torch.Tensor, v_cached: torch.Tensor) -> torch.Tenso
     return torch.nn.functional.cosine_similarity(a, b, dim=-1, eps=1e-8)
 
 
+@dataclass
+class DLLMCacheBuffers:
+    outputs: list[torch.Tensor]  # per layer but the last (B, L, D): each row's cached layer output
+
+
 class DLLMCachePolicy(Policy):
     name = "dllm_cache"
 
     def __init__(
         self, prompt_interval: int = 32, response_interval: int = 8, ratio: float = 0.25, scope: str = "response"
     ):
-        if not 0.0 < ratio <= 1.0:
-            raise ValueError(f"ratio (the fraction of response rows refreshed per step) must lie in (0, 1]; got {ratio}")
+        self.ratio = number("ratio", ratio, 0.0, 1.0, low_open=True, hint=" (the fraction of response rows refreshed per step)")
         self.prompt_clock = RefreshClock(prompt_interval, on_new_block=False, name="prompt_interval")
         self.response_clock = RefreshClock(response_interval, on_new_block=False, name="response_interval")
-        self.ratio = float(ratio)
         self.scope = check_scope(scope)
         self._shape: tuple | None = None
 
-    def begin_step(self, state: StepState) -> None:
-        super().begin_step(state)
-        stale = self._shape != tuple(state.input_ids.shape)
-        self._shape = tuple(state.input_ids.shape)
-        self.full = self.prompt_clock.tick(state, force=stale)
-        self.whole_response = self.response_clock.tick(state, force=self.full) or self.ratio >= 1.0
-        self._span = state.span_rows(*state.span(self.scope))
+    def reset(self) -> None:
+        self.prompt_clock.reset()
+        self.response_clock.reset()
 
-    def rows(self, layer: int, state: StepState) -> torch.Tensor | None:
-        if self.full:
-            return None
-        if self.whole_response:
-            return self._span
-        _, v_new = state.kv_probe(layer, self._span)
-        sim = value_similarity(v_new, gather_rows(state.cache.v[layer], self._span, 2))
-        k = max(1, math.ceil(self.ratio * self._span.shape[1]))
-        picked = (-sim).topk(k, dim=1).indices
-        return self._span.gather(1, picked).sort(dim=1).values
+    def allocate(self, program, batch, seq_len, device) -> DLLMCacheBuffers:
+        n = len(program.kv_shapes)
+        size = (batch, seq_len, program.hidden_size)
+        return DLLMCacheBuffers([torch.zeros(size, dtype=program.hidden_dtype, device=device) for _ in range(n - 1)])
+
+    def buffer_nbytes(self, program, batch, seq_len) -> int:
+        item = torch.empty((), dtype=program.hidden_dtype).element_size()
+        return (len(program.kv_shapes) - 1) * batch * seq_len * program.hidden_size * item
+
+    def plan(self, host: HostState) -> Plan:
+        stale = self._shape != tuple(host.input_ids.shape)
+        self._shape = tuple(host.input_ids.shape)
+        full = self.prompt_clock.tick(host, force=stale)
+        whole = self.response_clock.tick(host, force=full) or self.ratio >= 1.0
+        if full:
+            return FULL
+        start, end = host.span(self.scope)
+        span = dict(span_start=host.column(start), span_len=host.column(end - start))
+        if whole:
+            return Plan(("response", end - start), **span, note={"active": end - start})
+        refreshed = max(1, math.ceil(self.ratio * (end - start)))
+        return Plan(("adaptive", end - start, refreshed), **span, note={"active": refreshed})
+
+    def observe(self, plan, counts, n_layers, seq_len) -> StepReport:
+        return StepReport([plan.note.get("active", seq_len)] * n_layers)
+
+    def _output(self, buffers: DLLMCacheBuffers, cache, layer: int) -> torch.Tensor:
+        return buffers.outputs[layer] if layer < len(buffers.outputs) else cache.hidden
+
+    def step(self, pieces, plan, inp, cache, buffers: DLLMCacheBuffers) -> StepOutput:
+        def record(r):
+            if r.layer < len(buffers.outputs):
+                write_rows(buffers.outputs[r.layer], r.rows, r.out, 1)
+
+        if plan.kind == "full":
+            return full_step(pieces, inp, cache, record)
+        rows = span_rows(inp.span_start, inp.span_len, plan.key[1])[0]
+        if plan.kind == "response":
+            return rows_step(pieces, inp, cache, rows, record)
+        refreshed = plan.key[2]
+        pro = pieces.prologue(inp.input_ids, inp.attention_mask, inp.position_ids)
+        x = take(pro.h0, rows, 1)  # (B, W, D) every response row's input to the layer
+        everyone = torch.ones_like(rows, dtype=torch.bool)
+        for layer in range(pieces.n_layers):
+            _, v_new = pieces.kv(layer, x, rows, pro)
+            sim = value_similarity(v_new, take(cache.v[layer], rows, 2))
+            slots, _ = select_top(-sim, everyone, refreshed)  # the values that moved most
+            r_rows = take(rows, slots, 1)
+            out = pieces.layer(layer, take(x, slots, 1), r_rows, pro, cache)[0]
+            mark(cache.activity, layer, r_rows, 1.0)
+            dest = self._output(buffers, cache, layer)
+            write_rows(dest, r_rows, out, 1)
+            x = take(dest, rows, 1)
+        return StepOutput(head_logits(pieces, cache, inp.logit_positions))
+
+
+__all__ = ["DLLMCachePolicy", "DLLMCacheBuffers", "value_similarity"]

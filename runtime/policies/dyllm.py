@@ -1,95 +1,297 @@
-"""``dyllm``: DyLLM's saliency-gated layers (arXiv 2603.08026; official code scale-snu/DyLLM).
+"""``dyllm``: DyLLM's saliency-gated layers (arXiv 2603.08026; official code scale-snu/DyLLM,
+mirrored as younjoo0614/DyLLM).
 
 Between two denoising steps only the tokens just unmasked change, and their effect fades
-through the layers. At a warm step, each layer
+through the layers. At a sparse step, each layer
 
-* queries every row of its scope (``response`` by default: the prompt is frozen until the next
-  refresh), recomputes K/V only for the rows that changed in the previous layer (layer 0: the
-  tokens that changed since the last step), gives those rows exact attention and every other
-  row the approximate update cached context + P[:, changed] . dV (``dyllm::approx_attention``);
+* queries every row of its span (the response; the whole sequence every ``full_query_interval``
+  steps, so prompt rows can become salient too), recomputes K/V only for the rows that changed
+  in the previous layer (layer 0: the tokens committed at the last step), gives those rows exact
+  attention and every other row the approximate update cached context + P[:, changed] . dV
+  (``dyllm::approx_attention``), with the softmax normaliser recomputed over every key;
 * marks as *salient* the rows whose new context has cosine similarity to the cached one below
   ``tau``: they get the MLP here and new K/V in the next layer; the others keep their cached
   MLP output. o_proj and the residual run for every queried row.
 
-The whole sequence is recomputed at the first step of each block and every
-``refresh_interval`` steps; composed with a block cache (``scope`` ``block`` or ``suffix``), the
-interval refresh recomputes only that scope, since the rows outside it are the block cache's
-to refresh (at the next block). With ``cached_softmax_stats`` (default) the approximate attention
-keeps each row's softmax statistics and updates them over the changed keys only (mode 2 of
-``dyllm::approx_attention``, O(N A d)); off, every approximate layer runs the full score pass
-(mode 1, O(N^2 d), the exact normalizer). ``tau = 1`` marks every row of the scope salient at every layer,
-layer 0's input included: with ``scope="all"`` that is exactly the vanilla forward.
+The first ``num_full_steps`` steps of a generation run every row; after them no step is dense.
+
+Defaults follow the official code:
+
+================================  =================  =========================================
+parameter                         default            where the official code sets it
+================================  =================  =========================================
+``tau``                           0.99 (LLaDA),      ``Config.threshold`` and ``eval.py
+                                  0.995 (Dream)      --threshold`` 0.99; ``run.py`` (Dream) 0.995
+``num_full_steps``                4                  ``scripts/run_gsm8k.sh`` NUM_FULL_STEPS=4
+                                                     (``eval.py`` 8, ``SamplingParams`` 16)
+``full_query_interval``           4                  ``engine/model_runner.py prepare_sparse``:
+                                                     the whole sequence is queried when
+                                                     ``processed_steps <= 4 or % 4 == 0``
+``cached_softmax_stats``          False              the attention kernel recomputes the
+                                                     normaliser over all keys every step
+``refresh_interval``              None               no dense step after the first ones
+``refresh_at_block``              False              no dense step at block boundaries
+================================  =================  =========================================
+
+The project's own variants are options, each measured against the default in ``dyllm bench``:
+``cached_softmax_stats=True`` (update cached softmax statistics over the changed keys only,
+O(N A d) instead of O(N^2 d); exact only while a row's query does not move),
+``refresh_interval=16`` / ``refresh_at_block=True`` (dense refreshes), and
+``full_query_interval=None`` (the prompt stays frozen after the dense steps).
+
+Static shapes: the changed and salient sets are top-C selections (lowest cosine first) with a
+capacity C fixed for the step. Selected rows that do not qualify are computed and discarded
+(their cache writes are suppressed), so with no overflow a step equals one with exact counts.
+Rows that qualify beyond C are the *overflow*: approximated, counted on the device, and the
+next step's capacity grows to cover them (``capacity="auto"``; an int fixes C; ``"full"`` is the
+whole span, which never overflows). ``tau = 1`` marks every row salient; with
+``full_query_interval=1`` (every step queries everything) that is exactly the vanilla forward.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from ..rows import rows_where
-from .base import Policy, StepState, check_scope
-from .refresh import RefreshClock
+from dyllm_fx.kernels.ops import approx_attention, partial_attention, partial_attention_stats
+from dyllm_fx.kernels.saliency import cosine_from_stats
+
+from ..rows import bucket_size, mark, select_top, span_rows, take, write_rows
+from .base import FULL, HostState, Plan, Policy, StepOutput, StepReport, check_scope, full_step, head_logits, rows_step
+from .params import choice, count, flag, number
+
+COUNT_KINDS = 3  # counts rows: rows that qualified (max over the batch), kept (max), overflow (sum)
+
+
+@dataclass
+class DyLLMBuffers:
+    context: list[torch.Tensor]  # per layer (B, H, L, dv): each row's attention context at its last update
+    mlp: list[torch.Tensor]  # per layer (B, L, D): each row's MLP branch output at its last update
+    prev_ids: torch.Tensor  # (B, L): the tokens of the previous step (what changed since)
+    m: list[torch.Tensor] | None = None  # cached_softmax_stats: per layer (B, H, L) fp32 row max
+    l: list[torch.Tensor] | None = None  # and row sum of the softmax
+    similarity: list[torch.Tensor] | None = None  # per layer (B, L) fp32, when recording
+
 
 class DyLLMPolicy(Policy):
     name = "dyllm"
-    needs_mlp_cache = True
-    approximate = True
 
     def __init__(
-        self, tau: float = 0.99, refresh_interval: int = 16, scope: str = "response", cached_softmax_stats: bool = True
+        self,
+        tau: float = 0.99,
+        num_full_steps: int = 4,
+        full_query_interval: int | None = 4,
+        cached_softmax_stats: bool = False,
+        refresh_interval: int | None = None,
+        refresh_at_block: bool = False,
+        scope: str = "response",
+        capacity: int | str = "auto",
     ):
-        if not 0.0 < tau <= 1.0:
-            raise ValueError(f"tau must lie in (0, 1] (DyLLM uses about 0.99 to 0.995); got {tau}")
-        self.tau = float(tau)
-        self.cached_softmax_stats = bool(cached_softmax_stats)
+        self.tau = number("tau", tau, 0.0, 1.0, low_open=True, hint=" (DyLLM uses about 0.99 to 0.995)")
+        self.num_full_steps = count("num_full_steps", num_full_steps, minimum=1)
+        self.full_query_interval = count("full_query_interval", full_query_interval, allow_none=True)
+        self.cached_softmax_stats = flag("cached_softmax_stats", cached_softmax_stats)
+        self.refresh_interval = count("refresh_interval", refresh_interval, allow_none=True)
+        self.refresh_at_block = flag("refresh_at_block", refresh_at_block)
         self.scope = check_scope(scope)
-        self.clock = RefreshClock(refresh_interval)
-        self._prev_ids: torch.Tensor | None = None
-        self._real: torch.Tensor | bool = True  # (B, span) non-padding rows, set per step
-        self._similarity: dict[int, torch.Tensor] = {}
+        if not (capacity in ("auto", "full") or (isinstance(capacity, int) and not isinstance(capacity, bool) and capacity >= 1)):
+            raise ValueError(f"capacity must be 'auto', 'full' or a row count >= 1; got {capacity!r}")
+        self.capacity = capacity
+        self.record_similarity = False  # set by the engine: fill DyLLMBuffers.similarity
+        self.reset()
 
-    def begin_step(self, state: StepState) -> None:
-        super().begin_step(state)
-        stale = self._prev_ids is None or self._prev_ids.shape != state.input_ids.shape
-        self.refresh = self.clock.tick(state, force=stale)
-        self._span = state.span(self.scope)
-        start, end = self._span
-        # Left padding never becomes changed or salient (its keys are masked anyway).
-        self._real = state.attention_mask[:, start:end].bool() if state.attention_mask is not None else True
-        if not self.refresh:
-            if self.tau >= 1.0:
-                changed = torch.ones_like(state.input_ids[:, start:end], dtype=torch.bool)
-            else:
-                changed = state.input_ids[:, start:end] != self._prev_ids[:, start:end]
-            self._changed = rows_where(changed & self._real, start)
-        self._prev_ids = state.input_ids.clone()
-        self._similarity = {}
+    def reset(self) -> None:
+        self._steps = 0  # steps since the generation started (the official processed_steps - 1)
+        self._since_refresh = 0
+        self._block_start: int | None = None
+        self._stats_ready = False  # cached softmax statistics hold every queried row's current values
+        self._need = 0  # rows the last sparse step wanted in its selections (most of any layer)
 
-    def rows(self, layer: int, state: StepState) -> torch.Tensor | None:
-        """Refresh steps only (warm steps run ``approx_layer``): the whole sequence, or under a
-        block cache the scope alone when the refresh is the interval's."""
-        if self.refresh and not self.clock.forced and self.scope in ("block", "suffix"):
-            return state.span_rows(*self._span)
-        return None
+    @property
+    def _composed(self) -> bool:
+        return self.scope in ("block", "suffix")
 
-    def approx_layer(self, layer: int, state: StepState):
-        if self.refresh:
-            return None
-        if layer > 0:
-            self._changed = self._salient
-        return (*self._span, self._changed)
+    # --- buffers ------------------------------------------------------------------------------
 
-    def approx_salient(self, layer: int, cos: torch.Tensor, start: int) -> torch.Tensor:
-        self._similarity[layer] = cos
-        flag = torch.ones_like(cos, dtype=torch.bool) if self.tau >= 1.0 else cos < self.tau
-        flag = flag & self._real
-        self._salient = rows_where(flag, start)
-        return self._salient
+    def allocate(self, program, batch, seq_len, device) -> DyLLMBuffers:
+        heads = program.attn_heads
+        context = [
+            torch.zeros(batch, heads[i], seq_len, v[1], dtype=program.kv_dtype, device=device)
+            for i, (_, v) in enumerate(program.kv_shapes)
+        ]
+        mlp = [torch.zeros(batch, seq_len, program.hidden_size, dtype=program.hidden_dtype, device=device) for _ in heads]
+        prev = torch.zeros(batch, seq_len, dtype=torch.long, device=device)
+        stats = None
+        if self.cached_softmax_stats:
+            stats = [[torch.zeros(batch, h, seq_len, device=device) for h in heads] for _ in range(2)]
+        sim = [torch.full((batch, seq_len), float("nan"), device=device) for _ in heads] if self.record_similarity else None
+        return DyLLMBuffers(context, mlp, prev, *(stats or (None, None)), similarity=sim)
 
-    def layer_similarity(self, layer: int) -> torch.Tensor | None:
-        cos = self._similarity.get(layer)
-        if cos is None:
-            return None
-        start, end = self._span
-        full = torch.full((cos.shape[0], self.state.seq_len), float("nan"))
-        full[:, start:end] = cos.float().cpu()
-        return full
+    def buffer_nbytes(self, program, batch, seq_len) -> int:
+        kv_item = torch.empty((), dtype=program.kv_dtype).element_size()
+        h_item = torch.empty((), dtype=program.hidden_dtype).element_size()
+        total = batch * seq_len * 8  # prev_ids
+        for heads, (_, v) in zip(program.attn_heads, program.kv_shapes):
+            total += batch * heads * seq_len * v[1] * kv_item  # context
+            total += batch * seq_len * program.hidden_size * h_item  # MLP output
+            if self.cached_softmax_stats:
+                total += 2 * batch * heads * seq_len * 4
+            if self.record_similarity:
+                total += batch * seq_len * 4
+        return total
+
+    # --- host: the plan ------------------------------------------------------------------------
+
+    def _span(self, host: HostState, full_query: bool) -> tuple[int, int]:
+        if full_query and not self._composed:
+            return 0, host.seq_len
+        return host.span(self.scope)
+
+    def plan(self, host: HostState) -> Plan:
+        if host.cold:
+            self.reset()
+        step = self._steps
+        self._steps += 1
+        new_block = host.block_start is not None and host.block_start != self._block_start
+        self._block_start = host.block_start
+        if host.cold or step < self.num_full_steps or (new_block and (self._composed or self.refresh_at_block)):
+            return self._refresh(FULL)
+        if self.refresh_interval is not None and self._since_refresh >= self.refresh_interval:
+            if not self._composed:
+                return self._refresh(FULL)
+            start, end = host.span(self.scope)  # under a block cache, the rows outside are its own
+            width = bucket_size(end - start, host.seq_len) if self.scope == "suffix" else end - start
+            span = Plan(("refresh", width), span_start=host.column(start), span_len=host.column(end - start),
+                        note={"active": end - start})
+            return self._refresh(span)
+        self._since_refresh += 1
+        n = step + 1  # the official processed_steps
+        interval = self.full_query_interval
+        full_query = interval is not None and (n <= interval or n % interval == 0)
+        start, end = self._span(host, full_query)
+        width = bucket_size(end - start, host.seq_len) if self.scope == "suffix" and not full_query else end - start
+        capacity = self._capacity(width, host)
+        stats = "cached" if self.cached_softmax_stats and self._stats_ready and not full_query else "exact"
+        self._stats_ready = True
+        key = ("sparse", width, capacity, stats, self.record_similarity)
+        return Plan(key, span_start=host.column(start), span_len=host.column(end - start), note={"width": width})
+
+    def _refresh(self, plan: Plan) -> Plan:
+        self._since_refresh = 1
+        self._stats_ready = False
+        self._need = 0
+        return plan
+
+    def _capacity(self, width: int, host: HostState) -> int:
+        if self.capacity == "full" or self.tau >= 1.0:
+            return width
+        if isinstance(self.capacity, int):
+            return min(self.capacity, width)
+        need = max(self._need, host.last_committed) if self._need else max(host.last_committed, width // 4)
+        return bucket_size(need, width)
+
+    def observe(self, plan, counts, n_layers, seq_len) -> StepReport:
+        if plan.kind != "sparse":
+            return StepReport([plan.note.get("active", seq_len)] * n_layers)
+        need, kept, overflow = counts[0::COUNT_KINDS], counts[1::COUNT_KINDS], counts[2::COUNT_KINDS]
+        self._need = max(need)
+        # entry 0 is layer 0's changed rows (new K/V); entry l + 1 is layer l's salient rows (MLP)
+        return StepReport(list(kept[1:]), capacity=plan.key[2], overflow=sum(overflow), extra={"changed": kept[0]})
+
+    def similarity(self, buffers: DyLLMBuffers, plan: Plan):
+        return buffers.similarity if plan.kind == "sparse" and buffers.similarity is not None else None
+
+    # --- device: the step ----------------------------------------------------------------------
+
+    def recorder(self, buffers: DyLLMBuffers):
+        def record(r):
+            write_rows(buffers.context[r.layer], r.rows, r.context, 2)
+            write_rows(buffers.mlp[r.layer], r.rows, r.branch, 1)
+
+        return record
+
+    def step(self, pieces, plan, inp, cache, buffers: DyLLMBuffers) -> StepOutput:
+        if plan.kind == "full":
+            out = full_step(pieces, inp, cache, self.recorder(buffers))
+        elif plan.kind == "refresh":
+            rows = span_rows(inp.span_start, inp.span_len, plan.key[1])[0]
+            out = rows_step(pieces, inp, cache, rows, self.recorder(buffers))
+        else:
+            out = self._sparse_step(pieces, plan, inp, cache, buffers)
+        buffers.prev_ids.copy_(inp.input_ids)
+        return out
+
+    def _sparse_step(self, pieces, plan, inp, cache, buffers: DyLLMBuffers) -> StepOutput:
+        _, width, capacity, stats_mode, record = plan.key
+        rows, in_span = span_rows(inp.span_start, inp.span_len, width)
+        real = take(inp.attention_mask, rows, 1).bool() & in_span  # left padding never changes
+        pro = pieces.prologue(inp.input_ids, inp.attention_mask, inp.position_ids)
+        x = take(pro.h0, rows, 1)
+        every = self.tau >= 1.0
+        changed = real if every else real & (take(inp.input_ids, rows, 1) != take(buffers.prev_ids, rows, 1))
+        slots, valid = select_top(changed.float(), changed, capacity)
+        counts = [_counts(changed, valid)]
+        for layer in range(pieces.n_layers):
+            q, mask = pieces.query(layer, x, rows, pro)
+            ctx, cos = self._attention(pieces, layer, x, rows, slots, valid, q, mask, pro, cache, buffers, stats_mode)
+            write_rows(buffers.context[layer], rows, ctx, 2)
+            if record:
+                buffers.similarity[layer].fill_(float("nan"))
+                write_rows(buffers.similarity[layer], rows, torch.where(in_span, cos, float("nan")), 1)
+            h_mid = pieces.post(layer, x, ctx)
+            salient = real if every else real & (cos < self.tau)
+            slots, valid = select_top(-cos, salient, capacity)  # the lowest cosines first
+            counts.append(_counts(salient, valid))
+            s_rows = take(rows, slots, 1)
+            fresh = pieces.mlp(layer, take(h_mid, slots, 1), s_rows, pro)
+            write_rows(buffers.mlp[layer], s_rows, fresh, 1, valid)
+            mark(cache.activity, layer, rows, 0.5, in_span)
+            mark(cache.activity, layer, s_rows, 1.0, valid)
+            x = h_mid + take(buffers.mlp[layer], rows, 1)
+        write_rows(cache.hidden, rows, x, 1)
+        logits = head_logits(pieces, cache, inp.logit_positions)
+        return StepOutput(logits, counts=torch.cat(counts))
+
+    def _attention(self, pieces, layer, x, rows, slots, valid, q, mask, pro, cache, buffers, stats_mode):
+        """New K/V for the changed rows (``slots`` where ``valid``), their exact attention, and
+        the approximate update of every queried row: (context (B, H, W, dv), cosine (B, W))."""
+        k_cache, v_cache = cache.k[layer], cache.v[layer]
+        c_rows = take(rows, slots, 1)
+        k_new, v_new = pieces.kv(layer, take(x, slots, 1), c_rows, pro)
+        k_old, v_old = take(k_cache, c_rows, 2), take(v_cache, c_rows, 2)
+        keep = valid[:, None, :, None]
+        v_new = torch.where(keep, v_new, v_old)
+        write_rows(k_cache, c_rows, torch.where(keep, k_new, k_old), 2)
+        write_rows(v_cache, c_rows, v_new, 2)
+        scale = pieces.scale(layer)
+        q_changed = take(q, slots, 2)
+        marked = torch.where(valid, c_rows, -1)  # -1: not a changed row (skipped by the op)
+        cached_ctx = take(buffers.context[layer], rows, 2)
+        if stats_mode == "cached":
+            exact, m_exact, l_exact = partial_attention_stats(q_changed, k_cache, v_cache, c_rows, mask, scale)
+            m_old, l_old = take(buffers.m[layer], rows, 2), take(buffers.l[layer], rows, 2)
+            extra = (k_old, m_old, l_old)
+        else:
+            exact = partial_attention(q_changed, k_cache, v_cache, c_rows, mask, scale)
+            extra = (None, None, None)
+        ctx, stats, m, l = approx_attention(
+            q, k_cache, marked, v_new - v_old, cached_ctx, marked, exact, mask, scale, *extra, q_rows=rows
+        )
+        if buffers.m is not None:
+            write_rows(buffers.m[layer], rows, m, 2)
+            write_rows(buffers.l[layer], rows, l, 2)
+            if stats_mode == "cached":  # the changed rows' statistics are exact (their own pass)
+                write_rows(buffers.m[layer], c_rows, m_exact, 2, valid)
+                write_rows(buffers.l[layer], c_rows, l_exact, 2, valid)
+        return ctx, cosine_from_stats(stats[..., 0], stats[..., 1], stats[..., 2])
+
+
+def _counts(wanted: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """[most rows any batch element wanted, most it kept, rows wanted beyond the capacity]."""
+    per_row = wanted.sum(1)
+    kept = valid.sum(1)
+    return torch.stack([per_row.amax(), kept.amax(), (per_row - kept).sum()])
+
+
+__all__ = ["COUNT_KINDS", "DyLLMBuffers", "DyLLMPolicy"]

@@ -1,54 +1,105 @@
 """``es_dllm``: early skipping of unimportant rows (ES-dLLM, arXiv 2603.10088; official code
 zhuzj19/ES-dLLM).
 
-At a warm step every row of the scope runs the first layers. At each *skip layer* s the
-rows still running are scored
+Each step computes a *window* of rows, the current block, over a dual cache (K/V of every other
+row stay as an earlier step wrote them). Every row of the window runs the first layers; at each
+skip layer the rows still running are scored
 
-    importance = alpha * confidence (previous iteration) + (1 - alpha) * variation
+    importance = alpha * confidence + (1 - alpha) * variation  (+ bonuses)
 
-where variation is the mean absolute change since the previous iteration of the row's key,
-value, query or hidden state at that layer (``variation``; queries are recomputed from the
-layer's input, one extra Q projection of the scored rows), divided by its largest value among the
-scored rows (so it lies in [0, 1]); confidence is the sampler's top probability at the
-position in the previous step (0 where no logits were computed). The top ``keep`` rows (a
-fraction of the scope, or a count) go on; the ``keep_confident`` most confident masked rows
-always do. The others skip every later layer and reuse their cached states.
+and only the top k go on. ``variation`` is how much the row's tensor at that layer (its hidden
+state after the layer, or its query / key / value before the layer's attention) moved since the
+row last ran it: mean |x - x_cached| / (RMS(x_cached) + 1e-6), divided by max(its largest value
+over the scored rows, 1). ``confidence`` is the sampler's top probability at the row in the
+last step that produced it (0 once the row's token is decoded). The bonuses keep the rows the
+sampler is about to need: +2 for the two most confident rows (when alpha > 0), +5 for the
+leftmost masked row of the block, +3 for the rows decoded at the previous step (when alpha < 1).
+Rows that skipped a layer get no logits this step: the sampler commits only rows that ran every
+layer (``StepOutput.eligible``).
 
-The whole sequence is recomputed at the first step of each block and every
-``refresh_interval`` steps. ``keep=1.0`` at every skip layer keeps all rows: with
-``scope="all"`` that is the vanilla forward.
+Defaults follow the official code (``config.py``, ``generate.py``, ``scripts/eval_*.sh``):
+
+=======================  ====================================  ===============================
+parameter                default                               official source
+=======================  ====================================  ===============================
+``variation``            ``"hidden"``                          ``ESdLLM_mode="HiddenState"``
+``alpha``                0.5                                   ``importance_score_alpha``
+``proportion_steps``     ((1, 0), (0.5, 0.125), (0.25, 0.25))  ``proportion_steps``; layers from
+                                                               depth 1/8 keep 50 %, from 1/4
+                                                               25 % (32 layers: 4 and 8)
+``block_update_freq``    16 (LLaDA), 8 (Dream)                 gsm8k rows of ``eval_*.sh``
+``prompt_update_freq``   64                                    idem
+``scope``                ``"block"``                           ``forward_start/end_index``
+=======================  ====================================  ===============================
+
+Kept count at a skip layer: ``max(int(p * window), min(last_decode_cnt + 2, block_length))``.
+The window is the current block; at a block's first step it starts at the leftmost row the
+previous step decoded. Every ``block_update_freq`` steps the window is recomputed without
+skipping, every ``prompt_update_freq`` steps ``[0, block end)`` is; the first step of a
+generation computes everything. The hidden-state snapshot of a skip layer is updated for the
+rows kept there only. With Dream's shifted logits every row is the logit row of the next token.
+
+The project's variants are options: ``variation="key" | "value" | "query"`` (scored before the
+skip layer's attention, as the official code does for those modes), ``scope="response"`` (the
+whole response is the window) and explicit ``skip_layers`` / ``keep`` instead of the depth
+layout. ``keep=1.0`` at every skip layer keeps all rows.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
-from dyllm_fx.kernels.ops import gather_rows
+from dyllm_fx.kernels.ops import partial_attention
 
-from .base import Policy, StepState, check_scope
-from .refresh import RefreshClock
+from ..rows import bucket_size, mark, select_top, span_rows, take, write_rows
+from .base import FULL, HostState, Plan, Policy, StepOutput, StepReport, check_scope, full_step, head_logits, rows_step
+from .params import choice, count, number
 
-VARIATIONS = ("key", "value", "query", "hidden")
-
-
-def importance(confidence: torch.Tensor, variation: torch.Tensor, alpha: float) -> torch.Tensor:
-    """alpha * confidence + (1 - alpha) * variation / max(variation) per batch element."""
-    top = variation.amax(1, keepdim=True)
-    norm = torch.where(top > 0, variation / torch.where(top > 0, top, 1.0), torch.zeros_like(variation))
-    return alpha * confidence + (1 - alpha) * norm
+VARIATIONS = ("hidden", "key", "value", "query")
+OFFICIAL_LAYOUT = ((1.0, 0.0), (0.5, 0.125), (0.25, 0.25))
+LEFTMOST_BONUS, LAST_DECODED_BONUS, TOP2_BONUS = 5.0, 3.0, 2.0
 
 
-def keep_top(rows: torch.Tensor, score: torch.Tensor, k: int, forced: torch.Tensor | None = None) -> torch.Tensor:
-    """The ``k`` rows (B, k) of ``rows`` with the highest score, rows flagged ``forced`` first;
-    returned in ascending position order."""
-    k = min(k, rows.shape[1])
-    if forced is not None:
-        score = torch.where(forced, torch.full_like(score, math.inf), score)
-    top = score.topk(k, dim=1).indices
-    return rows.gather(1, top).sort(dim=1).values
+def skip_layout(proportion_steps, n_layers: int) -> list[tuple[int, float]]:
+    """The official depth layout: (layer, kept fraction) for each layer where the fraction
+    changes. Layer i keeps the fraction p of the last (p, s) with i >= s * n_layers."""
+    fractions = [[p for p, s in proportion_steps if i >= s * n_layers][-1] for i in range(n_layers)]
+    return [(i, f) for i, f in enumerate(fractions) if f != (fractions[i - 1] if i else 1.0)]
+
+
+def variation(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    """(B, A): mean |new - old| / (RMS(old) + 1e-6) over the feature dim of (B, A, F) tensors,
+    divided by max(its largest value over the rows, 1) (the official normalisation)."""
+    new, old = new.float(), old.float()
+    rms = old.norm(dim=-1) / math.sqrt(old.shape[-1]) + 1e-6
+    diff = (new - old).abs().mean(-1) / rms
+    return diff / diff.amax(-1, keepdim=True).clamp_min(1.0)
+
+
+def importance(confidence, change, alpha: float, live: torch.Tensor, bonus: torch.Tensor) -> torch.Tensor:
+    """alpha * confidence + (1 - alpha) * change, +2 on the two most confident live rows when
+    alpha > 0, plus the positional ``bonus`` (all (B, A))."""
+    score = alpha * confidence + (1 - alpha) * change
+    if alpha > 0:
+        top2, ok = select_top(confidence, live, 2)
+        score = score + torch.zeros_like(score).scatter_(1, top2, TOP2_BONUS * ok.float())
+    return score + bonus
+
+
+def _features(t: torch.Tensor) -> torch.Tensor:
+    """(B, heads, A, d) -> (B, A, heads * d)."""
+    return t.transpose(1, 2).flatten(2)
+
+
+@dataclass
+class ESDLLMBuffers:
+    confidence: torch.Tensor  # (B, L) fp32: each row's confidence when it last produced logits
+    prev_ids: torch.Tensor  # (B, L) the previous step's tokens (what it decoded)
+    snapshot: dict[int, torch.Tensor]  # skip layer -> (B, L, D) hidden / (B, H, L, d) query
 
 
 class ESDLLMPolicy(Policy):
@@ -56,94 +107,254 @@ class ESDLLMPolicy(Policy):
 
     def __init__(
         self,
-        skip_layers: Sequence[int] = (1, 3),
-        keep: Sequence[float] | float = (0.5, 0.25),
+        proportion_steps: Sequence[Sequence[float]] = OFFICIAL_LAYOUT,
         alpha: float = 0.5,
-        variation: str = "value",
-        keep_confident: int = 2,
-        refresh_interval: int = 16,
-        scope: str = "response",
+        variation: str = "hidden",
+        block_update_freq: int = 16,
+        prompt_update_freq: int = 64,
+        scope: str = "block",
+        skip_layers: Sequence[int] | None = None,
+        keep: Sequence[float] | float | None = None,
     ):
-        skip_layers = tuple(int(s) for s in skip_layers)
-        keep = (keep,) * len(skip_layers) if isinstance(keep, (int, float)) else tuple(keep)
-        if not skip_layers or list(skip_layers) != sorted(set(skip_layers)) or skip_layers[0] < 0:
-            raise ValueError(f"skip_layers must be increasing layer indices >= 0; got {skip_layers}")
-        if len(keep) != len(skip_layers):
-            raise ValueError(f"keep needs one value per skip layer ({len(skip_layers)}); got {keep}")
-        if any(k <= 0 for k in keep):
-            raise ValueError(f"keep values must be > 0 (a fraction of the scope, or a row count); got {keep}")
-        if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"alpha must lie in [0, 1]; got {alpha}")
-        if variation not in VARIATIONS:
-            raise ValueError(f"variation must be one of {VARIATIONS}; got {variation!r}")
-        self.skip_layers, self.keep, self.alpha = skip_layers, keep, float(alpha)
-        self.variation, self.keep_confident, self.scope = variation, int(keep_confident), check_scope(scope)
-        self.clock = RefreshClock(refresh_interval)
-        self._snapshot: dict[int, torch.Tensor] = {}
-        self._confidence: torch.Tensor | None = None
+        self.alpha = number("alpha", alpha, 0.0, 1.0)
+        self.variation = choice("variation", variation, VARIATIONS)
+        self.block_update_freq = count("block_update_freq", block_update_freq)
+        self.prompt_update_freq = count("prompt_update_freq", prompt_update_freq)
+        self.scope = check_scope(scope)
+        self.proportion_steps = tuple((number("proportion", p, 0.0, 1.0, low_open=True),
+                                       number("depth", s, 0.0, 1.0)) for p, s in proportion_steps)
+        if not self.proportion_steps or self.proportion_steps[0][1] != 0.0:
+            raise ValueError(f"proportion_steps must start with a (fraction, 0.0) entry; got {proportion_steps}")
+        self.explicit = None
+        if skip_layers is not None or keep is not None:
+            self.explicit = _explicit_layout(skip_layers, keep)
+        self.reset()
 
-    def begin_step(self, state: StepState) -> None:
-        super().begin_step(state)
-        if self.skip_layers[-1] >= len(state.cache.k):
-            n = len(state.cache.k)
+    def reset(self) -> None:
+        self._block_start: int | None = None
+        self._in_block = 0
+        self._steps = 0
+
+    def layout(self, n_layers: int) -> list[tuple[int, float]]:
+        """(skip layer, kept fraction or row count) for a model of ``n_layers`` layers."""
+        if self.explicit is None:
+            return skip_layout(self.proportion_steps, n_layers)
+        if self.explicit[-1][0] >= n_layers:
             raise ValueError(
-                f"skip layer {self.skip_layers[-1]} does not exist: the model has {n} layers; "
-                f"pass skip_layers with indices below {n}, e.g. skip_layers=({max(n // 4, 0)},)"
+                f"skip layer {self.explicit[-1][0]} does not exist: the model has {n_layers} layers; "
+                f"pass skip_layers with indices below {n_layers}, e.g. skip_layers=({max(n_layers // 4, 0)},)"
             )
-        stale = self._confidence is None or self._confidence.shape != state.input_ids.shape
-        if stale:
-            self._snapshot = {}
-            self._confidence = torch.zeros(state.input_ids.shape, device=state.input_ids.device)
-        self.refresh = self.clock.tick(state, force=stale)
-        self._rows = state.span_rows(*state.span(self.scope))
+        return list(self.explicit)
 
-    def rows(self, layer: int, state: StepState) -> torch.Tensor | None:
-        if self.refresh:
-            return None
-        # Layers up to the first skip layer run the whole scope; later ones the rows kept so far.
-        return self._rows if layer <= self.skip_layers[0] else self._live
+    # --- buffers ------------------------------------------------------------------------------
 
-    def _kept(self, index: int, n_scope: int) -> int:
-        keep = self.keep[index]
-        return max(1, math.ceil(keep * n_scope)) if keep <= 1 else int(keep)
-
-    def _tracked(self, layer: int, rows: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-        """The variation tensor of ``rows`` at ``layer`` as (B, A, features)."""
+    def _snapshot_shape(self, program, layer: int, batch: int, seq_len: int) -> tuple[tuple[int, ...], torch.dtype]:
         if self.variation == "hidden":
-            return hidden
-        if self.variation == "query":  # recomputed from the layer's input (queries are not cached)
-            return self.state.q_probe(layer, rows).transpose(1, 2).flatten(2)
-        cache = self.state.cache.k[layer] if self.variation == "key" else self.state.cache.v[layer]
-        t = gather_rows(cache, rows, 2)  # (B, KV, A, d), just written by the layer
-        return t.transpose(1, 2).flatten(2)
+            return (batch, seq_len, program.hidden_size), program.hidden_dtype
+        d = program.kv_shapes[layer][0][1]
+        return (batch, program.attn_heads[layer], seq_len, d), program.kv_dtype
 
-    def after_block(self, layer: int, rows: torch.Tensor, hidden: torch.Tensor) -> None:
-        if layer not in self.skip_layers:
-            return
-        new = self._tracked(layer, rows, hidden).float()
-        old = self._snapshot.get(layer)
-        if old is None:
-            old = self._snapshot[layer] = torch.zeros(rows.shape[0], self.state.seq_len, new.shape[-1], device=new.device)
-        # Padded row sets repeat their last row: read the old values before writing any back.
-        change = (new - gather_rows(old, rows, 1)).abs().mean(-1)
-        old.scatter_(1, rows[..., None].expand_as(new), new)
-        if self.refresh:
-            return
-        n_rows = self._rows.shape[1]
-        live = self._rows if layer == self.skip_layers[0] else self._live
-        width = live.shape[1]
-        change = change[:, :width]  # drop the bucket padding
-        conf = self._confidence.gather(1, live)
-        score = importance(conf, change, self.alpha)
-        forced = None
-        if self.keep_confident and self.state.mask_token_id is not None:
-            masked = self.state.input_ids.gather(1, live) == self.state.mask_token_id
-            masked_conf = torch.where(masked, conf, -1.0)
-            top = masked_conf.topk(min(self.keep_confident, width), dim=1)
-            forced = torch.zeros_like(masked).scatter_(1, top.indices, top.values >= 0)
-        self._live = keep_top(live, score, self._kept(self.skip_layers.index(layer), n_rows), forced)
+    def _snapshot_layers(self, program) -> list[int]:
+        # key / value variations compare with the K/V cache itself
+        if self.variation in ("key", "value"):
+            return []
+        return [layer for layer, _ in self.layout(len(program.kv_shapes))]
 
-    def after_logits(self, positions: torch.Tensor, logits: torch.Tensor) -> None:
-        conf = torch.softmax(logits.float(), dim=-1).amax(-1)
-        self._confidence.zero_().scatter_(1, positions, conf)
+    def allocate(self, program, batch, seq_len, device) -> ESDLLMBuffers:
+        snapshot = {}
+        for layer in self._snapshot_layers(program):
+            shape, dtype = self._snapshot_shape(program, layer, batch, seq_len)
+            snapshot[layer] = torch.zeros(shape, dtype=dtype, device=device)
+        return ESDLLMBuffers(
+            torch.zeros(batch, seq_len, device=device), torch.zeros(batch, seq_len, dtype=torch.long, device=device),
+            snapshot,
+        )
 
+    def buffer_nbytes(self, program, batch, seq_len) -> int:
+        total = batch * seq_len * (4 + 8)
+        for layer in self._snapshot_layers(program):
+            shape, dtype = self._snapshot_shape(program, layer, batch, seq_len)
+            total += math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        return total
+
+    # --- host: the plan ------------------------------------------------------------------------
+
+    def _window(self, host: HostState, new_block: bool, prompt: bool) -> tuple[int, int]:
+        shift = host.logits_shift
+        start, end = host.span(self.scope)
+        if self.scope != "all":
+            start -= shift
+        if self.scope == "block":
+            end -= shift
+            if new_block and host.last_leftmost is not None:  # the official step-0 window
+                start = min(start, host.last_leftmost - shift)
+        return (0 if prompt else max(start, 0)), end
+
+    def plan(self, host: HostState) -> Plan:
+        if host.cold:
+            self.reset()
+        self._mask_id, self._shift = host.mask_token_id, host.logits_shift
+        new_block = host.block_start != self._block_start
+        self._block_start = host.block_start
+        self._in_block = 0 if new_block else self._in_block + 1
+        if host.block_start is not None and host.response_start is not None:
+            step = host.block_start - host.response_start + self._in_block  # the official step_cnt
+        else:
+            step = self._steps
+        self._steps += 1
+        if host.cold or step == 0:
+            return FULL
+        prompt = step % self.prompt_update_freq == 0
+        start, end = self._window(host, new_block, prompt)
+        width = bucket_size(end - start, host.seq_len)
+        span = dict(span_start=host.column(start), span_len=host.column(end - start))
+        if prompt or step % self.block_update_freq == 0:  # the window without skipping
+            return Plan(("refresh", width), **span, note={"active": end - start})
+        block = (host.block_end - host.block_start) if host.block_start is not None else end - start
+        floor = min(host.last_committed + 2, block)
+        current, selections = end - start, []
+        for layer, keep in self.layout(host.n_layers):
+            kept = max(int(keep * (end - start)) if keep <= 1 else int(keep), floor)
+            kept = min(kept, current)
+            if kept != current:
+                selections.append((layer, kept))
+                current = kept
+        return Plan(("skip", width, tuple(selections)), **span, note={"window": end - start})
+
+    def observe(self, plan, counts, n_layers, seq_len) -> StepReport:
+        if plan.kind == "full":
+            return StepReport([seq_len] * n_layers)
+        if plan.kind == "refresh":
+            return StepReport([plan.note["active"]] * n_layers)
+        active, current, selections = [], plan.note["window"], dict(plan.key[2])
+        after = self.variation == "hidden"  # hidden: the skip layer itself still runs every row
+        for layer in range(n_layers):
+            if layer in selections and not after:
+                current = selections[layer]
+            active.append(current)
+            if layer in selections and after:
+                current = selections[layer]
+        return StepReport(active, capacity=min(dict(plan.key[2]).values(), default=0))
+
+    # --- device: the step ----------------------------------------------------------------------
+
+    def recorder(self, buffers: ESDLLMBuffers, pieces=None):
+        if not buffers.snapshot:
+            return None
+
+        def record(r):
+            if r.layer not in buffers.snapshot:
+                return
+            if self.variation == "hidden":
+                write_rows(buffers.snapshot[r.layer], r.rows, r.out, 1)
+            else:  # query: recomputed from the layer's input
+                write_rows(buffers.snapshot[r.layer], r.rows, pieces.query(r.layer, r.x, r.rows, r.prologue)[0], 2)
+
+        return record
+
+    def step(self, pieces, plan, inp, cache, buffers: ESDLLMBuffers) -> StepOutput:
+        masked = self._masked_rows(inp.input_ids)
+        buffers.confidence.mul_(masked)  # decoded rows have no confidence any more
+        if plan.kind == "skip":
+            out = self._skip_step(pieces, plan, inp, cache, buffers, masked)
+        elif plan.kind == "refresh":
+            rows = span_rows(inp.span_start, inp.span_len, plan.key[1])[0]
+            out = rows_step(pieces, inp, cache, rows, self.recorder(buffers, pieces))
+        else:
+            out = full_step(pieces, inp, cache, self.recorder(buffers, pieces))
+        self._update_confidence(buffers, inp.logit_positions, out, masked)
+        buffers.prev_ids.copy_(inp.input_ids)
+        return out
+
+    def _masked_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """(B, L) float: 1 where the token a row predicts (its own, or the next one for Dream) is
+        still masked."""
+        masked = ids == self._mask_id
+        if self._shift:
+            masked = torch.cat([masked[:, self._shift:], torch.zeros_like(masked[:, : self._shift])], 1)
+        return masked.float()
+
+    def _update_confidence(self, buffers, positions, out: StepOutput, masked) -> None:
+        top = torch.softmax(out.logits.float(), dim=-1).amax(-1)  # (B, P)
+        conf = top * take(masked, positions, 1)
+        write_rows(buffers.confidence, positions, conf, 1, out.eligible)
+
+    def _bonus(self, inp, buffers, masked) -> torch.Tensor:
+        """(B, L): +5 on the leftmost masked row of the block, +3 on the rows decoded at the
+        previous step (official ``constant_coefficient``)."""
+        bonus = torch.zeros_like(masked)
+        block = take(masked, inp.logit_positions, 1)  # the block's rows
+        first = inp.logit_positions.gather(1, block.argmax(1, keepdim=True))
+        bonus.scatter_(1, first, LEFTMOST_BONUS * block.amax(1, keepdim=True))
+        if self.alpha < 1.0:
+            decoded = self._masked_rows(buffers.prev_ids) - masked  # masked before, not now
+            bonus = bonus + LAST_DECODED_BONUS * decoded
+        return bonus
+
+    def _keep(self, new, old, rows, live, buffers, bonus, kept):
+        """Slots (B, kept) of the ``kept`` most important live rows."""
+        score = importance(take(buffers.confidence, rows, 1), variation(new, old), self.alpha, live, take(bonus, rows, 1))
+        return select_top(score, live, kept)[0]
+
+    def _skip_step(self, pieces, plan, inp, cache, buffers, masked) -> StepOutput:
+        _, width, selections = plan.key
+        selections = dict(selections)
+        rows, live = span_rows(inp.span_start, inp.span_len, width)
+        pro = pieces.prologue(inp.input_ids, inp.attention_mask, inp.position_ids)
+        x = take(pro.h0, rows, 1)
+        bonus = self._bonus(inp, buffers, masked)
+        for layer in range(pieces.n_layers):
+            kept = selections.get(layer)
+            if kept is not None and self.variation != "hidden":
+                x, rows, live = self._skip_before_attention(pieces, layer, x, rows, live, pro, cache, buffers, bonus, kept)
+                continue
+            x = pieces.layer(layer, x, rows, pro, cache)[0]
+            mark(cache.activity, layer, rows, 1.0, live)
+            if kept is not None:
+                snap = buffers.snapshot[layer]
+                slots = self._keep(x, take(snap, rows, 1), rows, live, buffers, bonus, kept)
+                x, rows, live = take(x, slots, 1), take(rows, slots, 1), take(live, slots, 1)
+                write_rows(snap, rows, x, 1)  # the kept rows' snapshot only
+        write_rows(cache.hidden, rows, x, 1)
+        positions = inp.logit_positions
+        eligible = (positions[:, :, None] == torch.where(live, rows, -1)[:, None, :]).any(-1)
+        return StepOutput(head_logits(pieces, cache, positions), eligible=eligible)
+
+    def _skip_before_attention(self, pieces, layer, x, rows, live, pro, cache, buffers, bonus, kept):
+        """A skip layer of the query / key / value variations: score on this layer's q, k or v,
+        then run the layer for the kept rows only (only their K/V are written)."""
+        q, mask = pieces.query(layer, x, rows, pro)
+        k, v = pieces.kv(layer, x, rows, pro)
+        if self.variation == "query":
+            new, old = q, take(buffers.snapshot[layer], rows, 2)
+        else:
+            new = k if self.variation == "key" else v
+            old = take(cache.k[layer] if self.variation == "key" else cache.v[layer], rows, 2)
+        slots = self._keep(_features(new), _features(old), rows, live, buffers, bonus, kept)
+        x, rows, live = take(x, slots, 1), take(rows, slots, 1), take(live, slots, 1)
+        q, k, v = take(q, slots, 2), take(k, slots, 2), take(v, slots, 2)
+        write_rows(cache.k[layer], rows, k, 2)
+        write_rows(cache.v[layer], rows, v, 2)
+        if self.variation == "query":
+            write_rows(buffers.snapshot[layer], rows, q, 2)
+        ctx = partial_attention(q, cache.k[layer], cache.v[layer], rows, mask, pieces.scale(layer))
+        h_mid = pieces.post(layer, x, ctx)
+        mark(cache.activity, layer, rows, 1.0)
+        return h_mid + pieces.mlp(layer, h_mid, rows, pro), rows, live
+
+
+def _explicit_layout(skip_layers, keep) -> list[tuple[int, float]]:
+    if skip_layers is None or keep is None:
+        raise ValueError("pass skip_layers and keep together (or neither, for the official depth layout)")
+    layers = tuple(int(s) for s in skip_layers)
+    keep = (keep,) * len(layers) if isinstance(keep, (int, float)) else tuple(keep)
+    if not layers or list(layers) != sorted(set(layers)) or layers[0] < 0:
+        raise ValueError(f"skip_layers must be increasing layer indices >= 0; got {layers}")
+    if len(keep) != len(layers):
+        raise ValueError(f"keep needs one value per skip layer ({len(layers)}); got {keep}")
+    if any(isinstance(k, bool) or not isinstance(k, (int, float)) or k <= 0 for k in keep):
+        raise ValueError(f"keep values must be > 0 (a fraction of the window, or a row count); got {keep}")
+    return list(zip(layers, keep))
+
+
+__all__ = ["ESDLLMBuffers", "ESDLLMPolicy", "importance", "skip_layout", "variation"]

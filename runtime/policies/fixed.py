@@ -7,11 +7,11 @@ from collections.abc import Sequence
 
 import torch
 
-from .base import Policy, StepState
+from .base import HostState
+from .uniform import UniformPolicy
 
 
-class FixedPolicy(Policy):
-    layer_uniform = True
+class FixedPolicy(UniformPolicy):
     name = "fixed"
 
     def __init__(self, rows: Sequence[int] | torch.Tensor):
@@ -20,9 +20,8 @@ class FixedPolicy(Policy):
             raise ValueError("fixed policy needs a non-empty 1-D list of positions or a (batch, n) tensor")
         self.index = rows
 
-    def rows(self, layer: int, state: StepState) -> torch.Tensor:
-        seq_len = state.input_ids.shape[1]
-        if int(self.index.max()) >= seq_len or int(self.index.min()) < 0:
-            raise ValueError(f"fixed policy positions must lie in [0, {seq_len}); got {self.index.tolist()}")
-        idx = self.index.to(state.input_ids.device)
-        return idx.expand(state.input_ids.shape[0], -1) if idx.dim() == 1 else idx
+    def rows(self, host: HostState) -> torch.Tensor:
+        if int(self.index.max()) >= host.seq_len or int(self.index.min()) < 0:
+            raise ValueError(f"fixed policy positions must lie in [0, {host.seq_len}); got {self.index.tolist()}")
+        idx = self.index.to(host.device)
+        return idx.expand(host.batch, -1) if idx.dim() == 1 else idx

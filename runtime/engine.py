@@ -1,0 +1,234 @@
+"""The step engine: one call per denoising step, one step function per plan.
+
+    plan = policy.plan(host)                          host: shapes and small tensors for this step
+    out = step[plan.key](inputs, cache, buffers)      device: the whole step, no host read inside
+    report = policy.observe(plan, out.counts)         host: one small read, sizes the next step
+
+``step[key]`` is the policy's ``step`` run eagerly (the readable reference), compiled whole by
+inductor (``compile=True``: ``torch.compile(fullgraph=True, dynamic=False)``, one graph per
+plan key and input shapes), or replayed as a CUDA graph (``cuda_graphs=True``), for every
+policy. The cache and the policy's buffers are allocated once per (batch, length) and updated
+in place, so compiled graphs and CUDA graphs read and write the same tensors every step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+
+import torch
+
+from .cache import StepCache
+from .cuda_graph import StepGraphs
+from .pieces import Pieces
+from .policies import HostState, Plan, Policy, StepInputs, StepOutput
+
+# Distinct plans a compiled generation meets: a handful of capacity buckets and spans per
+# policy. Dynamo's default limit (8 per function) would silently fall back to eager.
+RECOMPILE_LIMIT = 64
+
+
+@dataclass
+class StepRecord:
+    """What one step computed: per layer the rows that ran the MLP (most of any batch element,
+    before bucket padding), the step's selection capacity and overflow (rows that qualified
+    beyond it), and, for policies that measure it, each layer's per-position cosine similarity
+    of the attention context to the previous step's ((B, L) fp32 on the CPU, NaN where not
+    measured; None for layers or policies that measure nothing)."""
+
+    active: list[int] = field(default_factory=list)
+    seq_len: int = 0
+    kind: str = "full"
+    capacity: int = 0
+    overflow: int = 0
+    similarity: list[torch.Tensor | None] = field(default_factory=list)
+    # (n_layers, B, L) on the CPU when the engine traces rows: 1 recomputed, 0.5 attention only
+    activity: torch.Tensor | None = None
+
+    @property
+    def active_fraction(self) -> float:
+        return sum(self.active) / (len(self.active) * self.seq_len) if self.active else 0.0
+
+
+class CompileCounter:
+    """An inductor backend that counts the graphs it compiles (recompiles included)."""
+
+    def __init__(self):
+        self.graphs = 0
+
+    def __call__(self, gm, example_inputs):
+        from torch._inductor.compile_fx import compile_fx
+
+        self.graphs += 1
+        return compile_fx(gm, example_inputs)
+
+
+class StepEngine:
+    """Owns the pieces, the cache, the policy's buffers and the step functions."""
+
+    def __init__(self, program, policy: Policy, compile: bool = False, cuda_graphs: bool = False):
+        self.program = program
+        self.pieces = Pieces(program)
+        self._policy = policy
+        self.compile = compile
+        self.cuda_graphs = cuda_graphs
+        self.cache: StepCache | None = None
+        self.buffers = None
+        self._buffers_for: tuple | None = None
+        self.records: list[StepRecord] = []
+        # Off by default: copying similarities / row maps to the host each step costs a sync.
+        self.record_similarity = False
+        self.record_activity = False
+        self.compiler = CompileCounter()
+        self._compiled: dict[tuple, Callable] = {}
+        self.graphs = StepGraphs()
+
+    @property
+    def policy(self) -> Policy:
+        return self._policy
+
+    @policy.setter
+    def policy(self, policy: Policy) -> None:
+        self._policy = policy
+        self._compiled.clear()
+        self.graphs.clear()
+        self.reset()
+
+    @property
+    def n_layers(self) -> int:
+        return self.pieces.n_layers
+
+    def predicted_nbytes(self, batch: int, seq_len: int) -> int:
+        """Bytes the caches of a (batch, seq_len) generation take under the current policy."""
+        return StepCache.predicted_nbytes(self.program, batch, seq_len) + self.policy.buffer_nbytes(
+            self.program, batch, seq_len
+        )
+
+    @property
+    def allocated_nbytes(self) -> int:
+        if self.cache is None:
+            return 0
+        return self.cache.nbytes + sum(t.numel() * t.element_size() for t in _tensors(self.buffers))
+
+    def reset(self) -> None:
+        """Forget cached rows (the next step recomputes everything); keeps the buffers."""
+        if self.cache is not None:
+            self.cache.warm = False
+        self.records = []
+        self.policy.reset()
+
+    def _ensure(self, batch: int, seq_len: int, device: torch.device) -> StepCache:
+        # Normal tensors even when called under inference_mode (generate() is): inference
+        # tensors could not be written by a later call made outside it.
+        with torch.inference_mode(False):
+            if self.cache is None or not self.cache.fits(batch, seq_len, device):
+                self.cache = None  # a failed allocation below leaves nothing half made
+                self._buffers_for = None
+                self.graphs.clear()  # the captured graphs point at the old buffers
+                self.cache = StepCache.allocate(self.program, batch, seq_len, device)
+            tracing = self.cache.activity is not None
+            if self.record_activity != tracing:
+                self.cache.activity = torch.zeros(self.n_layers, batch, seq_len, device=device) if self.record_activity else None
+                self.graphs.clear()
+            setattr(self.policy, "record_similarity", self.record_similarity)
+            owner = (id(self.policy), batch, seq_len, device, self.record_similarity)
+            if self._buffers_for != owner:
+                self.buffers = self.policy.allocate(self.program, batch, seq_len, device)
+                self._buffers_for = owner
+                self.cache.warm = False  # new buffers hold nothing yet
+                self.graphs.clear()
+        return self.cache
+
+    def step(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor,
+        logit_positions: torch.Tensor,
+        **host_info,
+    ) -> StepOutput:
+        """Run one step; ``host_info`` are the :class:`HostState` fields the caller knows
+        (block bounds, response start, the last step's commits, ...)."""
+        bsz, seq_len = input_ids.shape
+        cache = self._ensure(bsz, seq_len, input_ids.device)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        host = HostState(input_ids, attention_mask, cold=not cache.warm, n_layers=self.n_layers, **host_info)
+        plan = self.policy.plan(host)
+        inp = StepInputs(input_ids, attention_mask, position_ids, logit_positions, plan.rows, plan.span_start, plan.span_len)
+        # Any failure below leaves the cache half-written: mark it cold until a step completes.
+        cache.warm = False
+        if cache.activity is not None:
+            cache.activity.zero_()
+        out = self._run(plan, inp)
+        cache.warm = True
+        counts = out.counts.tolist() if out.counts is not None else None  # the step's one host read
+        report = self.policy.observe(plan, counts, self.n_layers, seq_len)
+        record = StepRecord(report.active, seq_len, plan.kind, report.capacity, report.overflow)
+        if self.record_similarity:
+            sims = self.policy.similarity(self.buffers, plan)
+            record.similarity = [None if s is None else _host_copy(s) for s in sims] if sims else [None] * self.n_layers
+        if cache.activity is not None:
+            record.activity = _host_copy(cache.activity)
+        self.records.append(record)
+        out.report = report
+        return out
+
+    def _run(self, plan: Plan, inp: StepInputs) -> StepOutput:
+        if self.cuda_graphs and inp.input_ids.is_cuda:
+            return self._replay(plan, inp)
+        fn = self.step_function(plan) if self.compile else self._eager(plan)
+        if self.compile:
+            with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+                return fn(inp, self.cache, self.buffers)
+        return fn(inp, self.cache, self.buffers)
+
+    def _eager(self, plan: Plan) -> Callable:
+        static = Plan(plan.key)  # the step reads only the key; tensors come in through ``inp``
+        policy, pieces = self.policy, self.pieces
+        return lambda inp, cache, buffers: policy.step(pieces, static, inp, cache, buffers)
+
+    def step_function(self, plan: Plan) -> Callable:
+        """The compiled step for ``plan``'s key (built on first use)."""
+        fn = self._compiled.get(plan.key)
+        if fn is None:
+            fn = torch.compile(self._eager(plan), backend=self.compiler, fullgraph=True, dynamic=False)
+            self._compiled[plan.key] = fn
+        return fn
+
+    def _replay(self, plan: Plan, inp: StepInputs) -> StepOutput:
+        names = [f.name for f in fields(StepInputs) if getattr(inp, f.name) is not None]
+        run = self.step_function(plan) if self.compile else self._eager(plan)
+        cache, buffers = self.cache, self.buffers
+
+        def body(*tensors):
+            out = run(StepInputs(**dict(zip(names, tensors))), cache, buffers)
+            return out.logits, out.eligible, out.counts
+
+        state = [*cache.tensors, *_tensors(buffers)]
+        logits, eligible, counts = self.graphs.run(plan.key, body, tuple(getattr(inp, n) for n in names), state)
+        return StepOutput(logits, eligible, counts)
+
+
+def _host_copy(t: torch.Tensor) -> torch.Tensor:
+    """A float32 copy on the CPU (never a view of the device buffer, which the next step
+    overwrites)."""
+    return t.detach().to("cpu", dtype=torch.float32, copy=True)
+
+
+def _tensors(obj) -> list[torch.Tensor]:
+    """Every tensor in a policy's buffers (a dataclass of tensors, lists and dicts of them)."""
+    if obj is None:
+        return []
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, (list, tuple)):
+        return [t for item in obj for t in _tensors(item)]
+    if isinstance(obj, dict):
+        return [t for item in obj.values() for t in _tensors(item)]
+    if hasattr(obj, "__dataclass_fields__"):
+        return [t for f in fields(obj) for t in _tensors(getattr(obj, f.name))]
+    return []
+
+
+__all__ = ["CompileCounter", "RECOMPILE_LIMIT", "StepEngine", "StepRecord"]

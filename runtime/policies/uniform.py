@@ -1,0 +1,67 @@
+"""Policies that recompute one row set per step, the same in every layer, chosen on the host.
+
+The step is :func:`rows_step` on the chosen rows: no per-layer decision, so it is also what the
+ONNX export of these policies contains. Row counts are padded to buckets (powers of two, capped
+at the sequence length) by repeating a row, so a handful of shapes cover every step.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..rows import bucket_size, span_rows
+from .base import FULL, HostState, Plan, Policy, StepReport, full_step, rows_step
+
+
+class UniformPolicy(Policy):
+    """Subclasses implement :meth:`rows` (explicit positions) or :meth:`span` (a range)."""
+
+    layer_uniform = True
+
+    def rows(self, host: HostState) -> torch.Tensor | None:
+        """(B, A) positions every layer recomputes at this warm step; None: all of them."""
+        span = self.span(host)
+        if span is None:
+            return None
+        return host.column(span[0])[:, None] + torch.arange(span[1] - span[0], device=host.device)
+
+    def span(self, host: HostState) -> tuple[int, int] | None:
+        """[start, end) every layer recomputes at this warm step; None: every row."""
+        return None
+
+    def plan(self, host: HostState) -> Plan:
+        if host.cold:
+            return FULL
+        if type(self).rows is UniformPolicy.rows:  # a span: its rows are built inside the step
+            span = self.span(host)
+            if span is None:
+                return FULL
+            start, end = span
+            width = bucket_size(end - start, host.seq_len)
+            return Plan(("span", width), span_start=host.column(start), span_len=host.column(end - start),
+                        note={"active": end - start})
+        rows = self.rows(host)
+        if rows is None:
+            return FULL
+        width = bucket_size(rows.shape[1], host.seq_len)
+        padded = torch.cat([rows, rows[:, -1:].expand(-1, width - rows.shape[1])], 1) if width > rows.shape[1] else rows
+        return Plan(("rows", width), rows=padded.to(host.device), note={"active": rows.shape[1]})
+
+    def step(self, pieces, plan, inp, cache, buffers):
+        if plan.kind == "full":
+            return full_step(pieces, inp, cache)
+        rows = inp.rows if plan.kind == "rows" else span_rows(inp.span_start, inp.span_len, plan.key[1])[0]
+        return rows_step(pieces, inp, cache, rows)
+
+    def observe(self, plan, counts, n_layers, seq_len) -> StepReport:
+        return StepReport([plan.note.get("active", seq_len)] * n_layers)
+
+
+def plan_rows(plan: Plan, batch: int, seq_len: int, device) -> torch.Tensor:
+    """The (B, A) rows a uniform policy's plan recomputes, on the host (for exported steps,
+    which take the row set as an input)."""
+    if plan.kind == "full":
+        return torch.arange(seq_len, device=device).expand(batch, -1)
+    if plan.kind == "rows":
+        return plan.rows.to(device)
+    return span_rows(plan.span_start.to(device), plan.span_len.to(device), plan.key[1])[0]
