@@ -82,7 +82,7 @@ def denoise(
         progress = sys.stderr.isatty() and total_steps >= 64
     bar = tqdm(total=total_steps, disable=not progress, desc="denoising", unit="step", leave=False)
     start_time = time.perf_counter()
-    last = (0, None)  # (most tokens any row committed, leftmost committed position) at the last step
+    last = (0, None)  # (most tokens any row committed, each row's leftmost committed position) at the last step
     try:
         for block in range(schedule.num_blocks):
             start, end = schedule.block_bounds(block)
@@ -128,12 +128,14 @@ def denoise(
 
 
 def _block_continues(schedule: BlockSchedule, step: int, masked: torch.Tensor, restricted: bool) -> bool:
-    """Threshold decoding runs until the block is decoded. A fixed schedule runs its steps; a
-    step function that withheld positions (ES-dLLM: rows that skipped layers) may have left
-    masks the schedule meant to commit, so then the block continues while masks are left, for
-    at most another block length of steps (a model may keep predicting the mask token)."""
+    """Threshold decoding runs until the block is decoded (each step commits at least one token,
+    so a block length of steps suffices; the cap of twice that stops a model that keeps
+    predicting the mask token itself). A fixed schedule runs its steps; a step function that
+    withheld positions (ES-dLLM: rows that skipped layers) may have left masks the schedule
+    meant to commit, so then the block continues while masks are left, for at most another
+    block length of steps."""
     if schedule.steps_per_block is None:
-        return bool(masked.any())
+        return step < 2 * schedule.block_length and bool(masked.any())
     if step < schedule.steps_per_block:
         return True
     return restricted and step < schedule.steps_per_block + schedule.block_length and bool(masked.any())
@@ -144,14 +146,15 @@ def _schedule_step(schedule: BlockSchedule, step: int) -> int:
     return step if schedule.steps_per_block is None else min(step, schedule.steps_per_block - 1)
 
 
-def _commit_summary(transfer: torch.Tensor, start: int) -> tuple[int, int | None, int]:
-    """(most tokens any row committed, leftmost committed position or None, total committed),
-    read from the device in one transfer."""
+def _commit_summary(transfer: torch.Tensor, start: int) -> tuple[int, tuple[int | None, ...], int]:
+    """(most tokens any row committed, per row the leftmost committed position or None, total
+    committed), read from the device in one transfer."""
     per_row = transfer.sum(-1)
-    cols = torch.arange(transfer.shape[1], device=transfer.device)
-    left = torch.where(transfer, cols, transfer.shape[1]).amin()
-    most, leftmost, total = torch.stack([per_row.amax(), left, per_row.sum()]).tolist()
-    return most, (start + leftmost if leftmost < transfer.shape[1] else None), total
+    width = transfer.shape[1]
+    cols = torch.arange(width, device=transfer.device)
+    left = torch.where(transfer, cols, width).amin(-1)
+    most, total, *leftmost = torch.cat([torch.stack([per_row.amax(), per_row.sum()]), left]).tolist()
+    return most, tuple(start + c if c < width else None for c in leftmost), total
 
 
 def _best_allowed(confidence: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:

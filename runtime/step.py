@@ -32,7 +32,8 @@ class StepRequest:
     step_in_block: int
     nfe: int  # forward evaluations so far in this generation
     last_committed: int = 0  # tokens the previous step committed, most of any batch element
-    last_leftmost: int | None = None  # smallest position the previous step committed
+    # per batch element, the smallest position the previous step committed (None: nothing)
+    last_leftmost: tuple[int | None, ...] | None = None
 
 
 class StepFunction(Protocol):

@@ -5,7 +5,6 @@ share one traced program."""
 from __future__ import annotations
 
 import functools
-import inspect
 
 import pytest
 import torch
@@ -28,17 +27,14 @@ COMPOSED = sorted(
 )
 
 
+# The parameters with which a row policy recomputes every row it may (its keep-everything limit).
+KEEP_ALL = {"dyllm": {"tau": 1.0}, "es_dllm": {"proportion_steps": ((1.0, 0.0),)}, "dllm_cache": {"ratio": 1.0}}
+
+
 def policy_params(name: str) -> list[dict]:
-    """Parameter sets to try for ``name``: the keep-everything set first (``tau=1.0``, any
-    ``*ratio*`` / ``*fraction*`` / ``*keep*`` parameter 1.0) when it has such parameters, then
-    its defaults."""
-    keep_all = {}
-    row_policy = name.split("+")[-1]  # a composition takes the row policy's parameters
-    for pname in inspect.signature(POLICIES[row_policy]).parameters:
-        if pname == "scope" and "+" in name:
-            continue  # set by the block cache
-        if pname == "tau" or any(word in pname for word in ("ratio", "fraction", "keep")):
-            keep_all[pname] = 1.0
+    """Parameter sets to try for ``name``: the keep-everything set first when it has one (a
+    composition takes its row policy's), then its defaults."""
+    keep_all = KEEP_ALL.get(name.split("+")[-1], {})
     return [keep_all, {}] if keep_all else [{}]
 
 

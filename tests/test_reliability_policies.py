@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import dyllm_fx
-from dyllm_fx.runtime.policies import Policy, make_policy
+from dyllm_fx.runtime.policies import Policy, UniformPolicy, make_policy
 from dyllm_fx.transform import TransformedModel
 from reliability_helpers import models, programs  # noqa: F401 (module-scoped fixtures)
 from reliability_helpers import COMPOSED, NAMES, build_policy, fresh, tiny_models, tiny_programs
@@ -28,47 +28,29 @@ RAGGED = ["rev:abc=", "kv:a1,b2?ab=", "x=1?"]  # 8, 12 and 4 tokens: left paddin
 GEN = dict(gen_length=16, block_length=8, steps=8, stop_at_eos=False, progress=False)
 
 
-class RowSpy:
-    """Wraps a policy's row-choosing hooks and keeps every row set they return, with the
-    attention mask of that step. ``rows`` gives (B, A) positions; DyLLM-style policies give
-    changed rows (new K/V) from ``approx_layer`` and salient rows (MLP) from ``approx_salient``
-    (-1 marks holes). Not recorded: full steps (``rows`` None run every row by design) and
-    ``approx_layer``'s queried span [start, end), which is one contiguous range for the whole
-    batch (its rows get queries and o_proj only)."""
-
-    def __init__(self, policy: Policy):
-        self.policy = policy
-        self.seen: list[tuple[str, torch.Tensor, torch.Tensor]] = []
-        for hook in ("rows", "approx_layer", "approx_salient"):
-            if callable(getattr(policy, hook, None)):
-                setattr(policy, hook, self._wrap(hook, getattr(policy, hook)))  # shadows the method
-
-    def _keep(self, hook: str, rows: torch.Tensor) -> None:
-        attn = self.policy.state.attention_mask
-        if attn is not None:
-            self.seen.append((hook, rows.detach().clone(), attn.clone()))
-
-    def _wrap(self, hook, inner):
-        def spy(*args, **kwargs):
-            out = inner(*args, **kwargs)
-            if out is None:
-                return out
-            if hook == "approx_layer":
-                self._keep("approx_layer changed", out[2])
-            else:
-                self._keep(hook, out)
-            return out
-
-        return spy
+# Plan kinds whose rows a policy chooses (the others recompute everything, padding included:
+# a cold step, a dense refresh, ES-dLLM's [0, block end) prompt refresh).
+CHOSEN = {"span", "rows", "sparse", "skip", "adaptive", "response"}
 
 
-def _pad_rows_selected(spy: RowSpy) -> list[str]:
+def _ragged_mask(prompts, gen_length: int) -> torch.Tensor:
+    """(B, P + G) 1 for real tokens, 0 for the left padding generate() adds to ``prompts``."""
+    TOK.padding_side = "left"
+    mask = TOK(list(prompts), return_tensors="pt", padding=True, add_special_tokens=False)["attention_mask"]
+    return torch.cat([mask, torch.ones(mask.shape[0], gen_length, dtype=mask.dtype)], 1)
+
+
+def _pad_rows_selected(model: TransformedModel, attention_mask: torch.Tensor) -> list[str]:
+    """Steps at which a chosen row set recomputed a left-pad position in some layer (from the
+    engine's activity records: 1 recomputed, 0.5 attention only)."""
     bad = []
-    for hook, rows, attn in spy.seen:
-        for b in range(rows.shape[0]):
-            r = rows[b][rows[b] >= 0]
-            if (r >= attn.shape[1]).any() or (attn[b, r.clamp(max=attn.shape[1] - 1)] == 0).any():
-                bad.append(f"{hook}, batch row {b}: rows {rows[b].tolist()} vs mask {attn[b].tolist()}")
+    pad = attention_mask == 0
+    for step, record in enumerate(model.engine.records):
+        if record.kind in CHOSEN and record.activity is not None:
+            hit = (record.activity == 1.0) & pad[None]
+            if hit.any():
+                layers, rows, cols = hit.nonzero(as_tuple=True)
+                bad.append(f"step {step} ({record.kind}), layer {int(layers[0])}: row {int(rows[0])}, position {int(cols[0])}")
     return bad
 
 
@@ -81,48 +63,53 @@ RAGGED_CASES = [(n, arch) for n in NAMES for arch in ("llada", "dream")] + [(n, 
 @pytest.mark.parametrize("name, arch", RAGGED_CASES)
 def test_ragged_batch_equals_each_prompt_alone(programs, arch, name):
     policy = build_policy(name)
-    spy = RowSpy(policy)
     model = fresh(programs, arch, policy)
+    model.engine.record_activity = True
     batch = dyllm_fx.generate(model, TOK, RAGGED, **GEN)
+    bad = _pad_rows_selected(model, _ragged_mask(RAGGED, GEN["gen_length"]))
     assert batch.sequences.shape[1] == len(RAGGED[1]) + GEN["gen_length"]
     for row, prompt in enumerate(RAGGED):
         alone = dyllm_fx.generate(model, TOK, prompt, **GEN)
         assert torch.equal(batch.responses[row], alone.responses[0]), f"{name}: prompt {prompt!r}"
         assert batch.texts[row] == alone.texts[0]
     assert batch.responses.unique().numel() > 3  # the comparison is about something
-    assert not _pad_rows_selected(spy), f"policy {name!r} selected left-pad positions: {_pad_rows_selected(spy)[:3]}"
+    assert not bad, f"policy {name!r} selected left-pad positions: {bad[:3]}"
 
 
 def _default_variants():
-    """Every policy at its defaults, plus DyLLM over the whole sequence (scope 'all')."""
+    """Every policy at its defaults, plus DyLLM over the whole sequence (scope 'all') and with a
+    whole-sequence query at every step."""
     out = [pytest.param(n, {}, id=n) for n in NAMES + COMPOSED if n != "fixed"]
     if "dyllm" in NAMES:
         out.append(pytest.param("dyllm", {"scope": "all"}, id="dyllm-scope-all"))
+        out.append(pytest.param("dyllm", {"full_query_interval": 1, "num_full_steps": 1}, id="dyllm-query-all"))
     return out
 
 
 @pytest.mark.parametrize("name, params", _default_variants())
 def test_no_policy_selects_left_padding(programs, name, params):
-    policy = make_policy(name, **params)
-    spy = RowSpy(policy)
-    dyllm_fx.generate(fresh(programs, "llada", policy), TOK, RAGGED, **GEN)
-    assert spy.seen or name == "dense", "the spy saw no row set: the check would be vacuous"
-    bad = _pad_rows_selected(spy)
+    model = fresh(programs, "llada", make_policy(name, **params))
+    model.engine.record_activity = True
+    dyllm_fx.generate(model, TOK, RAGGED, **GEN)
+    chosen = [r for r in model.engine.records if r.kind in CHOSEN]
+    assert chosen or name == "dense", "no step chose its rows: the check would be vacuous"
+    bad = _pad_rows_selected(model, _ragged_mask(RAGGED, GEN["gen_length"]))
     assert not bad, f"policy {name!r} {params} selected left-pad positions ({len(bad)} times): {bad[:2]}"
 
 
-def test_row_spy_catches_a_policy_that_selects_padding(programs):
-    """The padding check above can fail: a policy that always recomputes position 0 is caught."""
+def test_the_padding_check_catches_a_policy_that_selects_padding(programs):
+    """The padding check above can fail: a policy that always recomputes positions 0-3 is caught."""
 
-    class FirstColumns(Policy):
+    class FirstColumns(UniformPolicy):
         name = "first_columns"
 
-        def rows(self, layer, state):
-            return torch.arange(4).expand(state.input_ids.shape[0], -1)
+        def rows(self, host):
+            return torch.arange(4).expand(host.batch, -1)
 
-    spy = RowSpy(FirstColumns())
-    dyllm_fx.generate(fresh(programs, "llada", spy.policy), TOK, RAGGED, **{**GEN, "steps": 4})
-    assert spy.seen and _pad_rows_selected(spy)
+    model = fresh(programs, "llada", FirstColumns())
+    model.engine.record_activity = True
+    dyllm_fx.generate(model, TOK, RAGGED, **{**GEN, "steps": 4})
+    assert _pad_rows_selected(model, _ragged_mask(RAGGED, GEN["gen_length"]))
 
 
 # --------------------------------------------------------------------------- determinism
@@ -154,31 +141,29 @@ class Boom(RuntimeError):
     pass
 
 
-HOOKS = ("rows", "after_attention", "after_block", "approx_layer", "approx_salient")
+def _fail_in_policy_step(policy: Policy, at_step: int):
+    """The policy's ``at_step``-th step of a generation (counting from 0) fails half way: it
+    writes into the caches, then raises. Returns the undo."""
+    inner = policy.step
+    calls = [0]
 
+    def failing(pieces, plan, inp, cache, buffers):
+        calls[0] += 1
+        if calls[0] == at_step + 1:
+            for k in cache.k:  # a half-written cache, as a failure mid-step leaves it
+                k.add_(1.0)
+            raise Boom(f"policy step failed at step {at_step}")
+        return inner(pieces, plan, inp, cache, buffers)
 
-def _fail_in_policy_hook(policy: Policy, at_step: int, at_layer: int):
-    """The first per-layer policy hook called at (step, layer) raises; returns the undo."""
-    wrapped = [h for h in HOOKS if callable(getattr(policy, h, None))]
-
-    def wrap(inner):
-        def hook(layer, *args, **kwargs):
-            if policy.state.step == at_step and layer == at_layer:
-                raise Boom(f"policy hook failed at step {at_step}, layer {at_layer}")
-            return inner(layer, *args, **kwargs)
-
-        return hook
-
-    for name in wrapped:
-        setattr(policy, name, wrap(getattr(policy, name)))
-    return lambda: [delattr(policy, name) for name in wrapped]
+    policy.step = failing
+    return lambda: delattr(policy, "step")
 
 
 def _interrupt_piece(model: TransformedModel, layer: int, on_call: int):
     """Make the MLP piece of ``layer`` raise KeyboardInterrupt on its ``on_call``-th call
     (every layer kind runs it, after attention has written that layer's K/V)."""
-    engine = model.engine
-    inner = engine.mlp[layer]
+    pieces = model.engine.pieces
+    inner = pieces._mlp[layer]
     calls = [0]
 
     def piece(*args):
@@ -187,12 +172,12 @@ def _interrupt_piece(model: TransformedModel, layer: int, on_call: int):
             raise KeyboardInterrupt
         return inner(*args)
 
-    engine.mlp[layer] = piece
-    return lambda: engine.mlp.__setitem__(layer, inner)
+    pieces._mlp[layer] = piece
+    return lambda: pieces._mlp.__setitem__(layer, inner)
 
 
-FAILURE_CASES = [(n, f) for n in NAMES for f in ("exception-in-policy-hook", "keyboard-interrupt-in-step")]
-FAILURE_CASES += [(n, "exception-in-policy-hook") for n in COMPOSED]
+FAILURE_CASES = [(n, f) for n in NAMES for f in ("exception-in-policy-step", "keyboard-interrupt-in-step")]
+FAILURE_CASES += [(n, "exception-in-policy-step") for n in COMPOSED]
 
 
 @pytest.mark.parametrize("name, failure", FAILURE_CASES)
@@ -201,8 +186,8 @@ def test_failed_generation_leaves_the_model_usable(programs, name, failure):
     policy = build_policy(name)
     model = fresh(programs, "llada", policy)
     dyllm_fx.generate(model, TOK, RAGGED, **GEN)  # a complete generation first: the cache is warm
-    if failure == "exception-in-policy-hook":
-        restore, expected = _fail_in_policy_hook(policy, at_step=5, at_layer=1), Boom
+    if failure == "exception-in-policy-step":
+        restore, expected = _fail_in_policy_step(policy, at_step=5), Boom
     else:
         restore, expected = _interrupt_piece(model, layer=1, on_call=6), KeyboardInterrupt
     with pytest.raises(expected):
@@ -211,7 +196,7 @@ def test_failed_generation_leaves_the_model_usable(programs, name, failure):
     got = dyllm_fx.generate(model, TOK, RAGGED, **GEN)
     assert torch.equal(got.sequences, want.sequences)
     assert len(model.engine.records) == got.stats.nfe  # the failed run's records are gone
-    assert model.engine.records[0].active == [got.sequences.shape[1]] * len(model.engine.attn)  # a cold start
+    assert model.engine.records[0].active == [got.sequences.shape[1]] * model.engine.n_layers  # a cold start
 
 
 def test_interrupted_forward_step_recovers(programs, models):
@@ -233,7 +218,7 @@ def test_interrupted_forward_step_recovers(programs, models):
         restore()
         again = tm(ids1)
         torch.testing.assert_close(again, model(ids1), rtol=0, atol=1e-5)
-        assert tm.engine.records[-1].active == [12] * len(tm.engine.attn)  # a full step, not the policy's 3 rows
+        assert tm.engine.records[-1].active == [12] * tm.engine.n_layers  # a full step, not the policy's 3 rows
         torch.testing.assert_close(tm(ids1), again, rtol=0, atol=1e-5)  # and warm again after it
 
 
@@ -249,29 +234,17 @@ def test_forward_after_generate_does_not_reuse_the_generation_cache(programs, mo
         torch.testing.assert_close(again, model(ids), rtol=0, atol=1e-5)
 
 
-class _EveryOtherMLP(Policy):
-    """All rows attend; on warm steps only every other row gets a fresh MLP (an MLP cache user)."""
-
-    name = "every_other_mlp"
-    needs_mlp_cache = True
-
-    def after_attention(self, layer, rows, context):
-        if self.state.cold:
-            return None
-        return torch.arange(0, rows.shape[1], 2, device=rows.device).expand(rows.shape[0], -1)
-
-
 def test_failed_cache_allocation_is_retried(programs, models, monkeypatch):
-    """Out of memory while the engine allocates its buffers after the step cache (here the MLP
-    cache): the next call allocates them again (the step cache alone must not be taken as a
-    complete set of buffers)."""
+    """Out of memory while the engine allocates the policy's buffers after the step cache (here
+    DyLLM's contexts and MLP outputs): the next call allocates them again (the step cache alone
+    must not be taken as a complete set of buffers)."""
     from dyllm_fx.runtime.cache import StepCache
 
     ids = torch.randint(3, 40, (2, 11), generator=torch.Generator().manual_seed(5))
-    want_model = fresh(programs, "llada", _EveryOtherMLP())
+    want_model = fresh(programs, "llada", make_policy("dyllm", num_full_steps=1))
     with torch.no_grad():
         want = [want_model(ids), want_model(ids)]
-    tm = fresh(programs, "llada", _EveryOtherMLP())
+    tm = fresh(programs, "llada", make_policy("dyllm", num_full_steps=1))
 
     armed = [False]
     real_allocate = StepCache.allocate.__func__
@@ -302,13 +275,13 @@ def test_failed_cache_allocation_is_retried(programs, models, monkeypatch):
         torch.testing.assert_close(g, w, rtol=0, atol=1e-6)
 
 
-class _NothingOnWarmSteps(Policy):
+class _NothingOnWarmSteps(UniformPolicy):
     """A custom policy that, on warm steps, recomputes no row at all (B, 0)."""
 
     name = "nothing"
 
-    def rows(self, layer, state):
-        return torch.zeros(state.input_ids.shape[0], 0, dtype=torch.long, device=state.input_ids.device)
+    def rows(self, host):
+        return torch.zeros(host.batch, 0, dtype=torch.long, device=host.device)
 
 
 def test_policy_returning_no_rows(programs, models):
@@ -324,4 +297,4 @@ def test_policy_returning_no_rows(programs, models):
             assert "rows" in str(err) and "None" in str(err)
         else:
             assert torch.equal(warm, cold)
-            assert tm.engine.records[-1].active == [0] * len(tm.engine.attn)
+            assert tm.engine.records[-1].active == [0] * tm.engine.n_layers

@@ -10,9 +10,10 @@ import torch.nn.functional as F
 import dyllm_fx
 from dyllm_fx import generate, transform
 from dyllm_fx.models.hf import bidirectional
-from dyllm_fx.models.layers import apply_rope, default_position_ids, key_padding_mask, rope_cos_sin
+from dyllm_fx.models.layers import default_position_ids, key_padding_mask
 from dyllm_fx.runtime.policies import DensePolicy, FixedPolicy, HostState, make_policy
 from dyllm_fx.transform import TransformedModel
+import block_reference
 from tiny_checkpoints import tiny_dream, tiny_llada, tiny_tokenizer
 
 PROMPTS_RAGGED = ["rev:abc=", "kv:a1,b2?ab=", "x=1?"]
@@ -164,49 +165,17 @@ def test_backend_inductor_pieces(models, dynamo):
 # --------------------------------------------------------------------------- (d) fixed policy
 
 
-def _arch(model):
-    """The modules a hand-written block needs, per architecture."""
-    if isinstance(model, dyllm_fx.models.LLaDAModelLM):
-        cfg, t = model.config, model.model.transformer
-        layers = [
-            (b.attn_norm, b.q_proj, b.k_proj, b.v_proj, b.attn_out, b.ff_norm, b.ff_proj, b.up_proj, b.ff_out)
-            for b in t.blocks
-        ]
-        return dict(
-            embed=t.wte, layers=layers, norm=t.ln_f, head=t.ff_out, heads=cfg.n_heads, kv_heads=cfg.kv_heads,
-            head_dim=cfg.d_model // cfg.n_heads, theta=cfg.rope_theta,
-        )
-    cfg = model.config
-    layers = [
-        (b.input_layernorm, b.self_attn.q_proj, b.self_attn.k_proj, b.self_attn.v_proj, b.self_attn.o_proj,
-         b.post_attention_layernorm, b.mlp.gate_proj, b.mlp.up_proj, b.mlp.down_proj)
-        for b in model.model.layers
-    ]
-    return dict(
-        embed=model.model.embed_tokens, layers=layers, norm=model.model.norm, head=model.lm_head,
-        heads=cfg.num_attention_heads, kv_heads=cfg.num_key_value_heads,
-        head_dim=cfg.hidden_size // cfg.num_attention_heads, theta=cfg.rope_theta,
-    )
-
-
 def _layer_rows(arch, layer, x, rows, pos, key_mask, k_base, v_base):
     """One block for the rows ``rows`` (B, A) whose inputs are ``x`` (B, A, D); every other
     row's K/V come from ``k_base``/``v_base`` (B, KV, L, d). Returns (out, K, V)."""
-    norm1, q_proj, k_proj, v_proj, o_proj, norm2, gate, up, down = arch["layers"][layer]
-    bsz, n, _ = x.shape
-    hd = arch["head_dim"]
-    cos, sin = rope_cos_sin(pos.gather(1, rows), hd, arch["theta"], x.dtype)
-    h = norm1(x)
-    q = apply_rope(q_proj(h).view(bsz, n, arch["heads"], hd).transpose(1, 2), cos, sin)
-    k = apply_rope(k_proj(h).view(bsz, n, arch["kv_heads"], hd).transpose(1, 2), cos, sin)
-    v = v_proj(h).view(bsz, n, arch["kv_heads"], hd).transpose(1, 2)
+    q, k, v = block_reference.project(arch, layer, x, rows, pos)
     k_all, v_all = k_base.clone(), v_base.clone()
-    for b in range(bsz):
+    for b in range(x.shape[0]):
         k_all[b][:, rows[b]] = k[b]
         v_all[b][:, rows[b]] = v[b]
     ctx = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=key_mask, enable_gqa=True)
-    h_mid = x + o_proj(ctx.transpose(1, 2).reshape(bsz, n, -1))
-    return h_mid + down(F.silu(gate(norm2(h_mid))) * up(norm2(h_mid))), k_all, v_all
+    h_mid = block_reference.o_proj(arch, layer, x, ctx)
+    return h_mid + block_reference.mlp(arch, layer, h_mid), k_all, v_all
 
 
 def _take(x, rows):
@@ -220,7 +189,7 @@ def _put(x, rows, values):
 @pytest.mark.parametrize("name", ["llada", "dream"])
 def test_fixed_policy_matches_frozen_reference(models, name):
     model = models[name]
-    arch = _arch(model)
+    arch = block_reference.arch_modules(model)
     mask_id = model.diffusion.mask_token_id
     bsz, seq_len, n_layers = 2, 12, len(arch["layers"])
     fixed = [3, 7, 9, 10]  # 4 rows: padded to a bucket of 8 by the runtime

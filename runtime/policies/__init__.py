@@ -11,7 +11,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .base import FULL, HostState, LayerResult, Plan, Policy, StepInputs, StepOutput, StepReport
+from .base import (
+    FULL, HostState, LayerResult, Plan, Policy, StepInputs, StepOutput, StepReport, full_step, head_logits, rows_step,
+)
 from .block_cache import DualCachePolicy, PrefixCachePolicy
 from .dense import DensePolicy
 from .dllm_cache import DLLMCachePolicy
@@ -82,5 +84,6 @@ def make_policy(policy: str | Sequence[str] | Policy, family: str | None = None,
 __all__ = [
     "BLOCK_SCOPES", "DLLMCachePolicy", "DensePolicy", "DualCachePolicy", "DyLLMPolicy", "ESDLLMPolicy", "FULL",
     "FixedPolicy", "HostState", "LayerResult", "POLICIES", "Plan", "Policy", "PrefixCachePolicy", "ROW_POLICIES",
-    "StepInputs", "StepOutput", "StepReport", "UniformPolicy", "family_of", "make_policy", "policy_names", "preset",
+    "StepInputs", "StepOutput", "StepReport", "UniformPolicy", "family_of", "full_step", "head_logits", "make_policy",
+    "policy_names", "preset", "rows_step",
 ]

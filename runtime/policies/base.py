@@ -56,7 +56,8 @@ class HostState:
     mask_token_id: int | None = None
     logits_shift: int = 0  # 1 for Dream: the logit of position p is read at row p - 1
     last_committed: int = 0  # tokens the previous step committed, most of any batch element
-    last_leftmost: int | None = None  # smallest position the previous step committed
+    # per batch element, the smallest position the previous step committed (None: nothing)
+    last_leftmost: tuple[int | None, ...] | None = None
 
     @property
     def batch(self) -> int:

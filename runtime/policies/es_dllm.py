@@ -34,7 +34,8 @@ parameter                default                               official source
 
 Kept count at a skip layer: ``max(int(p * window), min(last_decode_cnt + 2, block_length))``.
 The window is the current block; at a block's first step it starts at the leftmost row the
-previous step decoded. Every ``block_update_freq`` steps the window is recomputed without
+previous step decoded (per prompt; the official code takes the batch's leftmost, which makes a
+prompt's tokens depend on its batch). Every ``block_update_freq`` steps the window is recomputed without
 skipping, every ``prompt_update_freq`` steps ``[0, block end)`` is; the first step of a
 generation computes everything. The hidden-state snapshot of a skip layer is updated for the
 rows kept there only. With Dream's shifted logits every row is the logit row of the next token.
@@ -179,16 +180,22 @@ class ESDLLMPolicy(Policy):
 
     # --- host: the plan ------------------------------------------------------------------------
 
-    def _window(self, host: HostState, new_block: bool, prompt: bool) -> tuple[int, int]:
+    def _window(self, host: HostState, new_block: bool, prompt: bool) -> tuple[list[int], int]:
+        """(each batch element's window start, the common window end), in logit rows."""
         shift = host.logits_shift
         start, end = host.span(self.scope)
         if self.scope != "all":
             start -= shift
         if self.scope == "block":
             end -= shift
-            if new_block and host.last_leftmost is not None:  # the official step-0 window
-                start = min(start, host.last_leftmost - shift)
-        return (0 if prompt else max(start, 0)), end
+        starts = [max(start, 0)] * host.batch
+        if prompt:
+            starts = [0] * host.batch
+        elif self.scope == "block" and new_block and host.last_leftmost is not None:
+            # the official step-0 window: from the leftmost row the previous step decoded (per
+            # element: the official code takes the batch's minimum, which couples the prompts)
+            starts = [s if left is None else min(s, left - shift) for s, left in zip(starts, host.last_leftmost)]
+        return starts, end
 
     def plan(self, host: HostState) -> Plan:
         if host.cold:
@@ -205,21 +212,23 @@ class ESDLLMPolicy(Policy):
         if host.cold or step == 0:
             return FULL
         prompt = step % self.prompt_update_freq == 0
-        start, end = self._window(host, new_block, prompt)
-        width = bucket_size(end - start, host.seq_len)
-        span = dict(span_start=host.column(start), span_len=host.column(end - start))
+        starts, end = self._window(host, new_block, prompt)
+        lengths = [end - s for s in starts]
+        window = max(lengths)
+        width = bucket_size(window, host.seq_len)
+        span = dict(span_start=torch.tensor(starts, device=host.device), span_len=torch.tensor(lengths, device=host.device))
         if prompt or step % self.block_update_freq == 0:  # the window without skipping
-            return Plan(("refresh", width), **span, note={"active": end - start})
-        block = (host.block_end - host.block_start) if host.block_start is not None else end - start
+            return Plan(("refresh", width), **span, note={"active": window})
+        block = (host.block_end - host.block_start) if host.block_start is not None else window
         floor = min(host.last_committed + 2, block)
-        current, selections = end - start, []
+        current, selections = window, []
         for layer, keep in self.layout(host.n_layers):
-            kept = max(int(keep * (end - start)) if keep <= 1 else int(keep), floor)
+            kept = max(int(keep * window) if keep <= 1 else int(keep), floor)
             kept = min(kept, current)
             if kept != current:
                 selections.append((layer, kept))
                 current = kept
-        return Plan(("skip", width, tuple(selections)), **span, note={"window": end - start})
+        return Plan(("skip", width, tuple(selections)), **span, note={"window": window})
 
     def observe(self, plan, counts, n_layers, seq_len) -> StepReport:
         if plan.kind == "full":
@@ -317,8 +326,11 @@ class ESDLLMPolicy(Policy):
                 write_rows(snap, rows, x, 1)  # the kept rows' snapshot only
         write_rows(cache.hidden, rows, x, 1)
         positions = inp.logit_positions
+        logits = head_logits(pieces, cache, positions)
+        if not selections:  # no row skipped a layer (the floor kept them all)
+            return StepOutput(logits)
         eligible = (positions[:, :, None] == torch.where(live, rows, -1)[:, None, :]).any(-1)
-        return StepOutput(head_logits(pieces, cache, positions), eligible=eligible)
+        return StepOutput(logits, eligible=eligible)
 
     def _skip_before_attention(self, pieces, layer, x, rows, live, pro, cache, buffers, bonus, kept):
         """A skip layer of the query / key / value variations: score on this layer's q, k or v,

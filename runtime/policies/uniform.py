@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..rows import bucket_size, span_rows
-from .base import FULL, HostState, Plan, Policy, StepReport, full_step, rows_step
+from .base import FULL, HostState, Plan, Policy, StepOutput, StepReport, full_step, head_logits, rows_step
 
 
 class UniformPolicy(Policy):
@@ -43,6 +43,8 @@ class UniformPolicy(Policy):
         rows = self.rows(host)
         if rows is None:
             return FULL
+        if rows.shape[1] == 0:  # nothing to recompute: the logits of the cached final hidden state
+            return Plan(("none",), note={"active": 0})
         width = bucket_size(rows.shape[1], host.seq_len)
         padded = torch.cat([rows, rows[:, -1:].expand(-1, width - rows.shape[1])], 1) if width > rows.shape[1] else rows
         return Plan(("rows", width), rows=padded.to(host.device), note={"active": rows.shape[1]})
@@ -50,6 +52,8 @@ class UniformPolicy(Policy):
     def step(self, pieces, plan, inp, cache, buffers):
         if plan.kind == "full":
             return full_step(pieces, inp, cache)
+        if plan.kind == "none":
+            return StepOutput(head_logits(pieces, cache, inp.logit_positions))
         rows = inp.rows if plan.kind == "rows" else span_rows(inp.span_start, inp.span_len, plan.key[1])[0]
         return rows_step(pieces, inp, cache, rows)
 

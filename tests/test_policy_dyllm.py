@@ -1,0 +1,222 @@
+"""DyLLM (runtime/policies/dyllm.py) against its official semantics: the schedule of dense,
+response-only and whole-sequence steps, one sparse step against a reference written out from the
+model's weights, the capacity and its overflow, and the keep-everything limit."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import block_reference as ref
+import dyllm_fx
+from dyllm_fx.runtime.policies import DyLLMPolicy, HostState, make_policy
+from dyllm_fx.runtime.policies.dyllm import COUNT_KINDS
+from tiny_checkpoints import tiny_dream, tiny_llada, tiny_tokenizer
+
+L, PROMPT, N_LAYERS = 24, 8, 2
+
+
+def _host(step, block=(8, 16), cold=None, committed=1):
+    ids = torch.zeros(2, L, dtype=torch.long)
+    return HostState(
+        ids, torch.ones_like(ids), step == 0 if cold is None else cold, N_LAYERS, step=step, block_start=block[0],
+        block_end=block[1], response_start=PROMPT, mask_token_id=1, last_committed=committed,
+    )
+
+
+def _counts(need=3, kept=3):
+    return [need, kept, 0] * (N_LAYERS + 1)
+
+
+def _run_schedule(policy, steps=13):
+    """(kind, span start, span length) of each step's plan; blocks of 8 from the prompt's end."""
+    out = []
+    for step in range(steps):
+        block = (8, 16) if step < 8 else (16, 24)
+        plan = policy.plan(_host(step, block))
+        span = (int(plan.span_start[0]), int(plan.span_len[0])) if plan.span_start is not None else None
+        out.append((plan.kind, span))
+        policy.observe(plan, _counts() if plan.kind == "sparse" else None, N_LAYERS, L)
+    return out
+
+
+def test_schedule_follows_the_official_engine():
+    """4 dense steps, then sparse steps over the response; the whole sequence is queried when
+    the official processed_steps (step + 1) is a multiple of 4; no dense step at a block."""
+    kinds = _run_schedule(DyLLMPolicy())
+    response, whole = ("sparse", (PROMPT, L - PROMPT)), ("sparse", (0, L))
+    assert kinds == [("full", None)] * 4 + [response] * 3 + [whole] + [response] * 3 + [whole] + [response]
+
+
+def test_schedule_variants():
+    kinds = [k for k, _ in _run_schedule(DyLLMPolicy(refresh_at_block=True))]
+    assert kinds[8] == "full" and kinds.count("full") == 5  # the 4 first steps and the new block
+    kinds = [k for k, _ in _run_schedule(DyLLMPolicy(refresh_interval=3))]
+    assert kinds == ["full"] * 4 + ["sparse", "sparse", "full"] * 3
+    spans = [s for _, s in _run_schedule(DyLLMPolicy(full_query_interval=None))]
+    assert all(s in (None, (PROMPT, L - PROMPT)) for s in spans)  # the frozen-prompt variant
+    spans = [s for _, s in _run_schedule(DyLLMPolicy(num_full_steps=2))]
+    # processed_steps 3 and 4 are <= 4: the whole sequence, as the official prepare_sparse does
+    assert spans[2:5] == [(0, L), (0, L), (PROMPT, L - PROMPT)]
+
+
+def test_composed_with_the_dual_cache_the_block_is_the_scope():
+    plans = _run_schedule(make_policy("dual_cache+dyllm"))
+    assert plans[8] == ("full", None)  # the block cache's refresh
+    assert {s for k, s in plans if k == "sparse"} == {(8, 8), (16, 8)}  # never the whole sequence
+
+
+def test_softmax_statistics_are_exact_by_default_and_cached_in_the_variant():
+    def modes(policy):
+        out = []
+        for step in range(13):
+            plan = policy.plan(_host(step))
+            out.append(plan.key[3] if plan.kind == "sparse" else None)
+            policy.observe(plan, _counts() if plan.kind == "sparse" else None, N_LAYERS, L)
+        return out
+
+    assert set(modes(DyLLMPolicy())) == {None, "exact"}
+    cached = modes(DyLLMPolicy(cached_softmax_stats=True))
+    # the first sparse step after the dense ones and the whole-sequence steps recompute them
+    assert cached[4:] == ["exact", "cached", "cached", "exact", "cached", "cached", "cached", "exact", "cached"]
+
+
+def test_capacity_follows_the_last_step_and_counts_overflow():
+    policy = DyLLMPolicy()
+    for step in range(4):
+        policy.plan(_host(step))
+    first = policy.plan(_host(4, committed=2))
+    assert first.key[1:3] == (L - PROMPT, 8)  # no counts yet: a quarter of the span, bucketed
+    report = policy.observe(first, [2, 2, 0] + [12, 8, 5] + [3, 3, 0], N_LAYERS, L)
+    assert report.active == [8, 3] and report.overflow == 5 and report.capacity == 8
+    assert policy.plan(_host(5)).key[2] == 16  # grown to the bucket of the 12 rows wanted
+    policy.observe(policy.plan(_host(6)), _counts(need=3), N_LAYERS, L)
+    assert policy.plan(_host(7)).key[2] == 8  # and back down (the whole-sequence step)
+    assert DyLLMPolicy(capacity=5)._capacity(16, _host(5)) == 5
+    assert DyLLMPolicy(capacity="full")._capacity(16, _host(5)) == 16
+    assert DyLLMPolicy(tau=1.0)._capacity(16, _host(5)) == 16  # every row is salient
+    assert COUNT_KINDS == 3
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(tau=0.0), "tau"), (dict(tau=1.01), "tau"), (dict(tau=True), "tau"), (dict(tau="a"), "tau"),
+    (dict(num_full_steps=0), "num_full_steps"), (dict(full_query_interval=0), "full_query_interval"),
+    (dict(capacity=0), "capacity"), (dict(scope="prompt"), "scope"), (dict(cached_softmax_stats=1), "cached_softmax"),
+])
+def test_bad_parameters_are_rejected(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        DyLLMPolicy(**kwargs)
+
+
+# --- one sparse step against a reference written from the model's weights -------------------
+
+
+def _reference_sparse_step(arch, ids, prev_ids, attn, pos, span, state, tau):
+    """The official layer algorithm on the state a dense step left (K, V, contexts, MLP
+    outputs, final hidden: updated in place): Q for the span, K/V for the rows that changed
+    (layer 0: the tokens that changed; later: the previous layer's salient rows), exact
+    attention for those, cached context + P[:, changed] dV for the others, salient = cos < tau."""
+    start, end = span
+    bsz, seq_len = ids.shape
+    rows = torch.arange(start, end).expand(bsz, -1)
+    real = attn[:, start:end].bool()
+    changed = (ids != prev_ids)[:, start:end] & real
+    bias = torch.zeros(bsz, 1, 1, seq_len).masked_fill(~attn.bool()[:, None, None, :], -math.inf)
+    x = arch["embed"](ids)[:, start:end]
+    for layer in range(len(arch["layers"])):
+        q, k, v = ref.project(arch, layer, x, rows, pos)
+        k_new, v_new = state["k"][layer].clone(), state["v"][layer].clone()
+        for b in range(bsz):
+            cols = start + changed[b].nonzero()[:, 0]
+            k_new[b][:, cols], v_new[b][:, cols] = k[b][:, changed[b]], v[b][:, changed[b]]
+        scores = q @ ref.repeat_kv(k_new, q.shape[1]).transpose(-1, -2) / math.sqrt(q.shape[-1]) + bias
+        p = torch.softmax(scores, -1)  # the exact normaliser, over every key
+        old = state["ctx"][layer][:, :, start:end]
+        approx = old + p @ ref.repeat_kv(v_new - state["v"][layer], q.shape[1])
+        exact = p @ ref.repeat_kv(v_new, q.shape[1])
+        ctx = torch.where(changed[:, None, :, None], exact, approx)
+        flat = lambda t: t.transpose(1, 2).flatten(2)  # noqa: E731
+        cos = torch.nn.functional.cosine_similarity(flat(ctx), flat(old), dim=-1, eps=1e-8)
+        salient = (cos < tau) & real
+        h_mid = ref.o_proj(arch, layer, x, ctx)
+        branch = torch.where(salient[..., None], ref.mlp(arch, layer, h_mid), state["mlp"][layer][:, start:end])
+        x = h_mid + branch
+        state["k"][layer], state["v"][layer] = k_new, v_new
+        state["ctx"][layer][:, :, start:end], state["mlp"][layer][:, start:end] = ctx, branch
+        changed = salient
+    state["hidden"][:, start:end] = x
+    return ref.logits(arch, state["hidden"])
+
+
+def _sharpened_llada():
+    model = tiny_llada(seed=11, n_layers=3)
+    with torch.no_grad():
+        model.model.transformer.ff_out.weight.mul_(3.0)
+    return model
+
+
+@pytest.mark.parametrize("full_query", [False, True], ids=["response", "whole-sequence"])
+def test_a_sparse_step_equals_the_reference(full_query):
+    model = _sharpened_llada()
+    arch = ref.arch_modules(model)
+    mask_id = model.diffusion.mask_token_id
+    tm = dyllm_fx.transform(model, policy="dyllm", tau=0.99, num_full_steps=1, capacity="full",
+                            full_query_interval=1 if full_query else None)
+    gen = torch.Generator().manual_seed(5)
+    ids0 = torch.randint(3, 40, (2, 14), generator=gen)
+    ids0[:, 6:] = mask_id
+    attn = torch.ones_like(ids0)
+    attn[1, :2] = 0  # a left-padded row
+    pos = dyllm_fx.models.layers.default_position_ids(ids0, attn)
+    ids1 = ids0.clone()
+    ids1[0, [7, 10]] = torch.tensor([20, 21])
+    ids1[1, 12] = 22
+    with torch.no_grad():
+        tm(ids0, attn, pos)  # the dense step
+        engine = tm.engine
+        state = {
+            "k": [t.clone() for t in engine.cache.k], "v": [t.clone() for t in engine.cache.v],
+            "ctx": [t.clone() for t in engine.buffers.context], "mlp": [t.clone() for t in engine.buffers.mlp],
+            "hidden": engine.cache.hidden.clone(),
+        }
+        got = tm(ids1, attn, pos)
+        span = (0, 14) if full_query else (6, 14)
+        want = _reference_sparse_step(arch, ids1, ids0, attn, pos, span, state, 0.99)
+    record = engine.records[-1]
+    assert record.kind == "sparse" and record.overflow == 0
+    assert 0 < sum(record.active) < 3 * (span[1] - span[0])  # some rows salient, not all: a real test
+    torch.testing.assert_close(got, want, rtol=0, atol=2e-5)
+    close = dict(rtol=1e-5, atol=1e-5)  # float rounding of matmuls over different row counts
+    for layer in range(3):
+        torch.testing.assert_close(engine.cache.k[layer], state["k"][layer], **close)
+        torch.testing.assert_close(engine.cache.v[layer], state["v"][layer], **close)
+        torch.testing.assert_close(engine.buffers.context[layer], state["ctx"][layer], **close)
+        torch.testing.assert_close(engine.buffers.mlp[layer], state["mlp"][layer], **close)
+
+
+def test_prompt_rows_become_salient_on_whole_sequence_steps():
+    model, tok = _sharpened_llada(), tiny_tokenizer()
+    tm = dyllm_fx.transform(model, policy="dyllm", tau=0.999999, capacity="full")
+    tm.engine.record_activity = True
+    out = dyllm_fx.generate(tm, tok, ["rev:abcdef="], gen_length=16, block_length=8, steps=16, progress=False,
+                            stop_at_eos=False)
+    plen = out.prompt_length
+    prompt = [r.activity[:, 0, :plen] for r in tm.engine.records]
+    assert all(p.max() == 0 for p in prompt[4:7])  # response-only steps: the prompt is frozen
+    assert prompt[7].min() >= 0.5 and prompt[7].max() == 1.0  # the 4th sparse step: queried, some salient
+    assert prompt[11].max() == 1.0
+
+
+@pytest.mark.parametrize("make", [lambda: tiny_llada(seed=3, n_layers=3), lambda: tiny_dream(seed=4, num_hidden_layers=3)],
+                         ids=["llada", "dream"])
+def test_tau_one_querying_everything_equals_vanilla(make):
+    model, tok = make(), tiny_tokenizer()
+    prompts = ["rev:abc=", "kv:a1,b2?ab="]
+    kw = dict(gen_length=16, block_length=8, steps=16, stop_at_eos=False, progress=False)
+    want = dyllm_fx.generate(model, tok, prompts, **kw)
+    tm = dyllm_fx.transform(model, policy="dyllm", tau=1.0, full_query_interval=1)
+    got = dyllm_fx.generate(tm, tok, prompts, **kw)
+    assert torch.equal(got.sequences, want.sequences)
+    assert [r.kind for r in tm.engine.records] == ["full"] * 4 + ["sparse"] * 12  # the sparse path, exact
