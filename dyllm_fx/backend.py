@@ -1,15 +1,25 @@
 """The ``dyllm`` dynamo backend: ``torch.compile(model, backend="dyllm", options={...})``.
 
-Dynamo hands over the graph of the model's forward; the backend runs the same passes as
-``dyllm_fx.transform`` on it (capture -> find blocks -> split into row pieces -> rewrite
-attention), compiles each piece with inductor, and returns a callable with the graph's
-signature whose calls go through the cache-backed sparse step.
+Dynamo hands over the graph of the model's forward. The backend runs the same passes as
+``dyllm_fx.transform`` (capture -> find blocks -> split into row pieces -> rewrite attention)
+and returns a callable with the graph's signature whose calls go through the cache-backed
+sparse step, compiled whole by inductor.
+
+The passes need a graph whose sizes are symbolic, so that its pieces run on any number of rows.
+Dynamo's first graph of a module is static (sizes are literals: ``view(1, 29, 4, 32)``), so the
+backend captures the *module* dynamo is compiling (the ``self`` of the frame) itself, as
+``transform()`` does. Only when no module can be found (a compiled free function) does it fall
+back to dynamo's graph, which then must have been traced with ``dynamic=True``.
 
 Options:
-    policy: policy name or object (default "dense"); other keys are the policy's parameters.
-    compile_pieces: compile each piece with inductor (default True).
-    mask_token_id: lets the step tell a new generation from the next step of the current one;
-        without it every call recomputes all rows (correct, but nothing is reused).
+    policy: policy name, composition or object (default "dense"); other keys are the policy's
+        parameters.
+    compile_step: compile the step with inductor (default True).
+    mask_token_id: lets the step tell a new generation from the next step of the current one,
+        and where the response starts; without it every call recomputes all rows (correct, but
+        nothing is reused).
+    block_length: the generation's block length, for the block caches and the row policies
+        composed with them (default: the whole response is one block).
 
 Registered under the ``torch_dynamo_backends`` entry point and importable directly:
 ``from dyllm_fx.backend import dyllm_backend``.
@@ -18,12 +28,12 @@ Registered under the ``torch_dynamo_backends`` entry point and importable direct
 from __future__ import annotations
 
 import torch
-from torch import fx
+from torch import fx, nn
 
 from .models.layers import default_position_ids
 from .models.spec import DiffusionSpec
-from .passes.capture import capture
-from .runtime.policies import make_policy
+from .passes.capture import capture, capture_module
+from .runtime.policies import family_of, make_policy
 from .transform import TransformedModel, build_program
 
 _ROLES = ("input_ids", "attention_mask", "position_ids")
@@ -46,8 +56,7 @@ def _placeholder_roles(gm: fx.GraphModule) -> dict[str, int]:
 
 def _size_inputs(gm: fx.GraphModule, roles: dict[str, int]) -> dict[int, tuple[str, int]]:
     """Graph inputs that are sizes (dynamo passes symbolic sizes as inputs once shapes are
-    dynamic): input position -> (role, dim) of the input tensor they measure. The capture must
-    read them off the traced tensors, so the step graph stays symbolic in those sizes."""
+    dynamic): input position -> (role, dim) of the input tensor they measure."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     shapes = {}
     for role, i in roles.items():
@@ -66,14 +75,49 @@ def _size_inputs(gm: fx.GraphModule, roles: dict[str, int]) -> dict[int, tuple[s
     return sizes
 
 
+def _compiled_module(gm: fx.GraphModule) -> nn.Module | None:
+    """The module whose forward dynamo is compiling, when it is one (the frame's ``self``) and
+    its parameters are the graph's."""
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+
+        tx = InstructionTranslator.current_tx()
+    except (ImportError, AttributeError, RuntimeError):  # another torch version: use the graph
+        return None
+    module = getattr(tx, "f_locals", {}).get("self") if tx is not None else None
+    if not isinstance(module, nn.Module):
+        return None
+    params = {id(p) for p in module.parameters()}
+    graph_params = [v for v in gm.parameters()]
+    return module if all(id(p) in params for p in graph_params) else None
+
+
+def _is_static(gm: fx.GraphModule) -> bool:
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    return not any(isinstance(n.meta.get("example_value"), torch.SymInt) for n in placeholders)
+
+
 def dyllm_backend(gm: fx.GraphModule, example_inputs: list, options: dict | None = None):
     opts = dict(options or {})
     policy = opts.pop("policy", "dense")
-    compile_pieces = opts.pop("compile_pieces", True)
+    compile_step = opts.pop("compile_step", opts.pop("compile_pieces", True))
     mask_token_id = opts.pop("mask_token_id", None)
+    block_length = opts.pop("block_length", None)
     roles = _placeholder_roles(gm)
     sizes = _size_inputs(gm, roles)
     args = list(example_inputs)
+    module = _compiled_module(gm)
+    spec = getattr(module, "diffusion", None)
+    if mask_token_id is not None:
+        spec = DiffusionSpec(mask_token_id=mask_token_id) if spec is None else spec
+        if spec.mask_token_id != mask_token_id:
+            raise ValueError(f"mask_token_id={mask_token_id} differs from the model's ({spec.mask_token_id}); drop the option")
+    chosen = make_policy(policy, family=family_of(spec), **opts)  # bad policy parameters fail now
+    if module is None and _is_static(gm) and chosen.name != "dense":
+        raise ValueError(
+            "the dyllm backend got a graph with static sizes and no module to trace again; compile the model "
+            "module itself (torch.compile(model, backend='dyllm')) or pass dynamic=True"
+        )
 
     def forward(input_ids, attention_mask, position_ids):
         call = list(args)
@@ -85,18 +129,21 @@ def dyllm_backend(gm: fx.GraphModule, example_inputs: list, options: dict | None
         out = gm(*call)
         return out[0] if isinstance(out, (tuple, list)) else out
 
-    spec = DiffusionSpec(mask_token_id=mask_token_id) if mask_token_id is not None else None
     built: list[TransformedModel] = []
 
     def transformed(inputs) -> TransformedModel:
         # Built on the first real call: inside this function dynamo's fake-tensor tracing
         # context is active, and the passes' own capture needs real parameters.
         if not built:
-            ids = inputs[roles["input_ids"]]
-            mask = inputs[roles["attention_mask"]] if "attention_mask" in roles else torch.ones_like(ids)
-            pos = inputs[roles["position_ids"]] if "position_ids" in roles else default_position_ids(ids, mask)
-            program = build_program(capture(forward, (ids, mask, pos)))
-            built.append(TransformedModel(program, make_policy(policy, **opts), spec, compile=compile_pieces))
+            if module is not None:
+                captured = capture_module(module)
+            else:
+                ids = inputs[roles["input_ids"]]
+                mask = inputs[roles["attention_mask"]] if "attention_mask" in roles else torch.ones_like(ids)
+                pos = inputs[roles["position_ids"]] if "position_ids" in roles else default_position_ids(ids, mask)
+                captured = capture(forward, (ids, mask, pos))
+            built.append(TransformedModel(build_program(captured), chosen, spec, compile=compile_step,
+                                          block_length=block_length))
         return built[0]
 
     def compiled(*inputs):

@@ -38,11 +38,13 @@ class TransformedModel(nn.Module):
     only for the current block.
 
     ``block_length`` tells ``forward()`` the block layout of the generation it is called in
-    (the denoising loop passes the block itself); None: the whole response is one block.
+    (the denoising loop passes the block itself); None: the whole response is one block. The
+    logits ``forward()`` returns carry ``commit_mask``: (B, L) bool of the positions whose logits
+    come from rows that ran every layer (None: all), which ``DenseStep`` passes on to the loop.
     """
 
     def __init__(
-        self, program: StepProgram, policy: Policy, spec: DiffusionSpec | None, compile: bool = False,
+        self, program: StepProgram, policy: Policy, spec: DiffusionSpec | None, compile: bool | str = False,
         cuda_graphs: bool = False, block_length: int | None = None,
     ):
         super().__init__()
@@ -79,13 +81,19 @@ class TransformedModel(nn.Module):
             raise TypeError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}; pass ids.long()")
         if position_ids is None:
             position_ids = default_position_ids(input_ids, attention_mask)
-        if not self._continues(input_ids):
+        continues = self._continues(input_ids)
+        if not continues:
             self.engine.reset()
             self._response_start = self._first_mask(input_ids)
+        info = self._host_info(input_ids, self._last_ids if continues else None)
         self._last_ids = input_ids.clone()
         bsz, seq_len = input_ids.shape
         everywhere = torch.arange(seq_len, device=input_ids.device).expand(bsz, -1)
-        return self.engine.step(input_ids, attention_mask, position_ids, everywhere, **self._host_info(input_ids)).logits
+        out = self.engine.step(input_ids, attention_mask, position_ids, everywhere, **info)
+        # Which positions may be committed (ES-dLLM: rows that ran every layer) travels with the
+        # logits, so a loop that only sees forward()'s output (DenseStep) can honour it.
+        out.logits.commit_mask = out.eligible
+        return out.logits
 
     def _first_mask(self, input_ids: torch.Tensor) -> int | None:
         """The first column holding a mask token (the response start of a new generation)."""
@@ -94,10 +102,11 @@ class TransformedModel(nn.Module):
         cols = (input_ids == self.diffusion.mask_token_id).any(0).nonzero()
         return int(cols[0]) if cols.numel() else None
 
-    def _host_info(self, input_ids: torch.Tensor) -> dict:
-        """What the engine's policies need about the generation, inferred from the tokens: the
-        response start (the first masked column when it began) and the current block (the one
-        holding the leftmost mask)."""
+    def _host_info(self, input_ids: torch.Tensor, last: torch.Tensor | None) -> dict:
+        """What the engine's policies need about the generation, inferred from the tokens, as
+        the denoising loop would tell them: the response start (the first masked column when it
+        began), the current block (the one holding the leftmost mask), and what the last step
+        committed (the tokens that differ from the last call's)."""
         spec, start = self.diffusion, self._response_start
         if spec is None or start is None:
             return {"step": len(self.engine.records)}
@@ -106,10 +115,17 @@ class TransformedModel(nn.Module):
         masked = (input_ids[:, start:] == spec.mask_token_id).any(0).nonzero()
         offset = int(masked[0]) if masked.numel() else seq_len - start - 1
         block_start = start + offset // length * length
-        return {
+        info = {
             "step": len(self.engine.records), "block_start": block_start, "block_end": min(block_start + length, seq_len),
             "response_start": start, "mask_token_id": spec.mask_token_id, "logits_shift": spec.logits_shift,
         }
+        if last is not None:
+            committed = last != input_ids
+            cols = torch.arange(seq_len, device=input_ids.device)
+            left = torch.where(committed, cols, seq_len).amin(-1)
+            most, *leftmost = torch.cat([committed.sum(-1).amax()[None], left]).tolist()
+            info.update(last_committed=most, last_leftmost=tuple(c if c < seq_len else None for c in leftmost))
+        return info
 
     def _continues(self, input_ids: torch.Tensor) -> bool:
         """Same generation iff no already-decoded token changed (tokens only go mask -> token)
@@ -138,7 +154,7 @@ class TransformedModel(nn.Module):
 def transform(
     model: nn.Module,
     policy: str | Policy = "dense",
-    compile: bool = False,
+    compile: bool | str = False,
     spec: DiffusionSpec | None = None,
     cuda_graphs: bool = False,
     **policy_config,
@@ -156,7 +172,8 @@ def transform(
             ``"dual_cache+dyllm"``, or a :class:`Policy` object. The methods default to their
             authors' settings, with per-model presets (``runtime/policies/presets.py``).
         compile: compile each step whole with inductor (``fullgraph=True``; one graph per plan
-            key: a handful of capacity buckets and spans).
+            key: a handful of capacity buckets and spans); a string names another
+            torch.compile backend (e.g. "aot_eager").
         spec: mask token id and logit shift; taken from ``model.diffusion`` when present.
         cuda_graphs: on CUDA, capture each warm step as a CUDA graph per plan key and shape,
             and replay it (every policy; ``runtime/cuda_graph.py``).
@@ -171,6 +188,7 @@ def transform(
     spec = spec or getattr(model, "diffusion", None)
     chosen = make_policy(policy, family=family_of(spec), **policy_config)
     program = build_program(capture_module(model))
+    chosen.check_model(len(program.attn))
     return TransformedModel(program, chosen, spec, compile=compile, cuda_graphs=cuda_graphs)
 
 

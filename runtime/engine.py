@@ -51,26 +51,31 @@ class StepRecord:
 
 
 class CompileCounter:
-    """An inductor backend that counts the graphs it compiles (recompiles included)."""
+    """A torch.compile backend that counts the graphs it compiles (recompiles included) and
+    hands them to ``backend`` ("inductor", or e.g. "aot_eager", which traces the same whole
+    graph without generating code: what tests use to check a step compiles quickly)."""
 
-    def __init__(self):
+    def __init__(self, backend: str = "inductor"):
+        self.backend = backend
         self.graphs = 0
 
     def __call__(self, gm, example_inputs):
-        from torch._inductor.compile_fx import compile_fx
+        from torch._dynamo.backends.registry import lookup_backend
 
         self.graphs += 1
-        return compile_fx(gm, example_inputs)
+        return lookup_backend(self.backend)(gm, example_inputs)
 
 
 class StepEngine:
     """Owns the pieces, the cache, the policy's buffers and the step functions."""
 
-    def __init__(self, program, policy: Policy, compile: bool = False, cuda_graphs: bool = False):
+    def __init__(self, program, policy: Policy, compile: bool | str = False, cuda_graphs: bool = False):
+        if not isinstance(compile, (bool, str)):
+            raise TypeError(f"compile must be True, False or a torch.compile backend name, got {compile!r}")
         self.program = program
         self.pieces = Pieces(program)
         self._policy = policy
-        self.compile = compile
+        self.compile = bool(compile)
         self.cuda_graphs = cuda_graphs
         self.cache: StepCache | None = None
         self.buffers = None
@@ -79,7 +84,7 @@ class StepEngine:
         # Off by default: copying similarities / row maps to the host each step costs a sync.
         self.record_similarity = False
         self.record_activity = False
-        self.compiler = CompileCounter()
+        self.compiler = CompileCounter(compile if isinstance(compile, str) else "inductor")
         self._compiled: dict[tuple, Callable] = {}
         self.graphs = StepGraphs()
 
@@ -155,7 +160,10 @@ class StepEngine:
             attention_mask = torch.ones_like(input_ids)
         host = HostState(input_ids, attention_mask, cold=not cache.warm, n_layers=self.n_layers, **host_info)
         plan = self.policy.plan(host)
-        inp = StepInputs(input_ids, attention_mask, position_ids, logit_positions, plan.rows, plan.span_start, plan.span_len)
+        inp = StepInputs(
+            input_ids, attention_mask, position_ids, logit_positions, _block_rows(host, logit_positions), plan.rows,
+            plan.span_start, plan.span_len,
+        )
         # Any failure below leaves the cache half-written: mark it cold until a step completes.
         cache.warm = False
         if cache.activity is not None:
@@ -208,6 +216,14 @@ class StepEngine:
         state = [*cache.tensors, *_tensors(buffers)]
         logits, eligible, counts = self.graphs.run(plan.key, body, tuple(getattr(inp, n) for n in names), state)
         return StepOutput(logits, eligible, counts)
+
+
+def _block_rows(host: HostState, logit_positions: torch.Tensor) -> torch.Tensor | None:
+    """The rows whose logits predict the current block (shifted for Dream), or None."""
+    if host.block_start is None:
+        return None
+    start, end = host.block_start - host.logits_shift, host.block_end - host.logits_shift
+    return torch.arange(start, end, device=logit_positions.device).expand(host.batch, -1)
 
 
 def _host_copy(t: torch.Tensor) -> torch.Tensor:

@@ -54,18 +54,24 @@ def block_logit_positions(request: StepRequest, shift: int) -> torch.Tensor:
 
 
 class DenseStep:
-    """Full forward of ``model`` every step; applies the model's logit shift (Dream)."""
+    """Full forward of ``model`` every step; applies the model's logit shift (Dream). A model
+    whose logits carry a ``commit_mask`` (a transformed model's ``forward()``, also through
+    ``torch.compile(backend="dyllm")``) limits what the loop may commit."""
 
     def __init__(self, model: nn.Module, spec: DiffusionSpec):
         self.model = model
         self.spec = spec
 
-    def __call__(self, request: StepRequest) -> torch.Tensor:
+    def __call__(self, request: StepRequest) -> torch.Tensor | StepOutput:
         out = self.model(request.input_ids, attention_mask=request.attention_mask, position_ids=request.position_ids)
         logits = getattr(out, "logits", out)
         # With shift 1 the logit for position i is read at i - 1 (the prompt is never empty).
         shift = self.spec.logits_shift
-        return logits[:, request.block_start - shift : request.block_end - shift]
+        block = slice(request.block_start - shift, request.block_end - shift)
+        commit_mask = getattr(logits, "commit_mask", None)
+        if commit_mask is None:
+            return logits[:, block]
+        return StepOutput(logits[:, block], eligible=commit_mask[:, block])
 
 
 class SparseStep:

@@ -91,7 +91,7 @@ def test_capacity_follows_the_last_step_and_counts_overflow():
     assert first.key[1:3] == (L - PROMPT, 8)  # no counts yet: a quarter of the span, bucketed
     report = policy.observe(first, [2, 2, 0] + [12, 8, 5] + [3, 3, 0], N_LAYERS, L)
     assert report.active == [8, 3] and report.overflow == 5 and report.capacity == 8
-    assert policy.plan(_host(5)).key[2] == 16  # grown to the bucket of the 12 rows wanted
+    assert policy.plan(_host(5)).key[2] == 16  # grown: the 12 rows wanted and a quarter of headroom
     policy.observe(policy.plan(_host(6)), _counts(need=3), N_LAYERS, L)
     assert policy.plan(_host(7)).key[2] == 8  # and back down (the whole-sequence step)
     assert DyLLMPolicy(capacity=5)._capacity(16, _host(5)) == 5

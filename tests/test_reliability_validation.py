@@ -176,9 +176,10 @@ def test_dyllm_tau_outside_unit_interval(llada, tau):
 
 @pytest.mark.skipif("es_dllm" not in POLICIES, reason="the ES-dLLM policy is not registered")
 def test_es_dllm_skip_layer_beyond_the_model(llada):
-    fast = dyllm_fx.transform(llada, policy="es_dllm")  # 2 layers; the default skip layers are (1, 3)
-    with pytest.raises(ValueError, match=r"skip layer 3 .*2 layers.*skip_layers="):
-        dyllm_fx.generate(fast, TOK, "ab", gen_length=8, block_length=4, **KW)
+    with pytest.raises(ValueError, match=r"skip layer 3 .*2 layers.*skip_layers="):  # 2 layers
+        dyllm_fx.transform(llada, policy="es_dllm", skip_layers=(1, 3), keep=(0.5, 0.25))
+    fast = dyllm_fx.transform(llada, policy="es_dllm")  # the official depth layout fits any depth
+    dyllm_fx.generate(fast, TOK, "ab", gen_length=8, block_length=4, **KW)
 
 
 # --------------------------------------------------------------------------- generate() arguments

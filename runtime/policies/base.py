@@ -115,6 +115,9 @@ class StepInputs:
     attention_mask: torch.Tensor  # (B, L)
     position_ids: torch.Tensor  # (B, L)
     logit_positions: torch.Tensor  # (B, P) rows whose logits the step returns
+    # (B, block length) the rows whose logits predict the current block's tokens (None: no
+    # block known); the same as logit_positions when the loop calls, not through forward()
+    block_rows: torch.Tensor | None = None
     rows: torch.Tensor | None = None  # Plan.rows
     span_start: torch.Tensor | None = None  # Plan.span_start
     span_len: torch.Tensor | None = None  # Plan.span_len
@@ -199,6 +202,10 @@ class Policy:
 
     def reset(self) -> None:
         """A new generation starts: forget per-generation host state."""
+
+    def check_model(self, n_layers: int) -> None:
+        """Raise a ValueError naming the fix when the policy cannot run on a model of this depth
+        (called by ``transform()``, before any step)."""
 
     def allocate(self, program, batch: int, seq_len: int, device: torch.device):
         """The policy's device buffers for a (batch, seq_len) generation (None: none)."""

@@ -62,6 +62,7 @@ from .base import FULL, HostState, Plan, Policy, StepOutput, StepReport, check_s
 from .params import choice, count, flag, number
 
 COUNT_KINDS = 3  # counts rows: rows that qualified (max over the batch), kept (max), overflow (sum)
+HISTORY = 4  # sparse steps whose needs size the next capacity
 
 
 @dataclass
@@ -106,7 +107,7 @@ class DyLLMPolicy(Policy):
         self._since_refresh = 0
         self._block_start: int | None = None
         self._stats_ready = False  # cached softmax statistics hold every queried row's current values
-        self._need = 0  # rows the last sparse step wanted in its selections (most of any layer)
+        self._needs: list[int] = []  # rows recent sparse steps wanted in a selection (most of any layer)
 
     @property
     def _composed(self) -> bool:
@@ -180,22 +181,29 @@ class DyLLMPolicy(Policy):
     def _refresh(self, plan: Plan) -> Plan:
         self._since_refresh = 1
         self._stats_ready = False
-        self._need = 0
+        self._needs = []  # the first steps after a refresh are measured afresh
         return plan
 
     def _capacity(self, width: int, host: HostState) -> int:
+        """The step's top-C capacity. ``auto``: the whole span at the first sparse step after a
+        dense one (nothing measured yet, and contexts move most right after a refresh); then
+        the most rows any of the last ``HISTORY`` steps wanted, plus half of that as headroom,
+        bucketed: the need moves a lot from step to step, and a row beyond the capacity is
+        approximated where the official code would recompute it."""
         if self.capacity == "full" or self.tau >= 1.0:
             return width
         if isinstance(self.capacity, int):
             return min(self.capacity, width)
-        need = max(self._need, host.last_committed) if self._need else max(host.last_committed, width // 4)
-        return bucket_size(need, width)
+        if not self._needs:
+            return width
+        need = max(*self._needs[-HISTORY:], host.last_committed)
+        return bucket_size(need + (need + 1) // 2, width)
 
     def observe(self, plan, counts, n_layers, seq_len) -> StepReport:
         if plan.kind != "sparse":
             return StepReport([plan.note.get("active", seq_len)] * n_layers)
         need, kept, overflow = counts[0::COUNT_KINDS], counts[1::COUNT_KINDS], counts[2::COUNT_KINDS]
-        self._need = max(need)
+        self._needs.append(max(need))
         # entry 0 is layer 0's changed rows (new K/V); entry l + 1 is layer l's salient rows (MLP)
         return StepReport(list(kept[1:]), capacity=plan.key[2], overflow=sum(overflow), extra={"changed": kept[0]})
 

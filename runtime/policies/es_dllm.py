@@ -136,6 +136,9 @@ class ESDLLMPolicy(Policy):
         self._in_block = 0
         self._steps = 0
 
+    def check_model(self, n_layers: int) -> None:
+        self.layout(n_layers)
+
     def layout(self, n_layers: int) -> list[tuple[int, float]]:
         """(skip layer, kept fraction or row count) for a model of ``n_layers`` layers."""
         if self.explicit is None:
@@ -271,7 +274,7 @@ class ESDLLMPolicy(Policy):
             out = rows_step(pieces, inp, cache, rows, self.recorder(buffers, pieces))
         else:
             out = full_step(pieces, inp, cache, self.recorder(buffers, pieces))
-        self._update_confidence(buffers, inp.logit_positions, out, masked)
+        self._update_confidence(buffers, inp, out, masked)
         buffers.prev_ids.copy_(inp.input_ids)
         return out
 
@@ -283,17 +286,33 @@ class ESDLLMPolicy(Policy):
             masked = torch.cat([masked[:, self._shift:], torch.zeros_like(masked[:, : self._shift])], 1)
         return masked.float()
 
-    def _update_confidence(self, buffers, positions, out: StepOutput, masked) -> None:
-        top = torch.softmax(out.logits.float(), dim=-1).amax(-1)  # (B, P)
-        conf = top * take(masked, positions, 1)
-        write_rows(buffers.confidence, positions, conf, 1, out.eligible)
+    @staticmethod
+    def _block(inp) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the block's logit rows (B, Lb), their slots in the step's logit positions)."""
+        if inp.block_rows is None:
+            slots = torch.arange(inp.logit_positions.shape[1], device=inp.logit_positions.device)
+            return inp.logit_positions, slots.expand_as(inp.logit_positions)
+        # the logit positions are the block's rows, or (forward()) every row: then row = slot
+        same = inp.block_rows.shape == inp.logit_positions.shape
+        return inp.block_rows, (torch.arange(inp.block_rows.shape[1], device=inp.block_rows.device).expand_as(inp.block_rows)
+                                if same else inp.block_rows)
+
+    def _update_confidence(self, buffers, inp, out: StepOutput, masked) -> None:
+        """The sampler's confidence (top probability) of the block's rows that produced fresh
+        logits; 0 where the row's token is not masked (official: the block's rows only)."""
+        rows, slots = self._block(inp)
+        logits = take(out.logits, slots, 1)
+        top = torch.softmax(logits.float(), dim=-1).amax(-1)  # (B, Lb)
+        eligible = None if out.eligible is None else take(out.eligible, slots, 1)
+        write_rows(buffers.confidence, rows, top * take(masked, rows, 1), 1, eligible)
 
     def _bonus(self, inp, buffers, masked) -> torch.Tensor:
         """(B, L): +5 on the leftmost masked row of the block, +3 on the rows decoded at the
         previous step (official ``constant_coefficient``)."""
         bonus = torch.zeros_like(masked)
-        block = take(masked, inp.logit_positions, 1)  # the block's rows
-        first = inp.logit_positions.gather(1, block.argmax(1, keepdim=True))
+        rows, _ = self._block(inp)
+        block = take(masked, rows, 1)  # the block's rows
+        first = rows.gather(1, block.argmax(1, keepdim=True))
         bonus.scatter_(1, first, LEFTMOST_BONUS * block.amax(1, keepdim=True))
         if self.alpha < 1.0:
             decoded = self._masked_rows(buffers.prev_ids) - masked  # masked before, not now

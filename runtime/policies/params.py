@@ -13,7 +13,7 @@ def number(name: str, value, low: float, high: float, low_open: bool = False, hi
     value = float(value)
     below = value <= low if low_open else value < low
     if below or value > high or value != value:
-        interval = f"({low}, {high}]" if low_open else f"[{low}, {high}]"
+        interval = f"({low:g}, {high:g}]" if low_open else f"[{low:g}, {high:g}]"
         raise ValueError(f"{name} must lie in {interval}; got {value}{hint}")
     return value
 
