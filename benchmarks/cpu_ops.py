@@ -4,8 +4,9 @@
 
 For ``partial_attention_stats`` (the changed rows' exact attention) and ``approx_attention``
 (mode 2, every other row of a 32-row block), prints the torch reference, the lean CPU path the
-op runs, the same through the ``dyllm::`` op call (its dispatch cost on top), and
-``cache_write_rows`` through the op and direct. Shapes: batch 16, 4 heads of 32, 99 keys with
+op runs, the same through the registered ``dyllm::`` op (its dispatch cost on top: what a CUDA
+tensor takes; CPU tensors call the plain-torch function directly), and ``cache_write_rows``
+through the op and direct. Shapes: batch 16, 4 heads of 32, 99 keys with
 left padding, 8 changed rows (2 of them repeats). The variants are timed round-robin over
 ``--rounds`` rounds; each keeps its fastest round.
 """
@@ -17,7 +18,9 @@ import time
 
 import torch
 
-from dyllm_fx.kernels import ops
+import torch.ops  # noqa: F401
+
+import dyllm_fx.kernels.ops  # noqa: F401 (registers torch.ops.dyllm.*)
 from dyllm_fx.kernels.approx_attention import approx_attention_fast, approx_attention_reference
 from dyllm_fx.kernels.cache_scatter import cache_write_rows_reference
 from dyllm_fx.kernels.partial_attention import partial_attention_stats_fast, partial_attention_stats_reference
@@ -38,7 +41,7 @@ def inputs(bsz=16, heads=4, d=32, n_keys=99, n_query=32, q_start=35, n_changed=8
         randn(bsz, heads, n_query) + 3, torch.rand(bsz, heads, n_query, generator=g) * 10 + 1,
     )
     write = (torch.zeros(bsz, heads, n_keys), changed, randn(bsz, heads, n_changed), 2)
-    return stats, approx, write, q_start
+    return stats, approx, write, torch.arange(q_start, q_start + n_query).expand(bsz, -1)
 
 
 def main() -> None:
@@ -48,14 +51,15 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    stats, approx, write, q_start = inputs()
+    stats, approx, write, q_rows = inputs()
+    ops = torch.ops.dyllm
     variants = {
         "partial_attention_stats: reference": lambda: partial_attention_stats_reference(*stats),
         "partial_attention_stats: lean CPU path": lambda: partial_attention_stats_fast(*stats),
         "partial_attention_stats: op call": lambda: ops.partial_attention_stats(*stats),
-        "approx_attention mode 2: reference": lambda: approx_attention_reference(*approx, q_start=q_start),
-        "approx_attention mode 2: lean CPU path": lambda: approx_attention_fast(*approx, q_start=q_start),
-        "approx_attention mode 2: op call": lambda: ops.approx_attention(*approx, q_start=q_start),
+        "approx_attention mode 2: reference": lambda: approx_attention_reference(*approx, q_rows=q_rows),
+        "approx_attention mode 2: lean CPU path": lambda: approx_attention_fast(*approx, q_rows=q_rows),
+        "approx_attention mode 2: op call": lambda: ops.approx_attention(*approx, q_rows=q_rows),
         "cache_write_rows (B, H, L) stats: direct": lambda: cache_write_rows_reference(*write),
         "cache_write_rows (B, H, L) stats: op call": lambda: ops.cache_write_rows(*write),
     }

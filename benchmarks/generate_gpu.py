@@ -4,12 +4,12 @@ loop (sampler, schedule, steps), vanilla against the transformed model, side by 
     python benchmarks/generate_gpu.py --json generate_gpu.json
     python benchmarks/generate_gpu.py --smoke                       # CPU, tiny, proves it runs
 
-Model as in ``step_gpu.py`` (``--layers`` LLaDA-8B layers, random weights, bf16). A random
-prompt of ``--prompt-len`` tokens, ``--gen-length`` 256, block 32, one token per step (random
-weights make threshold decoding meaningless). Methods: ``vanilla`` (the untransformed model,
-eager forward per step), ``dual_cache`` eager, ``dual_cache`` with ``cuda_graphs=True``,
-``prefix_cache`` with CUDA graphs. Each method runs once to warm up (compiles Triton kernels,
-captures graphs), then ``--repeats`` timed generations; the median is reported.
+Model as in ``step_gpu.py`` (``--layers`` LLaDA-8B layers, random weights, bf16). ``--batch``
+random prompts of ``--prompt-len`` tokens, ``--gen-length`` 256, block 32, one token per step,
+or ``--threshold 0.9`` parallel decoding (on random weights its step counts mean little).
+Methods (``--methods``): ``vanilla`` (the untransformed model, eager forward per step) and each
+policy, eager and with ``cuda_graphs=True``. Each method runs once to warm up (compiles Triton
+kernels, captures graphs), then ``--repeats`` timed generations; the median is reported.
 """
 
 from __future__ import annotations
@@ -39,6 +39,11 @@ def main(argv=None) -> int:
     p.add_argument("--gen-length", type=int, default=256)
     p.add_argument("--block-length", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--threshold", type=float, default=None)
+    p.add_argument("--methods", default="dual_cache,prefix_cache,dyllm,dual_cache+dyllm,es_dllm,dllm_cache",
+                   help="comma-separated policies (vanilla always runs first)")
+    p.add_argument("--no-graphs", action="store_true", help="eager steps only")
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
@@ -48,23 +53,23 @@ def main(argv=None) -> int:
     model = build_model(args.layers, args.smoke, device, torch.float32 if args.smoke else torch.bfloat16)
     spec = model.diffusion
     g = torch.Generator().manual_seed(0)
-    prompt = torch.randint(0, min(1000, spec.mask_token_id), (1, args.prompt_len), generator=g).to(device)
-    schedule = BlockSchedule.build(args.prompt_len, args.gen_length, args.block_length, args.gen_length)
+    prompt = torch.randint(0, min(1000, spec.mask_token_id), (args.batch, args.prompt_len), generator=g).to(device)
+    steps = None if args.threshold is not None else args.gen_length
+    schedule = BlockSchedule.build(args.prompt_len, args.gen_length, args.block_length, steps)
 
-    methods = {
-        "vanilla (eager)": model,
-        "dual_cache (eager)": dyllm_fx.transform(model, policy="dual_cache"),
-        "dual_cache (CUDA graphs)": dyllm_fx.transform(model, policy="dual_cache", cuda_graphs=True),
-        "prefix_cache (CUDA graphs)": dyllm_fx.transform(model, policy="prefix_cache", cuda_graphs=True),
-    }
+    methods = {"vanilla (eager)": model}
+    for name in (m.strip() for m in args.methods.split(",") if m.strip()):
+        methods[f"{name} (eager)"] = dyllm_fx.transform(model, policy=name)
+        if not args.no_graphs:
+            methods[f"{name} (CUDA graphs)"] = dyllm_fx.transform(model, policy=name, cuda_graphs=True)
 
     def run(target):
         sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
         sync()
         start = time.perf_counter()
         with torch.inference_mode():
-            out = denoise(dyllm_fx.generation.step_function(target), LLaDASampler(), spec, prompt, None, schedule,
-                          stop_at_eos=False, progress=False)
+            out = denoise(dyllm_fx.generation.step_function(target), LLaDASampler(threshold=args.threshold), spec,
+                          prompt, None, schedule, stop_at_eos=False, progress=False)
         sync()
         return time.perf_counter() - start, out.sequences
 
@@ -77,14 +82,15 @@ def main(argv=None) -> int:
             times.append(seconds)
         reference = seqs if reference is None else reference
         sec = statistics.median(times)
-        rows.append({"method": label, "seconds": sec, "tokens_per_s": args.gen_length / sec,
+        rows.append({"method": label, "seconds": sec, "tokens_per_s": args.batch * args.gen_length / sec,
                      "agreement": float((seqs == reference).float().mean())})
         print(f"{label}: {sec:.3f} s", file=sys.stderr, flush=True)
     base = rows[0]["tokens_per_s"]
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     shape = "smoke model" if args.smoke else f"{args.layers} LLaDA-8B layers, bf16"
+    decoding = f"threshold {args.threshold}" if args.threshold is not None else f"{args.gen_length} steps"
     print(f"\n{name}, {shape}, prompt {args.prompt_len}, gen {args.gen_length}, "
-          f"block {args.block_length}, {args.gen_length} steps, batch 1\n")
+          f"block {args.block_length}, {decoding}, batch {args.batch}\n")
     print("| method | s / generation | tokens/s | speedup | token agreement with vanilla |\n|---|---|---|---|---|")
     for r in rows:
         r["speedup"] = r["tokens_per_s"] / base

@@ -118,7 +118,8 @@ def step_graphs(model, prompt: int = 8, response: int = 16, block: int = 8, step
             def planning(host):
                 plan = real_plan(host)
                 if plan.key not in graphs:
-                    trace(plan, StepInputs(ids, torch.ones_like(ids), pos, positions, plan.rows, plan.span_start, plan.span_len))
+                    trace(plan, StepInputs(ids, torch.ones_like(ids), pos, positions, block_rows=positions, rows=plan.rows,
+                                           span_start=plan.span_start, span_len=plan.span_len))
                 return plan
 
             engine.policy.plan = planning

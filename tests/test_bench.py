@@ -106,3 +106,15 @@ def test_cpu_ops_benchmark_prints_every_variant():
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and "us per call" not in line]
     assert len(rows) == 8 and "| approx_attention mode 2: lean CPU path |" in proc.stdout
+
+
+def test_step_sparsity_benchmark_smoke_runs():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "step_sparsity.py"
+    done = subprocess.run([sys.executable, str(script), "--quick", "--threads", "1"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    for case in ("vanilla (eager)", "dual_cache (eager)", "dyllm 25% (eager)", "es_dllm keep 25% (eager)"):
+        assert f"| {case} |" in done.stdout

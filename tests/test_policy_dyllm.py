@@ -88,12 +88,14 @@ def test_capacity_follows_the_last_step_and_counts_overflow():
     for step in range(4):
         policy.plan(_host(step))
     first = policy.plan(_host(4, committed=2))
-    assert first.key[1:3] == (L - PROMPT, 8)  # no counts yet: a quarter of the span, bucketed
-    report = policy.observe(first, [2, 2, 0] + [12, 8, 5] + [3, 3, 0], N_LAYERS, L)
-    assert report.active == [8, 3] and report.overflow == 5 and report.capacity == 8
-    assert policy.plan(_host(5)).key[2] == 16  # grown: the 12 rows wanted and a quarter of headroom
-    policy.observe(policy.plan(_host(6)), _counts(need=3), N_LAYERS, L)
-    assert policy.plan(_host(7)).key[2] == 8  # and back down (the whole-sequence step)
+    assert first.key[1:3] == (L - PROMPT, L - PROMPT)  # nothing measured yet: the whole span
+    report = policy.observe(first, [2, 2, 0] + [7, 5, 2] + [3, 3, 0], N_LAYERS, L)
+    assert report.active == [5, 3] and report.overflow == 2 and report.capacity == 16
+    assert policy.plan(_host(5)).key[2] == 16  # 7 rows wanted, half of that again as headroom: bucket 16
+    for step in (5, 6, 7, 8):  # four steps that want 3 rows: the 7 leaves the history
+        policy.observe(policy.plan(_host(step)), _counts(need=3), N_LAYERS, L)
+    assert policy.plan(_host(9)).key[2] == 8  # 3 + 2: the smallest bucket
+    assert policy._needs[-4:] == [3, 3, 3, 3]
     assert DyLLMPolicy(capacity=5)._capacity(16, _host(5)) == 5
     assert DyLLMPolicy(capacity="full")._capacity(16, _host(5)) == 16
     assert DyLLMPolicy(tau=1.0)._capacity(16, _host(5)) == 16  # every row is salient

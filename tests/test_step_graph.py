@@ -159,7 +159,8 @@ class _Step(torch.nn.Module):
     def forward(self, input_ids, position_ids, logit_positions, span_start, span_len):
         from dyllm_fx.runtime.policies import StepInputs
 
-        inp = StepInputs(input_ids, torch.ones_like(input_ids), position_ids, logit_positions, None, span_start, span_len)
+        inp = StepInputs(input_ids, torch.ones_like(input_ids), position_ids, logit_positions, block_rows=logit_positions,
+                         span_start=span_start, span_len=span_len)
         out = self.engine.policy.step(self.engine.pieces, self.plan, inp, self.engine.cache, self.engine.buffers)
         return out.logits, out.counts
 
