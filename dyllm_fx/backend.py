@@ -23,6 +23,7 @@ from torch import fx
 from .models.layers import default_position_ids
 from .models.spec import DiffusionSpec
 from .passes.capture import capture
+from .passes.check_bidirectional import check_bidirectional
 from .runtime.policies import make_policy
 from .transform import TransformedModel, build_program
 
@@ -95,7 +96,9 @@ def dyllm_backend(gm: fx.GraphModule, example_inputs: list, options: dict | None
             ids = inputs[roles["input_ids"]]
             mask = inputs[roles["attention_mask"]] if "attention_mask" in roles else torch.ones_like(ids)
             pos = inputs[roles["position_ids"]] if "position_ids" in roles else default_position_ids(ids, mask)
-            program = build_program(capture(forward, (ids, mask, pos)))
+            captured = capture(forward, (ids, mask, pos))
+            check_bidirectional(captured.gm, (ids, mask, pos))
+            program = build_program(captured)
             built.append(TransformedModel(program, make_policy(policy, **opts), spec, compile=compile_pieces))
         return built[0]
 

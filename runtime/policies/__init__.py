@@ -18,6 +18,7 @@ from .dllm_cache import DLLMCachePolicy
 from .dyllm import DyLLMPolicy
 from .es_dllm import ESDLLMPolicy
 from .fixed import FixedPolicy
+from .params import check_params
 
 POLICIES: dict[str, type[Policy]] = {
     "dense": DensePolicy,
@@ -37,6 +38,7 @@ ROW_POLICIES = ("dyllm", "es_dllm", "dllm_cache")
 def _build(name: str, config: dict) -> Policy:
     if name not in POLICIES:
         raise ValueError(f"unknown policy {name!r}; available: {sorted(POLICIES)} (compose as 'dual_cache+dyllm')")
+    check_params(POLICIES[name], name, config)  # names and types of the parameters, before building
     try:
         return POLICIES[name](**config)
     except TypeError as err:
