@@ -97,7 +97,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     }
     if args.json:
         report = {
-            "model": args.model, "policy": args.policy, "policy_args": getattr(args, "policy_args", {}),
+            "model": args.model, "policy": _policy_name(model, args), "policy_args": getattr(args, "policy_args", {}),
             "onnx": args.onnx, "decoding": decoding_kwargs(args),
             "outputs": [{"prompt": p, "text": t} for p, t in zip(args.prompts, out.texts)], "stats": stats,
         }
@@ -108,6 +108,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.stats:
         print(f"nfe={s.nfe} seconds={s.seconds:.3f} tokens/s={s.tokens_per_second:.1f}", file=sys.stderr)
     return 0
+
+
+def _policy_name(model, args: argparse.Namespace) -> str:
+    """The policy that ran: --policy, or for --onnx the runner's (the one recorded at export by default)."""
+    policy = getattr(model, "policy", None)
+    if not args.onnx:
+        return args.policy
+    return getattr(policy, "name", None) or args.policy
 
 
 def _onnx_model(args: argparse.Namespace):

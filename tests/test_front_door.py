@@ -220,9 +220,9 @@ def test_policy_parameter_names_and_types_checked_before_the_trace(llada, monkey
     transform_module = sys.modules["dyllm_fx.transform"]  # the attribute dyllm_fx.transform is the function
 
     monkeypatch.setattr(transform_module, "capture_module", _no_load)
-    with pytest.raises(ValueError, match=r"no parameter 'tua' \(did you mean 'tau'\?\).*tau=0\.99"):
+    with pytest.raises(ValueError, match=r"bad parameters for policy 'dyllm': it has no parameter 'tua' \(did you mean 'tau'\?\).*tau=0\.99"):
         dyllm_fx.transform(llada, policy="dual_cache+dyllm", tua=0.9)
-    with pytest.raises(ValueError, match="policy 'fixed' needs rows"):
+    with pytest.raises(ValueError, match="policy 'fixed': it needs rows"):
         dyllm_fx.transform(llada, policy="fixed")
     with pytest.raises(TypeError, match="refresh_interval must be an integer, got float 2.5"):
         dyllm_fx.transform(llada, policy="es_dllm", refresh_interval=2.5)

@@ -29,19 +29,21 @@ def check_params(cls: type, name: str, config: dict) -> None:
         if key not in params and not takes_any:
             close = difflib.get_close_matches(key, list(params), n=1)
             raise ValueError(
-                f"policy {name!r} has no parameter {key!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+                f"bad parameters for policy {name!r}: it has no parameter {key!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
                 + f"; its parameters (defaults): {listing}"
             )
     missing = [k for k, p in params.items() if p.default is p.empty and k not in config]
     if missing:
-        raise ValueError(f"policy {name!r} needs {', '.join(missing)}; its parameters: {listing}")
+        raise ValueError(f"bad parameters for policy {name!r}: it needs {', '.join(missing)}; its parameters: {listing}")
     hints = _hints(cls)
     for key, value in config.items():
         hint = hints.get(key)
         if hint is None and key in params and params[key].default not in (None, inspect.Parameter.empty):
             hint = type(params[key].default)
         if hint is not None and not matches(value, hint):
-            raise TypeError(f"policy {name!r}: {key} must be {describe(hint)}, got {type(value).__name__} {value!r}")
+            raise TypeError(
+                f"bad parameters for policy {name!r}: {key} must be {describe(hint)}, got {type(value).__name__} {value!r}"
+            )
 
 
 def _hints(cls: type) -> dict:
