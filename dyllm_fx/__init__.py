@@ -7,18 +7,61 @@ Public API:
     explain(transformed) -> str
     torch.compile(model, backend="dyllm")   (dynamo backend, see dyllm_fx.backend)
     export.to_onnx(transformed, path) / export.load_onnx(path) / export.to_tensorrt(transformed)
+
+The names are imported on first use, so ``import dyllm_fx`` (and the ``dyllm`` command line's
+``--help``) does not pay for importing torch.
 """
 
-from .explain import explain
-from .generation import generate
-from .loading import DEFAULT_MODEL, default_model_path, load
-from .models import CheckpointError, DiffusionSpec
-from .runtime.loop import GenerationOutput, GenerationStats
-from .transform import TransformedModel, transform
-from . import export  # dyllm_fx.export.to_onnx / load_onnx / to_tensorrt
+from __future__ import annotations
 
-__all__ = [
-    "CheckpointError", "DEFAULT_MODEL", "DiffusionSpec", "GenerationOutput", "GenerationStats",
-    "TransformedModel", "default_model_path", "explain", "generate", "load", "transform",
-]
+import importlib
+import sys
+import types
+
 __version__ = "0.1.0"
+
+# public name -> the submodule that defines it
+_API = {
+    "CheckpointError": "models",
+    "DEFAULT_MODEL": "options",
+    "DiffusionSpec": "models",
+    "GenerationOutput": "runtime.loop",
+    "GenerationStats": "runtime.loop",
+    "TransformedModel": "transform",
+    "default_model_path": "loading",
+    "explain": "explain",
+    "generate": "generation",
+    "load": "loading",
+    "transform": "transform",
+}
+_SUBPACKAGES = ("export",)
+
+__all__ = sorted(_API)
+
+
+def __getattr__(name: str):
+    if name in _API:
+        value = getattr(importlib.import_module(f".{_API[name]}", __name__), name)
+        setattr(sys.modules[__name__], name, value)
+        return value
+    if name in _SUBPACKAGES:
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted({*globals(), *_API, *_SUBPACKAGES})
+
+
+class _Package(types.ModuleType):
+    """Keeps ``dyllm_fx.transform`` / ``dyllm_fx.explain`` the functions: importing the
+    submodules of the same names (``from dyllm_fx.transform import TransformedModel``) would
+    otherwise rebind the package attribute to the module."""
+
+    def __setattr__(self, name, value):
+        if isinstance(value, types.ModuleType) and _API.get(name) == name and hasattr(value, name):
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

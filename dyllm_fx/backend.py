@@ -33,6 +33,8 @@ from torch import fx, nn
 from .models.layers import default_position_ids
 from .models.spec import DiffusionSpec
 from .passes.capture import capture, capture_module
+from .passes.capture import example_inputs as trace_inputs
+from .passes.check_bidirectional import check_bidirectional
 from .runtime.policies import family_of, make_policy
 from .transform import TransformedModel, build_program
 
@@ -135,13 +137,15 @@ def dyllm_backend(gm: fx.GraphModule, example_inputs: list, options: dict | None
         # Built on the first real call: inside this function dynamo's fake-tensor tracing
         # context is active, and the passes' own capture needs real parameters.
         if not built:
+            ids = inputs[roles["input_ids"]]
+            mask = inputs[roles["attention_mask"]] if "attention_mask" in roles else torch.ones_like(ids)
+            pos = inputs[roles["position_ids"]] if "position_ids" in roles else default_position_ids(ids, mask)
             if module is not None:
                 captured = capture_module(module)
+                check_bidirectional(captured.gm, tuple(t.to(ids.device) for t in trace_inputs()))
             else:
-                ids = inputs[roles["input_ids"]]
-                mask = inputs[roles["attention_mask"]] if "attention_mask" in roles else torch.ones_like(ids)
-                pos = inputs[roles["position_ids"]] if "position_ids" in roles else default_position_ids(ids, mask)
                 captured = capture(forward, (ids, mask, pos))
+                check_bidirectional(captured.gm, (ids, mask, pos))
             built.append(TransformedModel(build_program(captured), chosen, spec, compile=compile_step,
                                           block_length=block_length))
         return built[0]

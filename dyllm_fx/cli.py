@@ -1,87 +1,147 @@
-"""The ``dyllm`` command line: ``dyllm generate``, ``info``, ``eval``, ``plot`` and ``export``."""
+"""The ``dyllm`` command line: ``dyllm generate``, ``info``, ``eval``, ``plot``, ``export`` and ``bench``.
+
+Error policy: bad input (the project's own errors, ``ValueError`` / ``TypeError`` /
+``FileNotFoundError`` from validation, ``ImportError`` for a missing optional package) prints
+one line ``dyllm CMD: error: ...`` and exits with status 2; ``--debug`` (or ``DYLLM_DEBUG=1``)
+shows the traceback too. Anything else is a bug: one line that says so, status 1, and the
+traceback with ``--debug``. Ctrl-C exits with status 130 and no traceback.
+
+torch is imported only inside the commands, so ``--help`` and ``--version`` answer at once.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
+import traceback
+import warnings
 from collections.abc import Sequence
 
-import torch
-
 from .cli_bench import add_bench_parser, cmd_bench
+from .cli_common import add_decoding_args, add_model_args, check_run, decoding_kwargs
 from .cli_eval import add_eval_parser, cmd_eval
 from .cli_export import add_export_parser, cmd_export
 from .cli_plot import add_plot_parser, cmd_plot
-from .loading import DEFAULT_MODEL, resolve_model_path
+from .errors import DyllmError, UsageError
+from .options import DEFAULT_MODEL
+
+# Errors that mean "the input is wrong as given"; their messages name the fix.
+USER_ERRORS = (DyllmError, ValueError, TypeError, FileNotFoundError, NotADirectoryError, IsADirectoryError, ImportError)
 
 
-def _add_decoding_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("decoding")
-    g.add_argument("--gen-length", type=int, default=64, help="response window in tokens (default 64)")
-    g.add_argument("--block-length", type=int, default=32, help="semi-autoregressive block size (default 32)")
-    g.add_argument("--steps", type=int, default=None, help="denoising steps (default: gen-length)")
-    g.add_argument("--threshold", type=float, default=None, help="confidence-threshold parallel decoding, e.g. 0.9")
-    g.add_argument("--temperature", type=float, default=0.0)
-    g.add_argument("--remasking", choices=["low_confidence", "random"], default=None, help="LLaDA models")
-    g.add_argument("--alg", choices=["origin", "maskgit_plus", "topk_margin", "entropy"], default=None, help="Dream models")
-    g.add_argument("--cfg-scale", type=float, default=0.0, help="classifier-free guidance (LLaDA)")
-    g.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template (Instruct models)")
-    g.add_argument("--seed", type=int, default=0)
+def _version() -> str:
+    from importlib import metadata
+
+    def installed(name: str) -> str:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    from . import __version__
+
+    return f"dyllm-fx {__version__} (torch {installed('torch')}, transformers {installed('transformers')})"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dyllm", description="Fast inference for masked diffusion LLMs (LLaDA, Dream).")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=_version())
+    parser.add_argument("--debug", action="store_true", help="on an error, show the full traceback too")
+    # Subcommands take --debug as well (`dyllm generate ... --debug`); SUPPRESS keeps a
+    # subcommand from resetting a --debug given before it.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="on an error, show the full traceback too")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,info,eval,plot,export,bench}")
 
-    gen = sub.add_parser("generate", help="generate a response for one or more prompts")
+    gen = sub.add_parser("generate", parents=[common], help="generate a response for one or more prompts",
+                         description="Generate with the untransformed model (--policy vanilla, the default) or any "
+                                     "accelerated method (--policy dual_cache+dyllm --policy-arg tau=0.9).")
     gen.add_argument("prompts", nargs="+", help="prompt text(s); several prompts run as one batch")
-    gen.add_argument("--model", default=DEFAULT_MODEL, help="model folder, or 'default' for the embedded model")
-    gen.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    add_model_args(gen)
     gen.add_argument("--stats", action="store_true", help="print NFE, time and tokens/s to stderr")
+    gen.add_argument("--json", action="store_true", help="print the responses and statistics as one JSON object")
     gen.add_argument("--onnx", default=None, metavar="FILE", help="run a step graph from `dyllm export --onnx` with onnxruntime")
-    _add_decoding_args(gen)
+    add_decoding_args(gen)
 
-    info = sub.add_parser("info", help="architecture and sizes of a model folder")
+    info = sub.add_parser("info", parents=[common], help="architecture and sizes of a model folder")
     info.add_argument("model", nargs="?", default=DEFAULT_MODEL, help="model folder, or 'default'")
     info.add_argument("--json", action="store_true", help="machine-readable output")
 
-    add_eval_parser(sub, _add_decoding_args)
-    add_plot_parser(sub, _add_decoding_args)
-    add_export_parser(sub)
-    add_bench_parser(sub)
+    add_eval_parser(sub, add_decoding_args, parents=[common])
+    add_plot_parser(sub, add_decoding_args, parents=[common])
+    add_export_parser(sub, parents=[common])
+    add_bench_parser(sub, parents=[common])
     return parser
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from . import generate, load
-
     if args.onnx:
-        from .cli_export import load_onnx_model
-
-        model, tokenizer = load_onnx_model(args)
+        model, tokenizer = _onnx_model(args)
     else:
-        model, tokenizer = load(args.model, device=args.device)
-    params = {"temperature": args.temperature}
-    if args.remasking:
-        params["remasking"] = args.remasking
-    if args.alg:
-        params["alg"] = args.alg
-    out = generate(
-        model, tokenizer, args.prompts, gen_length=args.gen_length, block_length=args.block_length,
-        steps=args.steps, threshold=args.threshold, cfg_scale=args.cfg_scale, chat=args.chat,
-        seed=args.seed, **params,
-    )
-    for text in out.texts:
-        print(text)
+        load_kw = check_run(args)  # everything that needs no weights, before they load
+        from .loading import load
+        from .policy_setup import apply_policy
+
+        model, tokenizer = load(args.model, **load_kw)
+        model = apply_policy(model, args.policy, args.policy_args, compile=args.compile)
+    from .generation import generate
+
+    out = generate(model, tokenizer, args.prompts, **decoding_kwargs(args))
+    s = out.stats
+    stats = {
+        "nfe": s.nfe, "seconds": round(s.seconds, 4), "tokens_per_second": round(s.tokens_per_second, 2),
+        "cache_bytes": s.cache_bytes, "stopped_early_at_block": s.stopped_early_at_block,
+    }
+    if args.json:
+        report = {
+            "model": args.model, "policy": _policy_name(model, args), "policy_args": getattr(args, "policy_args", {}),
+            "onnx": args.onnx, "decoding": decoding_kwargs(args),
+            "outputs": [{"prompt": p, "text": t} for p, t in zip(args.prompts, out.texts)], "stats": stats,
+        }
+        print(json.dumps(report, indent=2))
+    else:
+        for text in out.texts:
+            print(text)
     if args.stats:
-        s = out.stats
         print(f"nfe={s.nfe} seconds={s.seconds:.3f} tokens/s={s.tokens_per_second:.1f}", file=sys.stderr)
     return 0
 
 
+def _policy_name(model, args: argparse.Namespace) -> str:
+    """The policy that ran: --policy, or for --onnx the runner's (the one recorded at export by default)."""
+    policy = getattr(model, "policy", None)
+    if not args.onnx:
+        return args.policy
+    return getattr(policy, "name", None) or args.policy
+
+
+def _onnx_model(args: argparse.Namespace):
+    from .cli_common import apply_threads
+    from .cli_export import load_onnx_model
+    from .policy_setup import VANILLA, parse_policy_args
+
+    if args.compile or args.dtype:
+        raise UsageError("--compile and --dtype do not apply to --onnx: the step graph's dtype and ops are fixed at export")
+    args.policy_args = parse_policy_args(args.policy_arg)
+    policy = None
+    if args.policy != VANILLA:
+        from .runtime.policies import make_policy
+
+        policy = make_policy(args.policy, **args.policy_args)
+    elif args.policy_args:
+        raise UsageError("--policy-arg needs --policy NAME (a layer-uniform policy: dense, fixed, prefix_cache, dual_cache)")
+    apply_threads(args)
+    return load_onnx_model(args, policy=policy)
+
+
 def model_info(path_or_name: str) -> dict:
     """Architecture and sizes from config.json, without reading the weights."""
+    import torch
+
+    from .loading import resolve_model_path
     from .models import build_model, read_config, resolve_architecture, safetensors_files
 
     folder = resolve_model_path(path_or_name)
@@ -122,14 +182,55 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+HANDLERS = {"generate": cmd_generate, "info": cmd_info, "eval": cmd_eval, "plot": cmd_plot, "export": cmd_export, "bench": cmd_bench}
+
+
+@contextlib.contextmanager
+def _one_line_warnings():
+    """Warnings as ``dyllm: warning: ...`` lines on stderr (no file and line of the library)."""
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"dyllm: warning: {message}", file=sys.stderr if file is None else file)
+
+    saved = warnings.showwarning
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = saved
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"generate": cmd_generate, "info": cmd_info, "eval": cmd_eval, "plot": cmd_plot, "export": cmd_export, "bench": cmd_bench}
+    debug = bool(getattr(args, "debug", False)) or os.environ.get("DYLLM_DEBUG", "") not in ("", "0")
+    where = f"dyllm {args.command}"
     try:
-        return handlers[args.command](args)
-    except (ValueError, FileNotFoundError) as err:  # bad input: one clear line, no traceback
-        print(f"dyllm {args.command}: error: {err}", file=sys.stderr)
+        with _one_line_warnings():
+            return HANDLERS[args.command](args)
+    except KeyboardInterrupt:
+        print(f"\n{where}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `dyllm generate ... | head`: the reader left, nothing to report
+        with contextlib.suppress(Exception):
+            sys.stdout = open(os.devnull, "w")
+        return 0
+    except USER_ERRORS as err:
+        if debug:
+            traceback.print_exc()
+        print(f"{where}: error: {_one_line(err)}", file=sys.stderr)
         return 2
+    except Exception as err:
+        if debug:
+            traceback.print_exc()
+        hint = "" if debug else "; rerun with --debug for the traceback"
+        print(f"{where}: internal error: {type(err).__name__}: {_one_line(err)}{hint}, and please report it", file=sys.stderr)
+        return 1
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip() or type(err).__name__
+    if isinstance(err, (KeyError,)) and text.startswith("'"):
+        text = text.strip("'\"")
+    return " ".join(part.strip() for part in text.splitlines() if part.strip())
 
 
 if __name__ == "__main__":

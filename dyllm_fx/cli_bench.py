@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 
-from .loading import DEFAULT_MODEL
+from .options import DEFAULT_MODEL
 
 
-def add_bench_parser(sub) -> None:
-    p = sub.add_parser("bench", help="every method side by side on held-out task prompts: accuracy, tokens/s, speedup")
+def add_bench_parser(sub, parents=()) -> None:
+    p = sub.add_parser("bench", help="every method side by side on held-out task prompts: accuracy, tokens/s, speedup",
+                       parents=list(parents))
     p.add_argument("--model", default=DEFAULT_MODEL, help="model folder, or 'default' for the embedded model")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--tasks", default="shift,sort", help="comma-separated tasks of the suite (default shift,sort)")
@@ -34,6 +35,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import bench_examples, default_methods, format_table, run_bench, write_outputs
     from .loading import load
 
+    if args.plot:
+        from .plots import require_matplotlib
+
+        require_matplotlib()  # before the bench runs, not after (an ImportError naming the extra)
     if args.threads:
         torch.set_num_threads(args.threads)
     methods = default_methods(threshold=args.threshold, tau=args.tau)

@@ -8,17 +8,20 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from .cli_common import add_model_args, decoding_kwargs
+from .cli_common import add_model_args, check_run, decoding_kwargs
 from .extractors import EXTRACTORS
 from .jsonl_tasks import SUITE
-from .policy_setup import VANILLA, check_policy, parse_policy_args
+from .policy_setup import VANILLA
 
 
-def add_eval_parser(sub, add_decoding_args: Callable[[argparse.ArgumentParser], None]) -> argparse.ArgumentParser:
+def add_eval_parser(
+    sub, add_decoding_args: Callable[[argparse.ArgumentParser], None], parents=()
+) -> argparse.ArgumentParser:
     """Register the ``eval`` subcommand on the ``dyllm`` parser."""
     p = sub.add_parser(
         "eval", help="exact-match accuracy, tokens/s, NFE, active fraction and agreement with vanilla decoding",
         description="Evaluate one policy on the synthetic suite or a JSONL file of {\"prompt\", \"answer\"} lines.",
+        parents=list(parents),
     )
     add_model_args(p)
     p.add_argument("--task", default=SUITE, help="'suite' (embedded synthetic held-out set) or a JSONL file (default suite)")
@@ -39,11 +42,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .jsonl_tasks import load_task
     from .loading import load
 
-    # Bad input fails here, before any weights load (seconds to minutes for an 8B model).
+    # Bad input fails here, before any weights load (seconds to minutes for an 8B model) and
+    # before the reference run (hours at 8B scale).
     examples = load_task(args.task, args.limit)
-    policy_args = parse_policy_args(args.policy_arg)
-    check_policy(args.policy, policy_args, args.compile)
-    model, tokenizer = load(args.model, device=args.device)
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+    load_kw = check_run(args)
+    policy_args = args.policy_args
+    model, tokenizer = load(args.model, **load_kw)
     result, _ = evaluate_policy(
         model, tokenizer, examples, policy=args.policy, policy_args=policy_args,
         reference=None if args.reference == "none" else args.reference, compile=args.compile,

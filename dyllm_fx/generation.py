@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import numbers
+import warnings
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
+from .char_tokenizer import unknown_characters_message
+from .errors import EmptyResponseWarning, UnknownCharactersWarning, UsageError
 from .models.spec import DiffusionSpec
+from .passes.check_bidirectional import check_not_causal_modules
 from .runtime.loop import GenerationOutput, denoise
 from .runtime.samplers import DreamSampler, LLaDASampler
 from .runtime.schedule import BlockSchedule
@@ -18,8 +25,10 @@ def diffusion_spec(model: nn.Module) -> DiffusionSpec:
     spec = getattr(model, "diffusion", None)
     if not isinstance(spec, DiffusionSpec):
         raise TypeError(
-            f"{type(model).__name__} has no `diffusion` spec (mask token id, logit shift). Load it with "
-            "dyllm_fx.load(), or set model.diffusion = dyllm_fx.DiffusionSpec(mask_token_id=...)."
+            f"{type(model).__name__} has no `diffusion` spec (mask token id, logit shift). Load a LLaDA / Dream "
+            "folder with dyllm_fx.load(); wrap a transformers Llama / Qwen2 model with "
+            "dyllm_fx.models.hf.bidirectional(model, mask_token_id=...), which also turns its causal attention off; "
+            "for your own bidirectional module, set model.diffusion = dyllm_fx.DiffusionSpec(mask_token_id=...)."
         )
     return spec
 
@@ -71,11 +80,59 @@ def _preview(names: list[str], limit: int = 3) -> str:
     return f"{shown} (+{len(names) - limit} more)" if len(names) > limit else shown
 
 
+# generate()'s own keyword arguments, for the message on an unknown one.
+_GENERATE_ARGS = (
+    "gen_length", "max_new_tokens", "block_length", "steps", "threshold", "cfg_scale", "chat", "stop_at_eos", "seed",
+    "progress", "sampler",
+)
+
+
+def sampler_options(dream: bool) -> tuple[str, ...]:
+    """The sampler keyword arguments ``generate`` takes for a Dream (or LLaDA) model."""
+    cls = DreamSampler if dream else LLaDASampler
+    return tuple(f.name for f in dataclasses.fields(cls) if f.init and not f.name.startswith("_") and f.name != "threshold")
+
+
+def check_sampler_params(dream: bool, params: dict) -> None:
+    """Reject sampler options of the other model family and unknown keywords with the fix."""
+    mine, theirs = sampler_options(dream), sampler_options(not dream)
+    family, other = ("Dream", "LLaDA") if dream else ("LLaDA", "Dream")
+    for key, value in params.items():
+        if key in mine:
+            continue
+        if key in theirs:
+            hint = "alg= (origin, maskgit_plus, topk_margin, entropy)" if dream else "remasking= ('low_confidence' or 'random')"
+            raise UsageError(
+                f"{key}={value!r} is a {other} sampler option, and this is a {family} model; it takes "
+                f"{', '.join(mine)}: choose the order tokens are committed in with {hint}"
+            )
+        close = difflib.get_close_matches(key, [*_GENERATE_ARGS, *mine], n=1)
+        raise UsageError(
+            f"generate() got an unknown argument {key!r}" + (f"; did you mean {close[0]!r}?" if close else "")
+            + f" It takes {', '.join(_GENERATE_ARGS)} and, for this {family} model, the sampler options {', '.join(mine)}"
+        )
+    for key in ("temperature", "alg_temp", "top_p", "eps"):
+        value = params.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
+            raise TypeError(f"{key} must be a number, got {type(value).__name__} {value!r}")
+    if params.get("top_k") is not None and (isinstance(params["top_k"], bool) or not isinstance(params["top_k"], numbers.Integral)):
+        raise TypeError(f"top_k must be an integer, got {type(params['top_k']).__name__} {params['top_k']!r}")
+    for key in ("remasking", "alg"):
+        if key in params and not isinstance(params[key], str):
+            raise TypeError(f"{key} must be a string, got {type(params[key]).__name__} {params[key]!r}")
+
+
+def make_sampler(dream: bool, threshold: float | None = None, **params):
+    """Dream's sampler (entropy by default) or LLaDA's, after :func:`check_sampler_params`."""
+    check_sampler_params(dream, params)
+    if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, numbers.Real)):
+        raise TypeError(f"threshold must be a number in (0, 1], got {type(threshold).__name__} {threshold!r}")
+    return (DreamSampler if dream else LLaDASampler)(threshold=threshold, **params)
+
+
 def default_sampler(model: nn.Module, **params):
     """Dream models get Dream's sampler (entropy by default), everything else LLaDA's."""
-    if diffusion_spec(model).logits_shift:
-        return DreamSampler(**params)
-    return LLaDASampler(**params)
+    return make_sampler(bool(diffusion_spec(model).logits_shift), **params)
 
 
 def step_function(model: nn.Module) -> StepFunction:
@@ -88,7 +145,7 @@ def generate(
     model: nn.Module,
     tokenizer,
     prompts: str | Sequence[str],
-    gen_length: int = 64,
+    gen_length: int | None = None,
     block_length: int | None = 32,
     steps: int | None = None,
     threshold: float | None = None,
@@ -98,13 +155,15 @@ def generate(
     seed: int | None = None,
     progress: bool | None = None,
     sampler=None,
+    max_new_tokens: int | None = None,
     **sampler_params,
 ) -> GenerationOutput:
     """Generate a response for each prompt by iterative unmasking.
 
     Args:
         prompts: one string or a list (a ragged batch is left padded).
-        gen_length: response window length in tokens.
+        gen_length: response window length in tokens (default 64); ``max_new_tokens`` is the
+            same thing spelled as in transformers.
         block_length: semi-autoregressive block size; must divide ``gen_length``
             (``None``: one block, as Dream's reference).
         steps: total denoising steps, a multiple of the number of blocks; default
@@ -121,6 +180,7 @@ def generate(
         ``stats`` (NFE, seconds, per-step times and committed tokens, tokens/s).
     """
     spec = diffusion_spec(model)
+    gen_length = _gen_length(gen_length, max_new_tokens)
     if isinstance(prompts, str):
         prompts = [prompts]
     if not isinstance(prompts, Sequence) or any(not isinstance(p, str) for p in prompts):
@@ -134,6 +194,8 @@ def generate(
     if empty:
         raise ValueError(f"every prompt must be a non-empty string; prompts {empty} are empty")
     device = check_model_tensors(model)
+    if not hasattr(model, "make_step_function"):
+        check_not_causal_modules(model)  # transform() checks the graph itself
     if sampler is None:
         sampler = default_sampler(model, threshold=threshold, **sampler_params)
     elif threshold is not None or sampler_params:
@@ -142,6 +204,9 @@ def generate(
         prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False) for p in prompts]
     tokenizer.padding_side = "left"
     enc = tokenizer(list(prompts), return_tensors="pt", padding=True, add_special_tokens=False)
+    unknown = unknown_characters_message(tokenizer, list(prompts), enc["input_ids"])
+    if unknown:
+        warnings.warn(unknown, UnknownCharactersWarning, stacklevel=2)
     prompt_ids = enc["input_ids"].to(device)
     prompt_mask = enc["attention_mask"].to(device)
     if bool(prompt_mask.all()):
@@ -156,13 +221,49 @@ def generate(
             f"prompt ({plen} tokens) + gen_length ({gen_length}) = {plen + gen_length} exceeds the model's "
             f"window of {spec.max_length} tokens; shorten the prompt or lower gen_length"
         )
+    window = spec.trained_gen_length
+    if window is not None and gen_length != window:
+        warnings.warn(
+            f"the model was trained with a {window}-token response window (its folder's training.json), and "
+            f"gen_length={gen_length} differs: outside that window it usually decodes an empty or wrong answer. "
+            f"Use gen_length={window} (dyllm: --gen-length {window}).",
+            EmptyResponseWarning, stacklevel=2,
+        )
     if seed is not None:
         torch.manual_seed(seed)
     with torch.inference_mode():
         out = denoise(step_function(model), sampler, spec, prompt_ids, prompt_mask, schedule, cfg_scale, stop_at_eos, progress)
-    out.texts = [_decode_response(tokenizer, row, spec) for row in out.responses.tolist()]
+    rows = out.responses.tolist()
+    out.texts = [_decode_response(tokenizer, row, spec) for row in rows]
+    if window is None or gen_length == window:
+        _warn_on_cut_responses(out.texts, rows, spec, tokenizer)
     out.stats.cache_bytes = _cache_bytes(model)
     return out
+
+
+def _gen_length(gen_length, max_new_tokens) -> int:
+    """``gen_length`` or its transformers spelling ``max_new_tokens`` (default 64)."""
+    if max_new_tokens is not None:
+        if gen_length is not None and gen_length != max_new_tokens:
+            raise UsageError(
+                f"gen_length={gen_length} and max_new_tokens={max_new_tokens} disagree; they are the same setting, pass one"
+            )
+        return max_new_tokens
+    return 64 if gen_length is None else gen_length
+
+
+def _warn_on_cut_responses(texts: list[str], rows: list[list[int]], spec: DiffusionSpec, tokenizer) -> None:
+    """Warn when a response is empty because it starts with EOS, yet real tokens follow that
+    EOS: the text is cut there, and the user otherwise sees an empty line and nothing else."""
+    skip = {*spec.eos_token_ids, spec.mask_token_id, spec.pad_token_id, getattr(tokenizer, "pad_token_id", None)}
+    cut = [i for i, (text, row) in enumerate(zip(texts, rows)) if not text and any(t not in skip for t in row)]
+    if cut:
+        warnings.warn(
+            f"response(s) {cut} are empty: the model decoded EOS first and real tokens after it (texts stop at the first "
+            "EOS; out.sequences holds every token). Check gen_length / block_length against what the model was "
+            "trained with, and the prompt format.",
+            EmptyResponseWarning, stacklevel=3,
+        )
 
 
 def _cache_bytes(model: nn.Module) -> int:

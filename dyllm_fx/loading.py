@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -10,8 +12,11 @@ from torch import nn
 from transformers import AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from .models import CheckpointError, load_model, read_config, resolve_architecture
+from .options import DEFAULT_MODEL, resolve_device, resolve_dtype
 
-DEFAULT_MODEL = "default"
+# Files any Hugging Face tokenizer is loaded from (fast, sentencepiece, BPE, WordPiece).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 def default_model_path() -> Path:
@@ -20,22 +25,61 @@ def default_model_path() -> Path:
 
 
 def resolve_model_path(path_or_name: str | Path) -> Path:
+    """The local folder of ``path_or_name``: ``"default"`` (the embedded model), a folder, or a
+    Hub id (``"GSAI-ML/LLaDA-8B-Instruct"``) already in the local Hugging Face cache. Nothing is
+    downloaded; a Hub id that is not cached gets the command that fetches it."""
     if str(path_or_name) == DEFAULT_MODEL:
         return default_model_path()
     path = Path(path_or_name).expanduser()
-    if not path.is_dir():
+    if path.is_dir():
+        return path
+    if path.exists():
         raise FileNotFoundError(
-            f"model folder {str(path_or_name)!r} does not exist. dyllm-fx never downloads: pass a local "
-            "folder holding config.json + *.safetensors (e.g. from `huggingface-cli download`), or 'default' "
-            "for the embedded model."
+            f"model {str(path_or_name)!r} is a file, not a folder; pass the folder that holds config.json + *.safetensors"
         )
-    return path
+    name = str(path_or_name)
+    if _HUB_ID.match(name):
+        cached = _hub_cache_folder(name)
+        if cached is not None:
+            return cached
+        local = name.split("/")[1]
+        raise FileNotFoundError(
+            f"model {name!r} is not a local folder; it looks like a Hugging Face Hub id, and dyllm-fx never downloads. "
+            f"Fetch it once with `hf download {name} --local-dir {local}` (older huggingface_hub: "
+            f"`huggingface-cli download {name} --local-dir {local}`), then pass {local!r} as the model."
+        )
+    raise FileNotFoundError(
+        f"model folder {name!r} does not exist. dyllm-fx never downloads: pass a local folder holding "
+        "config.json + *.safetensors (e.g. from `hf download`), or 'default' for the embedded model."
+    )
+
+
+def _hub_cache_folder(repo_id: str) -> Path | None:
+    """The snapshot folder of ``repo_id`` in the local Hugging Face cache, if it is there (no network)."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        folder = Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception:  # not cached, or huggingface_hub missing / too old: nothing to reuse
+        return None
+    return folder if (folder / "config.json").is_file() else None
+
+
+def check_tokenizer_files(folder: str | Path) -> None:
+    """A CheckpointError when ``folder`` holds none of the files a tokenizer loads from."""
+    folder = Path(folder)
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise CheckpointError(
+            f"{folder} has no tokenizer files (one of {', '.join(TOKENIZER_FILES)}); copy them from the original "
+            "checkpoint, e.g. `hf download REPO --include 'tokenizer*' --local-dir FOLDER`"
+        )
 
 
 def load_tokenizer(folder: str | Path) -> PreTrainedTokenizerBase:
     """AutoTokenizer from the folder; falls back to its tokenizer.json when the folder's
     tokenizer class needs remote code (Dream), which dyllm-fx never runs."""
     folder = Path(folder)
+    check_tokenizer_files(folder)
     try:
         tok = AutoTokenizer.from_pretrained(
             # An empty config stops transformers from parsing config.json as one of its own
@@ -57,27 +101,60 @@ def load_tokenizer(folder: str | Path) -> PreTrainedTokenizerBase:
     return tok
 
 
+def trained_gen_length(folder: str | Path) -> int | None:
+    """The response window the model was trained with, when the folder records it
+    (``training.json`` of the project's own training script: every stage's ``args.gen_length``)."""
+    path = Path(folder) / "training.json"
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict):
+        return None
+    stages = record.get("stages") if isinstance(record.get("stages"), list) else [record]
+    found = {
+        s.get("args", {}).get("gen_length", s.get("gen_length")) for s in stages if isinstance(s, dict) and isinstance(s.get("args", {}), dict)
+    }
+    found.discard(None)
+    if len(found) == 1:
+        (value,) = found
+        return value if isinstance(value, int) and value > 0 else None
+    return None
+
+
 def load(
     path_or_name: str | Path = DEFAULT_MODEL,
-    dtype: torch.dtype | None = None,
-    device: str | torch.device | None = None,
+    dtype: torch.dtype | str | None = None,
+    device: str | int | torch.device | None = None,
+    *,
+    torch_dtype: torch.dtype | str | None = None,
 ) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     """Load a LLaDA or Dream checkpoint folder and its tokenizer, with no network access.
 
     Args:
         path_or_name: a Hugging Face style folder (config.json + *.safetensors, optionally
-            sharded with model.safetensors.index.json), or ``"default"`` for the embedded
-            tiny-llada model.
-        dtype: weight dtype; default float32 on CPU, bfloat16 on CUDA.
-        device: default CUDA when available, else CPU.
+            sharded with model.safetensors.index.json), ``"default"`` for the embedded
+            tiny-llada model, or a Hub id already in the local Hugging Face cache.
+        dtype: weight dtype: a ``torch.dtype``, a name (``"bfloat16"``, ``"float16"``,
+            ``"float32"``) or ``"auto"`` (config.json's ``torch_dtype``); default float32 on
+            CPU, bfloat16 on CUDA. ``torch_dtype=`` is accepted as transformers spells it.
+        device: ``"auto"`` / None (CUDA when available, else CPU), ``"cpu"``, ``"cuda"``,
+            ``"cuda:N"``, an int (CUDA index) or a ``torch.device``.
 
     Returns:
         ``(model, tokenizer)``; ``model.diffusion`` holds the mask/EOS ids the runtime uses.
+
+    Every argument, the config, the architecture and the tokenizer are checked before the
+    weights are read.
     """
     folder = resolve_model_path(path_or_name)
-    resolve_architecture(read_config(folder))  # fail on an unknown architecture before reading weights
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if dtype is None:
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    device = resolve_device(device)
+    config = read_config(folder)
+    dtype = resolve_dtype(dtype, torch_dtype=torch_dtype, device=device, config=config)
+    resolve_architecture(config)  # fail on an unknown architecture before reading weights
+    tokenizer = load_tokenizer(folder)
     model = load_model(folder, dtype=dtype, device=device)
-    return model, load_tokenizer(folder)
+    window = trained_gen_length(folder)
+    if window is not None and dataclasses.is_dataclass(getattr(model, "diffusion", None)):
+        model.diffusion = dataclasses.replace(model.diffusion, trained_gen_length=window)
+    return model, tokenizer

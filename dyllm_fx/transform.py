@@ -8,7 +8,9 @@ from torch import nn
 from .generation import check_model_tensors
 from .models.layers import default_position_ids
 from .models.spec import DiffusionSpec
-from .passes.capture import CapturedGraph, capture_module
+from .errors import UsageError
+from .passes.capture import CapturedGraph, capture_module, example_inputs
+from .passes.check_bidirectional import check_bidirectional
 from .passes.find_blocks import find_blocks
 from .passes.rewrite_attention import rewrite_attention
 from .passes.split_attention import split_attention
@@ -56,7 +58,21 @@ class TransformedModel(nn.Module):
         self.pieces = nn.ModuleList([program.prologue, *(p.gm for p in program.attn), *(p.gm for p in program.mlp), program.epilogue.gm])
         self._last_ids: torch.Tensor | None = None
         self._response_start: int | None = None
-        self.eval()
+        self.eval()  # an inference module, like the eval-mode model it was traced from
+
+    def _apply(self, fn, recurse=True):
+        # The traced pieces and the engine's caches are fixed to the traced dtype: a cast
+        # would fail deep inside the first step. Refuse it here, naming the way that works.
+        params = [p for p in self.parameters() if p.is_floating_point()]
+        if params:
+            probe = torch.empty(0, dtype=params[0].dtype, device=params[0].device)
+            after = fn(probe)
+            if isinstance(after, torch.Tensor) and after.dtype != probe.dtype:
+                raise UsageError(
+                    f"a TransformedModel is traced in {probe.dtype} and cannot be cast to {after.dtype}; cast the "
+                    f"original model and transform it again: dyllm_fx.transform(model.to({after.dtype}), policy=...)"
+                )
+        return super()._apply(fn, recurse)
 
     @property
     def policy(self) -> Policy:
@@ -182,12 +198,20 @@ def transform(
     Returns:
         :class:`TransformedModel`, usable with ``dyllm_fx.generate`` like the original.
     """
+    if isinstance(model, TransformedModel):
+        raise UsageError(
+            f"model is already transformed (policy {model.policy.name!r}); transform the original model instead: "
+            "dyllm_fx.transform(model, policy=...) with the module dyllm_fx.load() returned"
+        )
     if model.training:
         raise ValueError("model is in training mode; call model.eval() before dyllm_fx.transform()")
     check_model_tensors(model)
     spec = spec or getattr(model, "diffusion", None)
-    chosen = make_policy(policy, family=family_of(spec), **policy_config)
-    program = build_program(capture_module(model))
+    chosen = make_policy(policy, family=family_of(spec), **policy_config)  # bad parameters fail before the trace
+    captured = capture_module(model)
+    device = next(model.parameters()).device
+    check_bidirectional(captured.gm, tuple(t.to(device) for t in example_inputs()))
+    program = build_program(captured)
     chosen.check_model(len(program.attn))
     return TransformedModel(program, chosen, spec, compile=compile, cuda_graphs=cuda_graphs)
 

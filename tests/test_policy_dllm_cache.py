@@ -50,7 +50,7 @@ def test_ratio_one_over_everything_equals_vanilla():
     assert torch.equal(got.sequences, want.sequences)
 
 
-@pytest.mark.parametrize("ratio", [0.0, 1.5, True])
-def test_bad_ratio(ratio):
-    with pytest.raises(ValueError, match="ratio"):
+@pytest.mark.parametrize("ratio, error", [(0.0, ValueError), (1.5, ValueError), (True, TypeError)])
+def test_bad_ratio(ratio, error):
+    with pytest.raises(error, match="ratio"):
         DLLMCachePolicy(ratio=ratio)

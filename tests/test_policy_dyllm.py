@@ -102,13 +102,15 @@ def test_capacity_follows_the_last_step_and_counts_overflow():
     assert COUNT_KINDS == 3
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(tau=0.0), "tau"), (dict(tau=1.01), "tau"), (dict(tau=True), "tau"), (dict(tau="a"), "tau"),
-    (dict(num_full_steps=0), "num_full_steps"), (dict(full_query_interval=0), "full_query_interval"),
-    (dict(capacity=0), "capacity"), (dict(scope="prompt"), "scope"), (dict(cached_softmax_stats=1), "cached_softmax"),
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(tau=0.0), ValueError, r"tau must lie in \(0, 1\]"), (dict(tau=1.01), ValueError, "tau"),
+    (dict(tau=True), TypeError, "tau must be a number"), (dict(tau="a"), TypeError, "tau must be a number"),
+    (dict(num_full_steps=0), ValueError, "num_full_steps"), (dict(full_query_interval=0), ValueError, "full_query_interval"),
+    (dict(capacity=0), ValueError, "capacity"), (dict(scope="prompt"), ValueError, "scope"),
+    (dict(cached_softmax_stats=1), TypeError, "cached_softmax"),
 ])
-def test_bad_parameters_are_rejected(kwargs, match):
-    with pytest.raises(ValueError, match=match):
+def test_bad_parameters_are_rejected(kwargs, error, match):
+    with pytest.raises(error, match=match):
         DyLLMPolicy(**kwargs)
 
 

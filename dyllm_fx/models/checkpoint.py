@@ -12,15 +12,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
+
+from ..errors import DyllmError
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(DyllmError, ValueError):
     """A checkpoint folder that cannot be loaded as it is; the message says what to fix."""
 
 
@@ -28,7 +30,18 @@ def read_config(folder: str | Path) -> dict[str, Any]:
     path = Path(folder) / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{folder} has no config.json; pass a Hugging Face model folder (config.json + *.safetensors).")
-    return json.loads(path.read_text())
+    try:
+        config = json.loads(path.read_text())
+    except UnicodeDecodeError as err:
+        raise CheckpointError(f"{path} is not a text file ({err}); replace it with the checkpoint's config.json") from None
+    except json.JSONDecodeError as err:
+        raise CheckpointError(
+            f"{path} is not valid JSON (line {err.lineno}, column {err.colno}: {err.msg}); "
+            "fix it or copy config.json again from the original checkpoint"
+        ) from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path} holds a JSON {type(config).__name__}, not an object of model settings; copy the checkpoint's config.json again")
+    return config
 
 
 def safetensors_files(folder: str | Path) -> list[Path]:
@@ -36,7 +49,10 @@ def safetensors_files(folder: str | Path) -> list[Path]:
     folder = Path(folder)
     index = folder / INDEX_FILE
     if index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map")
+        try:
+            weight_map = json.loads(index.read_text()).get("weight_map")
+        except (ValueError, AttributeError) as err:
+            raise CheckpointError(f"{index} is not a valid shard index ({err}); copy it again from the original checkpoint") from None
         if not weight_map:
             raise CheckpointError(f"{index} has no weight_map; re-save the checkpoint with save_pretrained().")
         files = [folder / name for name in sorted(set(weight_map.values()))]
@@ -60,10 +76,17 @@ def safetensors_files(folder: str | Path) -> list[Path]:
 def load_state_dict(folder: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
     for file in safetensors_files(folder):
-        with safe_open(str(file), framework="pt", device=str(device)) as f:
-            for key in f.keys():
-                t = f.get_tensor(key)
-                state[key] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+        try:
+            with safe_open(str(file), framework="pt", device=str(device)) as f:
+                for key in f.keys():
+                    t = f.get_tensor(key)
+                    state[key] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+        except (SafetensorError, OSError) as err:
+            size = file.stat().st_size if file.exists() else 0
+            raise CheckpointError(
+                f"cannot read weights file {file} ({size} bytes): {err}. The file is corrupt or truncated "
+                "(an interrupted download?); download it again"
+            ) from err
     return state
 
 

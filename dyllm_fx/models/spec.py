@@ -10,7 +10,9 @@ class DiffusionSpec:
     """Token ids and conventions of a masked diffusion LM.
 
     ``logits_shift`` is 1 for models trained with the autoregressive shift (Dream: the logit
-    for position i is read from position i - 1), 0 otherwise (LLaDA).
+    for position i is read from position i - 1), 0 otherwise (LLaDA). ``trained_gen_length``
+    is the response window the model was trained with, when its folder records one (the
+    embedded model's training.json): ``generate`` warns when another window is asked for.
     """
 
     mask_token_id: int
@@ -18,3 +20,4 @@ class DiffusionSpec:
     pad_token_id: int | None = None
     logits_shift: int = 0
     max_length: int | None = None
+    trained_gen_length: int | None = None

@@ -20,6 +20,7 @@ from .dllm_cache import DLLMCachePolicy
 from .dyllm import DyLLMPolicy
 from .es_dllm import ESDLLMPolicy
 from .fixed import FixedPolicy
+from .params import check_params
 from .presets import family_of, preset
 from .uniform import UniformPolicy
 
@@ -41,8 +42,11 @@ ROW_POLICIES = ("dyllm", "es_dllm", "dllm_cache")
 def _build(name: str, config: dict, family: str | None) -> Policy:
     if name not in POLICIES:
         raise ValueError(f"unknown policy {name!r}; available: {sorted(POLICIES)} (compose as 'dual_cache+dyllm')")
+    check_params(POLICIES[name], name, config)  # names and types of the parameters, before building
+    config = {**preset(name, family), **config}
+    check_params(POLICIES[name], name, config)  # names and types of the parameters, before building
     try:
-        return POLICIES[name](**{**preset(name, family), **config})
+        return POLICIES[name](**config)
     except TypeError as err:
         raise ValueError(f"bad parameters for policy {name!r}: {err}") from err
 
