@@ -21,30 +21,51 @@ from .generation import generate
 from .tasks import Example, held_out_set
 
 
+# Fast-dLLM's block caches as its reference code writes them (dyllm_fx/baselines.py): the
+# "plain loop" rows the engine's compiled caches are measured against.
+REFERENCE_LOOPS = {"fastdllm-loop:dual": "dual", "fastdllm-loop:prefix": "prefix"}
+
+
 @dataclass(frozen=True)
 class Method:
     label: str
-    policy: str  # "vanilla" or a policy name / composition for transform()
+    policy: str  # "vanilla", a policy name / composition for transform(), or a REFERENCE_LOOPS key
     params: dict = field(default_factory=dict)
     threshold: float | None = None
 
+    @property
+    def transformed(self) -> bool:
+        return self.policy != "vanilla" and self.policy not in REFERENCE_LOOPS
 
-def default_methods(threshold: float = 0.9, tau: float = 0.9) -> list[Method]:
-    """The baselines and the methods, alone and composed (``tau`` tuned on the embedded model:
-    see the README)."""
+
+def default_methods(threshold: float = 0.9, tau: float | None = None) -> list[Method]:
+    """The baselines and the methods at their authors' defaults, then the project's variants of
+    them (one row each, named after what they change), alone, composed and with threshold
+    decoding. ``tau`` overrides DyLLM's threshold (default: the per-model preset of the official
+    code, 0.99 for LLaDA)."""
+    dy = {} if tau is None else {"tau": tau}
     return [
         Method("vanilla", "vanilla"),
         Method("vanilla + threshold", "vanilla", threshold=threshold),
         Method("prefix_cache", "prefix_cache"),
         Method("dual_cache", "dual_cache"),
+        Method("plain loop: prefix cache", "fastdllm-loop:prefix"),
+        Method("plain loop: dual cache", "fastdllm-loop:dual"),
         Method("dual_cache + threshold (Fast-dLLM)", "dual_cache", threshold=threshold),
         Method("dllm_cache", "dllm_cache"),
+        # ES-dLLM, official: hidden-state variation, the block as the window (a dual cache)
         Method("es_dllm", "es_dllm"),
-        Method("dual_cache+es_dllm", "dual_cache+es_dllm"),
-        Method("dyllm", "dyllm", {"tau": tau}),
-        Method("dual_cache+dyllm", "dual_cache+dyllm", {"tau": tau}),
-        Method("dyllm + threshold", "dyllm", {"tau": tau}, threshold=threshold),
-        Method("dual_cache+dyllm + threshold", "dual_cache+dyllm", {"tau": tau}, threshold=threshold),
+        Method("es_dllm: value variation", "es_dllm", {"variation": "value"}),
+        Method("es_dllm: key variation", "es_dllm", {"variation": "key"}),
+        Method("es_dllm + threshold", "es_dllm", threshold=threshold),
+        # DyLLM, official: 4 dense steps then sparse; the whole sequence queried every 4th step
+        Method("dyllm", "dyllm", dy),
+        Method("dyllm: cached softmax stats", "dyllm", {**dy, "cached_softmax_stats": True}),
+        Method("dyllm: frozen prompt", "dyllm", {**dy, "full_query_interval": None}),
+        Method("dyllm: refresh at blocks and every 16", "dyllm", {**dy, "refresh_at_block": True, "refresh_interval": 16}),
+        Method("dual_cache+dyllm", "dual_cache+dyllm", dy),
+        Method("dyllm + threshold", "dyllm", dy, threshold=threshold),
+        Method("dual_cache+dyllm + threshold", "dual_cache+dyllm", dy, threshold=threshold),
     ]
 
 
@@ -58,22 +79,31 @@ class MethodResult:
     nfe: float  # forward evaluations per batch
     agreement: float
     seconds: float
+    compiled: bool = False  # the step compiled whole by inductor
+    graphs: int = 0  # inductor graphs the compiled step needed (one per plan key and shape)
+    overflow: int = 0  # DyLLM: rows that qualified beyond a step's capacity, over the whole run
 
 
 def _prepare(model, tokenizer, examples: list[Example], method: Method, gen: dict, batch_size: int, compile: bool):
-    """The method's model, warmed up on the first batch (so compiled pieces meet its shapes)."""
+    """The method's model, warmed up on every batch shape of the run (so a compiled step has
+    compiled all its graphs before the timing)."""
+    from .baselines import FastDLLMReference
     from .policy_setup import apply_policy
 
-    # Vanilla is the untransformed model: nothing of it is compiled.
-    target = apply_policy(model, method.policy, method.params, compile=compile and method.policy != "vanilla")
-    warm = [e.prompt for e in examples[:batch_size]]
-    generate(target, tokenizer, warm, threshold=method.threshold, progress=False, **gen)
+    if method.policy in REFERENCE_LOOPS:
+        target = FastDLLMReference(model, REFERENCE_LOOPS[method.policy])
+    else:
+        target = apply_policy(model, method.policy, method.params, compile=compile)
+    sizes = {min(batch_size, len(examples) - i) for i in range(0, len(examples), batch_size)}
+    for size in sorted(sizes):
+        warm = [e.prompt for e in examples[:size]]
+        generate(target, tokenizer, warm, threshold=method.threshold, progress=False, **gen)
     return target
 
 
 def _timed_pass(target, tokenizer, examples: list[Example], method: Method, gen: dict, batch_size: int):
-    """One generation of every example in batches: (responses, texts, nfe, seconds, active)."""
-    responses, texts, nfe, seconds, active = [], [], 0, 0.0, []
+    """One generation of every example in batches: (responses, texts, nfe, seconds, active, overflow)."""
+    responses, texts, nfe, seconds, active, overflow = [], [], 0, 0.0, [], 0
     for i in range(0, len(examples), batch_size):
         batch = examples[i : i + batch_size]
         start = time.perf_counter()
@@ -82,19 +112,25 @@ def _timed_pass(target, tokenizer, examples: list[Example], method: Method, gen:
         nfe += out.stats.nfe
         responses.append(out.responses)
         texts += out.texts
+        overflow += sum(out.stats.overflow)
         engine = getattr(target, "engine", None)
         active += [r.active_fraction for r in engine.records] if engine is not None else [1.0] * out.stats.nfe
-    return responses, texts, nfe, seconds, sum(active) / max(len(active), 1)
+    return responses, texts, nfe, seconds, sum(active) / max(len(active), 1), overflow
 
 
 def run_bench(
     model, tokenizer, examples: list[Example], methods: list[Method] | None = None, batch_size: int = 16,
-    gen_length: int = 64, block_length: int = 32, steps: int | None = None, compile: bool = False,
+    gen_length: int = 64, block_length: int = 32, steps: int | None = None, compile: bool | str = False,
     progress: bool | None = None, repeats: int = 1,
 ) -> dict:
     """Run every method on ``examples``; returns {"rows": [...], "settings": {...}} (the JSON
     ``dyllm plot pareto`` reads). The first method must be vanilla (the speed and agreement
     reference).
+
+    ``compile``: every transformed method also runs with its step compiled whole by inductor
+    (or the torch.compile backend named), as a row of its own beside the eager one
+    (``[compiled]``), with the number of graphs it compiled (fullgraph: a graph break would fail
+    the run, so there are none).
 
     With ``repeats`` > 1 the methods are timed round-robin, ``repeats`` passes over all of
     them, and each keeps its fastest pass: load from other processes on a shared machine only
@@ -106,10 +142,14 @@ def run_bench(
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1; got {repeats}")
     gen = dict(gen_length=gen_length, block_length=block_length, steps=steps or gen_length)
+    runs = [(m, False) for m in methods]
+    if compile:
+        runs = [r for m in methods for r in ([(m, False), (m, compile)] if m.transformed else [(m, False)])]
     targets = [
-        _prepare(model, tokenizer, examples, m, gen, batch_size, compile)
-        for m in tqdm(methods, desc="warm-up", unit="method", disable=progress is False)
+        _prepare(model, tokenizer, examples, m, gen, batch_size, compiled)
+        for m, compiled in tqdm(runs, desc="warm-up", unit="method", disable=progress is False)
     ]
+    methods = [m for m, _ in runs]
     passes: list[list[tuple]] = [[] for _ in methods]
     bar = tqdm(total=repeats * len(methods), desc="methods", unit="run", disable=progress is False)
     for _ in range(repeats):
@@ -119,9 +159,9 @@ def run_bench(
     bar.close()
     rows, reference, ref_tps = [], None, None
     n_tokens = len(examples) * gen_length
-    for method, runs in zip(methods, passes):
-        responses, texts, nfe, _, active = runs[0]  # decoding is deterministic: every pass is the same
-        seconds = min(run[3] for run in runs)
+    for (method, compiled), target, timed in zip(runs, targets, passes):
+        responses, texts, nfe, _, active, overflow = timed[0]  # decoding is deterministic: every pass is the same
+        seconds = min(run[3] for run in timed)
         correct = sum(t.strip() == e.answer.strip() for t, e in zip(texts, examples))
         if reference is None:
             reference = responses
@@ -130,10 +170,12 @@ def run_bench(
             agreement.update(batch, ref)
         tps = n_tokens / seconds
         ref_tps = ref_tps or tps
+        engine = getattr(target, "engine", None)
         rows.append(MethodResult(
-            method=method.label, accuracy=correct / len(examples), tokens_per_s=tps, speedup=tps / ref_tps,
-            active_fraction=active, nfe=nfe / -(-len(examples) // batch_size), agreement=agreement.value,
-            seconds=seconds,
+            method=method.label + (" [compiled]" if compiled else ""), accuracy=correct / len(examples),
+            tokens_per_s=tps, speedup=tps / ref_tps, active_fraction=active,
+            nfe=nfe / -(-len(examples) // batch_size), agreement=agreement.value, seconds=seconds, compiled=bool(compiled),
+            graphs=engine.compiler.graphs if compiled else 0, overflow=overflow,
         ))
     return {
         "rows": [asdict(r) for r in rows],
@@ -154,6 +196,15 @@ def format_table(bench: dict) -> str:
             f"| {r['method']} | {100 * r['accuracy']:.1f}% | {r['tokens_per_s']:.1f} | {r['speedup']:.2f}x | "
             f"{r['active_fraction']:.3f} | {r['nfe']:.1f} | {100 * r['agreement']:.1f}% |"
         )
+    compiled = [r for r in bench["rows"] if r.get("compiled")]
+    if compiled:
+        lines.append("")
+        lines.append("compiled steps (torch.compile fullgraph=True: no graph breaks), inductor graphs per method: "
+                     + ", ".join(f"{r['method'].removesuffix(' [compiled]')} {r['graphs']}" for r in compiled))
+    overflowed = [r for r in bench["rows"] if r.get("overflow")]
+    if overflowed:
+        lines.append("rows approximated beyond a step's capacity (DyLLM overflow), whole run: "
+                     + ", ".join(f"{r['method']} {r['overflow']}" for r in overflowed))
     return "\n".join(lines)
 
 

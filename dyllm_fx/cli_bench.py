@@ -19,11 +19,13 @@ def add_bench_parser(sub, parents=()) -> None:
     p.add_argument("--block-length", type=int, default=32)
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: gen-length)")
     p.add_argument("--threshold", type=float, default=0.9, help="threshold of the '+ threshold' rows (default 0.9)")
-    p.add_argument("--tau", type=float, default=0.9, help="DyLLM's saliency threshold (default 0.9: the embedded model's sweet spot, see README)")
+    p.add_argument("--tau", type=float, default=None,
+                   help="DyLLM's saliency threshold for its rows (default: the official per-model preset, 0.99 for LLaDA)")
     p.add_argument("--methods", default=None, help="comma-separated method labels to run (default: all; vanilla always runs first)")
     p.add_argument("--repeats", type=int, default=1,
                    help="time the methods round-robin this many times and keep each one's fastest pass (noisy machines)")
-    p.add_argument("--compile", action="store_true", help="compile the transformed pieces with inductor")
+    p.add_argument("--compile", action="store_true",
+                   help="also run every transformed method with its step compiled whole by inductor (a row each)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--json", default=None, metavar="FILE", help="write the rows as JSON (input of `dyllm plot pareto`)")
     p.add_argument("--plot", default=None, metavar="FILE.png", help="draw the speed-accuracy plot (needs matplotlib)")

@@ -36,9 +36,26 @@ def gather_rows(x: torch.Tensor, rows: torch.Tensor, dim: int) -> torch.Tensor:
     return x.gather(dim, _row_index(rows, x, dim))
 
 
+def _put_index(cache: torch.Tensor, rows: torch.Tensor, dim: int) -> tuple[torch.Tensor, ...]:
+    """Advanced-indexing tensors that address cache[b, i1, ..., rows[b, a]] for every b, the
+    full range of each dimension before ``dim``, and a; they broadcast to (B, d1, ..., A)."""
+    n = dim + 1
+    index = []
+    for d in range(dim):
+        shape = [1] * n
+        shape[d] = cache.shape[d] if d else rows.shape[0]
+        index.append(torch.arange(shape[d], device=rows.device).view(shape))
+    shape = [1] * n
+    shape[0], shape[dim] = rows.shape
+    index.append(rows.view(shape))
+    return tuple(index)
+
+
 def cache_write_rows_reference(cache: torch.Tensor, rows: torch.Tensor, values: torch.Tensor, dim: int) -> None:
-    """The plain-torch scatter (the CPU path of ``dyllm::cache_write_rows``)."""
-    cache.scatter_(dim, _row_index(rows, values, dim), values)
+    """The plain-torch write (the CPU path of ``dyllm::cache_write_rows``). ``index_put_``, not
+    ``scatter_``: inductor turns a functionalised ``index_put`` back into an in-place write of
+    the cache, where a ``scatter`` would copy the whole cache twice."""
+    cache.index_put_(_put_index(cache, rows, dim % cache.dim()), values)
 
 
 if HAS_TRITON:

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from dyllm_fx.kernels.cache_scatter import cache_write_rows_reference
+
 
 def bucket_size(n: int, limit: int, minimum: int = 8) -> int:
     """The next power of two >= n (at least ``minimum``), capped at ``limit``."""
@@ -64,10 +66,7 @@ def write_rows(dest: torch.Tensor, rows: torch.Tensor, values: torch.Tensor, dim
         shape = [1] * values.dim()
         shape[0], shape[dim] = valid.shape
         values = torch.where(valid.view(shape), values, take(dest, rows, dim))
-    shape = [1] * dest.dim()
-    shape[0], shape[dim] = rows.shape
-    target = list(values.shape)
-    dest.scatter_(dim, rows.view(shape).expand(target), values)
+    cache_write_rows_reference(dest, rows, values, dim)
     return dest
 
 

@@ -118,3 +118,28 @@ def test_step_sparsity_benchmark_smoke_runs():
     assert done.returncode == 0, done.stderr
     for case in ("vanilla (eager)", "dual_cache (eager)", "dyllm 25% (eager)", "es_dllm keep 25% (eager)"):
         assert f"| {case} |" in done.stdout
+
+
+def test_compiled_rows_sit_beside_the_eager_ones_and_the_plain_loop_agrees():
+    """``compile`` adds a compiled row for every transformed method (here through the fast
+    aot_eager backend); the Fast-dLLM plain loop decodes the dual cache's tokens."""
+    model, tok = dyllm_fx.load("default")
+    methods = [Method("vanilla", "vanilla"), Method("dual_cache", "dual_cache"),
+               Method("plain loop: dual cache", "fastdllm-loop:dual")]
+    out = run_bench(model, tok, bench_examples(1, ("shift",)), methods, batch_size=1, progress=False,
+                    compile="aot_eager", gen_length=64, block_length=32, steps=64)
+    rows = {r["method"]: r for r in out["rows"]}
+    assert list(rows) == ["vanilla", "dual_cache", "dual_cache [compiled]", "plain loop: dual cache"]
+    assert rows["dual_cache [compiled]"]["compiled"] and rows["dual_cache [compiled]"]["graphs"] >= 2  # full + span
+    assert rows["dual_cache [compiled]"]["agreement"] == rows["dual_cache"]["agreement"]
+    assert rows["plain loop: dual cache"]["agreement"] == rows["dual_cache"]["agreement"]
+    assert "inductor graphs per method: dual_cache" in format_table(out)
+
+
+def test_default_methods_start_with_the_official_defaults():
+    from dyllm_fx.bench import default_methods
+
+    methods = {m.label: m for m in default_methods()}
+    assert methods["dyllm"].params == {} and methods["es_dllm"].params == {}  # the authors' settings
+    variants = [label for label in methods if label.startswith(("dyllm:", "es_dllm:"))]
+    assert len(variants) >= 5 and all("," not in label for label in methods)  # --methods splits on commas
