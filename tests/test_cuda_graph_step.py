@@ -1,5 +1,5 @@
-"""CUDA-graph replay of warm steps (runtime/cuda_graph.py): same logits and tokens as the eager
-engine. Needs a CUDA device; skipped elsewhere."""
+"""CUDA-graph replay of warm steps (runtime/cuda_graph.py), for every policy: the same tokens
+and logits as the eager engine. Needs a CUDA device; skipped elsewhere."""
 
 from __future__ import annotations
 
@@ -11,13 +11,16 @@ from tiny_checkpoints import tiny_llada, tiny_tokenizer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 
+POLICIES = ["dense", "dual_cache", "prefix_cache", "dllm_cache", "dyllm", "es_dllm", "dual_cache+dyllm",
+            "dual_cache+es_dllm"]
+
 
 @pytest.fixture(scope="module")
 def model():
     return tiny_llada(seed=4, n_layers=3).eval().cuda()
 
 
-@pytest.mark.parametrize("policy", ["dense", "dual_cache", "prefix_cache"])
+@pytest.mark.parametrize("policy", POLICIES)
 def test_graphed_generation_equals_eager(model, policy):
     tok = tiny_tokenizer()
     prompts = ["abc", "hello wor"]
@@ -40,6 +43,6 @@ def test_graphed_step_logits_match_eager(model):
     for graphs in (False, True):
         tm = dyllm_fx.transform(model, policy="fixed", rows=list(range(8, 16)), cuda_graphs=graphs)
         tm.engine.step(ids, None, pos, block)  # cold: fills the cache
-        outs.append([tm.engine.step(ids, None, pos, block, 1) for _ in range(2)])
+        outs.append([tm.engine.step(ids, None, pos, block, step=1).logits for _ in range(2)])
     for a, b in zip(*outs):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
