@@ -13,13 +13,12 @@ method per operation, all on compact tensors: ``x`` (B, A, D) holds the rows ``r
     h_mid = pieces.post(l, x, ctx)                    ES-dLLM's query/key/value variations)
     logits = pieces.head(h, positions)              final norm + LM head
 
-The pieces are the program's fx graphs, or (``compile_pieces``) anything that wraps them; a
-whole step built from these calls is one traceable function.
+The pieces are the program's fx graphs: a whole step built from these calls is one traceable
+function (``torch.compile`` inlines them).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -36,16 +35,15 @@ class Prologue:
 
 
 class Pieces:
-    def __init__(self, program, wrap: Callable | None = None):
-        wrap = wrap or (lambda gm: gm)
+    def __init__(self, program):
         self.program = program
-        self._prologue = wrap(program.prologue)
-        self._attn = [wrap(p.gm) for p in program.attn]
-        self._mlp = [wrap(p.gm) for p in program.mlp]
-        self._epilogue = wrap(program.epilogue.gm)
-        self._query = [wrap(p.query) for p in program.attn_parts]
-        self._kv = [wrap(p.kv) for p in program.attn_parts]
-        self._post = [wrap(p.post) for p in program.attn_parts]
+        self._prologue = program.prologue
+        self._attn = [p.gm for p in program.attn]
+        self._mlp = [p.gm for p in program.mlp]
+        self._epilogue = program.epilogue.gm
+        self._query = [p.query for p in program.attn_parts]
+        self._kv = [p.kv for p in program.attn_parts]
+        self._post = [p.post for p in program.attn_parts]
         index = {name: i for i, name in enumerate(program.table_names)}
         self._attn_tables = [[index[n] for n in p.tables] for p in program.attn]
         self._mlp_tables = [[index[n] for n in p.tables] for p in program.mlp]
