@@ -7,6 +7,7 @@ Public API:
     explain(transformed) -> str
     torch.compile(model, backend="dyllm")   (dynamo backend, see dyllm_fx.backend)
     export.to_onnx(transformed, path) / export.load_onnx(path) / export.to_tensorrt(transformed)
+    LLM(model, policy=...).generate(prompts, SamplingParams(...)) -> [RequestOutput]  (dyllm_fx.serving)
 
 The names are imported on first use, so ``import dyllm_fx`` (and the ``dyllm`` command line's
 ``--help``) does not pay for importing torch.
@@ -25,8 +26,12 @@ _API = {
     "CheckpointError": "models",
     "DEFAULT_MODEL": "options",
     "DiffusionSpec": "models",
+    "CompletionOutput": "serving",
     "GenerationOutput": "runtime.loop",
     "GenerationStats": "runtime.loop",
+    "LLM": "serving",
+    "RequestOutput": "serving",
+    "SamplingParams": "serving",
     "TransformedModel": "transform",
     "default_model_path": "loading",
     "explain": "explain",
@@ -34,7 +39,7 @@ _API = {
     "load": "loading",
     "transform": "transform",
 }
-_SUBPACKAGES = ("export",)
+_SUBPACKAGES = ("export", "serving")
 
 __all__ = sorted(_API)
 

@@ -158,7 +158,9 @@ class StepEngine:
         cache = self._ensure(bsz, seq_len, input_ids.device)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        host = HostState(input_ids, attention_mask, cold=not cache.warm, n_layers=self.n_layers, **host_info)
+        # ``relayout`` (serving: the rows moved to new columns) makes a warm cache cold too
+        cold = not cache.warm or bool(host_info.get("relayout", False))
+        host = HostState(input_ids, attention_mask, cold=cold, n_layers=self.n_layers, **host_info)
         plan = self.policy.plan(host)
         inp = StepInputs(
             input_ids, attention_mask, position_ids, logit_positions, _block_rows(host, logit_positions), plan.rows,

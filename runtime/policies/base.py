@@ -58,6 +58,11 @@ class HostState:
     last_committed: int = 0  # tokens the previous step committed, most of any batch element
     # per batch element, the smallest position the previous step committed (None: nothing)
     last_leftmost: tuple[int | None, ...] | None = None
+    # The caller moved the rows to new columns (the serving scheduler, at a block boundary:
+    # rows joined or left the batch). Nothing cached is valid, so the step is cold, but the
+    # generation goes on: policies keep their schedule counters (DyLLM does not restart its
+    # dense warm-up steps) instead of resetting as at a new generation.
+    relayout: bool = False
 
     @property
     def batch(self) -> int:

@@ -14,6 +14,9 @@ through the layers. At a sparse step, each layer
   MLP output. o_proj and the residual run for every queried row.
 
 The first ``num_full_steps`` steps of a generation run every row; after them no step is dense.
+A step after a serving re-layout (``HostState.relayout``: rows joined or left the batch at a
+block boundary) runs every row too, as any cold step, but keeps the step count: the batch's
+other rows do not repeat the dense warm-up.
 
 Defaults follow the official code:
 
@@ -150,7 +153,7 @@ class DyLLMPolicy(Policy):
         return host.span(self.scope)
 
     def plan(self, host: HostState) -> Plan:
-        if host.cold:
+        if host.cold and not host.relayout:  # a re-laid-out batch keeps its step count
             self.reset()
         step = self._steps
         self._steps += 1
