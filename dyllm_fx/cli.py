@@ -1,4 +1,4 @@
-"""The ``dyllm`` command line: ``dyllm generate``, ``info``, ``eval``, ``plot``, ``export`` and ``bench``.
+"""The ``dyllm`` command line: ``dyllm generate``, ``info``, ``eval``, ``plot``, ``export``, ``bench`` and ``serve``.
 
 Error policy: bad input (the project's own errors, ``ValueError`` / ``TypeError`` /
 ``FileNotFoundError`` from validation, ``ImportError`` for a missing optional package) prints
@@ -25,6 +25,7 @@ from .cli_common import add_decoding_args, add_model_args, check_run, decoding_k
 from .cli_eval import add_eval_parser, cmd_eval
 from .cli_export import add_export_parser, cmd_export
 from .cli_plot import add_plot_parser, cmd_plot
+from .cli_serve import add_serve_parser, cmd_serve
 from .errors import DyllmError, UsageError
 from .options import DEFAULT_MODEL
 
@@ -54,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     # subcommand from resetting a --debug given before it.
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="on an error, show the full traceback too")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,info,eval,plot,export,bench}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,info,eval,plot,export,bench,serve}")
 
     gen = sub.add_parser("generate", parents=[common], help="generate a response for one or more prompts",
                          description="Generate with the untransformed model (--policy vanilla, the default) or any "
@@ -74,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_plot_parser(sub, add_decoding_args, parents=[common])
     add_export_parser(sub, parents=[common])
     add_bench_parser(sub, parents=[common])
+    add_serve_parser(sub, parents=[common])
     return parser
 
 
@@ -182,7 +184,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-HANDLERS = {"generate": cmd_generate, "info": cmd_info, "eval": cmd_eval, "plot": cmd_plot, "export": cmd_export, "bench": cmd_bench}
+HANDLERS = {"generate": cmd_generate, "info": cmd_info, "eval": cmd_eval, "plot": cmd_plot, "export": cmd_export, "bench": cmd_bench, "serve": cmd_serve}
 
 
 @contextlib.contextmanager
