@@ -36,7 +36,7 @@ def add_serve_parser(sub, parents=()) -> argparse.ArgumentParser:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .serving.server import _imports
+    from .serving.net import bind_socket, require_server_packages
 
     for name in ("max_num_seqs", "max_num_batches", "max_queue_size"):
         if getattr(args, name) < 1:
@@ -47,12 +47,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise UsageError(f"--lifetime must be positive, got {args.lifetime}")
     if args.cuda_graphs and args.policy == "vanilla":
         raise UsageError("--cuda-graphs needs --policy NAME (the untransformed model runs eagerly)")
-    _imports()  # FastAPI / uvicorn missing: say so before loading any weights
-    load_kw = check_run(args, decoding=False)
-    from .serving.server import bind_socket
-
-    sock = bind_socket(args.host, args.port)  # a port in use: say so before loading any weights
+    require_server_packages()  # FastAPI / uvicorn missing: say so before importing torch
+    sock = bind_socket(args.host, args.port)  # a port in use: idem
     try:
+        load_kw = check_run(args, decoding=False)
         return _run(args, load_kw, sock)
     finally:
         sock.close()

@@ -7,18 +7,39 @@ arrive (joining running batches at block boundaries), and an OpenAI-compatible H
     AsyncEngine                                            the engine in a thread, for the server
     build_app / serve                                      the FastAPI app and its uvicorn runner (``server.py``)
 
-The server's modules import FastAPI lazily; ``pip install "dyllm-fx[serve]"`` brings it.
+The names are imported on first use (``net.py``, which the command line needs before any
+weights load, imports neither torch nor FastAPI). ``pip install "dyllm-fx[serve]"`` brings
+FastAPI, uvicorn and the openai client.
 """
 
 from __future__ import annotations
 
-from .engine import PromptTooLongError, ServingEngine
-from .llm import LLM
-from .outputs import CompletionOutput, RequestMetrics, RequestOutput
-from .params import SamplingParams
-from .scheduler import QueueFull
+import importlib
 
-__all__ = [
-    "CompletionOutput", "LLM", "PromptTooLongError", "QueueFull", "RequestMetrics", "RequestOutput", "SamplingParams",
-    "ServingEngine",
-]
+_API = {
+    "AsyncEngine": "async_engine",
+    "CompletionOutput": "outputs",
+    "LLM": "llm",
+    "PromptTooLongError": "engine",
+    "QueueFull": "scheduler",
+    "RequestMetrics": "outputs",
+    "RequestOutput": "outputs",
+    "SamplingParams": "params",
+    "ServingEngine": "engine",
+    "build_app": "server",
+    "serve": "server",
+}
+
+__all__ = sorted(_API)
+
+
+def __getattr__(name: str):
+    if name in _API:
+        value = getattr(importlib.import_module(f".{_API[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted({*globals(), *_API})

@@ -34,10 +34,11 @@ import time
 import uuid
 from typing import Any
 
-from ..errors import DyllmError, MissingDependencyError, UsageError
+from ..errors import DyllmError
 from .async_engine import AsyncEngine, Stream
 from .chat import render_chat
 from .engine import PromptTooLongError, ServingEngine
+from .net import bind_socket, require_server_packages
 from .outputs import RequestOutput
 from .params import SamplingParams
 from .scheduler import QueueFull
@@ -48,14 +49,7 @@ DISCONNECT_POLL_S = 0.5  # how often a waiting handler checks whether its client
 
 
 def _imports():
-    try:
-        import fastapi  # noqa: F401
-        import uvicorn  # noqa: F401
-    except ImportError as err:
-        raise MissingDependencyError(
-            f"dyllm serve needs FastAPI and uvicorn ({err.name} is missing); install them with "
-            "pip install \"dyllm-fx[serve]\" (from a checkout: pip install -e \".[serve]\")"
-        ) from None
+    require_server_packages()
 
 
 class OpenAIError(Exception):
@@ -364,21 +358,6 @@ def build_app(engine: AsyncEngine, model_name: str = "default", policy: str = ""
                 "usage": usage(outs), "metrics": metrics_of(outs)}
 
     return app
-
-
-def bind_socket(host: str, port: int) -> socket.socket:
-    """A listening TCP socket on ``host:port`` (port 0: a free one); a UsageError names the fix."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as err:
-        sock.close()
-        raise UsageError(f"cannot listen on {host}:{port}: {err.strerror or err}; choose another --port (0: any free one)") from None
-    sock.listen(128)
-    sock.set_inheritable(True)
-    return sock
 
 
 def serve(
