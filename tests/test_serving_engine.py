@@ -4,7 +4,11 @@ rows at different block offsets, checked against ``generate()`` of each prompt a
 
 from __future__ import annotations
 
+import contextlib
+import io
 import random
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -340,6 +344,23 @@ def test_llm_on_the_embedded_model_matches_generate():
     (out,) = llm.generate([prompt])
     assert out.outputs[0].text == dyllm_fx.generate(llm.model, llm.tokenizer, [prompt]).texts[0]
     assert out.metrics.nfe > 0 and out.metrics.active_fraction < 1.0 and out.metrics.latency > 0
+
+
+def readme_block(marker: str) -> str:
+    """The README's python block that contains ``marker``."""
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    blocks = re.findall(r"^```python\n(.*?)^```", text, flags=re.S | re.M)
+    return next(b for b in blocks if marker in b)
+
+
+def test_readme_llm_example_runs_as_written():
+    namespace: dict = {}
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        exec(compile(readme_block("LLM("), "README.md", "exec"), namespace)
+    outs, chat = namespace["outs"], namespace["chat"]
+    assert len(outs) == 2 and all(o.finished and o.outputs[0].text for o in outs)
+    assert chat[0].outputs[0].text == outs[1].outputs[0].text  # the trivial template: the same prompt
+    assert printed.getvalue().strip()
 
 
 def test_metrics_render_prometheus_text():

@@ -8,9 +8,9 @@ fixture's teardown not run, and every loop below is bounded in count and time.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
-import os
-import queue
 import re
 import socket
 import subprocess
@@ -19,6 +19,7 @@ import threading
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
@@ -28,45 +29,22 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
 import dyllm_fx  # noqa: E402
+from dyllm_fx.serving.process import ServerProcess  # noqa: E402
 from dyllm_fx.tasks import held_out_set  # noqa: E402
 
 START_TIMEOUT_S = 180  # model load on a busy 2-core machine
 REQUEST_TIMEOUT_S = 120
 LIFETIME_S = 900  # the server stops by itself after this, whatever happens to the test process
 POLICY = "dual_cache"  # exact (a row decodes what it decodes alone) and fast
-SHORT = {"max_tokens": 32, "block_length": 16}  # two blocks: rows join and leave at block boundaries
+SHORT_ARGS = {"max_tokens": 32, "extra_body": {"block_length": 16}}  # two blocks: rows join and leave at block boundaries
 
 
-class Server:
-    """``dyllm serve`` in a subprocess; ``url`` once it listens."""
+class Server(ServerProcess):
+    """``dyllm serve`` in a subprocess, with an openai client and its metrics."""
 
     def __init__(self, *args: str):
-        cmd = [sys.executable, "-m", "dyllm_fx.cli", "serve", "--host", "127.0.0.1", "--port", "0", "--threads", "1",
-               "--lifetime", str(LIFETIME_S), *args]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
-        self.log: list[str] = []
-        lines: queue.Queue[str] = queue.Queue()
-        threading.Thread(target=self._drain, args=(lines,), daemon=True).start()
-        deadline = time.monotonic() + START_TIMEOUT_S
-        self.url = None
-        while self.url is None:
-            if time.monotonic() > deadline or self.proc.poll() is not None:
-                self.stop()
-                raise RuntimeError("dyllm serve did not start:\n" + "".join(self.log))
-            try:
-                line = lines.get(timeout=1.0)
-            except queue.Empty:
-                continue
-            match = re.search(r"listening on (http://127\.0\.0\.1:\d+)", line)
-            if match:
-                self.url = match.group(1)
+        super().__init__(*args, threads=1, lifetime_s=LIFETIME_S, start_timeout_s=START_TIMEOUT_S)
         self.client = openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0, timeout=REQUEST_TIMEOUT_S)
-
-    def _drain(self, lines: queue.Queue) -> None:
-        for line in self.proc.stderr:  # keeps the pipe from filling up
-            self.log.append(line)
-            lines.put(line)
 
     def metrics(self) -> dict[str, float]:
         text = httpx.get(f"{self.url}/metrics", timeout=30).text
@@ -81,21 +59,11 @@ class Server:
             time.sleep(0.1)
         raise AssertionError(f"timed out waiting for {what}; metrics: {m}")
 
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(15)
-
 
 @pytest.fixture(scope="module")
 def server():
-    s = Server("--policy", POLICY, "--max-num-seqs", "16", "--max-queue-size", "64")
-    yield s
-    s.stop()
+    with Server("--policy", POLICY, "--max-num-seqs", "16", "--max-queue-size", "64") as s:
+        yield s
 
 
 @pytest.fixture(scope="module")
@@ -203,6 +171,17 @@ def test_32_requests_in_flight_each_equal_alone(server, reference):
     assert server.metrics()["dyllm_num_requests_running"] == 0
 
 
+def test_the_readme_client_example_runs_against_the_server(server, reference):
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = next(b for b in re.findall(r"^```python\n(.*?)^```", text, flags=re.S | re.M) if "openai.OpenAI(" in b)
+    assert "http://127.0.0.1:8000/v1" in block
+    namespace: dict = {}
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        exec(compile(block.replace("http://127.0.0.1:8000", server.url), "README.md", "exec"), namespace)
+    assert namespace["r"].choices[0].text == reference("shift:abc=")
+    assert printed.getvalue().strip()
+
+
 # --- errors -------------------------------------------------------------------------------------
 
 
@@ -246,8 +225,6 @@ def test_the_openai_client_sees_the_errors_and_the_server_keeps_serving(server, 
     assert httpx.get(f"{server.url}/health", timeout=30).status_code == 200
 
 
-SHORT_ARGS = {"max_tokens": 32, "extra_body": {"block_length": 16}}
-
 
 # --- disconnects and a full queue -------------------------------------------------------------
 
@@ -256,13 +233,17 @@ def _open_stream(url: str, prompt: str, max_tokens: int = 64):
     """A streaming request whose first chunk has arrived (its row is decoding); close the
     returned client to disconnect."""
     client = httpx.Client(timeout=REQUEST_TIMEOUT_S)
-    body = {"prompt": prompt, "max_tokens": max_tokens, "block_length": 16, "stream": True}
-    stream = client.stream("POST", f"{url}/v1/completions", json=body)
-    response = stream.__enter__()
-    assert response.status_code == 200
-    lines = response.iter_lines()
-    first = next(line for line in lines if line.startswith("data: "))
-    assert json.loads(first[6:])["object"] == "text_completion"
+    try:
+        body = {"prompt": prompt, "max_tokens": max_tokens, "block_length": 16, "stream": True}
+        stream = client.stream("POST", f"{url}/v1/completions", json=body)
+        response = stream.__enter__()
+        assert response.status_code == 200
+        lines = response.iter_lines()
+        first = next(line for line in lines if line.startswith("data: "))
+        assert json.loads(first[6:])["object"] == "text_completion"
+    except BaseException:
+        client.close()
+        raise
     stream.lines = lines  # keep the line iterator alive: collecting it would close the response
     return client, stream
 
@@ -279,8 +260,7 @@ def test_a_disconnect_mid_stream_frees_the_slot(server, reference):
 
 
 def test_a_full_queue_gets_429_and_loses_no_other_request(reference):
-    small = Server("--policy", POLICY, "--max-num-seqs", "1", "--max-queue-size", "1")
-    try:
+    with Server("--policy", POLICY, "--max-num-seqs", "1", "--max-queue-size", "1") as small:
         running_client, stream = _open_stream(small.url, prompts(1)[0])  # takes the one slot
         waiting: dict = {}
         prompt = prompts(2)[1]
@@ -301,8 +281,6 @@ def test_a_full_queue_gets_429_and_loses_no_other_request(reference):
         m = small.metrics()
         assert m['dyllm_requests_rejected_total{reason="queue_full"}'] == 1
         assert m['dyllm_requests_total{finish_reason="abort"}'] == 1
-    finally:
-        small.stop()
 
 
 # --- the command line ---------------------------------------------------------------------------
