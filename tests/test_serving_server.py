@@ -229,18 +229,19 @@ def test_the_openai_client_sees_the_errors_and_the_server_keeps_serving(server, 
 # --- disconnects and a full queue -------------------------------------------------------------
 
 
-def _open_stream(url: str, prompt: str, max_tokens: int = 64):
-    """A streaming request whose first chunk has arrived (its row is decoding); close the
-    returned client to disconnect."""
+def _open_stream(url: str, prompt: str, max_tokens: int = 64, steps: int | None = None, first_chunk: bool = True):
+    """A streaming request whose response has begun (with ``first_chunk``: whose first block's
+    text has arrived, so its row is decoding); close the returned client to disconnect."""
     client = httpx.Client(timeout=REQUEST_TIMEOUT_S)
     try:
-        body = {"prompt": prompt, "max_tokens": max_tokens, "block_length": 16, "stream": True}
+        body = {"prompt": prompt, "max_tokens": max_tokens, "block_length": 16, "steps": steps, "stream": True}
         stream = client.stream("POST", f"{url}/v1/completions", json=body)
         response = stream.__enter__()
         assert response.status_code == 200
         lines = response.iter_lines()
-        first = next(line for line in lines if line.startswith("data: "))
-        assert json.loads(first[6:])["object"] == "text_completion"
+        if first_chunk:
+            first = next(line for line in lines if line.startswith("data: "))
+            assert json.loads(first[6:])["object"] == "text_completion"
     except BaseException:
         client.close()
         raise
@@ -261,7 +262,9 @@ def test_a_disconnect_mid_stream_frees_the_slot(server, reference):
 
 def test_a_full_queue_gets_429_and_loses_no_other_request(reference):
     with Server("--policy", POLICY, "--max-num-seqs", "1", "--max-queue-size", "1") as small:
-        running_client, stream = _open_stream(small.url, prompts(1)[0])  # takes the one slot
+        # takes the one slot, for 4096 steps: it cannot finish before the client leaves
+        running_client, stream = _open_stream(small.url, prompts(1)[0], steps=4096, first_chunk=False)
+        small.wait_for(lambda m: m["dyllm_num_requests_running"] == 1, "the first request to run")
         waiting: dict = {}
         prompt = prompts(2)[1]
 
