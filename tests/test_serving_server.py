@@ -251,7 +251,8 @@ def _open_stream(url: str, prompt: str, max_tokens: int = 64, steps: int | None 
 
 def test_a_disconnect_mid_stream_frees_the_slot(server, reference):
     before = server.metrics().get('dyllm_requests_total{finish_reason="abort"}', 0)
-    client, stream = _open_stream(server.url, prompts(6)[5])  # 4 blocks: 3 still to go
+    # its first block has arrived; 128 steps per block leave the rest far from done when it leaves
+    client, stream = _open_stream(server.url, prompts(6)[5], steps=512)
     stream.__exit__(None, None, None)
     client.close()
     server.wait_for(lambda m: m.get('dyllm_requests_total{finish_reason="abort"}', 0) > before
