@@ -66,7 +66,7 @@ def run(engine: ServingEngine, limit: int = MAX_STEPS) -> dict:
 
 
 @pytest.mark.parametrize("arch", ["llada", "dream"])
-@pytest.mark.parametrize("policy", ["vanilla", "dual_cache", "prefix_cache"])
+@pytest.mark.parametrize("policy", ["vanilla", "dense", "dual_cache", "prefix_cache"])
 def test_batched_rows_equal_each_prompt_alone(arch, policy):
     """Ragged prompts, two window lengths, fewer slots than requests: rows join and leave at
     block boundaries (re-layouts), and every row commits what it commits alone."""
