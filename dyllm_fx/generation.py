@@ -179,6 +179,13 @@ def generate(
         :class:`GenerationOutput` with ``sequences``, ``texts`` (cut at the first EOS) and
         ``stats`` (NFE, seconds, per-step times and committed tokens, tokens/s).
     """
+    from .models.diffusion_gemma import is_diffusion_gemma
+
+    if is_diffusion_gemma(model):  # block diffusion over canvases: its own sampler
+        return _generate_diffusion_gemma(
+            model, tokenizer, prompts, gen_length, max_new_tokens, block_length, steps, threshold, cfg_scale, chat,
+            seed, sampler, sampler_params,
+        )
     spec = diffusion_spec(model)
     gen_length = _gen_length(gen_length, max_new_tokens)
     if isinstance(prompts, str):
@@ -239,6 +246,36 @@ def generate(
         _warn_on_cut_responses(out.texts, rows, spec, tokenizer)
     out.stats.cache_bytes = _cache_bytes(model)
     return out
+
+
+def _generate_diffusion_gemma(
+    model, tokenizer, prompts, gen_length, max_new_tokens, block_length, steps, threshold, cfg_scale, chat, seed, sampler,
+    sampler_params,
+):
+    """DiffusionGemma (transformers' block-diffusion model, untransformed or transformed):
+    transformers' generation semantics with ``runtime.canvas``'s entropy-bound sampler. The
+    block is the model's canvas; ``steps`` is the most denoising steps per canvas."""
+    from .models import diffusion_gemma
+
+    canvas = model.config.canvas_length
+    if block_length not in (None, 32, canvas):
+        raise UsageError(f"DiffusionGemma decodes canvases of {canvas} tokens (config.canvas_length); drop block_length")
+    for name, value, unset in (("threshold", threshold, None), ("cfg_scale", cfg_scale, 0.0), ("sampler", sampler, None)):
+        if value != unset:
+            raise UsageError(
+                f"{name}= does not apply to DiffusionGemma, whose sampler accepts tokens by an entropy bound; it takes "
+                f"{', '.join(diffusion_gemma.SAMPLER_OPTIONS)}"
+            )
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if not prompts or any(not isinstance(p, str) or not p for p in prompts):
+        raise ValueError("prompts must be a non-empty string or a list of non-empty strings")
+    check_model_tensors(model)
+    if chat:
+        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False) for p in prompts]
+    if gen_length is not None or max_new_tokens is not None:
+        max_new_tokens = _gen_length(gen_length, max_new_tokens)
+    return diffusion_gemma.generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, steps=steps, seed=seed, **sampler_params)
 
 
 def _gen_length(gen_length, max_new_tokens) -> int:

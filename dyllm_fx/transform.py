@@ -206,6 +206,12 @@ def transform(
     if model.training:
         raise ValueError("model is in training mode; call model.eval() before dyllm_fx.transform()")
     check_model_tensors(model)
+    from .models.diffusion_gemma import is_diffusion_gemma
+
+    if is_diffusion_gemma(model):  # block diffusion: the decoder over the canvas is the step
+        from .models import diffusion_gemma
+
+        return diffusion_gemma.transform(model, policy, compile=compile, cuda_graphs=cuda_graphs, **policy_config)
     spec = spec or getattr(model, "diffusion", None)
     chosen = make_policy(policy, family=family_of(spec), **policy_config)  # bad parameters fail before the trace
     captured = capture_module(model)

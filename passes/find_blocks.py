@@ -9,7 +9,21 @@ A block is recognised from data flow, not module names:
     h_mid ──norm──> linears (MLP) ──> mlp_out ──> add(h_mid, mlp_out) = h_out = next block's h_in
 
 So LLaDA (ff_proj/up_proj/ff_out), Dream and transformers Llama/Qwen2 (gate/up/down) all
-match, whatever their modules are called.
+match, whatever their modules are called. What sits on the branches is free, so the same match
+covers:
+
+* norms before *and after* attention and the MLP (Gemma: ``h_mid = h + post_norm(o(...))``);
+* any MLP branch with linear layers in it: gated MLPs, a mixture of experts with its router
+  (the router and the experts run on whatever rows the MLP piece gets, so gating an MoE MLP
+  by row routes only those rows), a dense MLP and experts in parallel;
+* attention over extra keys that are not rows of the sequence (an encoder's K/V prefix
+  concatenated in front of the new keys, see ``passes/attention_operands.py``).
+
+Between two blocks the residual stream may pass through row-wise ops that read nothing but the
+stream and constants (Gemma's ``h *= layer_scalar``, a dtype cast): the next block's pieces
+are cut at the previous block's output and recompute those ops themselves (``stream_in``).
+Scaled embeddings, self-conditioning and anything else before the first block belong to the
+prologue; final norms and logit soft-capping to the epilogue.
 """
 
 from __future__ import annotations
@@ -19,7 +33,17 @@ from dataclasses import dataclass, field
 
 from torch import fx
 
+import torch
+
 from .ops import ADD, LINEAR, SDPA, is_op, is_tensor, tensor_inputs
+
+aten = torch.ops.aten
+# Row-wise ops the residual stream may pass through between two blocks (with constants only).
+_STREAM_OPS = {
+    aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar, aten.add.Tensor, aten.add.Scalar,
+    aten.sub.Tensor, aten.sub.Scalar, aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default,
+    aten.type_as.default, aten.clone.default,
+}
 
 
 class BlockMatchError(ValueError):
@@ -46,6 +70,9 @@ class BlockMatch:
     mlp_out: fx.Node
     h_out: fx.Node
     mlp_linears: list[fx.Node] = field(default_factory=list)
+    # Where the block's pieces are cut: the previous block's h_out (h_in may be computed from it
+    # by row-wise ops, e.g. Gemma's layer scalar), h_in for the first block.
+    stream_in: fx.Node | None = None
 
 
 class _Reach:
@@ -129,14 +156,49 @@ def find_blocks(gm: fx.GraphModule) -> list[BlockMatch]:
         mlp_linears = [n for n in gm.graph.nodes if n in span and is_op(n, LINEAR) and reach.depends(n, h_mid)]
         if not mlp_linears:
             raise BlockMatchError(f"{where}: the branch '{mlp_out.name}' after attention has no linear layers" + _LAYOUT)
-        if blocks and blocks[-1].h_out is not h_in:
-            raise BlockMatchError(
-                f"{where}: its input '{h_in.name}' is not the previous block's output '{blocks[-1].h_out.name}'; "
-                "the compiler needs a plain residual stream between blocks (no scaling or norm between a "
-                "block's last add and the next block)" + _LAYOUT
-            )
-        blocks.append(BlockMatch(i, h_in, proj["q"], proj["k"], proj["v"], core, o_proj, h_mid, mlp_out, h_out, mlp_linears))
+        stream_in = h_in
+        if blocks:
+            stream_in = blocks[-1].h_out
+            if not _row_wise_chain(stream_in, h_in):
+                raise BlockMatchError(
+                    f"{where}: its input '{h_in.name}' is not the previous block's output '{stream_in.name}' (nor that "
+                    "output passed through row-wise ops with constants, such as a scale or a cast); the compiler needs "
+                    "the residual stream to run from one block into the next (no norm, mixing or other input between "
+                    "a block's last add and the next block)" + _LAYOUT
+                )
+        blocks.append(BlockMatch(
+            i, h_in, proj["q"], proj["k"], proj["v"], core, o_proj, h_mid, mlp_out, h_out, mlp_linears, stream_in,
+        ))
     return blocks
+
+
+def _row_wise_chain(src: fx.Node, dst: fx.Node, limit: int = 8) -> bool:
+    """Whether ``dst`` is ``src`` or computed from it by a chain of row-wise ops (see
+    ``_STREAM_OPS``) whose other operands are constants (parameters, buffers, Python numbers)."""
+    node = dst
+    for _ in range(limit + 1):
+        if node is src:
+            return True
+        if not is_op(node, _STREAM_OPS):
+            return False
+        data = [a for a in tensor_inputs(node) if not _constant(a)]
+        if len(data) != 1 or data[0].meta["val"].shape != node.meta["val"].shape:
+            return False
+        node = data[0]
+    return False
+
+
+def _constant(node: fx.Node) -> bool:
+    """A value that does not depend on the graph's inputs (parameters, buffers and ops on them)."""
+    seen, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        if n.op == "placeholder":
+            return False
+        if n not in seen:
+            seen.add(n)
+            stack.extend(n.all_input_nodes)
+    return True
 
 
 def _residual_add(o_proj: fx.Node, core: fx.Node, reach: _Reach) -> tuple[fx.Node | None, fx.Node | None]:

@@ -7,7 +7,16 @@ becomes
     partial_attention(q, k_cache, v_cache, rows, mask, scale)   # active queries, all keys
 
 The caches become two new placeholders of the piece (``k_cache``, ``v_cache``), owned by the
-runtime's StepCache, one pair per layer. The two calls are ``dyllm_fx.kernels.ops``'s
+runtime's StepCache, one pair per layer.
+
+A core over a key prefix (``passes/attention_operands.py``: an encoder's K/V in front of the
+rows' keys) keeps its concatenation; the cache takes the place of the rows' new keys in it:
+
+    cache_write_rows(k_cache, rows, k_new, 2)
+    partial_attention(q, repeat(cat([k_prefix, k_cache])), repeat(cat([v_prefix, v_cache])), rows, mask, scale)
+
+so the cache holds the rows (before any GQA head repeat) and the attention reads what the
+original core read. The two calls are ``dyllm_fx.kernels.ops``'s
 functions: the ``dyllm::`` op (Triton) for CUDA tensors, plain torch otherwise (see there).
 """
 
@@ -15,6 +24,7 @@ from __future__ import annotations
 
 from dyllm_fx.kernels import ops
 
+from .attention_operands import core_args, piece_operands
 from .ops import SDPA, is_op
 from .split_pieces import Piece, PieceError
 
@@ -25,8 +35,8 @@ def rewrite_attention(piece: Piece) -> Piece:
     if len(cores) != 1:
         raise PieceError(f"{piece.gm.__class__.__name__}: expected one attention core, found {len(cores)}")
     core = cores[0]
-    args = dict(zip(("query", "key", "value", "attn_mask", "dropout_p", "is_causal"), core.args))
-    args.update(core.kwargs)
+    args = core_args(core)
+    operands = piece_operands(g)
     if args.get("is_causal"):
         raise PieceError(f"attention node '{core.name}' is causal; dyllm-fx rewrites bidirectional (diffusion) models only")
     if args.get("dropout_p", 0.0):
@@ -37,11 +47,23 @@ def rewrite_attention(piece: Piece) -> Piece:
         v_cache = g.placeholder("v_cache")
     with g.inserting_after(last_placeholder):
         k_cache = g.placeholder("k_cache")
+    if operands.has_prefix:
+        k_cat, v_cat = operands.k_cat, operands.v_cat
+        with g.inserting_before(k_cat):
+            g.call_function(ops.cache_write_rows, (k_cache, rows, operands.k_new, 2))
+        with g.inserting_before(v_cat):
+            g.call_function(ops.cache_write_rows, (v_cache, rows, operands.v_new, 2))
+        k_cat.replace_input_with(operands.k_new, k_cache)
+        v_cat.replace_input_with(operands.v_new, v_cache)
+        keys, values = args["key"], args["value"]
+    else:
+        with g.inserting_before(core):
+            g.call_function(ops.cache_write_rows, (k_cache, rows, args["key"], 2))
+            g.call_function(ops.cache_write_rows, (v_cache, rows, args["value"], 2))
+        keys, values = k_cache, v_cache
     with g.inserting_before(core):
-        g.call_function(ops.cache_write_rows, (k_cache, rows, args["key"], 2))
-        g.call_function(ops.cache_write_rows, (v_cache, rows, args["value"], 2))
         attn = g.call_function(
-            ops.partial_attention, (args["query"], k_cache, v_cache, rows, args.get("attn_mask"), args.get("scale"))
+            ops.partial_attention, (args["query"], keys, values, rows, args.get("attn_mask"), args.get("scale"))
         )
     attn.meta = dict(core.meta)
     core.replace_all_uses_with(attn)

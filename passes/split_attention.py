@@ -6,11 +6,15 @@ becomes three graphs over the same weights:
     query(h, rows, *tables)  -> q (B, H, A, d), mask     the query branch (and the SDPA mask)
     kv(h, rows, *tables)     -> k (B, KV, A, d), v       the key / value branches
     post(h, context)         -> h_mid                    o_proj + the residual add
+    prefix(h, rows, *tables) -> k_prefix, v_prefix        keys in front of the rows (an encoder's
+                                                         cache; None when the core has none)
 
 so a layer can project queries for one row set and keys/values for another (DyLLM: queries of
 every candidate row, K/V of the rows that changed), and run its own attention in between. Each
 part is the piece's graph with the output moved and dead code removed, so whatever the model
-does on the way (norms, biases, RoPE, GQA reshapes) is kept exactly. Must run before
+does on the way (norms, biases, RoPE, GQA reshapes) is kept exactly. ``kv`` returns the rows'
+own keys and values (``AttentionOperands.k_new``: before a key prefix is put in front and
+before any GQA head repeat), which is what the step cache holds. Must run before
 ``rewrite_attention`` (it looks for the SDPA node).
 """
 
@@ -20,10 +24,9 @@ from dataclasses import dataclass
 
 from torch import fx
 
+from .attention_operands import core_args, piece_operands
 from .ops import SDPA, is_op
 from .split_pieces import Piece, PieceError
-
-_SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal")
 
 
 @dataclass
@@ -33,15 +36,14 @@ class AttentionParts:
     post: fx.GraphModule
     scale: float | None  # the core's softmax scale (None: 1/sqrt(d))
     has_mask: bool  # query() returns the core's mask second
+    prefix: fx.GraphModule | None = None  # (k_prefix, v_prefix) read in front of the rows' keys
 
 
-def _core(graph: fx.Graph) -> tuple[fx.Node, dict]:
+def _core(graph: fx.Graph) -> fx.Node:
     cores = [n for n in graph.nodes if is_op(n, SDPA)]
     if len(cores) != 1:
         raise PieceError(f"expected one attention core in the piece, found {len(cores)}")
-    args = dict(zip(_SDPA_ARGS, cores[0].args))
-    args.update(cores[0].kwargs)
-    return cores[0], args
+    return cores[0]
 
 
 def _part(root: fx.GraphModule, outputs, replace_core_with_input: str | None = None) -> fx.GraphModule:
@@ -50,7 +52,7 @@ def _part(root: fx.GraphModule, outputs, replace_core_with_input: str | None = N
     of a piece is called the same way."""
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
-    core, _ = _core(root.graph)
+    core = _core(root.graph)
     for node in root.graph.nodes:
         if node.op == "output":
             continue
@@ -79,24 +81,26 @@ def _part(root: fx.GraphModule, outputs, replace_core_with_input: str | None = N
 
 
 def split_attention(piece: Piece) -> AttentionParts:
-    """The query / kv / post parts of one attention piece (see the module doc)."""
-    core, args = _core(piece.gm.graph)
-    if args.get("is_causal"):
+    """The query / kv / post (/ prefix) parts of one attention piece (see the module doc)."""
+    ops = piece_operands(piece.gm.graph)
+    core = ops.core
+    if ops.is_causal:
         raise PieceError(f"attention node '{core.name}' is causal; dyllm-fx rewrites bidirectional models only")
-    if args.get("dropout_p", 0.0):
+    if ops.dropout_p:
         raise PieceError(f"attention node '{core.name}' uses dropout; call model.eval() before transforming")
-    mask = args.get("attn_mask")
+    mask = core_args(core).get("attn_mask")
     if mask is not None and not isinstance(mask, fx.Node):
         raise PieceError(f"attention node '{core.name}' has a constant mask; expected a tensor or None")
-    q_out = [args["query"].name] + ([mask.name] if mask is not None else [])
+    q_out = [ops.query.name] + ([mask.name] if mask is not None else [])
     post_outputs = [n for n in piece.gm.graph.nodes if n.op == "output"][0].args[0]
     h_mid = post_outputs[0] if isinstance(post_outputs, (tuple, list)) else post_outputs
     return AttentionParts(
         query=_part(piece.gm, q_out),
-        kv=_part(piece.gm, [args["key"].name, args["value"].name]),
+        kv=_part(piece.gm, [ops.k_new.name, ops.v_new.name]),
         post=_part(piece.gm, [h_mid.name], replace_core_with_input="context"),
-        scale=args.get("scale"),
+        scale=ops.scale,
         has_mask=mask is not None,
+        prefix=_part(piece.gm, [ops.k_prefix.name, ops.v_prefix.name]) if ops.has_prefix else None,
     )
 
 

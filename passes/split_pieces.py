@@ -12,6 +12,16 @@ attention masks). A piece receives them whole and gathers the rows it needs: the
 ``gather_rows(table, rows, dim)`` on every table with a sequence dimension, except masks that
 only feed the attention core, whose key dimension must stay whole.
 
+A model whose step takes extra inputs (``CapturedGraph.input_names`` beyond the three) gets
+them as prologue inputs too; what the blocks read of them (an encoder's K/V prefix, its key
+mask) becomes tables like the others, and ``StepProgram.h0_reads_state`` records whether the
+first hidden state depends on them (self-conditioning on the last step's logits: then every
+row's input moves at every step, whatever its token).
+
+Each attention piece is cut at the block's ``stream_in``: the previous block's output, so
+row-wise ops between two blocks (a layer scale) run at the start of the next block's piece
+(and of the epilogue after the last block).
+
 Sizes inside a piece are re-bound: a symbolic size that was the sequence length of
 ``input_ids`` becomes the row count of the piece's input, so ``view(B, L, H, d)`` in the
 captured graph becomes ``view(B, A, H, d)``.
@@ -26,7 +36,8 @@ from torch import fx
 
 from dyllm_fx.kernels.ops import gather_rows
 
-from .capture import CapturedGraph
+from .attention_operands import piece_operands
+from .capture import INPUT_NAMES, CapturedGraph
 from .find_blocks import BlockMatch
 from .ops import SDPA, is_op, is_tensor
 
@@ -55,7 +66,7 @@ class StepProgram:
     mlp: list[Piece]
     epilogue: Piece
     blocks: list[BlockMatch]
-    kv_shapes: list[tuple[tuple[int, ...], tuple[int, ...]]]  # per layer: K and V shapes without (B, L)
+    kv_shapes: list[tuple[tuple[int, ...], tuple[int, ...]]]  # per layer: the rows' K and V shapes without (B, L)
     attn_heads: list[int]  # per layer: query heads (= the context's head count)
     kv_dtype: torch.dtype
     hidden_size: int
@@ -64,6 +75,11 @@ class StepProgram:
     # Per layer: the attention piece cut at its core (query / kv / post), for layers that
     # run their own attention (DyLLM); filled by dyllm_fx.transform.build_program.
     attn_parts: list = field(default_factory=list)
+    # the step's inputs: input_ids, attention_mask, position_ids, then the model's extra inputs
+    input_names: tuple[str, ...] = INPUT_NAMES
+    # whether the first hidden state reads extra step inputs (self-conditioning), so that every
+    # row's layer-0 input may change between steps even where its token does not
+    h0_reads_state: bool = False
 
 
 def _descendants(roots: list[fx.Node]) -> set[fx.Node]:
@@ -194,9 +210,11 @@ def split_pieces(cg: CapturedGraph, blocks: list[BlockMatch]) -> StepProgram:
     cutter = _Cutter(cg)
     attn, mlp, kv_shapes, heads = [], [], [], []
     for b in blocks:
-        attn.append(cutter.cut(f"attn_{b.index}", b.h_in, [b.h_mid, b.attention], attention=b.attention))
+        piece = cutter.cut(f"attn_{b.index}", b.stream_in or b.h_in, [b.h_mid, b.attention], attention=b.attention)
+        attn.append(piece)
         mlp.append(cutter.cut(f"mlp_{b.index}", b.h_mid, [b.mlp_out]))
-        k, v = b.attention.args[1].meta["val"], b.attention.args[2].meta["val"]
+        operands = piece_operands(piece.gm.graph)
+        k, v = operands.k_new.meta["val"], operands.v_new.meta["val"]
         heads.append(int(b.attention.args[0].meta["val"].shape[1]))
         kv_shapes.append((tuple(int(d) for d in k.shape[1:2]) + (int(k.shape[3]),), tuple(int(d) for d in v.shape[1:2]) + (int(v.shape[3]),)))
     output = next(n for n in cg.gm.graph.nodes if n.op == "output")
@@ -207,6 +225,7 @@ def split_pieces(cg: CapturedGraph, blocks: list[BlockMatch]) -> StepProgram:
     h0 = blocks[0].h_in
     prologue = cutter.prologue(h0)
     hval = h0.meta["val"]
+    extras = [n for n in cg.gm.graph.nodes if n.op == "placeholder"][len(INPUT_NAMES):]
     return StepProgram(
         prologue=prologue,
         table_names=list(cutter.tables),
@@ -220,4 +239,18 @@ def split_pieces(cg: CapturedGraph, blocks: list[BlockMatch]) -> StepProgram:
         hidden_size=int(hval.shape[-1]),
         hidden_dtype=hval.dtype,
         param_names=cg.param_names,
+        input_names=tuple(cg.input_names),
+        h0_reads_state=any(_depends(h0, e) for e in extras),
     )
+
+
+def _depends(node: fx.Node, on: fx.Node) -> bool:
+    seen, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        if n is on:
+            return True
+        if n not in seen:
+            seen.add(n)
+            stack.extend(n.all_input_nodes)
+    return False

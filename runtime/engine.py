@@ -150,9 +150,11 @@ class StepEngine:
         attention_mask: torch.Tensor | None,
         position_ids: torch.Tensor,
         logit_positions: torch.Tensor,
+        extras: tuple[torch.Tensor, ...] = (),
         **host_info,
     ) -> StepOutput:
-        """Run one step; ``host_info`` are the :class:`HostState` fields the caller knows
+        """Run one step; ``extras`` are the model's extra step inputs (``StepProgram.input_names``
+        after the first three), ``host_info`` the :class:`HostState` fields the caller knows
         (block bounds, response start, the last step's commits, ...)."""
         bsz, seq_len = input_ids.shape
         cache = self._ensure(bsz, seq_len, input_ids.device)
@@ -164,7 +166,7 @@ class StepEngine:
         plan = self.policy.plan(host)
         inp = StepInputs(
             input_ids, attention_mask, position_ids, logit_positions, _block_rows(host, logit_positions), plan.rows,
-            plan.span_start, plan.span_len,
+            plan.span_start, plan.span_len, tuple(extras),
         )
         # Any failure below leaves the cache half-written: mark it cold until a step completes.
         cache.warm = False
@@ -207,16 +209,19 @@ class StepEngine:
         return fn
 
     def _replay(self, plan: Plan, inp: StepInputs) -> StepOutput:
-        names = [f.name for f in fields(StepInputs) if getattr(inp, f.name) is not None]
+        names = [f.name for f in fields(StepInputs) if f.name != "extras" and getattr(inp, f.name) is not None]
         run = self.step_function(plan) if self.compile else self._eager(plan)
         cache, buffers = self.cache, self.buffers
+        n_named = len(names)
 
         def body(*tensors):
-            out = run(StepInputs(**dict(zip(names, tensors))), cache, buffers)
+            given = dict(zip(names, tensors[:n_named]))
+            out = run(StepInputs(**given, extras=tuple(tensors[n_named:])), cache, buffers)
             return out.logits, out.eligible, out.counts
 
         state = [*cache.tensors, *_tensors(buffers)]
-        logits, eligible, counts = self.graphs.run(plan.key, body, tuple(getattr(inp, n) for n in names), state)
+        inputs = (*(getattr(inp, n) for n in names), *inp.extras)
+        logits, eligible, counts = self.graphs.run(plan.key, body, inputs, state)
         return StepOutput(logits, eligible, counts)
 
 

@@ -11,7 +11,13 @@ method per operation, all on compact tensors: ``x`` (B, A, D) holds the rows ``r
     q, mask = pieces.query(l, x, rows, tables)      the parts of ``attention`` for layers that run
     k, v = pieces.kv(l, x, rows, tables)              their own attention in between (DyLLM,
     h_mid = pieces.post(l, x, ctx)                    ES-dLLM's query/key/value variations)
+    k, v, offset = pieces.keys(l, pro, cache)       the keys / values attention reads: a layer's
+                                                    key prefix (an encoder's cache) + the cached rows
     logits = pieces.head(h, positions)              final norm + LM head
+
+The prologue takes the step's extra inputs after the three standard ones (``StepInputs.extras``,
+for models such as DiffusionGemma whose step also reads an encoder cache and a
+self-conditioning signal).
 
 The pieces are the program's fx graphs: a whole step built from these calls is one traceable
 function (``torch.compile`` inlines them).
@@ -44,6 +50,7 @@ class Pieces:
         self._query = [p.query for p in program.attn_parts]
         self._kv = [p.kv for p in program.attn_parts]
         self._post = [p.post for p in program.attn_parts]
+        self._prefix = [getattr(p, "prefix", None) for p in program.attn_parts]
         index = {name: i for i, name in enumerate(program.table_names)}
         self._attn_tables = [[index[n] for n in p.tables] for p in program.attn]
         self._mlp_tables = [[index[n] for n in p.tables] for p in program.mlp]
@@ -60,9 +67,27 @@ class Pieces:
         """Whether the MLP piece reads per-position tables (then its rows must be real positions)."""
         return bool(self._mlp_tables[layer])
 
-    def prologue(self, input_ids, attention_mask, position_ids) -> Prologue:
-        h0, *tables = self._prologue(input_ids, attention_mask, position_ids)
+    @property
+    def h0_reads_state(self) -> bool:
+        """Whether the first hidden state reads extra step inputs (self-conditioning): then every
+        row's layer-0 input may move between steps even where its token did not."""
+        return getattr(self.program, "h0_reads_state", False)
+
+    def prologue(self, input_ids, attention_mask, position_ids, *extras) -> Prologue:
+        h0, *tables = self._prologue(input_ids, attention_mask, position_ids, *extras)
         return Prologue(h0, tables)
+
+    def keys(self, layer: int, pro: Prologue, cache: StepCache):
+        """(K, V, offset): the keys and values the attention of ``layer`` reads, (B, KV, P + L, d)
+        with the layer's key prefix (P keys that are not rows, e.g. an encoder's cache; P = 0 for
+        most models) in front of every cached row, so cached row r is key ``offset + r``."""
+        k, v = cache.k[layer], cache.v[layer]
+        part = self._prefix[layer] if layer < len(self._prefix) else None
+        if part is None:
+            return k, v, 0
+        tables = self._tables(self._attn_tables[layer], pro)
+        k_prefix, v_prefix = part(pro.h0, None, *tables)
+        return torch.cat([k_prefix, k], 2), torch.cat([v_prefix, v], 2), k_prefix.shape[2]
 
     def _tables(self, which: list[int], pro: Prologue) -> list[torch.Tensor]:
         return [pro.tables[i] for i in which]

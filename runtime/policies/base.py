@@ -126,6 +126,9 @@ class StepInputs:
     rows: torch.Tensor | None = None  # Plan.rows
     span_start: torch.Tensor | None = None  # Plan.span_start
     span_len: torch.Tensor | None = None  # Plan.span_len
+    # the model's extra step inputs, after the three standard ones (``StepProgram.input_names``):
+    # e.g. DiffusionGemma's self-conditioning logits, encoder K/V prefix and key masks
+    extras: tuple[torch.Tensor, ...] = ()
 
 
 @dataclass
@@ -176,7 +179,7 @@ def rows_step(
 ) -> StepOutput:
     """The rows ``rows`` (B, A) through every layer (None: every row); the other rows keep
     their cached K/V and final hidden state. Row lists may repeat a row (bucket padding)."""
-    pro = pieces.prologue(inp.input_ids, inp.attention_mask, inp.position_ids)
+    pro = pieces.prologue(inp.input_ids, inp.attention_mask, inp.position_ids, *inp.extras)
     if rows is None:
         bsz, seq_len = inp.input_ids.shape
         x, rows = pro.h0, torch.arange(seq_len, device=pro.h0.device).expand(bsz, -1)

@@ -92,7 +92,7 @@ class DLLMCachePolicy(Policy):
         if plan.kind == "response":
             return rows_step(pieces, inp, cache, rows, record)
         refreshed = plan.key[2]
-        pro = pieces.prologue(inp.input_ids, inp.attention_mask, inp.position_ids)
+        pro = pieces.prologue(inp.input_ids, inp.attention_mask, inp.position_ids, *inp.extras)
         x = take(pro.h0, rows, 1)  # (B, W, D) every response row's input to the layer
         everyone = torch.ones_like(rows, dtype=torch.bool)
         for layer in range(pieces.n_layers):

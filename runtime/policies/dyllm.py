@@ -237,10 +237,14 @@ class DyLLMPolicy(Policy):
         _, width, capacity, stats_mode, record = plan.key
         rows, in_span = span_rows(inp.span_start, inp.span_len, width)
         real = take(inp.attention_mask, rows, 1).bool() & in_span  # left padding never changes
-        pro = pieces.prologue(inp.input_ids, inp.attention_mask, inp.position_ids)
+        pro = pieces.prologue(inp.input_ids, inp.attention_mask, inp.position_ids, *inp.extras)
         x = take(pro.h0, rows, 1)
         every = self.tau >= 1.0
-        changed = real if every else real & (take(inp.input_ids, rows, 1) != take(buffers.prev_ids, rows, 1))
+        # Layer 0's changed rows: the tokens that changed, or every row when the first hidden
+        # state also reads the last step's output (self-conditioning moves every row's input;
+        # the official DiffusionGemma engine starts layer 0 from every canvas row too).
+        moved = every or pieces.h0_reads_state
+        changed = real if moved else real & (take(inp.input_ids, rows, 1) != take(buffers.prev_ids, rows, 1))
         slots, valid = select_top(changed.float(), changed, capacity)
         counts = [_counts(changed, valid)]
         for layer in range(pieces.n_layers):
@@ -275,19 +279,23 @@ class DyLLMPolicy(Policy):
         v_new = torch.where(keep, v_new, v_old)
         write_rows(k_cache, c_rows, torch.where(keep, k_new, k_old), 2)
         write_rows(v_cache, c_rows, v_new, 2)
+        # the keys attention reads: a key prefix (an encoder's cache; none for most models) in
+        # front of the cached rows, so row r is key offset + r
+        keys, values, offset = pieces.keys(layer, pro, cache)
         scale = pieces.scale(layer)
         q_changed = take(q, slots, 2)
         marked = torch.where(valid, c_rows, -1)  # -1: not a changed row (skipped by the op)
+        marked_keys = torch.where(valid, c_rows + offset, -1) if offset else marked
         cached_ctx = take(buffers.context[layer], rows, 2)
         if stats_mode == "cached":
-            exact, m_exact, l_exact = partial_attention_stats(q_changed, k_cache, v_cache, c_rows, mask, scale)
+            exact, m_exact, l_exact = partial_attention_stats(q_changed, keys, values, c_rows, mask, scale)
             m_old, l_old = take(buffers.m[layer], rows, 2), take(buffers.l[layer], rows, 2)
             extra = (k_old, m_old, l_old)
         else:
-            exact = partial_attention(q_changed, k_cache, v_cache, c_rows, mask, scale)
+            exact = partial_attention(q_changed, keys, values, c_rows, mask, scale)
             extra = (None, None, None)
         ctx, stats, m, l = approx_attention(
-            q, k_cache, marked, v_new - v_old, cached_ctx, marked, exact, mask, scale, *extra, q_rows=rows
+            q, keys, marked_keys, v_new - v_old, cached_ctx, marked, exact, mask, scale, *extra, q_rows=rows
         )
         if buffers.m is not None:
             write_rows(buffers.m[layer], rows, m, 2)

@@ -328,7 +328,7 @@ class ESDLLMPolicy(Policy):
         _, width, selections = plan.key
         selections = dict(selections)
         rows, live = span_rows(inp.span_start, inp.span_len, width)
-        pro = pieces.prologue(inp.input_ids, inp.attention_mask, inp.position_ids)
+        pro = pieces.prologue(inp.input_ids, inp.attention_mask, inp.position_ids, *inp.extras)
         x = take(pro.h0, rows, 1)
         bonus = self._bonus(inp, buffers, masked)
         for layer in range(pieces.n_layers):
@@ -368,7 +368,8 @@ class ESDLLMPolicy(Policy):
         write_rows(cache.v[layer], rows, v, 2)
         if self.variation == "query":
             write_rows(buffers.snapshot[layer], rows, q, 2)
-        ctx = partial_attention(q, cache.k[layer], cache.v[layer], rows, mask, pieces.scale(layer))
+        keys, values, _ = pieces.keys(layer, pro, cache)
+        ctx = partial_attention(q, keys, values, rows, mask, pieces.scale(layer))
         h_mid = pieces.post(layer, x, ctx)
         mark(cache.activity, layer, rows, 1.0)
         return h_mid + pieces.mlp(layer, h_mid, rows, pro), rows, live

@@ -2,7 +2,7 @@
 
 ``make_policy(name, family=...)`` fills in these values for the parameters the caller did not
 set; ``family`` is "llada" or "dream" (``dyllm_fx.transform`` reads it from the model's
-diffusion spec). Each entry names where the official code sets it.
+diffusion spec) or "diffusion_gemma" (transformers' block-diffusion model). Each entry names where the official code sets it.
 """
 
 from __future__ import annotations
@@ -10,7 +10,9 @@ from __future__ import annotations
 PRESETS: dict[str, dict[str, dict]] = {
     # DyLLM (scale-snu/DyLLM): Config.threshold / eval.py --threshold 0.99 (LLaDA runs);
     # run.py builds the Dream engine with threshold=0.995.
-    "dyllm": {"llada": {"tau": 0.99}, "dream": {"tau": 0.995}},
+    # DiffusionGemma: engine/model_runner.py _FULL_STEPS = 2 ("first denoise steps of a canvas
+    # run dense"); README: threshold "such as 0.99".
+    "dyllm": {"llada": {"tau": 0.99}, "dream": {"tau": 0.995}, "diffusion_gemma": {"tau": 0.99, "num_full_steps": 2}},
     # ES-dLLM (zhuzj19/ES-dLLM): scripts/eval_instruct*.sh, gsm8k rows: prompt_update_freq 64,
     # block_update_freq 16 for LLaDA-Instruct and 8 for Dream-Instruct. The skip layout is
     # given by depth fraction, so it already scales with the layer count (32 LLaDA layers:
@@ -21,7 +23,7 @@ PRESETS: dict[str, dict[str, dict]] = {
     },
 }
 
-FAMILIES = ("llada", "dream")
+FAMILIES = ("llada", "dream", "diffusion_gemma")
 
 
 def preset(name: str, family: str | None) -> dict:
