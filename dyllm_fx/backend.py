@@ -21,6 +21,14 @@ Options:
     block_length: the generation's block length, for the block caches and the row policies
         composed with them (default: the whole response is one block).
 
+DiffusionGemma (transformers' block-diffusion model): dynamo's graph of a decoder call
+(``model(decoder_input_ids=..., cache=..., self_conditioning_logits=..., ...)``, which is what
+its generation loop calls every step) has the step's inputs as graph inputs; the backend maps
+them back by their source (``L['kwargs']['cache'].layers[3].keys`` ...) and runs them through
+one transformed model per compiled module (shared by the graphs dynamo builds for the first
+step, the later ones and new shapes, so one engine sees every step). Graphs of other calls
+(the encoder) run as dynamo gave them.
+
 Registered under the ``torch_dynamo_backends`` entry point and importable directly:
 ``from dyllm_fx.backend import dyllm_backend``.
 """
@@ -100,6 +108,13 @@ def _is_static(gm: fx.GraphModule) -> bool:
 
 
 def dyllm_backend(gm: fx.GraphModule, example_inputs: list, options: dict | None = None):
+    from .models.diffusion_gemma import is_diffusion_gemma
+
+    module = _compiled_module(gm)
+    if module is not None and is_diffusion_gemma(module):
+        from .models.diffusion_gemma import dynamo_step
+
+        return dynamo_step(module, gm, dict(options or {}))
     opts = dict(options or {})
     policy = opts.pop("policy", "dense")
     compile_step = opts.pop("compile_step", opts.pop("compile_pieces", True))
