@@ -84,6 +84,7 @@ def capture(
             with mode:
                 gm = tracer(*fake_inputs)
     _functionalize_inplace(gm)
+    _expand_sym_numel(gm)
     _drop_noop_conversions(gm)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     for node, name in zip(placeholders, input_names):
@@ -194,6 +195,35 @@ def _functionalize_inplace(gm: fx.GraphModule) -> None:
         node.replace_all_uses_with(new)
         for user in later:
             user.replace_input_with(target, new)
+        gm.graph.erase_node(node)
+        changed = True
+    if changed:
+        gm.graph.lint()
+        gm.recompile()
+
+
+def _expand_sym_numel(gm: fx.GraphModule) -> None:
+    """``aten.sym_numel(x)`` -> the product of ``aten.sym_size.int(x, d)``: dynamo (the step's
+    ``torch.compile``) cannot trace a direct call of an aten op that returns a size, while it
+    does trace ``sym_size`` (which the cutter also re-binds to a piece's row count)."""
+    import operator
+
+    changed = False
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not torch.ops.aten.sym_numel.default:
+            continue
+        src = node.args[0]
+        ndim = src.meta["val"].dim()
+        if ndim == 0:
+            continue
+        with gm.graph.inserting_before(node):
+            total = 1
+            for d in range(ndim):
+                size = gm.graph.call_function(torch.ops.aten.sym_size.int, (src, d))
+                size.meta["val"] = src.meta["val"].shape[d]
+                total = size if total == 1 else gm.graph.call_function(operator.mul, (total, size))
+                total.meta.setdefault("val", node.meta.get("val"))
+        node.replace_all_uses_with(total)
         gm.graph.erase_node(node)
         changed = True
     if changed:

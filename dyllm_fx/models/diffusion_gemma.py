@@ -172,6 +172,11 @@ def transform(model: nn.Module, policy, compile=False, cuda_graphs=False, **poli
     from ..transform import build_program
 
     chosen = make_policy(policy, family="diffusion_gemma", **policy_config)  # bad parameters fail before the trace
+    if "es_dllm" in chosen.name.split("+"):
+        raise UsageError(
+            "es_dllm scores rows by the confidence of their masked tokens, and DiffusionGemma has no mask token (its "
+            "canvas is renoised with random tokens); use policy='dyllm' (saliency), 'dllm_cache' or 'dense'"
+        )
     captured, layout, inputs = capture_step(model)
     check_bidirectional(captured.gm, inputs)
     program = build_program(captured)
@@ -291,6 +296,8 @@ def _make_class():
             if first or canvas_key != self._canvas_key:
                 self.engine.reset()  # a new canvas (or a new prefix): nothing cached is valid
             self._canvas_key = canvas_key
+            if self.engine.compile:  # a compiled step is specialised to its shapes: bucket the prefix
+                keys, values, masks = self._bucket_prefix(keys, values, masks)
             extras = (sc_logits.to(self.dtype), sc_mask.bool(), *masks, *keys, *values)
             everywhere = torch.arange(length, device=device).expand(bsz, -1)
             out = self.engine.step(
@@ -298,6 +305,30 @@ def _make_class():
                 step=len(self.engine.records), block_start=0, block_end=length, response_start=0,
             )
             return out.logits
+
+        def _bucket_prefix(self, keys, values, masks):
+            """The prefix padded with masked keys to a power-of-two multiple of the canvas length,
+            so that a compiled step recompiles a few times over a long generation, not once per
+            canvas (the prefix grows by a canvas each time). Masked keys add nothing to the
+            attention (exactly so in exact arithmetic)."""
+            from ..runtime.rows import bucket_size
+
+            length = self.layout.canvas_length or 1
+            by_type = {}
+            for t, k in zip(self.layout.layer_types, keys):
+                by_type.setdefault(t, (k.shape[2], bucket_size(k.shape[2], 1 << 40, minimum=length)))
+            pad = lambda x, n: torch.nn.functional.pad(x, (0, 0, 0, n))  # noqa: E731  (dim 2 of (B, KV, P, d))
+            out_k, out_v = [], []
+            for t, k, v in zip(self.layout.layer_types, keys, values):
+                have, want = by_type[t]
+                out_k.append(pad(k, want - have))
+                out_v.append(pad(v, want - have))
+            out_m = []
+            for t, m in zip(self.layout.types, masks):
+                have, want = by_type[t]
+                hole = torch.zeros(m.shape[0], want - have, dtype=m.dtype, device=m.device)
+                out_m.append(torch.cat([m[:, :have], hole, m[:, have:]], 1))
+            return out_k, out_v, tuple(out_m)
 
         def _key_masks(self, decoder_attention_mask, cache, keys, canvas) -> tuple[torch.Tensor, ...]:
             """Per layer type, the (B, P + C) bool key mask of the decoder's attention."""
@@ -541,6 +572,44 @@ def _dynamo_roles(gm) -> dict | None:
     return roles if "canvas" in roles.values() else None
 
 
+# --- small random models (tests, benchmarks: random weights have no accuracy to report) -----------
+
+
+def random_config(**text_overrides):
+    """A small DiffusionGemma config: every size scaled down, sliding and full layers, a mixture
+    of experts, a small canvas. ``text_overrides`` update the text config; ``canvas_length``
+    goes to the outer config."""
+    from transformers import DiffusionGemmaConfig
+
+    canvas = text_overrides.pop("canvas_length", 8)
+    text = dict(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, global_head_dim=16, num_global_key_value_heads=1, num_experts=4,
+        top_k_experts=2, moe_intermediate_size=16, sliding_window=6, max_position_embeddings=512,
+        layer_types=None, pad_token_id=0, eos_token_id=1, bos_token_id=2,
+    )
+    text.update(text_overrides)
+    if text["layer_types"] is None:  # alternate, ending on a full layer (transformers requires it)
+        n = text["num_hidden_layers"]
+        text["layer_types"] = ["full_attention" if (n - 1 - i) % 2 == 0 else "sliding_attention" for i in range(n)]
+    vision = dict(
+        model_type="gemma4_vision", hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=2, head_dim=8,
+    )
+    config = DiffusionGemmaConfig(text_config=text, vision_config=vision, canvas_length=canvas)
+    config._attn_implementation = "sdpa"
+    return config
+
+
+def random_model(seed: int = 0, dtype: torch.dtype = torch.float32, **text_overrides):
+    """A DiffusionGemmaForBlockDiffusion with random weights (transformers' own initialisation)."""
+    from transformers import DiffusionGemmaForBlockDiffusion
+
+    config = random_config(**text_overrides)
+    torch.manual_seed(seed)
+    return DiffusionGemmaForBlockDiffusion(config).eval().to(dtype)
+
+
 def __getattr__(name):
     if name == "TransformedDiffusionGemma":
         return transformed_class()
@@ -549,6 +618,5 @@ def __getattr__(name):
 
 __all__ = [
     "DiffusionGemmaCalls", "SAMPLER_OPTIONS", "StepLayout", "capture_step", "dynamo_step", "generate", "generate_ids",
-    "is_diffusion_gemma",
-    "transform", "transformed_class",
+    "is_diffusion_gemma", "random_config", "random_model", "transform", "transformed_class",
 ]
