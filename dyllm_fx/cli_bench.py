@@ -10,7 +10,9 @@ from .options import DEFAULT_MODEL
 def add_bench_parser(sub, parents=()) -> None:
     p = sub.add_parser("bench", help="every method side by side on held-out task prompts: accuracy, tokens/s, speedup",
                        parents=list(parents))
-    p.add_argument("--model", default=DEFAULT_MODEL, help="model folder, or 'default' for the embedded model")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help="model folder, 'default' for the embedded model, or 'diffusion_gemma:random' for a small random "
+                        "DiffusionGemma (speed and agreement only: random weights have no accuracy)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--tasks", default="shift,sort", help="comma-separated tasks of the suite (default shift,sort)")
     p.add_argument("--n", type=int, default=16, help="held-out prompts per task (default 16)")
@@ -37,12 +39,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import bench_examples, default_methods, format_table, run_bench, write_outputs
     from .loading import load
 
+    if args.plot and args.model == "diffusion_gemma:random":
+        raise ValueError("--plot draws speed against accuracy, and a random DiffusionGemma has no accuracy; drop --plot")
     if args.plot:
         from .plots import require_matplotlib
 
         require_matplotlib()  # before the bench runs, not after (an ImportError naming the extra)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.model == "diffusion_gemma:random":
+        return _cmd_bench_diffusion_gemma(args)
     methods = default_methods(threshold=args.threshold, tau=args.tau)
     if args.methods:
         wanted = [m.strip() for m in args.methods.split(",")]
@@ -59,4 +65,29 @@ def cmd_bench(args: argparse.Namespace) -> int:
     )
     print(format_table(bench))
     write_outputs(bench, args.json, args.plot)
+    return 0
+
+
+def _cmd_bench_diffusion_gemma(args: argparse.Namespace) -> int:
+    """The DiffusionGemma rows (``dyllm_fx.bench_diffusion_gemma``): --n prompts in one batch,
+    --gen-length new tokens, --steps denoising steps per canvas (default 8)."""
+    from .bench_diffusion_gemma import default_methods, format_gemma_table, run_gemma_bench
+
+    methods = default_methods(tau=args.tau)
+    if args.methods:
+        wanted = [m.strip() for m in args.methods.split(",")]
+        unknown = sorted(set(wanted) - {m.label for m in methods})
+        if unknown:
+            raise ValueError(f"unknown method(s) {unknown}; available: {[m.label for m in methods]}")
+        methods = [methods[0]] + [m for m in methods[1:] if m.label in wanted]
+    results = run_gemma_bench(
+        methods, n=args.n, max_new_tokens=args.gen_length, steps=args.steps or 8, repeats=args.repeats,
+    )
+    print(format_gemma_table(results))
+    if args.json:
+        import json
+        from dataclasses import asdict
+
+        with open(args.json, "w") as f:
+            json.dump([asdict(r) for r in results], f, indent=1)
     return 0

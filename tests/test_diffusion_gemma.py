@@ -161,10 +161,13 @@ def test_sampler_pieces():
     settings = CanvasSettings.from_generation_config(None, t_min=0.5)
     assert (settings.t_min, settings.t_max, settings.max_denoising_steps, settings.entropy_bound) == (0.5, 0.8, 48, 0.1)
     assert temperature(48, 48, 0.4, 0.8).item() == pytest.approx(0.8) and temperature(1, 48, 0.4, 0.8).item() < 0.41
-    sampler = EntropyBoundSampler(0.5, vocab_size=10, canvas_length=4)
+    # entropies about 0.011, ln 10 = 2.30, 0.344, 2.30: sorted, the sum of each prefix less its
+    # largest entry is 0, 0.011, 0.355, 2.66; a bound of 0.3 keeps the first two
+    sampler = EntropyBoundSampler(0.3, vocab_size=10, canvas_length=4)
     logits = torch.tensor([[[9.0] + [0.0] * 9, [0.0] * 10, [5.0] + [0.0] * 9, [0.0] * 10]])
-    accepted = sampler.accepted(logits)
-    assert accepted.tolist() == [[True, False, True, False]]  # the two confident positions
+    assert sampler.accepted(logits).tolist() == [[True, False, True, False]]  # the two confident positions
+    # a bound of 0.5 also takes one of the uniform positions (0.355 <= 0.5: transformers' rule)
+    assert EntropyBoundSampler(0.5, 10, 4).accepted(logits).sum().item() == 3
     with pytest.raises(ValueError, match="t_min"):
         CanvasSettings(t_min=0.9, t_max=0.8).check()
 
@@ -267,3 +270,31 @@ def test_decoder_mask_must_be_a_key_mask(model, fast):
     odd["full_attention"][:, :, 0, -1] = False  # one canvas row hides a key the others see
     with pytest.raises(UsageError, match="differs between canvas rows"):
         fast(decoder_input_ids=canvas, cache=cache, decoder_attention_mask=odd, decoder_position_ids=pos)
+
+
+# --------------------------------------------------------------------------- dyllm bench
+
+
+def test_bench_rows(model):
+    """The DiffusionGemma bench: dense agrees with the untransformed model on every token; a low
+    tau runs fewer MLP rows (its agreement is whatever it is: measured, not asserted)."""
+    from dyllm_fx.bench_diffusion_gemma import default_methods, format_gemma_table, run_gemma_bench
+
+    methods = {m.label: m for m in default_methods(tau=0.3)}
+    chosen = [methods["untransformed"], methods["dense"], methods["dyllm"]]
+    rows = run_gemma_bench(chosen, n=3, prompt_length=9, max_new_tokens=16, steps=6, model=model)
+    base, dense, dy = rows
+    assert base.agreement == 1.0 and base.speedup == 1.0 and dense.agreement == 1.0
+    assert dense.nfe == base.nfe and dense.active_fraction == 1.0 and dy.active_fraction < 1.0
+    assert 0.0 <= dy.agreement <= 1.0 and all(r.tokens_per_s > 0 for r in rows)
+    table = format_gemma_table(rows)
+    assert "no accuracy" in table and table.count("\n") == len(rows) + 2
+    with pytest.raises(ValueError, match="untransformed"):
+        run_gemma_bench(chosen[1:], model=model)
+
+
+def test_bench_cli_rejects_plot(capsys):
+    from dyllm_fx.cli import main
+
+    assert main(["bench", "--model", "diffusion_gemma:random", "--plot", "x.png"]) == 2
+    assert "no accuracy" in capsys.readouterr().err

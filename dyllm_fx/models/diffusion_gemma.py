@@ -17,7 +17,7 @@ canvas. That is what this module traces as the sparse step:
     step(input_ids (B, C)            the canvas
          attention_mask (B, C)       all ones (every canvas row is real)
          position_ids (B, C)         the canvas positions (after the whole prefix)
-         self_conditioning_logits (B, C, V), self_conditioning_mask (B,)
+         self_conditioning_logits (B, C, V) float32, self_conditioning_mask (B,)
          key_mask_<layer type> (B, P_type + C)   which keys a canvas row may see: prefix padding
          k_prefix_<l>, ..., v_prefix_<l> ...      (B, KV_l, P_l, d_l): the encoder's cache
         ) -> logits (B, C, V)
@@ -51,6 +51,10 @@ from torch import nn
 from ..errors import UsageError
 
 _SC_LOGITS, _SC_MASK = "self_conditioning_logits", "self_conditioning_mask"
+_STATIC_CACHE = (
+    "the transformed DiffusionGemma model reads a dynamic cache (transformers' default); a static cache "
+    "(cache_implementation='static') lays the canvas out differently: drop cache_implementation"
+)
 # Example sizes of the trace: distinct values, so that each becomes its own symbol.
 _TRACE_BATCH, _TRACE_CANVAS, _TRACE_PREFIX = 2, 13, (19, 11)
 
@@ -123,7 +127,9 @@ class StepLayout:
             torch.zeros(b, c, dtype=torch.long, device=device),
             torch.ones(b, c, dtype=torch.long, device=device),
             torch.arange(c, device=device).expand(b, -1).contiguous() + max(prefix.values()),
-            torch.zeros(b, c, self.vocab_size, dtype=dtype, device=device),
+            # float32 whatever the model's dtype: the decoder's softmax(dtype=float32) upcasts any
+            # logits it is given first, so feeding it float32 is exact for every caller's dtype
+            torch.zeros(b, c, self.vocab_size, dtype=torch.float32, device=device),
             torch.ones(b, dtype=torch.bool, device=device),
         ]
         dynamic = [(0, 1), (0, 1), (0, 1), (0, 1), (0,)]
@@ -236,6 +242,16 @@ def _make_class():
         def can_generate(self) -> bool:
             return True
 
+        def generate(self, *args, **kwargs):
+            """transformers' ``DiffusionGemmaGenerationMixin.generate``; a cache other than the
+            dynamic one is refused here, before transformers builds it (with a static cache it
+            also wraps the forward in ``torch.compile``, which would bury the message)."""
+            config = kwargs.get("generation_config") or self.generation_config
+            impl = kwargs.get("cache_implementation", getattr(config, "cache_implementation", None))
+            if impl not in (None, "dynamic"):
+                raise UsageError(_STATIC_CACHE)
+            return super().generate(*args, **kwargs)
+
         def make_step_function(self):
             raise TypeError(
                 "a DiffusionGemma model decodes canvases with its own sampler: call dyllm_fx.generate(model, tokenizer, "
@@ -288,7 +304,7 @@ def _make_class():
             masks = self._key_masks(decoder_attention_mask, cache, keys, canvas)
             first = sc_logits is None
             if first:
-                sc_logits = torch.zeros(bsz, length, self.layout.vocab_size, dtype=self.dtype, device=device)
+                sc_logits = torch.zeros(bsz, length, self.layout.vocab_size, dtype=torch.float32, device=device)
                 sc_mask = torch.zeros(bsz, dtype=torch.bool, device=device)
             elif sc_mask is None:
                 sc_mask = torch.ones(bsz, dtype=torch.bool, device=device)
@@ -298,7 +314,8 @@ def _make_class():
             self._canvas_key = canvas_key
             if self.engine.compile:  # a compiled step is specialised to its shapes: bucket the prefix
                 keys, values, masks = self._bucket_prefix(keys, values, masks)
-            extras = (sc_logits.to(self.dtype), sc_mask.bool(), *masks, *keys, *values)
+            # float32 as traced (exact: the decoder upcasts to float32 before its softmax anyway)
+            extras = (sc_logits.to(torch.float32), sc_mask.bool(), *masks, *keys, *values)
             everywhere = torch.arange(length, device=device).expand(bsz, -1)
             out = self.engine.step(
                 canvas, torch.ones_like(canvas), position_ids, everywhere, extras=extras,
@@ -361,10 +378,7 @@ def _prefix(cache, layout: StepLayout):
     if cache is None:
         raise ValueError("the decoder reads the encoder prefix from `cache`, which must not be None")
     if getattr(cache, "is_compileable", False):
-        raise UsageError(
-            "the transformed DiffusionGemma model reads a dynamic cache (transformers' default); a static cache "
-            "(cache_implementation='static') lays the canvas out differently: drop cache_implementation"
-        )
+        raise UsageError(_STATIC_CACHE)
     layers = getattr(cache, "layers", None)
     if layers is None or len(layers) < layout.n_layers:
         raise ValueError(f"the encoder cache holds {len(layers or [])} layers; the decoder has {layout.n_layers}")
