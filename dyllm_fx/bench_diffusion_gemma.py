@@ -17,6 +17,13 @@ from dataclasses import dataclass, field
 import torch
 
 RANDOM_MODEL = "diffusion_gemma:random"
+# The bench's random model: small enough for a CPU, large enough that the layers, not Python,
+# take most of a step (the tests' config is far smaller). Six layers, sliding and full.
+BENCH_SIZES = dict(
+    vocab_size=1024, hidden_size=256, intermediate_size=512, num_hidden_layers=6, num_attention_heads=4,
+    num_key_value_heads=2, head_dim=64, global_head_dim=128, num_global_key_value_heads=1, num_experts=8,
+    top_k_experts=2, moe_intermediate_size=256, sliding_window=32, canvas_length=32,
+)
 
 
 @dataclass(frozen=True)
@@ -48,7 +55,9 @@ class GemmaResult:
     speedup: float
     agreement: float
     nfe: float  # decoder calls per prompt batch
-    active_fraction: float  # mean over steps and layers of the canvas rows that ran the MLP
+    # mean over steps and layers of the canvas rows that ran the MLP, in the batch element that
+    # ran the most (the engine's StepRecord.active)
+    active_fraction: float
 
 
 def random_prompts(n: int, length: int, vocab: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,7 +82,7 @@ def run_gemma_bench(
 
     if not methods or methods[0].policy is not None:
         raise ValueError("the first method must be the untransformed model (policy None): speedups are relative to it")
-    model = model if model is not None else dg.random_model(seed=seed)
+    model = model if model is not None else dg.random_model(seed=seed, **BENCH_SIZES)
     model.generation_config.pad_token_id = model.config.text_config.pad_token_id
     ids, mask = random_prompts(n, prompt_length, model.config.text_config.vocab_size, seed)
     results, reference, base_time = [], None, None
@@ -107,9 +116,10 @@ def format_gemma_table(results: list[GemmaResult]) -> str:
         lines.append(
             f"{r.method:36s} {r.tokens_per_s:9.1f} {r.speedup:7.2f}x {r.agreement:9.3f} {r.nfe:5.0f} {r.active_fraction:7.2f}"
         )
-    lines.append("random weights: no accuracy to report; agreement = tokens equal to the untransformed model's")
+    lines.append("random weights: no accuracy to report; agreement = tokens equal to the untransformed model's;")
+    lines.append("active = canvas rows that ran the MLP, mean over steps and layers, in the batch element that ran the most")
     return "\n".join(lines)
 
 
-__all__ = ["GemmaMethod", "GemmaResult", "RANDOM_MODEL", "default_methods", "format_gemma_table", "random_prompts",
+__all__ = ["BENCH_SIZES", "GemmaMethod", "GemmaResult", "RANDOM_MODEL", "default_methods", "format_gemma_table", "random_prompts",
            "run_gemma_bench"]

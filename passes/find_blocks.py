@@ -31,9 +31,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from torch import fx
-
 import torch
+from torch import fx
 
 from .ops import ADD, LINEAR, SDPA, is_op, is_tensor, tensor_inputs
 
@@ -184,8 +183,19 @@ def _row_wise_chain(src: fx.Node, dst: fx.Node, limit: int = 8) -> bool:
         data = [a for a in tensor_inputs(node) if not _constant(a)]
         if len(data) != 1 or data[0].meta["val"].shape != node.meta["val"].shape:
             return False
+        # a constant spread over the sequence (a per-position table) would make the op depend on
+        # the row's position, which a piece run on gathered rows cannot see
+        if any(_spans_rows(a) for a in tensor_inputs(node) if a is not data[0]):
+            return False
         node = data[0]
     return False
+
+
+def _spans_rows(node: fx.Node) -> bool:
+    """Whether a constant operand has extent in any dim but the last (so it is not one value
+    per feature, the same for every row)."""
+    val = node.meta.get("val")
+    return isinstance(val, torch.Tensor) and any(int(d) != 1 for d in val.shape[:-1])
 
 
 def _constant(node: fx.Node) -> bool:

@@ -288,7 +288,7 @@ def test_bench_rows(model):
     assert dense.nfe == base.nfe and dense.active_fraction == 1.0 and dy.active_fraction < 1.0
     assert 0.0 <= dy.agreement <= 1.0 and all(r.tokens_per_s > 0 for r in rows)
     table = format_gemma_table(rows)
-    assert "no accuracy" in table and table.count("\n") == len(rows) + 2
+    assert "no accuracy" in table and table.count("\n") == len(rows) + 3
     with pytest.raises(ValueError, match="untransformed"):
         run_gemma_bench(chosen[1:], model=model)
 

@@ -122,3 +122,44 @@ def test_attention_without_residual_is_rejected():
     msg = str(err.value)
     assert "block 0" in msg and f"'{core.name}'" in msg
     assert "residual" in msg
+
+
+class TwoBlocks(nn.Module):
+    """Two pre-norm-free blocks; between them the residual stream is scaled per feature
+    (``between="scale"``, Gemma's layer scalar: matches) or gets a per-position table added
+    (``between="positions"``: rejected, a piece on gathered rows could not compute it)."""
+
+    def __init__(self, between: str):
+        super().__init__()
+        self.between = between
+        self.emb = nn.Embedding(20, 16)
+        self.attn = nn.ModuleList(nn.ModuleList(nn.Linear(16, 16, bias=False) for _ in range(4)) for _ in range(2))
+        self.mlp = nn.ModuleList(nn.Sequential(nn.Linear(16, 24), nn.GELU(), nn.Linear(24, 16)) for _ in range(2))
+        self.scale = nn.Parameter(torch.full((16,), 0.5))
+        self.register_buffer("table", torch.randn(64, 16))
+        self.head = nn.Linear(16, 20, bias=False)
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None):
+        h = self.emb(input_ids)
+        b, t, _ = h.shape
+        for i in range(2):
+            q, k, v, o = self.attn[i]
+
+            def heads(y):
+                return y.view(b, t, 2, 8).transpose(1, 2)
+
+            ctx = F.scaled_dot_product_attention(heads(q(h)), heads(k(h)), heads(v(h)))
+            h = h + o(ctx.transpose(1, 2).reshape(b, t, 16))
+            h = h + self.mlp[i](h)
+            if i == 0:
+                h = h * self.scale if self.between == "scale" else h + self.table[:t]
+        return self.head(h)
+
+
+def test_row_wise_ops_between_blocks():
+    captured = capture_module(TwoBlocks("scale").eval())
+    first, second = find_blocks(captured.gm)
+    assert second.stream_in is first.h_out and second.h_in is not first.h_out  # cut before the scale
+    assert second.h_in.target is torch.ops.aten.mul.Tensor
+    with pytest.raises(BlockMatchError, match="row-wise ops with constants"):
+        find_blocks(capture_module(TwoBlocks("positions").eval()).gm)
