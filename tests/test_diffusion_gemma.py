@@ -213,7 +213,12 @@ def test_es_dllm_rejected(model):
 # --------------------------------------------------------------------------- torch.compile
 
 
-def test_backend_dyllm(model):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_backend_dyllm(model, dtype):
+    """Dynamo's decoder-call graphs all run on one transformed model; bfloat16 used to fail with
+    a BlockMatchError (the scaled residual stream)."""
+    if dtype != torch.float32:
+        model = _model(dtype)
     torch._dynamo.reset()
     try:
         compiled = torch.compile(model, backend="dyllm", options={"compile_step": False, "policy": "dyllm", "tau": 1.0,
