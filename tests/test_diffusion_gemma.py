@@ -194,13 +194,14 @@ def test_dyllm_gates_rows(model, fast):
     assert min(min(r.active[1:]) for r in sparse) < 8  # some layer ran its MLP on fewer rows
 
 
-@pytest.mark.parametrize("policy", ["prefix_cache", "dual_cache", "dual_cache+dyllm"])
+@pytest.mark.parametrize("policy", ["prefix_cache", "dual_cache", "dual_cache+dyllm", "dllm_cache"])
 def test_block_caches_apply(model, fast, policy):
     """The canvas is the one block (the encoder's cache is the prefix cache): the block caches
-    recompute the canvas, so they give dense's tokens."""
+    recompute the canvas, so they give dense's tokens (dLLM-Cache at its keep-everything limit)."""
     ids, mask = _ragged()
     want = _hf_generate(model, ids, mask)
     extra = {"tau": 1.0, "full_query_interval": 1} if "dyllm" in policy else {}
+    extra = {"ratio": 1.0, "scope": "all"} if policy == "dllm_cache" else extra
     _use(fast, policy, **extra)
     assert torch.equal(_hf_generate(fast, ids, mask), want)
 
