@@ -304,3 +304,18 @@ def test_bench_cli_rejects_plot(capsys):
 
     assert main(["bench", "--model", "diffusion_gemma:random", "--plot", "x.png"]) == 2
     assert "no accuracy" in capsys.readouterr().err
+
+
+def test_new_masks_are_not_mistaken_for_memoised_ones(model, fast):
+    """The decoder's key masks are memoised per mask object: the same dict given new mask
+    tensors (other padding) must not reuse the old key masks."""
+    _use(fast, "dense")
+    ids, mask = _ragged()
+    canvas, cache, masks, pos = _one_step(model, ids, mask)
+    _, _, unpadded, _ = _one_step(model, ids, torch.ones_like(mask))
+    with torch.no_grad():
+        first = fast(decoder_input_ids=canvas, cache=cache, decoder_attention_mask=masks, decoder_position_ids=pos)
+        masks.update(unpadded)  # the same dict object, other tensors in it
+        want = model(decoder_input_ids=canvas, cache=cache, decoder_attention_mask=masks, decoder_position_ids=pos)
+        got = fast(decoder_input_ids=canvas, cache=cache, decoder_attention_mask=masks, decoder_position_ids=pos)
+    assert torch.equal(got.logits, want.logits) and not torch.equal(got.logits, first.logits)

@@ -353,8 +353,12 @@ def _make_class():
             lengths = {}
             for t, k in zip(self.layout.layer_types, keys):
                 lengths.setdefault(t, k.shape[2] + length)
-            memo = (id(decoder_attention_mask), tuple(lengths.items()), bsz)
-            if self._masks is not None and memo == self._masks_for and decoder_attention_mask is not None:
+            # Reused while the caller passes the same mask objects (transformers builds one per
+            # canvas and passes it at every step). The memo holds them, so that their ids cannot be
+            # reused by new objects; a mask changed in place would not be seen.
+            parts = tuple(decoder_attention_mask.values()) if isinstance(decoder_attention_mask, dict) else ()
+            memo = (decoder_attention_mask, parts, tuple(lengths.items()), bsz)
+            if decoder_attention_mask is not None and self._masks is not None and _same_objects(memo, self._masks_for):
                 return self._masks
             mapping = decoder_attention_mask
             if isinstance(mapping, torch.Tensor):
@@ -371,6 +375,13 @@ def _make_class():
             return self._masks
 
     return TransformedDiffusionGemma
+
+
+def _same_objects(a: tuple, b: tuple | None) -> bool:
+    """Whether two memo keys (mask, its parts, lengths, batch) name the same mask objects."""
+    if b is None or a[0] is not b[0] or len(a[1]) != len(b[1]):
+        return False
+    return all(x is y for x, y in zip(a[1], b[1])) and a[2:] == b[2:]
 
 
 def _prefix(cache, layout: StepLayout):
