@@ -128,15 +128,15 @@ def _onnx_model(args: argparse.Namespace):
     if args.compile or args.dtype:
         raise UsageError("--compile and --dtype do not apply to --onnx: the step graph's dtype and ops are fixed at export")
     args.policy_args = parse_policy_args(args.policy_arg)
-    policy = None
+    policy, policy_args = None, None
     if args.policy != VANILLA:
         from .runtime.policies import make_policy
 
         policy = make_policy(args.policy, **args.policy_args)
-    elif args.policy_args:
-        raise UsageError("--policy-arg needs --policy NAME (a layer-uniform policy: dense, fixed, prefix_cache, dual_cache)")
+    else:  # --policy-arg alone: the recorded policy's graph inputs (a row policy's tau)
+        policy_args = args.policy_args
     apply_threads(args)
-    return load_onnx_model(args, policy=policy)
+    return load_onnx_model(args, policy=policy, policy_args=policy_args)
 
 
 def model_info(path_or_name: str) -> dict:

@@ -11,15 +11,28 @@ def add_export_parser(sub, parents=()) -> argparse.ArgumentParser:
     """Register the ``export`` subcommand on the ``dyllm`` parser."""
     p = sub.add_parser(
         "export", help="export the transformed denoising step to ONNX (standard ops; onnxruntime, TensorRT)",
-        description="Export one sparse denoising step (caches in, updated caches out) of the transformed model.",
+        description="Export the sparse denoising step (caches and policy buffers in, updated ones out) of the "
+                    "transformed model. A row policy (dyllm, es_dllm, dllm_cache, compositions) exports one graph "
+                    "per step shape its generations can reach, for the layout given by --gen-length, "
+                    "--block-length, --steps / --threshold and --max-seq.",
         parents=list(parents),
     )
     p.add_argument("--onnx", required=True, metavar="OUT", help="the .onnx file to write")
     p.add_argument("--model", default=DEFAULT_MODEL, help="model folder, or 'default' for the embedded model")
     p.add_argument("--policy", default="dense",
-                   help="layer-uniform row policy recorded as the runner's default: dense, prefix_cache, dual_cache")
+                   help="dense, fixed, prefix_cache, dual_cache (one graph, rows from the host), dyllm, es_dllm, "
+                        "dllm_cache or a composition such as dual_cache+dyllm (default dense)")
+    p.add_argument("--policy-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="a policy parameter, e.g. tau=0.99 (repeatable)")
     p.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="weight dtype (default float32)")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset, at least 18 (default 18)")
+    g = p.add_argument_group("layout (row policies): the generations the export serves")
+    g.add_argument("--gen-length", type=int, default=64, help="response length (default 64)")
+    g.add_argument("--block-length", type=int, default=32, help="block length (default 32)")
+    g.add_argument("--steps", type=int, default=None, help="denoising steps (default: gen-length)")
+    g.add_argument("--threshold", action="store_true", help="serve confidence-threshold decoding (any tokens per step)")
+    g.add_argument("--max-seq", type=int, default=None, help="longest prompt + response (default: the model's window)")
+    g.add_argument("--max-commit", type=int, default=None, help="most tokens one step commits (default: from the schedule)")
     return p
 
 
@@ -28,23 +41,40 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     from . import load, transform
     from .export import to_onnx
-    from .export.step_module import check_layer_uniform
+    from .export.onnx_export import check_policy, require_onnx_export
+    from .policy_setup import parse_policy_args
     from .runtime.policies import make_policy
 
-    policy = make_policy(args.policy)
-    check_layer_uniform(policy)  # before the model is loaded and traced
+    params = parse_policy_args(args.policy_arg)
+    check_policy(make_policy(args.policy, **params))  # before the model is loaded and traced
+    require_onnx_export()
     model, _ = load(args.model, dtype=getattr(torch, args.dtype), device="cpu")
-    fast = transform(model, policy=policy)
-    path = to_onnx(fast, args.onnx, model_path=args.model, opset=args.opset)  # ImportError names the install
+    fast = transform(model, policy=args.policy, **params)  # with the model family's presets
+    layout = dict(gen_length=args.gen_length, block_length=args.block_length, steps=args.steps,
+                  threshold=args.threshold, max_seq=args.max_seq, max_commit=args.max_commit)
+    path = to_onnx(fast, args.onnx, model_path=args.model, opset=args.opset, **layout)
     size = path.stat().st_size / 2**20
-    print(f"wrote {path} ({size:.1f} MiB, {len(fast.program.attn)} layers, policy {args.policy}, opset {args.opset})")
+    graphs = _graph_count(path)
+    print(f"wrote {path} ({size:.1f} MiB, {len(fast.program.attn)} layers, policy {fast.policy.name}, "
+          f"{graphs} step graph{'s' if graphs > 1 else ''}, opset {args.opset})")
     return 0
 
 
-def load_onnx_model(args: argparse.Namespace, policy=None):
+def _graph_count(path) -> int:
+    """How many step graphs (plan keys) an exported file holds (1 for a layer-uniform one)."""
+    import json
+
+    import onnx
+
+    props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    return len(json.loads(props.get("dyllm.plans", "[]"))) or 1
+
+
+def load_onnx_model(args: argparse.Namespace, policy=None, policy_args=None):
     """(model, tokenizer) for ``dyllm generate --onnx FILE``: the tokenizer of the model folder
     recorded in the file, or of ``--model`` when one other than the default is given;
-    ``policy`` (a layer-uniform policy) overrides the one recorded at export."""
+    ``policy`` overrides the one recorded at export (a layer-uniform graph runs any
+    layer-uniform policy), ``policy_args`` sets a row policy's graph inputs (tau)."""
     from .export import load_onnx
     from .loading import load_tokenizer, resolve_model_path
 
@@ -52,7 +82,7 @@ def load_onnx_model(args: argparse.Namespace, policy=None):
     if args.model not in (None, DEFAULT_MODEL):
         tokenizer = load_tokenizer(resolve_model_path(args.model))
     device = None if args.device in (None, "auto") else args.device
-    model = load_onnx(args.onnx, device=device, tokenizer=tokenizer, policy=policy)
+    model = load_onnx(args.onnx, device=device, tokenizer=tokenizer, policy=policy, policy_args=policy_args or None)
     return model, model.tokenizer
 
 

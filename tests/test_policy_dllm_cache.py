@@ -28,6 +28,19 @@ def test_value_similarity_is_the_cosine_over_heads():
     assert torch.allclose(value_similarity(v, -v), -torch.ones(2, 5))
 
 
+def test_unchanged_rows_tie_at_exactly_one():
+    """Rounding noise of an unchanged row's cosine (1 +- a few ulp) is 1 exactly, so the
+    stable top-k picks among unchanged rows by position in every implementation (the exported
+    ONNX step computes the cosine in another order)."""
+    v = torch.randn(1, 2, 6, 16, dtype=torch.float64).float()
+    noisy = v * (1 + 1e-7 * torch.randn_like(v))
+    sim = value_similarity(noisy, v)
+    assert torch.equal(sim, torch.ones(1, 6))
+    moved = v.clone()
+    moved[:, :, 2] += 0.1
+    assert value_similarity(moved, v)[0, 2] < 1.0
+
+
 def test_adaptive_steps_refresh_the_rows_whose_values_moved_most():
     model, tok = tiny_llada(seed=5, n_layers=2), tiny_tokenizer()
     tm = dyllm_fx.transform(model, policy="dllm_cache", ratio=0.25, response_interval=100, prompt_interval=100)

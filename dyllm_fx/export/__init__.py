@@ -1,30 +1,37 @@
 """Export a transformed model's sparse denoising step: ONNX (run with onnxruntime) and TensorRT.
 
-    fast = dyllm_fx.transform(model, policy="dual_cache")
-    dyllm_fx.export.to_onnx(fast, "step.onnx", model_path="default")
+    fast = dyllm_fx.transform(model, policy="dyllm", tau=0.99)
+    dyllm_fx.export.to_onnx(fast, "step.onnx", model_path="default", gen_length=64, block_length=32)
     onnx_model = dyllm_fx.export.load_onnx("step.onnx")
     out = dyllm_fx.generate(onnx_model, onnx_model.tokenizer, ["shift:abc="])
 
     trt_model = dyllm_fx.export.to_tensorrt(fast)          # CUDA + torch_tensorrt
 
-The exported step is *layer-uniform*: one row set per step, chosen on the host by the policy,
-recomputed by every layer (``dense``, ``fixed``, ``prefix_cache``, ``dual_cache``). Policies
-that choose rows per layer inside the step (DyLLM, ES-dLLM) are not exportable and raise
-:class:`ExportError`. See ``step_module.py`` for the graph's inputs and outputs.
+Every policy exports. A *layer-uniform* one (``dense``, ``fixed``, ``prefix_cache``,
+``dual_cache``) is one graph on a row set the host picks (``step_module.ExportableStep``). A
+*row* policy (``dyllm``, ``es_dllm``, ``dllm_cache``, compositions with a block cache) exports
+its own step function, gating included, once per plan key the generation layout can reach
+(``plan_keys``), as branches of one ONNX file (``onnx_plans``); the runner plans each step on
+the host with the same policy object and picks the branch (``driver.PlanEngine``).
 
-Modules: ``step_module`` (the functional step), ``ops`` (the functional cache write),
-``lowering`` (ONNX translations), ``aten_lowering`` (aten math for TensorRT), ``metadata``,
+Modules: ``step_module`` (the layer-uniform step), ``ops`` (its functional cache write),
+``lowering`` (ONNX translations), ``aten_lowering`` (aten math for TensorRT), ``plan_keys``,
+``policy_step`` (a row policy's functional step), ``plans``, ``onnx_plans``, ``metadata``,
 ``onnx_export``, ``driver`` (host side of a step), ``onnx_runner``, ``tensorrt``.
 """
 
-from .driver import ExportedStepModel, UniformStep
+from .driver import ExportedPlanMissing, ExportedStepModel, PlanStepModel, UniformStep
 from .metadata import NotAStepGraphError, StepGraphInfo
 from .onnx_export import to_onnx
-from .onnx_runner import OnnxStepModel, load_onnx
+from .onnx_runner import OnnxPlanModel, OnnxStepModel, load_onnx
+from .plan_keys import Layout, PlanKeyError, plan_keys
+from .plans import record_plan_keys
 from .step_module import ExportableStep, ExportError, is_layer_uniform
-from .tensorrt import TensorRTStepModel, TensorRTUnavailable, to_tensorrt
+from .tensorrt import TensorRTPlanModel, TensorRTStepModel, TensorRTUnavailable, to_tensorrt
 
 __all__ = [
-    "ExportError", "ExportableStep", "ExportedStepModel", "NotAStepGraphError", "OnnxStepModel", "StepGraphInfo",
-    "TensorRTStepModel", "TensorRTUnavailable", "UniformStep", "is_layer_uniform", "load_onnx", "to_onnx", "to_tensorrt",
+    "ExportError", "ExportableStep", "ExportedPlanMissing", "ExportedStepModel", "Layout", "NotAStepGraphError",
+    "OnnxPlanModel", "OnnxStepModel", "PlanKeyError", "PlanStepModel", "StepGraphInfo", "TensorRTPlanModel",
+    "TensorRTStepModel", "TensorRTUnavailable", "UniformStep", "is_layer_uniform", "load_onnx", "plan_keys",
+    "record_plan_keys", "to_onnx", "to_tensorrt",
 ]

@@ -24,7 +24,7 @@ from dyllm_fx.runtime.policies.uniform import plan_rows
 from dyllm_fx.runtime.step import StepRequest
 
 from .metadata import StepGraphInfo
-from .step_module import check_layer_uniform
+from .step_module import ExportError, check_layer_uniform
 
 
 class StepBackend(Protocol):
@@ -150,4 +150,200 @@ class ExportedStepModel(nn.Module):
         )
 
 
-__all__ = ["ExportedStepModel", "StepBackend", "TorchBackend", "UniformStep", "build_policy", "cache_layout"]
+
+
+# --- row policies: the host half of a step exported per plan key -----------------------------
+
+
+class PlanBackend(Protocol):
+    """Runs an exported plan step graph; its state stays in the backend's form between calls."""
+
+    def zeros(self, entry, batch: int, seq_len: int) -> Any:
+        """A state tensor of ``entry`` (a ``StateEntry``) for a (batch, seq_len) generation."""
+        ...
+
+    def run(self, index: int, inputs: dict[str, torch.Tensor], state: list[Any]) -> tuple:
+        """The step of plan ``index``: host inputs by name and the state in input order ->
+        (logits, eligible, counts) on the host and the updated state."""
+        ...
+
+
+class PlanEngine:
+    """:class:`~dyllm_fx.runtime.engine.StepEngine`'s host half over an exported step: the same
+    policy object plans each step and reads its counts; the step itself is the graph of the
+    plan's key. ``runtime.step.SparseStep`` drives it exactly as it drives the torch engine."""
+
+    def __init__(self, backend: PlanBackend, info: StepGraphInfo, policy: Policy):
+        from .plan_keys import decode_key
+        from .policy_step import StateEntry
+
+        self.backend = backend
+        self.info = info
+        self.policy = policy
+        self.n_layers = info.n_layers
+        self.state_entries = [StateEntry.from_json(e) for e in info.state]
+        self.keys = [decode_key(p["key"]) for p in info.plans]
+        self.index = {key: i for i, key in enumerate(self.keys)}
+        self.counts_len = [int(p["counts"]) for p in info.plans]
+        self.has_eligible = [bool(p["eligible"]) for p in info.plans]
+        self.param_names = list(info.params)
+        self.state: list[Any] | None = None
+        self.size: tuple[int, int] | None = None
+        self.warm = False
+        self.records: list = []
+
+    def reset(self) -> None:
+        """A new generation: the next step is cold (as StepEngine.reset; the state is kept)."""
+        self.warm = False
+        self.records = []
+        self.policy.reset()
+
+    def graph_index(self, key: tuple, seq_len: int) -> int:
+        from .plan_keys import graph_key
+
+        gkey = graph_key(self.policy, key, seq_len)
+        index = self.index.get(gkey)
+        if index is None:
+            layout = ", ".join(f"{k}={v}" for k, v in self.info.layout.items() if v is not None)
+            raise ExportedPlanMissing(
+                f"this step graph has no branch for plan key {gkey} (sequence length {seq_len}); it was exported for "
+                f"{layout} ({len(self.keys)} keys). Export again for this generation's layout: dyllm export --onnx ... "
+                "--gen-length N --block-length N [--steps N | --threshold] [--max-seq N]"
+            )
+        return index
+
+    def check_layout(self, host: HostState) -> None:
+        """The generation's response and block lengths are the ones the plan keys were listed
+        for (else its steps would meet keys the file lacks): a clear error before the first step."""
+        layout = self.info.layout
+        if host.block_start is None or host.response_start is None or not layout:
+            return
+        gen, block = host.seq_len - host.response_start, host.block_end - host.block_start
+        if (gen, block) != (layout.get("gen_length"), layout.get("block_length")):
+            raise ExportedPlanMissing(
+                f"this step graph was exported for gen_length={layout.get('gen_length')}, "
+                f"block_length={layout.get('block_length')}; the generation has gen_length={gen}, block_length={block}. "
+                f"Generate with those lengths (--gen-length {layout.get('gen_length')} --block-length "
+                f"{layout.get('block_length')}) or export again with --gen-length {gen} --block-length {block}"
+            )
+        if layout.get("max_seq") is not None and host.seq_len > layout["max_seq"]:
+            raise ExportedPlanMissing(
+                f"the prompt and response take {host.seq_len} tokens, more than the max_seq={layout['max_seq']} this "
+                "step graph was exported for; export again with a larger --max-seq"
+            )
+
+    def step(self, input_ids, attention_mask, position_ids, logit_positions, **host_info):
+        from dyllm_fx.runtime.engine import StepRecord
+        from dyllm_fx.runtime.policies import StepOutput
+
+        bsz, seq_len = input_ids.shape
+        if self.size != (bsz, seq_len):
+            self.state = [self.backend.zeros(e, bsz, seq_len) for e in self.state_entries]
+            self.size = (bsz, seq_len)
+            self.warm = False
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        host = HostState(input_ids, attention_mask, cold=not self.warm, n_layers=self.n_layers, **host_info)
+        if host.cold:
+            self.check_layout(host)
+        plan = self.policy.plan(host)
+        index = self.graph_index(plan.key, seq_len)
+        zeros = torch.zeros(bsz, dtype=torch.long)
+        inputs = {
+            "input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
+            "logit_positions": logit_positions,
+            "span_start": zeros if plan.span_start is None else plan.span_start,
+            "span_len": zeros if plan.span_len is None else plan.span_len,
+        }
+        inputs = {name: t.to("cpu", torch.long).contiguous() for name, t in inputs.items()}
+        for name in self.param_names:
+            inputs[name] = torch.tensor(float(getattr(self.policy, name)), dtype=torch.float32)
+        self.warm = False  # a failed step leaves the state half written
+        logits, eligible, counts, self.state = self.backend.run(index, inputs, self.state)
+        self.warm = True
+        n = self.counts_len[index]
+        counts = counts[:n] if n else None
+        report = self.policy.observe(plan, counts.tolist() if counts is not None else None, self.n_layers, seq_len)
+        self.records.append(StepRecord(report.active, seq_len, plan.kind, report.capacity, report.overflow))
+        out = StepOutput(logits, eligible if self.has_eligible[index] else None, counts)
+        out.report = report
+        return out
+
+
+class ExportedPlanMissing(ValueError):
+    """The generation reached a plan key the exported file has no graph for."""
+
+
+class PlanStepModel(ExportedStepModel):
+    """An exported row-policy step, for ``dyllm_fx.generate``: its step function is the
+    runtime's own :class:`~dyllm_fx.runtime.step.SparseStep` over a :class:`PlanEngine`."""
+
+    def __init__(self, backend: PlanBackend, info: StepGraphInfo, policy: Policy):
+        super().__init__(backend, info, policy)
+        self.engine = PlanEngine(backend, info, policy)
+
+    def make_step_function(self):
+        from dyllm_fx.runtime.step import SparseStep
+
+        return SparseStep(self.engine, self.diffusion)
+
+
+class TorchPlanBackend:
+    """Runs per-key torch callables with :class:`~dyllm_fx.export.policy_step.PolicyStep`'s
+    signature (exported programs, TensorRT-compiled modules); state as torch tensors."""
+
+    def __init__(self, steps: Sequence, device: torch.device | str):
+        self.steps = list(steps)
+        self.device = torch.device(device)
+
+    def zeros(self, entry, batch: int, seq_len: int) -> torch.Tensor:
+        return torch.full(entry.concrete(batch, seq_len), entry.fill, dtype=getattr(torch, entry.dtype), device=self.device)
+
+    def run(self, index: int, inputs: dict[str, torch.Tensor], state: list[torch.Tensor]):
+        args = [t.to(self.device) for t in inputs.values()]
+        with torch.no_grad():
+            logits, eligible, counts, *state = self.steps[index](*args, *state)
+        return logits.cpu(), eligible.cpu(), counts.cpu(), state
+
+
+def plan_policy(info: StepGraphInfo, policy: str | Policy | None, params: dict | None = None) -> Policy:
+    """The policy a plan graph runs with: the recorded one (``policy`` None), or one given by
+    name or object, which must equal the exported one but for the graph's input parameters
+    (``info.params``: DyLLM's tau); ``params`` sets those on the recorded policy."""
+    from .metadata import policy_config
+
+    recorded = dict(info.policy_config)
+    if policy is None:
+        policy = make_policy(info.policy, **{**recorded, **(params or {})})
+    else:
+        if params:
+            raise ValueError("pass policy parameters either in the policy object or as params, not both")
+        if isinstance(policy, str):
+            policy = make_policy(policy)
+    if policy.name != info.policy:
+        raise ExportError(
+            f"this step graph was exported for policy {info.policy!r} and cannot run {policy.name!r}: each row "
+            f"policy's step is its own graph; export {policy.name!r} with `dyllm export --onnx FILE --policy {policy.name}`"
+        )
+    given = policy_config(policy)
+    differ = sorted(k for k in set(given) | set(recorded) if k not in info.params and given.get(k) != recorded.get(k))
+    if differ:
+        detail = ", ".join(f"{k}={given.get(k)!r} (exported with {recorded.get(k)!r})" for k in differ)
+        raise ExportError(
+            f"policy parameters fixed by the export differ: {detail}; only {sorted(info.params) or 'none'} can change "
+            "without exporting again"
+        )
+    for name in info.params:
+        value = float(getattr(policy, name))
+        if name == "tau" and value >= 1.0:
+            raise ExportError(
+                "tau=1 marks every row salient without comparing, a different graph than the exported tau < 1; "
+                "export again with tau=1.0"
+            )
+    return policy
+
+
+__all__ = [
+    "ExportedPlanMissing", "ExportedStepModel", "PlanBackend", "PlanEngine", "PlanStepModel", "StepBackend", "TorchBackend",
+    "TorchPlanBackend", "UniformStep", "build_policy", "cache_layout", "plan_policy",
+]

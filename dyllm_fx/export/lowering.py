@@ -98,12 +98,32 @@ def partial_attention(q, k_cache, v_cache, rows, mask=None, scale: float | None 
     return op.MatMul(probs, v)
 
 
+def sort_stable(self, *, stable: bool | None = None, dim: int = -1, descending: bool = False):
+    """``aten::sort.stable`` (the policies' top-C selections sort with ``stable=True``, which
+    torch's ONNX library does not translate) -> ``TopK`` over the whole axis. TopK orders equal
+    values by index, lowest first (the ONNX spec; onnxruntime does), which is a stable sort in
+    either direction."""
+    k = op.Reshape(op.Gather(op.Shape(self), dim, axis=0), op.Constant(value_ints=[1]))
+    return op.TopK(self, k, axis=dim, largest=1 if descending else 0, sorted=1)
+
+
+def amax(self, dim=(), keepdim: bool = False):
+    """``aten::amax`` including its reduce-everything form (``dim=()``), which torch's ONNX
+    library rejects -> ``ReduceMax``."""
+    keep = 1 if keepdim else 0
+    if not dim:
+        return op.ReduceMax(self, keepdims=keep)
+    return op.ReduceMax(self, op.Constant(value_ints=list(dim)), keepdims=keep)
+
+
 def translation_table() -> dict:
     """``custom_translation_table`` for ``torch.onnx.export``: op overload -> ONNX builder."""
     return {
         torch.ops.dyllm_export.cache_write_rows.default: cache_write_rows,
         torch.ops.dyllm.partial_attention.default: partial_attention,
+        torch.ops.aten.sort.stable: sort_stable,
+        torch.ops.aten.amax.default: amax,
     }
 
 
-__all__ = ["cache_write_rows", "partial_attention", "translation_table"]
+__all__ = ["amax", "cache_write_rows", "partial_attention", "sort_stable", "translation_table"]

@@ -8,6 +8,7 @@ folder whose tokenizer decodes the output (``"default"`` for the embedded model)
 
 from __future__ import annotations
 
+import inspect
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ from dyllm_fx.runtime.policies import FixedPolicy, Policy
 
 FORMAT = "dyllm-step/1"
 PREFIX = "dyllm."
+PLAN_KEYS = ("graph", "plans", "state", "params", "layout")  # the extra keys of a "plans" graph
 REQUIRED = (
     "format", "mask_token_id", "eos_token_ids", "logits_shift", "policy", "policy_config",
     "n_layers", "hidden_size", "kv_shapes", "hidden_dtype", "kv_dtype", "inputs", "outputs",
@@ -31,10 +33,43 @@ class NotAStepGraphError(ValueError):
 
 
 def policy_config(policy: Policy) -> dict:
-    """The parameters that rebuild ``policy`` with ``make_policy(policy.name, **config)``."""
+    """The parameters that rebuild ``policy`` with ``make_policy(policy.name, **config)``: the
+    constructor's parameters, read back from the object (a composition's ``scope`` is the
+    block cache's, so it is left out)."""
     if isinstance(policy, FixedPolicy):
         return {"rows": policy.index.tolist()}
-    return {}
+    config = {}
+    for name in inspect.signature(type(policy).__init__).parameters:
+        if name == "self" or (name == "scope" and "+" in policy.name):
+            continue
+        value = _read_param(policy, name)
+        if value is not _MISSING:
+            config[name] = _jsonable(value)
+    return config
+
+
+_MISSING = object()
+
+
+def _read_param(policy: Policy, name: str):
+    """The value constructor parameter ``name`` of ``policy`` was given (as the policy stores it)."""
+    explicit = getattr(policy, "explicit", None)
+    if name in ("skip_layers", "keep") and hasattr(policy, "explicit"):  # ES-dLLM's explicit layout
+        if explicit is None:
+            return None
+        return [layer for layer, _ in explicit] if name == "skip_layers" else [keep for _, keep in explicit]
+    clock = getattr(policy, name.replace("_interval", "_clock"), None)
+    if name.endswith("_interval") and clock is not None and hasattr(clock, "interval"):  # dLLM-Cache's clocks
+        return clock.interval
+    return getattr(policy, name, _MISSING)
+
+
+def _jsonable(value):
+    if isinstance(value, tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, list):
+        return [_jsonable(v) for v in value]
+    return value
 
 
 def model_path_label(model_path: str | Path | None) -> str:
@@ -62,6 +97,13 @@ class StepGraphInfo:
     outputs: list[str]
     model_path: str = ""
     extra: dict = field(default_factory=dict)
+    # "rows": one graph, the layer-uniform step on a host-chosen row set; "plans": a row
+    # policy's step, one branch per plan key (``onnx_plans``)
+    graph: str = "rows"
+    plans: list = field(default_factory=list)  # per branch: {"key": graph key, "counts": n, "eligible": bool}
+    state: list = field(default_factory=list)  # StateEntry.to_json() of each state tensor, in input order
+    params: dict = field(default_factory=dict)  # policy parameters that are graph inputs, and their export values
+    layout: dict = field(default_factory=dict)  # the generation layout the plan keys were listed for
 
     def to_props(self) -> dict[str, str]:
         s = self.spec
@@ -84,6 +126,9 @@ class StepGraphInfo:
             "model_path": self.model_path,
             **{k: str(v) for k, v in self.extra.items()},
         }
+        if self.graph != "rows":
+            props.update(graph=self.graph, plans=json.dumps(self.plans), state=json.dumps(self.state),
+                         params=json.dumps(self.params), layout=json.dumps(self.layout))
         return {PREFIX + k: v for k, v in props.items()}
 
     @classmethod
@@ -120,7 +165,16 @@ class StepGraphInfo:
             logits_shift=read("logits_shift", int),
             max_length=read("max_length", int, optional=True),
         )
-        known = set(REQUIRED) | {"pad_token_id", "max_length", "model_path"}
+        known = set(REQUIRED) | {"pad_token_id", "max_length", "model_path", *PLAN_KEYS}
+        graph = p.get("graph", "rows")
+        if graph not in ("rows", "plans"):
+            raise NotAStepGraphError(f"{source}: unknown step graph kind {PREFIX}graph = {graph!r}; export it again with `dyllm export --onnx`")
+        plan_fields = {}
+        if graph == "plans":
+            missing = [PREFIX + k for k in PLAN_KEYS if k not in p]
+            if missing:
+                raise NotAStepGraphError(f"{source}: a plan step graph without {', '.join(missing)}; export it again with `dyllm export --onnx`")
+            plan_fields = {k: read(k, json.loads) for k in PLAN_KEYS if k != "graph"}
         return cls(
             spec=spec,
             policy=p["policy"],
@@ -134,6 +188,8 @@ class StepGraphInfo:
             outputs=read("outputs", json.loads),
             model_path=p.get("model_path", ""),
             extra={k: v for k, v in p.items() if k not in known},
+            graph=graph,
+            **plan_fields,
         )
 
 
@@ -141,12 +197,15 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def step_graph_info(model, model_path: str | Path | None = None) -> StepGraphInfo:
-    """The metadata of ``model`` (a TransformedModel with a layer-uniform policy)'s step."""
+def step_graph_info(model, model_path: str | Path | None = None, **plan_fields) -> StepGraphInfo:
+    """The metadata of ``model`` (a TransformedModel)'s step: the layer-uniform graph, or with
+    ``plan_fields`` (graph="plans", inputs, outputs, plans, state, params, layout) a row
+    policy's plan graphs."""
     from .step_module import input_names, output_names
 
     program = model.program
     n_layers = len(program.attn)
+    fields_ = {"inputs": input_names(n_layers), "outputs": output_names(n_layers), **plan_fields}
     return StepGraphInfo(
         spec=model.diffusion,
         policy=model.policy.name,
@@ -156,9 +215,8 @@ def step_graph_info(model, model_path: str | Path | None = None) -> StepGraphInf
         kv_shapes=[tuple(tuple(s) for s in layer) for layer in program.kv_shapes],
         hidden_dtype=dtype_name(program.hidden_dtype),
         kv_dtype=dtype_name(program.kv_dtype),
-        inputs=input_names(n_layers),
-        outputs=output_names(n_layers),
         model_path=model_path_label(model_path),
+        **fields_,
     )
 
 

@@ -8,7 +8,9 @@ from pathlib import Path
 import torch
 
 from .metadata import step_graph_info
-from .step_module import ExportableStep, ExportError, check_layer_uniform, dynamic_shapes, example_inputs
+from .step_module import (
+    LAYER_UNIFORM_POLICIES, ExportableStep, ExportError, dynamic_shapes, example_inputs, is_layer_uniform,
+)
 
 MIN_OPSET = 18  # the translations in lowering.py are written against opset 18
 ONNX_EXTRA = 'pip install "dyllm-fx[onnx]" (onnx, onnxscript and onnxruntime)'
@@ -24,17 +26,33 @@ def require_onnx_export() -> None:
 
 
 def check_exportable(model) -> None:
-    """A TransformedModel with a diffusion spec and a layer-uniform policy, else a clear error."""
+    """A TransformedModel with a diffusion spec and an exportable policy, else a clear error."""
     from dyllm_fx.transform import TransformedModel
 
     if not isinstance(model, TransformedModel):
         raise ExportError(
             f"expected a TransformedModel, got {type(model).__name__}; call "
-            "dyllm_fx.transform(model, policy='dense' | 'prefix_cache' | 'dual_cache') first"
+            "dyllm_fx.transform(model, policy='dyllm' | 'dual_cache' | ...) first"
         )
     if model.diffusion is None:
         raise ExportError("the model has no diffusion spec; pass spec=DiffusionSpec(...) to dyllm_fx.transform()")
-    check_layer_uniform(model.policy)
+    check_policy(model.policy)
+
+
+def check_policy(policy) -> None:
+    """An exportable policy: layer-uniform (one graph, host rows) or a row policy whose plan keys
+    ``plan_keys`` lists (one graph per key); else ExportError naming the exportable ones."""
+    from .plan_keys import supports
+
+    if is_layer_uniform(policy) or supports(policy):
+        return
+    uniform = ", ".join(p.name for p in LAYER_UNIFORM_POLICIES)
+    raise ExportError(
+        f"policy {policy.name!r} ({type(policy).__name__}) cannot be exported: an exported step is either "
+        f"layer-uniform ({uniform}; a custom policy opts in with layer_uniform = True) or one of the row policies "
+        "whose plan keys the exporter lists (dyllm, es_dllm, dllm_cache and their compositions with a block cache); "
+        f"run {policy.name!r} with dyllm_fx.generate() on the transformed model instead"
+    )
 
 
 def to_onnx(
@@ -45,22 +63,37 @@ def to_onnx(
     opset: int = MIN_OPSET,
     external_data: bool | None = None,
     optimize: bool = True,
+    gen_length: int = 64,
+    block_length: int | None = 32,
+    steps: int | None = None,
+    threshold: bool = False,
+    max_seq: int | None = None,
+    max_commit: int | None = None,
+    keys=None,
+    progress=None,
 ) -> Path:
-    """Export one sparse denoising step of ``model`` to an ONNX file.
+    """Export the sparse denoising step of ``model`` to an ONNX file of standard ops.
 
-    The graph is :class:`~dyllm_fx.export.step_module.ExportableStep`: inputs ``input_ids``,
-    ``attention_mask``, ``position_ids`` (B, L), ``rows`` (B, A), ``logit_positions`` (B, P),
-    ``hidden`` (B, L, D) and ``k_cache_i`` / ``v_cache_i`` (B, KV, L, d) per layer; outputs
-    ``logits`` (B, P, V) and the updated caches (``hidden_out``, ``k_cache_i_out``, ...).
-    B, L, A and P are dynamic. The project's custom ops are lowered to standard ONNX ops
-    (ScatterElements, MatMul, Softmax, ...), so onnxruntime and TensorRT read the file
-    without plugins. The policy's name and parameters, the diffusion spec and the cache layout
+    Two kinds of graph, by policy (the README's export section lists what each holds):
+
+    * a *layer-uniform* policy (``dense``, ``fixed``, ``prefix_cache``, ``dual_cache``): one
+      graph that recomputes a row set ``rows`` (B, A) the host picks, for every layer. Inputs
+      ``input_ids``, ``attention_mask``, ``position_ids`` (B, L), ``rows``, ``logit_positions``
+      (B, P), ``hidden`` (B, L, D), ``k_cache_i`` / ``v_cache_i`` (B, KV, L, d); outputs ``logits``
+      and the updated caches. B, L, A and P are dynamic. The layout arguments do not apply.
+    * a *row* policy (``dyllm``, ``es_dllm``, ``dllm_cache`` and their compositions with a
+      block cache): the policy's own step, with its gating (top-C selections, masks, gathers
+      and scatters) inside the graph. One graph per plan key the layout can reach (a span
+      width, a capacity, ES-dLLM's kept counts fix the shapes), all in this one file as
+      branches of an ``If`` chain over the ``plan`` input, with the weights stored once. The
+      cache and the policy's buffers are inputs and outputs; DyLLM's ``tau`` is an input. B,
+      L (the prompt length) and P are dynamic.
+
+    The policy's name and parameters, the diffusion spec, the state layout and the plan keys
     are stored in the file's metadata; :func:`~dyllm_fx.export.load_onnx` runs it.
 
     Args:
-        model: a :class:`~dyllm_fx.TransformedModel` whose policy is layer-uniform (``dense``,
-            ``fixed``, ``prefix_cache``, ``dual_cache``). Policies that choose rows per layer
-            inside the step (DyLLM, ES-dLLM) cannot be exported and raise ``ExportError``.
+        model: a :class:`~dyllm_fx.TransformedModel`.
         path: the ``.onnx`` file to write.
         model_path: the model folder (or ``"default"``) whose tokenizer decodes the output;
             recorded so ``dyllm generate --onnx`` needs nothing else.
@@ -68,6 +101,14 @@ def to_onnx(
         external_data: store the weights in a side file (``path.data``); default: only when
             the model exceeds protobuf's 2 GB limit.
         optimize: run onnxscript's graph optimizer (constant folding, dead code removal).
+        gen_length, block_length, steps, threshold: the generations a row policy's export
+            serves (``generate()``'s arguments; ``threshold=True`` for any confidence-threshold
+            decoding); they fix the plan keys (``plan_keys.Layout``).
+        max_seq: the longest prompt + response (default the model's window).
+        max_commit: the most tokens one step commits (default from the schedule).
+        keys: export exactly these plan keys (host or graph keys, e.g. the ones a calibration
+            run met: :func:`~dyllm_fx.export.record_plan_keys`) instead of the layout's list.
+        progress: called as ``progress(i, key)`` before each key's graph is exported.
 
     Returns:
         ``path`` as a :class:`~pathlib.Path`.
@@ -76,6 +117,22 @@ def to_onnx(
     if opset < MIN_OPSET:
         raise ValueError(f"opset={opset} is too old: the step graph needs opset >= {MIN_OPSET}")
     require_onnx_export()
+    if is_layer_uniform(model.policy):
+        program, info = _rows_graph(model, model_path, opset, optimize)
+    else:
+        from .plans import Layout
+
+        layout = Layout(gen_length, block_length, steps, threshold, max_seq, max_commit)
+        program, info = _plans_graph(model, model_path, opset, optimize, layout, keys, progress)
+    program.metadata_props.update(info.to_props())
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _save(program, path, external_data)
+    return path
+
+
+def _rows_graph(model, model_path, opset: int, optimize: bool):
+    """(onnx_ir model, metadata) of a layer-uniform policy's step."""
     from .lowering import translation_table
 
     info = step_graph_info(model, model_path)
@@ -90,11 +147,37 @@ def to_onnx(
             input_names=info.inputs, output_names=info.outputs, custom_translation_table=translation_table(),
             optimize=optimize, verbose=False,
         )
-    program.model.metadata_props.update(info.to_props())
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    program.save(str(path), external_data=external_data)
-    return path
+    return program.model, info
 
 
-__all__ = ["MIN_OPSET", "check_exportable", "require_onnx_export", "to_onnx"]
+def _plans_graph(model, model_path, opset: int, optimize: bool, layout, keys, progress):
+    """(onnx_ir model, metadata) of a row policy's step: one branch per plan key."""
+    from .lowering import translation_table
+    from .onnx_plans import export_plans, input_names, optimize as optimize_model, output_names
+    from .plans import build_plan_step
+
+    built = build_plan_step(model, layout, keys)
+    with built.tracing():
+        program = export_plans(built.step, built.keys, model.diffusion, built.layout.block, built.device, opset,
+                               translation_table(), progress)
+    if optimize:
+        optimize_model(program)
+    info = step_graph_info(
+        model, model_path, graph="plans", inputs=input_names(built.step.layout.names, built.step.params),
+        outputs=output_names(built.step.layout.names), plans=built.plans_metadata(), state=built.state_metadata(),
+        params=dict(zip(built.step.params, built.step.param_values)), layout=built.layout.to_json(),
+    )
+    return program, info
+
+
+def _save(program, path: Path, external_data: bool | None) -> None:
+    """Write an onnx_ir model; weights to ``path.data`` when asked or above protobuf's limit."""
+    import onnx_ir as ir
+
+    if external_data is None:
+        total = sum(v.const_value.nbytes for v in program.graph.initializers.values() if v.const_value is not None)
+        external_data = total > 1_800_000_000
+    ir.save(program, str(path), external_data=f"{path.name}.data" if external_data else None)
+
+
+__all__ = ["MIN_OPSET", "check_exportable", "check_policy", "require_onnx_export", "to_onnx"]

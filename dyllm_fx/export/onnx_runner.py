@@ -20,7 +20,7 @@ import torch
 from dyllm_fx.loading import load_tokenizer, resolve_model_path
 from dyllm_fx.runtime.policies import Policy
 
-from .driver import ExportedStepModel, build_policy
+from .driver import ExportedStepModel, PlanStepModel, build_policy, plan_policy
 from .metadata import NotAStepGraphError, StepGraphInfo
 
 _NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "float64": np.float64}
@@ -78,6 +78,47 @@ class OrtBackend:
         return torch.from_numpy(outputs[0].numpy()), list(outputs[1:])
 
 
+class OrtPlanBackend:
+    """A plan step graph (one ``If`` branch per plan key) in an onnxruntime session; the cache
+    and the policy's buffers are ``OrtValue`` on the session's device between steps, bound
+    by I/O binding (the host sends ids, spans, the plan index and parameters; it gets logits,
+    eligible and counts back)."""
+
+    HOST_OUTPUTS = ("logits", "eligible", "counts")
+
+    def __init__(self, session, info: StepGraphInfo):
+        self.session = session
+        self.info = info
+        self.device = "cuda" if session.get_providers()[0] in _GPU_PROVIDERS else "cpu"
+        n_host = len(info.inputs) - len(info.state)
+        self.state_inputs = info.inputs[n_host:]
+        self.state_outputs = info.outputs[len(self.HOST_OUTPUTS):]
+
+    def zeros(self, entry, batch: int, seq_len: int) -> Any:
+        dtype = {"int64": np.int64, "bool": np.bool_, **_NUMPY_DTYPES}.get(entry.dtype)
+        if dtype is None:
+            _check_dtype(entry.dtype)
+        array = np.full(entry.concrete(batch, seq_len), entry.fill, dtype=dtype)
+        return _ort().OrtValue.ortvalue_from_numpy(array, self.device, 0)
+
+    def run(self, index: int, inputs: dict[str, torch.Tensor], state: list[Any]) -> tuple:
+        binding = self.session.io_binding()
+        host = {name: t.numpy() for name, t in inputs.items()}  # kept alive until the run ends
+        host["plan"] = np.array(index, dtype=np.int64)
+        for name, array in host.items():
+            binding.bind_cpu_input(name, array)
+        for name, value in zip(self.state_inputs, state):
+            binding.bind_ortvalue_input(name, value)
+        for name in self.HOST_OUTPUTS:
+            binding.bind_output(name, "cpu")
+        for name in self.state_outputs:
+            binding.bind_output(name, self.device)
+        self.session.run_with_iobinding(binding)
+        outputs = binding.get_outputs()
+        logits, eligible, counts = (torch.from_numpy(o.numpy()) for o in outputs[:3])
+        return logits, eligible, counts, list(outputs[3:])
+
+
 def _providers(device: str | None, providers: Sequence[str] | None) -> list[str]:
     available = _ort().get_available_providers()
     if providers is not None:
@@ -100,12 +141,39 @@ def read_step_graph(session, source: str) -> StepGraphInfo:
     """The dyllm metadata of an onnxruntime session's model; raises NotAStepGraphError."""
     info = StepGraphInfo.from_props(dict(session.get_modelmeta().custom_metadata_map), source)
     names = [i.name for i in session.get_inputs()]
-    if names != info.inputs:
+    expected = info.inputs + (["plan"] if info.graph == "plans" else [])
+    if names != expected:
         raise NotAStepGraphError(
-            f"{source}: its inputs {names} differ from those its metadata lists {info.inputs}; "
+            f"{source}: its inputs {names} differ from those its metadata lists {expected}; "
             "export it again with `dyllm export --onnx`"
         )
     return info
+
+
+class _Tokenizer:
+    """The tokenizer of the model folder an ONNX file records, loaded on first use."""
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            if not self.info.model_path:
+                raise ValueError(
+                    f"{self.path} records no model folder to load a tokenizer from; pass tokenizer= to load_onnx "
+                    "(CLI: --model FOLDER), or export with model_path=FOLDER (`dyllm export --model FOLDER`)"
+                )
+            self._tokenizer = load_tokenizer(resolve_model_path(self.info.model_path))
+        return self._tokenizer
+
+
+class OnnxPlanModel(_Tokenizer, PlanStepModel):
+    """A row policy's exported step (one branch per plan key) in onnxruntime; pass it to
+    ``dyllm_fx.generate`` as the model. ``engine.records`` holds each step's report."""
+
+    def __init__(self, path: Path, session, info: StepGraphInfo, policy: Policy, tokenizer=None):
+        super().__init__(OrtPlanBackend(session, info), info, policy)
+        self.path = path
+        self.session = session
+        self._tokenizer = tokenizer
 
 
 class OnnxStepModel(ExportedStepModel):
@@ -141,7 +209,8 @@ def load_onnx(
     policy: str | Policy | None = None,
     tokenizer=None,
     threads: int | None = None,
-) -> OnnxStepModel:
+    policy_args: dict | None = None,
+) -> "OnnxStepModel | OnnxPlanModel":
     """Open a step graph written by :func:`~dyllm_fx.export.to_onnx` (``dyllm export --onnx``).
 
     Args:
@@ -149,8 +218,12 @@ def load_onnx(
             naming the missing metadata.
         device: ``"cpu"`` or ``"cuda"`` (onnxruntime-gpu); default CUDA when onnxruntime has it.
         providers: onnxruntime execution providers, overriding ``device``.
-        policy: the row policy; default the one the graph was exported with (any layer-uniform
-            policy works with any exported step: the graph takes the rows as an input).
+        policy: the row policy; default the one the graph was exported with. A layer-uniform
+            graph runs any layer-uniform policy (it takes the rows as an input); a row policy's
+            graph (DyLLM, ES-dLLM, dLLM-Cache) runs only its own policy, with the exported
+            parameters except those that are graph inputs (DyLLM's tau).
+        policy_args: for a row policy's graph, new values of its input parameters, e.g.
+            ``{"tau": 0.995}`` (no re-export needed).
         tokenizer: overrides the tokenizer of the model folder recorded at export.
         threads: onnxruntime intra-op threads (default: onnxruntime's choice).
     """
@@ -172,7 +245,15 @@ def load_onnx(
             "export one with `dyllm export --onnx`"
         ) from err
     info = read_step_graph(session, str(path))
+    if info.graph == "plans":
+        return OnnxPlanModel(path, session, info, plan_policy(info, policy, policy_args), tokenizer)
+    if policy_args:
+        policy = build_policy(info, policy)
+        raise ValueError(
+            f"policy_args {sorted(policy_args)} given for a layer-uniform step graph (policy {policy.name!r}); its "
+            "rows come from the host: pass policy=make_policy(name, **params) instead"
+        )
     return OnnxStepModel(path, session, info, build_policy(info, policy), tokenizer)
 
 
-__all__ = ["OnnxStepModel", "OrtBackend", "load_onnx", "read_step_graph"]
+__all__ = ["OnnxPlanModel", "OnnxStepModel", "OrtBackend", "OrtPlanBackend", "load_onnx", "read_step_graph"]

@@ -18,10 +18,11 @@ import torch
 
 from dyllm_fx.runtime.policies import Policy
 
-from .driver import ExportedStepModel, TorchBackend, build_policy
+from .driver import ExportedStepModel, PlanStepModel, TorchBackend, TorchPlanBackend, build_policy, plan_policy
 from .metadata import step_graph_info
 from .onnx_export import check_exportable
-from .step_module import ExportableStep, ExportError, dynamic_shapes, example_inputs
+from .plan_keys import Layout
+from .step_module import ExportableStep, ExportError, dynamic_shapes, example_inputs, is_layer_uniform
 
 INSTALL = 'pip install "dyllm-fx[tensorrt]" (torch_tensorrt, matching your torch and CUDA versions; needs a CUDA GPU)'
 
@@ -77,6 +78,49 @@ def _trt_inputs(torch_tensorrt, example: tuple[torch.Tensor, ...], max_batch: in
     return specs
 
 
+def export_plan_programs(build, max_batch: int = 4096) -> list:
+    """One ``torch.export`` program per plan key of ``build`` (``plans.build_plan_step``):
+    the aten graphs ``to_tensorrt`` compiles (batch and sequence dynamic, plain-torch ops)."""
+    from .policy_step import dynamic_shapes as plan_dims
+
+    programs = []
+    with build.tracing():
+        for i, kr in enumerate(build.keys):
+            build.step.key = kr.key
+            dims = plan_dims(build.step.layout, len(build.step.params), kr.min_seq, kr.max_seq, max_batch)
+            programs.append(torch.export.export(build.step, build.example(i), dynamic_shapes=dims, strict=False))
+    return programs
+
+
+def _plan_trt_inputs(torch_tensorrt, build, i: int, max_batch: int, opt_seq: int):
+    """min / opt / max shapes of key ``i``'s inputs: batch 1..max_batch (opt 1), the key's
+    sequence range (opt ``opt_seq`` within it), logit positions 1..max_seq (opt one block)."""
+    kr, example = build.keys[i], build.example(i)
+    seq = (kr.min_seq, min(max(opt_seq, kr.min_seq), kr.max_seq), kr.max_seq)
+    positions = (1, build.layout.block, kr.max_seq)
+    axes = [{0: "batch", 1: "seq"}] * 3 + [{0: "batch", 1: "positions"}, {0: "batch"}, {0: "batch"}]
+    axes += [{}] * len(build.step.params)
+    axes += [{a: d for a, d in enumerate(e.shape) if isinstance(d, str)} for e in build.step.layout.entries]
+    ranges = {"batch": (1, 1, max_batch), "seq": seq, "positions": positions}
+    specs = []
+    for t, named in zip(example, axes):
+        lo, opt, hi = ([ranges[named[a]][j] if a in named else s for a, s in enumerate(t.shape)] for j in range(3))
+        specs.append(torch_tensorrt.Input(min_shape=lo, opt_shape=opt, max_shape=hi, dtype=t.dtype))
+    return specs
+
+
+class TensorRTPlanModel(PlanStepModel):
+    """A row policy's step compiled by TensorRT, one engine per plan key; pass it to
+    ``dyllm_fx.generate``. ``compiled`` lists the engines in ``info.plans`` order."""
+
+    def __init__(self, compiled: list, info, policy: Policy, device: torch.device):
+        super().__init__(TorchPlanBackend(compiled, device), info, policy)
+
+    @property
+    def compiled(self) -> list:
+        return self.backend.steps
+
+
 def to_tensorrt(
     model,
     *,
@@ -85,23 +129,34 @@ def to_tensorrt(
     opt_seq: int | None = None,
     opt_rows: int = 32,
     model_path=None,
+    gen_length: int = 64,
+    block_length: int | None = 32,
+    steps: int | None = None,
+    threshold: bool = False,
+    max_commit: int | None = None,
+    keys=None,
     **compile_options,
-) -> TensorRTStepModel:
+) -> "TensorRTStepModel | TensorRTPlanModel":
     """Compile ``model``'s sparse step with torch_tensorrt.
 
     Args:
-        model: a :class:`~dyllm_fx.TransformedModel` on a CUDA device, with a layer-uniform
-            policy (as for :func:`~dyllm_fx.export.to_onnx`).
+        model: a :class:`~dyllm_fx.TransformedModel` on a CUDA device, with any policy
+            :func:`~dyllm_fx.export.to_onnx` exports. A layer-uniform policy compiles to one
+            engine (rows from the host); a row policy (DyLLM, ES-dLLM, dLLM-Cache and their
+            compositions) to one engine per plan key of the layout, each its own step with the
+            gating inside, as the ONNX export's branches.
         max_batch, max_seq: upper bounds of the engine's dynamic batch and sequence length
             (``max_seq`` defaults to the model's window).
         opt_seq, opt_rows: the shapes TensorRT tunes for (default ``max_seq`` tokens, 32 rows:
-            one Fast-dLLM block).
+            one Fast-dLLM block; row policies tune for batch 1 and one block of logits).
         model_path: recorded in ``info`` like ``to_onnx`` does.
+        gen_length, block_length, steps, threshold, max_commit, keys: a row policy's layout
+            and plan keys, as for ``to_onnx``.
         **compile_options: passed to ``torch_tensorrt.dynamo.compile`` (e.g.
             ``enabled_precisions={torch.float16}``).
 
     Returns:
-        :class:`TensorRTStepModel`, usable with ``dyllm_fx.generate``.
+        :class:`TensorRTStepModel` or :class:`TensorRTPlanModel`, usable with ``dyllm_fx.generate``.
 
     Raises:
         TensorRTUnavailable: torch_tensorrt or CUDA is missing (the message says how to install).
@@ -111,6 +166,9 @@ def to_tensorrt(
     device = next(model.parameters()).device
     if device.type != "cuda":
         raise ExportError("the model is on the CPU; load it on the GPU first: dyllm_fx.load(path, device='cuda')")
+    if not is_layer_uniform(model.policy):
+        return _plan_engines(torch_tensorrt, model, device, max_batch, max_seq, opt_seq, model_path, compile_options,
+                             Layout(gen_length, block_length, steps, threshold, max_seq, max_commit), keys)
     max_seq = max_seq or model.diffusion.max_length or 4096
     if max_batch < 2 or max_seq < 24:
         raise ValueError(f"max_batch={max_batch} and max_seq={max_seq} must be at least 2 and 24 (the traced example)")
@@ -128,4 +186,27 @@ def to_tensorrt(
     return TensorRTStepModel(compiled, info, build_policy(info, model.policy), device)
 
 
-__all__ = ["INSTALL", "TensorRTStepModel", "TensorRTUnavailable", "require_tensorrt", "to_tensorrt"]
+def _plan_engines(torch_tensorrt, model, device, max_batch, max_seq, opt_seq, model_path, compile_options, layout, keys):
+    from .onnx_plans import input_names, output_names
+    from .plans import build_plan_step
+
+    build = build_plan_step(model, layout, keys)
+    opt_seq = opt_seq or build.layout.max_seq
+    engines = []
+    for i, program in enumerate(export_plan_programs(build, max_batch)):
+        with build.tracing():
+            engines.append(torch_tensorrt.dynamo.compile(
+                program, arg_inputs=_plan_trt_inputs(torch_tensorrt, build, i, max_batch, opt_seq), **compile_options
+            ))
+    info = step_graph_info(
+        model, model_path, graph="plans", inputs=input_names(build.step.layout.names, build.step.params),
+        outputs=output_names(build.step.layout.names), plans=build.plans_metadata(), state=build.state_metadata(),
+        params=dict(zip(build.step.params, build.step.param_values)), layout=build.layout.to_json(),
+    )
+    return TensorRTPlanModel(engines, info, plan_policy(info, None), device)
+
+
+__all__ = [
+    "INSTALL", "TensorRTPlanModel", "TensorRTStepModel", "TensorRTUnavailable", "export_plan_programs",
+    "require_tensorrt", "to_tensorrt",
+]

@@ -129,6 +129,10 @@ class StepInputs:
     # the model's extra step inputs, after the three standard ones (``StepProgram.input_names``):
     # e.g. DiffusionGemma's self-conditioning logits, encoder K/V prefix and key masks
     extras: tuple[torch.Tensor, ...] = ()
+    # a policy threshold as a 0-d fp32 tensor instead of the policy's own float (DyLLM's tau):
+    # what an exported step graph takes as an input, so changing it needs no re-export; None:
+    # the policy's value
+    tau: torch.Tensor | None = None
 
 
 @dataclass

@@ -25,10 +25,19 @@ from .params import number
 from .refresh import RefreshClock
 
 
+# Similarities this close to 1 are an unchanged row's rounding noise (a few ulp of the cosine,
+# whose deviation from 1 is second order in any real change): they are set to 1 exactly, so
+# unchanged rows tie and the stable top-k picks among them by position, the same in every
+# implementation of the step (eager, compiled, ONNX Runtime, another device), not by noise.
+UNCHANGED = 1e-5
+
+
 def value_similarity(v_new: torch.Tensor, v_cached: torch.Tensor) -> torch.Tensor:
-    """Per row cosine similarity over all heads: (B, KV, A, d) x2 -> (B, A), fp32."""
+    """Per row cosine similarity over all heads: (B, KV, A, d) x2 -> (B, A), fp32; values
+    within :data:`UNCHANGED` of 1 are 1."""
     a, b = v_new.float().transpose(1, 2).flatten(2), v_cached.float().transpose(1, 2).flatten(2)
-    return torch.nn.functional.cosine_similarity(a, b, dim=-1, eps=1e-8)
+    sim = torch.nn.functional.cosine_similarity(a, b, dim=-1, eps=1e-8)
+    return torch.where(sim > 1.0 - UNCHANGED, 1.0, sim)
 
 
 @dataclass

@@ -240,6 +240,7 @@ class DyLLMPolicy(Policy):
         pro = pieces.prologue(inp.input_ids, inp.attention_mask, inp.position_ids, *inp.extras)
         x = take(pro.h0, rows, 1)
         every = self.tau >= 1.0
+        tau = self.tau if inp.tau is None else inp.tau  # a tensor in exported graphs (an input)
         # Layer 0's changed rows: the tokens that changed, or every row when the first hidden
         # state also reads the last step's output (self-conditioning moves every row's input;
         # the official DiffusionGemma engine starts layer 0 from every canvas row too).
@@ -255,7 +256,7 @@ class DyLLMPolicy(Policy):
                 buffers.similarity[layer].fill_(float("nan"))
                 write_rows(buffers.similarity[layer], rows, torch.where(in_span, cos, float("nan")), 1)
             h_mid = pieces.post(layer, x, ctx)
-            salient = real if every else real & (cos < self.tau)
+            salient = real if every else real & (cos < tau)
             slots, valid = select_top(-cos, salient, capacity)  # the lowest cosines first
             counts.append(_counts(salient, valid))
             s_rows = take(rows, slots, 1)

@@ -1,0 +1,172 @@
+"""ONNX export of a row policy's step: one graph per plan key, all in one file.
+
+Each plan key the layout reaches (``plan_keys``) is exported on its own with torch's dynamo
+exporter (:class:`~dyllm_fx.export.policy_step.PolicyStep`, batch and sequence dynamic). The
+graphs are then merged into one model: the weights are stored once in the main graph, and each
+key's graph becomes a branch of a chain of ``If`` nodes selected by the ``plan`` input (a
+0-d int64, the key's index in the file's metadata). Every branch has the same inputs and
+outputs, so onnxruntime runs the file as one session with one I/O binding, whichever key the
+host picks. onnxscript's optimizer then folds constants, lifts the branches' constants into the
+main graph and deduplicates them (a weight transposed in every branch is stored once).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import torch
+
+from .policy_step import STEP_INPUTS, STEP_OUTPUTS, PolicyStep, dynamic_shapes, example_inputs
+
+PLAN_INPUT = "plan"
+
+
+def _ir():
+    import onnx_ir as ir
+
+    return ir
+
+
+def export_branch(step: PolicyStep, key: tuple, args: tuple, dims, input_names, output_names, opset: int, table):
+    """One key's graph as an ``onnx_ir`` model (not optimized: the merged model is)."""
+    step.key = key
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*axis name.*will not be used")
+        program = torch.onnx.export(
+            step, args, dynamo=True, opset_version=opset, dynamic_shapes=dims, input_names=input_names,
+            output_names=output_names, custom_translation_table=table, optimize=False, verbose=False,
+        )
+    return program.model
+
+
+def _fix_outputs(ir, graph, tag: str) -> None:
+    """Branch outputs must be produced inside the branch, once each: an output that is an outer
+    value (a state input passed through) or repeats another gets an Identity."""
+    seen = set()
+    for i, value in enumerate(list(graph.outputs)):
+        if value.producer() is None or value.producer().graph is not graph or id(value) in seen:
+            node = ir.Node("", "Identity", [value], name=f"{tag}pass_{i}")
+            graph.append(node)
+            node.outputs[0].type, node.outputs[0].shape = value.type, value.shape
+            graph.outputs[i] = node.outputs[0]
+        seen.add(id(graph.outputs[i]))
+
+
+def merge_branches(models: list, shared: set[str]):
+    """One model whose ``plan`` input picks which of ``models`` (same inputs and outputs) runs.
+
+    ``shared``: initializer names that hold the same tensor in every model (the module's
+    parameters): stored once in the main graph. Everything else keeps a per-branch name."""
+    ir = _ir()
+    first = models[0].graph
+    inputs = [ir.Value(name=v.name, type=v.type, shape=v.shape) for v in first.inputs]
+    plan = ir.Value(name=PLAN_INPUT, type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape([]))
+    output_names = [v.name for v in first.outputs]
+    main_inits: dict[str, object] = {}
+    branches = []
+    for i, model in enumerate(models):
+        graph, tag = model.graph, f"k{i}/"
+        if [v.name for v in graph.inputs] != [v.name for v in inputs]:
+            raise ValueError(f"branch {i} has inputs {[v.name for v in graph.inputs]}, not {[v.name for v in inputs]}")
+        for old, new in zip(list(graph.inputs), inputs):
+            old.replace_all_uses_with(new, replace_graph_outputs=True)
+        graph.inputs.clear()
+        local = []
+        for name in list(graph.initializers):
+            value = graph.initializers.pop(name)
+            if name in shared and name in main_inits:
+                value.replace_all_uses_with(main_inits[name], replace_graph_outputs=True)
+            elif name in shared:
+                main_inits[name] = value
+            else:
+                local.append(value)
+        for value in local:
+            value.name = tag + value.name
+            graph.initializers.add(value)
+        for node in graph.all_nodes():
+            node.name = tag + (node.name or node.op_type)
+            for out in node.outputs:
+                out.name = tag + (out.name or "v")
+        _fix_outputs(ir, graph, tag)
+        graph.name = f"plan_{i}"
+        branches.append(graph)
+    nodes = []
+    conds = []
+    for i in range(len(branches) - 1):
+        index = ir.Node("", "Constant", [], [ir.AttrTensor("value", ir.tensor(np.array(i, dtype=np.int64)))], name=f"plan_{i}_id")
+        equal = ir.Node("", "Equal", [plan, index.outputs[0]], name=f"is_plan_{i}")
+        index.outputs[0].name, equal.outputs[0].name = f"plan_{i}_id", f"is_plan_{i}"
+        nodes += [index, equal]
+        conds.append(equal.outputs[0])
+    reference = branches[0].outputs
+    chosen = branches[-1]
+    for i in range(len(branches) - 2, -1, -1):
+        node = ir.Node(
+            "", "If", [conds[i]],
+            [ir.AttrGraph("then_branch", branches[i]), ir.AttrGraph("else_branch", chosen)],
+            num_outputs=len(output_names), name=f"select_{i}",
+        )
+        for out, ref, name in zip(node.outputs, reference, output_names):
+            out.name = name if i == 0 else f"select_{i}/{name}"
+            out.type, out.shape = ref.type, ref.shape
+        if i == 0:
+            nodes.append(node)
+            outputs = list(node.outputs)
+        else:
+            chosen = ir.Graph([], list(node.outputs), nodes=[node], name=f"select_{i}")
+    if len(branches) == 1:  # one key: its graph is the model
+        only = branches[0]
+        nodes = list(only)
+        only.remove(nodes)
+        outputs = list(only.outputs)
+        only.outputs.clear()
+        for out, name in zip(outputs, output_names):
+            out.name = name
+        main_inits.update({v.name: v for v in list(only.initializers.values())})
+        for name in list(only.initializers):
+            only.initializers.pop(name)
+    graph = ir.Graph(
+        [*inputs, plan], outputs, nodes=nodes, initializers=list(main_inits.values()),
+        opset_imports=dict(first.opset_imports), name="dyllm_step",
+    )
+    functions = {}
+    for model in models:
+        functions.update({f.identifier(): f for f in model.functions.values()})
+    return ir.Model(graph, ir_version=models[0].ir_version, producer_name="dyllm-fx", functions=list(functions.values()))
+
+
+def optimize(model) -> None:
+    """onnxscript's optimizer on the merged model (folding, constant lifting and
+    deduplication across branches), as ``torch.onnx.export(optimize=True)`` runs per graph."""
+    import onnxscript.optimizer
+
+    onnxscript.optimizer.optimize_ir(model)
+
+
+def input_names(state_names: list[str], params: list[str]) -> list[str]:
+    return [*STEP_INPUTS, *params, *state_names]
+
+
+def output_names(state_names: list[str]) -> list[str]:
+    return [*STEP_OUTPUTS, *(f"{name}_out" for name in state_names)]
+
+
+def export_plans(step: PolicyStep, keys: list, spec, block: int, device, opset: int, table, progress=None):
+    """Every key's branch (``keys``: :class:`~dyllm_fx.export.plan_keys.KeyRange`), merged."""
+    names_in = input_names(step.layout.names, step.params)
+    names_out = output_names(step.layout.names)
+    params = dict(zip(step.params, step.param_values))
+    models = []
+    for i, kr in enumerate(keys):
+        if progress is not None:
+            progress(i, kr.key)
+        args = example_inputs(step.layout, kr.key, params, spec, kr.min_seq, kr.max_seq, block, device)
+        dims = dynamic_shapes(step.layout, len(step.params), kr.min_seq, kr.max_seq)
+        models.append(export_branch(step, kr.key, args, dims, names_in, names_out, opset, table))
+    shared = {name for name, _ in step.named_parameters(remove_duplicate=False)}
+    shared |= {name for name, _ in step.named_buffers(remove_duplicate=False)}
+    return merge_branches(models, shared)
+
+
+__all__ = ["PLAN_INPUT", "export_branch", "export_plans", "input_names", "merge_branches", "optimize", "output_names"]

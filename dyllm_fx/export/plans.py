@@ -1,0 +1,137 @@
+"""Everything an export of a row policy's step needs, built once for ONNX and TensorRT alike:
+the traced policy copy, its state layout, the plan keys (listed for a layout, or given), and
+what each key's step returns (counts, eligible), found by running each key once eagerly."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from dyllm_fx.runtime.policies import make_policy
+
+from .metadata import policy_config
+from .plan_keys import SEQ, KeyRange, Layout, decode_key, key_sizes, plan_keys
+from .policy_step import PolicyStep, StateLayout, example_inputs, export_policy, graph_params, plain_torch_ops
+from .step_module import ExportError
+
+
+def _to_json(key):
+    return [_to_json(k) for k in key] if isinstance(key, tuple) else key
+
+
+@dataclass
+class PlanBuild:
+    step: PolicyStep
+    keys: list[KeyRange]
+    layout: Layout
+    device: torch.device
+    counts: list[int]
+    eligible: list[bool]
+
+    def tracing(self):
+        """The context to trace the step in: plain-torch ops, no autograd."""
+        stack = contextlib.ExitStack()
+        stack.enter_context(plain_torch_ops())
+        stack.enter_context(torch.no_grad())
+        return stack
+
+    def example(self, i: int) -> tuple:
+        kr = self.keys[i]
+        params = dict(zip(self.step.params, self.step.param_values))
+        spec = self.step.spec
+        return example_inputs(self.step.layout, kr.key, params, spec, kr.min_seq, kr.max_seq, self.layout.block, self.device)
+
+    def plans_metadata(self) -> list[dict]:
+        return [
+            {"key": _to_json(kr.key), "counts": n, "eligible": e, "min_seq": kr.min_seq, "max_seq": kr.max_seq}
+            for kr, n, e in zip(self.keys, self.counts, self.eligible)
+        ]
+
+    def state_metadata(self) -> list:
+        return [e.to_json() for e in self.step.layout.entries]
+
+
+def _given_keys(keys, layout: Layout) -> list[KeyRange]:
+    """Graph keys given by the caller, each for the sequence lengths its sizes allow."""
+    out = []
+    for key in keys:
+        key = decode_key(list(key) if isinstance(key, tuple) else key)
+        sizes = list(key_sizes(key))
+        lo = max(layout.gen_length + 1, max(sizes, default=0) + 1)
+        if lo > layout.max_seq:
+            raise ExportError(f"plan key {key} needs sequences longer than max_seq={layout.max_seq}")
+        out.append(KeyRange(key, lo, layout.max_seq))
+    return sorted(set(out), key=lambda kr: str(kr.key))
+
+
+def check_round_trip(policy) -> dict:
+    """The policy's parameters as recorded in the metadata; ExportError when they do not rebuild
+    the same policy (a custom subclass, an attribute the constructor changes)."""
+    config = policy_config(policy)
+    try:
+        rebuilt = make_policy(policy.name, **config)
+    except (TypeError, ValueError) as err:
+        raise ExportError(f"policy {policy.name!r}: its parameters {config} do not rebuild it ({err})") from err
+    if type(rebuilt) is not type(policy) or policy_config(rebuilt) != config:
+        raise ExportError(f"policy {policy.name!r} ({type(policy).__name__}) is not rebuilt by make_policy from {config}")
+    return config
+
+
+def build_plan_step(model, layout: Layout, keys=None) -> PlanBuild:
+    """The :class:`PolicyStep` of ``model``'s row policy, its plan keys and their outputs."""
+    spec, program = model.diffusion, model.program
+    layout = layout.check(spec.max_length)
+    check_round_trip(model.policy)
+    traced = export_policy(model.policy, spec)
+    device = next(model.parameters()).device
+    state = StateLayout(program, traced, device)
+    params = graph_params(traced)
+    n_layers = len(program.attn)
+    ranges = plan_keys(traced, layout, n_layers, spec.logits_shift) if keys is None else _given_keys(keys, layout)
+    step = PolicyStep(program, traced, state, params, counts_len=0).eval()
+    step.spec = spec
+    build = PlanBuild(step, ranges, layout, device, [], [])
+    with build.tracing():
+        for i, kr in enumerate(ranges):
+            step.key = kr.key
+            step(*build.example(i))  # eager: what the key's step returns, and that its inputs fit
+            build.counts.append(step.last_counts)
+            build.eligible.append(step.last_eligible)
+    step.counts_len = max(build.counts, default=0)
+    return build
+
+
+
+
+
+@contextlib.contextmanager
+def record_plan_keys(model):
+    """Collect the graph keys the steps of ``model`` (a TransformedModel) plan while the block
+    runs, e.g. a calibration generation whose keys ``to_onnx(..., keys=...)`` then exports::
+
+        with record_plan_keys(fast) as keys:
+            dyllm_fx.generate(fast, tokenizer, prompts)
+        to_onnx(fast, "step.onnx", keys=keys)
+    """
+    from .plan_keys import graph_key
+
+    policy = model.policy
+    keys: list = []
+    plan = policy.plan
+
+    def recording(host):
+        out = plan(host)
+        key = graph_key(policy, out.key, host.seq_len)
+        if key not in keys:
+            keys.append(key)
+        return out
+
+    policy.plan = recording
+    try:
+        yield keys
+    finally:
+        del policy.plan
+
+__all__ = ["Layout", "PlanBuild", "SEQ", "build_plan_step", "check_round_trip", "record_plan_keys"]
