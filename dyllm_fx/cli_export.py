@@ -26,9 +26,9 @@ def add_export_parser(sub, parents=()) -> argparse.ArgumentParser:
                    help="a policy parameter, e.g. tau=0.99 (repeatable)")
     p.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="weight dtype (default float32)")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset, at least 18 (default 18)")
-    g = p.add_argument_group("layout (row policies): the generations the export serves")
-    g.add_argument("--gen-length", type=int, default=64, help="response length (default 64)")
-    g.add_argument("--block-length", type=int, default=32, help="block length (default 32)")
+    g = p.add_argument_group("layout (row policies only): the generations the export serves")
+    g.add_argument("--gen-length", type=int, default=None, help="response length (default 64)")
+    g.add_argument("--block-length", type=int, default=None, help="block length (default 32)")
     g.add_argument("--steps", type=int, default=None, help="denoising steps (default: gen-length)")
     g.add_argument("--threshold", action="store_true", help="serve confidence-threshold decoding (any tokens per step)")
     g.add_argument("--max-seq", type=int, default=None, help="longest prompt + response (default: the model's window)")
@@ -41,23 +41,76 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     from . import load, transform
     from .export import to_onnx
-    from .export.onnx_export import check_policy, require_onnx_export
+    from .errors import UsageError
+    from .export.onnx_export import MIN_OPSET, check_policy, require_onnx_export
+    from .export.step_module import is_layer_uniform
     from .policy_setup import parse_policy_args
     from .runtime.policies import make_policy
 
     params = parse_policy_args(args.policy_arg)
-    check_policy(make_policy(args.policy, **params))  # before the model is loaded and traced
+    if args.policy == "vanilla":
+        raise UsageError(
+            "--policy vanilla is the untransformed model, which has no cached step to export; export --policy dense "
+            "(every row, every step) or a method such as dual_cache or dyllm"
+        )
+    policy = make_policy(args.policy, **params)
+    check_policy(policy)  # everything below up to load() is checked before the model is loaded and traced
+    layout = _layout(args, is_layer_uniform(policy), policy.name)
+    if args.opset < MIN_OPSET:
+        raise UsageError(f"--opset {args.opset} is too old: the step graph needs opset {MIN_OPSET} or later")
+    _check_output(args.onnx)
     require_onnx_export()
     model, _ = load(args.model, dtype=getattr(torch, args.dtype), device="cpu")
     fast = transform(model, policy=args.policy, **params)  # with the model family's presets
-    layout = dict(gen_length=args.gen_length, block_length=args.block_length, steps=args.steps,
-                  threshold=args.threshold, max_seq=args.max_seq, max_commit=args.max_commit)
     path = to_onnx(fast, args.onnx, model_path=args.model, opset=args.opset, **layout)
     size = path.stat().st_size / 2**20
     graphs = _graph_count(path)
     print(f"wrote {path} ({size:.1f} MiB, {len(fast.program.attn)} layers, policy {fast.policy.name}, "
           f"{graphs} step graph{'s' if graphs > 1 else ''}, opset {args.opset})")
     return 0
+
+
+LAYOUT_OPTIONS = ("gen_length", "block_length", "steps", "threshold", "max_seq", "max_commit")
+
+
+def _layout(args: argparse.Namespace, uniform: bool, policy: str) -> dict:
+    """The layout options as ``to_onnx`` arguments, checked as the denoising loop checks its
+    schedule; a UsageError when they are given for a layer-uniform policy (its one graph
+    serves every layout, so they would be silently ignored)."""
+    from .errors import UsageError
+    from .export.plan_keys import Layout
+
+    given = [name for name in LAYOUT_OPTIONS if getattr(args, name) not in (None, False)]
+    if uniform:
+        if given:
+            flags = ", ".join("--" + name.replace("_", "-") for name in given)
+            raise UsageError(
+                f"{flags} only {'applies' if len(given) == 1 else 'apply'} to row policies (dyllm, es_dllm, dllm_cache, compositions): policy {policy!r} "
+                "exports one graph that serves every generation layout; drop them"
+            )
+        return {}
+    layout = {name: getattr(args, name) for name in LAYOUT_OPTIONS}
+    layout["gen_length"] = 64 if args.gen_length is None else args.gen_length
+    layout["block_length"] = 32 if args.block_length is None else args.block_length
+    for name in ("gen_length", "block_length", "steps", "max_seq", "max_commit"):
+        if layout[name] is not None and layout[name] < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {layout[name]}")
+    if args.threshold and args.steps is not None:
+        raise UsageError("--steps and --threshold exclude each other: threshold decoding takes any number of steps")
+    Layout(**layout).check(None)  # the block schedule's own checks (the window is checked after loading)
+    return layout
+
+
+def _check_output(path: str) -> None:
+    """The output file can be written: not a folder, its folder not a file."""
+    from pathlib import Path
+
+    out = Path(path)
+    if out.is_dir():
+        raise IsADirectoryError(f"--onnx {path} is a folder; give the .onnx file to write, e.g. {out / 'step.onnx'}")
+    parent = next((p for p in out.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise NotADirectoryError(f"--onnx {path}: {parent} is a file, not a folder")
 
 
 def _graph_count(path) -> int:

@@ -69,3 +69,42 @@ def test_tensorrt_engine_generates():
     got = dyllm_fx.generate(trt_model, tokenizer, prompts)
     expected = dyllm_fx.generate(fast, tokenizer, prompts)
     assert got.texts[:2] == expected.texts[:2] == [e.answer for e in held_out_set(2, tasks=("shift",))]
+
+
+def test_row_policy_without_tensorrt_names_the_install():
+    if HAS_TENSORRT:
+        pytest.skip("torch_tensorrt and a CUDA GPU are present: nothing is missing")
+    from tiny_checkpoints import tiny_llada
+
+    with pytest.raises(TensorRTUnavailable, match=re.escape('pip install "dyllm-fx[tensorrt]"')):
+        to_tensorrt(dyllm_fx.transform(tiny_llada(seed=1, n_layers=2), policy="dyllm"))
+
+
+def test_row_policy_programs_are_aten_and_decode_like_the_engine():
+    """What to_tensorrt compiles for a row policy: one torch.export program per plan key, aten
+    ops only (the gating included), which decode the engine's tokens through the PlanEngine."""
+    from tiny_checkpoints import tiny_llada, tiny_tokenizer
+
+    from dyllm_fx.export import Layout, record_plan_keys
+    from dyllm_fx.export.driver import PlanStepModel, TorchPlanBackend, plan_policy
+    from dyllm_fx.export.plans import build_plan_step
+    from dyllm_fx.export.tensorrt import export_plan_programs
+
+    tok, model = tiny_tokenizer(), tiny_llada(seed=21, n_layers=2)
+    prompts = ["rev:abc=", "kv:a1,b2?ab="]
+    gen = dict(gen_length=16, block_length=8, steps=16, stop_at_eos=False, progress=False)
+    fast = dyllm_fx.transform(model, policy="dual_cache+dyllm")
+    with record_plan_keys(fast) as keys:
+        expected = dyllm_fx.generate(fast, tok, prompts, **gen)
+    build = build_plan_step(fast, Layout(16, 8, max_seq=40), keys)
+    programs = export_plan_programs(build, max_batch=8)
+    assert len(programs) == len(keys) >= 2
+    targets = [{n.target for n in p.graph.nodes if n.op == "call_function"} for p in programs]
+    namespaces = {t.namespace for ts in targets for t in ts if hasattr(t, "namespace")}
+    assert namespaces <= {"aten"}, namespaces
+    assert any(torch.ops.aten.sort.stable in ts for ts in targets)  # the gating (select_top) is in the program
+    info = build.graph_info(fast, "default")
+    runner = PlanStepModel(TorchPlanBackend([p.module() for p in programs], "cpu"), info, plan_policy(info, None))
+    got = dyllm_fx.generate(runner, tok, prompts, **gen)
+    assert torch.equal(got.sequences, expected.sequences)
+    assert [r.kind for r in runner.engine.records] == [r.kind for r in fast.engine.records]

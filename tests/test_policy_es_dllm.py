@@ -243,3 +243,16 @@ def test_qkv_variations_score_before_the_skip_layers_attention(variation_kind):
     skip = [r for r in tm.engine.records if r.kind == "skip"]
     assert skip and all(r.active[0] > r.active[1] == r.active[2] == r.active[3] for r in skip)
     assert [8, 4, 4, 4] in [r.active for r in skip]
+
+
+def test_a_generation_does_not_depend_on_the_previous_one():
+    """The engine reuses its buffers between generations of one shape: the confidences of the
+    last generation's rows must not survive into the next (they steer the kept rows)."""
+    model, tok = _model(n_layers=2), tiny_tokenizer()
+    kw = dict(gen_length=16, block_length=8, steps=16, stop_at_eos=False, progress=False)
+    first, second = ["rev:abc=", "kv:a1,b2?ab="], ["kv:c3,d4?cd=", "shift:xyz="]
+    tm = dyllm_fx.transform(model, policy="es_dllm")
+    dyllm_fx.generate(tm, tok, first, **kw)
+    again = dyllm_fx.generate(tm, tok, second, **kw)
+    fresh = dyllm_fx.generate(dyllm_fx.transform(model, policy="es_dllm"), tok, second, **kw)
+    assert torch.equal(again.sequences, fresh.sequences)

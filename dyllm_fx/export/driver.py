@@ -150,8 +150,6 @@ class ExportedStepModel(nn.Module):
         )
 
 
-
-
 # --- row policies: the host half of a step exported per plan key -----------------------------
 
 

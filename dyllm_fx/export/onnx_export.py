@@ -153,7 +153,7 @@ def _rows_graph(model, model_path, opset: int, optimize: bool):
 def _plans_graph(model, model_path, opset: int, optimize: bool, layout, keys, progress):
     """(onnx_ir model, metadata) of a row policy's step: one branch per plan key."""
     from .lowering import translation_table
-    from .onnx_plans import export_plans, input_names, optimize as optimize_model, output_names
+    from .onnx_plans import export_plans, optimize as optimize_model
     from .plans import build_plan_step
 
     built = build_plan_step(model, layout, keys)
@@ -162,12 +162,7 @@ def _plans_graph(model, model_path, opset: int, optimize: bool, layout, keys, pr
                                translation_table(), progress)
     if optimize:
         optimize_model(program)
-    info = step_graph_info(
-        model, model_path, graph="plans", inputs=input_names(built.step.layout.names, built.step.params),
-        outputs=output_names(built.step.layout.names), plans=built.plans_metadata(), state=built.state_metadata(),
-        params=dict(zip(built.step.params, built.step.param_values)), layout=built.layout.to_json(),
-    )
-    return program, info
+    return program, built.graph_info(model, model_path)
 
 
 def _save(program, path: Path, external_data: bool | None) -> None:

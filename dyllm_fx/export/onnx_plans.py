@@ -137,11 +137,45 @@ def merge_branches(models: list, shared: set[str]):
 
 
 def optimize(model) -> None:
-    """onnxscript's optimizer on the merged model (folding, constant lifting and
-    deduplication across branches), as ``torch.onnx.export(optimize=True)`` runs per graph."""
+    """onnxscript's optimizer on the merged model (folding, constant lifting), as
+    ``torch.onnx.export(optimize=True)`` runs per graph, then :func:`deduplicate`: the
+    optimizer's own deduplication stops at 1024 elements, so each branch would keep its own
+    copy of the folded (transposed) MLP and head weights."""
     import onnxscript.optimizer
+    from onnx_ir.passes.common import LiftSubgraphInitializersToMainGraphPass
 
     onnxscript.optimizer.optimize_ir(model)
+    LiftSubgraphInitializersToMainGraphPass()(model)
+    deduplicate(model.graph)
+
+
+def deduplicate(graph) -> int:
+    """Replace every initializer of ``graph`` that equals an earlier one (dtype, shape and
+    bytes) by that one; returns how many were removed. Compares a digest first, so only one
+    tensor's bytes are held at a time."""
+    import hashlib
+
+    kept: dict[tuple, object] = {}
+    removed = 0
+    for value in list(graph.initializers.values()):
+        tensor = value.const_value
+        if tensor is None or value.is_graph_input() or value.is_graph_output():
+            continue
+        array = np.ascontiguousarray(tensor.numpy())
+        if array.dtype == object:  # string tensors: none in a step graph
+            continue
+        # the IR's own shape: a torch-backed tensor's numpy() can differ in rank (scalar vs [1])
+        key = (str(tensor.dtype), tuple(tensor.shape), hashlib.sha256(array.view(np.uint8).reshape(-1)).hexdigest())
+        first = kept.get(key)
+        if first is None:
+            kept[key] = value
+            continue
+        if not np.array_equal(np.ascontiguousarray(first.const_value.numpy()), array):
+            continue  # a digest collision: keep both
+        value.replace_all_uses_with(first)
+        graph.initializers.pop(value.name)
+        removed += 1
+    return removed
 
 
 def input_names(state_names: list[str], params: list[str]) -> list[str]:
@@ -169,4 +203,4 @@ def export_plans(step: PolicyStep, keys: list, spec, block: int, device, opset: 
     return merge_branches(models, shared)
 
 
-__all__ = ["PLAN_INPUT", "export_branch", "export_plans", "input_names", "merge_branches", "optimize", "output_names"]
+__all__ = ["PLAN_INPUT", "deduplicate", "export_branch", "export_plans", "input_names", "merge_branches", "optimize", "output_names"]

@@ -151,7 +151,8 @@ def read_step_graph(session, source: str) -> StepGraphInfo:
 
 
 class _Tokenizer:
-    """The tokenizer of the model folder an ONNX file records, loaded on first use."""
+    """The ``tokenizer`` property of the ONNX models: the one given to ``load_onnx``, else the
+    tokenizer of the model folder the file records, loaded on first use."""
 
     @property
     def tokenizer(self):
@@ -176,8 +177,8 @@ class OnnxPlanModel(_Tokenizer, PlanStepModel):
         self._tokenizer = tokenizer
 
 
-class OnnxStepModel(ExportedStepModel):
-    """An exported step graph in onnxruntime; pass it to ``dyllm_fx.generate`` as the model.
+class OnnxStepModel(_Tokenizer, ExportedStepModel):
+    """A layer-uniform step graph in onnxruntime; pass it to ``dyllm_fx.generate`` as the model.
 
     Attributes: ``info`` (the file's metadata), ``policy``, ``session``, ``tokenizer`` (the
     recorded model folder's tokenizer, loaded on first use, or the one given to load_onnx).
@@ -188,17 +189,6 @@ class OnnxStepModel(ExportedStepModel):
         self.path = path
         self.session = session
         self._tokenizer = tokenizer
-
-    @property
-    def tokenizer(self):
-        if self._tokenizer is None:
-            if not self.info.model_path:
-                raise ValueError(
-                    f"{self.path} records no model folder to load a tokenizer from; pass tokenizer= to load_onnx "
-                    "(CLI: --model FOLDER), or export with model_path=FOLDER (`dyllm export --model FOLDER`)"
-                )
-            self._tokenizer = load_tokenizer(resolve_model_path(self.info.model_path))
-        return self._tokenizer
 
 
 def load_onnx(

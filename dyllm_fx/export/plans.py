@@ -52,6 +52,17 @@ class PlanBuild:
     def state_metadata(self) -> list:
         return [e.to_json() for e in self.step.layout.entries]
 
+    def graph_info(self, model, model_path=None):
+        """The :class:`~dyllm_fx.export.metadata.StepGraphInfo` of these plan graphs."""
+        from .metadata import step_graph_info
+        from .onnx_plans import input_names, output_names
+
+        return step_graph_info(
+            model, model_path, graph="plans", inputs=input_names(self.step.layout.names, self.step.params),
+            outputs=output_names(self.step.layout.names), plans=self.plans_metadata(), state=self.state_metadata(),
+            params=dict(zip(self.step.params, self.step.param_values)), layout=self.layout.to_json(),
+        )
+
 
 def _given_keys(keys, layout: Layout) -> list[KeyRange]:
     """Graph keys given by the caller, each for the sequence lengths its sizes allow."""
@@ -101,9 +112,6 @@ def build_plan_step(model, layout: Layout, keys=None) -> PlanBuild:
             build.eligible.append(step.last_eligible)
     step.counts_len = max(build.counts, default=0)
     return build
-
-
-
 
 
 @contextlib.contextmanager

@@ -187,7 +187,6 @@ def to_tensorrt(
 
 
 def _plan_engines(torch_tensorrt, model, device, max_batch, max_seq, opt_seq, model_path, compile_options, layout, keys):
-    from .onnx_plans import input_names, output_names
     from .plans import build_plan_step
 
     build = build_plan_step(model, layout, keys)
@@ -198,11 +197,7 @@ def _plan_engines(torch_tensorrt, model, device, max_batch, max_seq, opt_seq, mo
             engines.append(torch_tensorrt.dynamo.compile(
                 program, arg_inputs=_plan_trt_inputs(torch_tensorrt, build, i, max_batch, opt_seq), **compile_options
             ))
-    info = step_graph_info(
-        model, model_path, graph="plans", inputs=input_names(build.step.layout.names, build.step.params),
-        outputs=output_names(build.step.layout.names), plans=build.plans_metadata(), state=build.state_metadata(),
-        params=dict(zip(build.step.params, build.step.param_values)), layout=build.layout.to_json(),
-    )
+    info = build.graph_info(model, model_path)
     return TensorRTPlanModel(engines, info, plan_policy(info, None), device)
 
 

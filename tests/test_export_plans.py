@@ -1,0 +1,358 @@
+"""Row policies exported to ONNX (dyllm_fx/export/plan_keys.py, policy_step.py, onnx_plans.py):
+each plan key's step is a graph of standard ops, onnxruntime decodes the torch engine's tokens
+on ragged batches, and the plan-key lists cover what real generations reach.
+
+Exporting is slow on a 2-core CPU (20 to 40 s per plan key for a 2-layer model), so the
+exports here are few: DyLLM, ES-dLLM and dLLM-Cache on a tiny LLaDA with the keys a
+calibration run met (``record_plan_keys``), and ``dual_cache+dyllm`` on a tiny Dream (GQA,
+shifted logits) through ``dyllm export`` with the layout's whole key list. The key lists
+themselves are checked against many generations without exporting anything.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from tiny_checkpoints import tiny_dream, tiny_llada, tiny_tokenizer, write_model
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+import dyllm_fx  # noqa: E402
+from dyllm_fx.cli import main  # noqa: E402
+from dyllm_fx.export import ExportedPlanMissing, ExportError, Layout, load_onnx, plan_keys, record_plan_keys, to_onnx  # noqa: E402
+from dyllm_fx.export.plan_keys import SEQ, bind, graph_key  # noqa: E402
+from dyllm_fx.runtime.policies import make_policy  # noqa: E402
+
+TOK = tiny_tokenizer()
+PROMPTS = ["rev:abc=", "kv:a1,b2?ab="]  # different lengths: a left-padded batch
+GEN = dict(gen_length=16, block_length=8, steps=16, stop_at_eos=False, progress=False)
+LAYOUT = dict(gen_length=16, block_length=8, max_seq=40)
+LOGITS_ATOL = 5e-4  # as tests/test_export_onnx.py: float32 summation order only
+
+
+def _sharpen(model):
+    head = model.model.transformer.ff_out.weight if hasattr(model.model, "transformer") else model.lm_head.weight
+    with torch.no_grad():
+        head.mul_(3.0)  # larger logit gaps: no near-ties between runs
+        head[model.diffusion.mask_token_id] = 0.0  # never predicts the mask itself: every block completes
+    return model
+
+
+@pytest.fixture(scope="module")
+def llada():
+    return _sharpen(tiny_llada(seed=21, n_layers=2))
+
+
+def _walk(graph):
+    """Every node of a graph and of its subgraphs (the If branches)."""
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from _walk(attr.g)
+
+
+def _logits_of(step_owner):
+    """Record every step's logits of a TransformedModel or an ONNX plan model."""
+    engine = step_owner.engine
+    seen, step = [], engine.step
+
+    def recording(*args, **kwargs):
+        out = step(*args, **kwargs)
+        seen.append(out.logits.clone())
+        return out
+
+    engine.step = recording
+    return seen
+
+
+class Export:
+    """A row policy exported with the keys one calibration generation met."""
+
+    def __init__(self, model, tmp, name, prompts=PROMPTS, gen=GEN, **cfg):
+        self.model, self.name, self.cfg, self.prompts, self.gen = model, name, cfg, prompts, gen
+        self.fast = dyllm_fx.transform(model, policy=name, **cfg)
+        with record_plan_keys(self.fast) as keys:
+            self.expected = dyllm_fx.generate(self.fast, TOK, prompts, **gen)
+        self.keys = list(keys)
+        self.path = to_onnx(self.fast, tmp / f"{name}.onnx", keys=self.keys, **LAYOUT)
+
+
+@pytest.fixture(scope="module")
+def dyllm_export(llada, tmp_path_factory):
+    return Export(llada, tmp_path_factory.mktemp("dyllm"), "dyllm")
+
+
+@pytest.fixture(scope="module")
+def es_export(llada, tmp_path_factory):
+    return Export(llada, tmp_path_factory.mktemp("es"), "es_dllm")
+
+
+@pytest.fixture(scope="module")
+def cache_export(llada, tmp_path_factory):
+    return Export(llada, tmp_path_factory.mktemp("cache"), "dllm_cache")
+
+
+# --- the graphs -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("which", ["dyllm_export", "es_export", "cache_export"])
+def test_graph_is_standard_onnx_with_one_branch_per_key(which, request):
+    exp = request.getfixturevalue(which)
+    proto = onnx.load(str(exp.path))
+    onnx.checker.check_model(proto, full_check=True)
+    nodes = list(_walk(proto.graph))
+    assert {n.domain for n in nodes} | {f.domain for f in proto.functions} <= {"", "ai.onnx"}
+    assert not any("dyllm" in n.op_type for n in nodes)
+    props = {p.key: p.value for p in proto.metadata_props}
+    plans = json.loads(props["dyllm.plans"])
+    assert len(plans) == len(exp.keys) and props["dyllm.graph"] == "plans"
+    assert sum(n.op_type == "If" for n in nodes) == len(plans) - 1  # a chain of If over the `plan` input
+    ops = {n.op_type for n in nodes}
+    assert {"TopK", "GatherElements", "ScatterElements", "Where"} <= ops  # the gating is inside the graph
+    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in proto.graph.input}
+    assert dims["input_ids"] == ["batch", "seq"] and dims["plan"] == [] and dims["k_cache_1"] == ["batch", 4, "seq", 8]
+    assert dims["logit_positions"] == ["batch", "positions"]
+    # the weights are stored once, whatever the number of branches
+    weights = sum(int(np.prod(i.dims)) for i in proto.graph.initializer if len(i.dims) == 2)
+    assert weights < 1.5 * sum(p.numel() for p in exp.fast.parameters() if p.dim() == 2)
+
+
+def test_dyllm_graph_holds_its_buffers_and_tau(dyllm_export):
+    proto = onnx.load(str(dyllm_export.path))
+    names = [i.name for i in proto.graph.input]
+    assert names[:7] == ["input_ids", "attention_mask", "position_ids", "logit_positions", "span_start", "span_len", "tau"]
+    assert {"context_0", "mlp_1", "prev_ids", "hidden"} <= set(names)
+    outputs = [o.name for o in proto.graph.output]
+    assert outputs[:3] == ["logits", "eligible", "counts"] and "context_0_out" in outputs
+    props = {p.key: p.value for p in proto.metadata_props}
+    assert json.loads(props["dyllm.params"]) == {"tau": 0.99}
+    assert json.loads(props["dyllm.policy_config"])["capacity"] == "auto"
+    keys = [tuple(p["key"][:2]) for p in json.loads(props["dyllm.plans"])]
+    assert ("sparse", SEQ) in keys  # a full-query step: its width is the sequence axis
+
+
+# --- onnxruntime against the torch engine ---------------------------------------------------
+
+
+@pytest.mark.parametrize("which", ["dyllm_export", "es_export", "cache_export"])
+def test_onnxruntime_decodes_the_engines_tokens(which, request):
+    exp = request.getfixturevalue(which)
+    onnx_model = load_onnx(exp.path, threads=1, tokenizer=TOK)
+    logits = _logits_of(onnx_model)
+    reference = dyllm_fx.transform(exp.model, policy=exp.name, **exp.cfg)
+    want = _logits_of(reference)
+    expected = dyllm_fx.generate(reference, TOK, exp.prompts, **exp.gen)
+    got = dyllm_fx.generate(onnx_model, TOK, exp.prompts, **exp.gen)
+    assert torch.equal(got.sequences, expected.sequences)
+    assert torch.equal(got.sequences, exp.expected.sequences)
+    assert got.stats.nfe == expected.stats.nfe and len(logits) == len(want)
+    assert max((a - b).abs().max().item() for a, b in zip(logits, want)) < LOGITS_ATOL
+    assert sum(got.stats.overflow) == sum(expected.stats.overflow) == 0  # the capacity held every row
+    kinds = [r.kind for r in onnx_model.engine.records]
+    assert kinds == [r.kind for r in reference.engine.records] and len(set(kinds)) >= 2
+
+
+def test_es_dllm_eligible_reaches_the_loop(es_export):
+    """Rows that skipped a layer come back not eligible, so the loop never commits them."""
+    onnx_model = load_onnx(es_export.path, threads=1, tokenizer=TOK)
+    seen = []
+    step = onnx_model.engine.step
+
+    def recording(*args, **kwargs):
+        out = step(*args, **kwargs)
+        seen.append(out.eligible)
+        return out
+
+    onnx_model.engine.step = recording
+    dyllm_fx.generate(onnx_model, TOK, es_export.prompts, **es_export.gen)
+    restricted = [e for e in seen if e is not None]
+    assert restricted and all(not bool(e.all()) for e in restricted)
+    assert seen[0] is None  # the first (full) step ran every row
+
+
+def test_tau_is_an_input_no_reexport(dyllm_export):
+    """Another tau runs on the same file and gives the engine's tokens for that tau."""
+    model = dyllm_export.model
+    for tau in (0.9, 0.999):
+        want = dyllm_fx.generate(dyllm_fx.transform(model, policy="dyllm", tau=tau), TOK, PROMPTS, **GEN)
+        onnx_model = load_onnx(dyllm_export.path, threads=1, tokenizer=TOK, policy_args={"tau": tau})
+        assert onnx_model.policy.tau == tau
+        try:
+            got = dyllm_fx.generate(onnx_model, TOK, PROMPTS, **GEN)
+        except ExportedPlanMissing:  # another tau may reach a capacity the calibration run did not
+            continue
+        assert torch.equal(got.sequences, want.sequences)
+
+
+def test_state_stays_in_onnxruntime(dyllm_export):
+    onnx_model = load_onnx(dyllm_export.path, threads=1, tokenizer=TOK)
+    dyllm_fx.generate(onnx_model, TOK, PROMPTS, **GEN)
+    state = onnx_model.engine.state
+    assert state and all(isinstance(v, ort.OrtValue) for v in state)
+    assert len(state) == len(onnx_model.info.state)
+
+
+def test_a_second_generation_matches_a_second_engine_generation(dyllm_export):
+    """State kept between generations as the engine keeps its buffers: the same tokens again,
+    also for a batch of another size (the state is reallocated)."""
+    onnx_model = load_onnx(dyllm_export.path, threads=1, tokenizer=TOK)
+    reference = dyllm_fx.transform(dyllm_export.model, policy="dyllm")
+    for prompts in (PROMPTS, PROMPTS[::-1], PROMPTS[:1]):
+        want = dyllm_fx.generate(reference, TOK, prompts, **GEN)
+        try:
+            got = dyllm_fx.generate(onnx_model, TOK, prompts, **GEN)
+        except ExportedPlanMissing:
+            continue
+        assert torch.equal(got.sequences, want.sequences)
+
+
+# --- what the runner refuses ----------------------------------------------------------------
+
+
+def test_runner_refuses_what_the_graph_cannot_run(dyllm_export):
+    path = dyllm_export.path
+    with pytest.raises(ExportError, match="exported for policy 'dyllm' and cannot run 'es_dllm'"):
+        load_onnx(path, policy="es_dllm")
+    with pytest.raises(ExportError, match=r"capacity=8 \(exported with 'auto'\).*only \['tau'\] can change"):
+        load_onnx(path, policy=make_policy("dyllm", capacity=8))
+    with pytest.raises(ExportError, match="tau=1 marks every row"):
+        load_onnx(path, policy_args={"tau": 1.0})
+    onnx_model = load_onnx(path, threads=1, tokenizer=TOK)
+    with pytest.raises(ExportedPlanMissing, match="exported for gen_length=16, block_length=8.*--gen-length 16"):
+        dyllm_fx.generate(onnx_model, TOK, PROMPTS, gen_length=32, block_length=8, steps=32, progress=False)
+    with pytest.raises(ExportedPlanMissing, match="max_seq=40"):
+        dyllm_fx.generate(onnx_model, TOK, ["kv:" + "a1," * 10 + "?a="], **GEN)
+
+
+def test_a_key_the_file_lacks_is_named(llada, tmp_path):
+    fast = dyllm_fx.transform(llada, policy="dual_cache+dyllm")
+    path = to_onnx(fast, tmp_path / "one.onnx", keys=[("full",)], **LAYOUT)
+    onnx_model = load_onnx(path, threads=1, tokenizer=TOK)
+    with pytest.raises(ExportedPlanMissing, match=r"no branch for plan key \('sparse', 8, 8, 'exact', False\)"):
+        dyllm_fx.generate(onnx_model, TOK, PROMPTS, **GEN)
+
+
+def test_custom_policy_is_refused(llada, tmp_path):
+    from dyllm_fx.runtime.policies import Policy
+
+    class Custom(Policy):
+        name = "custom"
+
+    fast = dyllm_fx.transform(llada, policy=Custom())
+    with pytest.raises(ExportError, match="'custom'.*cannot be exported.*layer_uniform = True"):
+        to_onnx(fast, tmp_path / "x.onnx")
+    assert not (tmp_path / "x.onnx").exists()
+
+
+# --- the CLI, on a tiny Dream (grouped-query attention, shifted logits) ----------------------
+
+
+def test_cli_export_and_generate_dream(tmp_path, capsys):
+    folder = write_model(_sharpen(tiny_dream(seed=5, num_hidden_layers=2)), tmp_path / "dream")
+    out = tmp_path / "step.onnx"
+    assert main(["export", "--onnx", str(out), "--model", str(folder), "--policy", "dual_cache+dyllm",
+                 "--policy-arg", "tau=0.99", "--gen-length", "16", "--block-length", "8"]) == 0
+    assert "2 step graphs" in capsys.readouterr().out
+    proto = onnx.load(str(out))
+    onnx.checker.check_model(proto, full_check=True)
+    assert {n.domain for n in _walk(proto.graph)} <= {""}
+    prompts = PROMPTS
+    model, _ = dyllm_fx.load(str(folder))
+    want = dyllm_fx.generate(dyllm_fx.transform(model, policy="dual_cache+dyllm", tau=0.99), TOK, prompts, **GEN)
+    got = dyllm_fx.generate(load_onnx(out, threads=1), TOK, prompts, **GEN)
+    assert torch.equal(got.sequences, want.sequences)
+    argv = ["generate", "--onnx", str(out), "--gen-length", "16", "--block-length", "8", "--json", *prompts]
+    assert main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [o["text"] for o in report["outputs"]] == dyllm_fx.generate(
+        dyllm_fx.transform(model, policy="dual_cache+dyllm", tau=0.99), TOK, prompts,
+        gen_length=16, block_length=8).texts
+    assert report["policy"] == "dual_cache+dyllm"
+    assert main(["generate", "--onnx", str(out), "--policy-arg", "tau=0.95", "--gen-length", "16",
+                 "--block-length", "8", *prompts]) == 0
+
+
+def test_cli_export_errors_are_one_line(tmp_path, capsys):
+    assert main(["export", "--onnx", str(tmp_path / "x.onnx"), "--policy", "dyllm", "--policy-arg", "tau=2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "error:" in err and "tau" in err
+    assert main(["export", "--onnx", str(tmp_path / "x.onnx"), "--policy", "dyllm", "--gen-length", "16",
+                 "--block-length", "5"]) == 2
+    assert "block_length=5 must divide gen_length=16" in capsys.readouterr().err
+
+
+# --- the plan-key lists against real generations (no export) --------------------------------
+
+CALIBRATIONS = [
+    ("dyllm", {}, "llada", dict(gen_length=16, block_length=8, steps=16)),
+    ("dyllm", {"cached_softmax_stats": True, "refresh_interval": 5}, "llada", dict(gen_length=16, block_length=8, steps=8)),
+    ("dual_cache+dyllm", {"refresh_interval": 3}, "dream", dict(gen_length=16, block_length=8, steps=16)),
+    ("prefix_cache+dyllm", {}, "llada", dict(gen_length=24, block_length=8, threshold=0.5)),
+    ("es_dllm", {}, "llada", dict(gen_length=16, block_length=8, steps=16)),
+    ("es_dllm", {}, "dream", dict(gen_length=16, block_length=8, steps=8)),
+    ("es_dllm", {"variation": "value", "block_update_freq": 4}, "llada", dict(gen_length=24, block_length=8, threshold=0.6)),
+    ("dual_cache+es_dllm", {}, "llada", dict(gen_length=16, block_length=8, steps=16)),
+    ("dllm_cache", {"response_interval": 3}, "llada", dict(gen_length=16, block_length=8, steps=16)),
+    ("prefix_cache+dllm_cache", {}, "dream", dict(gen_length=16, block_length=4, steps=8)),
+]
+
+
+@pytest.mark.parametrize("name, cfg, family, gen", CALIBRATIONS, ids=[f"{c[0]}-{i}" for i, c in enumerate(CALIBRATIONS)])
+def test_plan_keys_cover_what_generations_reach(name, cfg, family, gen):
+    model = tiny_llada(seed=3, n_layers=2) if family == "llada" else tiny_dream(seed=4, num_hidden_layers=2)
+    fast = dyllm_fx.transform(model, policy=name, **cfg)
+    prompt_sets = [PROMPTS, ["kv:a1,b2,c3,d4?cd=", "rev:ab=", "shift:xyz="], ["a="]]
+    reached = set()
+    lengths = set()
+    with record_plan_keys(fast) as keys:
+        for prompts in prompt_sets:
+            out = dyllm_fx.generate(fast, TOK, prompts, progress=False, **gen)
+            lengths.add(out.sequences.shape[1])
+    reached = set(keys)
+    layout = Layout(gen["gen_length"], gen["block_length"], gen.get("steps"), "threshold" in gen, max(lengths) + 3)
+    listed = {k.key for k in plan_keys(fast.policy, layout.check(None), 2, model.diffusion.logits_shift)}
+    assert reached <= listed, sorted(reached - listed, key=str)
+    assert len(listed) <= 40
+
+
+def test_graph_keys_tie_sizes_to_the_sequence():
+    dyllm = make_policy("dyllm")
+    assert graph_key(dyllm, ("sparse", 30, 30, "exact", False), 30) == ("sparse", SEQ, SEQ, "exact", False)
+    assert graph_key(dyllm, ("sparse", 30, 16, "exact", False), 30) == ("sparse", SEQ, 16, "exact", False)
+    assert graph_key(dyllm, ("sparse", 16, 8, "exact", False), 30) == ("sparse", 16, 8, "exact", False)
+    es = make_policy("es_dllm")
+    # a skip layer's index is not a size, even when it equals the length
+    assert graph_key(es, ("skip", 16, ((2, 3),)), 2) == ("skip", 16, ((2, 3),))
+    assert bind(("sparse", SEQ, 8), 21) == ("sparse", 21, 8)
+
+
+def test_plan_keys_refuse_a_layout_too_wide():
+    with pytest.raises(ValueError, match="more than 64 step shapes.*scope='all'"):
+        plan_keys(make_policy("dllm_cache", scope="all"), Layout(16, 8, max_seq=400).check(None), 2, 0)
+
+
+def test_deduplicate_merges_equal_initializers_only():
+    """Equal weights in several branches are stored once; a scalar and a [1] tensor of the same
+    bytes, or the same bytes in another dtype, stay apart (Concat needs the rank)."""
+    import onnx_ir as ir
+
+    from dyllm_fx.export.onnx_plans import deduplicate
+
+    w = torch.randn(40, 30).t()  # not contiguous, as the exporter's folded transposes are
+    values = {
+        "w": ir.tensor(w), "w_copy": ir.tensor(w.contiguous().clone()), "w_other": ir.tensor(w + 1),
+        "scalar": ir.tensor(np.array(1, dtype=np.int64)), "one": ir.tensor(np.array([1], dtype=np.int64)),
+        "one_copy": ir.tensor(np.array([1], dtype=np.int64)), "one_i32": ir.tensor(np.array([1, 0], dtype=np.int32)),
+    }
+    inits = [ir.Value(name=n, const_value=t) for n, t in values.items()]
+    node = ir.Node("", "Identity", [inits[1]], name="use")
+    graph = ir.Graph([], [node.outputs[0]], nodes=[node], initializers=inits, opset_imports={"": 18})
+    assert deduplicate(graph) == 2
+    assert sorted(graph.initializers) == ["one", "one_i32", "scalar", "w", "w_other"]
+    assert node.inputs[0].name == "w"  # the user now reads the kept copy
