@@ -145,6 +145,11 @@ def test_cli_generate_onnx(exported, capsys):
     prompt, answer = held_out_set(1, tasks=("shift",))[0].prompt, held_out_set(1, tasks=("shift",))[0].answer
     assert main(["generate", "--onnx", str(exported["dual_cache"]), prompt]) == 0
     assert capsys.readouterr().out.strip() == answer
+    # a row policy on a layer-uniform file: the message names the export that runs it
+    assert main(["generate", "--onnx", str(exported["dual_cache"]), "--policy", "dyllm", prompt]) == 2
+    assert "dyllm export --onnx FILE --policy dyllm" in capsys.readouterr().err
+    assert main(["generate", "--onnx", str(exported["dual_cache"]), "--policy-arg", "tau=0.9", prompt]) == 2
+    assert "layer-uniform step graph" in capsys.readouterr().err
 
 
 class _PerLayer(Policy):

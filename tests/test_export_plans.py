@@ -114,7 +114,8 @@ def test_graph_is_standard_onnx_with_one_branch_per_key(which, request):
     assert len(plans) == len(exp.keys) and props["dyllm.graph"] == "plans"
     assert sum(n.op_type == "If" for n in nodes) == len(plans) - 1  # a chain of If over the `plan` input
     ops = {n.op_type for n in nodes}
-    assert {"TopK", "GatherElements", "ScatterElements", "Where"} <= ops  # the gating is inside the graph
+    assert {"TopK", "GatherElements", "Where"} <= ops  # the gating is inside the graph
+    assert ops & {"ScatterElements", "ScatterND"}  # and so are the row writes (scatter_ / index_put_)
     dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in proto.graph.input}
     assert dims["input_ids"] == ["batch", "seq"] and dims["plan"] == [] and dims["k_cache_1"] == ["batch", 4, "seq", 8]
     assert dims["logit_positions"] == ["batch", "positions"]

@@ -241,7 +241,8 @@ def load_onnx(
         policy = build_policy(info, policy)
         raise ValueError(
             f"policy_args {sorted(policy_args)} given for a layer-uniform step graph (policy {policy.name!r}); its "
-            "rows come from the host: pass policy=make_policy(name, **params) instead"
+            "rows come from the host: pass policy=make_policy(name, **params) instead (CLI: --policy NAME "
+            "--policy-arg KEY=VALUE)"
         )
     return OnnxStepModel(path, session, info, build_policy(info, policy), tokenizer)
 

@@ -58,9 +58,10 @@ def check_layer_uniform(policy: Policy) -> None:
     if not is_layer_uniform(policy):
         names = ", ".join(p.name for p in LAYER_UNIFORM_POLICIES)
         raise ExportError(
-            f"policy {policy.name!r} is not layer-uniform: it chooses rows per layer inside the step, which an "
-            f"exported graph (one row set for every layer) cannot express. Export with one of: {names}; run "
-            f"{policy.name!r} with dyllm_fx.generate() on the transformed model instead"
+            f"policy {policy.name!r} is not layer-uniform: it chooses rows per layer inside the step, which a "
+            f"layer-uniform step graph (one row set for every layer; it runs {names}) cannot express. Export "
+            f"{policy.name!r}'s own step graph: dyllm export --onnx FILE --policy {policy.name} "
+            f"(dyllm_fx.export.to_onnx on a model transformed with policy={policy.name!r})"
         )
 
 
