@@ -241,7 +241,9 @@ class PlanEngine:
             self.warm = False
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        host = HostState(input_ids, attention_mask, cold=not self.warm, n_layers=self.n_layers, **host_info)
+        # as StepEngine: ``relayout`` (rows moved to new columns) makes a warm state cold too
+        cold = not self.warm or bool(host_info.get("relayout", False))
+        host = HostState(input_ids, attention_mask, cold=cold, n_layers=self.n_layers, **host_info)
         if host.cold:
             self.check_layout(host)
         plan = self.policy.plan(host)
