@@ -141,10 +141,19 @@ def optimize(model) -> None:
     ``torch.onnx.export(optimize=True)`` runs per graph, then :func:`deduplicate`: the
     optimizer's own deduplication stops at 1024 elements, so each branch would keep its own
     copy of the folded (transposed) MLP and head weights."""
+    import logging
+
     import onnxscript.optimizer
     from onnx_ir.passes.common import LiftSubgraphInitializersToMainGraphPass
 
-    onnxscript.optimizer.optimize_ir(model)
+    # its deduplication warns about each constant graph output (a key's zero counts): expected
+    quiet = logging.getLogger("onnx_ir.passes.common.initializer_deduplication")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        onnxscript.optimizer.optimize_ir(model)
+    finally:
+        quiet.setLevel(level)
     LiftSubgraphInitializersToMainGraphPass()(model)
     deduplicate(model.graph)
 
