@@ -68,11 +68,13 @@ def run_policy(name: str, model, tokenizer, groups, args, folder: Path) -> dict:
     path = folder / f"{name.replace('+', '_')}.onnx"
     start = time.perf_counter()
     layout = dict(gen_length=GEN["gen_length"], block_length=GEN["block_length"], steps=GEN["steps"])
-    if uniform:
-        to_onnx(eager, path, model_path="default")
-    else:
-        to_onnx(eager, path, model_path="default", keys=None if args.full_layout else list(keys), **layout)
-    export_s = time.perf_counter() - start
+    export_s = None
+    if not (args.reuse and path.is_file()):
+        if uniform:
+            to_onnx(eager, path, model_path="default")
+        else:
+            to_onnx(eager, path, model_path="default", keys=None if args.full_layout else list(keys), **layout)
+        export_s = time.perf_counter() - start
     onnx_model = load_onnx(path, device="cpu", threads=args.threads)
     graphs = 1 if uniform else len(onnx_model.info.plans)
     _, eager_tps = timed(eager, tokenizer, groups, args.repeats)
@@ -99,7 +101,7 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         compiled = "-" if r["compiled_tps"] is None else f"{r['compiled_tps']:.1f}"
         lines.append(
-            f"| {r['policy']} | {r['graphs']} | {r['export_s']:.0f} | {r['onnx_mib']:.1f} | {r['eager_tps']:.1f} "
+            f"| {r['policy']} | {r['graphs']} | {'-' if r['export_s'] is None else format(r['export_s'], '.0f')} | {r['onnx_mib']:.1f} | {r['eager_tps']:.1f} "
             f"| {compiled} | {r['ort_tps']:.1f} | {r['ort_tps'] / r['eager_tps']:.2f}x | {r['same_tokens']} |"
         )
     return "\n".join(lines)
@@ -116,6 +118,8 @@ def main(argv=None) -> int:
     p.add_argument("--full-layout", action="store_true",
                    help="export every plan key the layout can reach, not only those the prompts meet")
     p.add_argument("--out", default=None, help="folder for the .onnx files (default: a temporary one)")
+    p.add_argument("--reuse", action="store_true",
+                   help="time the .onnx files already in --out instead of exporting again (no export time)")
     p.add_argument("--json", default=None, help="also write the rows as JSON")
     p.add_argument("--quick", action="store_true", help="dual_cache and dyllm on 2 prompts, 1 repeat, no compile")
     args = p.parse_args(argv)
