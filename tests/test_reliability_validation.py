@@ -136,7 +136,7 @@ class ParallelBlocks(_Blocks):
 
 
 class ScaledResidual(_Blocks):
-    """Sequential blocks, but the stream is rescaled between blocks."""
+    """Sequential blocks, but the stream is rescaled between blocks (a row-wise op: supported)."""
 
     def forward(self, input_ids, attention_mask=None, position_ids=None):
         x = self.emb(input_ids)
@@ -146,11 +146,23 @@ class ScaledResidual(_Blocks):
         return self.head(x)
 
 
+class MixedResidual(_Blocks):
+    """Sequential blocks, but the stream is mixed across positions between blocks."""
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None):
+        x = self.emb(input_ids)
+        for blk in self.blocks:
+            x = x + self.attn(blk, x)
+            x = x + self.mlp(blk, x)
+            x = x - x.mean(dim=1, keepdim=True)
+        return self.head(x)
+
+
 @pytest.mark.parametrize(
     "model_cls, block, node, what",
     [
         (ParallelBlocks, 0, "scaled_dot_product_attention", "no MLP branch"),
-        (ScaledResidual, 1, "scaled_dot_product_attention_1", "plain residual stream"),
+        (MixedResidual, 1, "scaled_dot_product_attention_1", "row-wise ops"),
     ],
 )
 def test_transform_names_the_block_and_node_it_cannot_match(model_cls, block, node, what):
@@ -161,6 +173,19 @@ def test_transform_names_the_block_and_node_it_cannot_match(model_cls, block, no
     assert f"block {block} (attention node '{node}')" in msg
     assert what in msg
     assert "write the model's blocks in that form" in msg  # the fix
+
+
+def test_row_wise_op_between_blocks_is_recomputed_exactly():
+    # A scale between blocks is cut into the next block's input: the dense transform is exact.
+    torch.manual_seed(0)
+    model = ScaledResidual().eval()
+    ids = torch.randint(2, 19, (2, 12))
+    with torch.no_grad():
+        want = model(ids)
+        got = dyllm_fx.transform(model, policy="dense")(ids)
+    want = getattr(want, "logits", want)
+    got = getattr(got, "logits", got)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
 
 
 # --------------------------------------------------------------------------- policy parameters
