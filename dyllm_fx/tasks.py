@@ -29,6 +29,9 @@ SHIFT_LENGTH = 32  # letters of a shift instance (the README's set-up command is
 LENGTH = 16  # characters of a reverse, sort, lookup or running_sum instance
 ADD_DIGITS = 8  # digits of each addend
 LOOKUP_KEYS = 10  # entries of a lookup table
+# Held-out prompts per task that `dyllm bench` and `dyllm eval` score by default: 70 x 6 tasks
+# = 420 prompts, so that one prompt is 0.24 points and a 95% interval is about +-5 points.
+HELD_OUT_PER_TASK = 70
 
 
 @dataclass(frozen=True)
