@@ -91,7 +91,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-every", type=int, default=2000, help="held-out exact match every N steps (0: only at the end)")
     p.add_argument("--eval-n", type=int, default=16, help="held-out prompts per task for those evaluations")
     p.add_argument("--init-from", default=None,
-                   help="continue from this checkpoint folder (same architecture; its optimizer.pt is loaded when present)")
+                   help="continue from this checkpoint folder (same architecture; its optimizer.pt is loaded when present). "
+                        "With --arch dream, a LLaDA folder is converted to the Dream layout and trained with the shift")
     args = p.parse_args(argv)
     if args.arch is None:
         args.arch = json.loads((Path(args.init_from) / "config.json").read_text()).get("model_type", "llada") if (
@@ -132,6 +133,37 @@ def build_model(args: argparse.Namespace, tokenizer):
         elif name.endswith(".bias"):
             torch.nn.init.zeros_(p)
     return model
+
+
+def llada_to_dream(llada: LLaDAModelLM) -> DreamModel:
+    """A Dream-architecture model holding a LLaDA model's weights (q/k/v biases zero, the same
+    norms, RoPE and vocabulary), for ``--arch dream --init-from LLADA_FOLDER``: Dream itself
+    was initialised from an existing model. The logit shift is not carried over; training
+    with the shifted loss teaches it."""
+    c = llada.config
+    cfg = DreamConfig(
+        hidden_size=c.d_model, intermediate_size=c.mlp_hidden_size, num_hidden_layers=c.n_layers,
+        num_attention_heads=c.n_heads, num_key_value_heads=c.kv_heads, vocab_size=c.padded_vocab,
+        max_position_embeddings=c.max_sequence_length, rope_theta=c.rope_theta, rms_norm_eps=c.rms_norm_eps,
+        tie_word_embeddings=c.weight_tying, mask_token_id=c.mask_token_id, eos_token_id=c.eos_token_id,
+        pad_token_id=c.pad_token_id,
+    )
+    dream = DreamModel(cfg)
+    src = llada.state_dict()
+    names = {"model.transformer.wte.weight": "model.embed_tokens.weight", "model.transformer.ln_f.weight": "model.norm.weight",
+             "model.transformer.ff_out.weight": "lm_head.weight"}
+    block = {"attn_norm": "input_layernorm", "ff_norm": "post_attention_layernorm", "q_proj": "self_attn.q_proj",
+             "k_proj": "self_attn.k_proj", "v_proj": "self_attn.v_proj", "attn_out": "self_attn.o_proj",
+             "ff_proj": "mlp.gate_proj", "up_proj": "mlp.up_proj", "ff_out": "mlp.down_proj"}
+    for i in range(c.n_layers):
+        for a, b in block.items():
+            names[f"model.transformer.blocks.{i}.{a}.weight"] = f"model.layers.{i}.{b}.weight"
+    state = {names[k]: v for k, v in src.items()}
+    for name, p in dream.named_parameters():
+        if name.endswith(".bias"):
+            state[name] = torch.zeros_like(p)
+    dream.load_state_dict(state, strict=True)
+    return dream
 
 
 def logits_shift(model) -> int:
@@ -214,12 +246,18 @@ def main(argv: list[str] | None = None) -> None:
         src = Path(args.init_from)
         model = load_model(src).train()
         arch = model.architecture
-        if arch != args.arch:
+        converted = arch == "llada" and args.arch == "dream"
+        if converted:
+            model = llada_to_dream(model).train()
+        elif arch != args.arch:
             raise SystemExit(f"--init-from {src} is a {arch} checkpoint but --arch is {args.arch}")
         if (src / "training.json").is_file():
             history = json.loads((src / "training.json").read_text())
             history.setdefault("stages", [])
-        if (src / OPTIMIZER_FILE).is_file():
+            if converted:
+                history["initialised_from"] = {"architecture": "llada", "folder": str(src), "stages": history.pop("stages")}
+                history["stages"] = []
+        if (src / OPTIMIZER_FILE).is_file() and not converted:
             opt_state = torch.load(src / OPTIMIZER_FILE, map_location="cpu")
     else:
         model = build_model(args, tokenizer).train()

@@ -122,3 +122,14 @@ def test_shipped_models_record_their_recipe(name):
     assert len(model.layers) >= 8
     assert sum(p.numel() for p in model.parameters()) * 4 <= 25e6
     assert model.diffusion.logits_shift == (1 if name == "default-dream" else 0)
+
+
+def test_llada_weights_convert_to_the_dream_layout():
+    from tiny_checkpoints import tiny_llada
+
+    t = _script()
+    llada = tiny_llada(seed=3, n_layers=2).eval()
+    dream = t.llada_to_dream(llada).eval()
+    assert dream.architecture == "dream" and dream.diffusion.logits_shift == 1
+    x = torch.randint(3, 40, (2, 12))
+    torch.testing.assert_close(dream(x), llada(x))  # same function; only the reading of the logits moves
