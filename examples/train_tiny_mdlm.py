@@ -65,7 +65,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="allow --out to point into dyllm_fx/assets (replaces a model the package ships)")
     p.add_argument("--steps", type=int, default=20_000, help="optimizer steps of this stage (the lr schedule spans them)")
     p.add_argument("--minutes", type=float, default=None, help="optional wall-clock cap; stops early (lr not fully decayed)")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=48, help="sequences per optimizer step, over all tasks")
     p.add_argument("--loss", choices=["mean", "elbo"], default="mean", help="masked-token CE: plain mean or 1/t weighted")
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
     p.add_argument("--min-lr", type=float, default=0.05, help="final lr as a fraction of --lr (cosine decay)")
@@ -82,13 +82,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="fraction of batches trained with a window just long enough for the task's answers "
                         "(the next multiple of 16), so the model also decodes into shorter windows")
     p.add_argument("--tasks", default=",".join(TASKS), help="comma-separated tasks of the suite")
+    p.add_argument("--batching", choices=["mixed", "task"], default="mixed",
+                   help="mixed: every step holds every task (one micro-batch each); task: one task per step "
+                        "(learns far slower: consecutive steps pull toward different tasks)")
     p.add_argument("--sampling", choices=["uniform", "loss"], default="loss",
-                   help="task of each batch: uniform, or in proportion to each task's running loss (hard tasks more often)")
+                   help="share of each task in a step (mixed) or task of a step (task): uniform, or in proportion to "
+                        "each task's running loss (hard tasks more often)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--log-every", type=int, default=100)
     p.add_argument("--save-every", type=int, default=1000)
     p.add_argument("--eval-every", type=int, default=2000, help="held-out exact match every N steps (0: only at the end)")
+    p.add_argument("--probe-every", type=int, default=250, help="answer-token accuracy probe every N steps (0: never)")
     p.add_argument("--eval-n", type=int, default=16, help="held-out prompts per task for those evaluations")
     p.add_argument("--init-from", default=None,
                    help="continue from this checkpoint folder (same architecture; its optimizer.pt is loaded when present). "
@@ -206,6 +211,24 @@ def mdlm_loss(model, x0: torch.Tensor, prompt_len: int, mask_id: int, eps: float
     return (ce / t.expand(-1, gen)[masked]).sum() / (bsz * gen)
 
 
+def batch_plan(args: argparse.Namespace, tasks: list[str], task_loss: dict, rng: random.Random, step: int) -> list[tuple[str, int]]:
+    """The (task, sequences) micro-batches of one optimizer step.
+
+    ``--batching mixed`` (default): every step holds every task, its share of --batch-size in
+    proportion to the task's running loss under ``--sampling loss`` (at least 2 sequences),
+    so no step pulls the weights toward one task alone. ``--batching task``: one task per step.
+    """
+    weights = None
+    if args.sampling == "loss" and all(v is not None for v in task_loss.values()):
+        weights = [max(task_loss[t], 0.02) for t in tasks]
+    if args.batching == "task":
+        task = rng.choices(tasks, weights=weights)[0] if weights else tasks[step % len(tasks)]
+        return [(task, args.batch_size)]
+    weights = weights or [1.0] * len(tasks)
+    total = sum(weights)
+    return [(t, max(2, round(args.batch_size * w / total))) for t, w in zip(tasks, weights)]
+
+
 def lr_at(step: int, args: argparse.Namespace) -> float:
     """Linear warmup, then cosine decay from --lr to --min-lr * --lr at --steps."""
     warm = min(1.0, step / max(args.warmup, 1))
@@ -225,6 +248,37 @@ def held_out_eval(model, tokenizer, n: int, tasks: list[str], gen_length: int) -
         model.train()
     per = {t: s.accuracy for t, s in res.per_task.items()}
     return {"per_task": per, "accuracy": res.accuracy, "n_per_task": n}
+
+
+def token_probe(model, tokenizer, tasks: list[str], shift: int, window: int, ratios=(1.0, 0.5, 0.1), n: int = 32) -> dict:
+    """Answer-token accuracy per task on held-out prompts in one forward over a ``window``-token
+    response, with that fraction of it masked (the rest given): a fast signal long before exact
+    match moves."""
+    model.eval()
+    out = {}
+    try:
+        for task in tasks:
+            examples = held_out_set(n, (task,), seed=99)
+            plen = len(examples[0].prompt)
+            x0 = torch.tensor([
+                tokenizer(ex.prompt + ex.answer, add_special_tokens=False)["input_ids"]
+                + [tokenizer.eos_token_id] * (window - len(ex.answer)) for ex in examples
+            ])
+            answer = x0[:, plen:] != tokenizer.eos_token_id
+            g = torch.Generator().manual_seed(0)
+            accs = {}
+            for ratio in ratios:
+                masked = torch.rand(len(examples), window, generator=g) < ratio
+                xt = x0.clone()
+                xt[:, plen:][masked] = tokenizer.mask_token_id
+                with torch.no_grad():
+                    pred = model(xt)[:, plen - shift : x0.shape[1] - shift].argmax(-1)
+                hit = (pred == x0[:, plen:])[masked & answer]
+                accs[str(ratio)] = round(hit.float().mean().item(), 4) if hit.numel() else None
+            out[task] = accs
+    finally:
+        model.train()
+    return out
 
 
 def window_for(task: str, tokenizer, rng: random.Random, gen_length: int) -> int:
@@ -295,20 +349,20 @@ def main(argv: list[str] | None = None) -> None:
         lr = lr_at(step, args)
         for g in opt.param_groups:
             g["lr"] = lr
-        if args.sampling == "loss" and all(v is not None for v in task_loss.values()):
-            weights = [max(task_loss[t], 0.02) for t in tasks]
-            task = rng.choices(tasks, weights=weights)[0]
-        else:
-            task = tasks[step % len(tasks)]
-        gen = short[task] if rng.random() < args.short_window else args.gen_length
-        x0, prompt_len = make_batch(tokenizer, task, rng, args.batch_size, gen)
-        loss = mdlm_loss(model, x0, prompt_len, tokenizer.mask_token_id, weighting=args.loss, shift=shift)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        value = 0.0
+        plan = batch_plan(args, tasks, task_loss, rng, step)
+        total = sum(count for _, count in plan)
+        for task, count in plan:
+            gen = short[task] if rng.random() < args.short_window else args.gen_length
+            x0, prompt_len = make_batch(tokenizer, task, rng, count, gen)
+            loss = mdlm_loss(model, x0, prompt_len, tokenizer.mask_token_id, weighting=args.loss, shift=shift)
+            (loss * count / total).backward()  # every sequence of the step weighs the same
+            task_value = loss.item()
+            value += task_value * count / total
+            task_loss[task] = task_value if task_loss[task] is None else 0.9 * task_loss[task] + 0.1 * task_value
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        value = loss.item()
-        task_loss[task] = value if task_loss[task] is None else 0.9 * task_loss[task] + 0.1 * value
         ema = value if ema is None else 0.98 * ema + 0.02 * value
         window_losses.append(value)
         if step % args.log_every == 0:
@@ -318,6 +372,11 @@ def main(argv: list[str] | None = None) -> None:
             stage["curve"].append([offset + step, round(mean, 5)])
             per = " ".join(f"{t}={v:.3f}" for t, v in task_loss.items() if v is not None)
             print(f"step {step} loss {mean:.4f} lr {lr:.2e} {elapsed / 60:.1f} min | {per}", flush=True)
+        if args.probe_every and step % args.probe_every == 0:
+            probe = token_probe(model, tokenizer, tasks, shift, args.gen_length)
+            stage.setdefault("probes", []).append({"step": offset + step, "answer_token_accuracy": probe})
+            print(f"probe step {step} (answer-token accuracy, all / half / a tenth masked): "
+                  + " ".join(f"{t}={v['1.0']:.2f}/{v['0.5']:.2f}/{v['0.1']:.2f}" for t, v in probe.items()), flush=True)
         if args.eval_every and step % args.eval_every == 0:
             result = held_out_eval(model, tokenizer, args.eval_n, tasks, args.gen_length)
             stage["evals"].append({"step": offset + step, **result})
