@@ -77,13 +77,24 @@ def test_defaults_score_at_least_400_prompts():
 def test_dream_threshold_rows_use_a_probability_confidence(tiny_dream_dir):
     from dyllm_fx.bench import DREAM_THRESHOLD_ALG, sampler_params
 
-    model, tok = dyllm_fx.load(tiny_dream_dir)
-    methods = [Method("vanilla", "vanilla"), Method("vanilla + threshold", "vanilla", threshold=0.9),
-               Method("dual_cache + threshold", "dual_cache", threshold=0.9)]
-    assert sampler_params(model, methods[1]) == {"alg": DREAM_THRESHOLD_ALG} and sampler_params(model, methods[0]) == {}
-    out = run_bench(model, tok, bench_examples(1, ("shift", "add")), methods, batch_size=2, progress=False, **GEN)
-    assert [r["method"] for r in out["rows"]] == [m.label for m in methods]
-    assert out["settings"]["threshold_alg"] == DREAM_THRESHOLD_ALG
+    dream, _ = dyllm_fx.load(tiny_dream_dir)
+    llada, _ = dyllm_fx.load("default")
+    plain, fast = Method("vanilla", "vanilla"), Method("vanilla + threshold", "vanilla", threshold=0.9)
+    assert sampler_params(dream, fast) == {"alg": DREAM_THRESHOLD_ALG} and sampler_params(dream, plain) == {}
+    assert sampler_params(llada, fast) == {}  # LLaDA's low-confidence sampler takes a threshold as it is
+
+
+@pytest.mark.skipif(not (dyllm_fx.default_model_path("default-dream") / "config.json").is_file(),
+                    reason="embedded Dream model not built")
+def test_cli_bench_on_the_embedded_dream_model(tmp_path, capsys):
+    out = tmp_path / "dream.json"
+    code = main(["bench", "--model", "default-dream", "--n", "1", "--tasks", "shift,add", "--methods",
+                 "vanilla + threshold,dual_cache", "--gen-length", "32", "--block-length", "16", "--batch-size", "2",
+                 "--json", str(out)])
+    assert code == 0
+    bench = json.loads(out.read_text())
+    assert [r["method"] for r in bench["rows"]] == ["vanilla", "vanilla + threshold", "dual_cache"]
+    assert bench["settings"]["threshold_alg"] == "maskgit_plus" and bench["rows"][1]["nfe"] < 32
 
 
 def test_table_and_plot_input(bench, tmp_path):
