@@ -217,3 +217,25 @@ def test_folder_without_tokenizer(tiny_llada_dir):
         (tiny_llada_dir / name).unlink()
     with pytest.raises(CheckpointError, match="has no tokenizer files.*copy them from the original checkpoint"):
         load(tiny_llada_dir, device="cpu")
+
+
+def test_embedded_models_by_name():
+    from dyllm_fx.export.metadata import model_path_label
+    from dyllm_fx.loading import EMBEDDED_MODELS, default_model_path, embedded_model_name, resolve_model_path
+
+    assert set(EMBEDDED_MODELS) == {"default", "default-dream"}
+    for name in EMBEDDED_MODELS:
+        folder = default_model_path(name)
+        assert resolve_model_path(name) == folder and folder.parent.name == "assets"
+        assert embedded_model_name(name) == name and embedded_model_name(folder) == name
+        assert model_path_label(folder) == name and model_path_label(name) == name
+    assert default_model_path() == default_model_path("default")
+    assert embedded_model_name("/no/such/folder") is None
+    with pytest.raises(KeyError, match="default-dream"):
+        default_model_path("default-llama")
+    for name in EMBEDDED_MODELS:
+        if (default_model_path(name) / "config.json").is_file():
+            model, tok = load(name)
+            assert model.architecture == ("dream" if name == "default-dream" else "llada")
+            assert model.diffusion.logits_shift == (1 if name == "default-dream" else 0)
+            assert tok.mask_token_id == model.diffusion.mask_token_id
