@@ -87,7 +87,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(learns far slower: consecutive steps pull toward different tasks)")
     p.add_argument("--sampling", choices=["uniform", "loss"], default="loss",
                    help="share of each task in a step (mixed) or task of a step (task): uniform, or in proportion to "
-                        "each task's running loss (hard tasks more often)")
+                        "each task's running loss to the power --sampling-power (hard tasks more often)")
+    p.add_argument("--sampling-power", type=float, default=0.5,
+                   help="exponent of the running loss in --sampling loss (1: proportional, which starves tasks that "
+                        "are nearly learnt; 0.5 default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--log-every", type=int, default=100)
@@ -220,7 +223,7 @@ def batch_plan(args: argparse.Namespace, tasks: list[str], task_loss: dict, rng:
     """
     weights = None
     if args.sampling == "loss" and all(v is not None for v in task_loss.values()):
-        weights = [max(task_loss[t], 0.02) for t in tasks]
+        weights = [max(task_loss[t], 0.02) ** args.sampling_power for t in tasks]
     if args.batching == "task":
         task = rng.choices(tasks, weights=weights)[0] if weights else tasks[step % len(tasks)]
         return [(task, args.batch_size)]
