@@ -63,7 +63,11 @@ def main() -> None:
     args = p.parse_args()
     names = [args.model] if args.model else list(EMBEDDED_MODELS)
     for name in names:
-        folder = resolve_model_path(name)
+        try:
+            folder = resolve_model_path(name)
+        except FileNotFoundError as err:  # an embedded model this install does not ship
+            print(f"{name}: skipped ({err})")
+            continue
         if not (folder / "training.json").is_file():
             print(f"{name}: no training.json in {folder}, skipped")
             continue
