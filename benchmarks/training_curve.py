@@ -5,7 +5,8 @@
 
 Top panel: the mean masked-token loss of every logged window of steps, stages marked.
 Bottom panel: exact match on the held-out prompts the training script scored along the way
-(a few per task, vanilla decoding), per task and overall.
+(a few per task, vanilla decoding), per task and overall; each eval covers the tasks its
+stage trained on, so "all" is over those tasks, not the whole suite.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def plot_training(folder: Path, out: Path, title: str) -> Path:
         steps = [e["step"] for e in evals]
         for task in tasks:
             acc_ax.plot(steps, [100 * e["per_task"].get(task, float("nan")) for e in evals], marker=".", lw=0.8, label=task)
-        acc_ax.plot(steps, [100 * e["accuracy"] for e in evals], color="black", lw=1.8, marker="o", label="all")
+        acc_ax.plot(steps, [100 * e["accuracy"] for e in evals], color="black", lw=1.8, marker="o", label="all (the tasks of that eval)")
         acc_ax.set_ylabel(f"held-out exact match (%), {evals[-1]['n_per_task']} per task")
         acc_ax.legend(fontsize=7, ncol=4)
     acc_ax.set_xlabel("optimizer step")
