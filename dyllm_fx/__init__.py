@@ -1,7 +1,7 @@
 """dyllm-fx: training-free acceleration of masked diffusion LLMs (LLaDA, Dream).
 
 Public API:
-    load(path_or_name)            -> (model, tokenizer)
+    load(path_or_name)            -> (model, tokenizer); "default" / "default-dream" are embedded
     generate(model, tokenizer, prompts, **params) -> GenerationOutput
     transform(model, policy="dense", **config) -> TransformedModel (cache-backed sparse step)
     explain(transformed) -> str
@@ -24,7 +24,9 @@ __version__ = "0.1.0"
 # public name -> the submodule that defines it
 _API = {
     "CheckpointError": "models",
+    "DEFAULT_DREAM_MODEL": "options",
     "DEFAULT_MODEL": "options",
+    "EMBEDDED_MODELS": "loading",
     "DiffusionSpec": "models",
     "CompletionOutput": "serving",
     "GenerationOutput": "runtime.loop",

@@ -2,8 +2,15 @@
 
 Each method is a policy (or a composition, or vanilla), optionally with threshold parallel
 decoding. All of them run in one process on the same prompts, vanilla first, so speedups are
-ratios measured in the same run. Accuracy is exact match of the response; agreement is the
-fraction of response tokens identical to vanilla's on the same prompts.
+ratios measured in the same run. Accuracy is exact match of the response, with its 95% Wilson
+interval; each method is compared with vanilla prompt by prompt (prompts won, prompts lost,
+exact McNemar p; see :mod:`dyllm_fx.stats`); agreement is the fraction of response tokens
+identical to vanilla's on the same prompts.
+
+On a Dream-architecture model (logit shift 1) the rows without a threshold use Dream's default
+sampler (``alg="entropy"``), which has no probability to compare with a threshold; the
+threshold rows decode with ``alg="maskgit_plus"`` (the top-1 probability as confidence), the
+Dream sampler Fast-dLLM's threshold decoding uses (:data:`DREAM_THRESHOLD_ALG`).
 """
 
 from __future__ import annotations
@@ -18,7 +25,12 @@ from tqdm.auto import tqdm
 
 from .agreement import AgreementCounter
 from .generation import generate
-from .tasks import Example, held_out_set
+from .stats import Paired, format_accuracy, format_p, wilson_interval
+from .tasks import HELD_OUT_PER_TASK as DEFAULT_N_PER_TASK
+from .tasks import TASKS, Example, held_out_set
+
+# The Dream sampler of the threshold rows (the top-1 probability as confidence).
+DREAM_THRESHOLD_ALG = "maskgit_plus"
 
 
 # Fast-dLLM's block caches as its reference code writes them (dyllm_fx/baselines.py): the
@@ -82,6 +94,24 @@ class MethodResult:
     compiled: bool = False  # the step compiled whole by inductor
     graphs: int = 0  # inductor graphs the compiled step needed (one per plan key and shape)
     overflow: int = 0  # DyLLM: rows that qualified beyond a step's capacity, over the whole run
+    correct: int = 0
+    n: int = 0
+    accuracy_low: float = 0.0  # 95% Wilson interval of the accuracy
+    accuracy_high: float = 1.0
+    won: int = 0  # prompts this method gets right and vanilla wrong
+    lost: int = 0  # prompts vanilla gets right and this method wrong
+    mcnemar_p: float = 1.0  # exact two-sided McNemar test of won against lost
+    per_task: dict = field(default_factory=dict)  # task -> {"correct", "n"}
+
+
+def sampler_params(model, method: Method) -> dict:
+    """Decoding arguments of a method beyond its threshold: a threshold row of a Dream model
+    needs a probability confidence (``alg=DREAM_THRESHOLD_ALG``); every other row uses the
+    model's default sampler."""
+    shift = getattr(getattr(model, "diffusion", None), "logits_shift", 0)
+    if method.threshold is not None and shift:
+        return {"alg": DREAM_THRESHOLD_ALG}
+    return {}
 
 
 def _prepare(model, tokenizer, examples: list[Example], method: Method, gen: dict, batch_size: int, compile: bool):
@@ -97,17 +127,18 @@ def _prepare(model, tokenizer, examples: list[Example], method: Method, gen: dic
     sizes = {min(batch_size, len(examples) - i) for i in range(0, len(examples), batch_size)}
     for size in sorted(sizes):
         warm = [e.prompt for e in examples[:size]]
-        generate(target, tokenizer, warm, threshold=method.threshold, progress=False, **gen)
+        generate(target, tokenizer, warm, threshold=method.threshold, progress=False, **sampler_params(model, method), **gen)
     return target
 
 
-def _timed_pass(target, tokenizer, examples: list[Example], method: Method, gen: dict, batch_size: int):
+def _timed_pass(target, tokenizer, examples: list[Example], method: Method, gen: dict, batch_size: int, decoding: dict):
     """One generation of every example in batches: (responses, texts, nfe, seconds, active, overflow)."""
     responses, texts, nfe, seconds, active, overflow = [], [], 0, 0.0, [], 0
     for i in range(0, len(examples), batch_size):
         batch = examples[i : i + batch_size]
         start = time.perf_counter()
-        out = generate(target, tokenizer, [e.prompt for e in batch], threshold=method.threshold, progress=False, **gen)
+        out = generate(target, tokenizer, [e.prompt for e in batch], threshold=method.threshold, progress=False,
+                       **decoding, **gen)
         seconds += time.perf_counter() - start
         nfe += out.stats.nfe
         responses.append(out.responses)
@@ -154,46 +185,62 @@ def run_bench(
     bar = tqdm(total=repeats * len(methods), desc="methods", unit="run", disable=progress is False)
     for _ in range(repeats):
         for i, (method, target) in enumerate(zip(methods, targets)):
-            passes[i].append(_timed_pass(target, tokenizer, examples, method, gen, batch_size))
+            passes[i].append(_timed_pass(target, tokenizer, examples, method, gen, batch_size, sampler_params(model, method)))
             bar.update()
     bar.close()
-    rows, reference, ref_tps = [], None, None
+    rows, reference, ref_correct, ref_tps = [], None, None, None
     n_tokens = len(examples) * gen_length
     for (method, compiled), target, timed in zip(runs, targets, passes):
         responses, texts, nfe, _, active, overflow = timed[0]  # decoding is deterministic: every pass is the same
         seconds = min(run[3] for run in timed)
-        correct = sum(t.strip() == e.answer.strip() for t, e in zip(texts, examples))
+        hits = [t.strip() == e.answer.strip() for t, e in zip(texts, examples)]
         if reference is None:
-            reference = responses
+            reference, ref_correct = responses, hits
         agreement = AgreementCounter()
         for batch, ref in zip(responses, reference):
             agreement.update(batch, ref)
         tps = n_tokens / seconds
         ref_tps = ref_tps or tps
         engine = getattr(target, "engine", None)
+        correct = sum(hits)
+        low, high = wilson_interval(correct, len(examples))
+        paired = Paired.of(hits, ref_correct)
+        per_task: dict[str, dict] = {}
+        for hit, ex in zip(hits, examples):
+            score = per_task.setdefault(ex.task, {"correct": 0, "n": 0})
+            score["correct"] += int(hit)
+            score["n"] += 1
         rows.append(MethodResult(
             method=method.label + (" [compiled]" if compiled else ""), accuracy=correct / len(examples),
             tokens_per_s=tps, speedup=tps / ref_tps, active_fraction=active,
             nfe=nfe / -(-len(examples) // batch_size), agreement=agreement.value, seconds=seconds, compiled=bool(compiled),
             graphs=engine.compiler.graphs if compiled else 0, overflow=overflow,
+            correct=correct, n=len(examples), accuracy_low=low, accuracy_high=high,
+            won=paired.won, lost=paired.lost, mcnemar_p=paired.p_value, per_task=per_task,
         ))
     return {
         "rows": [asdict(r) for r in rows],
         "settings": {**gen, "batch_size": batch_size, "examples": len(examples), "compile": compile,
-                     "threads": torch.get_num_threads(), "repeats": repeats},
+                     "threads": torch.get_num_threads(), "repeats": repeats,
+                     "threshold_alg": DREAM_THRESHOLD_ALG if getattr(getattr(model, "diffusion", None), "logits_shift", 0) else None},
         "device": str(next(model.parameters()).device),
     }
 
 
 def format_table(bench: dict) -> str:
-    """The bench rows as a markdown table."""
+    """The bench rows as a markdown table: accuracy with its 95% Wilson interval, and against
+    vanilla on the same prompts, prompts won / lost and the exact McNemar p."""
     lines = [
-        "| method | accuracy | tokens/s | speedup | active fraction | NFE / batch | agreement with vanilla |",
-        "|---|---|---|---|---|---|---|",
+        "| method | accuracy [95% CI] | won / lost vs vanilla | McNemar p | tokens/s | speedup | active fraction "
+        "| NFE / batch | agreement with vanilla |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in bench["rows"]:
+        n = r.get("n") or bench.get("settings", {}).get("examples", 0)
+        correct = r.get("correct", round(r["accuracy"] * n))
         lines.append(
-            f"| {r['method']} | {100 * r['accuracy']:.1f}% | {r['tokens_per_s']:.1f} | {r['speedup']:.2f}x | "
+            f"| {r['method']} | {format_accuracy(correct, n)} | {r.get('won', 0)} / {r.get('lost', 0)} | "
+            f"{format_p(r.get('mcnemar_p', 1.0))} | {r['tokens_per_s']:.1f} | {r['speedup']:.2f}x | "
             f"{r['active_fraction']:.3f} | {r['nfe']:.1f} | {100 * r['agreement']:.1f}% |"
         )
     compiled = [r for r in bench["rows"] if r.get("compiled")]
@@ -208,8 +255,20 @@ def format_table(bench: dict) -> str:
     return "\n".join(lines)
 
 
-def bench_examples(n_per_task: int, tasks: tuple[str, ...], seed: int = 1234) -> list[Example]:
-    """Held-out prompts of the embedded model's task suite (never in its training split)."""
+def format_task_table(bench: dict) -> str:
+    """Exact match per task (rows) and method (columns), each with its 95% Wilson interval."""
+    rows = bench["rows"]
+    tasks = list(dict.fromkeys(t for r in rows for t in r.get("per_task", {})))
+    lines = ["| task | " + " | ".join(r["method"] for r in rows) + " |", "|---" * (len(rows) + 1) + "|"]
+    for task in tasks:
+        cells = [format_accuracy(r["per_task"][task]["correct"], r["per_task"][task]["n"]) if task in r.get("per_task", {})
+                 else "" for r in rows]
+        lines.append(f"| {task} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def bench_examples(n_per_task: int = DEFAULT_N_PER_TASK, tasks: tuple[str, ...] = tuple(TASKS), seed: int = 1234) -> list[Example]:
+    """Held-out prompts of the embedded models' task suite (never in their training split)."""
     return held_out_set(n_per_task, tasks, seed=seed)
 
 
@@ -222,4 +281,7 @@ def write_outputs(bench: dict, json_path: str | Path | None, plot_path: str | Pa
         plot_pareto(bench, plot_path, title="dyllm bench: speed vs accuracy")
 
 
-__all__ = ["Method", "MethodResult", "bench_examples", "default_methods", "format_table", "run_bench", "write_outputs"]
+__all__ = [
+    "DEFAULT_N_PER_TASK", "DREAM_THRESHOLD_ALG", "Method", "MethodResult", "bench_examples", "default_methods",
+    "format_table", "format_task_table", "run_bench", "sampler_params", "write_outputs",
+]

@@ -5,22 +5,28 @@ from __future__ import annotations
 import argparse
 
 from .options import DEFAULT_MODEL
+from .tasks import HELD_OUT_PER_TASK as DEFAULT_N_PER_TASK
+from .tasks import TASKS
 
 
 def add_bench_parser(sub, parents=()) -> None:
     p = sub.add_parser("bench", help="every method side by side on held-out task prompts: accuracy, tokens/s, speedup",
                        parents=list(parents))
     p.add_argument("--model", default=DEFAULT_MODEL,
-                   help="model folder, 'default' for the embedded model, or 'diffusion_gemma:random' for a small random "
-                        "DiffusionGemma (speed and agreement only: random weights have no accuracy)")
+                   help="model folder, 'default' / 'default-dream' for the embedded LLaDA / Dream-architecture model, "
+                        "or 'diffusion_gemma:random' for a small random DiffusionGemma (speed and agreement only: "
+                        "random weights have no accuracy)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--tasks", default="shift,sort", help="comma-separated tasks of the suite (default shift,sort)")
-    p.add_argument("--n", type=int, default=16, help="held-out prompts per task (default 16)")
+    p.add_argument("--tasks", default=",".join(TASKS), help="comma-separated tasks of the suite (default: all six)")
+    p.add_argument("--n", type=int, default=DEFAULT_N_PER_TASK,
+                   help=f"held-out prompts per task (default {DEFAULT_N_PER_TASK}: {DEFAULT_N_PER_TASK * len(TASKS)} prompts over the suite)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--gen-length", type=int, default=64)
     p.add_argument("--block-length", type=int, default=32)
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: gen-length)")
-    p.add_argument("--threshold", type=float, default=0.9, help="threshold of the '+ threshold' rows (default 0.9)")
+    p.add_argument("--threshold", type=float, default=0.9,
+                   help="threshold of the '+ threshold' rows (default 0.9; on a Dream model these rows decode with "
+                        "alg=maskgit_plus, the others with Dream's default entropy)")
     p.add_argument("--tau", type=float, default=None,
                    help="DyLLM's saliency threshold for its rows (default: the official per-model preset, 0.99 for LLaDA)")
     p.add_argument("--methods", default=None, help="comma-separated method labels to run (default: all; vanilla always runs first)")
@@ -36,7 +42,7 @@ def add_bench_parser(sub, parents=()) -> None:
 def cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
-    from .bench import bench_examples, default_methods, format_table, run_bench, write_outputs
+    from .bench import bench_examples, default_methods, format_table, format_task_table, run_bench, write_outputs
     from .loading import load
 
     if args.plot and args.model == "diffusion_gemma:random":
@@ -64,6 +70,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         repeats=args.repeats,
     )
     print(format_table(bench))
+    print()
+    print(format_task_table(bench))
     write_outputs(bench, args.json, args.plot)
     return 0
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .cli_common import add_model_args, check_run, decoding_kwargs
 from .extractors import EXTRACTORS
-from .jsonl_tasks import SUITE
+from .jsonl_tasks import SUITE, SUITE_PER_TASK
 from .policy_setup import VANILLA
 
 
@@ -24,7 +24,9 @@ def add_eval_parser(
         parents=list(parents),
     )
     add_model_args(p)
-    p.add_argument("--task", default=SUITE, help="'suite' (embedded synthetic held-out set) or a JSONL file (default suite)")
+    p.add_argument("--task", default=SUITE,
+                   help=f"'suite' (the synthetic held-out set: {SUITE_PER_TASK} prompts per task, {SUITE_PER_TASK * 6} in all) "
+                        "or a JSONL file (default suite)")
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N examples only")
     p.add_argument("--extractor", choices=sorted(EXTRACTORS), default="strip",
                    help="how the answer is read from a response (default strip; gsm8k for '#### N')")
@@ -75,15 +77,25 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def format_report(summary: dict, policy: str, reference: str) -> str:
-    """A per-task table and one line of headline figures."""
-    lines = ["| task | exact match | n |", "|---|---|---|"]
+    """A per-task table (exact match with its 95% Wilson interval), one line of headline
+    figures and, when a reference ran, the paired comparison with it."""
+    from .stats import format_accuracy, format_p
+
+    lines = ["| task | exact match [95% CI] | n |", "|---|---|---|"]
     for task, score in summary["per_task"].items():
-        lines.append(f"| {task} | {100 * score['accuracy']:.1f}% | {score['n']} |")
-    lines.append(f"| all | {100 * summary['accuracy']:.1f}% | {summary['n']} |")
+        lines.append(f"| {task} | {format_accuracy(score['correct'], score['n'])} | {score['n']} |")
+    lines.append(f"| all | {format_accuracy(summary['correct'], summary['n'])} | {summary['n']} |")
     agreement = summary["agreement"]
     agree = "not measured" if agreement is None else f"{100 * agreement:.2f}% vs {reference}"
     lines.append(
-        f"\npolicy {policy}: accuracy {100 * summary['accuracy']:.1f}%, {summary['tokens_per_s']:.1f} tokens/s, "
-        f"NFE {summary['nfe']:.1f}, active fraction {100 * summary['active_fraction']:.1f}%, token agreement {agree}"
+        f"\npolicy {policy}: accuracy {format_accuracy(summary['correct'], summary['n'])}, "
+        f"{summary['tokens_per_s']:.1f} tokens/s, NFE {summary['nfe']:.1f}, active fraction "
+        f"{100 * summary['active_fraction']:.1f}%, token agreement {agree}"
     )
+    paired = summary.get("paired")
+    if paired is not None:
+        lines.append(
+            f"against {reference} on the same {summary['n']} prompts: {paired['won']} won, {paired['lost']} lost, "
+            f"exact McNemar p = {format_p(paired['mcnemar_p'])}"
+        )
     return "\n".join(lines)

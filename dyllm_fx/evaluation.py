@@ -18,6 +18,7 @@ from .agreement import AgreementCounter
 from .extractors import Extractor, exact_match, get_extractor
 from .generation import generate
 from .policy_setup import VANILLA, apply_policy, records_of
+from .stats import Paired, wilson_interval
 from .tasks import Example
 
 
@@ -29,6 +30,11 @@ class TaskScore:
     @property
     def accuracy(self) -> float:
         return self.correct / self.total if self.total else 0.0
+
+    @property
+    def interval(self) -> tuple[float, float]:
+        """95% Wilson interval of the accuracy."""
+        return wilson_interval(self.correct, self.total)
 
 
 @dataclass
@@ -52,6 +58,7 @@ class EvalResult:
     responses: list[torch.Tensor] = field(default_factory=list)  # (B, G) token ids per batch
     step_active_fractions: list[float] = field(default_factory=list)
     agreement: float | None = None  # token agreement with the reference run, when one was made
+    paired: Paired | None = None  # prompts won / lost against the reference run and the exact McNemar p
 
     @property
     def accuracy(self) -> float:
@@ -71,12 +78,25 @@ class EvalResult:
         steps = self.step_active_fractions
         return sum(steps) / len(steps) if steps else 1.0
 
+    @property
+    def n_correct(self) -> int:
+        return sum(s.correct for s in self.per_task.values())
+
+    @property
+    def n(self) -> int:
+        return sum(s.total for s in self.per_task.values())
+
     def summary(self) -> dict:
-        """The headline figures as plain numbers (JSON-ready)."""
+        """The headline figures as plain numbers (JSON-ready); intervals are 95% Wilson."""
+        paired = self.paired
         return {
             "accuracy": self.accuracy,
-            "per_task": {t: {"accuracy": s.accuracy, "correct": s.correct, "n": s.total} for t, s in self.per_task.items()},
-            "n": sum(s.total for s in self.per_task.values()),
+            "accuracy_interval": list(wilson_interval(self.n_correct, self.n)),
+            "correct": self.n_correct,
+            "per_task": {t: {"accuracy": s.accuracy, "correct": s.correct, "n": s.total, "interval": list(s.interval)}
+                         for t, s in self.per_task.items()},
+            "n": self.n,
+            "paired": None if paired is None else {"won": paired.won, "lost": paired.lost, "mcnemar_p": paired.p_value},
             "tokens_per_s": self.tokens_per_second,
             "seconds": self.seconds,
             "nfe": self.nfe_per_generation,
@@ -176,6 +196,8 @@ def evaluate_policy(
     result = evaluate(fast, tokenizer, examples, desc=f"eval {policy}", **eval_params)
     if ref is not None:
         result.agreement = agreement_between(result, ref)
+        result.paired = Paired.of(result.correct, ref.correct)
     elif reference is not None:
         result.agreement = 1.0  # the policy is its own reference
+        result.paired = Paired(0, 0, 1.0)
     return result, ref

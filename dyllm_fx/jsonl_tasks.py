@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .tasks import Example
+from .tasks import HELD_OUT_PER_TASK, Example
 
 REQUIRED_FIELDS = ("prompt", "answer")
 
@@ -61,7 +61,7 @@ def load_jsonl(path: str | Path) -> list[Example]:
 
 
 SUITE = "suite"
-SUITE_PER_TASK = 30  # the README's accuracy table uses 30 held-out prompts per task
+SUITE_PER_TASK = HELD_OUT_PER_TASK  # held-out prompts per task of `--task suite`: 70, 420 over the six tasks
 
 
 def suite_examples(limit: int | None = None, per_task: int = SUITE_PER_TASK) -> list[Example]:

@@ -12,24 +12,60 @@ from torch import nn
 from transformers import AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from .models import CheckpointError, load_model, read_config, resolve_architecture
-from .options import DEFAULT_MODEL, resolve_device, resolve_dtype
+from .options import DEFAULT_DREAM_MODEL, DEFAULT_MODEL, resolve_device, resolve_dtype
 
 # Files any Hugging Face tokenizer is loaded from (fast, sentencepiece, BPE, WordPiece).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+# The embedded models shipped inside the package: name -> folder under dyllm_fx/assets.
+EMBEDDED_MODELS = {DEFAULT_MODEL: "tiny-llada", DEFAULT_DREAM_MODEL: "tiny-dream"}
 
 
-def default_model_path() -> Path:
-    """Folder of the embedded tiny-llada checkpoint shipped inside the package."""
-    return Path(__file__).resolve().parent / "assets" / "tiny-llada"
+def default_model_path(name: str = DEFAULT_MODEL) -> Path:
+    """Folder of an embedded checkpoint shipped inside the package: ``"default"`` (LLaDA
+    architecture) or ``"default-dream"`` (Dream architecture)."""
+    if name not in EMBEDDED_MODELS:
+        raise KeyError(f"no embedded model {name!r}; the package ships {sorted(EMBEDDED_MODELS)}")
+    return Path(__file__).resolve().parent / "assets" / EMBEDDED_MODELS[name]
+
+
+# How each embedded model is rebuilt when this install lacks it (a source checkout without the
+# shipped weights, or a model the package does not ship yet).
+_REBUILD = {
+    DEFAULT_MODEL: "python examples/train_tiny_mdlm.py --arch llada --out dyllm_fx/assets/tiny-llada --overwrite-shipped",
+    DEFAULT_DREAM_MODEL: "python examples/train_tiny_mdlm.py --arch dream --out dyllm_fx/assets/tiny-dream --overwrite-shipped",
+}
+
+
+def embedded_folder(name: str) -> Path:
+    """The folder of embedded model ``name``; a FileNotFoundError naming the command that
+    trains it when this install does not hold it."""
+    folder = default_model_path(name)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(
+            f"the embedded model {name!r} is not in this install ({folder} has no config.json). Train it with "
+            f"`{_REBUILD[name]}` from a source checkout, or pass a local LLaDA / Dream checkpoint folder instead."
+        )
+    return folder
+
+
+def embedded_model_name(path_or_name: str | Path) -> str | None:
+    """The embedded model's name when ``path_or_name`` is one (by name or by folder), else None."""
+    if str(path_or_name) in EMBEDDED_MODELS:
+        return str(path_or_name)
+    try:
+        folder = Path(path_or_name).expanduser().resolve()
+    except (OSError, RuntimeError):
+        return None
+    return next((name for name in EMBEDDED_MODELS if folder == default_model_path(name)), None)
 
 
 def resolve_model_path(path_or_name: str | Path) -> Path:
-    """The local folder of ``path_or_name``: ``"default"`` (the embedded model), a folder, or a
-    Hub id (``"GSAI-ML/LLaDA-8B-Instruct"``) already in the local Hugging Face cache. Nothing is
-    downloaded; a Hub id that is not cached gets the command that fetches it."""
-    if str(path_or_name) == DEFAULT_MODEL:
-        return default_model_path()
+    """The local folder of ``path_or_name``: ``"default"`` / ``"default-dream"`` (the embedded
+    models), a folder, or a Hub id (``"GSAI-ML/LLaDA-8B-Instruct"``) already in the local Hugging
+    Face cache. Nothing is downloaded; a Hub id that is not cached gets the command that fetches it."""
+    if str(path_or_name) in EMBEDDED_MODELS:
+        return embedded_folder(str(path_or_name))
     path = Path(path_or_name).expanduser()
     if path.is_dir():
         return path
@@ -50,7 +86,7 @@ def resolve_model_path(path_or_name: str | Path) -> Path:
         )
     raise FileNotFoundError(
         f"model folder {name!r} does not exist. dyllm-fx never downloads: pass a local folder holding "
-        "config.json + *.safetensors (e.g. from `hf download`), or 'default' for the embedded model."
+        "config.json + *.safetensors (e.g. from `hf download`), or 'default' / 'default-dream' for the embedded models."
     )
 
 
@@ -133,8 +169,8 @@ def load(
 
     Args:
         path_or_name: a Hugging Face style folder (config.json + *.safetensors, optionally
-            sharded with model.safetensors.index.json), ``"default"`` for the embedded
-            tiny-llada model, or a Hub id already in the local Hugging Face cache.
+            sharded with model.safetensors.index.json), ``"default"`` / ``"default-dream"``
+            for the embedded LLaDA / Dream-architecture models, or a Hub id already in the local Hugging Face cache.
         dtype: weight dtype: a ``torch.dtype``, a name (``"bfloat16"``, ``"float16"``,
             ``"float32"``) or ``"auto"`` (config.json's ``torch_dtype``); default float32 on
             CPU, bfloat16 on CUDA. ``torch_dtype=`` is accepted as transformers spells it.

@@ -12,6 +12,7 @@ from typing import Any
 from .errors import UsageError
 
 DEFAULT_MODEL = "default"
+DEFAULT_DREAM_MODEL = "default-dream"  # the embedded Dream-architecture model
 
 # Spellings accepted for a dtype (the CLI's --dtype choices are the first column's names).
 DTYPE_ALIASES = {
@@ -109,4 +110,4 @@ def resolve_device(device: Any = None):
     return dev
 
 
-__all__ = ["DEFAULT_MODEL", "DTYPE_ALIASES", "DTYPE_CHOICES", "resolve_device", "resolve_dtype"]
+__all__ = ["DEFAULT_DREAM_MODEL", "DEFAULT_MODEL", "DTYPE_ALIASES", "DTYPE_CHOICES", "resolve_device", "resolve_dtype"]

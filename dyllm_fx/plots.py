@@ -141,6 +141,11 @@ def plot_pareto(bench: dict | str | Path, out: str | Path, x: str = "tokens_per_
     ax = fig.subplots()
     points = ax.scatter(xs, ys, c=colors, cmap="viridis_r", vmin=0.0, vmax=1.0, s=60, edgecolors="black", zorder=3,
                         plotnonfinite=True)
+    if all("accuracy_low" in r and "accuracy_high" in r for r in rows):  # 95% Wilson intervals (dyllm bench)
+        low = [y - 100 * float(r["accuracy_low"]) for r, y in zip(rows, ys)]
+        high = [100 * float(r["accuracy_high"]) - y for r, y in zip(rows, ys)]
+        ax.errorbar(xs, ys, yerr=[low, high], fmt="none", ecolor="0.55", elinewidth=0.8, capsize=2, zorder=2.5,
+                    label="95% interval")
     front = pareto_front(list(zip(xs, ys)))
     ax.plot([xs[i] for i in front], [ys[i] for i in front], "--", color="tab:gray", zorder=2, label="Pareto front")
     from matplotlib import ticker as mticker  # lazily, like every matplotlib import here

@@ -43,6 +43,60 @@ def test_rows_are_measured_against_vanilla(bench):
     assert bench["settings"]["examples"] == 2
 
 
+def test_rows_carry_intervals_and_the_paired_comparison(bench):
+    from dyllm_fx.stats import mcnemar_exact, wilson_interval
+
+    rows = {r["method"]: r for r in bench["rows"]}
+    for r in bench["rows"]:
+        assert r["n"] == 2 and r["correct"] == round(r["accuracy"] * 2)
+        assert (r["accuracy_low"], r["accuracy_high"]) == wilson_interval(r["correct"], 2)
+        assert r["accuracy_low"] <= r["accuracy"] <= r["accuracy_high"]
+        assert r["mcnemar_p"] == mcnemar_exact(r["won"], r["lost"])
+        # won - lost is exactly the difference in correct prompts against vanilla
+        assert r["won"] - r["lost"] == r["correct"] - rows["vanilla"]["correct"]
+        assert r["per_task"] == {"shift": {"correct": r["correct"], "n": 2}}
+    assert (rows["vanilla"]["won"], rows["vanilla"]["lost"], rows["vanilla"]["mcnemar_p"]) == (0, 0, 1.0)
+    assert (rows["dense"]["won"], rows["dense"]["lost"]) == (0, 0)
+    from dyllm_fx.bench import format_task_table
+
+    table = format_task_table(bench)
+    assert table.splitlines()[0].startswith("| task | vanilla | dense |") and "| shift | " in table
+
+
+def test_defaults_score_at_least_400_prompts():
+    from dyllm_fx.bench import bench_examples
+    from dyllm_fx.cli import build_parser
+    from dyllm_fx.jsonl_tasks import suite_examples
+
+    args = build_parser().parse_args(["bench"])
+    examples = bench_examples(args.n, tuple(args.tasks.split(",")))
+    assert len(examples) >= 400 and len({e.task for e in examples}) == 6
+    assert len(suite_examples()) >= 400  # dyllm eval --task suite
+
+
+def test_dream_threshold_rows_use_a_probability_confidence(tiny_dream_dir):
+    from dyllm_fx.bench import DREAM_THRESHOLD_ALG, sampler_params
+
+    dream, _ = dyllm_fx.load(tiny_dream_dir)
+    llada, _ = dyllm_fx.load("default")
+    plain, fast = Method("vanilla", "vanilla"), Method("vanilla + threshold", "vanilla", threshold=0.9)
+    assert sampler_params(dream, fast) == {"alg": DREAM_THRESHOLD_ALG} and sampler_params(dream, plain) == {}
+    assert sampler_params(llada, fast) == {}  # LLaDA's low-confidence sampler takes a threshold as it is
+
+
+@pytest.mark.skipif(not (dyllm_fx.default_model_path("default-dream") / "config.json").is_file(),
+                    reason="embedded Dream model not built")
+def test_cli_bench_on_the_embedded_dream_model(tmp_path, capsys):
+    out = tmp_path / "dream.json"
+    code = main(["bench", "--model", "default-dream", "--n", "1", "--tasks", "shift,add", "--methods",
+                 "vanilla + threshold,dual_cache", "--gen-length", "32", "--block-length", "16", "--batch-size", "2",
+                 "--json", str(out)])
+    assert code == 0
+    bench = json.loads(out.read_text())
+    assert [r["method"] for r in bench["rows"]] == ["vanilla", "vanilla + threshold", "dual_cache"]
+    assert bench["settings"]["threshold_alg"] == "maskgit_plus" and bench["rows"][1]["nfe"] < 32
+
+
 def test_table_and_plot_input(bench, tmp_path):
     table = format_table(bench)
     assert table.count("\n") == 1 + len(bench["rows"]) and "| vanilla | " in table
@@ -76,7 +130,8 @@ def test_cli_bench_writes_json(tmp_path, capsys):
                  "--block-length", "16", "--batch-size", "1", "--json", str(out)])
     assert code == 0
     assert [r["method"] for r in json.loads(out.read_text())["rows"]] == ["vanilla", "dual_cache"]
-    assert "| dual_cache |" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "| dual_cache |" in printed and "| method | accuracy [95% CI] | won / lost vs vanilla | McNemar p |" in printed
     assert main(["bench", "--methods", "nope"]) == 2  # one clear line, exit code 2
 
 

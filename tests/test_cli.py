@@ -45,3 +45,20 @@ def test_embedded_model_answers_a_task(capsys):
     ex = next(e for e in held_out_set(3, tasks=("shift",)))
     assert main(["generate", ex.prompt]) == 0
     assert capsys.readouterr().out.strip() == ex.answer
+
+
+@pytest.mark.skipif(not (default_model_path() / "config.json").is_file(), reason="embedded model not built")
+def test_readme_set_up_command_prints_what_the_readme_says(capsys):
+    """The first lines of the README: `dyllm generate "shift:..."` and the line it prints."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    command = re.search(r"&& (dyllm generate [^\n]+)", readme).group(1)
+    expected = re.search(r"# prints (\S+)", readme).group(1)
+    prompt = shlex.split(command)[2]
+    shifted = "".join(chr((ord(c) - 97 + 1) % 26 + 97) for c in prompt.split(":", 1)[1].rstrip("="))
+    assert expected == shifted  # the README states the right answer...
+    assert main(shlex.split(command)[1:]) == 0
+    assert capsys.readouterr().out.strip() == expected  # ...and the embedded model prints it

@@ -18,6 +18,12 @@ def test_eval_suite_reports_every_figure(tmp_path, capsys):
     assert 0.0 <= report["accuracy"] <= 1.0 and report["tokens_per_s"] > 0 and report["nfe"] == 32
     assert 0.0 < report["active_fraction"] < 1.0 and 0.0 <= report["agreement"] <= 1.0
     assert report["policy"] == "dual_cache" and report["decoding"]["gen_length"] == 32
+    low, high = report["accuracy_interval"]
+    assert low <= report["accuracy"] <= high and report["correct"] == round(4 * report["accuracy"])
+    assert all(s["interval"][0] <= s["accuracy"] <= s["interval"][1] for s in report["per_task"].values())
+    paired = report["paired"]
+    assert paired["won"] + paired["lost"] <= 4 and 0 < paired["mcnemar_p"] <= 1
+    assert f"{paired['won']} won, {paired['lost']} lost, exact McNemar p" in printed
 
 
 def test_eval_jsonl_with_extractor_and_policy_args(tmp_path, capsys):

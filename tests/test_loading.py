@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -217,3 +218,30 @@ def test_folder_without_tokenizer(tiny_llada_dir):
         (tiny_llada_dir / name).unlink()
     with pytest.raises(CheckpointError, match="has no tokenizer files.*copy them from the original checkpoint"):
         load(tiny_llada_dir, device="cpu")
+
+
+def test_embedded_models_by_name():
+    from dyllm_fx.export.metadata import model_path_label
+    from dyllm_fx.loading import EMBEDDED_MODELS, default_model_path, embedded_model_name, resolve_model_path
+
+    assert set(EMBEDDED_MODELS) == {"default", "default-dream"}
+    for name in EMBEDDED_MODELS:
+        folder = default_model_path(name)
+        assert folder.parent.name == "assets"
+        if (folder / "config.json").is_file():
+            assert resolve_model_path(name) == folder
+        else:  # not shipped in this install: the error names the command that trains it
+            with pytest.raises(FileNotFoundError, match=rf"not in this install.*train_tiny_mdlm.py --arch \w+ --out {re.escape(str(folder.relative_to(folder.parents[2])))}"):
+                resolve_model_path(name)
+        assert embedded_model_name(name) == name and embedded_model_name(folder) == name
+        assert model_path_label(folder) == name and model_path_label(name) == name
+    assert default_model_path() == default_model_path("default")
+    assert embedded_model_name("/no/such/folder") is None
+    with pytest.raises(KeyError, match="default-dream"):
+        default_model_path("default-llama")
+    for name in EMBEDDED_MODELS:
+        if (default_model_path(name) / "config.json").is_file():
+            model, tok = load(name)
+            assert model.architecture == ("dream" if name == "default-dream" else "llada")
+            assert model.diffusion.logits_shift == (1 if name == "default-dream" else 0)
+            assert tok.mask_token_id == model.diffusion.mask_token_id

@@ -1,1 +1,2 @@
-"""Data shipped inside the package: the embedded tiny-llada checkpoint."""
+"""Data shipped inside the package: the embedded checkpoints tiny-llada (``load("default")``) and
+tiny-dream (``load("default-dream")``)."""

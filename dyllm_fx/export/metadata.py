@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from dyllm_fx.loading import DEFAULT_MODEL, default_model_path
+from dyllm_fx.loading import embedded_model_name
 from dyllm_fx.models.spec import DiffusionSpec
 from dyllm_fx.runtime.policies import FixedPolicy, Policy
 
@@ -73,11 +73,13 @@ def _jsonable(value):
 
 
 def model_path_label(model_path: str | Path | None) -> str:
-    """``"default"`` for the embedded model, else the folder as an absolute path ('' if unknown)."""
+    """The name of an embedded model (``"default"``, ``"default-dream"``), else the folder as
+    an absolute path ('' if unknown)."""
     if model_path is None:
         return ""
-    if str(model_path) == DEFAULT_MODEL or Path(model_path).resolve() == default_model_path():
-        return DEFAULT_MODEL
+    name = embedded_model_name(model_path)
+    if name is not None:
+        return name
     return str(Path(model_path).expanduser().resolve())
 
 
