@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from .ops import SDPA, is_op, tensor_inputs
+from .ops import SDPA, descendants, is_op, tensor_inputs
 
 aten = torch.ops.aten
 _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal")
@@ -103,18 +103,8 @@ def piece_operands(graph: fx.Graph) -> AttentionOperands:
     if len(cores) != 1:
         raise ValueError(f"expected one attention core in the piece, found {len(cores)}")
     h = next(n for n in graph.nodes if n.op == "placeholder" and n.name == "h")
-    rows = _descendants(h)
+    rows = descendants(h)
     return attention_operands(cores[0], rows.__contains__)
-
-
-def _descendants(root: fx.Node) -> set[fx.Node]:
-    seen, stack = {root}, [root]
-    while stack:
-        for user in stack.pop().users:
-            if user not in seen:
-                seen.add(user)
-                stack.append(user)
-    return seen
 
 
 __all__ = ["AttentionOperands", "attention_operands", "core_args", "piece_operands"]

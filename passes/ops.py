@@ -33,3 +33,17 @@ def is_symbolic_scalar(node: fx.Node) -> bool:
     return isinstance(val, (torch.SymInt, torch.SymFloat, torch.SymBool, int, float, bool)) or node.target in (
         operator.mul, operator.add, operator.sub, operator.floordiv, aten.sym_size.int,
     )
+
+
+def descendants(roots) -> set[fx.Node]:
+    """Every node that reads, directly or not, one of ``roots`` (a node or an iterable of nodes),
+    the roots included."""
+    roots = [roots] if isinstance(roots, fx.Node) else list(roots)
+    seen, stack = set(roots), list(roots)
+    while stack:
+        for user in stack.pop().users:
+            if user not in seen:
+                seen.add(user)
+                stack.append(user)
+    return seen
+

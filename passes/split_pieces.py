@@ -39,7 +39,7 @@ from dyllm_fx.kernels.ops import gather_rows
 from .attention_operands import piece_operands
 from .capture import INPUT_NAMES, CapturedGraph
 from .find_blocks import BlockMatch
-from .ops import SDPA, is_op, is_tensor
+from .ops import SDPA, descendants, is_op, is_tensor
 
 aten = torch.ops.aten
 
@@ -82,16 +82,6 @@ class StepProgram:
     h0_reads_state: bool = False
 
 
-def _descendants(roots: list[fx.Node]) -> set[fx.Node]:
-    seen, stack = set(roots), list(roots)
-    while stack:
-        for user in stack.pop().users:
-            if user not in seen:
-                seen.add(user)
-                stack.append(user)
-    return seen
-
-
 class _Cutter:
     """Shared state for cutting pieces out of one captured graph."""
 
@@ -99,7 +89,7 @@ class _Cutter:
         self.cg = cg
         self.graph = cg.gm.graph
         self.user_inputs = [n for n in self.graph.nodes if n.op == "placeholder"]
-        self.from_inputs = _descendants(self.user_inputs)
+        self.from_inputs = descendants(self.user_inputs)
         self.order = {n: i for i, n in enumerate(self.graph.nodes)}
         self.tables: dict[str, fx.Node] = {}
 
@@ -115,7 +105,7 @@ class _Cutter:
         roles = self._dim_roles(row_input)
         if roles[:2] != ["batch", "seq"]:
             raise PieceError(f"{name}: the residual stream '{row_input.name}' is not laid out (batch, seq, hidden)")
-        inside = _descendants([row_input])
+        inside = descendants([row_input])
         members: list[fx.Node] = []
         externals: list[fx.Node] = []
         seen: set[fx.Node] = {row_input}

@@ -12,7 +12,7 @@ from torch import nn
 
 from dyllm_fx.passes.attention_operands import attention_operands
 from dyllm_fx.passes.capture import capture, capture_module
-from dyllm_fx.passes.ops import SDPA, is_op
+from dyllm_fx.passes.ops import SDPA, descendants, is_op
 
 
 class InPlaceStream(nn.Module):
@@ -91,7 +91,7 @@ def test_key_prefix_is_recognised():
                        dict(model.named_parameters()), names, dynamic=[(0, 1), (0, 1), (0, 1), (0, 2), (0, 2)])
     graph = captured.gm.graph
     h = next(n for n in graph.nodes if n.op == "call_function" and n.target is torch.ops.aten.embedding.default)
-    on_rows = _descendants(h).__contains__
+    on_rows = descendants(h).__contains__
     ops = attention_operands(next(n for n in graph.nodes if is_op(n, SDPA)), on_rows)
     assert ops.has_prefix
     assert ops.k_prefix.name == "k_prefix" and ops.v_prefix.name == "v_prefix"
@@ -105,13 +105,3 @@ def test_key_prefix_is_recognised():
     with torch.no_grad():
         got = captured.gm(ids2, torch.ones_like(ids2), torch.zeros_like(ids2), p2, p2 * 2)
         assert torch.allclose(got, model(ids2, None, None, p2, p2 * 2), atol=1e-6)
-
-
-def _descendants(root):
-    seen, stack = {root}, [root]
-    while stack:
-        for user in stack.pop().users:
-            if user not in seen:
-                seen.add(user)
-                stack.append(user)
-    return seen
