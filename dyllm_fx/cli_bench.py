@@ -55,13 +55,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     if args.model == "diffusion_gemma:random":
         return _cmd_bench_diffusion_gemma(args)
-    methods = default_methods(threshold=args.threshold, tau=args.tau)
-    if args.methods:
-        wanted = [m.strip() for m in args.methods.split(",")]
-        unknown = sorted(set(wanted) - {m.label for m in methods})
-        if unknown:
-            raise ValueError(f"unknown method(s) {unknown}; available: {[m.label for m in methods]}")
-        methods = [methods[0]] + [m for m in methods[1:] if m.label in wanted]
+    methods = _chosen_methods(default_methods(threshold=args.threshold, tau=args.tau), args.methods)
     model, tok = load(args.model, device=args.device)
     examples = bench_examples(args.n, tuple(t.strip() for t in args.tasks.split(",")))
     bench = run_bench(
@@ -81,13 +75,7 @@ def _cmd_bench_diffusion_gemma(args: argparse.Namespace) -> int:
     --gen-length new tokens, --steps denoising steps per canvas (default 8)."""
     from .bench_diffusion_gemma import default_methods, format_gemma_table, run_gemma_bench
 
-    methods = default_methods(tau=args.tau)
-    if args.methods:
-        wanted = [m.strip() for m in args.methods.split(",")]
-        unknown = sorted(set(wanted) - {m.label for m in methods})
-        if unknown:
-            raise ValueError(f"unknown method(s) {unknown}; available: {[m.label for m in methods]}")
-        methods = [methods[0]] + [m for m in methods[1:] if m.label in wanted]
+    methods = _chosen_methods(default_methods(tau=args.tau), args.methods)
     results = run_gemma_bench(
         methods, n=args.n, max_new_tokens=args.gen_length, steps=args.steps or 8, repeats=args.repeats,
     )
@@ -99,3 +87,16 @@ def _cmd_bench_diffusion_gemma(args: argparse.Namespace) -> int:
         with open(args.json, "w") as f:
             json.dump([asdict(r) for r in results], f, indent=1)
     return 0
+
+
+def _chosen_methods(methods: list, labels: str | None) -> list:
+    """The baseline (first) method and those of --methods' comma-separated labels; an unknown
+    label is an error that lists the available ones, raised before any model loads."""
+    if not labels:
+        return methods
+    wanted = [m.strip() for m in labels.split(",")]
+    unknown = sorted(set(wanted) - {m.label for m in methods})
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; available: {[m.label for m in methods]}")
+    return [methods[0]] + [m for m in methods[1:] if m.label in wanted]
+
