@@ -110,7 +110,7 @@ def table(rows: list[dict]) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--policies", default=",".join(POLICIES), help=f"comma list (default {','.join(POLICIES)})")
-    p.add_argument("--n", type=int, default=1, help="held-out prompts per task (6 tasks; default 1)")
+    p.add_argument("--n", type=int, default=1, help="held-out prompts per task (7 tasks; default 1)")
     p.add_argument("--batch", type=int, default=6, help="prompts per generate() call (default 6)")
     p.add_argument("--repeats", type=int, default=2, help="timed runs after the warm-up (default 2)")
     p.add_argument("--threads", type=int, default=1, help="torch and onnxruntime intra-op threads (default 1)")

@@ -61,7 +61,7 @@ def load_jsonl(path: str | Path) -> list[Example]:
 
 
 SUITE = "suite"
-SUITE_PER_TASK = HELD_OUT_PER_TASK  # held-out prompts per task of `--task suite`: 70, 420 over the six tasks
+SUITE_PER_TASK = HELD_OUT_PER_TASK  # held-out prompts per task of `--task suite`: 70, 490 over the seven tasks
 
 
 def suite_examples(limit: int | None = None, per_task: int = SUITE_PER_TASK) -> list[Example]:

@@ -17,6 +17,8 @@ def test_answers_follow_definitions():
     for _ in range(20):
         ex = sample("shift", rng)
         assert ex.answer == "".join(chr((ord(c) - 97 + 1) % 26 + 97) for c in _body(ex.prompt))
+        ex = sample("copy", rng)
+        assert ex.answer == _body(ex.prompt)
         ex = sample("reverse", rng)
         assert ex.answer == _body(ex.prompt)[::-1]
         ex = sample("sort", rng)
