@@ -18,9 +18,9 @@ import json
 import torch
 
 import dyllm_fx
-from dyllm_fx.evaluation import evaluate
-from dyllm_fx.stats import Paired, format_accuracy, format_p
-from dyllm_fx.tasks import DIFFICULTY, HELD_OUT_PER_TASK, TASKS, held_out_set
+from dyllm_fx.eval.evaluate import evaluate
+from dyllm_fx.eval.significance import Paired, format_accuracy, format_p
+from dyllm_fx.eval.synthetic_tasks import DIFFICULTY, HELD_OUT_PER_TASK, TASKS, held_out_set
 
 
 def main() -> None:

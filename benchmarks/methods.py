@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sys
 
-from dyllm_fx.cli import main
+from dyllm_fx.cli.main import main
 
 if __name__ == "__main__":
     sys.exit(main(["bench", *sys.argv[1:]]))

@@ -59,7 +59,7 @@ def arrivals(n: int, rate: float, seed: int) -> list[float]:
 
 def examples(n: int) -> list:
     """``n`` held-out examples of every task (prompt and answer), shuffled."""
-    from dyllm_fx.tasks import held_out_set
+    from dyllm_fx.eval.synthetic_tasks import held_out_set
 
     pool = held_out_set(max(1, -(-n // 6)))
     random.Random(0).shuffle(pool)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 
 import dyllm_fx
-from dyllm_fx.bench import Method, bench_examples, format_table, run_bench, write_outputs
+from dyllm_fx.eval.methods_bench import Method, bench_examples, format_table, run_bench, write_outputs
 
 
 def main() -> None:

@@ -36,7 +36,7 @@ _API = {
     "SamplingParams": "serving",
     "TransformedModel": "transform",
     "default_model_path": "loading",
-    "explain": "explain",
+    "explain": "analysis.explain",
     "generate": "generation",
     "load": "loading",
     "transform": "transform",
@@ -61,9 +61,9 @@ def __dir__():
 
 
 class _Package(types.ModuleType):
-    """Keeps ``dyllm_fx.transform`` / ``dyllm_fx.explain`` the functions: importing the
-    submodules of the same names (``from dyllm_fx.transform import TransformedModel``) would
-    otherwise rebind the package attribute to the module."""
+    """Keeps ``dyllm_fx.transform`` the function: importing the submodule of the same name
+    (``from dyllm_fx.transform import TransformedModel``) would otherwise rebind the package
+    attribute to the module."""
 
     def __setattr__(self, name, value):
         if isinstance(value, types.ModuleType) and _API.get(name) == name and hasattr(value, name):

@@ -159,7 +159,7 @@ class TransformedModel(nn.Module):
         return SparseStep(self.engine, self.diffusion)
 
     def explain(self) -> str:
-        from .explain import explain
+        from .analysis.explain import explain
 
         return explain(self)
 

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from dyllm_fx.char_tokenizer import build_char_tokenizer
 from dyllm_fx.models import DreamConfig, DreamModel, LLaDAConfig, LLaDAModelLM, load_model, save_model
-from dyllm_fx.tasks import ALPHABET, SUITE_VERSION, TASKS, held_out_set, sample
+from dyllm_fx.eval.synthetic_tasks import ALPHABET, SUITE_VERSION, TASKS, held_out_set, sample
 
 ARCHS = ("llada", "dream")
 OPTIMIZER_FILE = "optimizer.pt"
@@ -241,7 +241,7 @@ def lr_at(step: int, args: argparse.Namespace) -> float:
 
 def held_out_eval(model, tokenizer, n: int, tasks: list[str], gen_length: int) -> dict:
     """Exact match per task on the first ``n`` held-out prompts, vanilla decoding."""
-    from dyllm_fx.evaluation import evaluate
+    from dyllm_fx.eval.evaluate import evaluate
 
     model.eval()
     try:

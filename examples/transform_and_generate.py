@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 
 import dyllm_fx
-from dyllm_fx.tasks import held_out_set
+from dyllm_fx.eval.synthetic_tasks import held_out_set
 
 
 def main() -> None:

@@ -1,11 +1,11 @@
-"""The Fast-dLLM reference loop (dyllm_fx/baselines.py) gives the block-cache policies' tokens."""
+"""The Fast-dLLM reference loop (dyllm_fx/eval/plain_loop_baseline.py) gives the block-cache policies' tokens."""
 
 import pytest
 import torch
 from tiny_checkpoints import tiny_dream, tiny_llada, tiny_tokenizer
 
 import dyllm_fx
-from dyllm_fx.baselines import FastDLLMReference
+from dyllm_fx.eval.plain_loop_baseline import FastDLLMReference
 
 
 @pytest.mark.parametrize("make", [lambda: tiny_llada(seed=7, n_layers=2), lambda: tiny_dream(seed=8, num_hidden_layers=2)],

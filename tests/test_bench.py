@@ -1,4 +1,4 @@
-"""dyllm bench (dyllm_fx/bench.py, benchmarks/methods.py) and the GPU step benchmark's CPU smoke
+"""dyllm bench (dyllm_fx/eval/methods_bench.py, benchmarks/methods.py) and the GPU step benchmark's CPU smoke
 path: the table's bookkeeping, not its timings."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 import dyllm_fx
-from dyllm_fx.bench import Method, bench_examples, format_table, run_bench
-from dyllm_fx.cli import main
+from dyllm_fx.eval.methods_bench import Method, bench_examples, format_table, run_bench
+from dyllm_fx.cli.main import main
 
 ROOT = Path(__file__).resolve().parents[1]
 GEN = dict(gen_length=32, block_length=16, steps=32)
@@ -44,7 +44,7 @@ def test_rows_are_measured_against_vanilla(bench):
 
 
 def test_rows_carry_intervals_and_the_paired_comparison(bench):
-    from dyllm_fx.stats import mcnemar_exact, wilson_interval
+    from dyllm_fx.eval.significance import mcnemar_exact, wilson_interval
 
     rows = {r["method"]: r for r in bench["rows"]}
     for r in bench["rows"]:
@@ -57,16 +57,16 @@ def test_rows_carry_intervals_and_the_paired_comparison(bench):
         assert r["per_task"] == {"shift": {"correct": r["correct"], "n": 2}}
     assert (rows["vanilla"]["won"], rows["vanilla"]["lost"], rows["vanilla"]["mcnemar_p"]) == (0, 0, 1.0)
     assert (rows["dense"]["won"], rows["dense"]["lost"]) == (0, 0)
-    from dyllm_fx.bench import format_task_table
+    from dyllm_fx.eval.methods_bench import format_task_table
 
     table = format_task_table(bench)
     assert table.splitlines()[0].startswith("| task | vanilla | dense |") and "| shift | " in table
 
 
 def test_defaults_score_at_least_400_prompts():
-    from dyllm_fx.bench import bench_examples
-    from dyllm_fx.cli import build_parser
-    from dyllm_fx.jsonl_tasks import suite_examples
+    from dyllm_fx.eval.methods_bench import bench_examples
+    from dyllm_fx.cli.main import build_parser
+    from dyllm_fx.eval.jsonl_tasks import suite_examples
 
     args = build_parser().parse_args(["bench"])
     examples = bench_examples(args.n, tuple(args.tasks.split(",")))
@@ -75,7 +75,7 @@ def test_defaults_score_at_least_400_prompts():
 
 
 def test_dream_threshold_rows_use_a_probability_confidence(tiny_dream_dir):
-    from dyllm_fx.bench import DREAM_THRESHOLD_ALG, sampler_params
+    from dyllm_fx.eval.methods_bench import DREAM_THRESHOLD_ALG, sampler_params
 
     dream, _ = dyllm_fx.load(tiny_dream_dir)
     llada, _ = dyllm_fx.load("default")
@@ -100,7 +100,7 @@ def test_cli_bench_on_the_embedded_dream_model(tmp_path, capsys):
 def test_table_and_plot_input(bench, tmp_path):
     table = format_table(bench)
     assert table.count("\n") == 1 + len(bench["rows"]) and "| vanilla | " in table
-    from dyllm_fx.plots import validate_bench
+    from dyllm_fx.analysis.plots import validate_bench
 
     validate_bench(json.loads(json.dumps(bench)))  # what `dyllm plot pareto` reads
 
@@ -192,7 +192,7 @@ def test_compiled_rows_sit_beside_the_eager_ones_and_the_plain_loop_agrees():
 
 
 def test_default_methods_start_with_the_official_defaults():
-    from dyllm_fx.bench import default_methods
+    from dyllm_fx.eval.methods_bench import default_methods
 
     methods = {m.label: m for m in default_methods()}
     assert methods["dyllm"].params == {} and methods["es_dllm"].params == {}  # the authors' settings

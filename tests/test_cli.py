@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from dyllm_fx.cli import main
+from dyllm_fx.cli.main import main
 from dyllm_fx.loading import default_model_path
 
 
@@ -40,7 +40,7 @@ def test_bad_input_is_one_clear_line(tiny_llada_dir, capsys):
 
 @pytest.mark.skipif(not (default_model_path() / "config.json").is_file(), reason="embedded model not built")
 def test_embedded_model_answers_a_task(capsys):
-    from dyllm_fx.tasks import held_out_set
+    from dyllm_fx.eval.synthetic_tasks import held_out_set
 
     ex = next(e for e in held_out_set(3, tasks=("shift",)))
     assert main(["generate", ex.prompt]) == 0

@@ -284,7 +284,7 @@ def test_decoder_mask_must_be_a_key_mask(model, fast):
 def test_bench_rows(model):
     """The DiffusionGemma bench: dense agrees with the untransformed model on every token; a low
     tau runs fewer MLP rows (its agreement is whatever it is: measured, not asserted)."""
-    from dyllm_fx.bench_diffusion_gemma import default_methods, format_gemma_table, run_gemma_bench
+    from dyllm_fx.eval.diffusion_gemma_bench import default_methods, format_gemma_table, run_gemma_bench
 
     methods = {m.label: m for m in default_methods(tau=0.3)}
     chosen = [methods["untransformed"], methods["dense"], methods["dyllm"]]
@@ -300,7 +300,7 @@ def test_bench_rows(model):
 
 
 def test_bench_cli_rejects_plot(capsys):
-    from dyllm_fx.cli import main
+    from dyllm_fx.cli.main import main
 
     assert main(["bench", "--model", "diffusion_gemma:random", "--plot", "x.png"]) == 2
     assert "no accuracy" in capsys.readouterr().err

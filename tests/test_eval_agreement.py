@@ -4,9 +4,9 @@ import pytest
 import torch
 
 import dyllm_fx
-from dyllm_fx.agreement import AgreementCounter, token_agreement
-from dyllm_fx.evaluation import evaluate_policy
-from dyllm_fx.jsonl_tasks import suite_examples
+from dyllm_fx.eval.agreement import AgreementCounter, token_agreement
+from dyllm_fx.eval.evaluate import evaluate_policy
+from dyllm_fx.eval.jsonl_tasks import suite_examples
 from dyllm_fx.policy_setup import apply_policy, parse_policy_args, parse_value
 
 FAST = dict(gen_length=32, block_length=16, batch_size=4)

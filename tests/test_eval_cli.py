@@ -2,7 +2,7 @@
 
 import json
 
-from dyllm_fx.cli import main
+from dyllm_fx.cli.main import main
 
 FAST = ["--gen-length", "32", "--block-length", "16", "--quiet"]
 
@@ -27,7 +27,7 @@ def test_eval_suite_reports_every_figure(tmp_path, capsys):
 
 
 def test_eval_jsonl_with_extractor_and_policy_args(tmp_path, capsys):
-    from dyllm_fx.tasks import held_out_set
+    from dyllm_fx.eval.synthetic_tasks import held_out_set
 
     task = tmp_path / "mine.jsonl"
     task.write_text("".join(json.dumps({"prompt": e.prompt, "answer": e.answer}) + "\n" for e in held_out_set(2, tasks=("shift",))))

@@ -1,8 +1,8 @@
-"""Answer extractors and exact match (dyllm_fx.extractors)."""
+"""Answer extractors and exact match (dyllm_fx.eval.extractors)."""
 
 import pytest
 
-from dyllm_fx.extractors import EXTRACTORS, exact_match, get_extractor, normalize_number
+from dyllm_fx.eval.extractors import EXTRACTORS, exact_match, get_extractor, normalize_number
 
 
 def test_identity_and_strip():

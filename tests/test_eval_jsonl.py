@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from dyllm_fx.jsonl_tasks import JsonlTaskError, load_jsonl, load_task, suite_examples
-from dyllm_fx.tasks import TASKS
+from dyllm_fx.eval.jsonl_tasks import JsonlTaskError, load_jsonl, load_task, suite_examples
+from dyllm_fx.eval.synthetic_tasks import TASKS
 
 
 def _write(path, lines):

@@ -11,8 +11,8 @@ lm_eval = pytest.importorskip("lm_eval", reason='lm-eval is an optional extra: p
 
 from lm_eval.api.instance import Instance  # noqa: E402
 
-from dyllm_fx.lm_eval_adapter import DyLLMEvalLM, cut_at_stop  # noqa: E402
-from dyllm_fx.tasks import held_out_set  # noqa: E402
+from dyllm_fx.eval.lm_eval_adapter import DyLLMEvalLM, cut_at_stop  # noqa: E402
+from dyllm_fx.eval.synthetic_tasks import held_out_set  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +25,7 @@ def _request(context, **gen_kwargs):
 
 
 def test_importing_dyllm_fx_does_not_import_lm_eval_or_matplotlib():
-    code = "import sys, dyllm_fx, dyllm_fx.cli; print(sorted(m for m in ('lm_eval', 'matplotlib') if m in sys.modules))"
+    code = "import sys, dyllm_fx, dyllm_fx.cli.main; print(sorted(m for m in ('lm_eval', 'matplotlib') if m in sys.modules))"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
 
 
@@ -94,7 +94,7 @@ metric_list:
     aggregation: mean
     higher_is_better: true
 """)
-    import dyllm_fx.lm_eval_adapter  # noqa: F401  (registers "dyllm")
+    import dyllm_fx.eval.lm_eval_adapter  # noqa: F401  (registers "dyllm")
 
     res = lm_eval.simple_evaluate(
         model="dyllm", model_args="pretrained=default,policy=dual_cache,block_length=16", tasks=["dyllm_tiny_shift"],

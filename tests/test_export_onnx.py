@@ -15,13 +15,13 @@ ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
 import dyllm_fx  # noqa: E402
-from dyllm_fx.cli import main  # noqa: E402
+from dyllm_fx.cli.main import main  # noqa: E402
 from dyllm_fx.export import ExportableStep, ExportError, NotAStepGraphError, load_onnx, to_onnx  # noqa: E402
 from dyllm_fx.export.metadata import FORMAT  # noqa: E402
 from dyllm_fx.export.step_module import cache_shapes  # noqa: E402
 from dyllm_fx.models.layers import default_position_ids  # noqa: E402
 from dyllm_fx.runtime.policies import Policy  # noqa: E402
-from dyllm_fx.tasks import held_out_set  # noqa: E402
+from dyllm_fx.eval.synthetic_tasks import held_out_set  # noqa: E402
 
 # Measured on a 2-core x86 CPU, float32: max |onnxruntime - torch| on the logits (magnitude up
 # to ~24) is 1e-5 at L = 40 and 1.2e-4 at L = 103 for a full step, 3e-5 for a 32-row sparse

@@ -23,7 +23,7 @@ ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
 import dyllm_fx  # noqa: E402
-from dyllm_fx.cli import main  # noqa: E402
+from dyllm_fx.cli.main import main  # noqa: E402
 from dyllm_fx.export import ExportedPlanMissing, ExportError, Layout, load_onnx, plan_keys, record_plan_keys, to_onnx  # noqa: E402
 from dyllm_fx.export.plan_keys import SEQ, bind, graph_key  # noqa: E402
 from dyllm_fx.runtime.policies import make_policy  # noqa: E402

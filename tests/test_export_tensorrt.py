@@ -15,7 +15,7 @@ from dyllm_fx.export.driver import ExportedStepModel, TorchBackend, build_policy
 from dyllm_fx.export.metadata import step_graph_info
 from dyllm_fx.export.step_module import dynamic_shapes, example_inputs
 from dyllm_fx.export.tensorrt import INSTALL
-from dyllm_fx.tasks import held_out_set
+from dyllm_fx.eval.synthetic_tasks import held_out_set
 
 HAS_TENSORRT = importlib.util.find_spec("torch_tensorrt") is not None and torch.cuda.is_available()
 

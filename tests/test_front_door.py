@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import dyllm_fx
-from dyllm_fx.cli import build_parser, main
+from dyllm_fx.cli.main import build_parser, main
 from dyllm_fx.errors import EmptyResponseWarning, UnknownCharactersWarning, UsageError
 from dyllm_fx.models import CheckpointError
 from dyllm_fx.models.spec import DiffusionSpec
@@ -447,7 +447,7 @@ def test_dream_threshold_needs_maskgit_plus(tiny_dream_dir, capsys):
     _one_error_line(err, "alg='maskgit_plus'")
     # With --alg maskgit_plus every check passes (not decoded here: threshold decoding runs until
     # the block is unmasked, and this random model keeps predicting the mask token).
-    from dyllm_fx.cli_common import check_run
+    from dyllm_fx.cli.common_args import check_run
 
     assert check_run(build_parser().parse_args([*args, "--alg", "maskgit_plus"]))["dtype"] == torch.float32
 
@@ -489,7 +489,7 @@ def test_debug_shows_the_traceback(capsys):
 
 
 def test_internal_errors_say_to_rerun_with_debug(capsys, monkeypatch):
-    import dyllm_fx.cli as cli
+    import dyllm_fx.cli.main as cli
 
     def boom(args):
         raise RuntimeError("something inside broke")
@@ -501,7 +501,7 @@ def test_internal_errors_say_to_rerun_with_debug(capsys, monkeypatch):
 
 
 def test_ctrl_c_during_eval_exits_130(tiny_llada_dir, capsys, monkeypatch):
-    import dyllm_fx.evaluation as evaluation
+    import dyllm_fx.eval.evaluate as evaluation
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
@@ -512,7 +512,7 @@ def test_ctrl_c_during_eval_exits_130(tiny_llada_dir, capsys, monkeypatch):
 
 
 def test_eval_checks_policy_values_before_loading(capsys, monkeypatch):
-    import dyllm_fx.evaluation as evaluation
+    import dyllm_fx.eval.evaluate as evaluation
     import dyllm_fx.loading as loading
 
     monkeypatch.setattr(loading, "load", _no_load)
@@ -536,7 +536,7 @@ def test_eval_and_plot_accept_compositions(tiny_llada_dir, tmp_path, capsys):
 
 
 def test_bench_plot_without_matplotlib_fails_before_the_bench(tmp_path, capsys, monkeypatch):
-    import dyllm_fx.bench as bench
+    import dyllm_fx.eval.methods_bench as bench
     import dyllm_fx.loading as loading
 
     for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")] + ["matplotlib"]:
@@ -563,7 +563,7 @@ def test_policy_names_in_the_help_match_the_registry():
 
 _NO_TORCH = """
 import sys
-import dyllm_fx.cli as cli
+import dyllm_fx.cli.main as cli
 for argv in {argvs!r}:
     try:
         cli.main(argv)
@@ -585,7 +585,7 @@ def test_help_and_version_do_not_import_torch():
 def test_the_package_imports_lazily_and_keeps_its_api():
     code = (
         "import sys, dyllm_fx; assert 'torch' not in sys.modules; "
-        "from dyllm_fx.transform import TransformedModel; import dyllm_fx.explain; "
+        "from dyllm_fx.transform import TransformedModel; import dyllm_fx.analysis.explain; "
         "assert callable(dyllm_fx.transform) and callable(dyllm_fx.explain) and callable(dyllm_fx.load); "
         "assert dyllm_fx.TransformedModel is TransformedModel and dyllm_fx.export.to_onnx; "
         "from dyllm_fx import *; print('ok')"

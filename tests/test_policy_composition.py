@@ -34,7 +34,7 @@ def test_scope_with_a_block_cache_is_rejected():
 def trained():
     """The embedded trained model: agreement with vanilla means something only on a model
     whose predictions are not noise."""
-    from dyllm_fx.tasks import held_out_set
+    from dyllm_fx.eval.synthetic_tasks import held_out_set
 
     model, tok = dyllm_fx.load("default")
     prompts = [e.prompt for e in held_out_set(2, ("shift",), seed=0)]

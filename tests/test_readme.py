@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from dyllm_fx.cli import build_parser, main
+from dyllm_fx.cli.main import build_parser, main
 from dyllm_fx.errors import DyllmWarning
 from dyllm_fx.loading import default_model_path
-from dyllm_fx.tasks import ALPHABET, LETTERS
+from dyllm_fx.eval.synthetic_tasks import ALPHABET, LETTERS
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 TEXT = README.read_text()
@@ -144,7 +144,7 @@ def test_readme_generate_lines_run(command, capsys):
 
 def test_readme_claims_the_right_answer():
     """The set-up's "# prints X" is the task's correct answer for the prompt it shows
-    (computed as dyllm_fx.tasks does, not read from the model)."""
+    (computed as dyllm_fx.eval.synthetic_tasks does, not read from the model)."""
     match = re.search(r'dyllm generate "shift:([a-z]+)="\n\n# prints ([a-z]+)', TEXT)
     assert match, "the set-up example moved; update this test"
     letters, claimed = match.groups()

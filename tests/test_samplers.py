@@ -24,7 +24,7 @@ from dyllm_fx.runtime.schedule import (
     llada_transfer_counts,
 )
 from dyllm_fx.runtime.step import DenseStep
-from dyllm_fx.tasks import ALPHABET
+from dyllm_fx.eval.synthetic_tasks import ALPHABET
 
 import reference_generate as ref
 

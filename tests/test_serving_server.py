@@ -30,7 +30,7 @@ pytest.importorskip("uvicorn")
 
 import dyllm_fx  # noqa: E402
 from dyllm_fx.serving.process import ServerProcess  # noqa: E402
-from dyllm_fx.tasks import held_out_set  # noqa: E402
+from dyllm_fx.eval.synthetic_tasks import held_out_set  # noqa: E402
 
 START_TIMEOUT_S = 180  # model load on a busy 2-core machine
 REQUEST_TIMEOUT_S = 120
@@ -291,7 +291,7 @@ def test_a_full_queue_gets_429_and_loses_no_other_request(reference):
 
 
 def _dyllm(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dyllm_fx.cli", *args], capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([sys.executable, "-m", "dyllm_fx.cli.main", *args], capture_output=True, text=True, timeout=timeout)
 
 
 def test_serve_help_lists_its_options():
@@ -321,7 +321,7 @@ def test_serve_says_when_the_port_is_taken():
 def test_serve_without_fastapi_names_the_extra(monkeypatch, capsys):
     import importlib.util
 
-    from dyllm_fx.cli import main
+    from dyllm_fx.cli.main import main
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "fastapi" else real(name, *a))

@@ -75,7 +75,7 @@ def test_inductor_compiled_step_gives_the_eager_tokens(model, dynamo, name, cfg)
 def trained():
     """The embedded trained model: its saliency is sparse, as a real model's is (a random one
     marks most rows salient at every step)."""
-    from dyllm_fx.tasks import held_out_set
+    from dyllm_fx.eval.synthetic_tasks import held_out_set
 
     model, tok = dyllm_fx.load("default")
     return model, tok, [e.prompt for e in held_out_set(2, ("shift",), seed=0)]

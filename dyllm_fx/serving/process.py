@@ -35,7 +35,7 @@ class ServerProcess:
     """
 
     def __init__(self, *args: str, threads: int = 1, lifetime_s: float = 900.0, start_timeout_s: float = 180.0):
-        cmd = [sys.executable, "-m", "dyllm_fx.cli", "serve", "--host", "127.0.0.1", "--port", "0",
+        cmd = [sys.executable, "-m", "dyllm_fx.cli.main", "serve", "--host", "127.0.0.1", "--port", "0",
                "--threads", str(threads), "--lifetime", str(lifetime_s), *args]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                      text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})

@@ -16,10 +16,10 @@ from tqdm.auto import tqdm
 
 from .agreement import AgreementCounter
 from .extractors import Extractor, exact_match, get_extractor
-from .generation import generate
-from .policy_setup import VANILLA, apply_policy, records_of
-from .stats import Paired, wilson_interval
-from .tasks import Example
+from ..generation import generate
+from ..policy_setup import VANILLA, apply_policy, records_of
+from .significance import Paired, wilson_interval
+from .synthetic_tasks import Example
 
 
 @dataclass
@@ -119,7 +119,7 @@ def evaluate(
     """Generate for every example in batches and score exact match of the extracted answer.
 
     Args:
-        extractor: how to read the answer out of a response (see :mod:`dyllm_fx.extractors`).
+        extractor: how to read the answer out of a response (see :mod:`dyllm_fx.eval.extractors`).
         gen_params: decoding arguments of :func:`dyllm_fx.generate`.
     """
     extract = get_extractor(extractor)

@@ -20,14 +20,14 @@ import traceback
 import warnings
 from collections.abc import Sequence
 
-from .cli_bench import add_bench_parser, cmd_bench
-from .cli_common import add_decoding_args, add_model_args, check_run, decoding_kwargs
-from .cli_eval import add_eval_parser, cmd_eval
-from .cli_export import add_export_parser, cmd_export
-from .cli_plot import add_plot_parser, cmd_plot
-from .cli_serve import add_serve_parser, cmd_serve
-from .errors import DyllmError, UsageError
-from .options import DEFAULT_MODEL
+from .bench import add_bench_parser, cmd_bench
+from .common_args import add_decoding_args, add_model_args, check_run, decoding_kwargs
+from .eval import add_eval_parser, cmd_eval
+from .export import add_export_parser, cmd_export
+from .plot import add_plot_parser, cmd_plot
+from .serve import add_serve_parser, cmd_serve
+from ..errors import DyllmError, UsageError
+from ..options import DEFAULT_MODEL
 
 # Errors that mean "the input is wrong as given"; their messages name the fix.
 USER_ERRORS = (DyllmError, ValueError, TypeError, FileNotFoundError, NotADirectoryError, IsADirectoryError, ImportError)
@@ -42,7 +42,7 @@ def _version() -> str:
         except metadata.PackageNotFoundError:
             return "not installed"
 
-    from . import __version__
+    from .. import __version__
 
     return f"dyllm-fx {__version__} (torch {installed('torch')}, transformers {installed('transformers')})"
 
@@ -84,12 +84,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
         model, tokenizer = _onnx_model(args)
     else:
         load_kw = check_run(args)  # everything that needs no weights, before they load
-        from .loading import load
-        from .policy_setup import apply_policy
+        from ..loading import load
+        from ..policy_setup import apply_policy
 
         model, tokenizer = load(args.model, **load_kw)
         model = apply_policy(model, args.policy, args.policy_args, compile=args.compile)
-    from .generation import generate
+    from ..generation import generate
 
     out = generate(model, tokenizer, args.prompts, **decoding_kwargs(args))
     s = out.stats
@@ -121,16 +121,16 @@ def _policy_name(model, args: argparse.Namespace) -> str:
 
 
 def _onnx_model(args: argparse.Namespace):
-    from .cli_common import apply_threads
-    from .cli_export import load_onnx_model
-    from .policy_setup import VANILLA, parse_policy_args
+    from .common_args import apply_threads
+    from .export import load_onnx_model
+    from ..policy_setup import VANILLA, parse_policy_args
 
     if args.compile or args.dtype:
         raise UsageError("--compile and --dtype do not apply to --onnx: the step graph's dtype and ops are fixed at export")
     args.policy_args = parse_policy_args(args.policy_arg)
     policy, policy_args = None, None
     if args.policy != VANILLA:
-        from .runtime.policies import make_policy
+        from ..runtime.policies import make_policy
 
         policy = make_policy(args.policy, **args.policy_args)
     else:  # --policy-arg alone: the recorded policy's graph inputs (a row policy's tau)
@@ -143,8 +143,8 @@ def model_info(path_or_name: str) -> dict:
     """Architecture and sizes from config.json, without reading the weights."""
     import torch
 
-    from .loading import resolve_model_path
-    from .models import build_model, read_config, resolve_architecture, safetensors_files
+    from ..loading import resolve_model_path
+    from ..models import build_model, read_config, resolve_architecture, safetensors_files
 
     folder = resolve_model_path(path_or_name)
     config = read_config(folder)

@@ -4,7 +4,7 @@ Each method is a policy (or a composition, or vanilla), optionally with threshol
 decoding. All of them run in one process on the same prompts, vanilla first, so speedups are
 ratios measured in the same run. Accuracy is exact match of the response, with its 95% Wilson
 interval; each method is compared with vanilla prompt by prompt (prompts won, prompts lost,
-exact McNemar p; see :mod:`dyllm_fx.stats`); agreement is the fraction of response tokens
+exact McNemar p; see :mod:`dyllm_fx.eval.significance`); agreement is the fraction of response tokens
 identical to vanilla's on the same prompts.
 
 On a Dream-architecture model (logit shift 1) the rows without a threshold use Dream's default
@@ -24,16 +24,16 @@ import torch
 from tqdm.auto import tqdm
 
 from .agreement import AgreementCounter
-from .generation import generate
-from .stats import Paired, format_accuracy, format_p, wilson_interval
-from .tasks import HELD_OUT_PER_TASK as DEFAULT_N_PER_TASK
-from .tasks import TASKS, Example, held_out_set
+from ..generation import generate
+from .significance import Paired, format_accuracy, format_p, wilson_interval
+from .synthetic_tasks import HELD_OUT_PER_TASK as DEFAULT_N_PER_TASK
+from .synthetic_tasks import TASKS, Example, held_out_set
 
 # The Dream sampler of the threshold rows (the top-1 probability as confidence).
 DREAM_THRESHOLD_ALG = "maskgit_plus"
 
 
-# Fast-dLLM's block caches as its reference code writes them (dyllm_fx/baselines.py): the
+# Fast-dLLM's block caches as its reference code writes them (dyllm_fx/eval/plain_loop_baseline.py): the
 # "plain loop" rows the engine's compiled caches are measured against.
 REFERENCE_LOOPS = {"fastdllm-loop:dual": "dual", "fastdllm-loop:prefix": "prefix"}
 
@@ -117,8 +117,8 @@ def sampler_params(model, method: Method) -> dict:
 def _prepare(model, tokenizer, examples: list[Example], method: Method, gen: dict, batch_size: int, compile: bool):
     """The method's model, warmed up on every batch shape of the run (so a compiled step has
     compiled all its graphs before the timing)."""
-    from .baselines import FastDLLMReference
-    from .policy_setup import apply_policy
+    from .plain_loop_baseline import FastDLLMReference
+    from ..policy_setup import apply_policy
 
     if method.policy in REFERENCE_LOOPS:
         target = FastDLLMReference(model, REFERENCE_LOOPS[method.policy])
@@ -276,7 +276,7 @@ def write_outputs(bench: dict, json_path: str | Path | None, plot_path: str | Pa
     if json_path:
         Path(json_path).write_text(json.dumps(bench, indent=2))
     if plot_path:
-        from .plots import plot_pareto
+        from ..analysis.plots import plot_pareto
 
         plot_pareto(bench, plot_path, title="dyllm bench: speed vs accuracy")
 

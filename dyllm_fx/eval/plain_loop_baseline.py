@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .models import DreamModel, LLaDAModelLM
-from .models.layers import apply_rope, key_padding_mask, rope_cos_sin
-from .runtime.step import StepRequest
+from ..models import DreamModel, LLaDAModelLM
+from ..models.layers import apply_rope, key_padding_mask, rope_cos_sin
+from ..runtime.step import StepRequest
 
 MODES = ("dual", "prefix")
 

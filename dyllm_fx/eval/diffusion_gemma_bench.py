@@ -77,8 +77,8 @@ def run_gemma_bench(
     seed: int = 0, repeats: int = 1, model=None,
 ) -> list[GemmaResult]:
     """Every method on the same random prompts; each timed ``repeats`` times (fastest kept)."""
-    from .models import diffusion_gemma as dg
-    from .transform import transform
+    from ..models import diffusion_gemma as dg
+    from ..transform import transform
 
     if not methods or methods[0].policy is not None:
         raise ValueError("the first method must be the untransformed model (policy None): speedups are relative to it")

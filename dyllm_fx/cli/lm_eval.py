@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Run ``lm_eval`` with ``argv`` (default: this process's arguments)."""
-    from . import lm_eval_adapter  # noqa: F401  (registers the "dyllm" model)
+    from ..eval import lm_eval_adapter  # noqa: F401  (registers the "dyllm" model)
     from lm_eval.__main__ import cli_evaluate
 
     if argv is not None:

@@ -11,7 +11,7 @@ def add_plot_parser(
     sub, add_decoding_args: Callable[[argparse.ArgumentParser], None], parents=()
 ) -> argparse.ArgumentParser:
     """Register the ``plot`` subcommand (with ``saliency`` and ``pareto``) on the ``dyllm`` parser."""
-    from .cli_common import add_model_args
+    from .common_args import add_model_args
 
     p = sub.add_parser("plot", help='figures: saliency heatmap of a generation, speed-accuracy plot (pip install "dyllm-fx[plot]")',
                        parents=list(parents))
@@ -33,16 +33,16 @@ def add_plot_parser(
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from .plots import plot_pareto, plot_saliency, require_matplotlib
+    from ..analysis.plots import plot_pareto, plot_saliency, require_matplotlib
 
     require_matplotlib()  # before loading any weights (an ImportError naming the extra)
     if args.plot == "pareto":
         out = plot_pareto(args.bench, args.out, x=args.x)
     else:
-        from .cli_common import check_run, decoding_kwargs
-        from .loading import load
-        from .policy_setup import VANILLA
-        from .saliency import record_saliency
+        from .common_args import check_run, decoding_kwargs
+        from ..loading import load
+        from ..policy_setup import VANILLA
+        from ..analysis.saliency_trace import record_saliency
 
         if args.policy == VANILLA:
             raise ValueError("policy 'vanilla' recomputes every row at every step: there is nothing to plot; pick a transform() policy")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .saliency import SaliencyTrace
+from .saliency_trace import SaliencyTrace
 
 BENCH_REQUIRED = ("method", "accuracy", "tokens_per_s")
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .tasks import HELD_OUT_PER_TASK, Example
+from .synthetic_tasks import HELD_OUT_PER_TASK, Example
 
 REQUIRED_FIELDS = ("prompt", "answer")
 
@@ -67,7 +67,7 @@ SUITE_PER_TASK = HELD_OUT_PER_TASK  # held-out prompts per task of `--task suite
 def suite_examples(limit: int | None = None, per_task: int = SUITE_PER_TASK) -> list[Example]:
     """Held-out synthetic-suite examples, interleaved across tasks (so ``limit=6`` is one of
     each task rather than six of the first)."""
-    from .tasks import TASKS, held_out_set
+    from .synthetic_tasks import TASKS, held_out_set
 
     if limit is not None:
         per_task = max(1, -(-limit // len(TASKS)))

@@ -1,12 +1,12 @@
-"""``dyllm bench``: the methods table (see ``dyllm_fx.bench``)."""
+"""``dyllm bench``: the methods table (see ``dyllm_fx.eval.methods_bench``)."""
 
 from __future__ import annotations
 
 import argparse
 
-from .options import DEFAULT_MODEL
-from .tasks import HELD_OUT_PER_TASK as DEFAULT_N_PER_TASK
-from .tasks import TASKS
+from ..options import DEFAULT_MODEL
+from ..eval.synthetic_tasks import HELD_OUT_PER_TASK as DEFAULT_N_PER_TASK
+from ..eval.synthetic_tasks import TASKS
 
 
 def add_bench_parser(sub, parents=()) -> None:
@@ -42,13 +42,13 @@ def add_bench_parser(sub, parents=()) -> None:
 def cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
-    from .bench import bench_examples, default_methods, format_table, format_task_table, run_bench, write_outputs
-    from .loading import load
+    from ..eval.methods_bench import bench_examples, default_methods, format_table, format_task_table, run_bench, write_outputs
+    from ..loading import load
 
     if args.plot and args.model == "diffusion_gemma:random":
         raise ValueError("--plot draws speed against accuracy, and a random DiffusionGemma has no accuracy; drop --plot")
     if args.plot:
-        from .plots import require_matplotlib
+        from ..analysis.plots import require_matplotlib
 
         require_matplotlib()  # before the bench runs, not after (an ImportError naming the extra)
     if args.threads:
@@ -71,9 +71,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench_diffusion_gemma(args: argparse.Namespace) -> int:
-    """The DiffusionGemma rows (``dyllm_fx.bench_diffusion_gemma``): --n prompts in one batch,
+    """The DiffusionGemma rows (``dyllm_fx.eval.diffusion_gemma_bench``): --n prompts in one batch,
     --gen-length new tokens, --steps denoising steps per canvas (default 8)."""
-    from .bench_diffusion_gemma import default_methods, format_gemma_table, run_gemma_bench
+    from ..eval.diffusion_gemma_bench import default_methods, format_gemma_table, run_gemma_bench
 
     methods = _chosen_methods(default_methods(tau=args.tau), args.methods)
     results = run_gemma_bench(

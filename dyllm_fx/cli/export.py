@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .options import DEFAULT_MODEL
+from ..options import DEFAULT_MODEL
 
 
 def add_export_parser(sub, parents=()) -> argparse.ArgumentParser:
@@ -39,13 +39,13 @@ def add_export_parser(sub, parents=()) -> argparse.ArgumentParser:
 def cmd_export(args: argparse.Namespace) -> int:
     import torch
 
-    from . import load, transform
-    from .export import to_onnx
-    from .errors import UsageError
-    from .export.onnx_export import MIN_OPSET, check_policy, require_onnx_export
-    from .export.step_module import is_layer_uniform
-    from .policy_setup import parse_policy_args
-    from .runtime.policies import make_policy
+    from .. import load, transform
+    from ..export import to_onnx
+    from ..errors import UsageError
+    from ..export.onnx_export import MIN_OPSET, check_policy, require_onnx_export
+    from ..export.step_module import is_layer_uniform
+    from ..policy_setup import parse_policy_args
+    from ..runtime.policies import make_policy
 
     params = parse_policy_args(args.policy_arg)
     if args.policy == "vanilla":
@@ -77,8 +77,8 @@ def _layout(args: argparse.Namespace, uniform: bool, policy: str) -> dict:
     """The layout options as ``to_onnx`` arguments, checked as the denoising loop checks its
     schedule; a UsageError when they are given for a layer-uniform policy (its one graph
     serves every layout, so they would be silently ignored)."""
-    from .errors import UsageError
-    from .export.plan_keys import Layout
+    from ..errors import UsageError
+    from ..export.plan_keys import Layout
 
     given = [name for name in LAYOUT_OPTIONS if getattr(args, name) not in (None, False)]
     if uniform:
@@ -128,8 +128,8 @@ def load_onnx_model(args: argparse.Namespace, policy=None, policy_args=None):
     recorded in the file, or of ``--model`` when one other than the default is given;
     ``policy`` overrides the one recorded at export (a layer-uniform graph runs any
     layer-uniform policy), ``policy_args`` sets a row policy's graph inputs (tau)."""
-    from .export import load_onnx
-    from .loading import load_tokenizer, resolve_model_path
+    from ..export import load_onnx
+    from ..loading import load_tokenizer, resolve_model_path
 
     tokenizer = None
     if args.model not in (None, DEFAULT_MODEL):

@@ -77,8 +77,8 @@ def record_saliency(
         layer: the layer of the per-position maps (default: the middle layer).
         gen_params: :func:`dyllm_fx.generate` arguments (gen_length, block_length, steps, ...).
     """
-    from .generation import generate
-    from .policy_setup import VANILLA, apply_policy
+    from ..generation import generate
+    from ..policy_setup import VANILLA, apply_policy
 
     if policy == VANILLA:
         raise ValueError("policy 'vanilla' recomputes every row at every step: there is nothing to plot; pick a transform() policy")

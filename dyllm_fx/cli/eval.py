@@ -8,10 +8,10 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from .cli_common import add_model_args, check_run, decoding_kwargs
-from .extractors import EXTRACTORS
-from .jsonl_tasks import SUITE, SUITE_PER_TASK
-from .policy_setup import VANILLA
+from .common_args import add_model_args, check_run, decoding_kwargs
+from ..eval.extractors import EXTRACTORS
+from ..eval.jsonl_tasks import SUITE, SUITE_PER_TASK
+from ..policy_setup import VANILLA
 
 
 def add_eval_parser(
@@ -40,9 +40,9 @@ def add_eval_parser(
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .evaluation import evaluate_policy
-    from .jsonl_tasks import load_task
-    from .loading import load
+    from ..eval.evaluate import evaluate_policy
+    from ..eval.jsonl_tasks import load_task
+    from ..loading import load
 
     # Bad input fails here, before any weights load (seconds to minutes for an 8B model) and
     # before the reference run (hours at 8B scale).
@@ -79,7 +79,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def format_report(summary: dict, policy: str, reference: str) -> str:
     """A per-task table (exact match with its 95% Wilson interval), one line of headline
     figures and, when a reference ran, the paired comparison with it."""
-    from .stats import format_accuracy, format_p
+    from ..eval.significance import format_accuracy, format_p
 
     lines = ["| task | exact match [95% CI] | n |", "|---|---|---|"]
     for task, score in summary["per_task"].items():

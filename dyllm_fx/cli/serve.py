@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import argparse
 
-from .cli_common import add_model_args, check_run
-from .errors import UsageError
+from .common_args import add_model_args, check_run
+from ..errors import UsageError
 
 
 def add_serve_parser(sub, parents=()) -> argparse.ArgumentParser:
@@ -36,7 +36,7 @@ def add_serve_parser(sub, parents=()) -> argparse.ArgumentParser:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .serving.net import bind_socket, require_server_packages
+    from ..serving.net import bind_socket, require_server_packages
 
     for name in ("max_num_seqs", "max_num_batches", "max_queue_size"):
         if getattr(args, name) < 1:
@@ -57,17 +57,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, load_kw: dict, sock) -> int:
-    from .loading import load
-    from .serving.engine import ServingEngine
-    from .serving.server import serve
+    from ..loading import load
+    from ..serving.engine import ServingEngine
+    from ..serving.server import serve
 
     model, tokenizer = load(args.model, **load_kw)
     if args.policy != "vanilla":
-        from .transform import transform
+        from ..transform import transform
 
         model = transform(model, policy=args.policy, compile=args.compile, cuda_graphs=args.cuda_graphs, **args.policy_args)
     else:
-        from .policy_setup import apply_policy
+        from ..policy_setup import apply_policy
 
         model = apply_policy(model, args.policy, args.policy_args, compile=args.compile)
     engine = ServingEngine(model, tokenizer, args.max_num_seqs, args.max_num_batches, args.max_queue_size)

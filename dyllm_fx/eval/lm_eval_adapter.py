@@ -3,14 +3,14 @@
 Importing this module registers the model with lm-eval (it needs the ``eval`` extra:
 ``pip install "dyllm-fx[eval]"``; ``import dyllm_fx`` alone never imports lm_eval).
 lm-eval has no plugin discovery, so run its command line through ``dyllm-lm-eval`` (or
-``python -m dyllm_fx.lm_eval_cli``), which registers the model first and then hands every
+``python -m dyllm_fx.cli.lm_eval``), which registers the model first and then hands every
 argument to lm-eval::
 
     dyllm-lm-eval --model dyllm \\
         --model_args pretrained=/models/LLaDA-8B-Instruct,policy=dual_cache,gen_length=256,block_length=32 \\
         --tasks gsm8k --batch_size 8
 
-or from Python: ``import dyllm_fx.lm_eval_adapter`` then ``lm_eval.simple_evaluate(model="dyllm", ...)``.
+or from Python: ``import dyllm_fx.eval.lm_eval_adapter`` then ``lm_eval.simple_evaluate(model="dyllm", ...)``.
 
 Only generation tasks (``generate_until``) are supported. A masked diffusion model has no
 left-to-right factorisation, so a continuation's log-likelihood is not one forward pass:
@@ -32,8 +32,8 @@ try:
 except ImportError as err:  # the message a user sees instead of a bare ModuleNotFoundError
     raise ImportError('the lm-eval adapter needs lm-evaluation-harness: pip install "dyllm-fx[eval]"') from err
 
-from .generation import generate
-from .policy_setup import VANILLA, apply_policy, records_of
+from ..generation import generate
+from ..policy_setup import VANILLA, apply_policy, records_of
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ class DyLLMEvalLM(LM):
             )
         params = {k[len(_POLICY_PREFIX):]: v for k, v in policy_args.items()}
         if model is None:
-            from .loading import load
+            from ..loading import load
 
             if isinstance(dtype, str):
                 dtype = getattr(torch, dtype)

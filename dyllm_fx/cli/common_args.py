@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import argparse
 
-from .options import DEFAULT_MODEL, DEVICE_HELP, DTYPE_CHOICES
-from .policy_setup import VANILLA, check_policy, parse_policy_args, policy_help
+from ..options import DEFAULT_MODEL, DEVICE_HELP, DTYPE_CHOICES
+from ..policy_setup import VANILLA, check_policy, parse_policy_args, policy_help
 
 
 def add_model_args(p: argparse.ArgumentParser, default_policy: str = VANILLA) -> None:
@@ -79,11 +79,11 @@ def check_run(args: argparse.Namespace, policy: bool = True, decoding: bool = Tr
     (or Hub id) and its config, the device and dtype, the policy and its parameters, the decoding
     options against the model family's sampler and the block schedule. Returns the keyword
     arguments of ``dyllm_fx.load`` (dtype, device) and sets the CPU thread count."""
-    from .generation import make_sampler
-    from .loading import check_tokenizer_files, resolve_model_path
-    from .models import read_config, resolve_architecture
-    from .options import resolve_device, resolve_dtype
-    from .runtime.schedule import BlockSchedule
+    from ..generation import make_sampler
+    from ..loading import check_tokenizer_files, resolve_model_path
+    from ..models import read_config, resolve_architecture
+    from ..options import resolve_device, resolve_dtype
+    from ..runtime.schedule import BlockSchedule
 
     if policy:
         args.policy_args = parse_policy_args(args.policy_arg)
