@@ -20,7 +20,7 @@ import torch
 
 import torch.ops  # noqa: F401
 
-import dyllm_fx.kernels.ops  # noqa: F401 (registers torch.ops.dyllm.*)
+import dyllm_fx.kernels.dispatch  # noqa: F401 (registers torch.ops.dyllm.*)
 from dyllm_fx.kernels.approx_attention import approx_attention_fast, approx_attention_reference
 from dyllm_fx.kernels.cache_scatter import cache_write_rows_reference
 from dyllm_fx.kernels.partial_attention import partial_attention_stats_fast, partial_attention_stats_reference

@@ -606,7 +606,7 @@ OPCHECKS = (  # per op, the first argument set is the one the smoke run keeps
 
 def _device_launcher(run: Run, name: str):
     """What a call of ``dyllm::name`` should run on this device: Triton on CUDA (DYLLM_TRITON=1),
-    the op's CPU path on CPU (the reference, or the lean ``*_fast`` version where kernels/ops.py
+    the op's CPU path on CPU (the reference, or the lean ``*_fast`` version where kernels/dispatch.py
     registers one)."""
     cuda = run.device.type == "cuda"
     pa = K.partial_attention

@@ -1,7 +1,7 @@
 """Shared Triton plumbing: whether Triton is importable, and when its kernels may run.
 
 Triton is optional. Without it every op runs its plain-torch reference. With it, the kernels
-run on CUDA tensors (registered per device in ``kernels/ops.py``), and on CPU tensors only
+run on CUDA tensors (registered per device in ``kernels/dispatch.py``), and on CPU tensors only
 under the Triton interpreter (``TRITON_INTERPRET=1``, read when the kernels are defined), which
 the tests use to check each kernel against its reference without a GPU.
 """

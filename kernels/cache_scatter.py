@@ -8,7 +8,7 @@ before ``dim`` and Q the product of those after it.
 
 Row indices outside [0, L) are skipped by the Triton kernel (the reference raises). Repeated
 rows are allowed when they carry identical values (the row-set padding convention of
-``kernels/ops.py``), since the duplicated writes are then idempotent.
+``kernels/dispatch.py``), since the duplicated writes are then idempotent.
 """
 
 from __future__ import annotations

@@ -1,1 +1,14 @@
-"""torch.fx passes that rewrite a dLLM into a cache-backed sparse step (compiler issue)."""
+"""torch.fx passes that rewrite a dLLM into a cache-backed sparse step.
+
+They run in this order (``dyllm_fx.transform``: ``transform()`` and ``build_program()``):
+
+    1 capture              one denoising forward as a symbolic aten graph
+    2 check_bidirectional  refuse causal attention (rewrites nothing)
+    3 find_blocks          the transformer blocks, from the graph's data flow
+    4 split_pieces         prologue | attn_i | mlp_i | epilogue, each on a subset of rows
+    5 split_attention      each attn_i also cut at its core into query | kv | post
+    6 rewrite_attention    each core into cache writes + partial attention
+
+``matching.py`` holds the op sets and node predicates the passes match on;
+``attention_operands.py`` reads an attention core's operands (and a key prefix) for passes 4-6.
+"""

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from .ops import SDPA, descendants, is_op, tensor_inputs
+from .matching import SDPA, descendants, is_op, tensor_inputs
 
 aten = torch.ops.aten
 _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal")

@@ -1,4 +1,4 @@
-"""Pass 1: capture one denoising forward as an aten-level FX graph.
+"""Pass 1 of 6: capture one denoising forward as an aten-level FX graph.
 
 ``make_fx`` with pre-dispatch tracing keeps ``aten.linear``, ``aten.embedding`` and
 ``aten.scaled_dot_product_attention`` whole, so later passes match the transformer's

@@ -1,4 +1,4 @@
-"""Check: the captured model attends bidirectionally.
+"""Pass 2 of 6 (a check, rewrites nothing): the captured model attends bidirectionally.
 
 dyllm-fx rewrites masked diffusion models, whose every position sees every other. A causal LM
 (a transformers ``LlamaForCausalLM`` as loaded) traces to the same block structure and would be
@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import fx, nn
 
-from .ops import SDPA, is_op
+from .matching import SDPA, is_op
 
 _FIX = (
     "dyllm-fx rewrites bidirectional (masked diffusion) models only. For a transformers Llama / Qwen2 "

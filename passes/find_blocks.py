@@ -1,4 +1,4 @@
-"""Pass 2: find the transformer blocks in a captured graph from its structure.
+"""Pass 3 of 6: find the transformer blocks in a captured graph from its structure.
 
 A block is recognised from data flow, not module names:
 
@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx
 
-from .ops import ADD, LINEAR, SDPA, is_op, is_tensor, tensor_inputs
+from .matching import ADD, LINEAR, SDPA, is_op, is_tensor, tensor_inputs
 
 aten = torch.ops.aten
 # Row-wise ops the residual stream may pass through between two blocks (with constants only).

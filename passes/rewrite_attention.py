@@ -1,4 +1,4 @@
-"""Pass 4: turn each attention piece's core into a cache-backed partial attention.
+"""Pass 6 of 6: turn each attention piece's core into a cache-backed partial attention.
 
     sdpa(q, k, v, mask)          # all rows
 becomes
@@ -16,16 +16,16 @@ rows' keys) keeps its concatenation; the cache takes the place of the rows' new 
     partial_attention(q, repeat(cat([k_prefix, k_cache])), repeat(cat([v_prefix, v_cache])), rows, mask, scale)
 
 so the cache holds the rows (before any GQA head repeat) and the attention reads what the
-original core read. The two calls are ``dyllm_fx.kernels.ops``'s
+original core read. The two calls are ``dyllm_fx.kernels.dispatch``'s
 functions: the ``dyllm::`` op (Triton) for CUDA tensors, plain torch otherwise (see there).
 """
 
 from __future__ import annotations
 
-from dyllm_fx.kernels import ops
+from dyllm_fx.kernels import dispatch
 
 from .attention_operands import core_args, piece_operands
-from .ops import SDPA, is_op
+from .matching import SDPA, is_op
 from .split_pieces import Piece, PieceError
 
 
@@ -50,20 +50,20 @@ def rewrite_attention(piece: Piece) -> Piece:
     if operands.has_prefix:
         k_cat, v_cat = operands.k_cat, operands.v_cat
         with g.inserting_before(k_cat):
-            g.call_function(ops.cache_write_rows, (k_cache, rows, operands.k_new, 2))
+            g.call_function(dispatch.cache_write_rows, (k_cache, rows, operands.k_new, 2))
         with g.inserting_before(v_cat):
-            g.call_function(ops.cache_write_rows, (v_cache, rows, operands.v_new, 2))
+            g.call_function(dispatch.cache_write_rows, (v_cache, rows, operands.v_new, 2))
         k_cat.replace_input_with(operands.k_new, k_cache)
         v_cat.replace_input_with(operands.v_new, v_cache)
         keys, values = args["key"], args["value"]
     else:
         with g.inserting_before(core):
-            g.call_function(ops.cache_write_rows, (k_cache, rows, args["key"], 2))
-            g.call_function(ops.cache_write_rows, (v_cache, rows, args["value"], 2))
+            g.call_function(dispatch.cache_write_rows, (k_cache, rows, args["key"], 2))
+            g.call_function(dispatch.cache_write_rows, (v_cache, rows, args["value"], 2))
         keys, values = k_cache, v_cache
     with g.inserting_before(core):
         attn = g.call_function(
-            ops.partial_attention, (args["query"], keys, values, rows, args.get("attn_mask"), args.get("scale"))
+            dispatch.partial_attention, (args["query"], keys, values, rows, args.get("attn_mask"), args.get("scale"))
         )
     attn.meta = dict(core.meta)
     core.replace_all_uses_with(attn)

@@ -1,4 +1,4 @@
-"""Pass 5: cut an attention piece at its core into the parts DyLLM-style layers call apart.
+"""Pass 5 of 6: cut an attention piece at its core into the parts DyLLM-style layers call apart.
 
     attn[i](h, rows, *tables) -> h_mid, context          (the piece, with SDPA inside)
 becomes three graphs over the same weights:
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from torch import fx
 
 from .attention_operands import core_args, piece_operands
-from .ops import SDPA, is_op
+from .matching import SDPA, is_op
 from .split_pieces import Piece, PieceError
 
 

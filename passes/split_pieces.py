@@ -1,4 +1,4 @@
-"""Pass 3: cut the captured graph into pieces that run on a subset of rows.
+"""Pass 4 of 6: cut the captured graph into pieces that run on a subset of rows.
 
     prologue(input_ids, attention_mask, position_ids) -> h0 (B, L, D), *tables
     attn[i](h (B, A, D), rows (B, A), *tables)        -> h_mid (B, A, D), context (B, H, A, d)
@@ -34,12 +34,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx
 
-from dyllm_fx.kernels.ops import gather_rows
+from dyllm_fx.kernels.dispatch import gather_rows
 
 from .attention_operands import piece_operands
 from .capture import INPUT_NAMES, CapturedGraph
 from .find_blocks import BlockMatch
-from .ops import SDPA, descendants, is_op, is_tensor
+from .matching import SDPA, descendants, is_op, is_tensor
 
 aten = torch.ops.aten
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .sampling import add_gumbel_noise, dream_sample_tokens
+from .sampling_math import add_gumbel_noise, dream_sample_tokens
 from .schedule import dream_timesteps, dream_transfer_count, llada_transfer_counts
 
 

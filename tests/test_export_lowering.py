@@ -7,7 +7,7 @@ import importlib.util
 import pytest
 import torch
 
-from dyllm_fx.export import ops as export_ops  # noqa: F401  (registers dyllm_export ops)
+from dyllm_fx.export import functional_ops as export_ops  # noqa: F401  (registers dyllm_export ops)
 from dyllm_fx.export.aten_lowering import attention_math, scatter_rows
 from dyllm_fx.kernels.cache_scatter import cache_write_rows_reference
 from dyllm_fx.kernels.partial_attention import partial_attention_reference

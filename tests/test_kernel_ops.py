@@ -1,4 +1,4 @@
-"""The dyllm:: custom ops (kernels/ops.py): registration checks and reference semantics."""
+"""The dyllm:: custom ops (kernels/dispatch.py): registration checks and reference semantics."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dyllm_fx.kernels.ops import gather_rows
+from dyllm_fx.kernels.dispatch import gather_rows
 
 ops = torch.ops.dyllm
 
@@ -125,9 +125,9 @@ def test_gather_rows_broadcasts_a_batch_one_table():
 
 
 def test_dispatch_functions_equal_the_ops_on_cpu():
-    # kernels/ops.py's functions call the plain-torch implementation for CPU tensors: the same
+    # kernels/dispatch.py's functions call the plain-torch implementation for CPU tensors: the same
     # results as the registered op (which CUDA tensors take).
-    from dyllm_fx.kernels import ops as dispatch
+    from dyllm_fx.kernels import dispatch
 
     bsz, heads, kv_heads, seq_len, d = 2, 4, 2, 12, 8
     q, k, v = _qkv(bsz, heads, kv_heads, 3, seq_len, d)
@@ -153,7 +153,7 @@ def test_dispatch_functions_equal_the_ops_on_cpu():
 
 
 def test_one_table_names_every_registered_op():
-    from dyllm_fx.kernels.ops import KERNELS, REGISTERED
+    from dyllm_fx.kernels.dispatch import KERNELS, REGISTERED
 
     assert set(KERNELS) == set(REGISTERED) == {
         "cache_write_rows", "partial_attention", "partial_attention_stats", "saliency", "approx_attention"

@@ -12,7 +12,7 @@ from torch import nn
 
 from dyllm_fx.passes.attention_operands import attention_operands
 from dyllm_fx.passes.capture import capture, capture_module
-from dyllm_fx.passes.ops import SDPA, descendants, is_op
+from dyllm_fx.passes.matching import SDPA, descendants, is_op
 
 
 class InPlaceStream(nn.Module):

@@ -1,4 +1,4 @@
-"""Pass 2 (passes/find_blocks.py): transformer blocks recognised from the graph's structure."""
+"""Pass 3 (passes/find_blocks.py): transformer blocks recognised from the graph's structure."""
 
 from __future__ import annotations
 

@@ -1,15 +1,15 @@
-"""Pass 4 (passes/rewrite_attention.py): SDPA -> cache writes + partial attention."""
+"""Pass 6 (passes/rewrite_attention.py): SDPA -> cache writes + partial attention."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from dyllm_fx.kernels import ops as kernel_ops
+from dyllm_fx.kernels import dispatch as kernel_ops
 import torch.nn.functional as F
 from torch import nn
 
-from dyllm_fx.kernels.ops import gather_rows
+from dyllm_fx.kernels.dispatch import gather_rows
 from dyllm_fx.models.layers import apply_rope, default_position_ids, rope_cos_sin
 from dyllm_fx.passes.capture import capture_module
 from dyllm_fx.passes.find_blocks import find_blocks
@@ -18,7 +18,7 @@ from dyllm_fx.passes.split_pieces import PieceError, split_pieces
 from tiny_checkpoints import tiny_dream, tiny_llada
 
 SDPA = torch.ops.aten.scaled_dot_product_attention.default
-# kernels/ops.py's functions: the dyllm:: op (Triton) for CUDA tensors, plain torch otherwise
+# kernels/dispatch.py's functions: the dyllm:: op (Triton) for CUDA tensors, plain torch otherwise
 WRITE = kernel_ops.cache_write_rows
 PARTIAL = kernel_ops.partial_attention
 B, L = 2, 10

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from dyllm_fx.models.layers import default_position_ids
 from dyllm_fx.passes.capture import capture_module
 from dyllm_fx.passes.find_blocks import find_blocks
-from dyllm_fx.passes.ops import LINEAR, SDPA, is_op
+from dyllm_fx.passes.matching import LINEAR, SDPA, is_op
 from dyllm_fx.passes.split_attention import split_attention
 from dyllm_fx.passes.split_pieces import split_pieces
 from tiny_checkpoints import tiny_dream, tiny_llada

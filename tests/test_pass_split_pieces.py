@@ -1,11 +1,11 @@
-"""Pass 3 (passes/split_pieces.py): the graph cut into pieces that run on a subset of rows."""
+"""Pass 4 (passes/split_pieces.py): the graph cut into pieces that run on a subset of rows."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from dyllm_fx.kernels.ops import gather_rows
+from dyllm_fx.kernels.dispatch import gather_rows
 from dyllm_fx.models.layers import (
     apply_rope, default_position_ids, key_padding_mask, rope_cos_sin, self_attention, swiglu_mlp,
 )

@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import dyllm_fx
-from dyllm_fx.kernels.ops import gather_rows
+from dyllm_fx.kernels.dispatch import gather_rows
 from dyllm_fx.models.layers import default_position_ids
 from tiny_checkpoints import randomize_, tiny_dream_config, tiny_llada_config, tiny_tokenizer
 

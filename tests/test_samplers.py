@@ -15,7 +15,7 @@ from torch import nn
 import dyllm_fx
 from dyllm_fx.char_tokenizer import build_char_tokenizer
 from dyllm_fx.models import DreamConfig, DreamModel, LLaDAConfig, LLaDAModelLM
-from dyllm_fx.runtime.sampling import add_gumbel_noise, dream_sample_tokens, top_k_filter, top_p_filter
+from dyllm_fx.runtime.sampling_math import add_gumbel_noise, dream_sample_tokens, top_k_filter, top_p_filter
 from dyllm_fx.runtime.samplers import DreamSampler, LLaDASampler
 from dyllm_fx.runtime.schedule import (
     BlockSchedule,

@@ -21,10 +21,10 @@ from hypothesis import strategies as st
 from dyllm_fx.kernels import approx_attention as aa
 from dyllm_fx.kernels import cache_scatter as cs
 from dyllm_fx.kernels import partial_attention as pa
-from dyllm_fx.kernels import saliency as sa
+from dyllm_fx.kernels import salient_rows as sa
 from dyllm_fx.kernels._triton import HAS_TRITON, INTERPRET
 from dyllm_fx.kernels.gathered_mlp import gathered_rows_apply
-from dyllm_fx.kernels.ops import gather_rows
+from dyllm_fx.kernels.dispatch import gather_rows
 
 ops = torch.ops.dyllm
 

@@ -14,9 +14,9 @@ import math
 import torch
 from torch import fx
 
-import dyllm_fx.kernels.ops  # noqa: F401  (registers torch.ops.dyllm.*)
+import dyllm_fx.kernels.dispatch  # noqa: F401  (registers torch.ops.dyllm.*)
 
-from . import ops  # noqa: F401  (registers torch.ops.dyllm_export.*)
+from . import functional_ops  # noqa: F401  (registers torch.ops.dyllm_export.*)
 
 
 def _row_index(rows: torch.Tensor, values: torch.Tensor, dim: int) -> torch.Tensor:

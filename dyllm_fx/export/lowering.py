@@ -18,9 +18,9 @@ import torch
 from onnxscript import ir
 from onnxscript import opset18 as op
 
-import dyllm_fx.kernels.ops  # noqa: F401  (registers torch.ops.dyllm.*)
+import dyllm_fx.kernels.dispatch  # noqa: F401  (registers torch.ops.dyllm.*)
 
-from . import ops  # noqa: F401  (registers torch.ops.dyllm_export.*)
+from . import functional_ops  # noqa: F401  (registers torch.ops.dyllm_export.*)
 
 _HALF_TYPES = (ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
 

@@ -44,14 +44,14 @@ STEP_OUTPUTS = ("logits", "eligible", "counts")
 def plain_torch_ops():
     """Trace the step with the ops' plain-torch implementations on every device (on CUDA the
     runtime would call the Triton custom ops, which ONNX and TensorRT cannot take)."""
-    from dyllm_fx.kernels import ops
+    from dyllm_fx.kernels import dispatch
 
-    saved = ops._uses_kernel
-    ops._uses_kernel = lambda t: False
+    saved = dispatch._uses_kernel
+    dispatch._uses_kernel = lambda t: False
     try:
         yield
     finally:
-        ops._uses_kernel = saved
+        dispatch._uses_kernel = saved
 
 
 # --- the state: cache + buffers as named tensors --------------------------------------------------

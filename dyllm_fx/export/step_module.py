@@ -28,12 +28,12 @@ from __future__ import annotations
 import torch
 from torch import fx, nn
 
-from dyllm_fx.kernels import ops as kernel_ops
+from dyllm_fx.kernels import dispatch as kernel_ops
 from dyllm_fx.kernels.cache_scatter import gather_rows
 from dyllm_fx.passes.split_pieces import Piece, StepProgram
 from dyllm_fx.runtime.policies import POLICIES, Policy
 
-from . import ops  # noqa: F401  (registers torch.ops.dyllm_export.*)
+from . import functional_ops  # noqa: F401  (registers torch.ops.dyllm_export.*)
 
 WRITE_ROWS = torch.ops.dyllm_export.cache_write_rows.default
 # What rewrite_attention inserts for a cache write (the dispatching function; the op itself)

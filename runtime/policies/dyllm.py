@@ -57,8 +57,8 @@ from dataclasses import dataclass
 
 import torch
 
-from dyllm_fx.kernels.ops import approx_attention, partial_attention, partial_attention_stats
-from dyllm_fx.kernels.saliency import cosine_from_stats
+from dyllm_fx.kernels.dispatch import approx_attention, partial_attention, partial_attention_stats
+from dyllm_fx.kernels.salient_rows import cosine_from_stats
 
 from ..rows import bucket_size, mark, select_top, span_rows, take, write_rows
 from .base import FULL, HostState, Plan, Policy, StepOutput, StepReport, check_scope, full_step, head_logits, rows_step

@@ -39,7 +39,7 @@ from ._triton import CUDA_KERNELS_ENABLED, HAS_TRITON
 from .approx_attention import approx_attention_fast, triton_approx_attention
 from .cache_scatter import cache_write_rows_reference, gather_rows, triton_cache_write_rows
 from .partial_attention import partial_attention_reference, partial_attention_stats_fast, triton_partial_attention
-from .saliency import saliency_reference, triton_saliency
+from .salient_rows import saliency_reference, triton_saliency
 
 __all__ = [
     "KERNELS", "approx_attention", "cache_write_rows", "gather_rows", "partial_attention", "partial_attention_stats",
@@ -125,7 +125,7 @@ def _saliency_op(
     """Rows in [start, end) whose context moved: cos(new, cached) < tau, per row over all heads.
 
     Contexts (B, H, N, d) or (B, N, D). Returns (indices (B, end - start) int64, ascending, -1
-    padded; count (B,) int64; cos (B, N) fp32). See ``kernels/saliency.py``.
+    padded; count (B,) int64; cos (B, N) fp32). See ``kernels/salient_rows.py``.
     """
     return KERNELS["saliency"].torch_impl(new_ctx, cached_ctx, tau, start, end)
 
