@@ -67,10 +67,11 @@ def test_defaults_score_at_least_400_prompts():
     from dyllm_fx.eval.methods_bench import bench_examples
     from dyllm_fx.cli.main import build_parser
     from dyllm_fx.eval.jsonl_tasks import suite_examples
+    from dyllm_fx.eval.synthetic_tasks import TASKS
 
     args = build_parser().parse_args(["bench"])
     examples = bench_examples(args.n, tuple(args.tasks.split(",")))
-    assert len(examples) >= 400 and len({e.task for e in examples}) == 6
+    assert len(examples) >= 400 and len({e.task for e in examples}) == len(TASKS)
     assert len(suite_examples()) >= 400  # dyllm eval --task suite
 
 
