@@ -1,17 +1,15 @@
+"""Fixtures shared by the test modules. The helper modules beside them (tiny_checkpoints,
+policy_helpers, the references) are importable because pyproject.toml puts tests/ on pytest's
+``pythonpath``."""
+
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
+import policy_helpers
 import pytest
+import tiny_checkpoints
 import torch
-
-# Lets test modules `from tiny_checkpoints import ...` whatever the rootdir / import mode.
-_TESTS_DIR = str(Path(__file__).resolve().parent)
-if _TESTS_DIR not in sys.path:
-    sys.path.insert(0, _TESTS_DIR)
-
-import tiny_checkpoints  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -39,3 +37,15 @@ def tiny_dream_dir(tmp_path: Path) -> Path:
 @pytest.fixture
 def tiny_tokenizer():
     return tiny_checkpoints.tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def models():
+    """The 4-layer LLaDA and Dream of :func:`policy_helpers.tiny_models` (read-only)."""
+    return policy_helpers.tiny_models()
+
+
+@pytest.fixture(scope="module")
+def programs():
+    """Their transformed programs, traced once per process (:func:`policy_helpers.tiny_programs`)."""
+    return policy_helpers.tiny_programs()

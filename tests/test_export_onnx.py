@@ -207,6 +207,7 @@ def test_ort_values_stay_in_the_backend(exported):
 # --- GPU paths: run where CUDA (and onnxruntime-gpu) are present ------------------------------
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_export_from_a_cuda_model(embedded, tmp_path):
     """Tracing on the GPU gives the same graph: decoded on onnxruntime, the CPU engine's tokens."""

@@ -60,6 +60,7 @@ def test_lowered_step_exports_to_aten_and_decodes_like_the_engine(embedded):
     assert runner.last_step.active_rows[1] == 32  # dual cache: the block only after the refresh
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not HAS_TENSORRT, reason=f"needs torch_tensorrt and a CUDA GPU: {INSTALL}")
 def test_tensorrt_engine_generates():
     model, tokenizer = dyllm_fx.load("default", device="cuda", dtype=torch.float32)

@@ -1,4 +1,4 @@
-"""Issue 18, the front door: what a new user meets first. Every item of the issue has a test
+"""The front door: what a new user meets first. Each of its promises has a test
 here (or, for the README, in test_readme.py): a clear error raised before the expensive work,
 a warning, or input that now works.
 """

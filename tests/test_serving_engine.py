@@ -19,7 +19,7 @@ from dyllm_fx.serving import LLM, PromptTooLongError, QueueFull, SamplingParams,
 from dyllm_fx.serving.chat import render_chat
 from dyllm_fx.serving.params import resolve
 from dyllm_fx.eval.synthetic_tasks import ALPHABET
-from reliability_helpers import fresh, tiny_models, tiny_programs
+from policy_helpers import fresh, tiny_models, tiny_programs
 from tiny_checkpoints import tiny_tokenizer
 
 TOK = tiny_tokenizer()

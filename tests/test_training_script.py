@@ -3,6 +3,7 @@ architecture with its logit shift, and never overwrites a shipped model by defau
 
 import json
 import subprocess
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -17,10 +18,13 @@ TINY = ["--steps", "2", "--batch-size", "4", "--d-model", "32", "--layers", "1",
 
 
 def _script():
-    sys.path.insert(0, str(SCRIPT.parent))
-    import train_tiny_mdlm
-
-    return train_tiny_mdlm
+    """The example script as a module (loaded from its file: examples/ is not a package)."""
+    if "train_tiny_mdlm" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("train_tiny_mdlm", SCRIPT)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["train_tiny_mdlm"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["train_tiny_mdlm"]
 
 
 def test_two_training_steps_produce_a_loadable_checkpoint(tmp_path):

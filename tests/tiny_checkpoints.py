@@ -64,25 +64,44 @@ def tiny_dream_config(vocab: int, **overrides) -> DreamConfig:
     return DreamConfig(**fields)
 
 
-def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
+NORMS = ("norm.weight", "ln_f.weight")  # LLaDA's final norm is ln_f
+
+
+def randomize_(
+    model: nn.Module, seed: int = 0, norm_std: float = 0.2, head_scale: float = 1.0, norms: tuple[str, ...] = NORMS
+) -> nn.Module:
     """Give every parameter (norm weights and biases included) non-trivial random values, so a
-    weight that is dropped, swapped or left at its init changes the logits."""
+    weight that is dropped, swapped or left at its init changes the logits: the parameters whose
+    names end in one of ``norms`` around 1 (std ``norm_std``), the others around 0 (std 0.3).
+    ``head_scale`` > 1 widens the logit gaps (peaked confidences, no near-ties between runs that
+    should agree)."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith("norm.weight") or name.endswith("ln_f.weight"):
-                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=gen))
+            if name.endswith(norms):
+                p.copy_(1.0 + norm_std * torch.randn(p.shape, generator=gen))
             else:
                 p.copy_(0.3 * torch.randn(p.shape, generator=gen))
+        if head_scale != 1.0:
+            head = model.lm_head if isinstance(model, DreamModel) else model.model.transformer.ff_out
+            head.weight.mul_(head_scale)
     return model.eval()
 
 
-def tiny_llada(seed: int = 0, **overrides) -> LLaDAModelLM:
-    return randomize_(LLaDAModelLM(tiny_llada_config(len(tiny_tokenizer()), **overrides)), seed)
+def tiny_llada(
+    seed: int = 0, norm_std: float = 0.2, head_scale: float = 1.0, norms: tuple[str, ...] = NORMS, **overrides
+) -> LLaDAModelLM:
+    """A 2-layer LLaDA; ``overrides`` are :class:`LLaDAConfig` fields."""
+    model = LLaDAModelLM(tiny_llada_config(len(tiny_tokenizer()), **overrides))
+    return randomize_(model, seed, norm_std, head_scale, norms)
 
 
-def tiny_dream(seed: int = 0, **overrides) -> DreamModel:
-    return randomize_(DreamModel(tiny_dream_config(len(tiny_tokenizer()), **overrides)), seed)
+def tiny_dream(
+    seed: int = 0, norm_std: float = 0.2, head_scale: float = 1.0, norms: tuple[str, ...] = NORMS, **overrides
+) -> DreamModel:
+    """A 2-layer Dream with grouped-query attention; ``overrides`` are :class:`DreamConfig` fields."""
+    model = DreamModel(tiny_dream_config(len(tiny_tokenizer()), **overrides))
+    return randomize_(model, seed, norm_std, head_scale, norms)
 
 
 def write_model(model: nn.Module, folder: str | Path, sharded: bool = False) -> Path:

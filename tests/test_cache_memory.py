@@ -1,4 +1,4 @@
-"""Reliability (issue 5), part 3: memory.
+"""Memory: the step cache and the resident set.
 
 * The step cache is allocated once per generation (and reused by the next one of the same
   shape), for every policy.
@@ -20,8 +20,7 @@ import torch
 import dyllm_fx
 from dyllm_fx.runtime.cache import StepCache
 from dyllm_fx.transform import TransformedModel
-from reliability_helpers import models, programs  # noqa: F401 (module-scoped fixtures)
-from reliability_helpers import NAMES, build_policy, fresh, tiny_models, tiny_programs
+from policy_helpers import NAMES, build_policy, fresh, tiny_models, tiny_programs
 from tiny_checkpoints import tiny_tokenizer
 
 TOK = tiny_tokenizer()

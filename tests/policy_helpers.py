@@ -1,14 +1,12 @@
-"""Helpers shared by the tests/test_reliability_*.py modules (not a test module): building
-every registered policy with parameters that keep every row, and cheap TransformedModels that
-share one traced program."""
+"""Helpers for the tests that run every policy (not a test module): building every registered
+policy with parameters that keep every row, and cheap TransformedModels that share one traced
+program. The ``models`` / ``programs`` fixtures over them live in conftest.py."""
 
 from __future__ import annotations
 
 import functools
 
 import pytest
-import torch
-
 import dyllm_fx
 from dyllm_fx.runtime import policies as _policies
 from dyllm_fx.runtime.policies import POLICIES, Policy, make_policy
@@ -57,19 +55,15 @@ def fresh(programs: dict, arch: str, policy: Policy) -> TransformedModel:
     return TransformedModel(base.program, policy, base.diffusion)
 
 
-def _sharpened(model, head):
-    with torch.no_grad():
-        head.weight.mul_(3.0)  # larger logit gaps: no near-ties between runs that should agree
-    return model
-
-
 @functools.cache
 def tiny_models() -> dict:
     """A 4-layer LLaDA and Dream (room for ES-dLLM's default skip layers 1 and 3, and for
     saliency to propagate), built once per test process. Treat them as read-only."""
-    llada = tiny_llada(seed=11, n_layers=4)
-    dream = tiny_dream(seed=12, num_hidden_layers=4)
-    return {"llada": _sharpened(llada, llada.model.transformer.ff_out), "dream": _sharpened(dream, dream.lm_head)}
+    # A head scaled by 3: larger logit gaps, no near-ties between runs that should agree.
+    return {
+        "llada": tiny_llada(seed=11, head_scale=3.0, n_layers=4),
+        "dream": tiny_dream(seed=12, head_scale=3.0, num_hidden_layers=4),
+    }
 
 
 @functools.cache
@@ -77,14 +71,3 @@ def tiny_programs() -> dict:
     """``dyllm_fx.transform`` of each of :func:`tiny_models`, traced once per test process;
     use :func:`fresh` for a model with its own engine and policy."""
     return {arch: dyllm_fx.transform(m) for arch, m in tiny_models().items()}
-
-
-# Shared module-scoped fixtures: test modules import them by name.
-@pytest.fixture(scope="module")
-def models():
-    return tiny_models()
-
-
-@pytest.fixture(scope="module")
-def programs():
-    return tiny_programs()

@@ -1,28 +1,33 @@
-"""Reliability (issue 5), parts 2, 4 and 6, for every registered policy.
+"""What every registered policy guarantees, and the compositions of a block cache with a row policy.
 
-* Ragged batches: each prompt of a left-padded batch gets the tokens it gets alone, and no
-  policy ever selects a left-pad position.
-* Determinism: the same seed gives the same tokens (temperature > 0, random remasking).
-* Failures: an exception from a policy hook or a KeyboardInterrupt inside a step leaves the
-  transformed model usable: the next generation equals a fresh model's.
+* Every policy: ragged batches (each prompt of a left-padded batch gets the tokens it
+  gets alone, and no policy ever selects a left-pad position), determinism (the same seed gives
+  the same tokens) and failures (an exception from a policy hook or a KeyboardInterrupt inside a
+  step leaves the transformed model usable). Policies are read from ``POLICIES`` at collection
+  time, so new ones are picked up; each is built with the parameters that keep every row when
+  it has them, else with its defaults (``fixed`` needs explicit rows and is skipped there).
+* Compositions: block caches composed with row policies, and the methods on the trained
+  embedded model.
 
-Policies are read from ``POLICIES`` at collection time, so new ones are picked up. Each is
-built with the parameters that keep every row (``tau=1.0``, ratios 1.0) when it has them,
-else with its defaults; ``fixed`` needs explicit rows and is skipped where that matters.
+Each policy's own semantics are in test_policy_<name>.py.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-
 import dyllm_fx
 from dyllm_fx.runtime.policies import Policy, UniformPolicy, make_policy
 from dyllm_fx.transform import TransformedModel
-from reliability_helpers import models, programs  # noqa: F401 (module-scoped fixtures)
-from reliability_helpers import COMPOSED, NAMES, build_policy, fresh, tiny_models, tiny_programs
+from policy_helpers import COMPOSED, NAMES, build_policy, fresh, tiny_models, tiny_programs
 from tiny_checkpoints import tiny_tokenizer
+import math
+from dyllm_fx.runtime.policies import DyLLMPolicy, make_policy
 
+
+# ==========================================================================================
+# every policy: ragged batches, determinism, failures
+# ==========================================================================================
 TOK = tiny_tokenizer()
 RAGGED = ["rev:abc=", "kv:a1,b2?ab=", "x=1?"]  # 8, 12 and 4 tokens: left padding of 4 and 8
 GEN = dict(gen_length=16, block_length=8, steps=8, stop_at_eos=False, progress=False)
@@ -285,7 +290,7 @@ class _NothingOnWarmSteps(UniformPolicy):
 
 
 def test_policy_returning_no_rows(programs, models):
-    """Every dyllm:: op accepts empty row sets (test_reliability_fuzz.py); the engine should
+    """Every dyllm:: op accepts empty row sets (test_fuzz_ops_and_layouts.py); the engine should
     too: either keep every cached row (the logits of the previous step) or say what to return."""
     ids = torch.randint(3, 40, (2, 9), generator=torch.Generator().manual_seed(6))
     tm = fresh(programs, "llada", _NothingOnWarmSteps())
@@ -298,3 +303,58 @@ def test_policy_returning_no_rows(programs, models):
         else:
             assert torch.equal(warm, cold)
             assert tm.engine.records[-1].active == [0] * tm.engine.n_layers
+
+
+# ==========================================================================================
+# compositions of a block cache with a row policy
+# ==========================================================================================
+def test_composition_gives_the_row_policy_the_block_scope():
+    policy = make_policy(["dual_cache", "dyllm"], tau=0.95)
+    assert isinstance(policy, DyLLMPolicy) and policy.scope == "block" and policy.name == "dual_cache+dyllm"
+    assert make_policy("prefix_cache+es_dllm").scope == "suffix"
+    assert make_policy("dual_cache+es_dllm").scope == make_policy("es_dllm").scope == "block"  # ES-dLLM's own window
+
+
+@pytest.mark.parametrize("names, match", [
+    (["dual_cache", "prefix_cache"], "cannot compose"), (["dyllm", "es_dllm"], "cannot compose"),
+    (["dual_cache", "dense"], "cannot compose"), (["dual_cache", "nope"], "cannot compose"),
+])
+def test_invalid_compositions_are_rejected(names, match):
+    with pytest.raises(ValueError, match=match):
+        make_policy(names)
+
+
+def test_scope_with_a_block_cache_is_rejected():
+    with pytest.raises(ValueError, match="scope"):
+        make_policy("dual_cache+dyllm", scope="all")
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """The embedded trained model: agreement with vanilla means something only on a model
+    whose predictions are not noise."""
+    from dyllm_fx.eval.synthetic_tasks import held_out_set
+
+    model, tok = dyllm_fx.load("default")
+    prompts = [e.prompt for e in held_out_set(2, ("shift",), seed=0)]
+    ref = dyllm_fx.generate(model, tok, prompts, gen_length=32, block_length=16, steps=32, progress=False)
+    return model, tok, prompts, ref
+
+
+@pytest.mark.parametrize("name, cfg", [
+    ("dyllm", {}), ("dyllm", {"cached_softmax_stats": True}), ("es_dllm", {}), ("es_dllm", {"variation": "query"}),
+    ("es_dllm", {"variation": "key"}), ("es_dllm", {"variation": "value"}), ("dllm_cache", {}),
+    ("dual_cache+dyllm", {}), ("prefix_cache+es_dllm", {}),
+])
+def test_sparse_methods_run_sparse_and_stay_close(trained, name, cfg):
+    model, tok, prompts, ref = trained
+    tm = dyllm_fx.transform(model, policy=name, **cfg)
+    tm.engine.record_similarity = True
+    out = dyllm_fx.generate(tm, tok, prompts, gen_length=32, block_length=16, steps=32, progress=False)
+    active = [r.active_fraction for r in tm.engine.records]
+    assert active[0] == 1.0 and min(active) < 0.6
+    assert (out.responses == ref.responses).float().mean() > 0.9
+    if name.endswith("dyllm"):
+        sims = [s for r in tm.engine.records for s in r.similarity if s is not None]
+        assert sims and all(s.shape == out.sequences.shape for s in sims)
+        assert any(math.isnan(float(s[0, 0])) for s in sims)  # the prompt is out of scope at most steps

@@ -1,7 +1,7 @@
-"""Reliability (issue 5), part 5: fuzzing with hypothesis.
+"""Fuzzing with hypothesis: the ops and the model layouts.
 
 * Every ``torch.ops.dyllm.*`` op against an independent plain-torch formula written here (not
-  the module's own ``*_reference``, which test_triton_kernels.py compares the Triton kernels
+  the module's own ``*_reference``, which test_kernels.py compares the Triton kernels
   with), over random shapes, grouped-query heads and row sets from empty to every row.
 * The passes: randomly configured tiny LLaDA and Dream models (layers, heads, KV heads, head
   and MLP sizes, biases, tied embeddings) give the original model's logits once transformed

@@ -1,5 +1,4 @@
-"""Reliability (issue 5), part 1: bad input is rejected with an error that says what is wrong
-and how to fix it.
+"""Bad input is rejected with an error that says what is wrong and how to fix it.
 
 Cases already covered elsewhere are not repeated here: unknown architecture / missing /
 unexpected / mis-shaped keys one at a time (test_loading.py), block_length not dividing
