@@ -1,4 +1,4 @@
-"""Every method on the embedded trained model, side by side (issue 7's table).
+"""Every method on the embedded trained model, side by side.
 
     python benchmarks/methods.py --n 16 --json methods.json --plot methods.png
 

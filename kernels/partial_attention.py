@@ -126,7 +126,7 @@ def mask_layout(mask: torch.Tensor | None, bsz: int, seq_len: int) -> str | None
 
 def apply_mask_(s: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """s += mask in place (boolean: -inf where False); ``mask`` broadcasts to ``s``. A boolean
-    mask becomes a small 0 / -inf bias first: a broadcast add is several times faster on CPU
+    mask becomes a small 0 / -inf bias first: on CPU a broadcast add is much cheaper
     than a broadcast ``masked_fill_`` over the score tensor."""
     if mask.dtype == torch.bool:
         mask = torch.where(mask, 0.0, float("-inf"))
@@ -134,18 +134,18 @@ def apply_mask_(s: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 # Where ``partial_attention_stats_fast`` takes its output from. False (the default): from its one
-# pass, (e @ V) / l, for fp32 calls of at most ONE_PASS_MAX_SCORES scores; about 2x faster than
-# the reference at decoding shapes (B=16 H=4 A=8 L=99 d=32: ~0.2 ms against ~0.45 ms), and equal
-# to SDPA (so to ``partial_attention``) up to float rounding. True: from SDPA, as the reference, so
+# pass, (e @ V) / l, for fp32 calls of at most ONE_PASS_MAX_SCORES scores: one pass over the scores
+# instead of the reference's SDPA plus a score pass (faster at decoding shapes, see
+# benchmarks/cpu_ops.py and benchmarks/results/cpu_ops_cpu.md), and equal to SDPA (so to ``partial_attention``) up to float rounding. True: from SDPA, as the reference, so
 # that the two ops agree bit for bit; the lean statistics pass then saves next to nothing (SDPA
 # plus a score pass, like the reference). ``partial_attention`` itself stays SDPA: a one-pass
 # output is no faster there, and SDPA keeps the transformed model's dense steps equal to the
 # original model's (tests/test_transform.py compares logits at atol 1e-5).
 STATS_OUT_FROM_SDPA = False
 
-# The one-pass attention materializes the fp32 scores (B, H, A, L). Up to this many it runs about
-# as fast as SDPA on CPU (0.9x to 1.05x measured, B=16 H=4 A=8..99 L=99 d=32, and H=32 KV=8 d=128
-# up to A*L = 32k); above, SDPA's blocked kernel is faster (1.1x to 1.3x) and needs no scores.
+# The one-pass attention materializes the fp32 scores (B, H, A, L). Up to this many it keeps up
+# with SDPA on CPU; above, SDPA's blocked kernel is faster and needs no scores
+# (benchmarks/cpu_ops.py).
 ONE_PASS_MAX_SCORES = 1 << 20
 
 
