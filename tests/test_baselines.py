@@ -8,6 +8,7 @@ import dyllm_fx
 from dyllm_fx.eval.plain_loop_baseline import FastDLLMReference
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("make", [lambda: tiny_llada(seed=7, n_layers=2), lambda: tiny_dream(seed=8, num_hidden_layers=2)],
                          ids=["llada", "dream"])
 @pytest.mark.parametrize("mode, policy", [("dual", "dual_cache"), ("prefix", "prefix_cache")])

@@ -14,6 +14,9 @@ import dyllm_fx
 from dyllm_fx.eval.methods_bench import Method, bench_examples, format_table, run_bench
 from dyllm_fx.cli.main import main
 
+# Slow (`-m "not slow"` leaves it out): runs `dyllm bench` on the embedded models.
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 GEN = dict(gen_length=32, block_length=16, steps=32)
 

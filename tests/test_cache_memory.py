@@ -52,6 +52,7 @@ def nbytes(tensors) -> int:
 # --------------------------------------------------------------------------- allocated once
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_cache_allocated_once_per_generation(programs, monkeypatch, name):
     calls = []
@@ -113,6 +114,7 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="reads resident memory from /proc (Linux)")
 def test_fifty_generations_do_not_grow_memory(programs):
     buildable = []

@@ -24,6 +24,9 @@ from dyllm_fx.runtime.canvas import CanvasSettings, EntropyBoundSampler, tempera
 from dyllm_fx.runtime.policies import make_policy  # noqa: E402
 from tiny_checkpoints import tiny_tokenizer  # noqa: E402
 
+# Slow (`-m "not slow"` leaves it out): builds and runs transformers' DiffusionGemma.
+pytestmark = pytest.mark.slow
+
 GEN = dict(max_new_tokens=16, max_denoising_steps=6)  # two canvases of 8
 
 

@@ -50,6 +50,7 @@ def embedded():
     return dyllm_fx.load("default")
 
 
+@pytest.mark.slow
 def test_dense_agrees_with_vanilla_and_dual_cache_is_sparse(embedded):
     model, tok = embedded
     examples = suite_examples(limit=3)

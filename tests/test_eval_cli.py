@@ -2,11 +2,14 @@
 
 import json
 
+import pytest
+
 from dyllm_fx.cli.main import main
 
 FAST = ["--gen-length", "32", "--block-length", "16", "--quiet"]
 
 
+@pytest.mark.slow
 def test_eval_suite_reports_every_figure(tmp_path, capsys):
     out = tmp_path / "eval.json"
     rc = main(["eval", "--policy", "dual_cache", "--limit", "4", "--json", str(out), *FAST])
@@ -26,6 +29,7 @@ def test_eval_suite_reports_every_figure(tmp_path, capsys):
     assert f"{paired['won']} won, {paired['lost']} lost, exact McNemar p" in printed
 
 
+@pytest.mark.slow
 def test_eval_jsonl_with_extractor_and_policy_args(tmp_path, capsys):
     from dyllm_fx.eval.synthetic_tasks import held_out_set
 

@@ -14,6 +14,9 @@ from lm_eval.api.instance import Instance  # noqa: E402
 from dyllm_fx.eval.lm_eval_adapter import DyLLMEvalLM, cut_at_stop  # noqa: E402
 from dyllm_fx.eval.synthetic_tasks import held_out_set  # noqa: E402
 
+# Slow (`-m "not slow"` leaves it out): imports and runs lm-evaluation-harness.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def lm():
@@ -68,6 +71,7 @@ def test_cut_at_stop():
     assert cut_at_stop("abc", []) == "abc"
 
 
+@pytest.mark.slow
 def test_simple_evaluate_on_a_local_task(tmp_path):
     # include_defaults=False: indexing lm-eval's ~14k built-in task YAMLs alone takes seconds
     from lm_eval.tasks import TaskManager

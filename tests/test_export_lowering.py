@@ -107,6 +107,7 @@ class _Write(torch.nn.Module):
         return torch.ops.dyllm_export.cache_write_rows(cache, rows, values, self.dim)
 
 
+@pytest.mark.slow
 @onnx_needed
 @pytest.mark.parametrize("kv_heads,mask_kind,scale", CASES)
 def test_onnx_attention_matches_reference(kv_heads, mask_kind, scale, tmp_path):

@@ -23,6 +23,9 @@ from dyllm_fx.models.layers import default_position_ids  # noqa: E402
 from dyllm_fx.runtime.policies import Policy  # noqa: E402
 from dyllm_fx.eval.synthetic_tasks import held_out_set  # noqa: E402
 
+# Slow (`-m "not slow"` leaves it out): the ONNX fixtures: exports and runs the embedded model through onnxruntime.
+pytestmark = pytest.mark.slow
+
 # Measured on a 2-core x86 CPU, float32: max |onnxruntime - torch| on the logits (magnitude up
 # to ~24) is 1e-5 at L = 40 and 1.2e-4 at L = 103 for a full step, 3e-5 for a 32-row sparse
 # step: float32 summation order only. The bound leaves a 4x margin over the worst case.

@@ -28,6 +28,9 @@ from dyllm_fx.export import ExportedPlanMissing, ExportError, Layout, load_onnx,
 from dyllm_fx.export.plan_keys import SEQ, bind, graph_key  # noqa: E402
 from dyllm_fx.runtime.policies import make_policy  # noqa: E402
 
+# Slow (`-m "not slow"` leaves it out): exports and decodes an ONNX graph per policy.
+pytestmark = pytest.mark.slow
+
 TOK = tiny_tokenizer()
 PROMPTS = ["rev:abc=", "kv:a1,b2?ab="]  # different lengths: a left-padded batch
 GEN = dict(gen_length=16, block_length=8, steps=16, stop_at_eos=False, progress=False)

@@ -17,6 +17,9 @@ from dyllm_fx.export.step_module import dynamic_shapes, example_inputs
 from dyllm_fx.export.tensorrt import INSTALL
 from dyllm_fx.eval.synthetic_tasks import held_out_set
 
+# Slow (`-m "not slow"` leaves it out): lowers and exports step graphs.
+pytestmark = pytest.mark.slow
+
 HAS_TENSORRT = importlib.util.find_spec("torch_tensorrt") is not None and torch.cuda.is_available()
 
 

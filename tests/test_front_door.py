@@ -522,6 +522,7 @@ def test_eval_checks_policy_values_before_loading(capsys, monkeypatch):
     _one_error_line(err, "tau must lie in (0, 1]")
 
 
+@pytest.mark.slow
 def test_eval_and_plot_accept_compositions(tiny_llada_dir, tmp_path, capsys):
     rc, out, err = _cli(capsys, "eval", "--model", str(tiny_llada_dir), "--policy", "dual_cache+dyllm", "--limit", "2",
                         "--gen-length", "8", "--block-length", "4", "--reference", "none", "--quiet")
@@ -582,6 +583,7 @@ def test_help_and_version_do_not_import_torch():
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_the_package_imports_lazily_and_keeps_its_api():
     code = (
         "import sys, dyllm_fx; assert 'torch' not in sys.modules; "

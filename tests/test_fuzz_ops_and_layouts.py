@@ -211,6 +211,7 @@ LAYOUT = dict(
 )
 
 
+@pytest.mark.slow
 @PASSES
 @given(**LAYOUT, qkv_bias=st.booleans())
 def test_random_llada_layouts_transform_to_the_same_logits(n_layers, kv_heads, group, head_dim, mlp, tied, seed, qkv_bias):
@@ -223,6 +224,7 @@ def test_random_llada_layouts_transform_to_the_same_logits(n_layers, kv_heads, g
     _check_dense_transform(model, seed)
 
 
+@pytest.mark.slow
 @PASSES
 @given(**LAYOUT)
 def test_random_dream_layouts_transform_to_the_same_logits(n_layers, kv_heads, group, head_dim, mlp, tied, seed):

@@ -402,6 +402,7 @@ def test_triton_approx_attention_matches_reference(
         _close(x, y, KERNEL_TOL[device])
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(n_rows=st.integers(3, 17), mask_kind=st.sampled_from([None, "key", "full"]), cached_stats=st.booleans(),
        seed=st.integers(0, 2**16), data=st.data())

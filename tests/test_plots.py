@@ -65,6 +65,7 @@ def test_saliency_from_records_with_similarity(tmp_path):
         trace_from_records(records, layer=5, prompt_length=6, policy="fake")
 
 
+@pytest.mark.slow
 def test_record_saliency_on_the_embedded_model(tmp_path):
     model, tok = dyllm_fx.load("default")
     prompt = "shift:helloworldthisisdyllmfxdemoabcd="
@@ -80,6 +81,7 @@ def test_record_saliency_on_the_embedded_model(tmp_path):
         record_saliency(model, tok, prompt, policy="vanilla")
 
 
+@pytest.mark.slow
 def test_record_saliency_with_dyllm_measures_similarity(tmp_path):
     from dyllm_fx.runtime.policies import POLICIES
 
@@ -98,6 +100,7 @@ def test_record_saliency_with_dyllm_measures_similarity(tmp_path):
     _assert_png(plot_saliency(trace, tmp_path / "dyllm.png"))
 
 
+@pytest.mark.slow
 def test_plot_cli(tmp_path, capsys):
     bench = tmp_path / "bench.json"
     bench.write_text(json.dumps(BENCH))

@@ -341,6 +341,7 @@ def trained():
     return model, tok, prompts, ref
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, cfg", [
     ("dyllm", {}), ("dyllm", {"cached_softmax_stats": True}), ("es_dllm", {}), ("es_dllm", {"variation": "query"}),
     ("es_dllm", {"variation": "key"}), ("es_dllm", {"variation": "value"}), ("dllm_cache", {}),

@@ -232,6 +232,7 @@ def test_keeping_every_row_equals_vanilla(make):
     assert "skip" in {r.kind for r in tm.engine.records}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variation_kind", ["key", "value", "query"])
 def test_qkv_variations_score_before_the_skip_layers_attention(variation_kind):
     """Scored before the attention: the skip layer itself runs only the kept rows."""
@@ -245,6 +246,7 @@ def test_qkv_variations_score_before_the_skip_layers_attention(variation_kind):
     assert [8, 4, 4, 4] in [r.active for r in skip]
 
 
+@pytest.mark.slow
 def test_a_generation_does_not_depend_on_the_previous_one():
     """The engine reuses its buffers between generations of one shape: the confidences of the
     last generation's rows must not survive into the next (they steer the kept rows)."""

@@ -117,6 +117,7 @@ def test_cli_synopsis_lists_the_generate_options():
         assert option in synopsis
 
 
+@pytest.mark.slow
 @EMBEDDED
 def test_readme_python_api_example_runs_as_written():
     block = next(b for b in code_blocks("python") if 'dyllm_fx.load("default")' in b and "transform(" in b)
@@ -132,6 +133,7 @@ def test_readme_python_api_example_runs_as_written():
     assert callable(namespace["compiled"])
 
 
+@pytest.mark.slow
 @EMBEDDED
 @pytest.mark.parametrize("command", [c for c in ALL_COMMANDS if c.startswith("dyllm generate ") and not _is_synopsis(c)])
 def test_readme_generate_lines_run(command, capsys):

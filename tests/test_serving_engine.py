@@ -65,6 +65,7 @@ def run(engine: ServingEngine, limit: int = MAX_STEPS) -> dict:
 # --- equality with generate() alone ------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["llada", "dream"])
 @pytest.mark.parametrize("policy", ["vanilla", "dense", "dual_cache", "prefix_cache"])
 def test_batched_rows_equal_each_prompt_alone(arch, policy):
@@ -337,6 +338,7 @@ def test_parameters_are_checked_with_the_fix():
         llm.generate("")
 
 
+@pytest.mark.slow
 def test_llm_on_the_embedded_model_matches_generate():
     torch.manual_seed(0)
     llm = LLM("default", policy="dual_cache")
@@ -353,6 +355,7 @@ def readme_block(marker: str) -> str:
     return next(b for b in blocks if marker in b)
 
 
+@pytest.mark.slow
 def test_readme_llm_example_runs_as_written():
     namespace: dict = {}
     with contextlib.redirect_stdout(io.StringIO()) as printed:

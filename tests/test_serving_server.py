@@ -32,6 +32,9 @@ import dyllm_fx  # noqa: E402
 from dyllm_fx.serving.process import ServerProcess  # noqa: E402
 from dyllm_fx.eval.synthetic_tasks import held_out_set  # noqa: E402
 
+# Slow (`-m "not slow"` leaves it out): starts real `dyllm serve` processes.
+pytestmark = pytest.mark.slow
+
 START_TIMEOUT_S = 180  # model load on a busy 2-core machine
 REQUEST_TIMEOUT_S = 120
 LIFETIME_S = 900  # the server stops by itself after this, whatever happens to the test process

@@ -17,6 +17,9 @@ import dyllm_fx
 from dyllm_fx.models.layers import default_position_ids
 from tiny_checkpoints import tiny_dream, tiny_llada, tiny_tokenizer
 
+# Slow (`-m "not slow"` leaves it out): compiles whole steps with torch.compile.
+pytestmark = pytest.mark.slow
+
 TOK = tiny_tokenizer()
 PROMPTS = ["rev:abc=", "kv:a1,b2?ab="]
 GEN = dict(gen_length=16, block_length=8, steps=16, stop_at_eos=False, progress=False)

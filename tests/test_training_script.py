@@ -12,6 +12,9 @@ import torch
 
 import dyllm_fx
 
+# Slow (`-m "not slow"` leaves it out): trains.
+pytestmark = pytest.mark.slow
+
 SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "train_tiny_mdlm.py"
 TINY = ["--steps", "2", "--batch-size", "4", "--d-model", "32", "--layers", "1", "--heads", "2", "--mlp", "48",
         "--threads", "1", "--eval-every", "0", "--eval-n", "1"]

@@ -129,6 +129,7 @@ def test_generation_token_identical(models, dense, tok, name, prompts, block_len
 # --------------------------------------------------------------------------- (c) torch.compile backend
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["llada", "dream", "hf-llama"])
 def test_backend_eager_pieces_logits_and_generation(models, tok, dynamo, name):
     model = models[name]
@@ -152,6 +153,7 @@ def test_backend_callable_importable():
     assert callable(dyllm_backend)
 
 
+@pytest.mark.slow
 def test_backend_inductor_pieces(models, dynamo):
     """The one inductor test (slow: each piece is compiled)."""
     model = models["llada"]
