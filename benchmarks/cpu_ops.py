@@ -17,7 +17,6 @@ import argparse
 import time
 
 import torch
-
 import torch.ops  # noqa: F401
 
 import dyllm_fx.kernels.dispatch  # noqa: F401 (registers torch.ops.dyllm.*)

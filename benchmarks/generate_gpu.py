@@ -24,12 +24,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch
+from step_gpu import build_model
 
 import dyllm_fx
 from dyllm_fx.runtime.loop import denoise
 from dyllm_fx.runtime.samplers import LLaDASampler
 from dyllm_fx.runtime.schedule import BlockSchedule
-from step_gpu import build_model
 
 
 def main(argv=None) -> int:

@@ -30,9 +30,9 @@ from pathlib import Path
 import torch
 
 import dyllm_fx
+from dyllm_fx.eval.synthetic_tasks import held_out_set
 from dyllm_fx.export import load_onnx, record_plan_keys, to_onnx
 from dyllm_fx.export.step_module import is_layer_uniform
-from dyllm_fx.eval.synthetic_tasks import held_out_set
 
 POLICIES = ["dual_cache", "dyllm", "es_dllm", "dllm_cache", "dual_cache+dyllm"]
 GEN = dict(gen_length=64, block_length=32, steps=64, progress=False)

@@ -35,10 +35,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # noqa: E402 (run from anywhere)
 
 import torch
-
-from dyllm_fx.models import LLaDAConfig, LLaDAModelLM
 from step_timing import Case, Driver, median_ms, time_cases, transform
 from synthetic import RandomRows, controlled_dyllm, controlled_es_dllm
+
+from dyllm_fx.models import LLaDAConfig, LLaDAModelLM
 
 BLOCK = 32
 

@@ -16,9 +16,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+from synthetic import changed_tokens
 
 import dyllm_fx
-from synthetic import changed_tokens
 
 GROUP = 4
 

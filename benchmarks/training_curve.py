@@ -16,8 +16,8 @@ import json
 from pathlib import Path
 
 import dyllm_fx
-from dyllm_fx.loading import EMBEDDED_MODELS, resolve_model_path
 from dyllm_fx.analysis.plots import _figure, _save
+from dyllm_fx.loading import EMBEDDED_MODELS, resolve_model_path
 
 OUTPUTS = {"default": "docs/training_tiny_llada.png", "default-dream": "docs/training_tiny_dream.png"}
 

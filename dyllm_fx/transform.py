@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .errors import UsageError
 from .generation import check_model_tensors
 from .models.layers import default_position_ids
 from .models.spec import DiffusionSpec
-from .errors import UsageError
 from .passes.capture import CapturedGraph, capture_module, example_inputs
 from .passes.check_bidirectional import check_bidirectional
 from .passes.find_blocks import find_blocks

@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 
 from dyllm_fx.char_tokenizer import build_char_tokenizer
-from dyllm_fx.models import DreamConfig, DreamModel, LLaDAConfig, LLaDAModelLM, load_model, save_model
 from dyllm_fx.eval.synthetic_tasks import ALPHABET, SUITE_VERSION, TASKS, held_out_set, sample
+from dyllm_fx.models import DreamConfig, DreamModel, LLaDAConfig, LLaDAModelLM, load_model, save_model
 
 ARCHS = ("llada", "dream")
 OPTIMIZER_FILE = "optimizer.pt"

@@ -77,7 +77,14 @@ import torch
 from ._triton import HAS_TRITON, dot_precision, next_pow2, require_triton, tl, triton
 from .cache_scatter import gather_rows
 from .partial_attention import (
-    _NEG_FINITE, LOG2E, _repeat_kv, apply_mask_, attention_bias, mask_layout, scores_reference, softmax_stats,
+    _NEG_FINITE,
+    LOG2E,
+    _repeat_kv,
+    apply_mask_,
+    attention_bias,
+    mask_layout,
+    scores_reference,
+    softmax_stats,
 )
 
 

@@ -38,7 +38,11 @@ import torch
 from ._triton import CUDA_KERNELS_ENABLED, HAS_TRITON
 from .approx_attention import approx_attention_fast, triton_approx_attention
 from .cache_scatter import cache_write_rows_reference, gather_rows, triton_cache_write_rows
-from .partial_attention import partial_attention_reference, partial_attention_stats_fast, triton_partial_attention
+from .partial_attention import (
+    partial_attention_reference,
+    partial_attention_stats_fast,
+    triton_partial_attention,
+)
 from .salient_rows import saliency_reference, triton_saliency
 
 __all__ = [

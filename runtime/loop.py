@@ -12,9 +12,9 @@ from tqdm.auto import tqdm
 from dyllm_fx.models.layers import default_position_ids
 from dyllm_fx.models.spec import DiffusionSpec
 
+from .policies import StepOutput
 from .samplers import StepContext
 from .schedule import BlockSchedule
-from .policies import StepOutput
 from .step import StepFunction, StepRequest, as_step_output
 
 

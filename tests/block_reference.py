@@ -4,7 +4,6 @@ model's own weights, without the compiler's pieces."""
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 
 import dyllm_fx

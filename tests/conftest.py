@@ -6,10 +6,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import policy_helpers
 import pytest
-import tiny_checkpoints
 import torch
+
+import policy_helpers
+import tiny_checkpoints
 
 
 @pytest.fixture(autouse=True, scope="session")

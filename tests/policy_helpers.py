@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 
 import pytest
+
 import dyllm_fx
 from dyllm_fx.runtime import policies as _policies
 from dyllm_fx.runtime.policies import POLICIES, Policy, make_policy

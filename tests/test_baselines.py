@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-from tiny_checkpoints import tiny_dream, tiny_llada, tiny_tokenizer
 
 import dyllm_fx
 from dyllm_fx.eval.plain_loop_baseline import FastDLLMReference
+from tiny_checkpoints import tiny_dream, tiny_llada, tiny_tokenizer
 
 
 @pytest.mark.slow

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 import dyllm_fx
-from dyllm_fx.eval.methods_bench import Method, bench_examples, format_table, run_bench
 from dyllm_fx.cli.main import main
+from dyllm_fx.eval.methods_bench import Method, bench_examples, format_table, run_bench
 
 # Slow (`-m "not slow"` leaves it out): runs `dyllm bench` on the embedded models.
 pytestmark = pytest.mark.slow
@@ -67,9 +67,9 @@ def test_rows_carry_intervals_and_the_paired_comparison(bench):
 
 
 def test_defaults_score_at_least_400_prompts():
-    from dyllm_fx.eval.methods_bench import bench_examples
     from dyllm_fx.cli.main import build_parser
     from dyllm_fx.eval.jsonl_tasks import suite_examples
+    from dyllm_fx.eval.methods_bench import bench_examples
     from dyllm_fx.eval.synthetic_tasks import TASKS
 
     args = build_parser().parse_args(["bench"])

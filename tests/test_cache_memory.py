@@ -20,7 +20,7 @@ import torch
 import dyllm_fx
 from dyllm_fx.runtime.cache import StepCache
 from dyllm_fx.transform import TransformedModel
-from policy_helpers import NAMES, build_policy, fresh, tiny_models, tiny_programs
+from policy_helpers import NAMES, build_policy, fresh
 from tiny_checkpoints import tiny_tokenizer
 
 TOK = tiny_tokenizer()

@@ -1,13 +1,12 @@
 """The step engine's own mechanics: plans, cache lifetime, custom policies, records."""
 
-import pytest
 import torch
-from tiny_checkpoints import tiny_llada, tiny_tokenizer
 
 import dyllm_fx
 from dyllm_fx.runtime.policies import FULL, Plan, Policy, StepOutput, StepReport, full_step
 from dyllm_fx.runtime.policies.uniform import UniformPolicy
 from dyllm_fx.runtime.rows import take, write_rows
+from tiny_checkpoints import tiny_llada, tiny_tokenizer
 
 
 def test_cache_from_generate_is_usable_outside_inference_mode():

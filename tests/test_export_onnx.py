@@ -16,12 +16,12 @@ pytest.importorskip("onnxscript")
 
 import dyllm_fx  # noqa: E402
 from dyllm_fx.cli.main import main  # noqa: E402
+from dyllm_fx.eval.synthetic_tasks import held_out_set  # noqa: E402
 from dyllm_fx.export import ExportableStep, ExportError, NotAStepGraphError, load_onnx, to_onnx  # noqa: E402
 from dyllm_fx.export.metadata import FORMAT  # noqa: E402
 from dyllm_fx.export.step_module import cache_shapes  # noqa: E402
 from dyllm_fx.models.layers import default_position_ids  # noqa: E402
 from dyllm_fx.runtime.policies import Policy  # noqa: E402
-from dyllm_fx.eval.synthetic_tasks import held_out_set  # noqa: E402
 
 # Slow (`-m "not slow"` leaves it out): the ONNX fixtures: exports and runs the embedded model through onnxruntime.
 pytestmark = pytest.mark.slow

@@ -16,6 +16,7 @@ import json
 import numpy as np
 import pytest
 import torch
+
 from tiny_checkpoints import tiny_dream, tiny_llada, tiny_tokenizer, write_model
 
 onnx = pytest.importorskip("onnx")
@@ -24,7 +25,15 @@ pytest.importorskip("onnxscript")
 
 import dyllm_fx  # noqa: E402
 from dyllm_fx.cli.main import main  # noqa: E402
-from dyllm_fx.export import ExportedPlanMissing, ExportError, Layout, load_onnx, plan_keys, record_plan_keys, to_onnx  # noqa: E402
+from dyllm_fx.export import (  # noqa: E402
+    ExportedPlanMissing,
+    ExportError,
+    Layout,
+    load_onnx,
+    plan_keys,
+    record_plan_keys,
+    to_onnx,
+)
 from dyllm_fx.export.plan_keys import SEQ, bind, graph_key  # noqa: E402
 from dyllm_fx.runtime.policies import make_policy  # noqa: E402
 

@@ -10,12 +10,12 @@ import pytest
 import torch
 
 import dyllm_fx
+from dyllm_fx.eval.synthetic_tasks import held_out_set
 from dyllm_fx.export import ExportableStep, TensorRTUnavailable, to_tensorrt
 from dyllm_fx.export.driver import ExportedStepModel, TorchBackend, build_policy
 from dyllm_fx.export.metadata import step_graph_info
 from dyllm_fx.export.step_module import dynamic_shapes, example_inputs
 from dyllm_fx.export.tensorrt import INSTALL
-from dyllm_fx.eval.synthetic_tasks import held_out_set
 
 # Slow (`-m "not slow"` leaves it out): lowers and exports step graphs.
 pytestmark = pytest.mark.slow
@@ -87,12 +87,11 @@ def test_row_policy_without_tensorrt_names_the_install():
 def test_row_policy_programs_are_aten_and_decode_like_the_engine():
     """What to_tensorrt compiles for a row policy: one torch.export program per plan key, aten
     ops only (the gating included), which decode the engine's tokens through the PlanEngine."""
-    from tiny_checkpoints import tiny_llada, tiny_tokenizer
-
     from dyllm_fx.export import Layout, record_plan_keys
     from dyllm_fx.export.driver import PlanStepModel, TorchPlanBackend, plan_policy
     from dyllm_fx.export.plans import build_plan_step
     from dyllm_fx.export.tensorrt import export_plan_programs
+    from tiny_checkpoints import tiny_llada, tiny_tokenizer
 
     tok, model = tiny_tokenizer(), tiny_llada(seed=21, n_layers=2)
     prompts = ["rev:abc=", "kv:a1,b2?ab="]

@@ -15,22 +15,23 @@
 
 from __future__ import annotations
 
+import math
+import os
+import zlib
+
 import pytest
 import torch
 import torch.nn.functional as F
-from dyllm_fx.kernels.dispatch import gather_rows
-import math
-import os
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from dyllm_fx.kernels import approx_attention as aa
 from dyllm_fx.kernels import cache_scatter as cs
 from dyllm_fx.kernels import partial_attention as pa
 from dyllm_fx.kernels import salient_rows as sa
 from dyllm_fx.kernels._triton import HAS_TRITON, INTERPRET
+from dyllm_fx.kernels.dispatch import gather_rows
 from dyllm_fx.kernels.gathered_mlp import gathered_rows_apply
-import zlib
-
 
 # ==========================================================================================
 # the ops: registrations and the references' semantics

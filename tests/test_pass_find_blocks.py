@@ -13,7 +13,6 @@ from dyllm_fx.passes.find_blocks import BlockMatchError, find_blocks
 from tiny_checkpoints import tiny_dream, tiny_llada
 
 
-
 def _hf(kind: str):
     transformers = pytest.importorskip("transformers")
     cfg_cls, model_cls = {

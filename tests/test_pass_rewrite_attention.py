@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from dyllm_fx.kernels import dispatch as kernel_ops
 import torch.nn.functional as F
 from torch import nn
 
+from dyllm_fx.kernels import dispatch as kernel_ops
 from dyllm_fx.kernels.dispatch import gather_rows
 from dyllm_fx.models.layers import apply_rope, default_position_ids, rope_cos_sin
 from dyllm_fx.passes.capture import capture_module

@@ -7,7 +7,12 @@ import torch
 
 from dyllm_fx.kernels.dispatch import gather_rows
 from dyllm_fx.models.layers import (
-    apply_rope, default_position_ids, key_padding_mask, rope_cos_sin, self_attention, swiglu_mlp,
+    apply_rope,
+    default_position_ids,
+    key_padding_mask,
+    rope_cos_sin,
+    self_attention,
+    swiglu_mlp,
 )
 from dyllm_fx.passes.capture import capture_module
 from dyllm_fx.passes.find_blocks import find_blocks

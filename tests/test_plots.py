@@ -4,17 +4,16 @@ import json
 import math
 
 import numpy as np
-
 import pytest
 import torch
 
 pytest.importorskip("matplotlib", reason='plots need the optional extra: pip install "dyllm-fx[plot]"')
 
 import dyllm_fx  # noqa: E402
-from dyllm_fx.cli.main import main  # noqa: E402
 from dyllm_fx.analysis.plots import load_bench, pareto_front, plot_pareto, plot_saliency  # noqa: E402
-from dyllm_fx.runtime.engine import StepRecord  # noqa: E402
 from dyllm_fx.analysis.saliency_trace import record_saliency, trace_from_records  # noqa: E402
+from dyllm_fx.cli.main import main  # noqa: E402
+from dyllm_fx.runtime.engine import StepRecord  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 BENCH = {

@@ -14,16 +14,16 @@ Each policy's own semantics are in test_policy_<name>.py.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
-import dyllm_fx
-from dyllm_fx.runtime.policies import Policy, UniformPolicy, make_policy
-from dyllm_fx.transform import TransformedModel
-from policy_helpers import COMPOSED, NAMES, build_policy, fresh, tiny_models, tiny_programs
-from tiny_checkpoints import tiny_tokenizer
-import math
-from dyllm_fx.runtime.policies import DyLLMPolicy, make_policy
 
+import dyllm_fx
+from dyllm_fx.runtime.policies import DyLLMPolicy, Policy, UniformPolicy, make_policy
+from dyllm_fx.transform import TransformedModel
+from policy_helpers import COMPOSED, NAMES, build_policy, fresh
+from tiny_checkpoints import tiny_tokenizer
 
 # ==========================================================================================
 # every policy: ragged batches, determinism, failures

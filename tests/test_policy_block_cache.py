@@ -2,11 +2,11 @@
 
 import pytest
 import torch
-from tiny_checkpoints import tiny_llada, tiny_tokenizer
 
 import dyllm_fx
 from dyllm_fx.runtime.policies import DualCachePolicy, HostState, PrefixCachePolicy
 from dyllm_fx.runtime.policies.uniform import plan_rows
+from tiny_checkpoints import tiny_llada, tiny_tokenizer
 
 
 def _host(block, cold=False, seq=24):

@@ -3,11 +3,11 @@ keep-everything limit."""
 
 import pytest
 import torch
-from tiny_checkpoints import tiny_llada, tiny_tokenizer
 
 import dyllm_fx
 from dyllm_fx.runtime.policies import DLLMCachePolicy, HostState
 from dyllm_fx.runtime.policies.dllm_cache import value_similarity
+from tiny_checkpoints import tiny_llada, tiny_tokenizer
 
 
 def _host(step, cold=False):

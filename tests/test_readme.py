@@ -19,8 +19,8 @@ import pytest
 
 from dyllm_fx.cli.main import build_parser, main
 from dyllm_fx.errors import DyllmWarning
-from dyllm_fx.loading import default_model_path
 from dyllm_fx.eval.synthetic_tasks import ALPHABET, LETTERS
+from dyllm_fx.loading import default_model_path
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 TEXT = README.read_text()

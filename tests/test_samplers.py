@@ -13,10 +13,13 @@ import torch
 from torch import nn
 
 import dyllm_fx
+import reference_generate as ref
+import tiny_checkpoints
 from dyllm_fx.char_tokenizer import build_char_tokenizer
+from dyllm_fx.eval.synthetic_tasks import ALPHABET
 from dyllm_fx.models import DreamModel, LLaDAModelLM
-from dyllm_fx.runtime.sampling_math import add_gumbel_noise, dream_sample_tokens, top_k_filter, top_p_filter
 from dyllm_fx.runtime.samplers import DreamSampler, LLaDASampler
+from dyllm_fx.runtime.sampling_math import add_gumbel_noise, dream_sample_tokens, top_k_filter, top_p_filter
 from dyllm_fx.runtime.schedule import (
     BlockSchedule,
     dream_timesteps,
@@ -24,10 +27,6 @@ from dyllm_fx.runtime.schedule import (
     llada_transfer_counts,
 )
 from dyllm_fx.runtime.step import DenseStep
-from dyllm_fx.eval.synthetic_tasks import ALPHABET
-
-import reference_generate as ref
-import tiny_checkpoints
 
 TOK = build_char_tokenizer(ALPHABET)
 V = len(TOK)

@@ -14,11 +14,11 @@ import pytest
 import torch
 
 import dyllm_fx
+from dyllm_fx.eval.synthetic_tasks import ALPHABET
 from dyllm_fx.runtime.policies import make_policy
 from dyllm_fx.serving import LLM, PromptTooLongError, QueueFull, SamplingParams, ServingEngine
 from dyllm_fx.serving.chat import render_chat
 from dyllm_fx.serving.params import resolve
-from dyllm_fx.eval.synthetic_tasks import ALPHABET
 from policy_helpers import fresh, tiny_models, tiny_programs
 from tiny_checkpoints import tiny_tokenizer
 

@@ -29,8 +29,8 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
 import dyllm_fx  # noqa: E402
-from dyllm_fx.serving.process import ServerProcess  # noqa: E402
 from dyllm_fx.eval.synthetic_tasks import held_out_set  # noqa: E402
+from dyllm_fx.serving.process import ServerProcess  # noqa: E402
 
 # Slow (`-m "not slow"` leaves it out): starts real `dyllm serve` processes.
 pytestmark = pytest.mark.slow

@@ -4,7 +4,14 @@ import math
 
 import pytest
 
-from dyllm_fx.eval.significance import Paired, format_accuracy, format_p, mcnemar_exact, paired_counts, wilson_interval
+from dyllm_fx.eval.significance import (
+    Paired,
+    format_accuracy,
+    format_p,
+    mcnemar_exact,
+    paired_counts,
+    wilson_interval,
+)
 
 
 def test_wilson_eight_of_ten():

@@ -5,7 +5,15 @@ import random
 import pytest
 
 from dyllm_fx.char_tokenizer import build_char_tokenizer
-from dyllm_fx.eval.synthetic_tasks import ALPHABET, DIFFICULTY, EASY_TASKS, TASKS, is_test_prompt, sample, held_out_set
+from dyllm_fx.eval.synthetic_tasks import (
+    ALPHABET,
+    DIFFICULTY,
+    EASY_TASKS,
+    TASKS,
+    held_out_set,
+    is_test_prompt,
+    sample,
+)
 
 
 def _body(prompt: str) -> str:

@@ -1,9 +1,9 @@
 """examples/train_tiny_mdlm.py runs, writes a folder that dyllm_fx.load reads, trains the Dream
 architecture with its logit shift, and never overwrites a shipped model by default."""
 
+import importlib.util
 import json
 import subprocess
-import importlib.util
 import sys
 from pathlib import Path
 

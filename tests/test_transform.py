@@ -7,13 +7,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import block_reference
 import dyllm_fx
 from dyllm_fx import generate, transform
 from dyllm_fx.models.hf import bidirectional
 from dyllm_fx.models.layers import default_position_ids, key_padding_mask
 from dyllm_fx.runtime.policies import DensePolicy, FixedPolicy, HostState, make_policy
 from dyllm_fx.transform import TransformedModel
-import block_reference
 from tiny_checkpoints import tiny_dream, tiny_llada, tiny_tokenizer
 
 PROMPTS_RAGGED = ["rev:abc=", "kv:a1,b2?ab=", "x=1?"]

@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from dyllm_fx.char_tokenizer import build_char_tokenizer
-from dyllm_fx.models import DreamConfig, DreamModel, LLaDAConfig, LLaDAModelLM, save_model
 from dyllm_fx.eval.synthetic_tasks import ALPHABET
+from dyllm_fx.models import DreamConfig, DreamModel, LLaDAConfig, LLaDAModelLM, save_model
 
 # Small enough that a 2-layer model spreads over several shards.
 SHARD_BYTES = 16 * 1024

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from ..options import DEFAULT_MODEL
 from ..eval.synthetic_tasks import HELD_OUT_PER_TASK as DEFAULT_N_PER_TASK
 from ..eval.synthetic_tasks import TASKS
+from ..options import DEFAULT_MODEL
 
 
 def add_bench_parser(sub, parents=()) -> None:
@@ -42,7 +42,14 @@ def add_bench_parser(sub, parents=()) -> None:
 def cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
-    from ..eval.methods_bench import bench_examples, default_methods, format_table, format_task_table, run_bench, write_outputs
+    from ..eval.methods_bench import (
+        bench_examples,
+        default_methods,
+        format_table,
+        format_task_table,
+        run_bench,
+        write_outputs,
+    )
     from ..loading import load
 
     if args.plot and args.model == "diffusion_gemma:random":

@@ -8,10 +8,10 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from .common_args import add_model_args, check_run, decoding_kwargs
 from ..eval.extractors import EXTRACTORS
 from ..eval.jsonl_tasks import SUITE, SUITE_PER_TASK
 from ..policy_setup import VANILLA
+from .common_args import add_model_args, check_run, decoding_kwargs
 
 
 def add_eval_parser(

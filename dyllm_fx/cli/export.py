@@ -40,8 +40,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     import torch
 
     from .. import load, transform
-    from ..export import to_onnx
     from ..errors import UsageError
+    from ..export import to_onnx
     from ..export.onnx_export import MIN_OPSET, check_policy, require_onnx_export
     from ..export.step_module import is_layer_uniform
     from ..policy_setup import parse_policy_args

@@ -14,8 +14,9 @@ from collections.abc import Sequence
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Run ``lm_eval`` with ``argv`` (default: this process's arguments)."""
-    from ..eval import lm_eval_adapter  # noqa: F401  (registers the "dyllm" model)
     from lm_eval.__main__ import cli_evaluate
+
+    from ..eval import lm_eval_adapter  # noqa: F401  (registers the "dyllm" model)
 
     if argv is not None:
         sys.argv = [sys.argv[0], *argv]

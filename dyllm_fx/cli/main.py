@@ -20,14 +20,14 @@ import traceback
 import warnings
 from collections.abc import Sequence
 
+from ..errors import DyllmError, UsageError
+from ..options import DEFAULT_MODEL
 from .bench import add_bench_parser, cmd_bench
 from .common_args import add_decoding_args, add_model_args, check_run, decoding_kwargs
 from .eval import add_eval_parser, cmd_eval
 from .export import add_export_parser, cmd_export
 from .plot import add_plot_parser, cmd_plot
 from .serve import add_serve_parser, cmd_serve
-from ..errors import DyllmError, UsageError
-from ..options import DEFAULT_MODEL
 
 # Errors that mean "the input is wrong as given"; their messages name the fix.
 USER_ERRORS = (DyllmError, ValueError, TypeError, FileNotFoundError, NotADirectoryError, IsADirectoryError, ImportError)
@@ -121,9 +121,9 @@ def _policy_name(model, args: argparse.Namespace) -> str:
 
 
 def _onnx_model(args: argparse.Namespace):
+    from ..policy_setup import VANILLA, parse_policy_args
     from .common_args import apply_threads
     from .export import load_onnx_model
-    from ..policy_setup import VANILLA, parse_policy_args
 
     if args.compile or args.dtype:
         raise UsageError("--compile and --dtype do not apply to --onnx: the step graph's dtype and ops are fixed at export")

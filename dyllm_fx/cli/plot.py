@@ -39,10 +39,10 @@ def cmd_plot(args: argparse.Namespace) -> int:
     if args.plot == "pareto":
         out = plot_pareto(args.bench, args.out, x=args.x)
     else:
-        from .common_args import check_run, decoding_kwargs
+        from ..analysis.saliency_trace import record_saliency
         from ..loading import load
         from ..policy_setup import VANILLA
-        from ..analysis.saliency_trace import record_saliency
+        from .common_args import check_run, decoding_kwargs
 
         if args.policy == VANILLA:
             raise ValueError("policy 'vanilla' recomputes every row at every step: there is nothing to plot; pick a transform() policy")

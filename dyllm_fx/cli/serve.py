@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import argparse
 
-from .common_args import add_model_args, check_run
 from ..errors import UsageError
+from .common_args import add_model_args, check_run
 
 
 def add_serve_parser(sub, parents=()) -> argparse.ArgumentParser:

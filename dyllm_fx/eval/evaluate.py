@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from .agreement import AgreementCounter
-from .extractors import Extractor, exact_match, get_extractor
 from ..generation import generate
 from ..policy_setup import VANILLA, apply_policy, records_of
+from .agreement import AgreementCounter
+from .extractors import Extractor, exact_match, get_extractor
 from .significance import Paired, wilson_interval
 from .synthetic_tasks import Example
 

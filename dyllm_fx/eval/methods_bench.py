@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .agreement import AgreementCounter
 from ..generation import generate
+from .agreement import AgreementCounter
 from .significance import Paired, format_accuracy, format_p, wilson_interval
 from .synthetic_tasks import HELD_OUT_PER_TASK as DEFAULT_N_PER_TASK
 from .synthetic_tasks import TASKS, Example, held_out_set
@@ -117,8 +117,8 @@ def sampler_params(model, method: Method) -> dict:
 def _prepare(model, tokenizer, examples: list[Example], method: Method, gen: dict, batch_size: int, compile: bool):
     """The method's model, warmed up on every batch shape of the run (so a compiled step has
     compiled all its graphs before the timing)."""
-    from .plain_loop_baseline import FastDLLMReference
     from ..policy_setup import apply_policy
+    from .plain_loop_baseline import FastDLLMReference
 
     if method.policy in REFERENCE_LOOPS:
         target = FastDLLMReference(model, REFERENCE_LOOPS[method.policy])

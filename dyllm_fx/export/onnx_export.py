@@ -9,7 +9,12 @@ import torch
 
 from .metadata import step_graph_info
 from .step_module import (
-    LAYER_UNIFORM_POLICIES, ExportableStep, ExportError, dynamic_shapes, example_inputs, is_layer_uniform,
+    LAYER_UNIFORM_POLICIES,
+    ExportableStep,
+    ExportError,
+    dynamic_shapes,
+    example_inputs,
+    is_layer_uniform,
 )
 
 MIN_OPSET = 18  # the translations in lowering.py are written against opset 18
@@ -153,7 +158,8 @@ def _rows_graph(model, model_path, opset: int, optimize: bool):
 def _plans_graph(model, model_path, opset: int, optimize: bool, layout, keys, progress):
     """(onnx_ir model, metadata) of a row policy's step: one branch per plan key."""
     from .lowering import translation_table
-    from .onnx_plans import export_plans, optimize as optimize_model
+    from .onnx_plans import export_plans
+    from .onnx_plans import optimize as optimize_model
     from .plans import build_plan_step
 
     built = build_plan_step(model, layout, keys)

@@ -18,7 +18,14 @@ import torch
 
 from dyllm_fx.runtime.policies import Policy
 
-from .driver import ExportedStepModel, PlanStepModel, TorchBackend, TorchPlanBackend, build_policy, plan_policy
+from .driver import (
+    ExportedStepModel,
+    PlanStepModel,
+    TorchBackend,
+    TorchPlanBackend,
+    build_policy,
+    plan_policy,
+)
 from .metadata import step_graph_info
 from .onnx_export import check_exportable
 from .plan_keys import Layout

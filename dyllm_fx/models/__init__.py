@@ -10,7 +10,13 @@ import torch
 from torch import nn
 
 from .checkpoint import (
-    CheckpointError, check_state_dict, config_to_dict, load_state_dict, read_config, safetensors_files, save_checkpoint,
+    CheckpointError,
+    check_state_dict,
+    config_to_dict,
+    load_state_dict,
+    read_config,
+    safetensors_files,
+    save_checkpoint,
 )
 from .dream import DreamConfig, DreamModel
 from .llada import LLaDAConfig, LLaDAModelLM

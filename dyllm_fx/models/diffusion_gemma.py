@@ -44,6 +44,7 @@ canvas row sees the same keys: transformers' decoder masks are).
 from __future__ import annotations
 
 import types
+import weakref
 
 import torch
 from torch import nn
@@ -520,7 +521,6 @@ def dynamo_step(module: nn.Module, gm, options: dict):
     call goes through the module's transformed model (one per module and options, shared by
     every graph); any other graph (one that runs the encoder) runs as it is."""
     import warnings
-    import weakref
 
     global _SHARED
     roles = _dynamo_roles(gm)

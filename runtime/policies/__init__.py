@@ -12,7 +12,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from .base import (
-    FULL, HostState, LayerResult, Plan, Policy, StepInputs, StepOutput, StepReport, full_step, head_logits, rows_step,
+    FULL,
+    HostState,
+    LayerResult,
+    Plan,
+    Policy,
+    StepInputs,
+    StepOutput,
+    StepReport,
+    full_step,
+    head_logits,
+    rows_step,
 )
 from .block_cache import DualCachePolicy, PrefixCachePolicy
 from .dense import DensePolicy

@@ -20,10 +20,20 @@ from dataclasses import dataclass
 import torch
 
 from ..rows import mark, select_top, span_rows, take, write_rows
-from .base import FULL, HostState, Plan, Policy, StepOutput, StepReport, check_scope, full_step, head_logits, rows_step
+from .base import (
+    FULL,
+    HostState,
+    Plan,
+    Policy,
+    StepOutput,
+    StepReport,
+    check_scope,
+    full_step,
+    head_logits,
+    rows_step,
+)
 from .params import number
 from .refresh import RefreshClock
-
 
 # Similarities this close to 1 are an unchanged row's rounding noise (a few ulp of the cosine,
 # whose deviation from 1 is second order in any real change): they are set to 1 exactly, so

@@ -61,8 +61,19 @@ from dyllm_fx.kernels.dispatch import approx_attention, partial_attention, parti
 from dyllm_fx.kernels.salient_rows import cosine_from_stats
 
 from ..rows import bucket_size, mark, select_top, span_rows, take, write_rows
-from .base import FULL, HostState, Plan, Policy, StepOutput, StepReport, check_scope, full_step, head_logits, rows_step
-from .params import choice, count, flag, number
+from .base import (
+    FULL,
+    HostState,
+    Plan,
+    Policy,
+    StepOutput,
+    StepReport,
+    check_scope,
+    full_step,
+    head_logits,
+    rows_step,
+)
+from .params import count, flag, number
 
 COUNT_KINDS = 3  # counts rows: rows that qualified (max over the batch), kept (max), overflow (sum)
 HISTORY = 4  # sparse steps whose needs size the next capacity

@@ -57,7 +57,18 @@ import torch
 from dyllm_fx.kernels.dispatch import partial_attention
 
 from ..rows import bucket_size, mark, select_top, span_rows, take, write_rows
-from .base import FULL, HostState, Plan, Policy, StepOutput, StepReport, check_scope, full_step, head_logits, rows_step
+from .base import (
+    FULL,
+    HostState,
+    Plan,
+    Policy,
+    StepOutput,
+    StepReport,
+    check_scope,
+    full_step,
+    head_logits,
+    rows_step,
+)
 from .params import choice, count, number
 
 VARIATIONS = ("hidden", "key", "value", "query")
