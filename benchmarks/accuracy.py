@@ -26,18 +26,30 @@ from dyllm_fx.eval.synthetic_tasks import DIFFICULTY, HELD_OUT_PER_TASK, TASKS, 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="default", help="model folder, 'default' or 'default-dream'")
-    p.add_argument("--n", type=int, default=HELD_OUT_PER_TASK, help=f"held-out prompts per task (default {HELD_OUT_PER_TASK})")
+    p.add_argument(
+        "--n",
+        type=int,
+        default=HELD_OUT_PER_TASK,
+        help=f"held-out prompts per task (default {HELD_OUT_PER_TASK})",
+    )
     p.add_argument("--tasks", default=",".join(TASKS))
     p.add_argument("--gen-length", type=int, default=64)
     p.add_argument("--block-length", type=int, default=32)
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--threshold", type=float, default=None)
-    p.add_argument("--alg", default=None, help="Dream sampler (default entropy; maskgit_plus with --threshold)")
+    p.add_argument(
+        "--alg", default=None, help="Dream sampler (default entropy; maskgit_plus with --threshold)"
+    )
     p.add_argument("--batch-size", type=int, default=35)
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--json", default=None, help="also write the figures and every prompt's outcome to this JSON file")
-    p.add_argument("--against", default=None,
-                   help="a --json file of an earlier run on the same prompts: print the paired comparison with it")
+    p.add_argument(
+        "--json", default=None, help="also write the figures and every prompt's outcome to this JSON file"
+    )
+    p.add_argument(
+        "--against",
+        default=None,
+        help="a --json file of an earlier run on the same prompts: print the paired comparison with it",
+    )
     args = p.parse_args()
     earlier = read_earlier(args.against) if args.against else None  # a bad file fails before the run
     if args.threads:
@@ -48,24 +60,42 @@ def main() -> None:
     model, tok = dyllm_fx.load(args.model, device="cpu")
     decoding = {"alg": args.alg} if args.alg else {}
     res = evaluate(
-        model, tok, examples, batch_size=args.batch_size, gen_length=args.gen_length,
-        block_length=args.block_length, steps=args.steps, threshold=args.threshold, progress=False, **decoding,
+        model,
+        tok,
+        examples,
+        batch_size=args.batch_size,
+        gen_length=args.gen_length,
+        block_length=args.block_length,
+        steps=args.steps,
+        threshold=args.threshold,
+        progress=False,
+        **decoding,
     )
     print("| task | difficulty | exact match [95% CI] | n |\n|---|---|---|---|")
     for task, score in res.per_task.items():
-        print(f"| {task} | {DIFFICULTY[task]} | {format_accuracy(score.correct, score.total)} | {score.total} |")
+        print(
+            f"| {task} | {DIFFICULTY[task]} | {format_accuracy(score.correct, score.total)} | {score.total} |"
+        )
     print(f"| all | | {format_accuracy(res.n_correct, res.n)} | {res.n} |")
     solved = sum(s.accuracy >= 0.9 for s in res.per_task.values())
-    print(f"\n{solved} of {len(res.per_task)} tasks at >= 90%; NFE {res.nfe}, {res.seconds:.1f} s, "
-          f"{res.tokens_per_second:.1f} response tokens/s")
+    print(
+        f"\n{solved} of {len(res.per_task)} tasks at >= 90%; NFE {res.nfe}, {res.seconds:.1f} s, "
+        f"{res.tokens_per_second:.1f} response tokens/s"
+    )
     if earlier is not None:
         paired = Paired.of(res.correct, [e["correct"] for e in earlier["examples"]])
-        print(f"against {args.against} ({earlier['model']}, {format_accuracy(sum(e['correct'] for e in earlier['examples']), len(earlier['examples']))}): "
-              f"{paired.won} prompts won, {paired.lost} lost, exact McNemar p = {format_p(paired.p_value)}")
+        print(
+            f"against {args.against} ({earlier['model']}, {format_accuracy(sum(e['correct'] for e in earlier['examples']), len(earlier['examples']))}): "
+            f"{paired.won} prompts won, {paired.lost} lost, exact McNemar p = {format_p(paired.p_value)}"
+        )
     if args.json:
-        outcomes = [{"task": e.task, "prompt": e.prompt, "correct": ok} for e, ok in zip(examples, res.correct)]
+        outcomes = [
+            {"task": e.task, "prompt": e.prompt, "correct": ok} for e, ok in zip(examples, res.correct)
+        ]
         with open(args.json, "w") as f:
-            json.dump({"model": args.model, **res.summary(), "args": vars(args), "examples": outcomes}, f, indent=2)
+            json.dump(
+                {"model": args.model, **res.summary(), "args": vars(args), "examples": outcomes}, f, indent=2
+            )
 
 
 def read_earlier(path: str) -> dict:

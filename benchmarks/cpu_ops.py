@@ -35,9 +35,18 @@ def inputs(bsz=16, heads=4, d=32, n_keys=99, n_query=32, q_start=35, n_changed=8
     k, v = randn(bsz, heads, n_keys, d), randn(bsz, heads, n_keys, d)
     stats = (randn(bsz, heads, n_changed, d), k, v, changed, mask, None)
     approx = (
-        randn(bsz, heads, n_query, d), k, changed, randn(bsz, heads, n_changed, d), randn(bsz, heads, n_query, d),
-        changed, randn(bsz, heads, n_changed, d), mask, None, randn(bsz, heads, n_changed, d),
-        randn(bsz, heads, n_query) + 3, torch.rand(bsz, heads, n_query, generator=g) * 10 + 1,
+        randn(bsz, heads, n_query, d),
+        k,
+        changed,
+        randn(bsz, heads, n_changed, d),
+        randn(bsz, heads, n_query, d),
+        changed,
+        randn(bsz, heads, n_changed, d),
+        mask,
+        None,
+        randn(bsz, heads, n_changed, d),
+        randn(bsz, heads, n_query) + 3,
+        torch.rand(bsz, heads, n_query, generator=g) * 10 + 1,
     )
     write = (torch.zeros(bsz, heads, n_keys), changed, randn(bsz, heads, n_changed), 2)
     return stats, approx, write, torch.arange(q_start, q_start + n_query).expand(bsz, -1)

@@ -41,8 +41,11 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--threshold", type=float, default=None)
-    p.add_argument("--methods", default="dual_cache,prefix_cache,dyllm,dual_cache+dyllm,es_dllm,dllm_cache",
-                   help="comma-separated policies (vanilla always runs first)")
+    p.add_argument(
+        "--methods",
+        default="dual_cache,prefix_cache,dyllm,dual_cache+dyllm,es_dllm,dllm_cache",
+        help="comma-separated policies (vanilla always runs first)",
+    )
     p.add_argument("--no-graphs", action="store_true", help="eager steps only")
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--json", default=None)
@@ -53,7 +56,9 @@ def main(argv=None) -> int:
     model = build_model(args.layers, args.smoke, device, torch.float32 if args.smoke else torch.bfloat16)
     spec = model.diffusion
     g = torch.Generator().manual_seed(0)
-    prompt = torch.randint(0, min(1000, spec.mask_token_id), (args.batch, args.prompt_len), generator=g).to(device)
+    prompt = torch.randint(0, min(1000, spec.mask_token_id), (args.batch, args.prompt_len), generator=g).to(
+        device
+    )
     steps = None if args.threshold is not None else args.gen_length
     schedule = BlockSchedule.build(args.prompt_len, args.gen_length, args.block_length, steps)
 
@@ -68,8 +73,16 @@ def main(argv=None) -> int:
         sync()
         start = time.perf_counter()
         with torch.inference_mode():
-            out = denoise(dyllm_fx.generation.step_function(target), LLaDASampler(threshold=args.threshold), spec,
-                          prompt, None, schedule, stop_at_eos=False, progress=False)
+            out = denoise(
+                dyllm_fx.generation.step_function(target),
+                LLaDASampler(threshold=args.threshold),
+                spec,
+                prompt,
+                None,
+                schedule,
+                stop_at_eos=False,
+                progress=False,
+            )
         sync()
         return time.perf_counter() - start, out.sequences
 
@@ -82,21 +95,35 @@ def main(argv=None) -> int:
             times.append(seconds)
         reference = seqs if reference is None else reference
         sec = statistics.median(times)
-        rows.append({"method": label, "seconds": sec, "tokens_per_s": args.batch * args.gen_length / sec,
-                     "agreement": float((seqs == reference).float().mean())})
+        rows.append(
+            {
+                "method": label,
+                "seconds": sec,
+                "tokens_per_s": args.batch * args.gen_length / sec,
+                "agreement": float((seqs == reference).float().mean()),
+            }
+        )
         print(f"{label}: {sec:.3f} s", file=sys.stderr, flush=True)
     base = rows[0]["tokens_per_s"]
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     shape = "smoke model" if args.smoke else f"{args.layers} LLaDA-8B layers, bf16"
     decoding = f"threshold {args.threshold}" if args.threshold is not None else f"{args.gen_length} steps"
-    print(f"\n{name}, {shape}, prompt {args.prompt_len}, gen {args.gen_length}, "
-          f"block {args.block_length}, {decoding}, batch {args.batch}\n")
-    print("| method | s / generation | tokens/s | speedup | token agreement with vanilla |\n|---|---|---|---|---|")
+    print(
+        f"\n{name}, {shape}, prompt {args.prompt_len}, gen {args.gen_length}, "
+        f"block {args.block_length}, {decoding}, batch {args.batch}\n"
+    )
+    print(
+        "| method | s / generation | tokens/s | speedup | token agreement with vanilla |\n|---|---|---|---|---|"
+    )
     for r in rows:
         r["speedup"] = r["tokens_per_s"] / base
-        print(f"| {r['method']} | {r['seconds']:.3f} | {r['tokens_per_s']:.1f} | {r['speedup']:.2f}x | {100 * r['agreement']:.1f}% |")
+        print(
+            f"| {r['method']} | {r['seconds']:.3f} | {r['tokens_per_s']:.1f} | {r['speedup']:.2f}x | {100 * r['agreement']:.1f}% |"
+        )
     if args.json:
-        Path(args.json).write_text(json.dumps({"device": name, "layers": args.layers, "rows": rows}, indent=2))
+        Path(args.json).write_text(
+            json.dumps({"device": name, "layers": args.layers, "rows": rows}, indent=2)
+        )
     return 0
 
 

@@ -127,9 +127,11 @@ def _error_text(exc: BaseException) -> dict:
 
 def _swiglu(w: dict):
     """o_proj then a SwiGLU MLP, as one row-wise function (the shape of a LLaDA layer's tail)."""
+
     def fn(x):
         y = F.linear(x, w["o"])
         return F.linear(F.silu(F.linear(y, w["gate"])) * F.linear(y, w["up"]), w["down"])
+
     return fn
 
 
@@ -253,7 +255,9 @@ class Big:
 
     def rows(self, bsz: int, n: int, seq_len: int) -> torch.Tensor:
         """Sorted (B, n) distinct positions (all positions when n == seq_len)."""
-        perm = torch.stack([torch.randperm(seq_len, generator=self.gen, device=self.run.device) for _ in range(bsz)])
+        perm = torch.stack(
+            [torch.randperm(seq_len, generator=self.gen, device=self.run.device) for _ in range(bsz)]
+        )
         return perm[:, :n].sort(1).values
 
 
@@ -272,11 +276,16 @@ def time_partial(run: Run) -> None:
         n = _active(run, frac)
         rows = big.rows(s.batch, n, s.seq)
         q = gather_rows(q_all, rows, 2).contiguous()
-        time_variants(run, "partial_attention", {"fraction": frac, "active": n}, {
-            "triton": lambda q=q, rows=rows: pa.triton_partial_attention(q, k, v, rows, None, None),
-            "torch_ref": lambda q=q, rows=rows: pa.partial_attention_reference(q, k, v, rows, None, None),
-            "sdpa_full": lambda: F.scaled_dot_product_attention(q_all, k, v, enable_gqa=gqa),
-        })
+        time_variants(
+            run,
+            "partial_attention",
+            {"fraction": frac, "active": n},
+            {
+                "triton": lambda q=q, rows=rows: pa.triton_partial_attention(q, k, v, rows, None, None),
+                "torch_ref": lambda q=q, rows=rows: pa.partial_attention_reference(q, k, v, rows, None, None),
+                "sdpa_full": lambda: F.scaled_dot_product_attention(q_all, k, v, enable_gqa=gqa),
+            },
+        )
 
 
 def time_approx(run: Run) -> None:
@@ -297,26 +306,45 @@ def time_approx(run: Run) -> None:
         sal_ctx = big.randn(s.batch, s.heads, n, s.head_dim)
         k_old = gather_rows(k, changed, 2) + big.randn(s.batch, s.kv_heads, n, s.head_dim, scale=0.1)
         args = (q, k, changed, dv_rows, cached, changed, sal_ctx, None, None)
-        time_variants(run, "approx_attention", {"fraction": frac, "active": n}, {
-            # The launcher's index preparation alone (part of both Triton modes' time).
-            "index_prep": lambda changed=changed: (aa.unique_rows(changed, n_rows), aa.salient_slots(changed, n_rows)),
-            "triton_mode1": lambda args=args: aa.triton_approx_attention(*args),
-            "triton_mode2": lambda args=args, k_old=k_old: aa.triton_approx_attention(*args, k_old, m_old, l_old),
-            "torch_ref_mode1": lambda args=args: aa.approx_attention_reference(*args),
-            "sdpa_full": lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa),
-        })
+        time_variants(
+            run,
+            "approx_attention",
+            {"fraction": frac, "active": n},
+            {
+                # The launcher's index preparation alone (part of both Triton modes' time).
+                "index_prep": lambda changed=changed: (
+                    aa.unique_rows(changed, n_rows),
+                    aa.salient_slots(changed, n_rows),
+                ),
+                "triton_mode1": lambda args=args: aa.triton_approx_attention(*args),
+                "triton_mode2": lambda args=args, k_old=k_old: aa.triton_approx_attention(
+                    *args, k_old, m_old, l_old
+                ),
+                "torch_ref_mode1": lambda args=args: aa.approx_attention_reference(*args),
+                "sdpa_full": lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa),
+            },
+        )
 
 
 def time_saliency(run: Run) -> None:
     s = run.sizes
     big = Big(run, 3)
     new = big.randn(s.batch, s.heads, s.seq, s.head_dim)
-    cached = (new.float() + big.randn(s.batch, 1, s.seq, 1, dtype=torch.float32) * 0.1
-              * big.randn(s.batch, s.heads, s.seq, s.head_dim, dtype=torch.float32)).to(new.dtype)
-    time_variants(run, "saliency", {"rows": s.seq, "tau": 0.99}, {
-        "triton": lambda: sa.triton_saliency(new, cached, 0.99, 0, s.seq),
-        "torch_ref": lambda: sa.saliency_reference(new, cached, 0.99, 0, s.seq),
-    })
+    cached = (
+        new.float()
+        + big.randn(s.batch, 1, s.seq, 1, dtype=torch.float32)
+        * 0.1
+        * big.randn(s.batch, s.heads, s.seq, s.head_dim, dtype=torch.float32)
+    ).to(new.dtype)
+    time_variants(
+        run,
+        "saliency",
+        {"rows": s.seq, "tau": 0.99},
+        {
+            "triton": lambda: sa.triton_saliency(new, cached, 0.99, 0, s.seq),
+            "torch_ref": lambda: sa.saliency_reference(new, cached, 0.99, 0, s.seq),
+        },
+    )
 
 
 def time_scatter(run: Run) -> None:
@@ -331,33 +359,51 @@ def time_scatter(run: Run) -> None:
         for frac in s.fractions:
             n = _active(run, frac)
             rows = big.rows(s.batch, n, s.seq)
-            values = big.randn(*shape[:dim], n, *shape[dim + 1:])
+            values = big.randn(*shape[:dim], n, *shape[dim + 1 :])
             flat = rows[0]  # batch 1: index_copy_ along the row dim of the single batch element
 
-            time_variants(run, "cache_scatter", {"layout": layout, "fraction": frac, "active": n}, {
-                "triton": lambda rows=rows, values=values: cs.triton_cache_write_rows(cache, rows, values, dim),
-                "torch_ref": lambda rows=rows, values=values: cs.cache_write_rows_reference(cache, rows, values, dim),
-                "index_copy_": lambda flat=flat, values=values: cache[0].index_copy_(dim - 1, flat, values[0]),
-            })
+            time_variants(
+                run,
+                "cache_scatter",
+                {"layout": layout, "fraction": frac, "active": n},
+                {
+                    "triton": lambda rows=rows, values=values: cs.triton_cache_write_rows(
+                        cache, rows, values, dim
+                    ),
+                    "torch_ref": lambda rows=rows, values=values: cs.cache_write_rows_reference(
+                        cache, rows, values, dim
+                    ),
+                    "index_copy_": lambda flat=flat, values=values: cache[0].index_copy_(
+                        dim - 1, flat, values[0]
+                    ),
+                },
+            )
 
 
 def time_mlp(run: Run) -> None:
     s = run.sizes
     big = Big(run, 5)
-    w = {"o": big.randn(s.d_model, s.d_model, scale=s.d_model ** -0.5),
-         "gate": big.randn(s.hidden, s.d_model, scale=s.d_model ** -0.5),
-         "up": big.randn(s.hidden, s.d_model, scale=s.d_model ** -0.5),
-         "down": big.randn(s.d_model, s.hidden, scale=s.hidden ** -0.5)}
+    w = {
+        "o": big.randn(s.d_model, s.d_model, scale=s.d_model**-0.5),
+        "gate": big.randn(s.hidden, s.d_model, scale=s.d_model**-0.5),
+        "up": big.randn(s.hidden, s.d_model, scale=s.d_model**-0.5),
+        "down": big.randn(s.d_model, s.hidden, scale=s.hidden**-0.5),
+    }
     fn = _swiglu(w)
     h = big.randn(s.batch, s.seq, s.d_model)
     out = torch.zeros_like(h)
     for frac in s.fractions:
         n = _active(run, frac)
         rows = big.rows(s.batch, n, s.seq)
-        time_variants(run, "gathered_mlp", {"fraction": frac, "active": n}, {
-            "gathered": lambda rows=rows: gathered_mlp.gathered_rows_apply(fn, h, rows, out),
-            "dense": lambda: fn(h),
-        })
+        time_variants(
+            run,
+            "gathered_mlp",
+            {"fraction": frac, "active": n},
+            {
+                "gathered": lambda rows=rows: gathered_mlp.gathered_rows_apply(fn, h, rows, out),
+                "dense": lambda: fn(h),
+            },
+        )
 
 
 # --------------------------------------------------------------------------- tables
@@ -365,18 +411,36 @@ def time_mlp(run: Run) -> None:
 
 # (bench, title, variants shown, speedups as (numerator, denominator))
 TABLES = (
-    ("partial_attention", "Partial attention: the active rows' queries over all {seq} keys",
-     ("triton", "torch_ref", "sdpa_full"), (("sdpa_full", "triton"), ("torch_ref", "triton"))),
-    ("approx_attention",
-     "Approximate attention (DyLLM; active = changed = salient rows) vs exact attention of all {seq} rows",
-     ("triton_mode1", "triton_mode2", "index_prep", "torch_ref_mode1", "sdpa_full"),
-     (("sdpa_full", "triton_mode1"), ("sdpa_full", "triton_mode2"), ("torch_ref_mode1", "triton_mode1"))),
-    ("saliency", "Saliency (row cosine over all heads + compaction) of {seq} rows",
-     ("triton", "torch_ref"), (("torch_ref", "triton"),)),
-    ("cache_scatter", "Cache scatter of the active rows into a {seq}-row cache", ("triton", "torch_ref", "index_copy_"),
-     (("torch_ref", "triton"), ("index_copy_", "triton"))),
-    ("gathered_mlp", "o_proj + SwiGLU MLP on the active rows (index_select, GEMMs, index_copy_) vs dense",
-     ("gathered", "dense"), (("dense", "gathered"),)),
+    (
+        "partial_attention",
+        "Partial attention: the active rows' queries over all {seq} keys",
+        ("triton", "torch_ref", "sdpa_full"),
+        (("sdpa_full", "triton"), ("torch_ref", "triton")),
+    ),
+    (
+        "approx_attention",
+        "Approximate attention (DyLLM; active = changed = salient rows) vs exact attention of all {seq} rows",
+        ("triton_mode1", "triton_mode2", "index_prep", "torch_ref_mode1", "sdpa_full"),
+        (("sdpa_full", "triton_mode1"), ("sdpa_full", "triton_mode2"), ("torch_ref_mode1", "triton_mode1")),
+    ),
+    (
+        "saliency",
+        "Saliency (row cosine over all heads + compaction) of {seq} rows",
+        ("triton", "torch_ref"),
+        (("torch_ref", "triton"),),
+    ),
+    (
+        "cache_scatter",
+        "Cache scatter of the active rows into a {seq}-row cache",
+        ("triton", "torch_ref", "index_copy_"),
+        (("torch_ref", "triton"), ("index_copy_", "triton")),
+    ),
+    (
+        "gathered_mlp",
+        "o_proj + SwiGLU MLP on the active rows (index_select, GEMMs, index_copy_) vs dense",
+        ("gathered", "dense"),
+        (("dense", "gathered"),),
+    ),
 )
 
 
@@ -414,8 +478,12 @@ def timing_tables(results: dict, key: str = "ms") -> str:
             continue
         head = _param_header(rows[0]) + [f"{v} ms" for v in variants] + [f"{a}/{b}" for a, b in speedups]
         how = "CUDA graph replay" if key == "ms" else "eager call, launch overhead included"
-        lines = [f"**{title.format(seq=seq)}** ({how})",
-                 "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        lines = [
+            f"**{title.format(seq=seq)}** ({how})",
+            "",
+            "| " + " | ".join(head) + " |",
+            "|" + "---|" * len(head),
+        ]
         for r in rows:
             t = r[key]
             cells = _param_cells(r) + [_fmt_ms(t.get(v)) for v in variants]
@@ -431,11 +499,17 @@ def timing_tables(results: dict, key: str = "ms") -> str:
 
 def environment(run: Run) -> dict:
     """Device name and versions, recorded with every result file."""
-    env = {"torch": torch.__version__, "python": platform.python_version(), "device": str(run.device),
-           "smoke": run.smoke, "DYLLM_TRITON": os.environ.get("DYLLM_TRITON"),
-           "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET"),
-           "cuda_kernels_registered": _triton.CUDA_KERNELS_ENABLED and _triton.HAS_TRITON,
-           "kernels_dir": str(Path(cs.__file__).parent), "transformers_imported": "transformers" in sys.modules}
+    env = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "device": str(run.device),
+        "smoke": run.smoke,
+        "DYLLM_TRITON": os.environ.get("DYLLM_TRITON"),
+        "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET"),
+        "cuda_kernels_registered": _triton.CUDA_KERNELS_ENABLED and _triton.HAS_TRITON,
+        "kernels_dir": str(Path(cs.__file__).parent),
+        "transformers_imported": "transformers" in sys.modules,
+    }
     try:
         import triton
 
@@ -447,14 +521,21 @@ def environment(run: Run) -> dict:
         env["cuda"] = torch.version.cuda
     else:
         env["device_name"] = platform.processor() or platform.machine()
-    env["sizes"] = {"time": vars(run.sizes), "time_dtype": _short(run.time_dtype), "warmup": run.warmup,
-                    "reps": run.reps}
+    env["sizes"] = {
+        "time": vars(run.sizes),
+        "time_dtype": _short(run.time_dtype),
+        "warmup": run.warmup,
+        "reps": run.reps,
+    }
     return env
 
 
 SECTION_FNS = {
-    "time_partial": time_partial, "time_approx": time_approx, "time_saliency": time_saliency,
-    "time_scatter": time_scatter, "time_mlp": time_mlp,
+    "time_partial": time_partial,
+    "time_approx": time_approx,
+    "time_saliency": time_saliency,
+    "time_scatter": time_scatter,
+    "time_mlp": time_mlp,
 }
 
 
@@ -481,26 +562,46 @@ def _read_part(path: Path, section: str) -> dict:
     try:
         return json.loads(path.read_text()) if path.is_file() else empty
     except (OSError, ValueError) as exc:
-        return dict(empty, errors=[{"section": section, "error": f"unreadable results: {exc}", "traceback": ""}])
+        return dict(
+            empty, errors=[{"section": section, "error": f"unreadable results: {exc}", "traceback": ""}]
+        )
 
 
 def run_isolated(args, section: str, deadline: float) -> dict:
     """One section in a child process of this script; its results, or the way it died."""
     with tempfile.TemporaryDirectory() as tmp:
         part = Path(tmp) / "part.json"
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--section", section, "--part-json", str(part),
-               "--deadline-at", str(deadline), "--warmup", str(args.warmup), "--reps", str(args.reps)]
+        cmd = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--section",
+            section,
+            "--part-json",
+            str(part),
+            "--deadline-at",
+            str(deadline),
+            "--warmup",
+            str(args.warmup),
+            "--reps",
+            str(args.reps),
+        ]
         cmd += ["--smoke"] if args.smoke else []
         died = None
         try:
             limit = max(20.0, deadline - time.time() + 20)  # well past the deadline: the child is stuck
             proc = subprocess.run(cmd, stderr=subprocess.PIPE, text=True, timeout=limit)
             if proc.returncode not in (0, 1):
-                died = {"section": section, "error": f"child exited with {proc.returncode}",
-                        "traceback": proc.stderr[-3000:]}
+                died = {
+                    "section": section,
+                    "error": f"child exited with {proc.returncode}",
+                    "traceback": proc.stderr[-3000:],
+                }
         except subprocess.TimeoutExpired as exc:
-            died = {"section": section, "error": f"child killed after {exc.timeout:.0f}s (deadline)",
-                    "traceback": _text(exc.stderr)[-3000:]}
+            died = {
+                "section": section,
+                "error": f"child killed after {exc.timeout:.0f}s (deadline)",
+                "traceback": _text(exc.stderr)[-3000:],
+            }
         results = _read_part(part, section)
     if died:
         results["errors"].append(died)
@@ -511,11 +612,17 @@ def run_isolated(args, section: str, deadline: float) -> dict:
 def make_run(args) -> Run:
     smoke = args.smoke
     if not smoke and not torch.cuda.is_available():
-        raise SystemExit("no CUDA device: run with --smoke (tiny shapes, CPU, Triton interpreter) or on a GPU")
+        raise SystemExit(
+            "no CUDA device: run with --smoke (tiny shapes, CPU, Triton interpreter) or on a GPU"
+        )
     return Run(
-        device=torch.device("cpu" if smoke else "cuda"), smoke=smoke,
-        time_dtype=torch.float32 if smoke else torch.bfloat16, sizes=SMOKE_TIME if smoke else GPU_TIME,
-        warmup=args.warmup, reps=args.reps, deadline=args.deadline_at,
+        device=torch.device("cpu" if smoke else "cuda"),
+        smoke=smoke,
+        time_dtype=torch.float32 if smoke else torch.bfloat16,
+        sizes=SMOKE_TIME if smoke else GPU_TIME,
+        warmup=args.warmup,
+        reps=args.reps,
+        deadline=args.deadline_at,
     )
 
 
@@ -526,10 +633,18 @@ def parse_args(argv=None):
     p.add_argument("--smoke", action="store_true", help="tiny shapes on CPU through the Triton interpreter")
     p.add_argument("--json", type=Path, help="write every number here (rewritten after each section)")
     p.add_argument("--warmup", type=int, default=None, help="calls before timing (default 10; smoke 1)")
-    p.add_argument("--reps", type=int, default=None, help="timed calls, median reported (default 50; smoke 2)")
-    p.add_argument("--deadline-s", type=float, default=540.0, help="skip what is left after this many seconds")
-    p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
-                   help="one subprocess per section (default: on CUDA yes, with --smoke no)")
+    p.add_argument(
+        "--reps", type=int, default=None, help="timed calls, median reported (default 50; smoke 2)"
+    )
+    p.add_argument(
+        "--deadline-s", type=float, default=540.0, help="skip what is left after this many seconds"
+    )
+    p.add_argument(
+        "--isolate",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="one subprocess per section (default: on CUDA yes, with --smoke no)",
+    )
     p.add_argument("--only", nargs="*", choices=sorted(SECTION_FNS), help="run only these sections")
     # Internal: how the parent runs one section in a child.
     p.add_argument("--section", choices=sorted(SECTION_FNS), help=argparse.SUPPRESS)
@@ -570,9 +685,11 @@ def main(argv=None) -> int:
         return child_main(args)
     run = make_run(args)
     report = {"env": environment(run), "timings": [], "errors": []}
-    _say(f"dyllm-fx kernels on {report['env']['device_name']} (torch {report['env']['torch']}, "
-         f"triton {report['env']['triton']}, DYLLM_TRITON={report['env']['DYLLM_TRITON']}, "
-         f"isolate={args.isolate})")
+    _say(
+        f"dyllm-fx kernels on {report['env']['device_name']} (torch {report['env']['torch']}, "
+        f"triton {report['env']['triton']}, DYLLM_TRITON={report['env']['DYLLM_TRITON']}, "
+        f"isolate={args.isolate})"
+    )
     for section in sections_to_run(args):
         if args.isolate:
             part = run_isolated(args, section, args.deadline_at)
@@ -591,14 +708,18 @@ def main(argv=None) -> int:
 
 def print_report(report: dict) -> None:
     env = report["env"]
-    _say(f"\n## Kernels on {env['device_name']}\n\ntorch {env['torch']}, triton {env['triton']}, "
-         f"CUDA {env.get('cuda')}, DYLLM_TRITON={env['DYLLM_TRITON']}"
-         f"{', SMOKE (timings meaningless)' if env['smoke'] else ''}\n")
+    _say(
+        f"\n## Kernels on {env['device_name']}\n\ntorch {env['torch']}, triton {env['triton']}, "
+        f"CUDA {env.get('cuda')}, DYLLM_TRITON={env['DYLLM_TRITON']}"
+        f"{', SMOKE (timings meaningless)' if env['smoke'] else ''}\n"
+    )
     if report["timings"]:
         s = env["sizes"]["time"]
-        _say(f"### Timings (batch {s['batch']}, seq {s['seq']}, {s['heads']} heads x {s['head_dim']}, "
-             f"{s['kv_heads']} KV heads, d_model {s['d_model']}, MLP {s['hidden']}, {env['sizes']['time_dtype']}; "
-             f"median of {env['sizes']['reps']} after {env['sizes']['warmup']} warm-up calls, L2 flushed)\n")
+        _say(
+            f"### Timings (batch {s['batch']}, seq {s['seq']}, {s['heads']} heads x {s['head_dim']}, "
+            f"{s['kv_heads']} KV heads, d_model {s['d_model']}, MLP {s['hidden']}, {env['sizes']['time_dtype']}; "
+            f"median of {env['sizes']['reps']} after {env['sizes']['warmup']} warm-up calls, L2 flushed)\n"
+        )
         _say(timing_tables(report, "ms") + "\n")
         if not env["smoke"]:  # on CPU both numbers are the same wall-clock time
             _say("#### Eager calls\n\n" + timing_tables(report, "eager_ms") + "\n")

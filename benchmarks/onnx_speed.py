@@ -39,7 +39,7 @@ GEN = dict(gen_length=64, block_length=32, steps=64, progress=False)
 
 
 def batches(prompts: list[str], size: int) -> list[list[str]]:
-    return [prompts[i:i + size] for i in range(0, len(prompts), size)]
+    return [prompts[i : i + size] for i in range(0, len(prompts), size)]
 
 
 def decode(model, tokenizer, groups: list[list[str]]) -> tuple[list[torch.Tensor], float]:
@@ -73,7 +73,9 @@ def run_policy(name: str, model, tokenizer, groups, args, folder: Path) -> dict:
         if uniform:
             to_onnx(eager, path, model_path="default")
         else:
-            to_onnx(eager, path, model_path="default", keys=None if args.full_layout else list(keys), **layout)
+            to_onnx(
+                eager, path, model_path="default", keys=None if args.full_layout else list(keys), **layout
+            )
         export_s = time.perf_counter() - start
     onnx_model = load_onnx(path, device="cpu", threads=args.threads)
     graphs = 1 if uniform else len(onnx_model.info.plans)
@@ -86,8 +88,13 @@ def run_policy(name: str, model, tokenizer, groups, args, folder: Path) -> dict:
     same = sum(int(torch.equal(a[i], b[i])) for a, b in zip(got, reference) for i in range(a.shape[0]))
     total = sum(a.shape[0] for a in got)
     return {
-        "policy": name, "graphs": graphs, "export_s": export_s, "onnx_mib": path.stat().st_size / 2**20,
-        "eager_tps": eager_tps, "compiled_tps": compiled_tps, "ort_tps": ort_tps,
+        "policy": name,
+        "graphs": graphs,
+        "export_s": export_s,
+        "onnx_mib": path.stat().st_size / 2**20,
+        "eager_tps": eager_tps,
+        "compiled_tps": compiled_tps,
+        "ort_tps": ort_tps,
         "same_tokens": f"{same}/{total}",
     }
 
@@ -109,19 +116,31 @@ def table(rows: list[dict]) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--policies", default=",".join(POLICIES), help=f"comma list (default {','.join(POLICIES)})")
+    p.add_argument(
+        "--policies", default=",".join(POLICIES), help=f"comma list (default {','.join(POLICIES)})"
+    )
     p.add_argument("--n", type=int, default=1, help="held-out prompts per task (7 tasks; default 1)")
     p.add_argument("--batch", type=int, default=6, help="prompts per generate() call (default 6)")
     p.add_argument("--repeats", type=int, default=2, help="timed runs after the warm-up (default 2)")
-    p.add_argument("--threads", type=int, default=1, help="torch and onnxruntime intra-op threads (default 1)")
+    p.add_argument(
+        "--threads", type=int, default=1, help="torch and onnxruntime intra-op threads (default 1)"
+    )
     p.add_argument("--no-compile", action="store_true", help="skip the inductor-compiled torch engine")
-    p.add_argument("--full-layout", action="store_true",
-                   help="export every plan key the layout can reach, not only those the prompts meet")
+    p.add_argument(
+        "--full-layout",
+        action="store_true",
+        help="export every plan key the layout can reach, not only those the prompts meet",
+    )
     p.add_argument("--out", default=None, help="folder for the .onnx files (default: a temporary one)")
-    p.add_argument("--reuse", action="store_true",
-                   help="time the .onnx files already in --out instead of exporting again (no export time)")
+    p.add_argument(
+        "--reuse",
+        action="store_true",
+        help="time the .onnx files already in --out instead of exporting again (no export time)",
+    )
     p.add_argument("--json", default=None, help="also write the rows as JSON")
-    p.add_argument("--quick", action="store_true", help="dual_cache and dyllm on 2 prompts, 1 repeat, no compile")
+    p.add_argument(
+        "--quick", action="store_true", help="dual_cache and dyllm on 2 prompts, 1 repeat, no compile"
+    )
     args = p.parse_args(argv)
     policies = [s.strip() for s in args.policies.split(",") if s.strip()]
     if args.quick:
@@ -150,8 +169,10 @@ def main(argv=None) -> int:
 def header(prompts: list[str], args) -> str:
     import onnxruntime
 
-    return (f"{len(prompts)} prompts in batches of {args.batch}, {args.threads} thread(s), torch {torch.__version__}, "
-            f"onnxruntime {onnxruntime.__version__}, {platform.processor() or platform.machine()}")
+    return (
+        f"{len(prompts)} prompts in batches of {args.batch}, {args.threads} thread(s), torch {torch.__version__}, "
+        f"onnxruntime {onnxruntime.__version__}, {platform.processor() or platform.machine()}"
+    )
 
 
 def write_json(path: str, setup: str, args, rows: list[dict]) -> None:

@@ -76,8 +76,13 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def summary(latencies: list[float], tokens: int, span: float) -> dict:
-    return {"tokens_per_s": tokens / span if span > 0 else 0.0, "p50_s": percentile(latencies, 0.5),
-            "p99_s": percentile(latencies, 0.99), "span_s": span, "tokens": tokens}
+    return {
+        "tokens_per_s": tokens / span if span > 0 else 0.0,
+        "p50_s": percentile(latencies, 0.5),
+        "p99_s": percentile(latencies, 0.99),
+        "span_s": span,
+        "tokens": tokens,
+    }
 
 
 def run_served(name: str, params: dict, texts: list[str], times: list[float], args) -> dict:
@@ -88,18 +93,31 @@ def run_served(name: str, params: dict, texts: list[str], times: list[float], ar
     options = ["--policy", name, "--max-num-seqs", str(args.max_num_seqs)]
     for k, v in params.items():
         options += ["--policy-arg", f"{k}={v}"]
-    with ServerProcess(*options, threads=args.threads, lifetime_s=args.lifetime, start_timeout_s=300) as server:
-        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=args.timeout)
+    with ServerProcess(
+        *options, threads=args.threads, lifetime_s=args.lifetime, start_timeout_s=300
+    ) as server:
+        client = openai.OpenAI(
+            base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=args.timeout
+        )
         extra = {"block_length": args.block_length}
-        client.completions.create(model="default", prompt=texts[0], max_tokens=args.max_tokens, extra_body=extra)  # warm-up
+        client.completions.create(
+            model="default", prompt=texts[0], max_tokens=args.max_tokens, extra_body=extra
+        )  # warm-up
         start = time.monotonic() + 0.5
 
         def one(i: int):
             delay = start + times[i] - time.monotonic()
             if delay > 0:
                 time.sleep(delay)
-            r = client.completions.create(model="default", prompt=texts[i], max_tokens=args.max_tokens, extra_body=extra)
-            return time.monotonic() - (start + times[i]), r.usage.completion_tokens, r.choices[0].text, r.model_extra["metrics"]
+            r = client.completions.create(
+                model="default", prompt=texts[i], max_tokens=args.max_tokens, extra_body=extra
+            )
+            return (
+                time.monotonic() - (start + times[i]),
+                r.usage.completion_tokens,
+                r.choices[0].text,
+                r.model_extra["metrics"],
+            )
 
         with ThreadPoolExecutor(len(texts)) as pool:
             results = list(pool.map(one, range(len(texts)), timeout=args.timeout * 4))
@@ -140,8 +158,10 @@ def run_sequential(name: str, params: dict, texts: list[str], times: list[float]
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| policy | served tok/s | one-at-a-time tok/s | speedup | served p50 / p99 (s) | one-at-a-time p50 / p99 (s) "
-            "| accuracy served / one-at-a-time | same text | served NFE, active |")
+    head = (
+        "| policy | served tok/s | one-at-a-time tok/s | speedup | served p50 / p99 (s) | one-at-a-time p50 / p99 (s) "
+        "| accuracy served / one-at-a-time | same text | served NFE, active |"
+    )
     lines = [head, "|" + "---|" * 9]
     for r in rows:
         s, q = r["served"], r["sequential"]
@@ -158,14 +178,24 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=32, help="requests per policy")
     p.add_argument("--rate", type=float, default=4.0, help="mean arrivals per second (Poisson)")
-    p.add_argument("--policies", default=DEFAULT_POLICIES, help=f"comma list, parameters after ':' (default {DEFAULT_POLICIES})")
-    p.add_argument("--max-tokens", type=int, default=64, help="response window (the embedded model's trained 64)")
+    p.add_argument(
+        "--policies",
+        default=DEFAULT_POLICIES,
+        help=f"comma list, parameters after ':' (default {DEFAULT_POLICIES})",
+    )
+    p.add_argument(
+        "--max-tokens", type=int, default=64, help="response window (the embedded model's trained 64)"
+    )
     p.add_argument("--block-length", type=int, default=32)
     p.add_argument("--max-num-seqs", type=int, default=16)
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads, the server's and one-at-a-time's")
+    p.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads, the server's and one-at-a-time's"
+    )
     p.add_argument("--seed", type=int, default=0, help="the arrival times' seed")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds a request may take")
-    p.add_argument("--lifetime", type=float, default=1800.0, help="each server stops by itself after this many seconds")
+    p.add_argument(
+        "--lifetime", type=float, default=1800.0, help="each server stops by itself after this many seconds"
+    )
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)
     chosen = examples(args.n)
@@ -177,16 +207,28 @@ def main(argv=None) -> int:
         for side in (served, sequential):
             side["accuracy"] = sum(t.strip() == e.answer for t, e in zip(side["texts"], chosen)) / len(chosen)
         same = sum(a == b for a, b in zip(served["texts"], sequential["texts"]))
-        rows.append({"policy": label(name, params), "served": served, "sequential": sequential, "same_text": same})
+        rows.append(
+            {"policy": label(name, params), "served": served, "sequential": sequential, "same_text": same}
+        )
         print(table(rows[-1:]).splitlines()[-1], flush=True)
     print()
-    print(f"{args.n} requests, Poisson arrivals at {args.rate}/s, max_tokens {args.max_tokens}, block {args.block_length}, "
-          f"--max-num-seqs {args.max_num_seqs}, {args.threads} thread(s)")
+    print(
+        f"{args.n} requests, Poisson arrivals at {args.rate}/s, max_tokens {args.max_tokens}, block {args.block_length}, "
+        f"--max-num-seqs {args.max_num_seqs}, {args.threads} thread(s)"
+    )
     print(table(rows))
     if args.json:
-        record = {"args": vars(args), "rows": [{**r, "served": {k: v for k, v in r["served"].items() if k != "texts"},
-                                                 "sequential": {k: v for k, v in r["sequential"].items() if k != "texts"}}
-                                                for r in rows]}
+        record = {
+            "args": vars(args),
+            "rows": [
+                {
+                    **r,
+                    "served": {k: v for k, v in r["served"].items() if k != "texts"},
+                    "sequential": {k: v for k, v in r["sequential"].items() if k != "texts"},
+                }
+                for r in rows
+            ],
+        }
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
     return 0

@@ -36,12 +36,29 @@ BLOCK = 32
 
 def build_model(layers: int, smoke: bool, device: str, dtype: torch.dtype) -> torch.nn.Module:
     if smoke:
-        cfg = LLaDAConfig(d_model=64, n_heads=2, n_kv_heads=2, n_layers=2, mlp_hidden_size=192, vocab_size=512,
-                          max_sequence_length=256, mask_token_id=500)
+        cfg = LLaDAConfig(
+            d_model=64,
+            n_heads=2,
+            n_kv_heads=2,
+            n_layers=2,
+            mlp_hidden_size=192,
+            vocab_size=512,
+            max_sequence_length=256,
+            mask_token_id=500,
+        )
     else:
-        cfg = LLaDAConfig(d_model=4096, n_heads=32, n_kv_heads=32, n_layers=layers, mlp_hidden_size=12288,
-                          vocab_size=126464, embedding_size=126464, max_sequence_length=4096, rope_theta=500000.0,
-                          mask_token_id=126336)
+        cfg = LLaDAConfig(
+            d_model=4096,
+            n_heads=32,
+            n_kv_heads=32,
+            n_layers=layers,
+            mlp_hidden_size=12288,
+            vocab_size=126464,
+            embedding_size=126464,
+            max_sequence_length=4096,
+            rope_theta=500000.0,
+            mask_token_id=126336,
+        )
     with torch.device("meta"):
         model = LLaDAModelLM(cfg)
     model = model.to_empty(device=device).to(dtype)
@@ -61,7 +78,9 @@ def main(argv=None) -> int:
     p.add_argument("--fractions", default="0.1")
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--compile", action="store_true", help="transform(compile=True) and torch.compile(vanilla)")
+    p.add_argument(
+        "--compile", action="store_true", help="transform(compile=True) and torch.compile(vanilla)"
+    )
     p.add_argument("--cuda-graphs", action="store_true", help="replay every warm step as a CUDA graph")
     p.add_argument("--methods", default=None, help="comma-separated label prefixes to run (default: all)")
     p.add_argument("--bandwidth-gbs", type=float, default=4800.0)
@@ -84,9 +103,14 @@ def main(argv=None) -> int:
     block = (args.prompt, args.prompt + BLOCK)
 
     def make(label, policy, changed=0):
-        return Case(label, transform(model, policy, compile=args.compile, cuda_graphs=args.cuda_graphs), changed)
+        return Case(
+            label, transform(model, policy, compile=args.compile, cuda_graphs=args.cuda_graphs), changed
+        )
 
-    cases = [Case("vanilla", torch.compile(model, dynamic=False) if args.compile else model), make("dual_cache", "dual_cache")]
+    cases = [
+        Case("vanilla", torch.compile(model, dynamic=False) if args.compile else model),
+        make("dual_cache", "dual_cache"),
+    ]
     for f in (float(x) for x in args.fractions.split(",")):
         n, nb = max(1, round(f * response)), max(1, round(f * BLOCK))
         cases += [
@@ -110,17 +134,31 @@ def main(argv=None) -> int:
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     kernels = "torch ops" if os.environ.get("DYLLM_TRITON") == "0" else "triton"
     mode = ("compiled" if args.compile else "eager") + (", CUDA graphs" if args.cuda_graphs else "")
-    print(f"\n{name}, {model.config.n_layers} layers, {dtype}, batch {args.batch}, seq {seq}, response {response}, {kernels}, "
-          f"{mode}; weight-read bound at batch 1: {bound_ms:.2f} ms ({weight_bytes / 1e9:.1f} GB at "
-          f"{args.bandwidth_gbs:.0f} GB/s)\n")
+    print(
+        f"\n{name}, {model.config.n_layers} layers, {dtype}, batch {args.batch}, seq {seq}, response {response}, {kernels}, "
+        f"{mode}; weight-read bound at batch 1: {bound_ms:.2f} ms ({weight_bytes / 1e9:.1f} GB at "
+        f"{args.bandwidth_gbs:.0f} GB/s)\n"
+    )
     print("| step | ms | speedup vs vanilla | x weight-read bound |\n|---|---|---|---|")
     for r in rows:
         print(f"| {r['case']} | {r['ms']:.2f} | {r['speedup_vs_vanilla']:.2f}x | {r['ms'] / bound_ms:.2f} |")
     if args.json:
-        Path(args.json).write_text(json.dumps({
-            "device": name, "kernels": kernels, "mode": mode, "layers": args.layers, "batch": args.batch, "seq": seq,
-            "response": response, "weight_read_bound_ms": bound_ms, "rows": rows,
-        }, indent=2))
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "device": name,
+                    "kernels": kernels,
+                    "mode": mode,
+                    "layers": args.layers,
+                    "batch": args.batch,
+                    "seq": seq,
+                    "response": response,
+                    "weight_read_bound_ms": bound_ms,
+                    "rows": rows,
+                },
+                indent=2,
+            )
+        )
     return 0
 
 

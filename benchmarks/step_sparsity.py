@@ -45,11 +45,30 @@ BLOCK = 32
 
 def build_model(quick: bool) -> LLaDAModelLM:
     if quick:
-        cfg = LLaDAConfig(d_model=64, n_heads=2, n_kv_heads=2, n_layers=2, mlp_hidden_size=128, vocab_size=256,
-                          embedding_size=256, max_sequence_length=256, mask_token_id=255)
+        cfg = LLaDAConfig(
+            d_model=64,
+            n_heads=2,
+            n_kv_heads=2,
+            n_layers=2,
+            mlp_hidden_size=128,
+            vocab_size=256,
+            embedding_size=256,
+            max_sequence_length=256,
+            mask_token_id=255,
+        )
     else:
-        cfg = LLaDAConfig(d_model=1024, n_heads=8, n_kv_heads=8, n_layers=8, mlp_hidden_size=3072, vocab_size=4096,
-                          embedding_size=4096, max_sequence_length=1024, rope_theta=500000.0, mask_token_id=4095)
+        cfg = LLaDAConfig(
+            d_model=1024,
+            n_heads=8,
+            n_kv_heads=8,
+            n_layers=8,
+            mlp_hidden_size=3072,
+            vocab_size=4096,
+            embedding_size=4096,
+            max_sequence_length=1024,
+            rope_theta=500000.0,
+            mask_token_id=4095,
+        )
     torch.manual_seed(0)
     model = LLaDAModelLM(cfg)
     with torch.no_grad():
@@ -58,7 +77,9 @@ def build_model(quick: bool) -> LLaDAModelLM:
     return model.eval()
 
 
-def cases(model, seq: int, response: int, fractions: list[float], compile_fraction: float | None) -> list[Case]:
+def cases(
+    model, seq: int, response: int, fractions: list[float], compile_fraction: float | None
+) -> list[Case]:
     n_layers = model.config.n_layers
     out = [Case("vanilla (eager)", model)]
     if compile_fraction is not None:
@@ -74,7 +95,12 @@ def cases(model, seq: int, response: int, fractions: list[float], compile_fracti
         n, nb = max(1, round(f * response)), max(1, round(f * BLOCK))
         add(f"rows {f:.0%}", lambda n=n: RandomRows(n, seq, response), fraction=f)
         add(f"dyllm {f:.0%}", lambda n=n: controlled_dyllm(n), changed=n, fraction=f)
-        add(f"dual_cache+dyllm {f:.0%}", lambda nb=nb: controlled_dyllm(nb, scope="block"), changed=nb, fraction=f)
+        add(
+            f"dual_cache+dyllm {f:.0%}",
+            lambda nb=nb: controlled_dyllm(nb, scope="block"),
+            changed=nb,
+            fraction=f,
+        )
         add(f"es_dllm keep {f:.0%}", lambda f=f: controlled_es_dllm(f, n_layers), fraction=f)
     return out
 
@@ -116,18 +142,32 @@ def main(argv=None) -> int:
             row["compiled_graphs"] = c.model.engine.compiler.graphs
         rows.append(row)
     shape = "tiny (d 64, 2 layers)" if args.quick else "8B-shaped d1024 L8, vocab 4096"
-    print(f"\n{platform.processor() or 'cpu'}, {torch.get_num_threads()} threads, torch {torch.__version__}; {shape}, "
-          f"seq {seq}, response {response}, block {BLOCK}, batch 1, fp32\n")
+    print(
+        f"\n{platform.processor() or 'cpu'}, {torch.get_num_threads()} threads, torch {torch.__version__}; {shape}, "
+        f"seq {seq}, response {response}, block {BLOCK}, batch 1, fp32\n"
+    )
     print("| step | ms | speedup vs vanilla (eager) |\n|---|---|---|")
     for r in rows:
         print(f"| {r['case']} | {r['ms']:.2f} | {r['speedup_vs_vanilla']:.2f}x |")
     compiled = [r for r in rows if "compiled_graphs" in r and r["compiled_graphs"]]
     if compiled:
-        print("\ninductor graphs compiled per case (one per plan; no graph break: fullgraph=True): "
-              + ", ".join(f"{r['case']}: {r['compiled_graphs']}" for r in compiled))
+        print(
+            "\ninductor graphs compiled per case (one per plan; no graph break: fullgraph=True): "
+            + ", ".join(f"{r['case']}: {r['compiled_graphs']}" for r in compiled)
+        )
     if args.json:
-        Path(args.json).write_text(json.dumps({"shape": shape, "seq": seq, "response": response, "rows": rows,
-                                               "threads": torch.get_num_threads()}, indent=2))
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "shape": shape,
+                    "seq": seq,
+                    "response": response,
+                    "rows": rows,
+                    "threads": torch.get_num_threads(),
+                },
+                indent=2,
+            )
+        )
     return 0
 
 

@@ -38,8 +38,15 @@ class Case:
 class Driver:
     """Runs steps of one case on fixed inputs: (1, seq) tokens, the block [block, block + 32)."""
 
-    def __init__(self, case: Case, ids: torch.Tensor, block: tuple[int, int], response_start: int, vocab: int,
-                 mask_id: int):
+    def __init__(
+        self,
+        case: Case,
+        ids: torch.Tensor,
+        block: tuple[int, int],
+        response_start: int,
+        vocab: int,
+        mask_id: int,
+    ):
         self.case, self.ids, self.block, self.response_start = case, ids, block, response_start
         self.vocab, self.mask_id, self.step = vocab, mask_id, 0
         seq = ids.shape[1]
@@ -53,10 +60,20 @@ class Driver:
             return
         ids = self.ids
         if case.changed:  # the response's tokens change at ``changed`` positions every step
-            ids = changed_tokens(self.ids, self.response_start, self.ids.shape[1], case.changed, self.step, self.vocab)
+            ids = changed_tokens(
+                self.ids, self.response_start, self.ids.shape[1], case.changed, self.step, self.vocab
+            )
         case.model.engine.step(
-            ids, None, self.pos, self.logit_pos, step=self.step, block_start=self.block[0], block_end=self.block[1],
-            response_start=self.response_start, mask_token_id=self.mask_id, last_committed=max(case.changed, 1),
+            ids,
+            None,
+            self.pos,
+            self.logit_pos,
+            step=self.step,
+            block_start=self.block[0],
+            block_end=self.block[1],
+            response_start=self.response_start,
+            mask_token_id=self.mask_id,
+            last_committed=max(case.changed, 1),
         )
         self.step += 1
 

@@ -41,8 +41,13 @@ def controlled_dyllm(n: int, scope: str = "response") -> DyLLMPolicy:
 
 def controlled_es_dllm(fraction: float, n_layers: int, scope: str = "block") -> ESDLLMPolicy:
     """ES-dLLM keeping ``fraction`` of the window from layer n_layers / 8 on, no refreshes."""
-    return ESDLLMPolicy(skip_layers=(max(1, n_layers // 8),), keep=fraction, block_update_freq=10**9,
-                        prompt_update_freq=10**9, scope=scope)
+    return ESDLLMPolicy(
+        skip_layers=(max(1, n_layers // 8),),
+        keep=fraction,
+        block_update_freq=10**9,
+        prompt_update_freq=10**9,
+        scope=scope,
+    )
 
 
 def changed_tokens(ids: torch.Tensor, start: int, end: int, n: int, step: int, vocab: int) -> torch.Tensor:

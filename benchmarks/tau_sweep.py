@@ -19,8 +19,12 @@ def main() -> None:
     p.add_argument("--n", type=int, default=24, help="held-out prompts per task")
     p.add_argument("--tasks", default="shift,sort")
     p.add_argument("--taus", default="0.99,0.98,0.95,0.9,0.8")
-    p.add_argument("--repeats", type=int, default=1, help="round-robin timing passes, fastest kept (see dyllm bench)")
-    p.add_argument("--compile", action="store_true", help="a compiled row beside each eager one (see dyllm bench)")
+    p.add_argument(
+        "--repeats", type=int, default=1, help="round-robin timing passes, fastest kept (see dyllm bench)"
+    )
+    p.add_argument(
+        "--compile", action="store_true", help="a compiled row beside each eager one (see dyllm bench)"
+    )
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", default=None)
     args = p.parse_args()
@@ -31,15 +35,21 @@ def main() -> None:
     model, tok = dyllm_fx.load("default")
     methods = [Method("vanilla", "vanilla"), Method("dual_cache", "dual_cache")]
     for tau in (float(t) for t in args.taus.split(",")):
-        methods += [Method(f"dyllm tau={tau}", "dyllm", {"tau": tau}),
-                    Method(f"dual_cache+dyllm tau={tau}", "dual_cache+dyllm", {"tau": tau})]
+        methods += [
+            Method(f"dyllm tau={tau}", "dyllm", {"tau": tau}),
+            Method(f"dual_cache+dyllm tau={tau}", "dual_cache+dyllm", {"tau": tau}),
+        ]
     for steps in (((1.0, 0.0), (0.5, 0.125), (0.25, 0.25)), ((1.0, 0.0), (0.75, 0.125), (0.5, 0.25))):
         kept = "/".join(f"{p:g}" for p, _ in steps[1:])
         methods.append(Method(f"es_dllm keep {kept}", "es_dllm", {"proportion_steps": steps}))
     for ratio in (0.25, 0.5):
         methods.append(Method(f"dllm_cache ratio={ratio}", "dllm_cache", {"ratio": ratio}))
     bench = run_bench(
-        model, tok, bench_examples(args.n, tuple(args.tasks.split(","))), methods, repeats=args.repeats,
+        model,
+        tok,
+        bench_examples(args.n, tuple(args.tasks.split(","))),
+        methods,
+        repeats=args.repeats,
         compile=args.compile,
     )
     print(format_table(bench))

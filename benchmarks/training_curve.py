@@ -45,8 +45,21 @@ def plot_training(folder: Path, out: Path, title: str) -> Path:
         tasks = list(evals[-1]["per_task"])
         steps = [e["step"] for e in evals]
         for task in tasks:
-            acc_ax.plot(steps, [100 * e["per_task"].get(task, float("nan")) for e in evals], marker=".", lw=0.8, label=task)
-        acc_ax.plot(steps, [100 * e["accuracy"] for e in evals], color="black", lw=1.8, marker="o", label="all (the tasks of that eval)")
+            acc_ax.plot(
+                steps,
+                [100 * e["per_task"].get(task, float("nan")) for e in evals],
+                marker=".",
+                lw=0.8,
+                label=task,
+            )
+        acc_ax.plot(
+            steps,
+            [100 * e["accuracy"] for e in evals],
+            color="black",
+            lw=1.8,
+            marker="o",
+            label="all (the tasks of that eval)",
+        )
         acc_ax.set_ylabel(f"held-out exact match (%), {evals[-1]['n_per_task']} per task")
         acc_ax.legend(fontsize=7, ncol=4)
     acc_ax.set_xlabel("optimizer step")
@@ -59,7 +72,9 @@ def plot_training(folder: Path, out: Path, title: str) -> Path:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None, help="a checkpoint folder or embedded name (default: both embedded models)")
+    p.add_argument(
+        "--model", default=None, help="a checkpoint folder or embedded name (default: both embedded models)"
+    )
     p.add_argument("--out", default=None, help="PNG path (with --model)")
     args = p.parse_args()
     names = [args.model] if args.model else list(EMBEDDED_MODELS)
@@ -74,7 +89,9 @@ def main() -> None:
             continue
         out = Path(args.out or OUTPUTS.get(name, f"{Path(name).name}_training.png"))
         model, _ = dyllm_fx.load(name, device="cpu")
-        print(f"wrote {plot_training(folder, out, f'{name} ({model.architecture}, {len(model.layers)} layers)')}")
+        print(
+            f"wrote {plot_training(folder, out, f'{name} ({model.architecture}, {len(model.layers)} layers)')}"
+        )
 
 
 if __name__ == "__main__":

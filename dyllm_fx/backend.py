@@ -78,9 +78,13 @@ def _size_inputs(gm: fx.GraphModule, roles: dict[str, int]) -> dict[int, tuple[s
         val = node.meta.get("example_value")
         if not isinstance(val, torch.SymInt):
             continue
-        found = next(((role, d) for role, dims in shapes.items() for d, s in enumerate(dims) if s == str(val)), None)
+        found = next(
+            ((role, d) for role, dims in shapes.items() for d, s in enumerate(dims) if s == str(val)), None
+        )
         if found is None:
-            raise ValueError(f"the dyllm backend cannot tell which input size the graph input '{node.target}' ({val}) is")
+            raise ValueError(
+                f"the dyllm backend cannot tell which input size the graph input '{node.target}' ({val}) is"
+            )
         sizes[i] = found
     return sizes
 
@@ -128,7 +132,9 @@ def dyllm_backend(gm: fx.GraphModule, example_inputs: list, options: dict | None
     if mask_token_id is not None:
         spec = DiffusionSpec(mask_token_id=mask_token_id) if spec is None else spec
         if spec.mask_token_id != mask_token_id:
-            raise ValueError(f"mask_token_id={mask_token_id} differs from the model's ({spec.mask_token_id}); drop the option")
+            raise ValueError(
+                f"mask_token_id={mask_token_id} differs from the model's ({spec.mask_token_id}); drop the option"
+            )
     chosen = make_policy(policy, family=family_of(spec), **opts)  # bad policy parameters fail now
     if module is None and _is_static(gm) and chosen.name != "dense":
         raise ValueError(
@@ -154,15 +160,20 @@ def dyllm_backend(gm: fx.GraphModule, example_inputs: list, options: dict | None
         if not built:
             ids = inputs[roles["input_ids"]]
             mask = inputs[roles["attention_mask"]] if "attention_mask" in roles else torch.ones_like(ids)
-            pos = inputs[roles["position_ids"]] if "position_ids" in roles else default_position_ids(ids, mask)
+            pos = (
+                inputs[roles["position_ids"]] if "position_ids" in roles else default_position_ids(ids, mask)
+            )
             if module is not None:
                 captured = capture_module(module)
                 check_bidirectional(captured.gm, tuple(t.to(ids.device) for t in trace_inputs()))
             else:
                 captured = capture(forward, (ids, mask, pos))
                 check_bidirectional(captured.gm, (ids, mask, pos))
-            built.append(TransformedModel(build_program(captured), chosen, spec, compile=compile_step,
-                                          block_length=block_length))
+            built.append(
+                TransformedModel(
+                    build_program(captured), chosen, spec, compile=compile_step, block_length=block_length
+                )
+            )
         return built[0]
 
     def compiled(*inputs):

@@ -78,4 +78,6 @@ def _unknown_spans(tokenizer, text: str, unk: int) -> list[str]:
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         return [text[s:e] for t, (s, e) in zip(enc["input_ids"], enc["offset_mapping"]) if t == unk and e > s]
     except (NotImplementedError, TypeError, ValueError, KeyError):
-        return [ch for ch in dict.fromkeys(text) if tokenizer(ch, add_special_tokens=False)["input_ids"] == [unk]]
+        return [
+            ch for ch in dict.fromkeys(text) if tokenizer(ch, add_special_tokens=False)["input_ids"] == [unk]
+        ]

@@ -37,6 +37,10 @@ class EmptyResponseWarning(DyllmWarning):
 
 
 __all__ = [
-    "DyllmError", "DyllmWarning", "EmptyResponseWarning", "MissingDependencyError", "UnknownCharactersWarning",
+    "DyllmError",
+    "DyllmWarning",
+    "EmptyResponseWarning",
+    "MissingDependencyError",
+    "UnknownCharactersWarning",
     "UsageError",
 ]

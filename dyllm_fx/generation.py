@@ -42,7 +42,9 @@ def check_model_tensors(model: nn.Module) -> torch.device:
     tensors = [(f"parameter {n}", t) for n, t in model.named_parameters()]
     tensors += [(f"buffer {n}", t) for n, t in model.named_buffers()]
     if not tensors:
-        raise ValueError(f"{type(model).__name__} has no parameters; pass the model itself, not a wrapper without weights")
+        raise ValueError(
+            f"{type(model).__name__} has no parameters; pass the model itself, not a wrapper without weights"
+        )
     meta = [name for name, t in tensors if t.device.type == "meta"]
     if meta:
         raise ValueError(
@@ -57,7 +59,10 @@ def check_model_tensors(model: nn.Module) -> torch.device:
             + "; ".join(f"{d}: {_preview(names)}" for d, names in devices.items())
             + f". Move it to one device, e.g. model.to({first!r})."
         )
-    dtypes = _group([(n, t) for n, t in tensors if n.startswith("parameter") and t.is_floating_point()], lambda t: str(t.dtype))
+    dtypes = _group(
+        [(n, t) for n, t in tensors if n.startswith("parameter") and t.is_floating_point()],
+        lambda t: str(t.dtype),
+    )
     if len(dtypes) > 1:
         major = max(dtypes, key=lambda d: len(dtypes[d]))
         raise ValueError(
@@ -82,15 +87,28 @@ def _preview(names: list[str], limit: int = 3) -> str:
 
 # generate()'s own keyword arguments, for the message on an unknown one.
 _GENERATE_ARGS = (
-    "gen_length", "max_new_tokens", "block_length", "steps", "threshold", "cfg_scale", "chat", "stop_at_eos", "seed",
-    "progress", "sampler",
+    "gen_length",
+    "max_new_tokens",
+    "block_length",
+    "steps",
+    "threshold",
+    "cfg_scale",
+    "chat",
+    "stop_at_eos",
+    "seed",
+    "progress",
+    "sampler",
 )
 
 
 def sampler_options(dream: bool) -> tuple[str, ...]:
     """The sampler keyword arguments ``generate`` takes for a Dream (or LLaDA) model."""
     cls = DreamSampler if dream else LLaDASampler
-    return tuple(f.name for f in dataclasses.fields(cls) if f.init and not f.name.startswith("_") and f.name != "threshold")
+    return tuple(
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.init and not f.name.startswith("_") and f.name != "threshold"
+    )
 
 
 def check_sampler_params(dream: bool, params: dict) -> None:
@@ -101,21 +119,28 @@ def check_sampler_params(dream: bool, params: dict) -> None:
         if key in mine:
             continue
         if key in theirs:
-            hint = "alg= (origin, maskgit_plus, topk_margin, entropy)" if dream else "remasking= ('low_confidence' or 'random')"
+            hint = (
+                "alg= (origin, maskgit_plus, topk_margin, entropy)"
+                if dream
+                else "remasking= ('low_confidence' or 'random')"
+            )
             raise UsageError(
                 f"{key}={value!r} is a {other} sampler option, and this is a {family} model; it takes "
                 f"{', '.join(mine)}: choose the order tokens are committed in with {hint}"
             )
         close = difflib.get_close_matches(key, [*_GENERATE_ARGS, *mine], n=1)
         raise UsageError(
-            f"generate() got an unknown argument {key!r}" + (f"; did you mean {close[0]!r}?" if close else "")
+            f"generate() got an unknown argument {key!r}"
+            + (f"; did you mean {close[0]!r}?" if close else "")
             + f" It takes {', '.join(_GENERATE_ARGS)} and, for this {family} model, the sampler options {', '.join(mine)}"
         )
     for key in ("temperature", "alg_temp", "top_p", "eps"):
         value = params.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
             raise TypeError(f"{key} must be a number, got {type(value).__name__} {value!r}")
-    if params.get("top_k") is not None and (isinstance(params["top_k"], bool) or not isinstance(params["top_k"], numbers.Integral)):
+    if params.get("top_k") is not None and (
+        isinstance(params["top_k"], bool) or not isinstance(params["top_k"], numbers.Integral)
+    ):
         raise TypeError(f"top_k must be an integer, got {type(params['top_k']).__name__} {params['top_k']!r}")
     for key in ("remasking", "alg"):
         if key in params and not isinstance(params[key], str):
@@ -183,8 +208,19 @@ def generate(
 
     if is_diffusion_gemma(model):  # block diffusion over canvases: its own sampler
         return _generate_diffusion_gemma(
-            model, tokenizer, prompts, gen_length, max_new_tokens, block_length, steps, threshold, cfg_scale, chat,
-            seed, sampler, sampler_params,
+            model,
+            tokenizer,
+            prompts,
+            gen_length,
+            max_new_tokens,
+            block_length,
+            steps,
+            threshold,
+            cfg_scale,
+            chat,
+            seed,
+            sampler,
+            sampler_params,
         )
     spec = diffusion_spec(model)
     gen_length = _gen_length(gen_length, max_new_tokens)
@@ -206,9 +242,16 @@ def generate(
     if sampler is None:
         sampler = default_sampler(model, threshold=threshold, **sampler_params)
     elif threshold is not None or sampler_params:
-        raise ValueError("pass either a sampler object or sampler parameters (threshold, temperature, ...), not both")
+        raise ValueError(
+            "pass either a sampler object or sampler parameters (threshold, temperature, ...), not both"
+        )
     if chat:
-        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False) for p in prompts]
+        prompts = [
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False
+            )
+            for p in prompts
+        ]
     tokenizer.padding_side = "left"
     enc = tokenizer(list(prompts), return_tensors="pt", padding=True, add_special_tokens=False)
     unknown = unknown_characters_message(tokenizer, list(prompts), enc["input_ids"])
@@ -234,12 +277,23 @@ def generate(
             f"the model was trained with a {window}-token response window (its folder's training.json), and "
             f"gen_length={gen_length} differs: outside that window it usually decodes an empty or wrong answer. "
             f"Use gen_length={window} (dyllm: --gen-length {window}).",
-            EmptyResponseWarning, stacklevel=2,
+            EmptyResponseWarning,
+            stacklevel=2,
         )
     if seed is not None:
         torch.manual_seed(seed)
     with torch.inference_mode():
-        out = denoise(step_function(model), sampler, spec, prompt_ids, prompt_mask, schedule, cfg_scale, stop_at_eos, progress)
+        out = denoise(
+            step_function(model),
+            sampler,
+            spec,
+            prompt_ids,
+            prompt_mask,
+            schedule,
+            cfg_scale,
+            stop_at_eos,
+            progress,
+        )
     rows = out.responses.tolist()
     out.texts = [_decode_response(tokenizer, row, spec) for row in rows]
     if window is None or gen_length == window:
@@ -249,7 +303,18 @@ def generate(
 
 
 def _generate_diffusion_gemma(
-    model, tokenizer, prompts, gen_length, max_new_tokens, block_length, steps, threshold, cfg_scale, chat, seed, sampler,
+    model,
+    tokenizer,
+    prompts,
+    gen_length,
+    max_new_tokens,
+    block_length,
+    steps,
+    threshold,
+    cfg_scale,
+    chat,
+    seed,
+    sampler,
     sampler_params,
 ):
     """DiffusionGemma (transformers' block-diffusion model, untransformed or transformed):
@@ -259,8 +324,14 @@ def _generate_diffusion_gemma(
 
     canvas = model.config.canvas_length
     if block_length not in (None, 32, canvas):
-        raise UsageError(f"DiffusionGemma decodes canvases of {canvas} tokens (config.canvas_length); drop block_length")
-    for name, value, unset in (("threshold", threshold, None), ("cfg_scale", cfg_scale, 0.0), ("sampler", sampler, None)):
+        raise UsageError(
+            f"DiffusionGemma decodes canvases of {canvas} tokens (config.canvas_length); drop block_length"
+        )
+    for name, value, unset in (
+        ("threshold", threshold, None),
+        ("cfg_scale", cfg_scale, 0.0),
+        ("sampler", sampler, None),
+    ):
         if value != unset:
             raise UsageError(
                 f"{name}= does not apply to DiffusionGemma, whose sampler accepts tokens by an entropy bound; it takes "
@@ -272,10 +343,17 @@ def _generate_diffusion_gemma(
         raise ValueError("prompts must be a non-empty string or a list of non-empty strings")
     check_model_tensors(model)
     if chat:
-        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False) for p in prompts]
+        prompts = [
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False
+            )
+            for p in prompts
+        ]
     if gen_length is not None or max_new_tokens is not None:
         max_new_tokens = _gen_length(gen_length, max_new_tokens)
-    return diffusion_gemma.generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, steps=steps, seed=seed, **sampler_params)
+    return diffusion_gemma.generate(
+        model, tokenizer, prompts, max_new_tokens=max_new_tokens, steps=steps, seed=seed, **sampler_params
+    )
 
 
 def _gen_length(gen_length, max_new_tokens) -> int:
@@ -292,14 +370,22 @@ def _gen_length(gen_length, max_new_tokens) -> int:
 def _warn_on_cut_responses(texts: list[str], rows: list[list[int]], spec: DiffusionSpec, tokenizer) -> None:
     """Warn when a response is empty because it starts with EOS, yet real tokens follow that
     EOS: the text is cut there, and the user otherwise sees an empty line and nothing else."""
-    skip = {*spec.eos_token_ids, spec.mask_token_id, spec.pad_token_id, getattr(tokenizer, "pad_token_id", None)}
-    cut = [i for i, (text, row) in enumerate(zip(texts, rows)) if not text and any(t not in skip for t in row)]
+    skip = {
+        *spec.eos_token_ids,
+        spec.mask_token_id,
+        spec.pad_token_id,
+        getattr(tokenizer, "pad_token_id", None),
+    }
+    cut = [
+        i for i, (text, row) in enumerate(zip(texts, rows)) if not text and any(t not in skip for t in row)
+    ]
     if cut:
         warnings.warn(
             f"response(s) {cut} are empty: the model decoded EOS first and real tokens after it (texts stop at the first "
             "EOS; out.sequences holds every token). Check gen_length / block_length against what the model was "
             "trained with, and the prompt format.",
-            EmptyResponseWarning, stacklevel=3,
+            EmptyResponseWarning,
+            stacklevel=3,
         )
 
 

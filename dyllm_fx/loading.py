@@ -15,7 +15,14 @@ from .models import CheckpointError, load_model, read_config, resolve_architectu
 from .options import DEFAULT_DREAM_MODEL, DEFAULT_MODEL, resolve_device, resolve_dtype
 
 # Files any Hugging Face tokenizer is loaded from (fast, sentencepiece, BPE, WordPiece).
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "spiece.model",
+)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 # The embedded models shipped inside the package: name -> folder under dyllm_fx/assets.
 EMBEDDED_MODELS = {DEFAULT_MODEL: "tiny-llada", DEFAULT_DREAM_MODEL: "tiny-dream"}
@@ -120,7 +127,10 @@ def load_tokenizer(folder: str | Path) -> PreTrainedTokenizerBase:
         tok = AutoTokenizer.from_pretrained(
             # An empty config stops transformers from parsing config.json as one of its own
             # model types (it does not know llada / Dream and warns).
-            str(folder), local_files_only=True, trust_remote_code=False, config=PretrainedConfig()
+            str(folder),
+            local_files_only=True,
+            trust_remote_code=False,
+            config=PretrainedConfig(),
         )
     except (ValueError, OSError, KeyError) as err:
         if not (folder / "tokenizer.json").is_file():
@@ -129,7 +139,11 @@ def load_tokenizer(folder: str | Path) -> PreTrainedTokenizerBase:
         cfg_file = folder / "tokenizer_config.json"
         if cfg_file.is_file():
             cfg = json.loads(cfg_file.read_text())
-            special = {k: cfg[k] for k in ("eos_token", "pad_token", "bos_token", "mask_token", "unk_token") if isinstance(cfg.get(k), str)}
+            special = {
+                k: cfg[k]
+                for k in ("eos_token", "pad_token", "bos_token", "mask_token", "unk_token")
+                if isinstance(cfg.get(k), str)
+            }
         tok = PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"), **special)
     tok.padding_side = "left"  # the runtime left-pads ragged batches
     if tok.pad_token_id is None:
@@ -149,7 +163,9 @@ def trained_gen_length(folder: str | Path) -> int | None:
         return None
     stages = record.get("stages") if isinstance(record.get("stages"), list) else [record]
     found = {
-        s.get("args", {}).get("gen_length", s.get("gen_length")) for s in stages if isinstance(s, dict) and isinstance(s.get("args", {}), dict)
+        s.get("args", {}).get("gen_length", s.get("gen_length"))
+        for s in stages
+        if isinstance(s, dict) and isinstance(s.get("args", {}), dict)
     }
     found.discard(None)
     if len(found) == 1:

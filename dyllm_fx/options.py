@@ -16,10 +16,17 @@ DEFAULT_DREAM_MODEL = "default-dream"  # the embedded Dream-architecture model
 
 # Spellings accepted for a dtype (the CLI's --dtype choices are the first column's names).
 DTYPE_ALIASES = {
-    "float32": "float32", "fp32": "float32", "float": "float32",
-    "float16": "float16", "fp16": "float16", "half": "float16",
-    "bfloat16": "bfloat16", "bf16": "bfloat16",
-    "float64": "float64", "fp64": "float64", "double": "float64",
+    "float32": "float32",
+    "fp32": "float32",
+    "float": "float32",
+    "float16": "float16",
+    "fp16": "float16",
+    "half": "float16",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float64": "float64",
+    "fp64": "float64",
+    "double": "float64",
 }
 DTYPE_CHOICES = ("auto", "float32", "float16", "bfloat16", "float64")
 DEVICE_HELP = "auto (cuda when available, else cpu), cpu, cuda, cuda:N or mps"
@@ -41,7 +48,9 @@ def resolve_dtype(dtype: Any = None, *, torch_dtype: Any = None, device=None, co
     torch = _torch()
     if torch_dtype is not None:
         if dtype is not None and _canon(dtype) != _canon(torch_dtype):
-            raise UsageError(f"dtype={dtype!r} and torch_dtype={torch_dtype!r} disagree; pass only one of them (dtype=)")
+            raise UsageError(
+                f"dtype={dtype!r} and torch_dtype={torch_dtype!r} disagree; pass only one of them (dtype=)"
+            )
         dtype = torch_dtype
     if isinstance(dtype, str) and dtype.strip().lower() == "auto":
         saved = (config or {}).get("torch_dtype") or (config or {}).get("dtype")
@@ -57,7 +66,9 @@ def resolve_dtype(dtype: Any = None, *, torch_dtype: Any = None, device=None, co
             )
         dtype = getattr(torch, DTYPE_ALIASES[name])
     if not isinstance(dtype, torch.dtype):
-        raise TypeError(f"dtype must be a torch.dtype or a name such as 'bfloat16', got {type(dtype).__name__} {dtype!r}")
+        raise TypeError(
+            f"dtype must be a torch.dtype or a name such as 'bfloat16', got {type(dtype).__name__} {dtype!r}"
+        )
     if not dtype.is_floating_point:
         raise UsageError(
             f"dtype {dtype} is not a floating-point dtype; the weights load as float32, bfloat16 or float16 "
@@ -86,7 +97,9 @@ def resolve_device(device: Any = None):
     if isinstance(device, int):
         device = f"cuda:{device}"
     if not isinstance(device, (str, torch.device)):
-        raise TypeError(f"device must be a string, an int or a torch.device, got {type(device).__name__} {device!r}")
+        raise TypeError(
+            f"device must be a string, an int or a torch.device, got {type(device).__name__} {device!r}"
+        )
     try:
         dev = torch.device(device.strip() if isinstance(device, str) else device)
     except (RuntimeError, ValueError):
@@ -98,10 +111,14 @@ def resolve_device(device: Any = None):
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             why = "this torch is a CPU-only build" if torch.version.cuda is None else "no CUDA GPU is visible"
-            raise UsageError(f"device {str(device)!r} asked for, but {why} (torch {torch.__version__}); use device='cpu' or 'auto'")
+            raise UsageError(
+                f"device {str(device)!r} asked for, but {why} (torch {torch.__version__}); use device='cpu' or 'auto'"
+            )
         count = torch.cuda.device_count()
         if dev.index is not None and dev.index >= count:
-            raise UsageError(f"device {str(device)!r} does not exist: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+            raise UsageError(
+                f"device {str(device)!r} does not exist: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}"
+            )
         return dev
     backend = getattr(torch, dev.type, None) if dev.type != "mps" else getattr(torch.backends, "mps", None)
     available = getattr(backend, "is_available", None)
@@ -110,4 +127,11 @@ def resolve_device(device: Any = None):
     return dev
 
 
-__all__ = ["DEFAULT_DREAM_MODEL", "DEFAULT_MODEL", "DTYPE_ALIASES", "DTYPE_CHOICES", "resolve_device", "resolve_dtype"]
+__all__ = [
+    "DEFAULT_DREAM_MODEL",
+    "DEFAULT_MODEL",
+    "DTYPE_ALIASES",
+    "DTYPE_CHOICES",
+    "resolve_device",
+    "resolve_dtype",
+]

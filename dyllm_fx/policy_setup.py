@@ -18,7 +18,9 @@ VANILLA = "vanilla"
 # The policy names and compositions, spelled out so the command line's help needs no torch;
 # tests/test_front_door.py checks them against dyllm_fx.runtime.policies.
 POLICY_NAMES = ("dense", "fixed", "prefix_cache", "dual_cache", "dyllm", "es_dllm", "dllm_cache")
-COMPOSITIONS = tuple(f"{b}+{r}" for b in ("dual_cache", "prefix_cache") for r in ("dyllm", "es_dllm", "dllm_cache"))
+COMPOSITIONS = tuple(
+    f"{b}+{r}" for b in ("dual_cache", "prefix_cache") for r in ("dyllm", "es_dllm", "dllm_cache")
+)
 
 
 def policy_help(default: str) -> str:
@@ -62,7 +64,9 @@ def check_policy(policy: str, params: Mapping | None = None, compile: bool = Fal
     arguments: the policy object is built once here and thrown away (cheap)."""
     if policy == VANILLA:
         if params or compile:
-            raise UsageError("policy 'vanilla' is the untransformed model and takes no policy arguments or --compile")
+            raise UsageError(
+                "policy 'vanilla' is the untransformed model and takes no policy arguments or --compile"
+            )
         return
     from .runtime.policies import make_policy
 
@@ -74,7 +78,9 @@ def check_policy(policy: str, params: Mapping | None = None, compile: bool = Fal
         raise
 
 
-def apply_policy(model: "nn.Module", policy: str, params: Mapping | None = None, compile: bool = False) -> "nn.Module":
+def apply_policy(
+    model: "nn.Module", policy: str, params: Mapping | None = None, compile: bool = False
+) -> "nn.Module":
     """``model`` itself for ``vanilla``, else ``dyllm_fx.transform(model, policy, **params)``."""
     from .transform import transform
 

@@ -46,8 +46,13 @@ class TransformedModel(nn.Module):
     """
 
     def __init__(
-        self, program: StepProgram, policy: Policy, spec: DiffusionSpec | None, compile: bool | str = False,
-        cuda_graphs: bool = False, block_length: int | None = None,
+        self,
+        program: StepProgram,
+        policy: Policy,
+        spec: DiffusionSpec | None,
+        compile: bool | str = False,
+        cuda_graphs: bool = False,
+        block_length: int | None = None,
     ):
         super().__init__()
         self.program = program
@@ -55,7 +60,14 @@ class TransformedModel(nn.Module):
         self.engine = StepEngine(program, policy, compile=compile, cuda_graphs=cuda_graphs)
         self.block_length = block_length
         # Registered so .parameters() / .to() see the shared weights once.
-        self.pieces = nn.ModuleList([program.prologue, *(p.gm for p in program.attn), *(p.gm for p in program.mlp), program.epilogue.gm])
+        self.pieces = nn.ModuleList(
+            [
+                program.prologue,
+                *(p.gm for p in program.attn),
+                *(p.gm for p in program.mlp),
+                program.epilogue.gm,
+            ]
+        )
         self._last_ids: torch.Tensor | None = None
         self._response_start: int | None = None
         self.eval()  # an inference module, like the eval-mode model it was traced from
@@ -94,7 +106,9 @@ class TransformedModel(nn.Module):
 
     def forward(self, input_ids, attention_mask=None, position_ids=None):
         if input_ids.is_floating_point() or input_ids.is_complex():
-            raise TypeError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}; pass ids.long()")
+            raise TypeError(
+                f"input_ids must hold integer token ids, got dtype {input_ids.dtype}; pass ids.long()"
+            )
         if position_ids is None:
             position_ids = default_position_ids(input_ids, attention_mask)
         continues = self._continues(input_ids)
@@ -132,15 +146,21 @@ class TransformedModel(nn.Module):
         offset = int(masked[0]) if masked.numel() else seq_len - start - 1
         block_start = start + offset // length * length
         info = {
-            "step": len(self.engine.records), "block_start": block_start, "block_end": min(block_start + length, seq_len),
-            "response_start": start, "mask_token_id": spec.mask_token_id, "logits_shift": spec.logits_shift,
+            "step": len(self.engine.records),
+            "block_start": block_start,
+            "block_end": min(block_start + length, seq_len),
+            "response_start": start,
+            "mask_token_id": spec.mask_token_id,
+            "logits_shift": spec.logits_shift,
         }
         if last is not None:
             committed = last != input_ids
             cols = torch.arange(seq_len, device=input_ids.device)
             left = torch.where(committed, cols, seq_len).amin(-1)
             most, *leftmost = torch.cat([committed.sum(-1).amax()[None], left]).tolist()
-            info.update(last_committed=most, last_leftmost=tuple(c if c < seq_len else None for c in leftmost))
+            info.update(
+                last_committed=most, last_leftmost=tuple(c if c < seq_len else None for c in leftmost)
+            )
         return info
 
     def _continues(self, input_ids: torch.Tensor) -> bool:
@@ -211,9 +231,13 @@ def transform(
     if is_diffusion_gemma(model):  # block diffusion: the decoder over the canvas is the step
         from .models import diffusion_gemma
 
-        return diffusion_gemma.transform(model, policy, compile=compile, cuda_graphs=cuda_graphs, **policy_config)
+        return diffusion_gemma.transform(
+            model, policy, compile=compile, cuda_graphs=cuda_graphs, **policy_config
+        )
     spec = spec or getattr(model, "diffusion", None)
-    chosen = make_policy(policy, family=family_of(spec), **policy_config)  # bad parameters fail before the trace
+    chosen = make_policy(
+        policy, family=family_of(spec), **policy_config
+    )  # bad parameters fail before the trace
     captured = capture_module(model)
     device = next(model.parameters()).device
     check_bidirectional(captured.gm, tuple(t.to(device) for t in example_inputs()))

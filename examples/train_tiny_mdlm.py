@@ -58,15 +58,36 @@ def writes_into_assets(out: str | Path) -> bool:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arch", choices=ARCHS, default=None, help="llada (default) or dream; with --init-from, the checkpoint's")
-    p.add_argument("--out", default=None, help="output folder (default runs/tiny-<arch>; never inside dyllm_fx/assets "
-                                               "unless --overwrite-shipped)")
-    p.add_argument("--overwrite-shipped", action="store_true",
-                   help="allow --out to point into dyllm_fx/assets (replaces a model the package ships)")
-    p.add_argument("--steps", type=int, default=20_000, help="optimizer steps of this stage (the lr schedule spans them)")
-    p.add_argument("--minutes", type=float, default=None, help="optional wall-clock cap; stops early (lr not fully decayed)")
+    p.add_argument(
+        "--arch",
+        choices=ARCHS,
+        default=None,
+        help="llada (default) or dream; with --init-from, the checkpoint's",
+    )
+    p.add_argument(
+        "--out",
+        default=None,
+        help="output folder (default runs/tiny-<arch>; never inside dyllm_fx/assets "
+        "unless --overwrite-shipped)",
+    )
+    p.add_argument(
+        "--overwrite-shipped",
+        action="store_true",
+        help="allow --out to point into dyllm_fx/assets (replaces a model the package ships)",
+    )
+    p.add_argument(
+        "--steps", type=int, default=20_000, help="optimizer steps of this stage (the lr schedule spans them)"
+    )
+    p.add_argument(
+        "--minutes",
+        type=float,
+        default=None,
+        help="optional wall-clock cap; stops early (lr not fully decayed)",
+    )
     p.add_argument("--batch-size", type=int, default=48, help="sequences per optimizer step, over all tasks")
-    p.add_argument("--loss", choices=["mean", "elbo"], default="mean", help="masked-token CE: plain mean or 1/t weighted")
+    p.add_argument(
+        "--loss", choices=["mean", "elbo"], default="mean", help="masked-token CE: plain mean or 1/t weighted"
+    )
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
     p.add_argument("--min-lr", type=float, default=0.05, help="final lr as a fraction of --lr (cosine decay)")
     p.add_argument("--warmup", type=int, default=300)
@@ -78,38 +99,66 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mlp", type=int, default=384)
     p.add_argument("--tie-embeddings", action="store_true", help="share the input embedding with the LM head")
     p.add_argument("--gen-length", type=int, default=64, help="response window (answer + EOS padding)")
-    p.add_argument("--short-window", type=float, default=0.0,
-                   help="fraction of batches trained with a window just long enough for the task's answers "
-                        "(the next multiple of 16), so the model also decodes into shorter windows")
+    p.add_argument(
+        "--short-window",
+        type=float,
+        default=0.0,
+        help="fraction of batches trained with a window just long enough for the task's answers "
+        "(the next multiple of 16), so the model also decodes into shorter windows",
+    )
     p.add_argument("--tasks", default=",".join(TASKS), help="comma-separated tasks of the suite")
-    p.add_argument("--batching", choices=["mixed", "task"], default="mixed",
-                   help="mixed: every step holds every task (one micro-batch each); task: one task per step "
-                        "(learns far slower: consecutive steps pull toward different tasks)")
-    p.add_argument("--sampling", choices=["uniform", "loss"], default="loss",
-                   help="share of each task in a step (mixed) or task of a step (task): uniform, or in proportion to "
-                        "each task's running loss to the power --sampling-power (hard tasks more often)")
-    p.add_argument("--sampling-power", type=float, default=0.5,
-                   help="exponent of the running loss in --sampling loss (1: proportional, which starves tasks that "
-                        "are nearly learnt; 0.5 default)")
+    p.add_argument(
+        "--batching",
+        choices=["mixed", "task"],
+        default="mixed",
+        help="mixed: every step holds every task (one micro-batch each); task: one task per step "
+        "(learns far slower: consecutive steps pull toward different tasks)",
+    )
+    p.add_argument(
+        "--sampling",
+        choices=["uniform", "loss"],
+        default="loss",
+        help="share of each task in a step (mixed) or task of a step (task): uniform, or in proportion to "
+        "each task's running loss to the power --sampling-power (hard tasks more often)",
+    )
+    p.add_argument(
+        "--sampling-power",
+        type=float,
+        default=0.5,
+        help="exponent of the running loss in --sampling loss (1: proportional, which starves tasks that "
+        "are nearly learnt; 0.5 default)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--log-every", type=int, default=100)
     p.add_argument("--save-every", type=int, default=1000)
-    p.add_argument("--eval-every", type=int, default=2000, help="held-out exact match every N steps (0: only at the end)")
-    p.add_argument("--probe-every", type=int, default=250, help="answer-token accuracy probe every N steps (0: never)")
+    p.add_argument(
+        "--eval-every", type=int, default=2000, help="held-out exact match every N steps (0: only at the end)"
+    )
+    p.add_argument(
+        "--probe-every", type=int, default=250, help="answer-token accuracy probe every N steps (0: never)"
+    )
     p.add_argument("--eval-n", type=int, default=16, help="held-out prompts per task for those evaluations")
-    p.add_argument("--init-from", default=None,
-                   help="continue from this checkpoint folder (same architecture; its optimizer.pt is loaded when present). "
-                        "With --arch dream, a LLaDA folder is converted to the Dream layout and trained with the shift")
+    p.add_argument(
+        "--init-from",
+        default=None,
+        help="continue from this checkpoint folder (same architecture; its optimizer.pt is loaded when present). "
+        "With --arch dream, a LLaDA folder is converted to the Dream layout and trained with the shift",
+    )
     args = p.parse_args(argv)
     if args.arch is None:
-        args.arch = json.loads((Path(args.init_from) / "config.json").read_text()).get("model_type", "llada") if (
-            args.init_from and (Path(args.init_from) / "config.json").is_file()) else "llada"
+        args.arch = (
+            json.loads((Path(args.init_from) / "config.json").read_text()).get("model_type", "llada")
+            if (args.init_from and (Path(args.init_from) / "config.json").is_file())
+            else "llada"
+        )
     if args.out is None:
         args.out = f"runs/tiny-{args.arch}"
     if writes_into_assets(args.out) and not args.overwrite_shipped:
-        p.error(f"--out {args.out} is inside dyllm_fx/assets, which holds the models the package ships; "
-                "write elsewhere and copy the folder, or pass --overwrite-shipped to replace a shipped model")
+        p.error(
+            f"--out {args.out} is inside dyllm_fx/assets, which holds the models the package ships; "
+            "write elsewhere and copy the folder, or pass --overwrite-shipped to replace a shipped model"
+        )
     unknown = sorted(set(args.tasks.split(",")) - set(TASKS))
     if unknown:
         p.error(f"unknown task(s) {unknown}; the suite has {sorted(TASKS)}")
@@ -118,21 +167,39 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def build_model(args: argparse.Namespace, tokenizer):
     """A fresh model of the requested architecture and size."""
-    common = dict(mask_token_id=tokenizer.mask_token_id, eos_token_id=tokenizer.eos_token_id,
-                  pad_token_id=tokenizer.pad_token_id)
+    common = dict(
+        mask_token_id=tokenizer.mask_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     kv = args.kv_heads or args.heads
     if args.arch == "llada":
         cfg = LLaDAConfig(
-            d_model=args.d_model, n_heads=args.heads, n_kv_heads=kv, n_layers=args.layers,
-            mlp_hidden_size=args.mlp, vocab_size=len(tokenizer), embedding_size=len(tokenizer),
-            max_sequence_length=256, rope_theta=10000.0, weight_tying=args.tie_embeddings, **common,
+            d_model=args.d_model,
+            n_heads=args.heads,
+            n_kv_heads=kv,
+            n_layers=args.layers,
+            mlp_hidden_size=args.mlp,
+            vocab_size=len(tokenizer),
+            embedding_size=len(tokenizer),
+            max_sequence_length=256,
+            rope_theta=10000.0,
+            weight_tying=args.tie_embeddings,
+            **common,
         )
         model = LLaDAModelLM(cfg)
     else:
         cfg = DreamConfig(
-            hidden_size=args.d_model, intermediate_size=args.mlp, num_hidden_layers=args.layers,
-            num_attention_heads=args.heads, num_key_value_heads=kv, vocab_size=len(tokenizer),
-            max_position_embeddings=256, rope_theta=10000.0, tie_word_embeddings=args.tie_embeddings, **common,
+            hidden_size=args.d_model,
+            intermediate_size=args.mlp,
+            num_hidden_layers=args.layers,
+            num_attention_heads=args.heads,
+            num_key_value_heads=kv,
+            vocab_size=len(tokenizer),
+            max_position_embeddings=256,
+            rope_theta=10000.0,
+            tie_word_embeddings=args.tie_embeddings,
+            **common,
         )
         model = DreamModel(cfg)
     for name, p in model.named_parameters():
@@ -150,19 +217,38 @@ def llada_to_dream(llada: LLaDAModelLM) -> DreamModel:
     with the shifted loss teaches it."""
     c = llada.config
     cfg = DreamConfig(
-        hidden_size=c.d_model, intermediate_size=c.mlp_hidden_size, num_hidden_layers=c.n_layers,
-        num_attention_heads=c.n_heads, num_key_value_heads=c.kv_heads, vocab_size=c.padded_vocab,
-        max_position_embeddings=c.max_sequence_length, rope_theta=c.rope_theta, rms_norm_eps=c.rms_norm_eps,
-        tie_word_embeddings=c.weight_tying, mask_token_id=c.mask_token_id, eos_token_id=c.eos_token_id,
+        hidden_size=c.d_model,
+        intermediate_size=c.mlp_hidden_size,
+        num_hidden_layers=c.n_layers,
+        num_attention_heads=c.n_heads,
+        num_key_value_heads=c.kv_heads,
+        vocab_size=c.padded_vocab,
+        max_position_embeddings=c.max_sequence_length,
+        rope_theta=c.rope_theta,
+        rms_norm_eps=c.rms_norm_eps,
+        tie_word_embeddings=c.weight_tying,
+        mask_token_id=c.mask_token_id,
+        eos_token_id=c.eos_token_id,
         pad_token_id=c.pad_token_id,
     )
     dream = DreamModel(cfg)
     src = llada.state_dict()
-    names = {"model.transformer.wte.weight": "model.embed_tokens.weight", "model.transformer.ln_f.weight": "model.norm.weight",
-             "model.transformer.ff_out.weight": "lm_head.weight"}
-    block = {"attn_norm": "input_layernorm", "ff_norm": "post_attention_layernorm", "q_proj": "self_attn.q_proj",
-             "k_proj": "self_attn.k_proj", "v_proj": "self_attn.v_proj", "attn_out": "self_attn.o_proj",
-             "ff_proj": "mlp.gate_proj", "up_proj": "mlp.up_proj", "ff_out": "mlp.down_proj"}
+    names = {
+        "model.transformer.wte.weight": "model.embed_tokens.weight",
+        "model.transformer.ln_f.weight": "model.norm.weight",
+        "model.transformer.ff_out.weight": "lm_head.weight",
+    }
+    block = {
+        "attn_norm": "input_layernorm",
+        "ff_norm": "post_attention_layernorm",
+        "q_proj": "self_attn.q_proj",
+        "k_proj": "self_attn.k_proj",
+        "v_proj": "self_attn.v_proj",
+        "attn_out": "self_attn.o_proj",
+        "ff_proj": "mlp.gate_proj",
+        "up_proj": "mlp.up_proj",
+        "ff_out": "mlp.down_proj",
+    }
     for i in range(c.n_layers):
         for a, b in block.items():
             names[f"model.transformer.blocks.{i}.{a}.weight"] = f"model.layers.{i}.{b}.weight"
@@ -178,7 +264,9 @@ def logits_shift(model) -> int:
     return model.diffusion.logits_shift
 
 
-def make_batch(tokenizer, task: str, rng: random.Random, batch_size: int, gen_length: int) -> tuple[torch.Tensor, int]:
+def make_batch(
+    tokenizer, task: str, rng: random.Random, batch_size: int, gen_length: int
+) -> tuple[torch.Tensor, int]:
     """(B, P + G) token ids for one task (fixed prompt length per task, so no padding)."""
     rows, prompt_len = [], None
     for _ in range(batch_size):
@@ -186,7 +274,9 @@ def make_batch(tokenizer, task: str, rng: random.Random, batch_size: int, gen_le
         prompt = tokenizer(ex.prompt, add_special_tokens=False)["input_ids"]
         answer = tokenizer(ex.answer, add_special_tokens=False)["input_ids"]
         if len(answer) > gen_length:
-            raise ValueError(f"a {task} answer has {len(answer)} tokens, more than the window of {gen_length}")
+            raise ValueError(
+                f"a {task} answer has {len(answer)} tokens, more than the window of {gen_length}"
+            )
         response = answer + [tokenizer.eos_token_id] * (gen_length - len(answer))
         prompt_len = prompt_len or len(prompt)
         assert len(prompt) == prompt_len, "tasks must have fixed-length prompts"
@@ -194,8 +284,15 @@ def make_batch(tokenizer, task: str, rng: random.Random, batch_size: int, gen_le
     return torch.tensor(rows), prompt_len
 
 
-def mdlm_loss(model, x0: torch.Tensor, prompt_len: int, mask_id: int, eps: float = 1e-3, weighting: str = "elbo",
-              shift: int = 0) -> torch.Tensor:
+def mdlm_loss(
+    model,
+    x0: torch.Tensor,
+    prompt_len: int,
+    mask_id: int,
+    eps: float = 1e-3,
+    weighting: str = "elbo",
+    shift: int = 0,
+) -> torch.Tensor:
     """Masked-token cross-entropy of one batch.
 
     ``shift`` is the model's logit shift: with 1 (Dream) the logits at position i - 1 predict
@@ -214,7 +311,9 @@ def mdlm_loss(model, x0: torch.Tensor, prompt_len: int, mask_id: int, eps: float
     return (ce / t.expand(-1, gen)[masked]).sum() / (bsz * gen)
 
 
-def batch_plan(args: argparse.Namespace, tasks: list[str], task_loss: dict, rng: random.Random, step: int) -> list[tuple[str, int]]:
+def batch_plan(
+    args: argparse.Namespace, tasks: list[str], task_loss: dict, rng: random.Random, step: int
+) -> list[tuple[str, int]]:
     """The (task, sequences) micro-batches of one optimizer step.
 
     ``--batching mixed`` (default): every step holds every task, its share of --batch-size in
@@ -245,15 +344,24 @@ def held_out_eval(model, tokenizer, n: int, tasks: list[str], gen_length: int) -
 
     model.eval()
     try:
-        res = evaluate(model, tokenizer, held_out_set(n, tuple(tasks)), batch_size=16, progress=False,
-                       gen_length=gen_length, block_length=32 if gen_length % 32 == 0 else gen_length)
+        res = evaluate(
+            model,
+            tokenizer,
+            held_out_set(n, tuple(tasks)),
+            batch_size=16,
+            progress=False,
+            gen_length=gen_length,
+            block_length=32 if gen_length % 32 == 0 else gen_length,
+        )
     finally:
         model.train()
     per = {t: s.accuracy for t, s in res.per_task.items()}
     return {"per_task": per, "accuracy": res.accuracy, "n_per_task": n}
 
 
-def token_probe(model, tokenizer, tasks: list[str], shift: int, window: int, ratios=(1.0, 0.5, 0.1), n: int = 32) -> dict:
+def token_probe(
+    model, tokenizer, tasks: list[str], shift: int, window: int, ratios=(1.0, 0.5, 0.1), n: int = 32
+) -> dict:
     """Answer-token accuracy per task on held-out prompts in one forward over a ``window``-token
     response, with that fraction of it masked (the rest given): a fast signal long before exact
     match moves."""
@@ -263,10 +371,13 @@ def token_probe(model, tokenizer, tasks: list[str], shift: int, window: int, rat
         for task in tasks:
             examples = held_out_set(n, (task,), seed=99)
             plen = len(examples[0].prompt)
-            x0 = torch.tensor([
-                tokenizer(ex.prompt + ex.answer, add_special_tokens=False)["input_ids"]
-                + [tokenizer.eos_token_id] * (window - len(ex.answer)) for ex in examples
-            ])
+            x0 = torch.tensor(
+                [
+                    tokenizer(ex.prompt + ex.answer, add_special_tokens=False)["input_ids"]
+                    + [tokenizer.eos_token_id] * (window - len(ex.answer))
+                    for ex in examples
+                ]
+            )
             answer = x0[:, plen:] != tokenizer.eos_token_id
             g = torch.Generator().manual_seed(0)
             accs = {}
@@ -312,7 +423,11 @@ def main(argv: list[str] | None = None) -> None:
             history = json.loads((src / "training.json").read_text())
             history.setdefault("stages", [])
             if converted:
-                history["initialised_from"] = {"architecture": "llada", "folder": str(src), "stages": history.pop("stages")}
+                history["initialised_from"] = {
+                    "architecture": "llada",
+                    "folder": str(src),
+                    "stages": history.pop("stages"),
+                }
                 history["stages"] = []
         if (src / OPTIMIZER_FILE).is_file() and not converted:
             opt_state = torch.load(src / OPTIMIZER_FILE, map_location="cpu")
@@ -320,12 +435,18 @@ def main(argv: list[str] | None = None) -> None:
         model = build_model(args, tokenizer).train()
     shift = logits_shift(model)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"model: {args.arch}, {n_params / 1e6:.2f}M parameters ({4 * n_params / 1e6:.1f} MB float32), "
-          f"config {model.config}", flush=True)
+    print(
+        f"model: {args.arch}, {n_params / 1e6:.2f}M parameters ({4 * n_params / 1e6:.1f} MB float32), "
+        f"config {model.config}",
+        flush=True,
+    )
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=args.lr, betas=(0.9, 0.98))
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.lr,
+        betas=(0.9, 0.98),
+    )
     if opt_state is not None:
         try:
             opt.load_state_dict(opt_state)
@@ -337,9 +458,19 @@ def main(argv: list[str] | None = None) -> None:
     task_loss = {t: None for t in tasks}
     offset = sum(s["steps"] for s in history["stages"])  # steps of earlier stages (for the curve's x axis)
     stage = {
-        "command": shlex.join([sys.executable.rsplit("/", 1)[-1], *(sys.argv if argv is None else ["train_tiny_mdlm.py", *argv])]),
-        "args": vars(args), "suite_version": SUITE_VERSION, "parameters": n_params, "steps": 0,
-        "train_minutes": 0.0, "curve": [], "evals": [],
+        "command": shlex.join(
+            [
+                sys.executable.rsplit("/", 1)[-1],
+                *(sys.argv if argv is None else ["train_tiny_mdlm.py", *argv]),
+            ]
+        ),
+        "args": vars(args),
+        "suite_version": SUITE_VERSION,
+        "parameters": n_params,
+        "steps": 0,
+        "train_minutes": 0.0,
+        "curve": [],
+        "evals": [],
     }
     history["stages"].append(stage)
     start = time.time()
@@ -363,7 +494,9 @@ def main(argv: list[str] | None = None) -> None:
             (loss * count / total).backward()  # every sequence of the step weighs the same
             task_value = loss.item()
             value += task_value * count / total
-            task_loss[task] = task_value if task_loss[task] is None else 0.9 * task_loss[task] + 0.1 * task_value
+            task_loss[task] = (
+                task_value if task_loss[task] is None else 0.9 * task_loss[task] + 0.1 * task_value
+            )
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         ema = value if ema is None else 0.98 * ema + 0.02 * value
@@ -378,30 +511,53 @@ def main(argv: list[str] | None = None) -> None:
         if args.probe_every and step % args.probe_every == 0:
             probe = token_probe(model, tokenizer, tasks, shift, args.gen_length)
             stage.setdefault("probes", []).append({"step": offset + step, "answer_token_accuracy": probe})
-            print(f"probe step {step} (answer-token accuracy, all / half / a tenth masked): "
-                  + " ".join(f"{t}={v['1.0']:.2f}/{v['0.5']:.2f}/{v['0.1']:.2f}" for t, v in probe.items()), flush=True)
+            print(
+                f"probe step {step} (answer-token accuracy, all / half / a tenth masked): "
+                + " ".join(f"{t}={v['1.0']:.2f}/{v['0.5']:.2f}/{v['0.1']:.2f}" for t, v in probe.items()),
+                flush=True,
+            )
         if args.eval_every and step % args.eval_every == 0:
             result = held_out_eval(model, tokenizer, args.eval_n, tasks, args.gen_length)
             stage["evals"].append({"step": offset + step, **result})
-            print(f"eval step {step}: " + " ".join(f"{t}={100 * a:.0f}%" for t, a in result["per_task"].items())
-                  + f" all={100 * result['accuracy']:.1f}%", flush=True)
+            print(
+                f"eval step {step}: "
+                + " ".join(f"{t}={100 * a:.0f}%" for t, a in result["per_task"].items())
+                + f" all={100 * result['accuracy']:.1f}%",
+                flush=True,
+            )
         if step % args.save_every == 0:
             save(model, tokenizer, opt, out, history, stage, step, time.time() - start, ema)
     if not stage["evals"] or stage["evals"][-1]["step"] != offset + step:
         result = held_out_eval(model, tokenizer, args.eval_n, tasks, args.gen_length)
         stage["evals"].append({"step": offset + step, **result})
-        print(f"eval step {step}: " + " ".join(f"{t}={100 * a:.0f}%" for t, a in result["per_task"].items())
-              + f" all={100 * result['accuracy']:.1f}%", flush=True)
+        print(
+            f"eval step {step}: "
+            + " ".join(f"{t}={100 * a:.0f}%" for t, a in result["per_task"].items())
+            + f" all={100 * result['accuracy']:.1f}%",
+            flush=True,
+        )
     save(model, tokenizer, opt, out, history, stage, step, time.time() - start, ema)
     print(f"saved {out} after {step} steps, {(time.time() - start) / 60:.1f} min", flush=True)
 
 
-def save(model, tokenizer, opt, out: Path, history: dict, stage: dict, step: int, seconds: float, loss: float | None) -> None:
+def save(
+    model,
+    tokenizer,
+    opt,
+    out: Path,
+    history: dict,
+    stage: dict,
+    step: int,
+    seconds: float,
+    loss: float | None,
+) -> None:
     model.eval()
     save_model(model, out)
     model.train()
     tokenizer.save_pretrained(out)
-    stage.update(steps=step, train_minutes=round(seconds / 60, 1), final_loss=None if loss is None else round(loss, 4))
+    stage.update(
+        steps=step, train_minutes=round(seconds / 60, 1), final_loss=None if loss is None else round(loss, 4)
+    )
     history["steps"] = sum(s["steps"] for s in history["stages"])
     history["train_minutes"] = round(sum(s["train_minutes"] for s in history["stages"]), 1)
     history["final_loss"] = stage["final_loss"]

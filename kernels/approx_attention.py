@@ -118,7 +118,17 @@ def default_q_rows(q: torch.Tensor, q_rows: torch.Tensor | None) -> torch.Tensor
 
 
 def _check(
-    q, k, changed, dv_rows, cached_ctx, salient_rows, salient_ctx, k_old_rows=None, m_old=None, l_old=None, q_rows=None
+    q,
+    k,
+    changed,
+    dv_rows,
+    cached_ctx,
+    salient_rows,
+    salient_ctx,
+    k_old_rows=None,
+    m_old=None,
+    l_old=None,
+    q_rows=None,
 ):
     bsz, heads, n_rows, d = q.shape
     if k.shape[0] != bsz or heads % k.shape[1]:
@@ -153,9 +163,13 @@ def _finish(out, cached, slot, salient_ctx, dtype):
     context; (ctx, stats) with the fp32 statistics."""
     bsz, heads, n_rows, dv = out.shape
     if salient_ctx.shape[2]:
-        exact = salient_ctx.float().gather(2, slot.clamp_min(0)[:, None, :, None].expand(bsz, heads, n_rows, dv))
+        exact = salient_ctx.float().gather(
+            2, slot.clamp_min(0)[:, None, :, None].expand(bsz, heads, n_rows, dv)
+        )
         out = torch.where((slot >= 0)[:, None, :, None], exact, out)
-    stats = torch.stack([(out * cached).sum((1, 3)), (out * out).sum((1, 3)), (cached * cached).sum((1, 3))], -1)
+    stats = torch.stack(
+        [(out * cached).sum((1, 3)), (out * out).sum((1, 3)), (cached * cached).sum((1, 3))], -1
+    )
     return out.to(dtype), stats
 
 
@@ -165,8 +179,19 @@ def query_bias(mask, bsz: int, n_keys: int, q_rows: torch.Tensor):
 
 
 def approx_attention_reference(
-    q, k, changed, dv_rows, cached_ctx, salient_rows, salient_ctx, mask, scale,
-    k_old_rows=None, m_old=None, l_old=None, q_rows=None,
+    q,
+    k,
+    changed,
+    dv_rows,
+    cached_ctx,
+    salient_rows,
+    salient_ctx,
+    mask,
+    scale,
+    k_old_rows=None,
+    m_old=None,
+    l_old=None,
+    q_rows=None,
 ):
     """Plain torch, fp32 (see the module doc); mode 2 when ``m_old`` is given."""
     _check(q, k, changed, dv_rows, cached_ctx, salient_rows, salient_ctx, k_old_rows, m_old, l_old, q_rows)
@@ -191,14 +216,18 @@ def approx_attention_reference(
         s_old = scores_reference(q, k_old_rows, bias_ch, scale).masked_fill(~valid, float("-inf"))
         m = torch.maximum(m_old.float(), s_new.amax(-1))
         m_safe = torch.where(torch.isinf(m) & (m < 0), torch.zeros_like(m), m)
-        rest = l_old.float() * torch.exp(m_old.float() - m_safe) - torch.exp(s_old - m_safe[..., None]).sum(-1)
+        rest = l_old.float() * torch.exp(m_old.float() - m_safe) - torch.exp(s_old - m_safe[..., None]).sum(
+            -1
+        )
         l = rest.clamp_min(0) + torch.exp(s_new - m_safe[..., None]).sum(-1)
     m_safe = torch.where(torch.isinf(m) & (m < 0), torch.zeros_like(m), m)
     l_safe = torch.where(l > 0, l, torch.ones_like(l))
     p_ch = torch.exp(s_new - m_safe[..., None]) / l_safe[..., None]
     cached = cached_ctx.float()
     out = cached + p_ch @ _repeat_kv(dv_rows, heads).float()
-    ctx, stats = _finish(out, cached, query_slots(salient_rows, q_rows, n_keys), salient_ctx, cached_ctx.dtype)
+    ctx, stats = _finish(
+        out, cached, query_slots(salient_rows, q_rows, n_keys), salient_ctx, cached_ctx.dtype
+    )
     return ctx, stats, m, l
 
 
@@ -223,8 +252,19 @@ def _rows_of(x: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
 
 
 def approx_attention_fast(
-    q, k, changed, dv_rows, cached_ctx, salient_rows, salient_ctx, mask, scale,
-    k_old_rows=None, m_old=None, l_old=None, q_rows=None,
+    q,
+    k,
+    changed,
+    dv_rows,
+    cached_ctx,
+    salient_rows,
+    salient_ctx,
+    mask,
+    scale,
+    k_old_rows=None,
+    m_old=None,
+    l_old=None,
+    q_rows=None,
 ):
     """Lean torch version of :func:`approx_attention_reference` (the op's CPU path): the same
     (ctx, stats, m, l) up to float rounding, with fewer torch ops and fewer passes over the score
@@ -291,14 +331,23 @@ def approx_attention_fast(
 
     # out = cached + P[:, changed] . dV
     cached = cached_ctx.float()
-    out = torch.baddbmm(cached.reshape(bkv, gq, dv), p.reshape(bkv, gq, n_ch), dv_rows.float().reshape(bkv, n_ch, dv))
+    out = torch.baddbmm(
+        cached.reshape(bkv, gq, dv), p.reshape(bkv, gq, n_ch), dv_rows.float().reshape(bkv, n_ch, dv)
+    )
     out = out.view(bsz, heads, n_rows, dv)
     if salient_rows.shape[1] and n_rows:
         slot = query_slots(salient_rows, q_rows, n_keys)  # (B, Nq)
-        exact = salient_ctx.float().gather(2, slot.clamp_min(0)[:, None, :, None].expand(bsz, heads, n_rows, dv))
+        exact = salient_ctx.float().gather(
+            2, slot.clamp_min(0)[:, None, :, None].expand(bsz, heads, n_rows, dv)
+        )
         out = torch.where((slot >= 0)[:, None, :, None], exact, out)
     dots = torch.stack(
-        [torch.linalg.vecdot(out, cached), torch.linalg.vecdot(out, out), torch.linalg.vecdot(cached, cached)], -1
+        [
+            torch.linalg.vecdot(out, cached),
+            torch.linalg.vecdot(out, out),
+            torch.linalg.vecdot(cached, cached),
+        ],
+        -1,
     )
     return out.to(cached_ctx.dtype), dots.sum(1), m, l
 
@@ -312,24 +361,71 @@ if HAS_TRITON:
         idx = tl.load(ch_ptr + b * A + slots, mask=slots < A, other=-1)
         ok = idx >= 0
         idx = tl.where(ok, idx, 0)
-        kn = tl.load(k_base + idx[:, None] * sk_n + offs_d[None, :] * sk_d, mask=ok[:, None] & d_ok[None, :], other=0.0)
+        kn = tl.load(
+            k_base + idx[:, None] * sk_n + offs_d[None, :] * sk_d, mask=ok[:, None] & d_ok[None, :], other=0.0
+        )
         return slots, idx, ok, kn
 
     @triton.jit
     def _approx_attention_kernel(
-        q_ptr, k_ptr, ch_ptr, dv_ptr, c_ptr, slot_ptr, sal_ptr, bias_ptr, kold_ptr, mold_ptr, lold_ptr,
-        o_ptr, part_ptr, m_ptr, l_ptr,
-        sq_b, sq_h, sq_n, sq_d,
-        sk_b, sk_h, sk_n, sk_d,
-        sdv_b, sdv_h, sdv_a, sdv_d,
-        sc_b, sc_h, sc_n, sc_d,
-        ss_b, ss_h, ss_s, ss_d,
-        sko_b, sko_h, sko_a, sko_d,
-        sbias_b, sbias_q, sbias_l,
-        H, N, NQ, A, D, DV, GROUP, scale_log2,
-        HAS_BIAS: tl.constexpr, USE_STATS: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_A: tl.constexpr,
-        BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PREC: tl.constexpr,
+        q_ptr,
+        k_ptr,
+        ch_ptr,
+        dv_ptr,
+        c_ptr,
+        slot_ptr,
+        sal_ptr,
+        bias_ptr,
+        kold_ptr,
+        mold_ptr,
+        lold_ptr,
+        o_ptr,
+        part_ptr,
+        m_ptr,
+        l_ptr,
+        sq_b,
+        sq_h,
+        sq_n,
+        sq_d,
+        sk_b,
+        sk_h,
+        sk_n,
+        sk_d,
+        sdv_b,
+        sdv_h,
+        sdv_a,
+        sdv_d,
+        sc_b,
+        sc_h,
+        sc_n,
+        sc_d,
+        ss_b,
+        ss_h,
+        ss_s,
+        ss_d,
+        sko_b,
+        sko_h,
+        sko_a,
+        sko_d,
+        sbias_b,
+        sbias_q,
+        sbias_l,
+        H,
+        N,
+        NQ,
+        A,
+        D,
+        DV,
+        GROUP,
+        scale_log2,
+        HAS_BIAS: tl.constexpr,
+        USE_STATS: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_A: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        BLOCK_DV: tl.constexpr,
+        PREC: tl.constexpr,
     ):
         pid_m = tl.program_id(0)
         bh = tl.program_id(1)
@@ -345,7 +441,8 @@ if HAS_TRITON:
         dv_ok = offs_dv < DV
         q = tl.load(
             q_ptr + b * sq_b + h * sq_h + offs_m[:, None] * sq_n + offs_d[None, :] * sq_d,
-            mask=row_ok[:, None] & d_ok[None, :], other=0.0,
+            mask=row_ok[:, None] & d_ok[None, :],
+            other=0.0,
         )
         k_base = k_ptr + b * sk_b + kvh * sk_h
         bias_base = bias_ptr + b * sbias_b + offs_m[:, None] * sbias_q
@@ -360,15 +457,20 @@ if HAS_TRITON:
             new_sum = tl.zeros([BLOCK_M], tl.float32)
             kold_base = kold_ptr + b * sko_b + kvh * sko_h
             for a0 in range(0, A, BLOCK_A):
-                slots, idx, ok, kn = _load_changed_keys(ch_ptr, k_base, b, A, a0, offs_a, offs_d, d_ok, sk_n, sk_d)
+                slots, idx, ok, kn = _load_changed_keys(
+                    ch_ptr, k_base, b, A, a0, offs_a, offs_d, d_ok, sk_n, sk_d
+                )
                 ko = tl.load(
                     kold_base + slots[:, None] * sko_a + offs_d[None, :] * sko_d,
-                    mask=ok[:, None] & d_ok[None, :], other=0.0,
+                    mask=ok[:, None] & d_ok[None, :],
+                    other=0.0,
                 )
                 s_new = tl.dot(q, tl.trans(kn), input_precision=PREC) * scale_log2
                 s_old = tl.dot(q, tl.trans(ko), input_precision=PREC) * scale_log2
                 if HAS_BIAS:
-                    bias = tl.load(bias_base + idx[None, :] * sbias_l, mask=row_ok[:, None] & ok[None, :], other=0.0)
+                    bias = tl.load(
+                        bias_base + idx[None, :] * sbias_l, mask=row_ok[:, None] & ok[None, :], other=0.0
+                    )
                     s_new = s_new + bias * 1.4426950408889634
                     s_old = s_old + bias * 1.4426950408889634
                 s_new = tl.where(ok[None, :], s_new, float("-inf"))
@@ -389,7 +491,8 @@ if HAS_TRITON:
                 col_ok = cols < N
                 kb = tl.load(
                     k_base + cols[:, None] * sk_n + offs_d[None, :] * sk_d,
-                    mask=col_ok[:, None] & d_ok[None, :], other=0.0,
+                    mask=col_ok[:, None] & d_ok[None, :],
+                    other=0.0,
                 )
                 s = tl.dot(q, tl.trans(kb), input_precision=PREC) * scale_log2
                 if HAS_BIAS:
@@ -409,33 +512,43 @@ if HAS_TRITON:
         acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
         dv_base = dv_ptr + b * sdv_b + kvh * sdv_h
         for a0 in range(0, A, BLOCK_A):
-            slots, idx, ok, kn = _load_changed_keys(ch_ptr, k_base, b, A, a0, offs_a, offs_d, d_ok, sk_n, sk_d)
+            slots, idx, ok, kn = _load_changed_keys(
+                ch_ptr, k_base, b, A, a0, offs_a, offs_d, d_ok, sk_n, sk_d
+            )
             s = tl.dot(q, tl.trans(kn), input_precision=PREC) * scale_log2
             if HAS_BIAS:
-                bias = tl.load(bias_base + idx[None, :] * sbias_l, mask=row_ok[:, None] & ok[None, :], other=0.0)
+                bias = tl.load(
+                    bias_base + idx[None, :] * sbias_l, mask=row_ok[:, None] & ok[None, :], other=0.0
+                )
                 s = s + bias * 1.4426950408889634
             s = tl.where(ok[None, :], s, float("-inf"))
             p = tl.exp2(s - m_fin[:, None]) * inv_l[:, None]
             dv = tl.load(
                 dv_base + slots[:, None] * sdv_a + offs_dv[None, :] * sdv_d,
-                mask=ok[:, None] & dv_ok[None, :], other=0.0,
+                mask=ok[:, None] & dv_ok[None, :],
+                other=0.0,
             )
             acc += tl.dot(p, dv.to(tl.float32), input_precision=PREC)
 
         # Salient rows take their exact context; then the output and its statistics.
         out_mask = row_ok[:, None] & dv_ok[None, :]
         cached = tl.load(
-            c_ptr + b * sc_b + h * sc_h + offs_m[:, None] * sc_n + offs_dv[None, :] * sc_d, mask=out_mask, other=0.0
+            c_ptr + b * sc_b + h * sc_h + offs_m[:, None] * sc_n + offs_dv[None, :] * sc_d,
+            mask=out_mask,
+            other=0.0,
         ).to(tl.float32)
         slot = tl.load(slot_ptr + b * NQ + offs_m, mask=row_ok, other=-1)
         is_sal = slot >= 0
         slot = tl.where(is_sal, slot, 0).to(tl.int64)
         exact = tl.load(
             sal_ptr + b * ss_b + h * ss_h + slot[:, None] * ss_s + offs_dv[None, :] * ss_d,
-            mask=out_mask & is_sal[:, None], other=0.0,
+            mask=out_mask & is_sal[:, None],
+            other=0.0,
         ).to(tl.float32)
         out = tl.where(is_sal[:, None], exact, cached + acc)
-        tl.store(o_ptr + stat_rows[:, None] * DV + offs_dv[None, :], out.to(o_ptr.dtype.element_ty), mask=out_mask)
+        tl.store(
+            o_ptr + stat_rows[:, None] * DV + offs_dv[None, :], out.to(o_ptr.dtype.element_ty), mask=out_mask
+        )
         tl.store(part_ptr + stat_rows * 3, tl.sum(out * cached, 1), mask=row_ok)
         tl.store(part_ptr + stat_rows * 3 + 1, tl.sum(out * out, 1), mask=row_ok)
         tl.store(part_ptr + stat_rows * 3 + 2, tl.sum(cached * cached, 1), mask=row_ok)
@@ -444,8 +557,19 @@ if HAS_TRITON:
 
 
 def triton_approx_attention(
-    q, k, changed, dv_rows, cached_ctx, salient_rows, salient_ctx, mask, scale,
-    k_old_rows=None, m_old=None, l_old=None, q_rows=None,
+    q,
+    k,
+    changed,
+    dv_rows,
+    cached_ctx,
+    salient_rows,
+    salient_ctx,
+    mask,
+    scale,
+    k_old_rows=None,
+    m_old=None,
+    l_old=None,
+    q_rows=None,
 ):
     """Triton version of :func:`approx_attention_reference`: (ctx, stats, m, l)."""
     require_triton(q)
@@ -459,7 +583,18 @@ def triton_approx_attention(
         bias = attention_bias(mask, q_rows, bsz, n_keys)  # full masks: the query rows' bias rows
     except NotImplementedError:
         return approx_attention_reference(
-            q, k, changed, dv_rows, cached_ctx, salient_rows, salient_ctx, mask, scale, k_old_rows, m_old, l_old,
+            q,
+            k,
+            changed,
+            dv_rows,
+            cached_ctx,
+            salient_rows,
+            salient_ctx,
+            mask,
+            scale,
+            k_old_rows,
+            m_old,
+            l_old,
             q_rows,
         )
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
@@ -476,7 +611,11 @@ def triton_approx_attention(
         bias_t, sbias = q, (0, 0, 0)
     else:
         bias_t = bias
-        sbias = (bias.stride(0) if bias.shape[0] > 1 else 0, bias.stride(1) if bias.shape[1] > 1 else 0, bias.stride(2))
+        sbias = (
+            bias.stride(0) if bias.shape[0] > 1 else 0,
+            bias.stride(1) if bias.shape[1] > 1 else 0,
+            bias.stride(2),
+        )
     if use_stats:
         kold, mold, lold = k_old_rows, m_old.float().contiguous(), l_old.float().contiguous()
     else:
@@ -484,14 +623,44 @@ def triton_approx_attention(
     block_m = min(64, next_pow2(n_rows))
     grid = (triton.cdiv(n_rows, block_m), bsz * heads)
     _approx_attention_kernel[grid](
-        q, k, ch, dv_rows, cached_ctx, slot, salient_ctx, bias_t, kold, mold, lold,
-        ctx, part, m, l,
-        *q.stride(), *k.stride(), *dv_rows.stride(), *cached_ctx.stride(), *salient_ctx.stride(),
-        *kold.stride(), *sbias,
-        heads, n_keys, n_rows, n_ch, d, dv, heads // k.shape[1], scale * LOG2E,
-        HAS_BIAS=bias is not None, USE_STATS=use_stats,
-        BLOCK_M=block_m, BLOCK_N=min(64, next_pow2(n_keys)), BLOCK_A=min(64, next_pow2(n_ch)),
-        BLOCK_D=next_pow2(d), BLOCK_DV=next_pow2(dv), PREC=dot_precision(q.dtype),
+        q,
+        k,
+        ch,
+        dv_rows,
+        cached_ctx,
+        slot,
+        salient_ctx,
+        bias_t,
+        kold,
+        mold,
+        lold,
+        ctx,
+        part,
+        m,
+        l,
+        *q.stride(),
+        *k.stride(),
+        *dv_rows.stride(),
+        *cached_ctx.stride(),
+        *salient_ctx.stride(),
+        *kold.stride(),
+        *sbias,
+        heads,
+        n_keys,
+        n_rows,
+        n_ch,
+        d,
+        dv,
+        heads // k.shape[1],
+        scale * LOG2E,
+        HAS_BIAS=bias is not None,
+        USE_STATS=use_stats,
+        BLOCK_M=block_m,
+        BLOCK_N=min(64, next_pow2(n_keys)),
+        BLOCK_A=min(64, next_pow2(n_ch)),
+        BLOCK_D=next_pow2(d),
+        BLOCK_DV=next_pow2(dv),
+        PREC=dot_precision(q.dtype),
     )
     # Per-head partial statistics summed here (deterministic; no float atomics).
     return ctx, part.sum(1), m, l

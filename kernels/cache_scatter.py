@@ -51,7 +51,9 @@ def _put_index(cache: torch.Tensor, rows: torch.Tensor, dim: int) -> tuple[torch
     return tuple(index)
 
 
-def cache_write_rows_reference(cache: torch.Tensor, rows: torch.Tensor, values: torch.Tensor, dim: int) -> None:
+def cache_write_rows_reference(
+    cache: torch.Tensor, rows: torch.Tensor, values: torch.Tensor, dim: int
+) -> None:
     """The plain-torch write (the CPU path of ``dyllm::cache_write_rows``). ``index_put_``, not
     ``scatter_``: inductor turns a functionalised ``index_put`` back into an in-place write of
     the cache, where a ``scatter`` would copy the whole cache twice."""
@@ -62,8 +64,13 @@ if HAS_TRITON:
 
     @triton.jit
     def _scatter_rows_kernel(
-        cache_ptr, values_ptr, rows_ptr,
-        P, L, A, Q,
+        cache_ptr,
+        values_ptr,
+        rows_ptr,
+        P,
+        L,
+        A,
+        Q,
         BLOCK_Q: tl.constexpr,
     ):
         # grid: (B * A, P, cdiv(Q, BLOCK_Q)); cache (B, P, L, Q) and values (B, P, A, Q) contiguous.
@@ -93,8 +100,11 @@ def triton_cache_write_rows(cache: torch.Tensor, rows: torch.Tensor, values: tor
     expected = list(cache.shape)
     expected[dim] = rows.shape[1]
     if (
-        not cache.is_contiguous() or dim == 0 or values.dtype != cache.dtype
-        or rows.shape[0] != cache.shape[0] or list(values.shape) != expected
+        not cache.is_contiguous()
+        or dim == 0
+        or values.dtype != cache.dtype
+        or rows.shape[0] != cache.shape[0]
+        or list(values.shape) != expected
     ):
         cache_write_rows_reference(cache, rows, values, dim)
         return
@@ -102,7 +112,7 @@ def triton_cache_write_rows(cache: torch.Tensor, rows: torch.Tensor, values: tor
     if bsz == 0 or n_rows == 0 or cache.numel() == 0:
         return
     p = math.prod(cache.shape[1:dim])
-    q = math.prod(cache.shape[dim + 1:])
+    q = math.prod(cache.shape[dim + 1 :])
     values = values.contiguous()
     rows = rows.to(torch.int64).contiguous()
     block_q = min(next_pow2(q, 16), 1024)

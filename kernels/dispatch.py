@@ -46,7 +46,12 @@ from .partial_attention import (
 from .salient_rows import saliency_reference, triton_saliency
 
 __all__ = [
-    "KERNELS", "approx_attention", "cache_write_rows", "gather_rows", "partial_attention", "partial_attention_stats",
+    "KERNELS",
+    "approx_attention",
+    "cache_write_rows",
+    "gather_rows",
+    "partial_attention",
+    "partial_attention_stats",
     "saliency",
 ]
 
@@ -88,7 +93,11 @@ def _(cache, rows, values, dim):
 
 @torch.library.custom_op("dyllm::partial_attention", mutates_args=())
 def _partial_attention_op(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, rows: torch.Tensor, mask: torch.Tensor | None,
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    rows: torch.Tensor,
+    mask: torch.Tensor | None,
     scale: float | None,
 ) -> torch.Tensor:
     """Attention of the active rows' queries over every cached key.
@@ -108,7 +117,11 @@ def _(q, k_cache, v_cache, rows, mask, scale):
 
 @torch.library.custom_op("dyllm::partial_attention_stats", mutates_args=())
 def _partial_attention_stats_op(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, rows: torch.Tensor, mask: torch.Tensor | None,
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    rows: torch.Tensor,
+    mask: torch.Tensor | None,
     scale: float | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``partial_attention`` plus its fp32 softmax statistics per query row: (out, m, l) with
@@ -166,13 +179,38 @@ def _approx_attention_op(
     ``q_rows`` (B, Nq). See ``kernels/approx_attention.py``.
     """
     return KERNELS["approx_attention"].torch_impl(
-        q, k, changed, dv_rows, cached_ctx, salient_rows, salient_ctx, mask, scale, k_old_rows, m_old, l_old, q_rows
+        q,
+        k,
+        changed,
+        dv_rows,
+        cached_ctx,
+        salient_rows,
+        salient_ctx,
+        mask,
+        scale,
+        k_old_rows,
+        m_old,
+        l_old,
+        q_rows,
     )
 
 
 @_approx_attention_op.register_fake
-def _(q, k, changed, dv_rows, cached_ctx, salient_rows, salient_ctx, mask, scale, k_old_rows=None, m_old=None,
-      l_old=None, q_rows=None):
+def _(
+    q,
+    k,
+    changed,
+    dv_rows,
+    cached_ctx,
+    salient_rows,
+    salient_ctx,
+    mask,
+    scale,
+    k_old_rows=None,
+    m_old=None,
+    l_old=None,
+    q_rows=None,
+):
     bsz, heads, n_rows = q.shape[:3]
     return (
         cached_ctx.new_empty(cached_ctx.shape),

@@ -25,7 +25,10 @@ import torch
 
 
 def gathered_rows_apply(
-    fn: Callable[[torch.Tensor], torch.Tensor], h: torch.Tensor, rows: torch.Tensor, out: torch.Tensor | None = None
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    h: torch.Tensor,
+    rows: torch.Tensor,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Apply a row-wise ``fn`` (an MLP, a projection) to the rows ``rows`` (B, A) of ``h``
     (B, L, D) and write the results into ``out`` (B, L, D') at those rows (in place; a new

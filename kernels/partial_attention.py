@@ -69,7 +69,9 @@ def attention_bias(mask: torch.Tensor | None, rows: torch.Tensor | None, bsz: in
             mask = gather_rows(mask, rows, 2)
     mask = mask[:, 0]
     if mask.dtype == torch.bool:
-        return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill_(~mask, float("-inf"))
+        return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill_(
+            ~mask, float("-inf")
+        )
     return mask.float()
 
 
@@ -117,7 +119,10 @@ def mask_layout(mask: torch.Tensor | None, bsz: int, seq_len: int) -> str | None
     if mask is None:
         return None
     if (
-        mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[-1] != seq_len or mask.shape[0] not in (1, bsz)
+        mask.dim() != 4
+        or mask.shape[1] != 1
+        or mask.shape[-1] != seq_len
+        or mask.shape[0] not in (1, bsz)
         or mask.shape[2] not in (1, seq_len)
     ):
         raise NotImplementedError(f"mask of shape {tuple(mask.shape)}")
@@ -152,7 +157,12 @@ ONE_PASS_MAX_SCORES = 1 << 20
 def _lean_layout(q, k_cache, mask):
     """The mask layout ("key", "full", or None for no mask) when the lean paths take these
     inputs, else False (other mask layouts, malformed shapes: the references handle them)."""
-    if q.dim() != 4 or k_cache.dim() != 4 or q.shape[0] != k_cache.shape[0] or q.shape[1] % max(k_cache.shape[1], 1):
+    if (
+        q.dim() != 4
+        or k_cache.dim() != 4
+        or q.shape[0] != k_cache.shape[0]
+        or q.shape[1] % max(k_cache.shape[1], 1)
+    ):
         return False
     try:
         return mask_layout(mask, q.shape[0], k_cache.shape[2])
@@ -224,14 +234,41 @@ if HAS_TRITON:
 
     @triton.jit
     def _partial_attention_kernel(
-        q_ptr, k_ptr, v_ptr, bias_ptr, o_ptr, m_ptr, l_ptr,
-        sq_b, sq_h, sq_a, sq_d,
-        sk_b, sk_h, sk_l, sk_d,
-        sv_b, sv_h, sv_l, sv_d,
-        sbias_b, sbias_q, sbias_l,
-        H, A, L, D, DV, GROUP, scale_log2,
-        HAS_BIAS: tl.constexpr, WRITE_STATS: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+        q_ptr,
+        k_ptr,
+        v_ptr,
+        bias_ptr,
+        o_ptr,
+        m_ptr,
+        l_ptr,
+        sq_b,
+        sq_h,
+        sq_a,
+        sq_d,
+        sk_b,
+        sk_h,
+        sk_l,
+        sk_d,
+        sv_b,
+        sv_h,
+        sv_l,
+        sv_d,
+        sbias_b,
+        sbias_q,
+        sbias_l,
+        H,
+        A,
+        L,
+        D,
+        DV,
+        GROUP,
+        scale_log2,
+        HAS_BIAS: tl.constexpr,
+        WRITE_STATS: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        BLOCK_DV: tl.constexpr,
         PREC: tl.constexpr,
     ):
         pid_m = tl.program_id(0)
@@ -247,7 +284,8 @@ if HAS_TRITON:
 
         q = tl.load(
             q_ptr + b * sq_b + h * sq_h + offs_m[:, None] * sq_a + offs_d[None, :] * sq_d,
-            mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0,
+            mask=row_ok[:, None] & (offs_d[None, :] < D),
+            other=0.0,
         )
         k_base = k_ptr + b * sk_b + kvh * sk_h
         v_base = v_ptr + b * sv_b + kvh * sv_h
@@ -259,13 +297,15 @@ if HAS_TRITON:
             col_ok = cols < L
             k = tl.load(
                 k_base + cols[:, None] * sk_l + offs_d[None, :] * sk_d,
-                mask=col_ok[:, None] & (offs_d[None, :] < D), other=0.0,
+                mask=col_ok[:, None] & (offs_d[None, :] < D),
+                other=0.0,
             )
             s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2
             if HAS_BIAS:
                 bias = tl.load(
                     bias_ptr + b * sbias_b + offs_m[:, None] * sbias_q + cols[None, :] * sbias_l,
-                    mask=row_ok[:, None] & col_ok[None, :], other=0.0,
+                    mask=row_ok[:, None] & col_ok[None, :],
+                    other=0.0,
                 )
                 s = s + bias * 1.4426950408889634
             s = tl.where(col_ok[None, :], s, float("-inf"))
@@ -276,7 +316,8 @@ if HAS_TRITON:
             l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(
                 v_base + cols[:, None] * sv_l + offs_dv[None, :] * sv_d,
-                mask=col_ok[:, None] & (offs_dv[None, :] < DV), other=0.0,
+                mask=col_ok[:, None] & (offs_dv[None, :] < DV),
+                other=0.0,
             )
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
             m_i = m_new
@@ -317,16 +358,39 @@ def triton_partial_attention(q, k_cache, v_cache, rows, mask, scale, return_stat
         bias_t, sbias = q, (0, 0, 0)
     else:
         bias_t = bias
-        sbias = (bias.stride(0) if bias.shape[0] > 1 else 0, bias.stride(1) if bias.shape[1] > 1 else 0, bias.stride(2))
+        sbias = (
+            bias.stride(0) if bias.shape[0] > 1 else 0,
+            bias.stride(1) if bias.shape[1] > 1 else 0,
+            bias.stride(2),
+        )
     block_m = min(64, next_pow2(n_q))
     block_n = min(64, next_pow2(seq_len))
     grid = (triton.cdiv(n_q, block_m), bsz * heads)
     _partial_attention_kernel[grid](
-        q, k_cache, v_cache, bias_t, out, m, l,
-        *q.stride(), *k_cache.stride(), *v_cache.stride(), *sbias,
-        heads, n_q, seq_len, d, dv, heads // kv_heads, scale * LOG2E,
-        HAS_BIAS=bias is not None, WRITE_STATS=return_stats,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=next_pow2(d), BLOCK_DV=next_pow2(dv),
+        q,
+        k_cache,
+        v_cache,
+        bias_t,
+        out,
+        m,
+        l,
+        *q.stride(),
+        *k_cache.stride(),
+        *v_cache.stride(),
+        *sbias,
+        heads,
+        n_q,
+        seq_len,
+        d,
+        dv,
+        heads // kv_heads,
+        scale * LOG2E,
+        HAS_BIAS=bias is not None,
+        WRITE_STATS=return_stats,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_D=next_pow2(d),
+        BLOCK_DV=next_pow2(dv),
         PREC=dot_precision(q.dtype),
     )
     return (out, m, l) if return_stats else out

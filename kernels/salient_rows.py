@@ -71,11 +71,23 @@ if HAS_TRITON:
 
     @triton.jit
     def _row_cosine_kernel(
-        new_ptr, old_ptr, cos_ptr,
-        sn_b, sn_h, sn_n, sn_d,
-        so_b, so_h, so_n, so_d,
-        H, N, D, eps,
-        BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+        new_ptr,
+        old_ptr,
+        cos_ptr,
+        sn_b,
+        sn_h,
+        sn_n,
+        sn_d,
+        so_b,
+        so_h,
+        so_n,
+        so_d,
+        H,
+        N,
+        D,
+        eps,
+        BLOCK_R: tl.constexpr,
+        BLOCK_D: tl.constexpr,
     ):
         b = tl.program_id(0).to(tl.int64)
         offs_r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -116,7 +128,9 @@ if HAS_TRITON:
             total += tl.sum(flag, 0)
         for c0 in range(0, C, BLOCK):
             slot = c0 + offs
-            tl.store(idx_ptr + b * C + slot, tl.full([BLOCK], -1, tl.int64), mask=(slot < C) & (slot >= total))
+            tl.store(
+                idx_ptr + b * C + slot, tl.full([BLOCK], -1, tl.int64), mask=(slot < C) & (slot >= total)
+            )
         tl.store(count_ptr + b, total.to(tl.int64))
 
 
@@ -132,7 +146,17 @@ def triton_row_cosine(new_ctx: torch.Tensor, cached_ctx: torch.Tensor) -> torch.
     block_r = min(32, next_pow2(n_rows))
     block_d = min(128, next_pow2(d))
     _row_cosine_kernel[(bsz, triton.cdiv(n_rows, block_r))](
-        new, old, cos, *new.stride(), *old.stride(), heads, n_rows, d, EPS, BLOCK_R=block_r, BLOCK_D=block_d,
+        new,
+        old,
+        cos,
+        *new.stride(),
+        *old.stride(),
+        heads,
+        n_rows,
+        d,
+        EPS,
+        BLOCK_R=block_r,
+        BLOCK_D=block_d,
     )
     return cos
 

@@ -27,8 +27,15 @@ aten = torch.ops.aten
 _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal")
 # Ops between the concatenation and the core that only repeat or re-lay the heads (GQA).
 _HEAD_OPS = {
-    aten.unsqueeze.default, aten.expand.default, aten.reshape.default, aten.view.default, aten.slice.Tensor,
-    aten.clone.default, aten.contiguous.default, aten._unsafe_view.default, aten.repeat_interleave.self_int,
+    aten.unsqueeze.default,
+    aten.expand.default,
+    aten.reshape.default,
+    aten.view.default,
+    aten.slice.Tensor,
+    aten.clone.default,
+    aten.contiguous.default,
+    aten._unsafe_view.default,
+    aten.repeat_interleave.self_int,
 }
 
 
@@ -68,8 +75,15 @@ def attention_operands(core: fx.Node, on_rows: Callable[[fx.Node], bool]) -> Att
     args = core_args(core)
     mask = args.get("attn_mask")
     ops = AttentionOperands(
-        core, args["query"], args["key"], args["value"], mask if isinstance(mask, fx.Node) else None,
-        args.get("scale"), args.get("dropout_p", 0.0) or 0.0, bool(args.get("is_causal", False)), args["key"],
+        core,
+        args["query"],
+        args["key"],
+        args["value"],
+        mask if isinstance(mask, fx.Node) else None,
+        args.get("scale"),
+        args.get("dropout_p", 0.0) or 0.0,
+        bool(args.get("is_causal", False)),
+        args["key"],
         args["value"],
     )
     k_split, v_split = _prefix_cat(args["key"], on_rows), _prefix_cat(args["value"], on_rows)

@@ -99,7 +99,9 @@ def capture(
         )
     by_ptr = {t.data_ptr(): name for name, t in (named_tensors or {}).items()}
     param_names = {
-        n.target: by_ptr.get(getattr(gm, n.target).data_ptr(), n.target) for n in gm.graph.nodes if n.op == "get_attr"
+        n.target: by_ptr.get(getattr(gm, n.target).data_ptr(), n.target)
+        for n in gm.graph.nodes
+        if n.op == "get_attr"
     }
     return CapturedGraph(gm, batch, seq, param_names, input_names)
 
@@ -112,7 +114,9 @@ def _fake_inputs(inputs, dynamic):
     from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
 
     if len(dynamic) != len(inputs):
-        raise ValueError(f"dynamic names the symbolic dims of {len(dynamic)} inputs, but there are {len(inputs)}")
+        raise ValueError(
+            f"dynamic names the symbolic dims of {len(dynamic)} inputs, but there are {len(inputs)}"
+        )
     mode = FakeTensorMode(shape_env=ShapeEnv(), allow_non_fake_inputs=True)
     fakes = []
     for i, (t, dims) in enumerate(zip(inputs, dynamic)):
@@ -178,7 +182,12 @@ def _functionalize_inplace(gm: fx.GraphModule) -> None:
             continue
         schema = node.target._schema
         name = schema.name.split("::")[-1]
-        if not name.endswith("_") or name.startswith("_") or not schema.arguments or not schema.arguments[0].is_write:
+        if (
+            not name.endswith("_")
+            or name.startswith("_")
+            or not schema.arguments
+            or not schema.arguments[0].is_write
+        ):
             continue
         packet = getattr(torch.ops.aten, name[:-1], None)
         functional = getattr(packet, node.target._overloadname, None) if packet is not None else None
@@ -233,8 +242,10 @@ def _expand_sym_numel(gm: fx.GraphModule) -> None:
 
 def _is_view(node: fx.Node) -> bool:
     target = node.target
-    return isinstance(target, torch._ops.OpOverload) and bool(target._schema.returns) and (
-        target._schema.returns[0].alias_info is not None
+    return (
+        isinstance(target, torch._ops.OpOverload)
+        and bool(target._schema.returns)
+        and (target._schema.returns[0].alias_info is not None)
     )
 
 
@@ -245,11 +256,16 @@ def _drop_noop_conversions(gm: fx.GraphModule) -> None:
     alias; dropping them makes the residual stream one visible chain of adds.
     """
     for node in list(gm.graph.nodes):
-        if node.op == "call_function" and node.target in (torch.ops.aten.to.dtype, torch.ops.aten.to.dtype_layout):
+        if node.op == "call_function" and node.target in (
+            torch.ops.aten.to.dtype,
+            torch.ops.aten.to.dtype_layout,
+        ):
             src = node.args[0]
             before, after = src.meta.get("val"), node.meta.get("val")
-            if isinstance(before, torch.Tensor) and isinstance(after, torch.Tensor) and (
-                before.dtype == after.dtype and before.device == after.device
+            if (
+                isinstance(before, torch.Tensor)
+                and isinstance(after, torch.Tensor)
+                and (before.dtype == after.dtype and before.device == after.device)
             ):
                 node.replace_all_uses_with(src)
                 gm.graph.erase_node(node)

@@ -101,7 +101,11 @@ def _evaluate(gm: fx.GraphModule, targets: list[fx.Node], inputs: tuple[torch.Te
 
 def causal_modules(model: nn.Module) -> list[str]:
     """Names of submodules flagged causal (transformers attention modules set ``is_causal``)."""
-    return [name or type(model).__name__ for name, m in model.named_modules() if getattr(m, "is_causal", None) is True]
+    return [
+        name or type(model).__name__
+        for name, m in model.named_modules()
+        if getattr(m, "is_causal", None) is True
+    ]
 
 
 def check_not_causal_modules(model: nn.Module) -> None:
@@ -110,7 +114,15 @@ def check_not_causal_modules(model: nn.Module) -> None:
     names = causal_modules(model)
     if names:
         shown = ", ".join(names[:3]) + (f" (+{len(names) - 3} more)" if len(names) > 3 else "")
-        raise CausalAttentionError(f"{type(model).__name__} attends causally: {shown} set is_causal=True. {_FIX}")
+        raise CausalAttentionError(
+            f"{type(model).__name__} attends causally: {shown} set is_causal=True. {_FIX}"
+        )
 
 
-__all__ = ["CausalAttentionError", "causal_modules", "check_bidirectional", "check_not_causal_modules", "is_causal_mask"]
+__all__ = [
+    "CausalAttentionError",
+    "causal_modules",
+    "check_bidirectional",
+    "check_not_causal_modules",
+    "is_causal_mask",
+]

@@ -39,9 +39,19 @@ from .matching import ADD, LINEAR, SDPA, is_op, is_tensor, tensor_inputs
 aten = torch.ops.aten
 # Row-wise ops the residual stream may pass through between two blocks (with constants only).
 _STREAM_OPS = {
-    aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar, aten.add.Tensor, aten.add.Scalar,
-    aten.sub.Tensor, aten.sub.Scalar, aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default,
-    aten.type_as.default, aten.clone.default,
+    aten.mul.Tensor,
+    aten.mul.Scalar,
+    aten.div.Tensor,
+    aten.div.Scalar,
+    aten.add.Tensor,
+    aten.add.Scalar,
+    aten.sub.Tensor,
+    aten.sub.Scalar,
+    aten.to.dtype,
+    aten.to.dtype_layout,
+    aten._to_copy.default,
+    aten.type_as.default,
+    aten.clone.default,
 }
 
 
@@ -133,18 +143,25 @@ def find_blocks(gm: fx.GraphModule) -> list[BlockMatch]:
         for role, arg in zip(("q", "k", "v"), core.args[:3]):
             lin = arg if is_op(arg, LINEAR) else _nearest(arg, LINEAR, forward=False)
             if lin is None:
-                raise BlockMatchError(f"{where}: no linear projection feeds the attention's {role} input '{arg.name}'" + _LAYOUT)
+                raise BlockMatchError(
+                    f"{where}: no linear projection feeds the attention's {role} input '{arg.name}'" + _LAYOUT
+                )
             proj[role] = lin
         o_proj = _nearest(core, LINEAR, forward=True)
         if o_proj is None:
-            raise BlockMatchError(f"{where}: no output projection (linear) consumes the attention output" + _LAYOUT)
+            raise BlockMatchError(
+                f"{where}: no output projection (linear) consumes the attention output" + _LAYOUT
+            )
         h_mid, h_in = _residual_add(o_proj, core, reach)
         if h_mid is None:
             raise BlockMatchError(
-                f"{where}: no residual add joins the output projection '{o_proj.name}' to the block input" + _LAYOUT
+                f"{where}: no residual add joins the output projection '{o_proj.name}' to the block input"
+                + _LAYOUT
             )
         if not all(reach.depends(p.args[0], h_in) for p in proj.values()):
-            raise BlockMatchError(f"{where}: the q/k/v projections do not read the residual stream '{h_in.name}'" + _LAYOUT)
+            raise BlockMatchError(
+                f"{where}: the q/k/v projections do not read the residual stream '{h_in.name}'" + _LAYOUT
+            )
         h_out, mlp_out = _mlp_residual(h_mid, reach)
         if h_out is None:
             raise BlockMatchError(
@@ -152,9 +169,13 @@ def find_blocks(gm: fx.GraphModule) -> list[BlockMatch]:
                 "blocks, GPT-J style, are not supported)" + _LAYOUT
             )
         span = reach.between(mlp_out, h_mid)
-        mlp_linears = [n for n in gm.graph.nodes if n in span and is_op(n, LINEAR) and reach.depends(n, h_mid)]
+        mlp_linears = [
+            n for n in gm.graph.nodes if n in span and is_op(n, LINEAR) and reach.depends(n, h_mid)
+        ]
         if not mlp_linears:
-            raise BlockMatchError(f"{where}: the branch '{mlp_out.name}' after attention has no linear layers" + _LAYOUT)
+            raise BlockMatchError(
+                f"{where}: the branch '{mlp_out.name}' after attention has no linear layers" + _LAYOUT
+            )
         stream_in = h_in
         if blocks:
             stream_in = blocks[-1].h_out
@@ -165,9 +186,22 @@ def find_blocks(gm: fx.GraphModule) -> list[BlockMatch]:
                     "the residual stream to run from one block into the next (no norm, mixing or other input between "
                     "a block's last add and the next block)" + _LAYOUT
                 )
-        blocks.append(BlockMatch(
-            i, h_in, proj["q"], proj["k"], proj["v"], core, o_proj, h_mid, mlp_out, h_out, mlp_linears, stream_in,
-        ))
+        blocks.append(
+            BlockMatch(
+                i,
+                h_in,
+                proj["q"],
+                proj["k"],
+                proj["v"],
+                core,
+                o_proj,
+                h_mid,
+                mlp_out,
+                h_out,
+                mlp_linears,
+                stream_in,
+            )
+        )
     return blocks
 
 

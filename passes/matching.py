@@ -30,8 +30,14 @@ def is_tensor(node: fx.Node) -> bool:
 def is_symbolic_scalar(node: fx.Node) -> bool:
     """Nodes that compute sizes (sym_size, arithmetic on SymInts) rather than tensors."""
     val = node.meta.get("val")
-    return isinstance(val, (torch.SymInt, torch.SymFloat, torch.SymBool, int, float, bool)) or node.target in (
-        operator.mul, operator.add, operator.sub, operator.floordiv, aten.sym_size.int,
+    return isinstance(
+        val, (torch.SymInt, torch.SymFloat, torch.SymBool, int, float, bool)
+    ) or node.target in (
+        operator.mul,
+        operator.add,
+        operator.sub,
+        operator.floordiv,
+        aten.sym_size.int,
     )
 
 
@@ -46,4 +52,3 @@ def descendants(roots) -> set[fx.Node]:
                 seen.add(user)
                 stack.append(user)
     return seen
-

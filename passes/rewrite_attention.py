@@ -38,7 +38,9 @@ def rewrite_attention(piece: Piece) -> Piece:
     args = core_args(core)
     operands = piece_operands(g)
     if args.get("is_causal"):
-        raise PieceError(f"attention node '{core.name}' is causal; dyllm-fx rewrites bidirectional (diffusion) models only")
+        raise PieceError(
+            f"attention node '{core.name}' is causal; dyllm-fx rewrites bidirectional (diffusion) models only"
+        )
     if args.get("dropout_p", 0.0):
         raise PieceError(f"attention node '{core.name}' uses dropout; call model.eval() before transforming")
     rows = next(n for n in g.nodes if n.op == "placeholder" and n.name == "rows")
@@ -63,7 +65,8 @@ def rewrite_attention(piece: Piece) -> Piece:
         keys, values = k_cache, v_cache
     with g.inserting_before(core):
         attn = g.call_function(
-            dispatch.partial_attention, (args["query"], keys, values, rows, args.get("attn_mask"), args.get("scale"))
+            dispatch.partial_attention,
+            (args["query"], keys, values, rows, args.get("attn_mask"), args.get("scale")),
         )
     attn.meta = dict(core.meta)
     core.replace_all_uses_with(attn)

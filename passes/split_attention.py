@@ -72,7 +72,9 @@ def _part(root: fx.GraphModule, outputs, replace_core_with_input: str | None = N
         graph.erase_node(node)
     graph.eliminate_dead_code()
     if replace_core_with_input:  # post(h, context): drop the row and table inputs
-        for node in [n for n in graph.nodes if n.op == "placeholder" and n.name not in ("h", replace_core_with_input)]:
+        for node in [
+            n for n in graph.nodes if n.op == "placeholder" and n.name not in ("h", replace_core_with_input)
+        ]:
             if not node.users:
                 graph.erase_node(node)
     graph.lint()
@@ -85,7 +87,9 @@ def split_attention(piece: Piece) -> AttentionParts:
     ops = piece_operands(piece.gm.graph)
     core = ops.core
     if ops.is_causal:
-        raise PieceError(f"attention node '{core.name}' is causal; dyllm-fx rewrites bidirectional models only")
+        raise PieceError(
+            f"attention node '{core.name}' is causal; dyllm-fx rewrites bidirectional models only"
+        )
     if ops.dropout_p:
         raise PieceError(f"attention node '{core.name}' uses dropout; call model.eval() before transforming")
     mask = core_args(core).get("attn_mask")

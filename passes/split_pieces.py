@@ -66,7 +66,9 @@ class StepProgram:
     mlp: list[Piece]
     epilogue: Piece
     blocks: list[BlockMatch]
-    kv_shapes: list[tuple[tuple[int, ...], tuple[int, ...]]]  # per layer: the rows' K and V shapes without (B, L)
+    kv_shapes: list[
+        tuple[tuple[int, ...], tuple[int, ...]]
+    ]  # per layer: the rows' K and V shapes without (B, L)
     attn_heads: list[int]  # per layer: query heads (= the context's head count)
     kv_dtype: torch.dtype
     hidden_size: int
@@ -101,10 +103,14 @@ class _Cutter:
             roles.append("seq" if s == self.cg.seq_symbol else "batch" if s == self.cg.batch_symbol else "")
         return roles
 
-    def cut(self, name: str, row_input: fx.Node, outputs: list[fx.Node], attention: fx.Node | None = None) -> Piece:
+    def cut(
+        self, name: str, row_input: fx.Node, outputs: list[fx.Node], attention: fx.Node | None = None
+    ) -> Piece:
         roles = self._dim_roles(row_input)
         if roles[:2] != ["batch", "seq"]:
-            raise PieceError(f"{name}: the residual stream '{row_input.name}' is not laid out (batch, seq, hidden)")
+            raise PieceError(
+                f"{name}: the residual stream '{row_input.name}' is not laid out (batch, seq, hidden)"
+            )
         inside = descendants([row_input])
         members: list[fx.Node] = []
         externals: list[fx.Node] = []
@@ -132,11 +138,17 @@ class _Cutter:
         h.meta["val"] = row_input.meta["val"]
         env[row_input] = h
         rows = g.placeholder("rows")
-        mask_only = {attention.args[3] if len(attention.args) > 3 else attention.kwargs.get("attn_mask")} if attention else set()
+        mask_only = (
+            {attention.args[3] if len(attention.args) > 3 else attention.kwargs.get("attn_mask")}
+            if attention
+            else set()
+        )
         table_names = []
         for ext in externals:
             if not is_tensor(ext):
-                raise PieceError(f"{name}: needs '{ext.name}', a value computed from the inputs that is not a tensor")
+                raise PieceError(
+                    f"{name}: needs '{ext.name}', a value computed from the inputs that is not a tensor"
+                )
             table_names.append(ext.name)
             self.tables[ext.name] = ext
             ph = g.placeholder(ext.name)
@@ -149,7 +161,9 @@ class _Cutter:
             elif not seq_dims:
                 env[ext] = ph
             else:
-                raise PieceError(f"{name}: input '{ext.name}' has several sequence dimensions {seq_dims} and is not an attention mask")
+                raise PieceError(
+                    f"{name}: input '{ext.name}' has several sequence dimensions {seq_dims} and is not an attention mask"
+                )
         gathered = [n for n in table_names if env[self.tables[n]].op == "call_function"]
         replaced = {}
         for node in members:
@@ -200,13 +214,20 @@ def split_pieces(cg: CapturedGraph, blocks: list[BlockMatch]) -> StepProgram:
     cutter = _Cutter(cg)
     attn, mlp, kv_shapes, heads = [], [], [], []
     for b in blocks:
-        piece = cutter.cut(f"attn_{b.index}", b.stream_in or b.h_in, [b.h_mid, b.attention], attention=b.attention)
+        piece = cutter.cut(
+            f"attn_{b.index}", b.stream_in or b.h_in, [b.h_mid, b.attention], attention=b.attention
+        )
         attn.append(piece)
         mlp.append(cutter.cut(f"mlp_{b.index}", b.h_mid, [b.mlp_out]))
         operands = piece_operands(piece.gm.graph)
         k, v = operands.k_new.meta["val"], operands.v_new.meta["val"]
         heads.append(int(b.attention.args[0].meta["val"].shape[1]))
-        kv_shapes.append((tuple(int(d) for d in k.shape[1:2]) + (int(k.shape[3]),), tuple(int(d) for d in v.shape[1:2]) + (int(v.shape[3]),)))
+        kv_shapes.append(
+            (
+                tuple(int(d) for d in k.shape[1:2]) + (int(k.shape[3]),),
+                tuple(int(d) for d in v.shape[1:2]) + (int(v.shape[3]),),
+            )
+        )
     output = next(n for n in cg.gm.graph.nodes if n.op == "output")
     logits = output.args[0]
     epilogue = cutter.cut("epilogue", blocks[-1].h_out, [logits])
@@ -215,7 +236,7 @@ def split_pieces(cg: CapturedGraph, blocks: list[BlockMatch]) -> StepProgram:
     h0 = blocks[0].h_in
     prologue = cutter.prologue(h0)
     hval = h0.meta["val"]
-    extras = [n for n in cg.gm.graph.nodes if n.op == "placeholder"][len(INPUT_NAMES):]
+    extras = [n for n in cg.gm.graph.nodes if n.op == "placeholder"][len(INPUT_NAMES) :]
     return StepProgram(
         prologue=prologue,
         table_names=list(cutter.tables),

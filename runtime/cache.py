@@ -30,8 +30,12 @@ class StepCache:
     def allocate(cls, program, batch: int, seq_len: int, device: torch.device) -> "StepCache":
         k, v = [], []
         for k_shape, v_shape in program.kv_shapes:
-            k.append(torch.zeros(batch, k_shape[0], seq_len, k_shape[1], dtype=program.kv_dtype, device=device))
-            v.append(torch.zeros(batch, v_shape[0], seq_len, v_shape[1], dtype=program.kv_dtype, device=device))
+            k.append(
+                torch.zeros(batch, k_shape[0], seq_len, k_shape[1], dtype=program.kv_dtype, device=device)
+            )
+            v.append(
+                torch.zeros(batch, v_shape[0], seq_len, v_shape[1], dtype=program.kv_dtype, device=device)
+            )
         hidden = torch.zeros(batch, seq_len, program.hidden_size, dtype=program.hidden_dtype, device=device)
         return cls(k, v, hidden, batch, seq_len)
 

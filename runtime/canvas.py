@@ -64,10 +64,22 @@ class CanvasSettings:
         ``overrides`` (None values ignored)."""
         values = {}
         sampler = getattr(config, "sampler_config", None)
-        bound = getattr(sampler, "entropy_bound", None) if not isinstance(sampler, dict) else sampler.get("entropy_bound")
+        bound = (
+            getattr(sampler, "entropy_bound", None)
+            if not isinstance(sampler, dict)
+            else sampler.get("entropy_bound")
+        )
         if bound is not None:
             values["entropy_bound"] = bound
-        for name in ("max_new_tokens", "max_denoising_steps", "t_min", "t_max", "stability_threshold", "confidence_threshold", "pad_token_id"):
+        for name in (
+            "max_new_tokens",
+            "max_denoising_steps",
+            "t_min",
+            "t_max",
+            "stability_threshold",
+            "confidence_threshold",
+            "pad_token_id",
+        ):
             value = getattr(config, name, None)
             if value is not None:
                 values[name] = value
@@ -89,11 +101,19 @@ class CanvasSettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if not isinstance(self.entropy_bound, (int, float)) or isinstance(self.entropy_bound, bool) or self.entropy_bound <= 0:
+        if (
+            not isinstance(self.entropy_bound, (int, float))
+            or isinstance(self.entropy_bound, bool)
+            or self.entropy_bound <= 0
+        ):
             raise ValueError(f"entropy_bound must be a number > 0, got {self.entropy_bound!r}")
         if self.t_min < 0 or self.t_max < 0 or self.t_max <= self.t_min:
             raise ValueError(f"need 0 <= t_min < t_max, got t_min={self.t_min}, t_max={self.t_max}")
-        if isinstance(self.stability_threshold, bool) or not isinstance(self.stability_threshold, int) or self.stability_threshold < 0:
+        if (
+            isinstance(self.stability_threshold, bool)
+            or not isinstance(self.stability_threshold, int)
+            or self.stability_threshold < 0
+        ):
             raise ValueError(f"stability_threshold must be an integer >= 0, got {self.stability_threshold!r}")
         if self.confidence_threshold <= 0:
             raise ValueError(f"confidence_threshold must be > 0, got {self.confidence_threshold!r}")
@@ -131,7 +151,9 @@ class EntropyBoundSampler:
         take = torch.cumsum(ordered, dim=-1) - ordered <= self.bound
         return torch.zeros_like(take).scatter(-1, order, take)
 
-    def step(self, current: torch.Tensor, drawn: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def step(
+        self, current: torch.Tensor, drawn: torch.Tensor, logits: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(the next canvas, the accepted mask): accepted positions take ``drawn``, the others are
         renoised."""
         accepted = self.accepted(logits)
@@ -157,7 +179,9 @@ class StableAndConfident:
             stable = torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device)
         else:
             if self.history is None:
-                self.history = torch.full((self.stability, *draft.shape), -1, dtype=draft.dtype, device=draft.device)
+                self.history = torch.full(
+                    (self.stability, *draft.shape), -1, dtype=draft.dtype, device=draft.device
+                )
             stable = (self.history == draft[None]).all(-1).all(0)
             self.history = torch.roll(self.history, shifts=-1, dims=0)
             self.history[-1] = draft
@@ -206,7 +230,10 @@ class CanvasOutput:
 
 
 def generate_canvases(
-    model: CanvasModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, settings: CanvasSettings,
+    model: CanvasModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    settings: CanvasSettings,
 ) -> CanvasOutput:
     """Decode ``settings.max_new_tokens`` tokens (rounded up to whole canvases) after
     ``input_ids`` (B, P, left padded with ``attention_mask``)."""
@@ -218,7 +245,11 @@ def generate_canvases(
     length = model.canvas_length
     n_canvases = math.ceil(settings.max_new_tokens / length)
     max_length = cur_len + settings.max_new_tokens
-    mask = torch.ones(bsz, cur_len, dtype=torch.bool, device=device) if attention_mask is None else attention_mask.bool()
+    mask = (
+        torch.ones(bsz, cur_len, dtype=torch.bool, device=device)
+        if attention_mask is None
+        else attention_mask.bool()
+    )
     decoder_mask = torch.nn.functional.pad(mask, (0, length), value=True)
     enc_pos = torch.arange(0, cur_len, dtype=torch.int32, device=device)[None]
     dec_pos = torch.arange(cur_len, cur_len + length, dtype=torch.int32, device=device)[None]
@@ -244,7 +275,9 @@ def generate_canvases(
             forwards += ~(done | finished)
             tick = time.perf_counter()
             logits = model.decode(canvas, sc_logits, masks, cache, dec_pos)
-            processed = logits / temperature(step, settings.max_denoising_steps, settings.t_min, settings.t_max)
+            processed = logits / temperature(
+                step, settings.max_denoising_steps, settings.t_min, settings.t_max
+            )
             probs = torch.softmax(processed, dim=-1, dtype=torch.float32)
             drawn = torch.multinomial(probs.view(-1, model.vocab_size), num_samples=1).view(bsz, length)
             new_draft = processed.argmax(-1)
@@ -274,7 +307,11 @@ def generate_canvases(
         dec_pos = torch.arange(cur_len, cur_len + length, dtype=torch.int32, device=device)[None]
     stats.seconds = time.perf_counter() - started
     new = ids[:, prompt_len:]
-    valid = (new != settings.pad_token_id).sum(-1) if settings.pad_token_id is not None else torch.full_like(forwards, new.shape[1])
+    valid = (
+        (new != settings.pad_token_id).sum(-1)
+        if settings.pad_token_id is not None
+        else torch.full_like(forwards, new.shape[1])
+    )
     stats.tokens_per_forward = (valid / forwards.clamp_min(1)).tolist()
     stats.tokens_per_second = bsz * new.shape[1] / stats.seconds if stats.seconds > 0 else 0.0
     return CanvasOutput(ids, prompt_len, stats, settings=settings)
@@ -299,6 +336,13 @@ def _finish_canvas(ids, finished, max_length: int, length: int, eos, pad: int | 
 
 
 __all__ = [
-    "CanvasModel", "CanvasOutput", "CanvasSettings", "CanvasStats", "EntropyBoundSampler", "StableAndConfident",
-    "generate_canvases", "temperature", "token_entropy",
+    "CanvasModel",
+    "CanvasOutput",
+    "CanvasSettings",
+    "CanvasStats",
+    "EntropyBoundSampler",
+    "StableAndConfident",
+    "generate_canvases",
+    "temperature",
+    "token_entropy",
 ]

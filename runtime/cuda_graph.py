@@ -41,7 +41,13 @@ class StepGraphs:
     def __len__(self) -> int:
         return len(self._captured)
 
-    def run(self, key: tuple, body: Callable[..., tuple], inputs: tuple[torch.Tensor, ...], state: list[torch.Tensor]) -> tuple:
+    def run(
+        self,
+        key: tuple,
+        body: Callable[..., tuple],
+        inputs: tuple[torch.Tensor, ...],
+        state: list[torch.Tensor],
+    ) -> tuple:
         """``body(*inputs)`` -> a tuple of tensors (or None), replayed from a graph. ``state``:
         every tensor the step updates in place (restored after the capture's warm-up run)."""
         full_key = (key, *((tuple(t.shape), t.dtype) for t in inputs))
@@ -55,7 +61,9 @@ class StepGraphs:
         return tuple(None if t is None else t.clone() for t in entry.outputs)
 
     @staticmethod
-    def _capture(body: Callable[..., tuple], inputs: tuple[torch.Tensor, ...], state: list[torch.Tensor]) -> _Captured:
+    def _capture(
+        body: Callable[..., tuple], inputs: tuple[torch.Tensor, ...], state: list[torch.Tensor]
+    ) -> _Captured:
         static = tuple(t.clone() for t in inputs)
         # Warm up on a side stream first (Triton compiles, cuBLAS picks its workspace), as CUDA
         # graph capture requires. A step is not idempotent (DyLLM compares with the tokens and

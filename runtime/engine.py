@@ -133,7 +133,11 @@ class StepEngine:
                 self.cache = StepCache.allocate(self.program, batch, seq_len, device)
             tracing = self.cache.activity is not None
             if self.record_activity != tracing:
-                self.cache.activity = torch.zeros(self.n_layers, batch, seq_len, device=device) if self.record_activity else None
+                self.cache.activity = (
+                    torch.zeros(self.n_layers, batch, seq_len, device=device)
+                    if self.record_activity
+                    else None
+                )
                 self.graphs.clear()
             setattr(self.policy, "record_similarity", self.record_similarity)
             owner = (id(self.policy), batch, seq_len, device, self.record_similarity)
@@ -165,8 +169,15 @@ class StepEngine:
         host = HostState(input_ids, attention_mask, cold=cold, n_layers=self.n_layers, **host_info)
         plan = self.policy.plan(host)
         inp = StepInputs(
-            input_ids, attention_mask, position_ids, logit_positions, _block_rows(host, logit_positions), plan.rows,
-            plan.span_start, plan.span_len, tuple(extras),
+            input_ids,
+            attention_mask,
+            position_ids,
+            logit_positions,
+            _block_rows(host, logit_positions),
+            plan.rows,
+            plan.span_start,
+            plan.span_len,
+            tuple(extras),
         )
         # Any failure below leaves the cache half-written: mark it cold until a step completes.
         cache.warm = False
@@ -179,7 +190,9 @@ class StepEngine:
         record = StepRecord(report.active, seq_len, plan.kind, report.capacity, report.overflow)
         if self.record_similarity:
             sims = self.policy.similarity(self.buffers, plan)
-            record.similarity = [None if s is None else _host_copy(s) for s in sims] if sims else [None] * self.n_layers
+            record.similarity = (
+                [None if s is None else _host_copy(s) for s in sims] if sims else [None] * self.n_layers
+            )
         if cache.activity is not None:
             record.activity = _host_copy(cache.activity)
         self.records.append(record)
@@ -209,7 +222,9 @@ class StepEngine:
         return fn
 
     def _replay(self, plan: Plan, inp: StepInputs) -> StepOutput:
-        names = [f.name for f in fields(StepInputs) if f.name != "extras" and getattr(inp, f.name) is not None]
+        names = [
+            f.name for f in fields(StepInputs) if f.name != "extras" and getattr(inp, f.name) is not None
+        ]
         run = self.step_function(plan) if self.compile else self._eager(plan)
         cache, buffers = self.cache, self.buffers
         n_named = len(names)

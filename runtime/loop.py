@@ -71,10 +71,14 @@ def denoise(
     bsz, plen = prompt_ids.shape
     device = prompt_ids.device
     mask_id = spec.mask_token_id
-    x = torch.cat([prompt_ids, torch.full((bsz, schedule.gen_length), mask_id, dtype=torch.long, device=device)], 1)
+    x = torch.cat(
+        [prompt_ids, torch.full((bsz, schedule.gen_length), mask_id, dtype=torch.long, device=device)], 1
+    )
     attn = None
     if prompt_mask is not None:
-        attn = torch.cat([prompt_mask.long(), torch.ones(bsz, schedule.gen_length, dtype=torch.long, device=device)], 1)
+        attn = torch.cat(
+            [prompt_mask.long(), torch.ones(bsz, schedule.gen_length, dtype=torch.long, device=device)], 1
+        )
     pos = default_position_ids(x, attn)
     stats = GenerationStats()
     total_steps = schedule.num_blocks * (schedule.steps_per_block or schedule.block_length)
@@ -82,7 +86,10 @@ def denoise(
         progress = sys.stderr.isatty() and total_steps >= 64
     bar = tqdm(total=total_steps, disable=not progress, desc="denoising", unit="step", leave=False)
     start_time = time.perf_counter()
-    last = (0, None)  # (most tokens any row committed, each row's leftmost committed position) at the last step
+    last = (
+        0,
+        None,
+    )  # (most tokens any row committed, each row's leftmost committed position) at the last step
     try:
         for block in range(schedule.num_blocks):
             start, end = schedule.block_bounds(block)
@@ -93,12 +100,18 @@ def denoise(
             while _block_continues(schedule, step, masked, restricted):
                 t0 = time.perf_counter()
                 request = StepRequest(x, attn, pos, block, start, end, step, stats.nfe, *last)
-                result = _guided(step_fn, request, cfg_scale, plen, mask_id) if cfg_scale else as_step_output(step_fn(request))
+                result = (
+                    _guided(step_fn, request, cfg_scale, plen, mask_id)
+                    if cfg_scale
+                    else as_step_output(step_fn(request))
+                )
                 # ES-dLLM: only rows that ran every layer may be committed
                 allowed = masked if result.eligible is None else masked & result.eligible
                 restricted |= result.eligible is not None
                 extra = schedule.steps_per_block is not None and step >= schedule.steps_per_block
-                ctx = StepContext(_schedule_step(schedule, step), schedule.steps_per_block, initial, start, x.shape[1])
+                ctx = StepContext(
+                    _schedule_step(schedule, step), schedule.steps_per_block, initial, start, x.shape[1]
+                )
                 chosen = sampler.select(result.logits, allowed, ctx)
                 transfer = chosen.transfer & allowed
                 if extra and not transfer.any():  # past the schedule: commit the best allowed token
@@ -180,8 +193,13 @@ def _guided(step_fn: StepFunction, request: StepRequest, cfg_scale: float, plen:
         torch.cat([x, uncond]),
         None if request.attention_mask is None else request.attention_mask.repeat(2, 1),
         request.position_ids.repeat(2, 1),
-        request.block, request.block_start, request.block_end, request.step_in_block, request.nfe,
-        request.last_committed, request.last_leftmost,
+        request.block,
+        request.block_start,
+        request.block_end,
+        request.step_in_block,
+        request.nfe,
+        request.last_committed,
+        request.last_leftmost,
     )
     out = as_step_output(step_fn(both))
     cond, uncond_logits = out.logits.chunk(2)

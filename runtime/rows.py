@@ -58,7 +58,9 @@ def take(x: torch.Tensor, slots: torch.Tensor, dim: int) -> torch.Tensor:
     return x.gather(dim, slots.view(shape).expand(target))
 
 
-def write_rows(dest: torch.Tensor, rows: torch.Tensor, values: torch.Tensor, dim: int, valid: torch.Tensor | None = None):
+def write_rows(
+    dest: torch.Tensor, rows: torch.Tensor, values: torch.Tensor, dim: int, valid: torch.Tensor | None = None
+):
     """dest[b, ..., rows[b, a], ...] = values[b, ..., a, ...] along ``dim``, in place; with
     ``valid`` (B, A) the entries that are not valid keep dest's old value (``rows`` must then
     be distinct per batch element, as a :func:`select_top` selection is)."""
@@ -75,7 +77,13 @@ def count_rows(valid: torch.Tensor) -> torch.Tensor:
     return valid.sum(1).amax() if valid.numel() else valid.new_zeros((), dtype=torch.int64)
 
 
-def mark(activity: torch.Tensor | None, layer: int, rows: torch.Tensor, level: float, valid: torch.Tensor | None = None):
+def mark(
+    activity: torch.Tensor | None,
+    layer: int,
+    rows: torch.Tensor,
+    level: float,
+    valid: torch.Tensor | None = None,
+):
     """Trace what ``layer`` did to ``rows`` into ``activity`` (n_layers, B, L) when tracing is on
     (``activity`` None: off): ``level`` 1 recomputed, 0.5 attention only; the largest level a
     row got this step is kept."""

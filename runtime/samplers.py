@@ -129,7 +129,9 @@ class DreamSampler:
 
     def __post_init__(self) -> None:
         if self.alg not in ("origin", *_DREAM_CONFIDENCE):
-            raise ValueError(f"alg must be one of origin, maskgit_plus, topk_margin, entropy; got {self.alg!r}")
+            raise ValueError(
+                f"alg must be one of origin, maskgit_plus, topk_margin, entropy; got {self.alg!r}"
+            )
         if not 0 < self.eps < 1:
             raise ValueError(f"eps must be in (0, 1), got {self.eps}")
         if self.temperature < 0:
@@ -182,7 +184,9 @@ class DreamSampler:
         reveal = torch.rand(mask_logits.shape[0], device=mask_logits.device) < p_transfer
         picked = torch.zeros(mask_logits.shape[0], dtype=torch.long, device=mask_logits.device)
         if reveal.any():
-            _, picked[reveal] = dream_sample_tokens(mask_logits[reveal], self.temperature, self.top_p, self.top_k)
+            _, picked[reveal] = dream_sample_tokens(
+                mask_logits[reveal], self.temperature, self.top_p, self.top_k
+            )
         transfer = torch.zeros_like(masked)
         transfer[masked] = reveal
         tokens[masked] = picked

@@ -18,7 +18,9 @@ class BlockSchedule:
     steps_per_block: int | None  # None: threshold decoding, run until the block is unmasked
 
     @classmethod
-    def build(cls, prompt_length: int, gen_length: int, block_length: int | None, steps: int | None) -> "BlockSchedule":
+    def build(
+        cls, prompt_length: int, gen_length: int, block_length: int | None, steps: int | None
+    ) -> "BlockSchedule":
         gen_length = _as_int("gen_length", gen_length)
         steps = None if steps is None else _as_int("steps", steps)
         # Only None means "one block": block_length=0 is an error, not a silent default.

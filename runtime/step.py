@@ -63,7 +63,9 @@ class DenseStep:
         self.spec = spec
 
     def __call__(self, request: StepRequest) -> torch.Tensor | StepOutput:
-        out = self.model(request.input_ids, attention_mask=request.attention_mask, position_ids=request.position_ids)
+        out = self.model(
+            request.input_ids, attention_mask=request.attention_mask, position_ids=request.position_ids
+        )
         logits = getattr(out, "logits", out)
         # With shift 1 the logit for position i is read at i - 1 (the prompt is never empty).
         shift = self.spec.logits_shift
@@ -88,11 +90,26 @@ class SparseStep:
             self.response_start = request.block_start  # the first block starts at the prompt's end
         shift = self.spec.logits_shift
         return self.engine.step(
-            request.input_ids, request.attention_mask, request.position_ids, block_logit_positions(request, shift),
-            step=request.nfe, block_start=request.block_start, block_end=request.block_end,
-            response_start=self.response_start, mask_token_id=self.spec.mask_token_id, logits_shift=shift,
-            last_committed=request.last_committed, last_leftmost=request.last_leftmost,
+            request.input_ids,
+            request.attention_mask,
+            request.position_ids,
+            block_logit_positions(request, shift),
+            step=request.nfe,
+            block_start=request.block_start,
+            block_end=request.block_end,
+            response_start=self.response_start,
+            mask_token_id=self.spec.mask_token_id,
+            logits_shift=shift,
+            last_committed=request.last_committed,
+            last_leftmost=request.last_leftmost,
         )
 
 
-__all__ = ["DenseStep", "SparseStep", "StepFunction", "StepRequest", "as_step_output", "block_logit_positions"]
+__all__ = [
+    "DenseStep",
+    "SparseStep",
+    "StepFunction",
+    "StepRequest",
+    "as_step_output",
+    "block_logit_positions",
+]

@@ -19,19 +19,39 @@ def arch_modules(model) -> dict:
             for b in t.blocks
         ]
         return dict(
-            embed=t.wte, layers=layers, norm=t.ln_f, head=t.ff_out, heads=cfg.n_heads, kv_heads=cfg.kv_heads,
-            head_dim=cfg.d_model // cfg.n_heads, theta=cfg.rope_theta,
+            embed=t.wte,
+            layers=layers,
+            norm=t.ln_f,
+            head=t.ff_out,
+            heads=cfg.n_heads,
+            kv_heads=cfg.kv_heads,
+            head_dim=cfg.d_model // cfg.n_heads,
+            theta=cfg.rope_theta,
         )
     cfg = model.config
     layers = [
-        (b.input_layernorm, b.self_attn.q_proj, b.self_attn.k_proj, b.self_attn.v_proj, b.self_attn.o_proj,
-         b.post_attention_layernorm, b.mlp.gate_proj, b.mlp.up_proj, b.mlp.down_proj)
+        (
+            b.input_layernorm,
+            b.self_attn.q_proj,
+            b.self_attn.k_proj,
+            b.self_attn.v_proj,
+            b.self_attn.o_proj,
+            b.post_attention_layernorm,
+            b.mlp.gate_proj,
+            b.mlp.up_proj,
+            b.mlp.down_proj,
+        )
         for b in model.model.layers
     ]
     return dict(
-        embed=model.model.embed_tokens, layers=layers, norm=model.model.norm, head=model.lm_head,
-        heads=cfg.num_attention_heads, kv_heads=cfg.num_key_value_heads,
-        head_dim=cfg.hidden_size // cfg.num_attention_heads, theta=cfg.rope_theta,
+        embed=model.model.embed_tokens,
+        layers=layers,
+        norm=model.model.norm,
+        head=model.lm_head,
+        heads=cfg.num_attention_heads,
+        kv_heads=cfg.num_key_value_heads,
+        head_dim=cfg.hidden_size // cfg.num_attention_heads,
+        theta=cfg.rope_theta,
     )
 
 

@@ -27,7 +27,11 @@ COMPOSED = sorted(
 
 
 # The parameters with which a row policy recomputes every row it may (its keep-everything limit).
-KEEP_ALL = {"dyllm": {"tau": 1.0}, "es_dllm": {"proportion_steps": ((1.0, 0.0),)}, "dllm_cache": {"ratio": 1.0}}
+KEEP_ALL = {
+    "dyllm": {"tau": 1.0},
+    "es_dllm": {"proportion_steps": ((1.0, 0.0),)},
+    "dllm_cache": {"ratio": 1.0},
+}
 
 
 def policy_params(name: str) -> list[dict]:

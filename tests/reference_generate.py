@@ -142,7 +142,9 @@ def dream_top_k_logits(logits: torch.Tensor, top_k: int) -> torch.Tensor:
     return logits.masked_fill(remove, torch.finfo(logits.dtype).min)
 
 
-def dream_sample_tokens(logits, temperature=0.0, top_p=None, top_k=None, margin_confidence=False, neg_entropy=False):
+def dream_sample_tokens(
+    logits, temperature=0.0, top_p=None, top_k=None, margin_confidence=False, neg_entropy=False
+):
     if temperature > 0:
         logits = logits / temperature
     if top_p is not None and top_p < 1:
@@ -198,7 +200,9 @@ def dream_generate(
         if alg == "maskgit_plus":
             confidence, x0 = dream_sample_tokens(mask_logits, temperature, top_p, top_k)
         elif alg == "topk_margin":
-            confidence, x0 = dream_sample_tokens(mask_logits, temperature, top_p, top_k, margin_confidence=True)
+            confidence, x0 = dream_sample_tokens(
+                mask_logits, temperature, top_p, top_k, margin_confidence=True
+            )
         elif alg == "entropy":
             confidence, x0 = dream_sample_tokens(mask_logits, temperature, top_p, top_k, neg_entropy=True)
         else:

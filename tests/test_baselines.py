@@ -9,8 +9,11 @@ from tiny_checkpoints import tiny_dream, tiny_llada, tiny_tokenizer
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("make", [lambda: tiny_llada(seed=7, n_layers=2), lambda: tiny_dream(seed=8, num_hidden_layers=2)],
-                         ids=["llada", "dream"])
+@pytest.mark.parametrize(
+    "make",
+    [lambda: tiny_llada(seed=7, n_layers=2), lambda: tiny_dream(seed=8, num_hidden_layers=2)],
+    ids=["llada", "dream"],
+)
 @pytest.mark.parametrize("mode, policy", [("dual", "dual_cache"), ("prefix", "prefix_cache")])
 def test_reference_loop_equals_the_policy(make, mode, policy):
     model, tok = make(), tiny_tokenizer()

@@ -37,12 +37,16 @@ def test_rows_are_measured_against_vanilla(bench):
     rows = {r["method"]: r for r in bench["rows"]}
     assert list(rows) == ["vanilla", "dense", "dual_cache+dyllm", "dual_cache + threshold"]
     assert rows["vanilla"]["speedup"] == 1.0 and rows["vanilla"]["agreement"] == 1.0
-    assert rows["dense"]["agreement"] == 1.0 and rows["dense"]["active_fraction"] == 1.0  # dense equals vanilla
+    assert (
+        rows["dense"]["agreement"] == 1.0 and rows["dense"]["active_fraction"] == 1.0
+    )  # dense equals vanilla
     assert rows["dense"]["accuracy"] == rows["vanilla"]["accuracy"]
     assert rows["dual_cache+dyllm"]["active_fraction"] < 0.5
     assert rows["dual_cache + threshold"]["nfe"] < 32  # several tokens per step
     for r in bench["rows"]:
-        assert r["tokens_per_s"] > 0 and r["speedup"] == pytest.approx(r["tokens_per_s"] / rows["vanilla"]["tokens_per_s"])
+        assert r["tokens_per_s"] > 0 and r["speedup"] == pytest.approx(
+            r["tokens_per_s"] / rows["vanilla"]["tokens_per_s"]
+        )
     assert bench["settings"]["examples"] == 2
 
 
@@ -88,13 +92,33 @@ def test_dream_threshold_rows_use_a_probability_confidence(tiny_dream_dir):
     assert sampler_params(llada, fast) == {}  # LLaDA's low-confidence sampler takes a threshold as it is
 
 
-@pytest.mark.skipif(not (dyllm_fx.default_model_path("default-dream") / "config.json").is_file(),
-                    reason="embedded Dream model not built")
+@pytest.mark.skipif(
+    not (dyllm_fx.default_model_path("default-dream") / "config.json").is_file(),
+    reason="embedded Dream model not built",
+)
 def test_cli_bench_on_the_embedded_dream_model(tmp_path, capsys):
     out = tmp_path / "dream.json"
-    code = main(["bench", "--model", "default-dream", "--n", "1", "--tasks", "shift,add", "--methods",
-                 "vanilla + threshold,dual_cache", "--gen-length", "32", "--block-length", "16", "--batch-size", "2",
-                 "--json", str(out)])
+    code = main(
+        [
+            "bench",
+            "--model",
+            "default-dream",
+            "--n",
+            "1",
+            "--tasks",
+            "shift,add",
+            "--methods",
+            "vanilla + threshold,dual_cache",
+            "--gen-length",
+            "32",
+            "--block-length",
+            "16",
+            "--batch-size",
+            "2",
+            "--json",
+            str(out),
+        ]
+    )
     assert code == 0
     bench = json.loads(out.read_text())
     assert [r["method"] for r in bench["rows"]] == ["vanilla", "vanilla + threshold", "dual_cache"]
@@ -130,19 +154,47 @@ def test_repeats_time_round_robin_and_keep_the_decisions():
 
 def test_cli_bench_writes_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    code = main(["bench", "--n", "1", "--tasks", "shift", "--methods", "dual_cache", "--gen-length", "32",
-                 "--block-length", "16", "--batch-size", "1", "--json", str(out)])
+    code = main(
+        [
+            "bench",
+            "--n",
+            "1",
+            "--tasks",
+            "shift",
+            "--methods",
+            "dual_cache",
+            "--gen-length",
+            "32",
+            "--block-length",
+            "16",
+            "--batch-size",
+            "1",
+            "--json",
+            str(out),
+        ]
+    )
     assert code == 0
     assert [r["method"] for r in json.loads(out.read_text())["rows"]] == ["vanilla", "dual_cache"]
     printed = capsys.readouterr().out
-    assert "| dual_cache |" in printed and "| method | accuracy [95% CI] | won / lost vs vanilla | McNemar p |" in printed
+    assert (
+        "| dual_cache |" in printed
+        and "| method | accuracy [95% CI] | won / lost vs vanilla | McNemar p |" in printed
+    )
     assert main(["bench", "--methods", "nope"]) == 2  # one clear line, exit code 2
 
 
 def test_step_gpu_benchmark_smoke_runs_on_cpu():
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "step_gpu.py"), "--smoke", "--methods", "rows 10,dyllm 10"],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "step_gpu.py"),
+            "--smoke",
+            "--methods",
+            "rows 10,dyllm 10",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "| vanilla |" in proc.stdout and "| dyllm 10% |" in proc.stdout
@@ -151,7 +203,9 @@ def test_step_gpu_benchmark_smoke_runs_on_cpu():
 def test_generate_gpu_benchmark_smoke_runs_on_cpu():
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "generate_gpu.py"), "--smoke"],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "| dual_cache (CUDA graphs) |" in proc.stdout
@@ -160,7 +214,9 @@ def test_generate_gpu_benchmark_smoke_runs_on_cpu():
 def test_cpu_ops_benchmark_prints_every_variant():
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "cpu_ops.py"), "--iters", "1", "--rounds", "1"],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and "us per call" not in line]
@@ -173,7 +229,9 @@ def test_step_sparsity_benchmark_smoke_runs():
     from pathlib import Path
 
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "step_sparsity.py"
-    done = subprocess.run([sys.executable, str(script), "--quick", "--threads", "1"], capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, str(script), "--quick", "--threads", "1"], capture_output=True, text=True
+    )
     assert done.returncode == 0, done.stderr
     for case in ("vanilla (eager)", "dual_cache (eager)", "dyllm 25% (eager)", "es_dllm keep 25% (eager)"):
         assert f"| {case} |" in done.stdout
@@ -183,13 +241,28 @@ def test_compiled_rows_sit_beside_the_eager_ones_and_the_plain_loop_agrees():
     """``compile`` adds a compiled row for every transformed method (here through the fast
     aot_eager backend); the Fast-dLLM plain loop decodes the dual cache's tokens."""
     model, tok = dyllm_fx.load("default")
-    methods = [Method("vanilla", "vanilla"), Method("dual_cache", "dual_cache"),
-               Method("plain loop: dual cache", "fastdllm-loop:dual")]
-    out = run_bench(model, tok, bench_examples(1, ("shift",)), methods, batch_size=1, progress=False,
-                    compile="aot_eager", gen_length=64, block_length=32, steps=64)
+    methods = [
+        Method("vanilla", "vanilla"),
+        Method("dual_cache", "dual_cache"),
+        Method("plain loop: dual cache", "fastdllm-loop:dual"),
+    ]
+    out = run_bench(
+        model,
+        tok,
+        bench_examples(1, ("shift",)),
+        methods,
+        batch_size=1,
+        progress=False,
+        compile="aot_eager",
+        gen_length=64,
+        block_length=32,
+        steps=64,
+    )
     rows = {r["method"]: r for r in out["rows"]}
     assert list(rows) == ["vanilla", "dual_cache", "dual_cache [compiled]", "plain loop: dual cache"]
-    assert rows["dual_cache [compiled]"]["compiled"] and rows["dual_cache [compiled]"]["graphs"] >= 2  # full + span
+    assert (
+        rows["dual_cache [compiled]"]["compiled"] and rows["dual_cache [compiled]"]["graphs"] >= 2
+    )  # full + span
     assert rows["dual_cache [compiled]"]["agreement"] == rows["dual_cache"]["agreement"]
     assert rows["plain loop: dual cache"]["agreement"] == rows["dual_cache"]["agreement"]
     assert "inductor graphs per method: dual_cache" in format_table(out)

@@ -33,7 +33,11 @@ def engine_tensors(model: TransformedModel) -> list[torch.Tensor]:
     outputs, attention contexts, snapshots, ...), found by walking their attributes."""
     engine = model.engine
     found = []
-    stack = [*vars(engine.cache).values(), *vars(engine.buffers).values()] if engine.buffers is not None else list(vars(engine.cache).values())
+    stack = (
+        [*vars(engine.cache).values(), *vars(engine.buffers).values()]
+        if engine.buffers is not None
+        else list(vars(engine.cache).values())
+    )
     while stack:  # lists of tensors, dicts of snapshots, ...
         value = stack.pop()
         if isinstance(value, (list, tuple)):

@@ -22,8 +22,20 @@ def test_info_dream(tiny_dream_dir, capsys):
 
 
 def test_generate_prints_one_line_per_prompt(tiny_llada_dir, capsys):
-    rc = main(["generate", "rev:abc=", "kv:a1?a=", "--model", str(tiny_llada_dir), "--gen-length", "8",
-               "--block-length", "4", "--stats"])
+    rc = main(
+        [
+            "generate",
+            "rev:abc=",
+            "kv:a1?a=",
+            "--model",
+            str(tiny_llada_dir),
+            "--gen-length",
+            "8",
+            "--block-length",
+            "4",
+            "--stats",
+        ]
+    )
     assert rc == 0
     captured = capsys.readouterr()
     assert len(captured.out.splitlines()) == 2
@@ -31,7 +43,10 @@ def test_generate_prints_one_line_per_prompt(tiny_llada_dir, capsys):
 
 
 def test_bad_input_is_one_clear_line(tiny_llada_dir, capsys):
-    assert main(["generate", "x", "--model", str(tiny_llada_dir), "--gen-length", "8", "--block-length", "3"]) == 2
+    assert (
+        main(["generate", "x", "--model", str(tiny_llada_dir), "--gen-length", "8", "--block-length", "3"])
+        == 2
+    )
     err = capsys.readouterr().err
     assert "block_length=3 must divide gen_length=8" in err and "Traceback" not in err
     assert main(["info", "/no/such/folder"]) == 2

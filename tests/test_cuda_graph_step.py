@@ -9,10 +9,21 @@ import torch
 import dyllm_fx
 from tiny_checkpoints import tiny_llada, tiny_tokenizer
 
-pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")]
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device"),
+]
 
-POLICIES = ["dense", "dual_cache", "prefix_cache", "dllm_cache", "dyllm", "es_dllm", "dual_cache+dyllm",
-            "dual_cache+es_dllm"]
+POLICIES = [
+    "dense",
+    "dual_cache",
+    "prefix_cache",
+    "dllm_cache",
+    "dyllm",
+    "es_dllm",
+    "dual_cache+dyllm",
+    "dual_cache+es_dllm",
+]
 
 
 @pytest.fixture(scope="module")

@@ -71,7 +71,9 @@ def _one_step(model, ids, mask, sc=None):
     """One decoder call over a fresh encoder cache: (logits, inputs)."""
     calls = dg.DiffusionGemmaCalls(model)
     plen = ids.shape[1]
-    cache = calls.encode(ids, mask.bool(), torch.arange(plen, dtype=torch.int32)[None], calls.new_cache(ids.shape[0]))
+    cache = calls.encode(
+        ids, mask.bool(), torch.arange(plen, dtype=torch.int32)[None], calls.new_cache(ids.shape[0])
+    )
     canvas = torch.randint(0, 64, (ids.shape[0], 8), generator=torch.Generator().manual_seed(1))
     masks = calls.decoder_masks(canvas, cache, torch.nn.functional.pad(mask.bool(), (0, 8), value=True))
     pos = torch.arange(plen, plen + 8, dtype=torch.int32)[None]
@@ -96,21 +98,40 @@ def test_program_structure(fast, model):
 def test_dense_decoder_call_bit_identical(dtype):
     """One decoder step, first (no self-conditioning) and later, padded and not: the same bits."""
     model = _model(dtype)
-    tm = dyllm_fx.transform(model)  # float32 used to fail on grouped_mm's fake kernel, bfloat16 on the layer scalar
+    tm = dyllm_fx.transform(
+        model
+    )  # float32 used to fail on grouped_mm's fake kernel, bfloat16 on the layer scalar
     for padded in (False, True):
         ids, mask = _ragged()
         if not padded:
             mask = torch.ones_like(mask)
         canvas, cache, masks, pos = _one_step(model, ids, mask)
         with torch.no_grad():
-            want = model(decoder_input_ids=canvas, cache=cache, decoder_attention_mask=masks, decoder_position_ids=pos).logits
-            got = tm(decoder_input_ids=canvas, cache=cache, decoder_attention_mask=masks, decoder_position_ids=pos).logits
-            want2 = model(decoder_input_ids=canvas, cache=cache, self_conditioning_logits=want,
-                          decoder_attention_mask=masks, decoder_position_ids=pos).logits
-            got2 = tm(decoder_input_ids=canvas, cache=cache, self_conditioning_logits=want,
-                      decoder_attention_mask=masks, decoder_position_ids=pos).logits
+            want = model(
+                decoder_input_ids=canvas, cache=cache, decoder_attention_mask=masks, decoder_position_ids=pos
+            ).logits
+            got = tm(
+                decoder_input_ids=canvas, cache=cache, decoder_attention_mask=masks, decoder_position_ids=pos
+            ).logits
+            want2 = model(
+                decoder_input_ids=canvas,
+                cache=cache,
+                self_conditioning_logits=want,
+                decoder_attention_mask=masks,
+                decoder_position_ids=pos,
+            ).logits
+            got2 = tm(
+                decoder_input_ids=canvas,
+                cache=cache,
+                self_conditioning_logits=want,
+                decoder_attention_mask=masks,
+                decoder_position_ids=pos,
+            ).logits
         assert torch.equal(got, want) and torch.equal(got2, want2)
-    assert [r.kind for r in tm.engine.records] == ["full", "full"]  # a new canvas key resets; warm steps follow
+    assert [r.kind for r in tm.engine.records] == [
+        "full",
+        "full",
+    ]  # a new canvas key resets; warm steps follow
 
 
 # --------------------------------------------------------------------------- generation
@@ -119,11 +140,15 @@ def test_dense_decoder_call_bit_identical(dtype):
 @pytest.mark.parametrize("ragged", [False, True])
 def test_transformers_generate_same_tokens_under_dense(model, fast, ragged):
     _use(fast, "dense")
-    ids, mask = _ragged() if ragged else (torch.randint(3, 64, (1, 7), generator=torch.Generator().manual_seed(3)), None)
+    ids, mask = (
+        _ragged()
+        if ragged
+        else (torch.randint(3, 64, (1, 7), generator=torch.Generator().manual_seed(3)), None)
+    )
     want = _hf_generate(model, ids, mask)
     got = _hf_generate(fast, ids, mask)
     assert torch.equal(got, want)
-    assert want.shape[1] == ids.shape[1] + 16 and want[:, ids.shape[1]:].unique().numel() > 4
+    assert want.shape[1] == ids.shape[1] + 16 and want[:, ids.shape[1] :].unique().numel() > 4
 
 
 def test_dyllm_fx_generate_follows_transformers(model, fast):
@@ -157,13 +182,21 @@ def test_eos_stops_and_pads(model, fast):
     want = _hf_generate(model, ids, mask, eos_token_id=[5, 9], max_new_tokens=24)
     got = dg.generate_ids(fast, ids, mask, max_new_tokens=24, steps=6, seed=0, eos_token_id=[5, 9])
     assert torch.equal(got.sequences, want)
-    assert (want[:, ids.shape[1]:] == 0).any()  # something was padded after an EOS
+    assert (want[:, ids.shape[1] :] == 0).any()  # something was padded after an EOS
 
 
 def test_sampler_pieces():
     settings = CanvasSettings.from_generation_config(None, t_min=0.5)
-    assert (settings.t_min, settings.t_max, settings.max_denoising_steps, settings.entropy_bound) == (0.5, 0.8, 48, 0.1)
-    assert temperature(48, 48, 0.4, 0.8).item() == pytest.approx(0.8) and temperature(1, 48, 0.4, 0.8).item() < 0.41
+    assert (settings.t_min, settings.t_max, settings.max_denoising_steps, settings.entropy_bound) == (
+        0.5,
+        0.8,
+        48,
+        0.1,
+    )
+    assert (
+        temperature(48, 48, 0.4, 0.8).item() == pytest.approx(0.8)
+        and temperature(1, 48, 0.4, 0.8).item() < 0.41
+    )
     # entropies about 0.011, ln 10 = 2.30, 0.344, 2.30: sorted, the sum of each prefix less its
     # largest entry is 0, 0.011, 0.355, 2.66; a bound of 0.3 keeps the first two
     sampler = EntropyBoundSampler(0.3, vocab_size=10, canvas_length=4)
@@ -185,7 +218,9 @@ def test_dyllm_every_row_salient_equals_dense(model, fast):
     got = _hf_generate(fast, ids, mask)
     kinds = [r.kind for r in fast.engine.records]
     assert torch.equal(got, want)
-    assert kinds[:2] == ["full", "full"] and "sparse" in kinds  # the official 2 dense steps per canvas, then sparse
+    assert (
+        kinds[:2] == ["full", "full"] and "sparse" in kinds
+    )  # the official 2 dense steps per canvas, then sparse
 
 
 def test_dyllm_gates_rows(model, fast):
@@ -225,14 +260,19 @@ def test_backend_dyllm(model, dtype):
         model = _model(dtype)
     torch._dynamo.reset()
     try:
-        compiled = torch.compile(model, backend="dyllm", options={"compile_step": False, "policy": "dyllm", "tau": 1.0,
-                                                                  "full_query_interval": 1})
+        compiled = torch.compile(
+            model,
+            backend="dyllm",
+            options={"compile_step": False, "policy": "dyllm", "tau": 1.0, "full_query_interval": 1},
+        )
         ids, mask = _ragged()
         want = dg.generate_ids(model, ids, mask, max_new_tokens=16, steps=5, seed=0).sequences
         got = dg.generate_ids(compiled, ids, mask, max_new_tokens=16, steps=5, seed=0).sequences
         assert torch.equal(got, want)
         shared = list(dg._SHARED[model].values())
-        assert len(shared) == 1 and "sparse" in [r.kind for r in shared[0].engine.records]  # one engine for all graphs
+        assert len(shared) == 1 and "sparse" in [
+            r.kind for r in shared[0].engine.records
+        ]  # one engine for all graphs
     finally:
         torch._dynamo.reset()
 
@@ -253,7 +293,9 @@ def test_compiled_step(model):
 
 def test_from_pretrained_round_trip(model, tmp_path):
     model.save_pretrained(tmp_path / "dg")
-    loaded = transformers.DiffusionGemmaForBlockDiffusion.from_pretrained(tmp_path / "dg", attn_implementation="sdpa").eval()
+    loaded = transformers.DiffusionGemmaForBlockDiffusion.from_pretrained(
+        tmp_path / "dg", attn_implementation="sdpa"
+    ).eval()
     tm = dyllm_fx.transform(loaded)
     ids, mask = _ragged()
     assert torch.equal(_hf_generate(tm, ids, mask), _hf_generate(model, ids, mask))
@@ -317,8 +359,14 @@ def test_new_masks_are_not_mistaken_for_memoised_ones(model, fast):
     canvas, cache, masks, pos = _one_step(model, ids, mask)
     _, _, unpadded, _ = _one_step(model, ids, torch.ones_like(mask))
     with torch.no_grad():
-        first = fast(decoder_input_ids=canvas, cache=cache, decoder_attention_mask=masks, decoder_position_ids=pos)
+        first = fast(
+            decoder_input_ids=canvas, cache=cache, decoder_attention_mask=masks, decoder_position_ids=pos
+        )
         masks.update(unpadded)  # the same dict object, other tensors in it
-        want = model(decoder_input_ids=canvas, cache=cache, decoder_attention_mask=masks, decoder_position_ids=pos)
-        got = fast(decoder_input_ids=canvas, cache=cache, decoder_attention_mask=masks, decoder_position_ids=pos)
+        want = model(
+            decoder_input_ids=canvas, cache=cache, decoder_attention_mask=masks, decoder_position_ids=pos
+        )
+        got = fast(
+            decoder_input_ids=canvas, cache=cache, decoder_attention_mask=masks, decoder_position_ids=pos
+        )
     assert torch.equal(got.logits, want.logits) and not torch.equal(got.logits, first.logits)

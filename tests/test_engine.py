@@ -124,8 +124,9 @@ def test_eligible_positions_limit_what_the_loop_commits():
         return call
 
     fast.make_step_function = make
-    out = dyllm_fx.generate(fast, tok, ["rev:abc="], gen_length=4, block_length=4, steps=4, progress=False,
-                            stop_at_eos=False)
+    out = dyllm_fx.generate(
+        fast, tok, ["rev:abc="], gen_length=4, block_length=4, steps=4, progress=False, stop_at_eos=False
+    )
     assert (out.responses != model.diffusion.mask_token_id).all()  # the block still completes
     assert out.stats.extra_steps > 0 and out.stats.nfe == 4 + out.stats.extra_steps
 
@@ -134,11 +135,14 @@ def test_records_say_what_every_step_did():
     model, tok = tiny_llada(seed=4, n_layers=3), tiny_tokenizer()
     fast = dyllm_fx.transform(model, policy="dual_cache")
     fast.engine.record_activity = True
-    out = dyllm_fx.generate(fast, tok, ["rev:ab="], gen_length=8, block_length=4, steps=8, progress=False,
-                            stop_at_eos=False)
+    out = dyllm_fx.generate(
+        fast, tok, ["rev:ab="], gen_length=8, block_length=4, steps=8, progress=False, stop_at_eos=False
+    )
     records = fast.engine.records
     assert [r.kind for r in records] == ["full", "span", "span", "span"] * 2
     plen = out.prompt_length
     assert records[1].activity.shape == (3, 1, plen + 8)
-    assert records[1].activity[:, 0, plen : plen + 4].min() == 1 and records[1].activity[:, 0, :plen].max() == 0
+    assert (
+        records[1].activity[:, 0, plen : plen + 4].min() == 1 and records[1].activity[:, 0, :plen].max() == 0
+    )
     assert records[0].activity.min() == 1  # the block's refresh ran every row

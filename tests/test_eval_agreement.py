@@ -31,7 +31,11 @@ def test_agreement_rejects_misaligned_runs():
 
 def test_policy_args_are_parsed():
     assert parse_policy_args(["tau=0.99", "rows=0,1,2", "refresh-every=8", "flag=true", "name=x"]) == {
-        "tau": 0.99, "rows": [0, 1, 2], "refresh_every": 8, "flag": True, "name": "x",
+        "tau": 0.99,
+        "rows": [0, 1, 2],
+        "refresh_every": 8,
+        "flag": True,
+        "name": "x",
     }
     assert parse_value("none") is None
     with pytest.raises(ValueError, match="not key=value"):
@@ -58,7 +62,9 @@ def test_dense_agrees_with_vanilla_and_dual_cache_is_sparse(embedded):
     assert ref is not None and dense.agreement == 1.0  # dense recomputes every row: same tokens
     assert dense.active_fraction == 1.0 and ref.active_fraction == 1.0
     assert dense.outputs == ref.outputs
-    dual, _ = evaluate_policy(model, tok, examples, policy="dual_cache", reference="dense", progress=False, **FAST)
+    dual, _ = evaluate_policy(
+        model, tok, examples, policy="dual_cache", reference="dense", progress=False, **FAST
+    )
     assert dual.active_fraction < 0.9
     assert 0.0 <= dual.agreement <= 1.0
     assert dual.nfe_per_generation == 32 and dual.generations == 1
@@ -68,7 +74,11 @@ def test_dense_agrees_with_vanilla_and_dual_cache_is_sparse(embedded):
 
 def test_vanilla_is_its_own_reference(embedded):
     model, tok = embedded
-    result, ref = evaluate_policy(model, tok, suite_examples(limit=2), policy="vanilla", progress=False, **FAST)
+    result, ref = evaluate_policy(
+        model, tok, suite_examples(limit=2), policy="vanilla", progress=False, **FAST
+    )
     assert ref is None and result.agreement == 1.0 and result.active_fraction == 1.0
-    result, ref = evaluate_policy(model, tok, suite_examples(limit=2), policy="vanilla", reference=None, progress=False, **FAST)
+    result, ref = evaluate_policy(
+        model, tok, suite_examples(limit=2), policy="vanilla", reference=None, progress=False, **FAST
+    )
     assert result.agreement is None

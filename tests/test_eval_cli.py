@@ -34,9 +34,30 @@ def test_eval_jsonl_with_extractor_and_policy_args(tmp_path, capsys):
     from dyllm_fx.eval.synthetic_tasks import held_out_set
 
     task = tmp_path / "mine.jsonl"
-    task.write_text("".join(json.dumps({"prompt": e.prompt, "answer": e.answer}) + "\n" for e in held_out_set(2, tasks=("shift",))))
-    rc = main(["eval", "--task", str(task), "--policy", "fixed", "--policy-arg", "rows=0,1,2,3",
-               "--extractor", "identity", "--reference", "none", "--json", str(tmp_path / "r.json"), *FAST])
+    task.write_text(
+        "".join(
+            json.dumps({"prompt": e.prompt, "answer": e.answer}) + "\n"
+            for e in held_out_set(2, tasks=("shift",))
+        )
+    )
+    rc = main(
+        [
+            "eval",
+            "--task",
+            str(task),
+            "--policy",
+            "fixed",
+            "--policy-arg",
+            "rows=0,1,2,3",
+            "--extractor",
+            "identity",
+            "--reference",
+            "none",
+            "--json",
+            str(tmp_path / "r.json"),
+            *FAST,
+        ]
+    )
     assert rc == 0
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["n"] == 2 and report["per_task"].keys() == {"mine"} and report["agreement"] is None

@@ -10,7 +10,9 @@ def test_identity_and_strip():
     assert get_extractor("strip")(" abc\n") == "abc"
 
 
-@pytest.mark.parametrize("text, number", [("1,234", "1234"), ("72.0", "72"), ("$5", "5"), ("-3.50", "-3.5"), ("7.", "7")])
+@pytest.mark.parametrize(
+    "text, number", [("1,234", "1234"), ("72.0", "72"), ("$5", "5"), ("-3.50", "-3.5"), ("7.", "7")]
+)
 def test_normalize_number(text, number):
     assert normalize_number(text) == number
 

@@ -14,26 +14,33 @@ def _write(path, lines):
 
 
 def test_loads_examples_with_default_and_given_task(tmp_path):
-    path = _write(tmp_path / "gsm8k_local.jsonl", [
-        json.dumps({"prompt": "What is 2+2?", "answer": "#### 4"}),
-        "",
-        json.dumps({"prompt": "3*3?", "answer": 9, "task": "mult"}),
-    ])
+    path = _write(
+        tmp_path / "gsm8k_local.jsonl",
+        [
+            json.dumps({"prompt": "What is 2+2?", "answer": "#### 4"}),
+            "",
+            json.dumps({"prompt": "3*3?", "answer": 9, "task": "mult"}),
+        ],
+    )
     examples = load_jsonl(path)
     assert [(e.task, e.prompt, e.answer) for e in examples] == [
-        ("gsm8k_local", "What is 2+2?", "#### 4"), ("mult", "3*3?", "9"),
+        ("gsm8k_local", "What is 2+2?", "#### 4"),
+        ("mult", "3*3?", "9"),
     ]
 
 
-@pytest.mark.parametrize("bad_line, message", [
-    ('{"prompt": "x", "answer": "y"', r"bad\.jsonl:2: invalid JSON"),
-    ('{"prompt": "x"}', r"bad\.jsonl:2: missing field 'answer'"),
-    ('{"answer": "y"}', r"bad\.jsonl:2: missing field 'prompt'"),
-    ('{"question": "x"}', r"bad\.jsonl:2: missing field 'prompt', 'answer'"),
-    ('["x", "y"]', r"bad\.jsonl:2: expected a JSON object"),
-    ('{"prompt": "", "answer": "y"}', r"bad\.jsonl:2: field 'prompt' must be a non-empty string"),
-    ('{"prompt": "x", "answer": null}', r"bad\.jsonl:2: field 'answer' must be a string or a number"),
-])
+@pytest.mark.parametrize(
+    "bad_line, message",
+    [
+        ('{"prompt": "x", "answer": "y"', r"bad\.jsonl:2: invalid JSON"),
+        ('{"prompt": "x"}', r"bad\.jsonl:2: missing field 'answer'"),
+        ('{"answer": "y"}', r"bad\.jsonl:2: missing field 'prompt'"),
+        ('{"question": "x"}', r"bad\.jsonl:2: missing field 'prompt', 'answer'"),
+        ('["x", "y"]', r"bad\.jsonl:2: expected a JSON object"),
+        ('{"prompt": "", "answer": "y"}', r"bad\.jsonl:2: field 'prompt' must be a non-empty string"),
+        ('{"prompt": "x", "answer": null}', r"bad\.jsonl:2: field 'answer' must be a string or a number"),
+    ],
+)
 def test_malformed_line_names_file_line_and_problem(tmp_path, bad_line, message):
     path = _write(tmp_path / "bad.jsonl", [json.dumps({"prompt": "ok", "answer": "ok"}), bad_line])
     with pytest.raises(JsonlTaskError, match=message):

@@ -20,7 +20,9 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def lm():
-    return DyLLMEvalLM(pretrained="default", policy="dual_cache", gen_length=32, block_length=16, batch_size=2)
+    return DyLLMEvalLM(
+        pretrained="default", policy="dual_cache", gen_length=32, block_length=16, batch_size=2
+    )
 
 
 def _request(context, **gen_kwargs):
@@ -29,15 +31,22 @@ def _request(context, **gen_kwargs):
 
 def test_importing_dyllm_fx_does_not_import_lm_eval_or_matplotlib():
     code = "import sys, dyllm_fx, dyllm_fx.cli.main; print(sorted(m for m in ('lm_eval', 'matplotlib') if m in sys.modules))"
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
+    assert (
+        subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        == "[]"
+    )
 
 
 def test_generate_until_respects_stop_strings_and_max_gen_toks(lm):
     ex = held_out_set(1, tasks=("shift",))[0]
-    full, cut = lm.generate_until([
-        _request(ex.prompt, until=["\n\n"], max_gen_toks=32),
-        _request(ex.prompt, until=[ex.answer[5:8]], max_gen_toks=32),
-    ])
+    full, cut = lm.generate_until(
+        [
+            _request(ex.prompt, until=["\n\n"], max_gen_toks=32),
+            _request(ex.prompt, until=[ex.answer[5:8]], max_gen_toks=32),
+        ]
+    )
     assert full == ex.answer  # the embedded model solves shift
     assert cut == ex.answer[: full.index(ex.answer[5:8])]
     # max_gen_toks sets the window (rounded up to whole blocks); steps follow the window
@@ -77,7 +86,12 @@ def test_simple_evaluate_on_a_local_task(tmp_path):
     from lm_eval.tasks import TaskManager
 
     data = tmp_path / "shift.jsonl"
-    data.write_text("".join(json.dumps({"prompt": e.prompt, "answer": e.answer}) + "\n" for e in held_out_set(2, tasks=("shift",))))
+    data.write_text(
+        "".join(
+            json.dumps({"prompt": e.prompt, "answer": e.answer}) + "\n"
+            for e in held_out_set(2, tasks=("shift",))
+        )
+    )
     (tmp_path / "tasks").mkdir()
     (tmp_path / "tasks" / "dyllm_tiny_shift.yaml").write_text(f"""\
 task: dyllm_tiny_shift
@@ -101,8 +115,11 @@ metric_list:
     import dyllm_fx.eval.lm_eval_adapter  # noqa: F401  (registers "dyllm")
 
     res = lm_eval.simple_evaluate(
-        model="dyllm", model_args="pretrained=default,policy=dual_cache,block_length=16", tasks=["dyllm_tiny_shift"],
-        task_manager=TaskManager(include_path=str(tmp_path / "tasks"), include_defaults=False), batch_size=2,
+        model="dyllm",
+        model_args="pretrained=default,policy=dual_cache,block_length=16",
+        tasks=["dyllm_tiny_shift"],
+        task_manager=TaskManager(include_path=str(tmp_path / "tasks"), include_defaults=False),
+        batch_size=2,
     )
     assert res["results"]["dyllm_tiny_shift"]["exact_match,none"] == 1.0
     assert res["config"]["dyllm_policy"] == "dual_cache"

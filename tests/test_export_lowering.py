@@ -69,7 +69,9 @@ def test_aten_scatter_matches_reference(dim):
 # --- ONNX translations: each op alone, exported and run with onnxruntime ----------------------
 
 HAS_ONNX = all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxscript", "onnxruntime"))
-onnx_needed = pytest.mark.skipif(not HAS_ONNX, reason='needs onnx, onnxscript and onnxruntime: pip install "dyllm-fx[onnx]"')
+onnx_needed = pytest.mark.skipif(
+    not HAS_ONNX, reason='needs onnx, onnxscript and onnxruntime: pip install "dyllm-fx[onnx]"'
+)
 
 
 def _run_onnx(module: torch.nn.Module, args: tuple, tmp_path) -> list:
@@ -78,7 +80,12 @@ def _run_onnx(module: torch.nn.Module, args: tuple, tmp_path) -> list:
     from dyllm_fx.export.lowering import translation_table
 
     program = torch.onnx.export(
-        module.eval(), args, dynamo=True, opset_version=18, custom_translation_table=translation_table(), verbose=False
+        module.eval(),
+        args,
+        dynamo=True,
+        opset_version=18,
+        custom_translation_table=translation_table(),
+        verbose=False,
     )
     path = tmp_path / "op.onnx"
     program.save(str(path))
@@ -114,7 +121,9 @@ def test_onnx_attention_matches_reference(kv_heads, mask_kind, scale, tmp_path):
     q, k, v, rows = _attention_inputs(kv_heads)
     mask = _mask(mask_kind)
     (got,) = _run_onnx(_Attention(scale), (q, k, v, rows, mask), tmp_path)
-    torch.testing.assert_close(got, partial_attention_reference(q, k, v, rows, mask, scale), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        got, partial_attention_reference(q, k, v, rows, mask, scale), atol=1e-5, rtol=1e-5
+    )
 
 
 @onnx_needed

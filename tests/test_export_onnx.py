@@ -48,7 +48,11 @@ def embedded():
 def exported(embedded, tmp_path_factory):
     folder = tmp_path_factory.mktemp("onnx")
     model, _ = embedded
-    paths = {"dense": to_onnx(dyllm_fx.transform(model, policy="dense"), folder / "dense.onnx", model_path="default")}
+    paths = {
+        "dense": to_onnx(
+            dyllm_fx.transform(model, policy="dense"), folder / "dense.onnx", model_path="default"
+        )
+    }
     assert main(["export", "--onnx", str(folder / "dual_cache.onnx"), "--policy", "dual_cache"]) == 0
     paths["dual_cache"] = folder / "dual_cache.onnx"
     return paths
@@ -69,9 +73,16 @@ def test_graph_is_standard_onnx(embedded, exported, policy):
     assert domains <= {"", "ai.onnx"}, f"non-standard domains: {domains}"
     assert not any("dyllm" in node.op_type for node in proto.graph.node)
     assert {o.domain: o.version for o in proto.opset_import}.get("", 0) >= 18
-    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in proto.graph.input}
+    dims = {
+        i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in proto.graph.input
+    }
     assert dims["input_ids"] == ["batch", "seq"] and dims["rows"] == ["batch", "active"]
-    assert dims["logit_positions"] == ["batch", "positions"] and dims[f"k_cache_{n_layers - 1}"] == ["batch", 4, "seq", 32]
+    assert dims["logit_positions"] == ["batch", "positions"] and dims[f"k_cache_{n_layers - 1}"] == [
+        "batch",
+        4,
+        "seq",
+        32,
+    ]
     props = {p.key: p.value for p in proto.metadata_props}
     assert props["dyllm.format"] == FORMAT and props["dyllm.policy"] == policy
     assert props["dyllm.n_layers"] == str(n_layers) and props["dyllm.model_path"] == "default"
@@ -138,7 +149,9 @@ def test_policy_override_and_threshold(embedded, exported):
     """The graph takes its rows as an input: any layer-uniform policy runs on any export."""
     model, tokenizer = embedded
     prompts = _prompts()[:2]
-    expected = dyllm_fx.generate(dyllm_fx.transform(model, policy="prefix_cache"), tokenizer, prompts, threshold=0.9)
+    expected = dyllm_fx.generate(
+        dyllm_fx.transform(model, policy="prefix_cache"), tokenizer, prompts, threshold=0.9
+    )
     onnx_model = load_onnx(exported["dense"], policy="prefix_cache", threads=1)
     got = dyllm_fx.generate(onnx_model, onnx_model.tokenizer, prompts, threshold=0.9)
     assert torch.equal(got.sequences, expected.sequences)
@@ -170,7 +183,9 @@ def test_export_rejects_what_it_cannot_express(embedded, tmp_path):
     with pytest.raises(ExportError, match="call dyllm_fx.transform"):
         to_onnx(model, tmp_path / "x.onnx")
     fast = dyllm_fx.transform(model, policy=_PerLayer())
-    with pytest.raises(ExportError, match="cannot be exported.*layer-uniform \\(dense, fixed, prefix_cache, dual_cache"):
+    with pytest.raises(
+        ExportError, match="cannot be exported.*layer-uniform \\(dense, fixed, prefix_cache, dual_cache"
+    ):
         to_onnx(fast, tmp_path / "x.onnx")
     assert not (tmp_path / "x.onnx").exists()
 
@@ -188,7 +203,9 @@ def test_not_a_step_graph(tmp_path, capsys):
     # IR version 10, as torch's exporter writes: older onnxruntime builds reject newer IR versions.
     proto = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)], ir_version=10)
     onnx.save(proto, str(plain))
-    with pytest.raises(NotAStepGraphError, match=r"identity.onnx is not a dyllm step graph \(missing metadata dyllm.format"):
+    with pytest.raises(
+        NotAStepGraphError, match=r"identity.onnx is not a dyllm step graph \(missing metadata dyllm.format"
+    ):
         load_onnx(plain)
     assert main(["generate", "--onnx", str(plain), "shift:abc="]) == 2
     err = capsys.readouterr().err
@@ -217,7 +234,9 @@ def test_export_from_a_cuda_model(embedded, tmp_path):
     _, tokenizer = embedded
     cpu_model, _ = embedded
     gpu_model, _ = dyllm_fx.load("default", device="cuda", dtype=torch.float32)
-    path = to_onnx(dyllm_fx.transform(gpu_model, policy="dual_cache"), tmp_path / "gpu.onnx", model_path="default")
+    path = to_onnx(
+        dyllm_fx.transform(gpu_model, policy="dual_cache"), tmp_path / "gpu.onnx", model_path="default"
+    )
     onnx_model = load_onnx(path)
     prompts = _prompts()
     expected = dyllm_fx.generate(dyllm_fx.transform(cpu_model, policy="dual_cache"), tokenizer, prompts)
@@ -226,7 +245,8 @@ def test_export_from_a_cuda_model(embedded, tmp_path):
 
 
 @pytest.mark.skipif(
-    "CUDAExecutionProvider" not in ort.get_available_providers(), reason="needs onnxruntime-gpu and a CUDA GPU"
+    "CUDAExecutionProvider" not in ort.get_available_providers(),
+    reason="needs onnxruntime-gpu and a CUDA GPU",
 )
 def test_onnxruntime_cuda_provider_keeps_caches_on_the_gpu(embedded, exported):
     model, tokenizer = embedded

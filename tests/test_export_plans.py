@@ -48,7 +48,9 @@ LOGITS_ATOL = 5e-4  # as tests/test_export_onnx.py: float32 summation order only
 
 
 def _sharpen(model):
-    head = model.model.transformer.ff_out.weight if hasattr(model.model, "transformer") else model.lm_head.weight
+    head = (
+        model.model.transformer.ff_out.weight if hasattr(model.model, "transformer") else model.lm_head.weight
+    )
     with torch.no_grad():
         head.mul_(3.0)  # larger logit gaps: no near-ties between runs
         head[model.diffusion.mask_token_id] = 0.0  # never predicts the mask itself: every block completes
@@ -128,8 +130,14 @@ def test_graph_is_standard_onnx_with_one_branch_per_key(which, request):
     ops = {n.op_type for n in nodes}
     assert {"TopK", "GatherElements", "Where"} <= ops  # the gating is inside the graph
     assert ops & {"ScatterElements", "ScatterND"}  # and so are the row writes (scatter_ / index_put_)
-    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in proto.graph.input}
-    assert dims["input_ids"] == ["batch", "seq"] and dims["plan"] == [] and dims["k_cache_1"] == ["batch", 4, "seq", 8]
+    dims = {
+        i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in proto.graph.input
+    }
+    assert (
+        dims["input_ids"] == ["batch", "seq"]
+        and dims["plan"] == []
+        and dims["k_cache_1"] == ["batch", 4, "seq", 8]
+    )
     assert dims["logit_positions"] == ["batch", "positions"]
     # the weights are stored once, whatever the number of branches
     weights = sum(int(np.prod(i.dims)) for i in proto.graph.initializer if len(i.dims) == 2)
@@ -139,7 +147,15 @@ def test_graph_is_standard_onnx_with_one_branch_per_key(which, request):
 def test_dyllm_graph_holds_its_buffers_and_tau(dyllm_export):
     proto = onnx.load(str(dyllm_export.path))
     names = [i.name for i in proto.graph.input]
-    assert names[:7] == ["input_ids", "attention_mask", "position_ids", "logit_positions", "span_start", "span_len", "tau"]
+    assert names[:7] == [
+        "input_ids",
+        "attention_mask",
+        "position_ids",
+        "logit_positions",
+        "span_start",
+        "span_len",
+        "tau",
+    ]
     assert {"context_0", "mlp_1", "prev_ids", "hidden"} <= set(names)
     outputs = [o.name for o in proto.graph.output]
     assert outputs[:3] == ["logits", "eligible", "counts"] and "context_0_out" in outputs
@@ -237,7 +253,9 @@ def test_runner_refuses_what_the_graph_cannot_run(dyllm_export):
     with pytest.raises(ExportError, match="tau=1 marks every row"):
         load_onnx(path, policy_args={"tau": 1.0})
     onnx_model = load_onnx(path, threads=1, tokenizer=TOK)
-    with pytest.raises(ExportedPlanMissing, match="exported for gen_length=16, block_length=8.*--gen-length 16"):
+    with pytest.raises(
+        ExportedPlanMissing, match="exported for gen_length=16, block_length=8.*--gen-length 16"
+    ):
         dyllm_fx.generate(onnx_model, TOK, PROMPTS, gen_length=32, block_length=8, steps=32, progress=False)
     with pytest.raises(ExportedPlanMissing, match="max_seq=40"):
         dyllm_fx.generate(onnx_model, TOK, ["kv:" + "a1," * 10 + "?a="], **GEN)
@@ -247,7 +265,9 @@ def test_a_key_the_file_lacks_is_named(llada, tmp_path):
     fast = dyllm_fx.transform(llada, policy="dual_cache+dyllm")
     path = to_onnx(fast, tmp_path / "one.onnx", keys=[("full",)], **LAYOUT)
     onnx_model = load_onnx(path, threads=1, tokenizer=TOK)
-    with pytest.raises(ExportedPlanMissing, match=r"no branch for plan key \('sparse', 8, 8, 'exact', False\)"):
+    with pytest.raises(
+        ExportedPlanMissing, match=r"no branch for plan key \('sparse', 8, 8, 'exact', False\)"
+    ):
         dyllm_fx.generate(onnx_model, TOK, PROMPTS, **GEN)
 
 
@@ -269,34 +289,90 @@ def test_custom_policy_is_refused(llada, tmp_path):
 def test_cli_export_and_generate_dream(tmp_path, capsys):
     folder = write_model(_sharpen(tiny_dream(seed=5, num_hidden_layers=2)), tmp_path / "dream")
     out = tmp_path / "step.onnx"
-    assert main(["export", "--onnx", str(out), "--model", str(folder), "--policy", "dual_cache+dyllm",
-                 "--policy-arg", "tau=0.99", "--gen-length", "16", "--block-length", "8"]) == 0
+    assert (
+        main(
+            [
+                "export",
+                "--onnx",
+                str(out),
+                "--model",
+                str(folder),
+                "--policy",
+                "dual_cache+dyllm",
+                "--policy-arg",
+                "tau=0.99",
+                "--gen-length",
+                "16",
+                "--block-length",
+                "8",
+            ]
+        )
+        == 0
+    )
     assert "2 step graphs" in capsys.readouterr().out
     proto = onnx.load(str(out))
     onnx.checker.check_model(proto, full_check=True)
     assert {n.domain for n in _walk(proto.graph)} <= {""}
     prompts = PROMPTS
     model, _ = dyllm_fx.load(str(folder))
-    want = dyllm_fx.generate(dyllm_fx.transform(model, policy="dual_cache+dyllm", tau=0.99), TOK, prompts, **GEN)
+    want = dyllm_fx.generate(
+        dyllm_fx.transform(model, policy="dual_cache+dyllm", tau=0.99), TOK, prompts, **GEN
+    )
     got = dyllm_fx.generate(load_onnx(out, threads=1), TOK, prompts, **GEN)
     assert torch.equal(got.sequences, want.sequences)
     argv = ["generate", "--onnx", str(out), "--gen-length", "16", "--block-length", "8", "--json", *prompts]
     assert main(argv) == 0
     report = json.loads(capsys.readouterr().out)
     assert [o["text"] for o in report["outputs"]] == dyllm_fx.generate(
-        dyllm_fx.transform(model, policy="dual_cache+dyllm", tau=0.99), TOK, prompts,
-        gen_length=16, block_length=8).texts
+        dyllm_fx.transform(model, policy="dual_cache+dyllm", tau=0.99),
+        TOK,
+        prompts,
+        gen_length=16,
+        block_length=8,
+    ).texts
     assert report["policy"] == "dual_cache+dyllm"
-    assert main(["generate", "--onnx", str(out), "--policy-arg", "tau=0.95", "--gen-length", "16",
-                 "--block-length", "8", *prompts]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--onnx",
+                str(out),
+                "--policy-arg",
+                "tau=0.95",
+                "--gen-length",
+                "16",
+                "--block-length",
+                "8",
+                *prompts,
+            ]
+        )
+        == 0
+    )
 
 
 def test_cli_export_errors_are_one_line(tmp_path, capsys):
-    assert main(["export", "--onnx", str(tmp_path / "x.onnx"), "--policy", "dyllm", "--policy-arg", "tau=2"]) == 2
+    assert (
+        main(["export", "--onnx", str(tmp_path / "x.onnx"), "--policy", "dyllm", "--policy-arg", "tau=2"])
+        == 2
+    )
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "error:" in err and "tau" in err
-    assert main(["export", "--onnx", str(tmp_path / "x.onnx"), "--policy", "dyllm", "--gen-length", "16",
-                 "--block-length", "5"]) == 2
+    assert (
+        main(
+            [
+                "export",
+                "--onnx",
+                str(tmp_path / "x.onnx"),
+                "--policy",
+                "dyllm",
+                "--gen-length",
+                "16",
+                "--block-length",
+                "5",
+            ]
+        )
+        == 2
+    )
     assert "block_length=5 must divide gen_length=16" in capsys.readouterr().err
 
 
@@ -304,19 +380,31 @@ def test_cli_export_errors_are_one_line(tmp_path, capsys):
 
 CALIBRATIONS = [
     ("dyllm", {}, "llada", dict(gen_length=16, block_length=8, steps=16)),
-    ("dyllm", {"cached_softmax_stats": True, "refresh_interval": 5}, "llada", dict(gen_length=16, block_length=8, steps=8)),
+    (
+        "dyllm",
+        {"cached_softmax_stats": True, "refresh_interval": 5},
+        "llada",
+        dict(gen_length=16, block_length=8, steps=8),
+    ),
     ("dual_cache+dyllm", {"refresh_interval": 3}, "dream", dict(gen_length=16, block_length=8, steps=16)),
     ("prefix_cache+dyllm", {}, "llada", dict(gen_length=24, block_length=8, threshold=0.5)),
     ("es_dllm", {}, "llada", dict(gen_length=16, block_length=8, steps=16)),
     ("es_dllm", {}, "dream", dict(gen_length=16, block_length=8, steps=8)),
-    ("es_dllm", {"variation": "value", "block_update_freq": 4}, "llada", dict(gen_length=24, block_length=8, threshold=0.6)),
+    (
+        "es_dllm",
+        {"variation": "value", "block_update_freq": 4},
+        "llada",
+        dict(gen_length=24, block_length=8, threshold=0.6),
+    ),
     ("dual_cache+es_dllm", {}, "llada", dict(gen_length=16, block_length=8, steps=16)),
     ("dllm_cache", {"response_interval": 3}, "llada", dict(gen_length=16, block_length=8, steps=16)),
     ("prefix_cache+dllm_cache", {}, "dream", dict(gen_length=16, block_length=4, steps=8)),
 ]
 
 
-@pytest.mark.parametrize("name, cfg, family, gen", CALIBRATIONS, ids=[f"{c[0]}-{i}" for i, c in enumerate(CALIBRATIONS)])
+@pytest.mark.parametrize(
+    "name, cfg, family, gen", CALIBRATIONS, ids=[f"{c[0]}-{i}" for i, c in enumerate(CALIBRATIONS)]
+)
 def test_plan_keys_cover_what_generations_reach(name, cfg, family, gen):
     model = tiny_llada(seed=3, n_layers=2) if family == "llada" else tiny_dream(seed=4, num_hidden_layers=2)
     fast = dyllm_fx.transform(model, policy=name, **cfg)
@@ -328,7 +416,9 @@ def test_plan_keys_cover_what_generations_reach(name, cfg, family, gen):
             out = dyllm_fx.generate(fast, TOK, prompts, progress=False, **gen)
             lengths.add(out.sequences.shape[1])
     reached = set(keys)
-    layout = Layout(gen["gen_length"], gen["block_length"], gen.get("steps"), "threshold" in gen, max(lengths) + 3)
+    layout = Layout(
+        gen["gen_length"], gen["block_length"], gen.get("steps"), "threshold" in gen, max(lengths) + 3
+    )
     listed = {k.key for k in plan_keys(fast.policy, layout.check(None), 2, model.diffusion.logits_shift)}
     assert reached <= listed, sorted(reached - listed, key=str)
     assert len(listed) <= 40
@@ -359,9 +449,13 @@ def test_deduplicate_merges_equal_initializers_only():
 
     w = torch.randn(40, 30).t()  # not contiguous, as the exporter's folded transposes are
     values = {
-        "w": ir.tensor(w), "w_copy": ir.tensor(w.contiguous().clone()), "w_other": ir.tensor(w + 1),
-        "scalar": ir.tensor(np.array(1, dtype=np.int64)), "one": ir.tensor(np.array([1], dtype=np.int64)),
-        "one_copy": ir.tensor(np.array([1], dtype=np.int64)), "one_i32": ir.tensor(np.array([1, 0], dtype=np.int32)),
+        "w": ir.tensor(w),
+        "w_copy": ir.tensor(w.contiguous().clone()),
+        "w_other": ir.tensor(w + 1),
+        "scalar": ir.tensor(np.array(1, dtype=np.int64)),
+        "one": ir.tensor(np.array([1], dtype=np.int64)),
+        "one_copy": ir.tensor(np.array([1], dtype=np.int64)),
+        "one_i32": ir.tensor(np.array([1, 0], dtype=np.int32)),
     }
     inits = [ir.Value(name=n, const_value=t) for n, t in values.items()]
     node = ir.Node("", "Identity", [inits[1]], name="use")

@@ -48,10 +48,14 @@ def test_lowered_step_exports_to_aten_and_decodes_like_the_engine(embedded):
     step = ExportableStep(fast.program, lower_ops=True).eval()
     with torch.no_grad():
         exported = torch.export.export(
-            step, example_inputs(fast.program, torch.device("cpu")), dynamic_shapes=dynamic_shapes(step.n_layers, 8, 256)
+            step,
+            example_inputs(fast.program, torch.device("cpu")),
+            dynamic_shapes=dynamic_shapes(step.n_layers, 8, 256),
         )
     namespaces = {
-        n.target.namespace for n in exported.graph.nodes if n.op == "call_function" and hasattr(n.target, "namespace")
+        n.target.namespace
+        for n in exported.graph.nodes
+        if n.op == "call_function" and hasattr(n.target, "namespace")
     }
     assert namespaces <= {"aten"}, namespaces
     info = step_graph_info(fast, "default")
@@ -105,9 +109,13 @@ def test_row_policy_programs_are_aten_and_decode_like_the_engine():
     targets = [{n.target for n in p.graph.nodes if n.op == "call_function"} for p in programs]
     namespaces = {t.namespace for ts in targets for t in ts if hasattr(t, "namespace")}
     assert namespaces <= {"aten"}, namespaces
-    assert any(torch.ops.aten.sort.stable in ts for ts in targets)  # the gating (select_top) is in the program
+    assert any(
+        torch.ops.aten.sort.stable in ts for ts in targets
+    )  # the gating (select_top) is in the program
     info = build.graph_info(fast, "default")
-    runner = PlanStepModel(TorchPlanBackend([p.module() for p in programs], "cpu"), info, plan_policy(info, None))
+    runner = PlanStepModel(
+        TorchPlanBackend([p.module() for p in programs], "cpu"), info, plan_policy(info, None)
+    )
     got = dyllm_fx.generate(runner, tok, prompts, **gen)
     assert torch.equal(got.sequences, expected.sequences)
     assert [r.kind for r in runner.engine.records] == [r.kind for r in fast.engine.records]

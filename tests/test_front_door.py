@@ -36,8 +36,14 @@ def llada():
 def _hf_causal_llama():
     transformers = pytest.importorskip("transformers")
     cfg = transformers.LlamaConfig(
-        vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, attn_implementation="sdpa",
+        vocab_size=50,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        attn_implementation="sdpa",
     )
     torch.manual_seed(0)
     return transformers.LlamaForCausalLM(cfg).eval()
@@ -72,7 +78,9 @@ def test_the_bidirectional_wrapper_passes_the_check():
 
 
 def test_missing_spec_message_points_to_the_bidirectional_wrapper():
-    with pytest.raises(TypeError, match=r"dyllm_fx\.models\.hf\.bidirectional\(model, mask_token_id=\.\.\.\)"):
+    with pytest.raises(
+        TypeError, match=r"dyllm_fx\.models\.hf\.bidirectional\(model, mask_token_id=\.\.\.\)"
+    ):
         dyllm_fx.generate(nn.Linear(2, 2), TOK, "12", **KW)
 
 
@@ -93,11 +101,15 @@ class _MaskedBlockLM(nn.Module):
         n = input_ids.shape[1]
         heads = lambda t: t.view(t.shape[0], n, 2, 8).transpose(1, 2)  # noqa: E731
         if self.flag:
-            ctx = F.scaled_dot_product_attention(heads(self.q(x)), heads(self.k(x)), heads(self.v(x)), is_causal=True)
+            ctx = F.scaled_dot_product_attention(
+                heads(self.q(x)), heads(self.k(x)), heads(self.v(x)), is_causal=True
+            )
         else:
             keep = torch.ones(n, n, dtype=torch.bool, device=x.device)
             mask = keep.tril() if self.causal else keep
-            ctx = F.scaled_dot_product_attention(heads(self.q(x)), heads(self.k(x)), heads(self.v(x)), attn_mask=mask)
+            ctx = F.scaled_dot_product_attention(
+                heads(self.q(x)), heads(self.k(x)), heads(self.v(x)), attn_mask=mask
+            )
         h = x + self.o(ctx.transpose(1, 2).reshape(x.shape))
         h = h + self.down(F.silu(self.up(h)))
         return self.head(h)
@@ -160,7 +172,9 @@ def test_gen_length_other_than_the_trained_window_warns(tiny_llada_dir):
     with warnings.catch_warnings():
         warnings.simplefilter("error", EmptyResponseWarning)
         dyllm_fx.generate(model, tok, "12", gen_length=8, block_length=8, progress=False, stop_at_eos=False)
-    with pytest.warns(EmptyResponseWarning, match=r"trained with a 8-token response window.*gen_length=16 differs"):
+    with pytest.warns(
+        EmptyResponseWarning, match=r"trained with a 8-token response window.*gen_length=16 differs"
+    ):
         dyllm_fx.generate(model, tok, "12", gen_length=16, block_length=8, progress=False)
 
 
@@ -168,7 +182,10 @@ def test_cli_gen_length_outside_the_window_warns_on_stderr(tiny_llada_dir, capsy
     folder = _with_training_window(tiny_llada_dir, 8)
     assert main(["generate", "12", "--model", str(folder), "--gen-length", "16", "--block-length", "8"]) == 0
     err = capsys.readouterr().err
-    assert "dyllm: warning: the model was trained with a 8-token response window" in err and "Traceback" not in err
+    assert (
+        "dyllm: warning: the model was trained with a 8-token response window" in err
+        and "Traceback" not in err
+    )
 
 
 def test_empty_response_with_tokens_after_eos_warns():
@@ -186,7 +203,9 @@ def test_empty_response_with_tokens_after_eos_warns():
 
 
 def test_max_new_tokens_is_gen_length(llada):
-    a = dyllm_fx.generate(llada, TOK, "12", max_new_tokens=8, block_length=8, progress=False, stop_at_eos=False)
+    a = dyllm_fx.generate(
+        llada, TOK, "12", max_new_tokens=8, block_length=8, progress=False, stop_at_eos=False
+    )
     b = dyllm_fx.generate(llada, TOK, "12", gen_length=8, block_length=8, progress=False, stop_at_eos=False)
     assert torch.equal(a.sequences, b.sequences) and a.sequences.shape[1] == 2 + 8
     with pytest.raises(ValueError, match="gen_length=16 and max_new_tokens=8 disagree"):
@@ -220,7 +239,10 @@ def test_policy_parameter_names_and_types_checked_before_the_trace(llada, monkey
     transform_module = sys.modules["dyllm_fx.transform"]  # the attribute dyllm_fx.transform is the function
 
     monkeypatch.setattr(transform_module, "capture_module", _no_load)
-    with pytest.raises(ValueError, match=r"bad parameters for policy 'dyllm': it has no parameter 'tua' \(did you mean 'tau'\?\).*tau=0\.99"):
+    with pytest.raises(
+        ValueError,
+        match=r"bad parameters for policy 'dyllm': it has no parameter 'tua' \(did you mean 'tau'\?\).*tau=0\.99",
+    ):
         dyllm_fx.transform(llada, policy="dual_cache+dyllm", tua=0.9)
     with pytest.raises(ValueError, match="policy 'fixed': it needs rows"):
         dyllm_fx.transform(llada, policy="fixed")
@@ -236,7 +258,10 @@ def test_valid_parameter_spellings_still_build():
     from dyllm_fx.runtime.policies import make_policy
 
     assert make_policy("dyllm", tau=1).tau == 1.0  # an int is a number
-    assert make_policy("es_dllm", skip_layers=(1, 2), keep=0.5).explicit == [(1, 0.5), (2, 0.5)]  # a float or a list
+    assert make_policy("es_dllm", skip_layers=(1, 2), keep=0.5).explicit == [
+        (1, 0.5),
+        (2, 0.5),
+    ]  # a float or a list
     assert make_policy("es_dllm", skip_layers=[1], keep=[0.25]).explicit == [(1, 0.25)]
     assert make_policy("fixed", rows=np.array([0, 2])).index.tolist() == [0, 2]
     assert make_policy("fixed", rows=torch.tensor([[1, 2]])).index.shape == (1, 2)
@@ -248,13 +273,17 @@ def test_valid_parameter_spellings_still_build():
 def test_transformed_model_is_in_eval_mode_and_not_transformed_twice(llada):
     fast = dyllm_fx.transform(llada)
     assert fast.training is False
-    with pytest.raises(ValueError, match=r"already transformed \(policy 'dense'\); transform the original model"):
+    with pytest.raises(
+        ValueError, match=r"already transformed \(policy 'dense'\); transform the original model"
+    ):
         dyllm_fx.transform(fast)
 
 
 def test_casting_a_transformed_model_names_the_way_that_works(llada):
     fast = dyllm_fx.transform(llada)
-    with pytest.raises(ValueError, match=r"cast the original model and transform it again: .*model\.to\(torch\.float64\)"):
+    with pytest.raises(
+        ValueError, match=r"cast the original model and transform it again: .*model\.to\(torch\.float64\)"
+    ):
         fast.to(torch.float64)
     with pytest.raises(ValueError, match="cannot be cast to torch.float16"):
         fast.half()
@@ -270,8 +299,13 @@ def test_casting_a_transformed_model_names_the_way_that_works(llada):
 
 @pytest.mark.parametrize(
     "kwargs,dtype",
-    [({"dtype": "float16"}, torch.float16), ({"dtype": "bf16"}, torch.bfloat16), ({"torch_dtype": "float32"}, torch.float32),
-     ({"dtype": "torch.float64"}, torch.float64), ({"torch_dtype": torch.bfloat16}, torch.bfloat16)],
+    [
+        ({"dtype": "float16"}, torch.float16),
+        ({"dtype": "bf16"}, torch.bfloat16),
+        ({"torch_dtype": "float32"}, torch.float32),
+        ({"dtype": "torch.float64"}, torch.float64),
+        ({"torch_dtype": torch.bfloat16}, torch.bfloat16),
+    ],
 )
 def test_string_dtypes_and_torch_dtype(tiny_llada_dir, kwargs, dtype):
     model, _ = dyllm_fx.load(tiny_llada_dir, device="cpu", **kwargs)
@@ -287,9 +321,13 @@ def test_dtype_auto_reads_the_config(tiny_llada_dir):
 
 @pytest.mark.parametrize(
     "kwargs,pattern",
-    [({"dtype": torch.int8}, "not a floating-point dtype"), ({"dtype": "float8"}, "unknown dtype 'float8'"),
-     ({"dtype": "float16", "torch_dtype": "bfloat16"}, "disagree"), ({"device": "tpu"}, "unknown device 'tpu'"),
-     ({"device": "cuda:7"}, "cuda")],
+    [
+        ({"dtype": torch.int8}, "not a floating-point dtype"),
+        ({"dtype": "float8"}, "unknown dtype 'float8'"),
+        ({"dtype": "float16", "torch_dtype": "bfloat16"}, "disagree"),
+        ({"device": "tpu"}, "unknown device 'tpu'"),
+        ({"device": "cuda:7"}, "cuda"),
+    ],
 )
 def test_bad_dtype_or_device_fails_before_reading_weights(tiny_llada_dir, monkeypatch, kwargs, pattern):
     import dyllm_fx.loading as loading
@@ -308,7 +346,10 @@ def test_cuda_without_a_gpu(tiny_llada_dir):
 
 
 def test_hub_id_gets_the_download_command():
-    with pytest.raises(FileNotFoundError, match=r"Hugging Face Hub id.*`hf download GSAI-ML/LLaDA-8B-Instruct --local-dir LLaDA-8B-Instruct`"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"Hugging Face Hub id.*`hf download GSAI-ML/LLaDA-8B-Instruct --local-dir LLaDA-8B-Instruct`",
+    ):
         dyllm_fx.load("GSAI-ML/LLaDA-8B-Instruct")
 
 
@@ -333,7 +374,9 @@ def test_hub_id_in_the_local_cache_loads(tiny_llada_dir, tmp_path, monkeypatch):
 def test_truncated_safetensors_names_the_file(tiny_llada_dir):
     weights = tiny_llada_dir / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
-    with pytest.raises(CheckpointError, match=r"model\.safetensors \(100 bytes\).*corrupt or truncated.*download it again"):
+    with pytest.raises(
+        CheckpointError, match=r"model\.safetensors \(100 bytes\).*corrupt or truncated.*download it again"
+    ):
         dyllm_fx.load(tiny_llada_dir, device="cpu")
 
 
@@ -387,9 +430,29 @@ def test_version(capsys):
 
 
 def test_generate_with_a_composed_policy_and_json(tiny_llada_dir, capsys):
-    rc, out, err = _cli(capsys, "generate", "12+3=", "kv:a1?a=", "--model", str(tiny_llada_dir), "--gen-length", "8",
-                        "--block-length", "4", "--policy", "dual_cache+dyllm", "--policy-arg", "tau=0.9",
-                        "--threads", "1", "--device", "cpu", "--dtype", "float32", "--json")
+    rc, out, err = _cli(
+        capsys,
+        "generate",
+        "12+3=",
+        "kv:a1?a=",
+        "--model",
+        str(tiny_llada_dir),
+        "--gen-length",
+        "8",
+        "--block-length",
+        "4",
+        "--policy",
+        "dual_cache+dyllm",
+        "--policy-arg",
+        "tau=0.9",
+        "--threads",
+        "1",
+        "--device",
+        "cpu",
+        "--dtype",
+        "float32",
+        "--json",
+    )
     assert rc == 0, err
     report = json.loads(out)
     assert report["policy"] == "dual_cache+dyllm" and report["policy_args"] == {"tau": 0.9}
@@ -406,8 +469,20 @@ def test_generate_policy_dense_gives_vanilla_tokens(tiny_llada_dir, capsys):
 
 
 def test_generate_dtype_float64_and_max_new_tokens(tiny_llada_dir, capsys):
-    rc, out, err = _cli(capsys, "generate", "12", "--model", str(tiny_llada_dir), "--max-new-tokens", "8",
-                        "--block-length", "8", "--dtype", "float64", "--json")
+    rc, out, err = _cli(
+        capsys,
+        "generate",
+        "12",
+        "--model",
+        str(tiny_llada_dir),
+        "--max-new-tokens",
+        "8",
+        "--block-length",
+        "8",
+        "--dtype",
+        "float64",
+        "--json",
+    )
     assert rc == 0, err
     assert json.loads(out)["decoding"]["gen_length"] == 8
 
@@ -429,19 +504,43 @@ def test_generate_errors_are_one_line_before_loading(tiny_llada_dir, capsys, mon
     import dyllm_fx.loading as loading
 
     monkeypatch.setattr(loading, "load", _no_load)
-    rc, _, err = _cli(capsys, "generate", "12", "--model", str(tiny_llada_dir), "--gen-length", "8", "--block-length", "8", *extra)
+    rc, _, err = _cli(
+        capsys,
+        "generate",
+        "12",
+        "--model",
+        str(tiny_llada_dir),
+        "--gen-length",
+        "8",
+        "--block-length",
+        "8",
+        *extra,
+    )
     assert rc == 2
     _one_error_line(err, "dyllm generate: error:", *needles)
 
 
 def test_remasking_on_dream_is_one_line(tiny_dream_dir, capsys):
-    rc, _, err = _cli(capsys, "generate", "12", "--model", str(tiny_dream_dir), "--gen-length", "8", "--remasking", "random")
+    rc, _, err = _cli(
+        capsys, "generate", "12", "--model", str(tiny_dream_dir), "--gen-length", "8", "--remasking", "random"
+    )
     assert rc == 2
     _one_error_line(err, "remasking='random' is a LLaDA sampler option")
 
 
 def test_dream_threshold_needs_maskgit_plus(tiny_dream_dir, capsys):
-    args = ["generate", "12", "--model", str(tiny_dream_dir), "--gen-length", "8", "--block-length", "8", "--threshold", "0.9"]
+    args = [
+        "generate",
+        "12",
+        "--model",
+        str(tiny_dream_dir),
+        "--gen-length",
+        "8",
+        "--block-length",
+        "8",
+        "--threshold",
+        "0.9",
+    ]
     rc, _, err = _cli(capsys, *args)
     assert rc == 2
     _one_error_line(err, "alg='maskgit_plus'")
@@ -461,7 +560,9 @@ def test_device_cuda_without_a_gpu_is_one_line(tiny_llada_dir, capsys):
 
 def test_corrupt_weights_are_one_line(tiny_llada_dir, capsys):
     (tiny_llada_dir / "model.safetensors").write_bytes(b"\x00" * 16)
-    rc, _, err = _cli(capsys, "generate", "12", "--model", str(tiny_llada_dir), "--gen-length", "8", "--block-length", "8")
+    rc, _, err = _cli(
+        capsys, "generate", "12", "--model", str(tiny_llada_dir), "--gen-length", "8", "--block-length", "8"
+    )
     assert rc == 2
     _one_error_line(err, "model.safetensors", "download it again")
 
@@ -483,7 +584,9 @@ def test_onnx_refuses_compile_and_dtype(tmp_path, capsys):
 
 def test_debug_shows_the_traceback(capsys):
     rc, _, err = _cli(capsys, "generate", "12", "--device", "tpu", "--debug")
-    assert rc == 2 and "Traceback" in err and err.rstrip().splitlines()[-1].startswith("dyllm generate: error:")
+    assert (
+        rc == 2 and "Traceback" in err and err.rstrip().splitlines()[-1].startswith("dyllm generate: error:")
+    )
     rc, _, err = _cli(capsys, "--debug", "info", "/no/such/folder")
     assert rc == 2 and "Traceback" in err
 
@@ -507,7 +610,18 @@ def test_ctrl_c_during_eval_exits_130(tiny_llada_dir, capsys, monkeypatch):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(evaluation, "evaluate_policy", interrupted)
-    rc, _, err = _cli(capsys, "eval", "--model", str(tiny_llada_dir), "--limit", "1", "--gen-length", "8", "--block-length", "8")
+    rc, _, err = _cli(
+        capsys,
+        "eval",
+        "--model",
+        str(tiny_llada_dir),
+        "--limit",
+        "1",
+        "--gen-length",
+        "8",
+        "--block-length",
+        "8",
+    )
     assert rc == 130 and "interrupted" in err and "Traceback" not in err
 
 
@@ -524,14 +638,44 @@ def test_eval_checks_policy_values_before_loading(capsys, monkeypatch):
 
 @pytest.mark.slow
 def test_eval_and_plot_accept_compositions(tiny_llada_dir, tmp_path, capsys):
-    rc, out, err = _cli(capsys, "eval", "--model", str(tiny_llada_dir), "--policy", "dual_cache+dyllm", "--limit", "2",
-                        "--gen-length", "8", "--block-length", "4", "--reference", "none", "--quiet")
+    rc, out, err = _cli(
+        capsys,
+        "eval",
+        "--model",
+        str(tiny_llada_dir),
+        "--policy",
+        "dual_cache+dyllm",
+        "--limit",
+        "2",
+        "--gen-length",
+        "8",
+        "--block-length",
+        "4",
+        "--reference",
+        "none",
+        "--quiet",
+    )
     assert rc == 0, err
     assert "policy dual_cache+dyllm:" in out
     pytest.importorskip("matplotlib")
     png = tmp_path / "s.png"
-    rc, _, err = _cli(capsys, "plot", "saliency", "--model", str(tiny_llada_dir), "--policy", "dual_cache+dyllm",
-                      "--prompt", "12+3=", "--gen-length", "8", "--block-length", "4", "--out", str(png))
+    rc, _, err = _cli(
+        capsys,
+        "plot",
+        "saliency",
+        "--model",
+        str(tiny_llada_dir),
+        "--policy",
+        "dual_cache+dyllm",
+        "--prompt",
+        "12+3=",
+        "--gen-length",
+        "8",
+        "--block-length",
+        "4",
+        "--out",
+        str(png),
+    )
     assert rc == 0, err
     assert png.stat().st_size > 0
 
@@ -577,9 +721,16 @@ print("ok")
 
 
 def test_help_and_version_do_not_import_torch():
-    argvs = [["--help"], ["--version"], *([cmd, "--help"] for cmd in ("generate", "info", "eval", "export", "bench", "plot")),
-             ["plot", "saliency", "--help"], ["plot", "pareto", "--help"]]
-    proc = subprocess.run([sys.executable, "-c", _NO_TORCH.format(argvs=argvs)], capture_output=True, text=True, timeout=120)
+    argvs = [
+        ["--help"],
+        ["--version"],
+        *([cmd, "--help"] for cmd in ("generate", "info", "eval", "export", "bench", "plot")),
+        ["plot", "saliency", "--help"],
+        ["plot", "pareto", "--help"],
+    ]
+    proc = subprocess.run(
+        [sys.executable, "-c", _NO_TORCH.format(argvs=argvs)], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-2000:]
 
 

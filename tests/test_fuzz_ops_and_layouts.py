@@ -70,15 +70,25 @@ def _query_mask(mask, rows):
 
 
 SHAPES = dict(
-    bsz=st.integers(1, 2), kv_heads=st.integers(1, 3), group=st.sampled_from([1, 2, 3]), seq_len=st.integers(1, 11),
-    d=st.sampled_from([2, 4, 8]), seed=st.integers(0, 2**16),
+    bsz=st.integers(1, 2),
+    kv_heads=st.integers(1, 3),
+    group=st.sampled_from([1, 2, 3]),
+    seq_len=st.integers(1, 11),
+    d=st.sampled_from([2, 4, 8]),
+    seed=st.integers(0, 2**16),
 )
 
 
 @OPS
-@given(**SHAPES, frac=st.sampled_from([0.0, 0.3, 0.7, 1.0]), mask_kind=st.sampled_from([None, "key", "full"]),
-       scale=st.sampled_from([None, 0.2]))
-def test_partial_attention_is_attention_of_the_rows(bsz, kv_heads, group, seq_len, d, seed, frac, mask_kind, scale):
+@given(
+    **SHAPES,
+    frac=st.sampled_from([0.0, 0.3, 0.7, 1.0]),
+    mask_kind=st.sampled_from([None, "key", "full"]),
+    scale=st.sampled_from([None, 0.2]),
+)
+def test_partial_attention_is_attention_of_the_rows(
+    bsz, kv_heads, group, seq_len, d, seed, frac, mask_kind, scale
+):
     g = _gen(seed)
     n = round(frac * seq_len)  # 0 rows (empty set) .. every row
     rows = _row_sets(bsz, n, seq_len, g)
@@ -97,8 +107,15 @@ def test_partial_attention_is_attention_of_the_rows(bsz, kv_heads, group, seq_le
 
 
 @OPS
-@given(bsz=st.integers(1, 2), seq_len=st.integers(1, 9), width=st.integers(1, 6), heads=st.integers(0, 2),
-       frac=st.sampled_from([0.0, 0.5, 1.0]), repeats=st.integers(0, 3), seed=st.integers(0, 2**16))
+@given(
+    bsz=st.integers(1, 2),
+    seq_len=st.integers(1, 9),
+    width=st.integers(1, 6),
+    heads=st.integers(0, 2),
+    frac=st.sampled_from([0.0, 0.5, 1.0]),
+    repeats=st.integers(0, 3),
+    seed=st.integers(0, 2**16),
+)
 def test_cache_write_rows_is_an_indexed_assignment(bsz, seq_len, width, heads, frac, repeats, seed):
     g = _gen(seed)
     n = round(frac * seq_len)
@@ -106,10 +123,12 @@ def test_cache_write_rows_is_an_indexed_assignment(bsz, seq_len, width, heads, f
     dim = 1 if heads == 0 else 2  # (B, L, D) hidden states or (B, KV, L, d) K/V
     shape = (bsz, seq_len, width) if dim == 1 else (bsz, heads, seq_len, width)
     cache = torch.randn(shape, generator=g)
-    values = torch.randn(*shape[:dim], n, *shape[dim + 1:], generator=g)
+    values = torch.randn(*shape[:dim], n, *shape[dim + 1 :], generator=g)
     if n and repeats:  # bucket padding: the last row repeated with identical values
         rows = torch.cat([rows, rows[:, -1:].expand(-1, repeats)], 1)
-        values = torch.cat([values, values.narrow(dim, n - 1, 1).expand(*[-1] * dim, repeats, *shape[dim + 1:])], dim)
+        values = torch.cat(
+            [values, values.narrow(dim, n - 1, 1).expand(*[-1] * dim, repeats, *shape[dim + 1 :])], dim
+        )
     want = cache.clone()
     for b in range(bsz):
         for a, r in enumerate(rows[b].tolist()):
@@ -120,9 +139,16 @@ def test_cache_write_rows_is_an_indexed_assignment(bsz, seq_len, width, heads, f
 
 
 @OPS
-@given(bsz=st.integers(1, 2), n_rows=st.integers(1, 11), heads=st.integers(0, 3), d=st.sampled_from([1, 4]),
-       tau=st.sampled_from([0.0, 0.5, 0.9, 0.999, 1.0]), bounds=st.tuples(st.floats(0, 1), st.floats(0, 1)),
-       noise=st.sampled_from([0.0, 0.05, 1.0]), seed=st.integers(0, 2**16))
+@given(
+    bsz=st.integers(1, 2),
+    n_rows=st.integers(1, 11),
+    heads=st.integers(0, 3),
+    d=st.sampled_from([1, 4]),
+    tau=st.sampled_from([0.0, 0.5, 0.9, 0.999, 1.0]),
+    bounds=st.tuples(st.floats(0, 1), st.floats(0, 1)),
+    noise=st.sampled_from([0.0, 0.05, 1.0]),
+    seed=st.integers(0, 2**16),
+)
 def test_saliency_is_cosine_below_tau(bsz, n_rows, heads, d, tau, bounds, noise, seed):
     g = _gen(seed)
     start, end = sorted(round(b * n_rows) for b in bounds)  # start == end: no candidates
@@ -135,14 +161,21 @@ def test_saliency_is_cosine_below_tau(bsz, n_rows, heads, d, tau, bounds, noise,
     torch.testing.assert_close(cos.double(), want_cos, rtol=1e-5, atol=1e-5)
     assert indices.shape == (bsz, end - start) and indices.dtype == count.dtype == torch.int64
     for b in range(bsz):
-        salient = [n for n in range(start, end) if cos[b, n] < tau]  # on the op's own cosines: no flips at tau
+        salient = [
+            n for n in range(start, end) if cos[b, n] < tau
+        ]  # on the op's own cosines: no flips at tau
         assert count[b] == len(salient)
         assert indices[b].tolist() == salient + [-1] * (end - start - len(salient))
 
 
 @OPS
-@given(**SHAPES, n_changed=st.integers(0, 11), n_salient=st.integers(0, 11), mask_kind=st.sampled_from([None, "key", "full"]),
-       pad=st.booleans())
+@given(
+    **SHAPES,
+    n_changed=st.integers(0, 11),
+    n_salient=st.integers(0, 11),
+    mask_kind=st.sampled_from([None, "key", "full"]),
+    pad=st.booleans(),
+)
 def test_approx_attention_is_cached_context_plus_weighted_value_change(
     bsz, kv_heads, group, seq_len, d, seed, n_changed, n_salient, mask_kind, pad
 ):
@@ -206,19 +239,32 @@ def _check_dense_transform(model, seed):
 
 
 LAYOUT = dict(
-    n_layers=st.integers(1, 3), kv_heads=st.sampled_from([1, 2]), group=st.sampled_from([1, 2, 3]),
-    head_dim=st.sampled_from([2, 4, 8]), mlp=st.integers(4, 40), tied=st.booleans(), seed=st.integers(0, 2**16),
+    n_layers=st.integers(1, 3),
+    kv_heads=st.sampled_from([1, 2]),
+    group=st.sampled_from([1, 2, 3]),
+    head_dim=st.sampled_from([2, 4, 8]),
+    mlp=st.integers(4, 40),
+    tied=st.booleans(),
+    seed=st.integers(0, 2**16),
 )
 
 
 @pytest.mark.slow
 @PASSES
 @given(**LAYOUT, qkv_bias=st.booleans())
-def test_random_llada_layouts_transform_to_the_same_logits(n_layers, kv_heads, group, head_dim, mlp, tied, seed, qkv_bias):
+def test_random_llada_layouts_transform_to_the_same_logits(
+    n_layers, kv_heads, group, head_dim, mlp, tied, seed, qkv_bias
+):
     heads = kv_heads * group
     cfg = tiny_llada_config(
-        VOCAB, d_model=heads * head_dim, n_heads=heads, n_kv_heads=kv_heads, n_layers=n_layers, mlp_hidden_size=mlp,
-        weight_tying=tied, include_qkv_bias=qkv_bias,
+        VOCAB,
+        d_model=heads * head_dim,
+        n_heads=heads,
+        n_kv_heads=kv_heads,
+        n_layers=n_layers,
+        mlp_hidden_size=mlp,
+        weight_tying=tied,
+        include_qkv_bias=qkv_bias,
     )
     model = randomize_(dyllm_fx.models.LLaDAModelLM(cfg), seed)
     _check_dense_transform(model, seed)
@@ -227,11 +273,18 @@ def test_random_llada_layouts_transform_to_the_same_logits(n_layers, kv_heads, g
 @pytest.mark.slow
 @PASSES
 @given(**LAYOUT)
-def test_random_dream_layouts_transform_to_the_same_logits(n_layers, kv_heads, group, head_dim, mlp, tied, seed):
+def test_random_dream_layouts_transform_to_the_same_logits(
+    n_layers, kv_heads, group, head_dim, mlp, tied, seed
+):
     heads = kv_heads * group
     cfg = tiny_dream_config(
-        VOCAB, hidden_size=heads * head_dim, num_attention_heads=heads, num_key_value_heads=kv_heads,
-        num_hidden_layers=n_layers, intermediate_size=mlp, tie_word_embeddings=tied,
+        VOCAB,
+        hidden_size=heads * head_dim,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        num_hidden_layers=n_layers,
+        intermediate_size=mlp,
+        tie_word_embeddings=tied,
     )
     model = randomize_(dyllm_fx.models.DreamModel(cfg), seed)
     fast = _check_dense_transform(model, seed)
@@ -248,7 +301,13 @@ def test_single_head_single_layer_model(arch):
         cfg = tiny_llada_config(VOCAB, d_model=4, n_heads=1, n_kv_heads=1, n_layers=1, mlp_hidden_size=4)
         model = randomize_(dyllm_fx.models.LLaDAModelLM(cfg), 1)
     else:
-        cfg = tiny_dream_config(VOCAB, hidden_size=4, num_attention_heads=1, num_key_value_heads=1,
-                                num_hidden_layers=1, intermediate_size=4)
+        cfg = tiny_dream_config(
+            VOCAB,
+            hidden_size=4,
+            num_attention_heads=1,
+            num_key_value_heads=1,
+            num_hidden_layers=1,
+            intermediate_size=4,
+        )
         model = randomize_(dyllm_fx.models.DreamModel(cfg), 1)
     _check_dense_transform(model, 1)

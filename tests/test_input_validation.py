@@ -45,7 +45,10 @@ def dense_llada(llada):
 
 @pytest.mark.parametrize(
     "fields",
-    [{"model_type": None, "architectures": None}, {"model_type": "mistral", "architectures": ["MistralForCausalLM"]}],
+    [
+        {"model_type": None, "architectures": None},
+        {"model_type": "mistral", "architectures": ["MistralForCausalLM"]},
+    ],
     ids=["no-fields", "mistral"],
 )
 def test_unknown_architecture_names_the_way_out(tiny_llada_dir, fields):
@@ -110,14 +113,21 @@ class _Blocks(nn.Module):
         self.emb = nn.Embedding(20, 16)
         names = ("q", "k", "v", "o", "up", "down")
         self.blocks = nn.ModuleList(
-            nn.ModuleDict({n: nn.Linear(16, 32) if n == "up" else nn.Linear(32 if n == "down" else 16, 16) for n in names})
+            nn.ModuleDict(
+                {
+                    n: nn.Linear(16, 32) if n == "up" else nn.Linear(32 if n == "down" else 16, 16)
+                    for n in names
+                }
+            )
             for _ in range(2)
         )
         self.head = nn.Linear(16, 20)
 
     def attn(self, blk, x):
         b, t, _ = x.shape
-        ctx = F.scaled_dot_product_attention(_heads(blk["q"](x), b, t), _heads(blk["k"](x), b, t), _heads(blk["v"](x), b, t))
+        ctx = F.scaled_dot_product_attention(
+            _heads(blk["q"](x), b, t), _heads(blk["k"](x), b, t), _heads(blk["v"](x), b, t)
+        )
         return blk["o"](ctx.transpose(1, 2).reshape(b, t, 16))
 
     def mlp(self, blk, x):
@@ -190,7 +200,9 @@ def test_row_wise_op_between_blocks_is_recomputed_exactly():
 # --------------------------------------------------------------------------- policy parameters
 
 
-@pytest.mark.skipif("dyllm" not in POLICIES, reason="the DyLLM policy is not registered yet (runtime/policies)")
+@pytest.mark.skipif(
+    "dyllm" not in POLICIES, reason="the DyLLM policy is not registered yet (runtime/policies)"
+)
 @pytest.mark.parametrize("tau", [1.5, 0.0, -0.1])
 def test_dyllm_tau_outside_unit_interval(llada, tau):
     with pytest.raises(ValueError, match="tau") as err:
@@ -212,13 +224,33 @@ def test_es_dllm_skip_layer_beyond_the_model(llada):
 @pytest.mark.parametrize(
     "kwargs, exc, pattern",
     [
-        (dict(gen_length=16, block_length=0, steps=16), ValueError, r"block_length must be positive .*e\.g\. use block_length=16"),
+        (
+            dict(gen_length=16, block_length=0, steps=16),
+            ValueError,
+            r"block_length must be positive .*e\.g\. use block_length=16",
+        ),
         (dict(gen_length=16, block_length=-4, steps=16), ValueError, "block_length must be positive"),
-        (dict(gen_length=16, block_length=6, steps=16), ValueError, r"block_length=6 must divide gen_length=16; e\.g\. use block_length=4"),
-        (dict(gen_length=16, block_length=4, steps=6), ValueError, r"steps=6 must be a positive multiple .*e\.g\. steps=8"),
+        (
+            dict(gen_length=16, block_length=6, steps=16),
+            ValueError,
+            r"block_length=6 must divide gen_length=16; e\.g\. use block_length=4",
+        ),
+        (
+            dict(gen_length=16, block_length=4, steps=6),
+            ValueError,
+            r"steps=6 must be a positive multiple .*e\.g\. steps=8",
+        ),
         (dict(gen_length=16, block_length=4, steps=-4), ValueError, "steps=-4 must be a positive multiple"),
-        (dict(gen_length=16, block_length=4, steps=8.0), TypeError, r"steps must be an integer, got 8\.0 .*int\(8\.0\)"),
-        (dict(gen_length="16", block_length=4, steps=8), TypeError, "gen_length must be an integer, got '16'"),
+        (
+            dict(gen_length=16, block_length=4, steps=8.0),
+            TypeError,
+            r"steps must be an integer, got 8\.0 .*int\(8\.0\)",
+        ),
+        (
+            dict(gen_length="16", block_length=4, steps=8),
+            TypeError,
+            "gen_length must be an integer, got '16'",
+        ),
         (dict(gen_length=16, block_length=4.5, steps=8), TypeError, "block_length must be an integer"),
         (dict(gen_length=0, block_length=None, steps=4), ValueError, "gen_length must be positive"),
     ],
@@ -231,7 +263,9 @@ def test_generate_rejects_bad_schedule(llada, kwargs, exc, pattern):
 def test_schedule_accepts_integer_like_numbers(llada):
     import numpy as np
 
-    a = dyllm_fx.generate(llada, TOK, "ab", gen_length=np.int64(8), block_length=torch.tensor(4), steps=np.int32(4), **KW)
+    a = dyllm_fx.generate(
+        llada, TOK, "ab", gen_length=np.int64(8), block_length=torch.tensor(4), steps=np.int32(4), **KW
+    )
     b = dyllm_fx.generate(llada, TOK, "ab", gen_length=8, block_length=4, steps=4, **KW)
     assert torch.equal(a.sequences, b.sequences)
 
@@ -239,7 +273,11 @@ def test_schedule_accepts_integer_like_numbers(llada):
 @pytest.mark.parametrize(
     "prompts, exc, pattern",
     [
-        (torch.tensor([[5, 6, 7]]), TypeError, r"prompts must be a string or a list of strings, got a \(1, 3\) tensor"),
+        (
+            torch.tensor([[5, 6, 7]]),
+            TypeError,
+            r"prompts must be a string or a list of strings, got a \(1, 3\) tensor",
+        ),
         (["ab", 7], TypeError, "a list holding int 7"),
         (["ab", None], TypeError, "list of strings"),
         (["ab", "", "cd", ""], ValueError, r"prompts \[1, 3\] are empty"),
@@ -255,9 +293,15 @@ def test_generate_rejects_bad_prompts(llada, prompts, exc, pattern):
 @pytest.mark.parametrize("arch", ["llada", "dream"])
 def test_window_overflow_through_a_transformed_model(arch):
     """The window check reads the spec the transformed model carries (Dream: max_position_embeddings)."""
-    model = tiny_llada(0, max_sequence_length=24) if arch == "llada" else tiny_dream(0, max_position_embeddings=24)
+    model = (
+        tiny_llada(0, max_sequence_length=24)
+        if arch == "llada"
+        else tiny_dream(0, max_position_embeddings=24)
+    )
     fast = dyllm_fx.transform(model)
-    with pytest.raises(ValueError, match=r"prompt \(10 tokens\) \+ gen_length \(16\) = 26 exceeds the model's window of 24"):
+    with pytest.raises(
+        ValueError, match=r"prompt \(10 tokens\) \+ gen_length \(16\) = 26 exceeds the model's window of 24"
+    ):
         dyllm_fx.generate(fast, TOK, "rev:abcde=", gen_length=16, block_length=8, **KW)
     out = dyllm_fx.generate(fast, TOK, "rev:abcde=", gen_length=8, block_length=8, **KW)  # 18 fits
     assert out.sequences.shape == (1, 18)
@@ -303,8 +347,6 @@ def test_a_float64_model_is_fine():
     assert fast.cache.k[0].dtype == torch.float64
 
 
-
-
 def test_transform_rejects_mixed_parameter_dtypes():
     model = tiny_llada(0)
     model.model.transformer.blocks[0].up_proj.double()
@@ -344,14 +386,26 @@ def _onnx_loader():
 
 
 needs_onnx_loader = pytest.mark.skipif(
-    _onnx_loader() is None or importlib.util.find_spec("onnx") is None or importlib.util.find_spec("onnxruntime") is None,
+    _onnx_loader() is None
+    or importlib.util.find_spec("onnx") is None
+    or importlib.util.find_spec("onnxruntime") is None,
     reason="needs dyllm_fx.export.load_onnx, onnx and onnxruntime",
 )
 
 STEP_METADATA = dict(  # a complete, well-formed set of dyllm.* keys for a one-input graph
-    format="dyllm-step/1", mask_token_id="3", eos_token_ids="[1]", logits_shift="0", policy="dense",
-    policy_config="{}", n_layers="1", hidden_size="4", kv_shapes="[[[1, 4], [1, 4]]]", hidden_dtype="float32",
-    kv_dtype="float32", inputs='["x"]', outputs='["y"]',
+    format="dyllm-step/1",
+    mask_token_id="3",
+    eos_token_ids="[1]",
+    logits_shift="0",
+    policy="dense",
+    policy_config="{}",
+    n_layers="1",
+    hidden_size="4",
+    kv_shapes="[[[1, 4], [1, 4]]]",
+    hidden_dtype="float32",
+    kv_dtype="float32",
+    inputs='["x"]',
+    outputs='["y"]',
 )
 
 
@@ -373,8 +427,14 @@ def _relu_graph(path, metadata: dict | None):
 @pytest.mark.parametrize(
     "changes, pattern",
     [
-        ({"format": "dyllm-step/0"}, r"format 'dyllm-step/0'; this dyllm-fx reads 'dyllm-step/1'\. Export it again"),
-        ({"inputs": '["input_ids"]'}, r"its inputs \['x'\] differ from those its metadata lists \['input_ids'\]; export it again"),
+        (
+            {"format": "dyllm-step/0"},
+            r"format 'dyllm-step/0'; this dyllm-fx reads 'dyllm-step/1'\. Export it again",
+        ),
+        (
+            {"inputs": '["input_ids"]'},
+            r"its inputs \['x'\] differ from those its metadata lists \['input_ids'\]; export it again",
+        ),
     ],
     ids=["other-format-version", "inputs-differ-from-metadata"],
 )

@@ -39,7 +39,6 @@ from dyllm_fx.kernels.gathered_mlp import gathered_rows_apply
 ops = torch.ops.dyllm
 
 
-
 def _gen(seed=0):
     return torch.Generator().manual_seed(seed)
 
@@ -124,7 +123,9 @@ def test_partial_attention_subset_is_rows_of_full(kv_heads, mask_kind):
     bsz, heads, seq_len = 2, 4, 9
     q_all, k, v = _qkv(bsz, heads, kv_heads, seq_len, seq_len, seed=4)
     mask = {None: None, "key": _key_mask(bsz, seq_len), "full": _full_mask(bsz, seq_len, seed=5)}[mask_kind]
-    full = F.scaled_dot_product_attention(q_all, k, v, attn_mask=mask, scale=0.3, enable_gqa=kv_heads != heads)
+    full = F.scaled_dot_product_attention(
+        q_all, k, v, attn_mask=mask, scale=0.3, enable_gqa=kv_heads != heads
+    )
     rows = _rows(bsz, 4, seq_len, seed=6)
     q = gather_rows(q_all, rows, 2)
     got = ops.partial_attention(q, k, v, rows, mask, 0.3)
@@ -171,21 +172,33 @@ def test_dispatch_functions_equal_the_ops_on_cpu():
     changed = torch.tensor([[7, 8, 8], [4, 6, 9]])
     q_rows = torch.arange(4, 9).expand(bsz, -1)
     args = (qa, k, changed, dv, cached, changed, exact, mask, None)
-    for a, b in zip(dispatch.approx_attention(*args, q_rows=q_rows), ops.approx_attention(*args, q_rows=q_rows)):
+    for a, b in zip(
+        dispatch.approx_attention(*args, q_rows=q_rows), ops.approx_attention(*args, q_rows=q_rows)
+    ):
         torch.testing.assert_close(a, b)
     c1, c2 = torch.zeros(bsz, kv_heads, seq_len, d), torch.zeros(bsz, kv_heads, seq_len, d)
     dispatch.cache_write_rows(c1, rows, v[:, :, :3], 2)
     ops.cache_write_rows(c2, rows, v[:, :, :3], 2)
     torch.testing.assert_close(c1, c2)
-    assert dispatch.approx_attention.op._qualname == "dyllm::approx_attention"  # CUDA tensors take the registered op
+    assert (
+        dispatch.approx_attention.op._qualname == "dyllm::approx_attention"
+    )  # CUDA tensors take the registered op
 
 
 def test_one_table_names_every_registered_op():
     from dyllm_fx.kernels.dispatch import KERNELS, REGISTERED
 
-    assert set(KERNELS) == set(REGISTERED) == {
-        "cache_write_rows", "partial_attention", "partial_attention_stats", "saliency", "approx_attention"
-    }
+    assert (
+        set(KERNELS)
+        == set(REGISTERED)
+        == {
+            "cache_write_rows",
+            "partial_attention",
+            "partial_attention_stats",
+            "saliency",
+            "approx_attention",
+        }
+    )
 
 
 # ==========================================================================================
@@ -195,24 +208,40 @@ def test_one_table_names_every_registered_op():
 # interpreter, CUDA compiled (``pytest -m cuda`` on a GPU machine, without TRITON_INTERPRET).
 NO_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 KERNEL_DEVICES = [
-    pytest.param("cpu", marks=pytest.mark.skipif(
-        not (HAS_TRITON and INTERPRET),
-        reason="on CPU the Triton kernels run through the Triton interpreter: "
-        + ("`import triton` failed" if not HAS_TRITON else "TRITON_INTERPRET=1 was not set when the kernels were imported"),
-    )),
-    pytest.param("cuda", marks=[pytest.mark.cuda, NO_CUDA, pytest.mark.skipif(
-        not HAS_TRITON or INTERPRET, reason="compiled kernels on CUDA need triton and TRITON_INTERPRET unset",
-    )]),
+    pytest.param(
+        "cpu",
+        marks=pytest.mark.skipif(
+            not (HAS_TRITON and INTERPRET),
+            reason="on CPU the Triton kernels run through the Triton interpreter: "
+            + (
+                "`import triton` failed"
+                if not HAS_TRITON
+                else "TRITON_INTERPRET=1 was not set when the kernels were imported"
+            ),
+        ),
+    ),
+    pytest.param(
+        "cuda",
+        marks=[
+            pytest.mark.cuda,
+            NO_CUDA,
+            pytest.mark.skipif(
+                not HAS_TRITON or INTERPRET,
+                reason="compiled kernels on CUDA need triton and TRITON_INTERPRET unset",
+            ),
+        ],
+    ),
 ]
 on_kernel_devices = pytest.mark.parametrize("device", KERNEL_DEVICES)
 # Ops that dispatch by device: the plain-torch path on CPU, the Triton registration on CUDA.
-OP_DEVICES = pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, NO_CUDA])])
+OP_DEVICES = pytest.mark.parametrize(
+    "device", ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, NO_CUDA])]
+)
 # GPU fp32 sums run in another order than the reference's; 16-bit inputs round on the way in.
 KERNEL_TOL = {"cpu": 1e-5, "cuda": 1e-4}
 HALF_TOL = {torch.float16: 2e-2, torch.bfloat16: 3e-2}
 SETTINGS = settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 LENGTHS = st.sampled_from([5, 7, 13])
-
 
 
 def _tk_gen(seed):
@@ -252,15 +281,23 @@ def _on(device, *tensors):
 
 @on_kernel_devices
 @SETTINGS
-@given(seq_len=LENGTHS, bsz=st.integers(1, 2), heads=st.integers(1, 3), d=st.sampled_from([3, 8]),
-       frac=st.floats(0, 1), dim=st.sampled_from([1, 2]), repeat=st.booleans(), seed=st.integers(0, 2**16))
+@given(
+    seq_len=LENGTHS,
+    bsz=st.integers(1, 2),
+    heads=st.integers(1, 3),
+    d=st.sampled_from([3, 8]),
+    frac=st.floats(0, 1),
+    dim=st.sampled_from([1, 2]),
+    repeat=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
 def test_triton_cache_write_rows_matches_reference(device, seq_len, bsz, heads, d, frac, dim, repeat, seed):
     g = _tk_gen(seed)
     n = max(1, round(frac * seq_len))  # 1 row .. all rows
     rows = _tk_rows(bsz, n, seq_len, g)
     shape = (bsz, heads, seq_len, d) if dim == 2 else (bsz, seq_len, heads * d)
     cache = torch.randn(shape, generator=g)
-    values = torch.randn(*shape[:dim], n, *shape[dim + 1:], generator=g)
+    values = torch.randn(*shape[:dim], n, *shape[dim + 1 :], generator=g)
     if repeat:  # padding by repeating the last row (identical values)
         rows = torch.cat([rows, rows[:, -1:]], 1)
         values = torch.cat([values, values.narrow(dim, n - 1, 1)], dim)
@@ -276,9 +313,17 @@ def test_triton_cache_write_rows_matches_reference(device, seq_len, bsz, heads, 
 
 @on_kernel_devices
 @SETTINGS
-@given(seq_len=LENGTHS, bsz=st.integers(1, 2), kv_heads=st.integers(1, 2), group=st.sampled_from([1, 2]),
-       frac=st.floats(0, 1), d=st.sampled_from([4, 8]), mask_kind=st.sampled_from([None, "key", "full", "float"]),
-       scale=st.sampled_from([None, 0.3]), seed=st.integers(0, 2**16))
+@given(
+    seq_len=LENGTHS,
+    bsz=st.integers(1, 2),
+    kv_heads=st.integers(1, 2),
+    group=st.sampled_from([1, 2]),
+    frac=st.floats(0, 1),
+    d=st.sampled_from([4, 8]),
+    mask_kind=st.sampled_from([None, "key", "full", "float"]),
+    scale=st.sampled_from([None, 0.3]),
+    seed=st.integers(0, 2**16),
+)
 def test_triton_partial_attention_matches_reference(
     device, seq_len, bsz, kv_heads, group, frac, d, mask_kind, scale, seed
 ):
@@ -312,7 +357,9 @@ def test_partial_attention_stats_are_the_log_sum_exp():
         _close(m + l.log(), torch.logsumexp(s, -1))
         _close(out, ops.partial_attention(q, k, v, rows, mask, None))
         if HAS_TRITON and INTERPRET:  # falls back to the reference for the per-head mask
-            for x, y in zip(pa.triton_partial_attention(q, k, v, rows, mask, None, return_stats=True), (out, m, l)):
+            for x, y in zip(
+                pa.triton_partial_attention(q, k, v, rows, mask, None, return_stats=True), (out, m, l)
+            ):
                 _close(x, y)
 
 
@@ -321,8 +368,15 @@ def test_partial_attention_stats_are_the_log_sum_exp():
 
 @on_kernel_devices
 @SETTINGS
-@given(n_rows=LENGTHS, bsz=st.integers(1, 2), heads=st.sampled_from([0, 1, 3]), d=st.sampled_from([5, 8]),
-       tau=st.floats(-0.5, 1.0), bounds=st.tuples(st.floats(0, 1), st.floats(0, 1)), seed=st.integers(0, 2**16))
+@given(
+    n_rows=LENGTHS,
+    bsz=st.integers(1, 2),
+    heads=st.sampled_from([0, 1, 3]),
+    d=st.sampled_from([5, 8]),
+    tau=st.floats(-0.5, 1.0),
+    bounds=st.tuples(st.floats(0, 1), st.floats(0, 1)),
+    seed=st.integers(0, 2**16),
+)
 def test_triton_saliency_matches_reference(device, n_rows, bsz, heads, d, tau, bounds, seed):
     g = _tk_gen(seed)
     start, end = sorted(round(b * n_rows) for b in bounds)
@@ -378,10 +432,18 @@ def _approx_inputs(bsz, kv_heads, group, n_rows, n_changed, d, g, salient="chang
 
 @on_kernel_devices
 @SETTINGS
-@given(n_rows=LENGTHS, bsz=st.integers(1, 2), kv_heads=st.integers(1, 2), group=st.sampled_from([1, 2]),
-       frac=st.floats(0, 1), mask_kind=st.sampled_from([None, "key", "full"]),
-       salient=st.sampled_from(["changed", "other", "none"]), pad=st.booleans(), cached_stats=st.booleans(),
-       seed=st.integers(0, 2**16))
+@given(
+    n_rows=LENGTHS,
+    bsz=st.integers(1, 2),
+    kv_heads=st.integers(1, 2),
+    group=st.sampled_from([1, 2]),
+    frac=st.floats(0, 1),
+    mask_kind=st.sampled_from([None, "key", "full"]),
+    salient=st.sampled_from(["changed", "other", "none"]),
+    pad=st.booleans(),
+    cached_stats=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
 def test_triton_approx_attention_matches_reference(
     device, n_rows, bsz, kv_heads, group, frac, mask_kind, salient, pad, cached_stats, seed
 ):
@@ -405,8 +467,13 @@ def test_triton_approx_attention_matches_reference(
 
 @pytest.mark.slow
 @SETTINGS
-@given(n_rows=st.integers(3, 17), mask_kind=st.sampled_from([None, "key", "full"]), cached_stats=st.booleans(),
-       seed=st.integers(0, 2**16), data=st.data())
+@given(
+    n_rows=st.integers(3, 17),
+    mask_kind=st.sampled_from([None, "key", "full"]),
+    cached_stats=st.booleans(),
+    seed=st.integers(0, 2**16),
+    data=st.data(),
+)
 def test_approx_attention_query_range_equals_slice_of_all_rows(n_rows, mask_kind, cached_stats, seed, data):
     """Querying only rows [q0, q1) gives exactly those rows of the all-rows call (reference and,
     where Triton imports, the kernel); so does any row set, here the span reversed with a repeat."""
@@ -425,7 +492,9 @@ def test_approx_attention_query_range_equals_slice_of_all_rows(n_rows, mask_kind
     sub[0], sub[4] = args[0][:, :, q0:q1], args[4][:, :, q0:q1]
     sub_extra = extra if not cached_stats else [extra[0], extra[1][:, :, q0:q1], extra[2][:, :, q0:q1]]
     want = (full[0][:, :, q0:q1], full[1][:, q0:q1], full[2][:, :, q0:q1], full[3][:, :, q0:q1])
-    impls = [aa.approx_attention_reference] + ([aa.triton_approx_attention] if HAS_TRITON and INTERPRET else [])
+    impls = [aa.approx_attention_reference] + (
+        [aa.triton_approx_attention] if HAS_TRITON and INTERPRET else []
+    )
     q_rows = torch.arange(q0, q1).expand(2, -1)
     for impl in impls:
         for x, y in zip(impl(*sub, mask, None, *sub_extra, q_rows=q_rows), want):
@@ -440,12 +509,17 @@ def test_approx_attention_query_range_equals_slice_of_all_rows(n_rows, mask_kind
             _close(x, y)
 
 
-@pytest.mark.parametrize("device, half", [
-    pytest.param(*KERNEL_DEVICES[0].values, torch.float16, marks=KERNEL_DEVICES[0].marks),
-    # the interpreter's tl.dot mishandles bf16 (numpy has no bf16): bf16 on a GPU only
-    *(pytest.param(*KERNEL_DEVICES[1].values, dtype, marks=KERNEL_DEVICES[1].marks)
-      for dtype in (torch.float16, torch.bfloat16)),
-])
+@pytest.mark.parametrize(
+    "device, half",
+    [
+        pytest.param(*KERNEL_DEVICES[0].values, torch.float16, marks=KERNEL_DEVICES[0].marks),
+        # the interpreter's tl.dot mishandles bf16 (numpy has no bf16): bf16 on a GPU only
+        *(
+            pytest.param(*KERNEL_DEVICES[1].values, dtype, marks=KERNEL_DEVICES[1].marks)
+            for dtype in (torch.float16, torch.bfloat16)
+        ),
+    ],
+)
 def test_triton_kernels_in_half_precision(device, half):
     """16-bit inputs (fp32 accumulation inside) against the reference on the same inputs."""
     tol = 2e-3 if device == "cpu" else HALF_TOL[half]
@@ -455,8 +529,12 @@ def test_triton_kernels_in_half_precision(device, half):
     out = pa.triton_partial_attention(q, k, v, rows, mask, None)
     assert out.dtype == half
     _close(out.float(), pa.partial_attention_reference(q, k, v, rows, mask, None).float(), tol)
-    args = _on(device, *(x.to(half) if x.is_floating_point() else x for x in _approx_inputs(2, 2, 2, 7, 3, 8, g)))
-    for x, y in zip(aa.triton_approx_attention(*args, mask, None), aa.approx_attention_reference(*args, mask, None)):
+    args = _on(
+        device, *(x.to(half) if x.is_floating_point() else x for x in _approx_inputs(2, 2, 2, 7, 3, 8, g))
+    )
+    for x, y in zip(
+        aa.triton_approx_attention(*args, mask, None), aa.approx_attention_reference(*args, mask, None)
+    ):
         assert x.dtype == y.dtype
         _close(x.float(), y.float(), tol)
 
@@ -600,7 +678,9 @@ def test_export_keeps_the_ops():
     class Step(torch.nn.Module):
         def forward(self, q, k, changed, dv_rows, cached_ctx, mask):
             salient_ctx = cached_ctx[:, :, :2]
-            ctx, stats, m, l = ops.approx_attention(q, k, changed, dv_rows, cached_ctx, changed, salient_ctx, mask, None)
+            ctx, stats, m, l = ops.approx_attention(
+                q, k, changed, dv_rows, cached_ctx, changed, salient_ctx, mask, None
+            )
             indices, count, cos = ops.saliency(ctx, cached_ctx, 0.9, 2, 7)
             return ctx, indices, count
 
@@ -619,13 +699,15 @@ def test_export_keeps_the_ops():
     reason="the CUDA (Triton) kernels register only with triton importable and without DYLLM_TRITON=0",
 )
 @pytest.mark.parametrize(
-    "name", ["cache_write_rows", "partial_attention", "partial_attention_stats", "saliency", "approx_attention"]
+    "name",
+    ["cache_write_rows", "partial_attention", "partial_attention_stats", "saliency", "approx_attention"],
 )
 def test_cuda_kernels_are_registered(name):
     assert torch._C._dispatch_has_kernel_for_dispatch_key(f"dyllm::{name}", "CUDA")
 
 
 # --- on a GPU: the ops reach the Triton kernels, compile whole, and hold at GPU sizes --------
+
 
 def cuda_only(test):
     """Marked ``cuda``; skipped without a CUDA device or triton."""
@@ -637,7 +719,9 @@ def cuda_only(test):
 def _cuda_op_calls() -> dict:
     """Per op name: (op arguments, the Triton launcher the op should run), on CUDA tensors."""
     g = _tk_gen(500)
-    q, k, v = _on("cuda", *(torch.randn(s, generator=g) for s in [(2, 4, 3, 16), (2, 2, 13, 16), (2, 2, 13, 16)]))
+    q, k, v = _on(
+        "cuda", *(torch.randn(s, generator=g) for s in [(2, 4, 3, 16), (2, 2, 13, 16), (2, 2, 13, 16)])
+    )
     rows, mask = _on("cuda", _tk_rows(2, 3, 13, g), _mask("key", 2, 13, g))
     cache, values = _on("cuda", torch.randn(2, 2, 13, 16, generator=g), torch.randn(2, 2, 3, 16, generator=g))
     new = torch.randn(2, 3, 13, 16, generator=g).cuda()
@@ -646,7 +730,8 @@ def _cuda_op_calls() -> dict:
         "cache_write_rows": ((cache, rows, values, 2), cs.triton_cache_write_rows),
         "partial_attention": ((q, k, v, rows, mask, None), pa.triton_partial_attention),
         "partial_attention_stats": (
-            (q, k, v, rows, mask, None), lambda *a: pa.triton_partial_attention(*a, return_stats=True),
+            (q, k, v, rows, mask, None),
+            lambda *a: pa.triton_partial_attention(*a, return_stats=True),
         ),
         "saliency": ((new, new + 0.5 * torch.randn_like(new), 0.8, 1, 13), sa.triton_saliency),
         "approx_attention": ((*approx, mask, None), aa.triton_approx_attention),
@@ -654,7 +739,8 @@ def _cuda_op_calls() -> dict:
 
 
 @pytest.mark.parametrize(
-    "name", ["cache_write_rows", "partial_attention", "partial_attention_stats", "saliency", "approx_attention"]
+    "name",
+    ["cache_write_rows", "partial_attention", "partial_attention_stats", "saliency", "approx_attention"],
 )
 @cuda_only
 def test_ops_on_cuda_run_the_triton_kernels(name):
@@ -696,7 +782,11 @@ def test_ops_compile_whole_on_cuda(fn_name):
             args = [*(torch.randn(s, generator=g) for s in shapes), _tk_rows(1, n, 37, g).sort(-1).values]
         else:
             shapes = [(2, 4, 37, 16), (2, 2, 37, 16), (2, 2, 37, 16), (2, 2, n, 16), (2, 2, n, 16)]
-            args = [*(torch.randn(s, generator=g) for s in shapes), _tk_rows(2, n, 37, g), _mask("key", 2, 37, g)]
+            args = [
+                *(torch.randn(s, generator=g) for s in shapes),
+                _tk_rows(2, n, 37, g),
+                _mask("key", 2, 37, g),
+            ]
         args = list(_on("cuda", *args))
         eager_args = [a.clone() for a in args]
         _close(compiled(*args), fn(*eager_args), 1e-4)
@@ -800,7 +890,9 @@ def _fast_close(got, want):
 @pytest.mark.parametrize("mask_kind", MASKS)
 @pytest.mark.parametrize("scale", [None, 0.3])
 @pytest.mark.parametrize("out_from_sdpa", [True, False], ids=["sdpa_out", "one_pass_out"])
-def test_partial_attention_stats_fast_matches_reference(monkeypatch, heads, kv_heads, mask_kind, scale, out_from_sdpa):
+def test_partial_attention_stats_fast_matches_reference(
+    monkeypatch, heads, kv_heads, mask_kind, scale, out_from_sdpa
+):
     monkeypatch.setattr(pa, "STATS_OUT_FROM_SDPA", out_from_sdpa)
     g = _fast_gen(_seed(heads, kv_heads, mask_kind, scale))
     bsz, n_q, n, d = 3, 5, 11, 8
@@ -850,12 +942,16 @@ def test_partial_attention_stats_fast_other_inputs(monkeypatch, out_from_sdpa):
     q = torch.randn(bsz, n_q, heads, d, generator=g).transpose(1, 2)
     k, v = torch.randn(2, bsz, kv_heads, n, d, generator=g)
     rows = torch.stack([torch.randperm(n, generator=g)[:n_q] for _ in range(bsz)])
-    _fast_close(pa.partial_attention_stats_fast(q, k, v, rows, None, None),
-           pa.partial_attention_stats_reference(q, k, v, rows, None, None))
+    _fast_close(
+        pa.partial_attention_stats_fast(q, k, v, rows, None, None),
+        pa.partial_attention_stats_reference(q, k, v, rows, None, None),
+    )
     per_head = torch.rand(bsz, heads, 1, n, generator=g) > 0.3
     per_head[..., 0] = True
-    _fast_close(pa.partial_attention_stats_fast(q, k, v, rows, per_head, None),
-           pa.partial_attention_stats_reference(q, k, v, rows, per_head, None))
+    _fast_close(
+        pa.partial_attention_stats_fast(q, k, v, rows, per_head, None),
+        pa.partial_attention_stats_reference(q, k, v, rows, per_head, None),
+    )
     half = [x.half() for x in (q, k, v)]
     got = pa.partial_attention_stats_fast(*half, rows, _fast_mask("key", bsz, n, g), None)
     want = pa.partial_attention_stats_reference(*half, rows, _fast_mask("key", bsz, n, g), None)
@@ -955,35 +1051,61 @@ def test_approx_attention_takes_any_query_row_set(mask_kind):
     gives, slot for slot, what the contiguous span gives for those rows."""
     g = _fast_gen(21)
     bsz, heads, kv_heads, n, d = 2, 4, 2, 11, 8
-    q, k, changed, dv_rows, cached, sal, sal_ctx, _ = _fast_approx_inputs(g, bsz, heads, kv_heads, n, 0, n, d, "changed")
+    q, k, changed, dv_rows, cached, sal, sal_ctx, _ = _fast_approx_inputs(
+        g, bsz, heads, kv_heads, n, 0, n, d, "changed"
+    )
     mask = _fast_mask(mask_kind, bsz, n, g)
     full = aa.approx_attention_reference(q, k, changed, dv_rows, cached, sal, sal_ctx, mask, None)
-    pick = torch.stack([torch.cat([torch.randperm(n, generator=g)[:6], torch.tensor([3])]) for _ in range(bsz)])
+    pick = torch.stack(
+        [torch.cat([torch.randperm(n, generator=g)[:6], torch.tensor([3])]) for _ in range(bsz)]
+    )
     pick[:, -1] = pick[:, 0]  # a repeat
     q_sub, cached_sub = (t.gather(2, pick[:, None, :, None].expand(-1, heads, -1, d)) for t in (q, cached))
     for fn in (aa.approx_attention_reference, aa.approx_attention_fast):
         got = fn(q_sub, k, changed, dv_rows, cached_sub, sal, sal_ctx, mask, None, q_rows=pick)
         idx = pick[:, None, :, None].expand(-1, heads, -1, d)
         torch.testing.assert_close(got[0], full[0].gather(2, idx), rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(got[1], full[1].gather(1, pick[..., None].expand(-1, -1, 3)), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            got[1], full[1].gather(1, pick[..., None].expand(-1, -1, 3)), rtol=1e-5, atol=1e-5
+        )
 
 
 def test_approx_attention_fast_scale_and_edge_cases():
     g = _fast_gen(11)
     bsz, heads, kv_heads, n, d = 2, 4, 1, 9, 8
-    q, k, changed, dv_rows, cached, sal, sal_ctx, k_old = _fast_approx_inputs(g, bsz, heads, kv_heads, n, 2, 6, d, "other")
+    q, k, changed, dv_rows, cached, sal, sal_ctx, k_old = _fast_approx_inputs(
+        g, bsz, heads, kv_heads, n, 2, 6, d, "other"
+    )
     mask = _fast_mask("key", bsz, n, g)
     q_rows = _span(2, 6, bsz)
     m_old, l_old = _old_stats(q, k, mask, q_rows, g)
     for extra in [(), (k_old, m_old, l_old)]:
         args = (q, k, changed, dv_rows, cached, sal, sal_ctx, mask, 0.7, *extra)
-        _fast_close(aa.approx_attention_fast(*args, q_rows=q_rows), aa.approx_attention_reference(*args, q_rows=q_rows))
+        _fast_close(
+            aa.approx_attention_fast(*args, q_rows=q_rows),
+            aa.approx_attention_reference(*args, q_rows=q_rows),
+        )
     # sorted vs shuffled changed lists give the same result (the repeat test is order free)
     order = changed.argsort(1)
     idx = order[:, None, :, None].expand(-1, kv_heads, -1, d)  # keeps dV / k_old aligned with the slots
-    args_sorted = (q, k, changed.gather(1, order), dv_rows.gather(2, idx), cached, sal, sal_ctx, mask, None,
-                   k_old.gather(2, idx), m_old, l_old)
-    _fast_close(aa.approx_attention_fast(*args_sorted, q_rows=q_rows), aa.approx_attention_reference(*args_sorted, q_rows=q_rows))
+    args_sorted = (
+        q,
+        k,
+        changed.gather(1, order),
+        dv_rows.gather(2, idx),
+        cached,
+        sal,
+        sal_ctx,
+        mask,
+        None,
+        k_old.gather(2, idx),
+        m_old,
+        l_old,
+    )
+    _fast_close(
+        aa.approx_attention_fast(*args_sorted, q_rows=q_rows),
+        aa.approx_attention_reference(*args_sorted, q_rows=q_rows),
+    )
     # no changed row at all (mode 1): the context stays the cached one, the stats are exact
     none = changed[:, :0]
     args = (q, k, none, dv_rows[:, :, :0], cached, sal, sal_ctx, mask, None)
@@ -996,11 +1118,16 @@ def test_approx_attention_fast_scale_and_edge_cases():
     # every changed entry dropped (-1): cached context, the old stats
     drop = torch.full_like(changed, -1)
     args = (q, k, drop, dv_rows, cached, sal, sal_ctx, mask, None, k_old, m_old, l_old)
-    _fast_close(aa.approx_attention_fast(*args, q_rows=q_rows), aa.approx_attention_reference(*args, q_rows=q_rows))
+    _fast_close(
+        aa.approx_attention_fast(*args, q_rows=q_rows), aa.approx_attention_reference(*args, q_rows=q_rows)
+    )
     # 16-bit inputs: ctx in cached's dtype, fp32 stats
     half = [x.half() for x in (q, k, dv_rows, cached, sal_ctx)]
     args = (half[0], half[1], changed, half[2], half[3], sal, half[4], mask, None)
-    got, want = aa.approx_attention_fast(*args, q_rows=q_rows), aa.approx_attention_reference(*args, q_rows=q_rows)
+    got, want = (
+        aa.approx_attention_fast(*args, q_rows=q_rows),
+        aa.approx_attention_reference(*args, q_rows=q_rows),
+    )
     assert got[0].dtype == torch.float16 and got[1].dtype == torch.float32
     torch.testing.assert_close(got[0].float(), want[0].float(), rtol=1e-3, atol=1e-3)
     torch.testing.assert_close(got[1:], want[1:], rtol=1e-4, atol=1e-4)
@@ -1017,8 +1144,23 @@ def test_approx_attention_fast_rejects_what_the_reference_rejects():
             fn(q, k, changed, dv_rows, cached, sal, sal_ctx, None, None, q_rows=_span(1, 6, 2))
 
 
-_VIEWS = {"view", "_unsafe_view", "unsqueeze", "squeeze", "expand", "select", "slice", "narrow", "transpose",
-          "t", "permute", "as_strided", "alias", "_reshape_alias", "scalar_tensor"}
+_VIEWS = {
+    "view",
+    "_unsafe_view",
+    "unsqueeze",
+    "squeeze",
+    "expand",
+    "select",
+    "slice",
+    "narrow",
+    "transpose",
+    "t",
+    "permute",
+    "as_strided",
+    "alias",
+    "_reshape_alias",
+    "scalar_tensor",
+}
 
 
 def _count_aten_ops(fn):

@@ -22,13 +22,19 @@ SCRIPT = ROOT / "benchmarks" / "kernels_timing.py"
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="the smoke run needs triton (interpreter)")
+@pytest.mark.skipif(
+    importlib.util.find_spec("triton") is None, reason="the smoke run needs triton (interpreter)"
+)
 def test_kernels_timing_smoke_runs_every_section(tmp_path):
     out = tmp_path / "kernels.json"
     env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), "--smoke", "--json", str(out)],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "### Timings" in proc.stdout

@@ -216,7 +216,9 @@ def test_remote_code_tokenizer_falls_back_to_tokenizer_json(tiny_dream_dir):
 def test_folder_without_tokenizer(tiny_llada_dir):
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (tiny_llada_dir / name).unlink()
-    with pytest.raises(CheckpointError, match="has no tokenizer files.*copy them from the original checkpoint"):
+    with pytest.raises(
+        CheckpointError, match="has no tokenizer files.*copy them from the original checkpoint"
+    ):
         load(tiny_llada_dir, device="cpu")
 
 
@@ -231,7 +233,10 @@ def test_embedded_models_by_name():
         if (folder / "config.json").is_file():
             assert resolve_model_path(name) == folder
         else:  # not shipped in this install: the error names the command that trains it
-            with pytest.raises(FileNotFoundError, match=rf"not in this install.*train_tiny_mdlm.py --arch \w+ --out {re.escape(str(folder.relative_to(folder.parents[2])))}"):
+            with pytest.raises(
+                FileNotFoundError,
+                match=rf"not in this install.*train_tiny_mdlm.py --arch \w+ --out {re.escape(str(folder.relative_to(folder.parents[2])))}",
+            ):
                 resolve_model_path(name)
         assert embedded_model_name(name) == name and embedded_model_name(folder) == name
         assert model_path_label(folder) == name and model_path_label(name) == name

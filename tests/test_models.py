@@ -22,7 +22,17 @@ from tiny_checkpoints import tiny_dream, tiny_llada, tiny_tokenizer
 VOCAB = len(tiny_tokenizer())
 N_LAYERS = 2
 
-LLADA_BLOCK_PARAMS = ("attn_norm", "ff_norm", "q_proj", "k_proj", "v_proj", "attn_out", "ff_proj", "up_proj", "ff_out")
+LLADA_BLOCK_PARAMS = (
+    "attn_norm",
+    "ff_norm",
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "attn_out",
+    "ff_proj",
+    "up_proj",
+    "ff_out",
+)
 
 
 def llada_keys(n_layers: int, tied: bool = False) -> set[str]:
@@ -98,8 +108,18 @@ def ref_forward(model, ids: torch.Tensor, attention_mask: torch.Tensor | None = 
             p = f"model.transformer.blocks.{i}."
             g = lambda n: sd[p + n + ".weight"]  # noqa: E731
             return dict(
-                ln1=g("attn_norm"), ln2=g("ff_norm"), q=g("q_proj"), k=g("k_proj"), v=g("v_proj"),
-                qb=None, kb=None, vb=None, o=g("attn_out"), gate=g("ff_proj"), up=g("up_proj"), down=g("ff_out"),
+                ln1=g("attn_norm"),
+                ln2=g("ff_norm"),
+                q=g("q_proj"),
+                k=g("k_proj"),
+                v=g("v_proj"),
+                qb=None,
+                kb=None,
+                vb=None,
+                o=g("attn_out"),
+                gate=g("ff_proj"),
+                up=g("up_proj"),
+                down=g("ff_out"),
             )
     else:
         c = model.config
@@ -112,12 +132,18 @@ def ref_forward(model, ids: torch.Tensor, attention_mask: torch.Tensor | None = 
         def layer(i):
             p = f"model.layers.{i}."
             return dict(
-                ln1=sd[p + "input_layernorm.weight"], ln2=sd[p + "post_attention_layernorm.weight"],
-                q=sd[p + "self_attn.q_proj.weight"], k=sd[p + "self_attn.k_proj.weight"],
-                v=sd[p + "self_attn.v_proj.weight"], qb=sd[p + "self_attn.q_proj.bias"],
-                kb=sd[p + "self_attn.k_proj.bias"], vb=sd[p + "self_attn.v_proj.bias"],
-                o=sd[p + "self_attn.o_proj.weight"], gate=sd[p + "mlp.gate_proj.weight"],
-                up=sd[p + "mlp.up_proj.weight"], down=sd[p + "mlp.down_proj.weight"],
+                ln1=sd[p + "input_layernorm.weight"],
+                ln2=sd[p + "post_attention_layernorm.weight"],
+                q=sd[p + "self_attn.q_proj.weight"],
+                k=sd[p + "self_attn.k_proj.weight"],
+                v=sd[p + "self_attn.v_proj.weight"],
+                qb=sd[p + "self_attn.q_proj.bias"],
+                kb=sd[p + "self_attn.k_proj.bias"],
+                vb=sd[p + "self_attn.v_proj.bias"],
+                o=sd[p + "self_attn.o_proj.weight"],
+                gate=sd[p + "mlp.gate_proj.weight"],
+                up=sd[p + "mlp.up_proj.weight"],
+                down=sd[p + "mlp.down_proj.weight"],
             )
 
     bsz, seq = ids.shape
@@ -174,7 +200,10 @@ def test_dream_state_dict_keys_match_qwen2_layout():
     sd = model.state_dict()
     head_dim = cfg.hidden_size // cfg.num_attention_heads
     assert sd["model.layers.0.self_attn.q_proj.weight"].shape == (cfg.hidden_size, cfg.hidden_size)
-    assert sd["model.layers.0.self_attn.k_proj.weight"].shape == (cfg.num_key_value_heads * head_dim, cfg.hidden_size)
+    assert sd["model.layers.0.self_attn.k_proj.weight"].shape == (
+        cfg.num_key_value_heads * head_dim,
+        cfg.hidden_size,
+    )
     assert sd["model.layers.0.self_attn.v_proj.bias"].shape == (cfg.num_key_value_heads * head_dim,)
     assert sd["model.layers.0.mlp.down_proj.weight"].shape == (cfg.hidden_size, cfg.intermediate_size)
 
@@ -240,7 +269,9 @@ def test_dream_gqa_attention_matches_repeated_kv():
     mask = torch.ones_like(ids)
     mask[1, :2] = 0
     with torch.no_grad():
-        torch.testing.assert_close(model(ids, attention_mask=mask)[1, 2:], ref_forward(model, ids, mask)[1, 2:], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(
+            model(ids, attention_mask=mask)[1, 2:], ref_forward(model, ids, mask)[1, 2:], atol=1e-4, rtol=1e-4
+        )
 
 
 def test_bidirectional_attention_gqa_against_explicit_softmax():
@@ -267,7 +298,9 @@ def test_rmsnorm_matches_formula():
     torch.testing.assert_close(norm(x), expected, atol=1e-6, rtol=1e-5)
     # bfloat16 input is normalised in float32 and cast back before the weight multiply.
     xb = x.bfloat16()
-    expected_b = norm.weight * (xb.float() / torch.sqrt(xb.float().pow(2).mean(-1, keepdim=True) + 0.05)).bfloat16()
+    expected_b = (
+        norm.weight * (xb.float() / torch.sqrt(xb.float().pow(2).mean(-1, keepdim=True) + 0.05)).bfloat16()
+    )
     torch.testing.assert_close(norm(xb).float(), expected_b.float(), atol=1e-2, rtol=1e-2)
 
 

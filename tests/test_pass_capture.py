@@ -13,7 +13,6 @@ from tiny_checkpoints import tiny_llada
 aten = torch.ops.aten
 
 
-
 @pytest.fixture(scope="module")
 def model():
     return tiny_llada(seed=3)
@@ -76,12 +75,16 @@ def test_noop_conversions_are_dropped(model, captured):
         return model(ids, attention_mask=mask, position_ids=pos)
 
     with torch.no_grad():
-        raw = make_fx(forward, tracing_mode="symbolic", pre_dispatch=True, _allow_non_fake_inputs=True)(*example_inputs())
+        raw = make_fx(forward, tracing_mode="symbolic", pre_dispatch=True, _allow_non_fake_inputs=True)(
+            *example_inputs()
+        )
 
     def noops(gm):
         return [
-            n for n in gm.graph.nodes
-            if n.op == "call_function" and n.target in (aten.to.dtype, aten.to.dtype_layout)
+            n
+            for n in gm.graph.nodes
+            if n.op == "call_function"
+            and n.target in (aten.to.dtype, aten.to.dtype_layout)
             and n.args[0].meta["val"].dtype == n.meta["val"].dtype
         ]
 

@@ -33,8 +33,11 @@ class InPlaceStream(nn.Module):
 def test_inplace_ops_become_out_of_place():
     model = InPlaceStream().eval()
     captured = capture_module(model)
-    names = [n.target._schema.name for n in captured.gm.graph.nodes
-             if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload)]
+    names = [
+        n.target._schema.name
+        for n in captured.gm.graph.nodes
+        if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload)
+    ]
     assert "aten::mul" in names and not any(name.endswith("_") for name in names)
     ids = torch.randint(0, 10, (3, 5))
     with torch.no_grad():
@@ -53,8 +56,12 @@ def test_grouped_mm_float32_traces_through_the_stand_in():
     x = torch.randn(6, 8)
     ids = torch.zeros(2, 3, dtype=torch.long)
     inputs = (ids, torch.ones_like(ids), torch.zeros_like(ids), x)
-    captured = capture(forward, inputs, input_names=("input_ids", "attention_mask", "position_ids", "x"),
-                       dynamic=[(0, 1), (0, 1), (0, 1), ()])
+    captured = capture(
+        forward,
+        inputs,
+        input_names=("input_ids", "attention_mask", "position_ids", "x"),
+        dynamic=[(0, 1), (0, 1), (0, 1), ()],
+    )
     targets = {n.target for n in captured.gm.graph.nodes if n.op == "call_function"}
     assert torch.ops.dyllm.grouped_mm.default in targets
     out = captured.gm(*inputs)
@@ -76,8 +83,12 @@ class PrefixAttention(nn.Module):
         h = self.emb(input_ids)
         b, t, _ = h.shape
         q = self.q(h).view(b, t, 2, 8).transpose(1, 2)
-        k = torch.cat([k_prefix, self.k(h).view(b, t, 1, 8).transpose(1, 2)], dim=2).repeat_interleave(2, dim=1)
-        v = torch.cat([v_prefix, self.v(h).view(b, t, 1, 8).transpose(1, 2)], dim=2).repeat_interleave(2, dim=1)
+        k = torch.cat([k_prefix, self.k(h).view(b, t, 1, 8).transpose(1, 2)], dim=2).repeat_interleave(
+            2, dim=1
+        )
+        v = torch.cat([v_prefix, self.v(h).view(b, t, 1, 8).transpose(1, 2)], dim=2).repeat_interleave(
+            2, dim=1
+        )
         ctx = F.scaled_dot_product_attention(q, k, v)
         return self.head(h + ctx.transpose(1, 2).reshape(b, t, 16))
 
@@ -87,10 +98,17 @@ def test_key_prefix_is_recognised():
     ids = torch.zeros(2, 5, dtype=torch.long)
     prefix = torch.randn(2, 1, 7, 8)
     names = ("input_ids", "attention_mask", "position_ids", "k_prefix", "v_prefix")
-    captured = capture(model, (ids, torch.ones_like(ids), torch.zeros_like(ids), prefix, prefix.clone()),
-                       dict(model.named_parameters()), names, dynamic=[(0, 1), (0, 1), (0, 1), (0, 2), (0, 2)])
+    captured = capture(
+        model,
+        (ids, torch.ones_like(ids), torch.zeros_like(ids), prefix, prefix.clone()),
+        dict(model.named_parameters()),
+        names,
+        dynamic=[(0, 1), (0, 1), (0, 1), (0, 2), (0, 2)],
+    )
     graph = captured.gm.graph
-    h = next(n for n in graph.nodes if n.op == "call_function" and n.target is torch.ops.aten.embedding.default)
+    h = next(
+        n for n in graph.nodes if n.op == "call_function" and n.target is torch.ops.aten.embedding.default
+    )
     on_rows = descendants(h).__contains__
     ops = attention_operands(next(n for n in graph.nodes if is_op(n, SDPA)), on_rows)
     assert ops.has_prefix

@@ -20,26 +20,45 @@ def _hf(kind: str):
         "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
     }[kind]
     cfg = cfg_cls(
-        vocab_size=50, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, attn_implementation="sdpa",
+        vocab_size=50,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        attn_implementation="sdpa",
     )
     torch.manual_seed(0)
     return bidirectional(model_cls(cfg).eval(), mask_token_id=1)
 
 
 _HF_NAMES = {
-    "q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
+    "q": "self_attn.q_proj",
+    "k": "self_attn.k_proj",
+    "v": "self_attn.v_proj",
+    "o": "self_attn.o_proj",
     "mlp": ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"],
 }
 
 # per architecture: (builder, n_layers, prefix of block i, module names inside a block)
 CASES = {
     "llada": (
-        lambda: tiny_llada(seed=1, n_layers=3), 3, "model.transformer.blocks.{i}.",
-        {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "attn_out", "mlp": ["ff_proj", "up_proj", "ff_out"]},
+        lambda: tiny_llada(seed=1, n_layers=3),
+        3,
+        "model.transformer.blocks.{i}.",
+        {
+            "q": "q_proj",
+            "k": "k_proj",
+            "v": "v_proj",
+            "o": "attn_out",
+            "mlp": ["ff_proj", "up_proj", "ff_out"],
+        },
     ),
     "dream": (
-        lambda: tiny_dream(seed=1), 2, "model.layers.{i}.",
+        lambda: tiny_dream(seed=1),
+        2,
+        "model.layers.{i}.",
         _HF_NAMES,
     ),
     "hf-llama": (lambda: _hf("llama"), 2, "model.model.layers.{i}.", _HF_NAMES),
@@ -115,7 +134,9 @@ def test_model_without_attention_is_rejected():
 
 def test_attention_without_residual_is_rejected():
     captured = capture_module(NoResidualAttention().eval())
-    core = next(n for n in captured.gm.graph.nodes if n.target is torch.ops.aten.scaled_dot_product_attention.default)
+    core = next(
+        n for n in captured.gm.graph.nodes if n.target is torch.ops.aten.scaled_dot_product_attention.default
+    )
     with pytest.raises(BlockMatchError) as err:
         find_blocks(captured.gm)
     msg = str(err.value)
@@ -132,8 +153,12 @@ class TwoBlocks(nn.Module):
         super().__init__()
         self.between = between
         self.emb = nn.Embedding(20, 16)
-        self.attn = nn.ModuleList(nn.ModuleList(nn.Linear(16, 16, bias=False) for _ in range(4)) for _ in range(2))
-        self.mlp = nn.ModuleList(nn.Sequential(nn.Linear(16, 24), nn.GELU(), nn.Linear(24, 16)) for _ in range(2))
+        self.attn = nn.ModuleList(
+            nn.ModuleList(nn.Linear(16, 16, bias=False) for _ in range(4)) for _ in range(2)
+        )
+        self.mlp = nn.ModuleList(
+            nn.Sequential(nn.Linear(16, 24), nn.GELU(), nn.Linear(24, 16)) for _ in range(2)
+        )
         self.scale = nn.Parameter(torch.full((16,), 0.5))
         self.register_buffer("table", torch.randn(64, 16))
         self.head = nn.Linear(16, 20, bias=False)

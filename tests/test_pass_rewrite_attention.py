@@ -24,7 +24,6 @@ B, L = 2, 10
 ROWS = torch.tensor([[7, 1, 4], [0, 9, 5]])
 
 
-
 @pytest.fixture(scope="module")
 def models():
     return {"llada": tiny_llada(seed=7), "dream": tiny_dream(seed=7)}  # dream: GQA, q/k/v biases
@@ -56,7 +55,14 @@ def _parts(model, name, layer):
     block = model.layers[layer]
     if name == "llada":
         cfg = model.config
-        return block.attn_norm, block.k_proj, block.v_proj, cfg.kv_heads, cfg.d_model // cfg.n_heads, cfg.rope_theta
+        return (
+            block.attn_norm,
+            block.k_proj,
+            block.v_proj,
+            cfg.kv_heads,
+            cfg.d_model // cfg.n_heads,
+            cfg.rope_theta,
+        )
     cfg = model.config
     a = block.self_attn
     hd = cfg.hidden_size // cfg.num_attention_heads
@@ -119,8 +125,11 @@ def test_piece_writes_active_rows_into_cache(models, captures, name):
             assert ctx.shape[2] == ROWS.shape[1]
             # the cached rows were read: attention over the cache (not only the active rows)
             ref_ctx = F.scaled_dot_product_attention(
-                _queries(model, name, layer, x, cos, sin), k_cache, v_cache,
-                attn_mask=mask.bool()[:, None, None, :], enable_gqa=True,
+                _queries(model, name, layer, x, cos, sin),
+                k_cache,
+                v_cache,
+                attn_mask=mask.bool()[:, None, None, :],
+                enable_gqa=True,
             )
             torch.testing.assert_close(ctx, ref_ctx, rtol=0, atol=1e-6)
             h = torch.randn(h.shape, generator=gen)  # the next layer's input: anything will do
@@ -154,7 +163,9 @@ class CausalBlockLM(nn.Module):
             return y.view(b, t, 2, 8).transpose(1, 2)
 
         h = F.layer_norm(x, (16,))
-        ctx = F.scaled_dot_product_attention(heads(self.q(h)), heads(self.k(h)), heads(self.v(h)), is_causal=True)
+        ctx = F.scaled_dot_product_attention(
+            heads(self.q(h)), heads(self.k(h)), heads(self.v(h)), is_causal=True
+        )
         x = x + self.o(ctx.transpose(1, 2).reshape(b, t, 16))
         x = x + self.down(F.relu(self.up(F.layer_norm(x, (16,)))))
         return self.head(x)

@@ -48,17 +48,23 @@ def test_parts_recompose_the_piece_on_a_row_subset(program):
         h_sub = h0.gather(1, rows[..., None].expand(-1, -1, h0.shape[-1]))
         q, attn_mask = parts.query(h_sub, rows, *piece_tables)
         k, v = parts.kv(h0, all_rows, *piece_tables)
-        ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=q.shape[1] != k.shape[1])
+        ctx = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, enable_gqa=q.shape[1] != k.shape[1]
+        )
         got = parts.post(h_sub, ctx)
-    torch.testing.assert_close(ctx, want_ctx.gather(2, rows[:, None, :, None].expand(-1, ctx.shape[1], -1, ctx.shape[-1])))
+    torch.testing.assert_close(
+        ctx, want_ctx.gather(2, rows[:, None, :, None].expand(-1, ctx.shape[1], -1, ctx.shape[-1]))
+    )
     torch.testing.assert_close(got, want.gather(1, rows[..., None].expand(-1, -1, want.shape[-1])))
 
 
 def test_each_part_keeps_only_its_branch_and_shares_the_weights(program):
     model, prog = program
     parts = split_attention(prog.attn[0])
-    n_linear = {name: sum(is_op(n, LINEAR) for n in gm.graph.nodes) for name, gm in
-                (("query", parts.query), ("kv", parts.kv), ("post", parts.post))}
+    n_linear = {
+        name: sum(is_op(n, LINEAR) for n in gm.graph.nodes)
+        for name, gm in (("query", parts.query), ("kv", parts.kv), ("post", parts.post))
+    }
     assert n_linear == {"query": 1, "kv": 2, "post": 1}
     for gm in (parts.query, parts.kv, parts.post):
         assert not any(is_op(n, SDPA) for n in gm.graph.nodes)

@@ -25,7 +25,6 @@ B, L = 2, 12
 ROWS = torch.tensor([[9, 0, 4, 3, 11], [2, 5, 6, 11, 7]])
 
 
-
 @pytest.fixture(scope="module")
 def model():
     return tiny_llada(seed=5)
@@ -78,8 +77,16 @@ def _tables(model, inputs):
 def _block_ref(block, x, cos, sin, mask):
     """One LLaDA block by hand: (h_mid, mlp branch)."""
     attn = self_attention(
-        block.attn_norm(x), block.q_proj, block.k_proj, block.v_proj, block.attn_out,
-        block.n_heads, block.n_kv_heads, cos, sin, mask,
+        block.attn_norm(x),
+        block.q_proj,
+        block.k_proj,
+        block.v_proj,
+        block.attn_out,
+        block.n_heads,
+        block.n_kv_heads,
+        cos,
+        sin,
+        mask,
     )
     h_mid = x + attn
     return h_mid, swiglu_mlp(block.ff_norm(h_mid), block.ff_proj, block.up_proj, block.ff_out)
@@ -134,7 +141,9 @@ def test_tables_gathered_and_mask_passed_whole(model, program, inputs):
         assert any(torch.equal(t, cos) for t in gathered) and any(torch.equal(t, sin) for t in gathered)
         # ... the key padding mask is passed whole: every key stays visible to the active queries
         assert len(whole) == 1 and torch.equal(whole[0], key_mask)
-        n_gathers = sum(1 for n in piece.gm.graph.nodes if n.op == "call_function" and n.target is gather_rows)
+        n_gathers = sum(
+            1 for n in piece.gm.graph.nodes if n.op == "call_function" and n.target is gather_rows
+        )
         assert n_gathers == 2
 
 
@@ -190,7 +199,9 @@ def test_pieces_run_on_a_subset_of_rows(model, program, inputs, reference):
             torch.testing.assert_close(mlp.gm(h_mid, ROWS), want_mlp, rtol=0, atol=1e-6)
         # the LM head on a subset is the subset of the logits
         h_last = reference[1][-1]  # final norm + LM head are inside the epilogue
-        torch.testing.assert_close(program.epilogue.gm(_pick(h_last, ROWS), ROWS), _pick(logits, ROWS), rtol=0, atol=1e-6)
+        torch.testing.assert_close(
+            program.epilogue.gm(_pick(h_last, ROWS), ROWS), _pick(logits, ROWS), rtol=0, atol=1e-6
+        )
 
 
 def test_rewritten_attn_piece_on_subset_equals_rows_of_full_block(model, captured, inputs, reference):
@@ -208,7 +219,9 @@ def test_rewritten_attn_piece_on_subset_equals_rows_of_full_block(model, capture
             block = model.layers[i]
             k_full, v_full = _kv_ref(block, h_in[i], cos, sin)
             k_cache, v_cache = k_full.clone(), v_full.clone()
-            h_mid, ctx = attn.gm(_pick(h_in[i], ROWS), ROWS, *(by_name[n] for n in attn.tables), k_cache, v_cache)
+            h_mid, ctx = attn.gm(
+                _pick(h_in[i], ROWS), ROWS, *(by_name[n] for n in attn.tables), k_cache, v_cache
+            )
             want_mid, _ = _block_ref(block, h_in[i], cos, sin, key_mask)
             torch.testing.assert_close(h_mid, _pick(want_mid, ROWS), rtol=0, atol=1e-6)
             assert ctx.shape[2] == ROWS.shape[1]

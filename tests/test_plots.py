@@ -19,9 +19,30 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 BENCH = {
     "device": "cpu (test)",
     "rows": [
-        {"method": "vanilla", "accuracy": 0.6, "tokens_per_s": 10.0, "speedup": 1.0, "active_fraction": 1.0, "nfe": 256},
-        {"method": "dual_cache", "accuracy": 0.58, "tokens_per_s": 40.0, "speedup": 4.0, "active_fraction": 0.2, "nfe": 256},
-        {"method": "slow_and_bad", "accuracy": 0.3, "tokens_per_s": 5.0, "speedup": 0.5, "active_fraction": 0.9, "nfe": 256},
+        {
+            "method": "vanilla",
+            "accuracy": 0.6,
+            "tokens_per_s": 10.0,
+            "speedup": 1.0,
+            "active_fraction": 1.0,
+            "nfe": 256,
+        },
+        {
+            "method": "dual_cache",
+            "accuracy": 0.58,
+            "tokens_per_s": 40.0,
+            "speedup": 4.0,
+            "active_fraction": 0.2,
+            "nfe": 256,
+        },
+        {
+            "method": "slow_and_bad",
+            "accuracy": 0.3,
+            "tokens_per_s": 5.0,
+            "speedup": 0.5,
+            "active_fraction": 0.9,
+            "nfe": 256,
+        },
     ],
 }
 
@@ -41,7 +62,9 @@ def test_pareto_png_and_front(tmp_path):
 
 def test_bench_errors_name_the_row_and_field(tmp_path):
     bad = tmp_path / "bad.json"
-    bad.write_text(json.dumps({"rows": [{"method": "x", "accuracy": 1.0, "tokens_per_s": 1.0}, {"method": "y"}]}))
+    bad.write_text(
+        json.dumps({"rows": [{"method": "x", "accuracy": 1.0, "tokens_per_s": 1.0}, {"method": "y"}]})
+    )
     with pytest.raises(ValueError, match="row 1 lacks accuracy, tokens_per_s"):
         load_bench(bad)
     with pytest.raises(FileNotFoundError, match="benchmarks/methods.py"):
@@ -54,8 +77,13 @@ def test_saliency_from_records_with_similarity(tmp_path):
     for step in range(4):
         sim = [torch.full((1, seq), math.nan) for _ in range(layers)]
         sim[1][0, 6:] = torch.linspace(0.98, 1.0, seq - 6)
-        records.append(StepRecord(active=[seq if step == 0 else 4] * layers, seq_len=seq,
-                                  similarity=sim if step else [None] * layers))
+        records.append(
+            StepRecord(
+                active=[seq if step == 0 else 4] * layers,
+                seq_len=seq,
+                similarity=sim if step else [None] * layers,
+            )
+        )
     trace = trace_from_records(records, layer=1, prompt_length=6, policy="fake")
     assert trace.active_fraction.shape == (4, 3) and trace.similarity.shape == (4, seq)
     assert math.isnan(trace.similarity[0, 0]) and trace.similarity[1, -1] == pytest.approx(1.0)
@@ -68,12 +96,17 @@ def test_saliency_from_records_with_similarity(tmp_path):
 def test_record_saliency_on_the_embedded_model(tmp_path):
     model, tok = dyllm_fx.load("default")
     prompt = "shift:helloworldthisisdyllmfxdemoabcd="
-    trace = record_saliency(model, tok, prompt, policy="dual_cache", gen_length=32, block_length=16, layer=2,
-                           stop_at_eos=False)
+    trace = record_saliency(
+        model, tok, prompt, policy="dual_cache", gen_length=32, block_length=16, layer=2, stop_at_eos=False
+    )
     plen = len(prompt)
     # one column per layer of the model (32 steps of the 32-token window)
-    assert trace.active_fraction.shape == (32, len(model.layers)) and trace.similarity is None  # dual_cache measures none
-    assert trace.active_fraction[0].min() == 1.0 and trace.active_fraction[1].max() < 1.0  # refresh, then the block
+    assert (
+        trace.active_fraction.shape == (32, len(model.layers)) and trace.similarity is None
+    )  # dual_cache measures none
+    assert (
+        trace.active_fraction[0].min() == 1.0 and trace.active_fraction[1].max() < 1.0
+    )  # refresh, then the block
     assert trace.active_rows[1, plen : plen + 16].min() == 1.0 and trace.active_rows[1, :plen].max() == 0.0
     _assert_png(plot_saliency(trace, tmp_path / "sal.png"))
     with pytest.raises(ValueError, match="nothing to plot"):
@@ -88,7 +121,9 @@ def test_record_saliency_with_dyllm_measures_similarity(tmp_path):
         pytest.skip("the dyllm policy is not registered in this checkout")
     model, tok = dyllm_fx.load("default")
     prompt = "shift:helloworldthisisdyllmfxdemoabcd="
-    trace = record_saliency(model, tok, prompt, policy="dyllm", gen_length=32, block_length=16, stop_at_eos=False)
+    trace = record_saliency(
+        model, tok, prompt, policy="dyllm", gen_length=32, block_length=16, stop_at_eos=False
+    )
     plen = len(prompt)
     assert trace.similarity is not None and trace.similarity.shape == (32, plen + 32)
     assert np.isnan(trace.similarity[:4]).all()  # the official 4 dense steps measure nothing
@@ -105,8 +140,25 @@ def test_plot_cli(tmp_path, capsys):
     bench.write_text(json.dumps(BENCH))
     assert main(["plot", "pareto", str(bench), "--out", str(tmp_path / "p.png")]) == 0
     _assert_png(tmp_path / "p.png")
-    assert main(["plot", "saliency", "--prompt", "rev:abcdefghijklmnop=", "--out", str(tmp_path / "s.png"),
-                 "--gen-length", "32", "--block-length", "16", "--layer", "5"]) == 0
+    assert (
+        main(
+            [
+                "plot",
+                "saliency",
+                "--prompt",
+                "rev:abcdefghijklmnop=",
+                "--out",
+                str(tmp_path / "s.png"),
+                "--gen-length",
+                "32",
+                "--block-length",
+                "16",
+                "--layer",
+                "5",
+            ]
+        )
+        == 0
+    )
     _assert_png(tmp_path / "s.png")
     assert main(["plot", "pareto", str(tmp_path / "nope.json"), "--out", str(tmp_path / "x.png")]) == 2
     assert "does not exist" in capsys.readouterr().err

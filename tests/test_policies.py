@@ -55,7 +55,9 @@ def _pad_rows_selected(model: TransformedModel, attention_mask: torch.Tensor) ->
             hit = (record.activity == 1.0) & pad[None]
             if hit.any():
                 layers, rows, cols = hit.nonzero(as_tuple=True)
-                bad.append(f"step {step} ({record.kind}), layer {int(layers[0])}: row {int(rows[0])}, position {int(cols[0])}")
+                bad.append(
+                    f"step {step} ({record.kind}), layer {int(layers[0])}: row {int(rows[0])}, position {int(cols[0])}"
+                )
     return bad
 
 
@@ -87,7 +89,9 @@ def _default_variants():
     out = [pytest.param(n, {}, id=n) for n in NAMES + COMPOSED if n != "fixed"]
     if "dyllm" in NAMES:
         out.append(pytest.param("dyllm", {"scope": "all"}, id="dyllm-scope-all"))
-        out.append(pytest.param("dyllm", {"full_query_interval": 1, "num_full_steps": 1}, id="dyllm-query-all"))
+        out.append(
+            pytest.param("dyllm", {"full_query_interval": 1, "num_full_steps": 1}, id="dyllm-query-all")
+        )
     return out
 
 
@@ -223,7 +227,9 @@ def test_interrupted_forward_step_recovers(programs, models):
         restore()
         again = tm(ids1)
         torch.testing.assert_close(again, model(ids1), rtol=0, atol=1e-5)
-        assert tm.engine.records[-1].active == [12] * tm.engine.n_layers  # a full step, not the policy's 3 rows
+        assert (
+            tm.engine.records[-1].active == [12] * tm.engine.n_layers
+        )  # a full step, not the policy's 3 rows
         torch.testing.assert_close(tm(ids1), again, rtol=0, atol=1e-5)  # and warm again after it
 
 
@@ -233,7 +239,9 @@ def test_forward_after_generate_does_not_reuse_the_generation_cache(programs, mo
     ids = torch.randint(3, 40, (1, 12), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         first = tm(ids)
-        dyllm_fx.generate(tm, TOK, "rev:", gen_length=8, block_length=8, steps=8, progress=False)  # (1, 12) too
+        dyllm_fx.generate(
+            tm, TOK, "rev:", gen_length=8, block_length=8, steps=8, progress=False
+        )  # (1, 12) too
         again = tm(ids)  # same ids as the last forward() call, but the cache holds the generation
         torch.testing.assert_close(again, first, rtol=0, atol=1e-5)
         torch.testing.assert_close(again, model(ids), rtol=0, atol=1e-5)
@@ -312,13 +320,20 @@ def test_composition_gives_the_row_policy_the_block_scope():
     policy = make_policy(["dual_cache", "dyllm"], tau=0.95)
     assert isinstance(policy, DyLLMPolicy) and policy.scope == "block" and policy.name == "dual_cache+dyllm"
     assert make_policy("prefix_cache+es_dllm").scope == "suffix"
-    assert make_policy("dual_cache+es_dllm").scope == make_policy("es_dllm").scope == "block"  # ES-dLLM's own window
+    assert (
+        make_policy("dual_cache+es_dllm").scope == make_policy("es_dllm").scope == "block"
+    )  # ES-dLLM's own window
 
 
-@pytest.mark.parametrize("names, match", [
-    (["dual_cache", "prefix_cache"], "cannot compose"), (["dyllm", "es_dllm"], "cannot compose"),
-    (["dual_cache", "dense"], "cannot compose"), (["dual_cache", "nope"], "cannot compose"),
-])
+@pytest.mark.parametrize(
+    "names, match",
+    [
+        (["dual_cache", "prefix_cache"], "cannot compose"),
+        (["dyllm", "es_dllm"], "cannot compose"),
+        (["dual_cache", "dense"], "cannot compose"),
+        (["dual_cache", "nope"], "cannot compose"),
+    ],
+)
 def test_invalid_compositions_are_rejected(names, match):
     with pytest.raises(ValueError, match=match):
         make_policy(names)
@@ -342,11 +357,20 @@ def trained():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name, cfg", [
-    ("dyllm", {}), ("dyllm", {"cached_softmax_stats": True}), ("es_dllm", {}), ("es_dllm", {"variation": "query"}),
-    ("es_dllm", {"variation": "key"}), ("es_dllm", {"variation": "value"}), ("dllm_cache", {}),
-    ("dual_cache+dyllm", {}), ("prefix_cache+es_dllm", {}),
-])
+@pytest.mark.parametrize(
+    "name, cfg",
+    [
+        ("dyllm", {}),
+        ("dyllm", {"cached_softmax_stats": True}),
+        ("es_dllm", {}),
+        ("es_dllm", {"variation": "query"}),
+        ("es_dllm", {"variation": "key"}),
+        ("es_dllm", {"variation": "value"}),
+        ("dllm_cache", {}),
+        ("dual_cache+dyllm", {}),
+        ("prefix_cache+es_dllm", {}),
+    ],
+)
 def test_sparse_methods_run_sparse_and_stay_close(trained, name, cfg):
     model, tok, prompts, ref = trained
     tm = dyllm_fx.transform(model, policy=name, **cfg)

@@ -37,7 +37,9 @@ def test_generation_recomputes_only_the_span(name):
     torch.manual_seed(0)
     model, tok = tiny_llada(seed=0), tiny_tokenizer()
     fast = dyllm_fx.transform(model, policy=name)
-    out = dyllm_fx.generate(fast, tok, ["rev:abcdef="], gen_length=16, block_length=8, steps=16, stop_at_eos=False, progress=False)
+    out = dyllm_fx.generate(
+        fast, tok, ["rev:abcdef="], gen_length=16, block_length=8, steps=16, stop_at_eos=False, progress=False
+    )
     records = fast.engine.records
     assert len(records) == out.stats.nfe == 16
     seq = out.sequences.shape[1]

@@ -12,13 +12,24 @@ from tiny_checkpoints import tiny_llada, tiny_tokenizer
 
 def _host(step, cold=False):
     ids = torch.zeros(1, 12, dtype=torch.long)
-    return HostState(ids, torch.ones_like(ids), cold, 2, step=step, block_start=4, block_end=8, response_start=4)
+    return HostState(
+        ids, torch.ones_like(ids), cold, 2, step=step, block_start=4, block_end=8, response_start=4
+    )
 
 
 def test_cadence_prompt_and_response_intervals():
     policy = DLLMCachePolicy(prompt_interval=6, response_interval=3, ratio=0.5)
     plans = [policy.plan(_host(step, cold=step == 0)) for step in range(8)]
-    assert [p.kind for p in plans] == ["full", "adaptive", "adaptive", "response", "adaptive", "adaptive", "full", "adaptive"]
+    assert [p.kind for p in plans] == [
+        "full",
+        "adaptive",
+        "adaptive",
+        "response",
+        "adaptive",
+        "adaptive",
+        "full",
+        "adaptive",
+    ]
     assert plans[1].key == ("adaptive", 8, 4) and plans[3].key == ("response", 8)  # ceil(0.5 * 8) rows
 
 
@@ -43,10 +54,13 @@ def test_unchanged_rows_tie_at_exactly_one():
 
 def test_adaptive_steps_refresh_the_rows_whose_values_moved_most():
     model, tok = tiny_llada(seed=5, n_layers=2), tiny_tokenizer()
-    tm = dyllm_fx.transform(model, policy="dllm_cache", ratio=0.25, response_interval=100, prompt_interval=100)
+    tm = dyllm_fx.transform(
+        model, policy="dllm_cache", ratio=0.25, response_interval=100, prompt_interval=100
+    )
     tm.engine.record_activity = True
-    out = dyllm_fx.generate(tm, tok, ["rev:abc="], gen_length=16, block_length=8, steps=16, progress=False,
-                            stop_at_eos=False)
+    out = dyllm_fx.generate(
+        tm, tok, ["rev:abc="], gen_length=16, block_length=8, steps=16, progress=False, stop_at_eos=False
+    )
     plen = out.prompt_length
     for record in tm.engine.records[1:]:
         assert record.kind == "adaptive" and record.active == [4, 4]
@@ -58,8 +72,12 @@ def test_ratio_one_over_everything_equals_vanilla():
     model, tok = tiny_llada(seed=6, n_layers=3), tiny_tokenizer()
     kw = dict(gen_length=16, block_length=8, steps=16, stop_at_eos=False, progress=False)
     want = dyllm_fx.generate(model, tok, ["rev:abc=", "kv:a1?a="], **kw)
-    got = dyllm_fx.generate(dyllm_fx.transform(model, policy="dllm_cache", ratio=1.0, scope="all"), tok,
-                            ["rev:abc=", "kv:a1?a="], **kw)
+    got = dyllm_fx.generate(
+        dyllm_fx.transform(model, policy="dllm_cache", ratio=1.0, scope="all"),
+        tok,
+        ["rev:abc=", "kv:a1?a="],
+        **kw,
+    )
     assert torch.equal(got.sequences, want.sequences)
 
 

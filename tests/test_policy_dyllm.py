@@ -21,8 +21,16 @@ L, PROMPT, N_LAYERS = 24, 8, 2
 def _host(step, block=(8, 16), cold=None, committed=1):
     ids = torch.zeros(2, L, dtype=torch.long)
     return HostState(
-        ids, torch.ones_like(ids), step == 0 if cold is None else cold, N_LAYERS, step=step, block_start=block[0],
-        block_end=block[1], response_start=PROMPT, mask_token_id=1, last_committed=committed,
+        ids,
+        torch.ones_like(ids),
+        step == 0 if cold is None else cold,
+        N_LAYERS,
+        step=step,
+        block_start=block[0],
+        block_end=block[1],
+        response_start=PROMPT,
+        mask_token_id=1,
+        last_committed=committed,
     )
 
 
@@ -80,7 +88,17 @@ def test_softmax_statistics_are_exact_by_default_and_cached_in_the_variant():
     assert set(modes(DyLLMPolicy())) == {None, "exact"}
     cached = modes(DyLLMPolicy(cached_softmax_stats=True))
     # the first sparse step after the dense ones and the whole-sequence steps recompute them
-    assert cached[4:] == ["exact", "cached", "cached", "exact", "cached", "cached", "cached", "exact", "cached"]
+    assert cached[4:] == [
+        "exact",
+        "cached",
+        "cached",
+        "exact",
+        "cached",
+        "cached",
+        "cached",
+        "exact",
+        "cached",
+    ]
 
 
 def test_capacity_follows_the_last_step_and_counts_overflow():
@@ -102,13 +120,20 @@ def test_capacity_follows_the_last_step_and_counts_overflow():
     assert COUNT_KINDS == 3
 
 
-@pytest.mark.parametrize("kwargs, error, match", [
-    (dict(tau=0.0), ValueError, r"tau must lie in \(0, 1\]"), (dict(tau=1.01), ValueError, "tau"),
-    (dict(tau=True), TypeError, "tau must be a number"), (dict(tau="a"), TypeError, "tau must be a number"),
-    (dict(num_full_steps=0), ValueError, "num_full_steps"), (dict(full_query_interval=0), ValueError, "full_query_interval"),
-    (dict(capacity=0), ValueError, "capacity"), (dict(scope="prompt"), ValueError, "scope"),
-    (dict(cached_softmax_stats=1), TypeError, "cached_softmax"),
-])
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(tau=0.0), ValueError, r"tau must lie in \(0, 1\]"),
+        (dict(tau=1.01), ValueError, "tau"),
+        (dict(tau=True), TypeError, "tau must be a number"),
+        (dict(tau="a"), TypeError, "tau must be a number"),
+        (dict(num_full_steps=0), ValueError, "num_full_steps"),
+        (dict(full_query_interval=0), ValueError, "full_query_interval"),
+        (dict(capacity=0), ValueError, "capacity"),
+        (dict(scope="prompt"), ValueError, "scope"),
+        (dict(cached_softmax_stats=1), TypeError, "cached_softmax"),
+    ],
+)
 def test_bad_parameters_are_rejected(kwargs, error, match):
     with pytest.raises(error, match=match):
         DyLLMPolicy(**kwargs)
@@ -145,7 +170,9 @@ def _reference_sparse_step(arch, ids, prev_ids, attn, pos, span, state, tau):
         cos = torch.nn.functional.cosine_similarity(flat(ctx), flat(old), dim=-1, eps=1e-8)
         salient = (cos < tau) & real
         h_mid = ref.o_proj(arch, layer, x, ctx)
-        branch = torch.where(salient[..., None], ref.mlp(arch, layer, h_mid), state["mlp"][layer][:, start:end])
+        branch = torch.where(
+            salient[..., None], ref.mlp(arch, layer, h_mid), state["mlp"][layer][:, start:end]
+        )
         x = h_mid + branch
         state["k"][layer], state["v"][layer] = k_new, v_new
         state["ctx"][layer][:, :, start:end], state["mlp"][layer][:, start:end] = ctx, branch
@@ -166,8 +193,14 @@ def test_a_sparse_step_equals_the_reference(full_query):
     model = _sharpened_llada()
     arch = ref.arch_modules(model)
     mask_id = model.diffusion.mask_token_id
-    tm = dyllm_fx.transform(model, policy="dyllm", tau=0.99, num_full_steps=1, capacity="full",
-                            full_query_interval=1 if full_query else None)
+    tm = dyllm_fx.transform(
+        model,
+        policy="dyllm",
+        tau=0.99,
+        num_full_steps=1,
+        capacity="full",
+        full_query_interval=1 if full_query else None,
+    )
     gen = torch.Generator().manual_seed(5)
     ids0 = torch.randint(3, 40, (2, 14), generator=gen)
     ids0[:, 6:] = mask_id
@@ -181,8 +214,10 @@ def test_a_sparse_step_equals_the_reference(full_query):
         tm(ids0, attn, pos)  # the dense step
         engine = tm.engine
         state = {
-            "k": [t.clone() for t in engine.cache.k], "v": [t.clone() for t in engine.cache.v],
-            "ctx": [t.clone() for t in engine.buffers.context], "mlp": [t.clone() for t in engine.buffers.mlp],
+            "k": [t.clone() for t in engine.cache.k],
+            "v": [t.clone() for t in engine.cache.v],
+            "ctx": [t.clone() for t in engine.buffers.context],
+            "mlp": [t.clone() for t in engine.buffers.mlp],
             "hidden": engine.cache.hidden.clone(),
         }
         got = tm(ids1, attn, pos)
@@ -204,8 +239,9 @@ def test_prompt_rows_become_salient_on_whole_sequence_steps():
     model, tok = _sharpened_llada(), tiny_tokenizer()
     tm = dyllm_fx.transform(model, policy="dyllm", tau=0.999999, capacity="full")
     tm.engine.record_activity = True
-    out = dyllm_fx.generate(tm, tok, ["rev:abcdef="], gen_length=16, block_length=8, steps=16, progress=False,
-                            stop_at_eos=False)
+    out = dyllm_fx.generate(
+        tm, tok, ["rev:abcdef="], gen_length=16, block_length=8, steps=16, progress=False, stop_at_eos=False
+    )
     plen = out.prompt_length
     prompt = [r.activity[:, 0, :plen] for r in tm.engine.records]
     assert all(p.max() == 0 for p in prompt[4:7])  # response-only steps: the prompt is frozen
@@ -213,8 +249,11 @@ def test_prompt_rows_become_salient_on_whole_sequence_steps():
     assert prompt[11].max() == 1.0
 
 
-@pytest.mark.parametrize("make", [lambda: tiny_llada(seed=3, n_layers=3), lambda: tiny_dream(seed=4, num_hidden_layers=3)],
-                         ids=["llada", "dream"])
+@pytest.mark.parametrize(
+    "make",
+    [lambda: tiny_llada(seed=3, n_layers=3), lambda: tiny_dream(seed=4, num_hidden_layers=3)],
+    ids=["llada", "dream"],
+)
 def test_tau_one_querying_everything_equals_vanilla(make):
     model, tok = make(), tiny_tokenizer()
     prompts = ["rev:abc=", "kv:a1,b2?ab="]

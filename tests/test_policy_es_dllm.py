@@ -43,14 +43,25 @@ def test_importance_adds_the_bonuses():
     score = importance(conf, change, 0.5, live, bonus)
     # 0.5 conf + 0.5 change; +2 on the two most confident live rows (0 and 2)
     torch.testing.assert_close(score, torch.tensor([[0.45 + 2, 0.5 + 5, 0.65 + 2, 0.15 + 3, 0.1]]))
-    assert importance(conf, change, 0.0, live, 0 * bonus).tolist() == change.tolist()  # no top-2 bonus at alpha 0
+    assert (
+        importance(conf, change, 0.0, live, 0 * bonus).tolist() == change.tolist()
+    )  # no top-2 bonus at alpha 0
 
 
 def _host(step, block, cold=None, committed=1, leftmost=None, shift=0, layers=8):
     ids = torch.zeros(1, L, dtype=torch.long)
     return HostState(
-        ids, torch.ones_like(ids), step == 0 if cold is None else cold, layers, step=step, block_start=block[0],
-        block_end=block[1], response_start=PROMPT, mask_token_id=1, logits_shift=shift, last_committed=committed,
+        ids,
+        torch.ones_like(ids),
+        step == 0 if cold is None else cold,
+        layers,
+        step=step,
+        block_start=block[0],
+        block_end=block[1],
+        response_start=PROMPT,
+        mask_token_id=1,
+        logits_shift=shift,
+        last_committed=committed,
         last_leftmost=leftmost,
     )
 
@@ -59,7 +70,9 @@ def _plans(policy, steps, shift=0, committed=1):
     out = []
     for step in range(steps):
         block = (8, 16) if step < 8 else (16, 24)
-        plan = policy.plan(_host(step, block, committed=committed, leftmost=(13,) if step == 8 else None, shift=shift))
+        plan = policy.plan(
+            _host(step, block, committed=committed, leftmost=(13,) if step == 8 else None, shift=shift)
+        )
         span = (int(plan.span_start[0]), int(plan.span_len[0])) if plan.span_start is not None else None
         out.append((plan.kind, span, plan.key[2] if plan.kind == "skip" else None))
     return out
@@ -68,7 +81,20 @@ def _plans(policy, steps, shift=0, committed=1):
 def test_refresh_cadence_and_window():
     plans = _plans(ESDLLMPolicy(block_update_freq=3, prompt_update_freq=100), 12)
     kinds = [k for k, _, _ in plans]
-    assert kinds == ["full", "skip", "skip", "refresh", "skip", "skip", "refresh", "skip", "skip", "refresh", "skip", "skip"]
+    assert kinds == [
+        "full",
+        "skip",
+        "skip",
+        "refresh",
+        "skip",
+        "skip",
+        "refresh",
+        "skip",
+        "skip",
+        "refresh",
+        "skip",
+        "skip",
+    ]
     assert plans[1][1] == (8, 8) and plans[3][1] == (8, 8)  # the block, with and without skipping
     assert plans[8][1] == (13, 11)  # a block's first step starts at the leftmost row decoded last
     assert plans[9][1] == (16, 8)
@@ -96,15 +122,24 @@ def test_presets_per_model():
     assert make_policy("es_dllm", family="llada").block_update_freq == 16
     assert make_policy("es_dllm", family="dream").block_update_freq == 8
     assert make_policy("es_dllm", family="dream", block_update_freq=4).block_update_freq == 4  # the user wins
-    assert make_policy("dyllm", family="dream").tau == 0.995 and make_policy("dyllm", family="llada").tau == 0.99
+    assert (
+        make_policy("dyllm", family="dream").tau == 0.995 and make_policy("dyllm", family="llada").tau == 0.99
+    )
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(alpha=2.0), "alpha"), (dict(variation="attention"), "variation"), (dict(skip_layers=(3, 1), keep=0.5), "increasing"),
-    (dict(skip_layers=(1,), keep=(0.5, 0.2)), "one value per skip layer"), (dict(skip_layers=(1,)), "together"),
-    (dict(keep=0.0, skip_layers=(1,)), "keep"), (dict(proportion_steps=((0.5, 0.1),)), "start with"),
-    (dict(block_update_freq=0), "block_update_freq"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(alpha=2.0), "alpha"),
+        (dict(variation="attention"), "variation"),
+        (dict(skip_layers=(3, 1), keep=0.5), "increasing"),
+        (dict(skip_layers=(1,), keep=(0.5, 0.2)), "one value per skip layer"),
+        (dict(skip_layers=(1,)), "together"),
+        (dict(keep=0.0, skip_layers=(1,)), "keep"),
+        (dict(proportion_steps=((0.5, 0.1),)), "start with"),
+        (dict(block_update_freq=0), "block_update_freq"),
+    ],
+)
 def test_bad_parameters_are_rejected(kwargs, match):
     with pytest.raises(ValueError, match=match):
         ESDLLMPolicy(**kwargs)
@@ -139,10 +174,14 @@ def test_a_skip_step_equals_the_reference():
     info = dict(block_start=6, block_end=14, response_start=6, mask_token_id=mask_id, logits_shift=0)
     logit_rows = torch.arange(6, 14).expand(2, -1)
     with torch.no_grad():
-        engine.step(ids0, None, pos, logit_rows, step=0, last_committed=1, **info)  # full: snapshots, confidence
+        engine.step(
+            ids0, None, pos, logit_rows, step=0, last_committed=1, **info
+        )  # full: snapshots, confidence
         state = {
-            "k": [t.clone() for t in engine.cache.k], "v": [t.clone() for t in engine.cache.v],
-            "snap": engine.buffers.snapshot[1].clone(), "conf": engine.buffers.confidence.clone(),
+            "k": [t.clone() for t in engine.cache.k],
+            "v": [t.clone() for t in engine.cache.v],
+            "snap": engine.buffers.snapshot[1].clone(),
+            "conf": engine.buffers.confidence.clone(),
             "hidden": engine.cache.hidden.clone(),
         }
         out = engine.step(ids1, None, pos, logit_rows, step=1, last_committed=1, **info)
@@ -157,7 +196,9 @@ def test_a_skip_step_equals_the_reference():
             q, k, v = ref.project(arch, layer, x, rows, pos)
             for b in range(2):
                 state["k"][layer][b][:, rows[b]], state["v"][layer][b][:, rows[b]] = k[b], v[b]
-            ctx = torch.nn.functional.scaled_dot_product_attention(q, state["k"][layer], state["v"][layer], attn_mask=key_mask)
+            ctx = torch.nn.functional.scaled_dot_product_attention(
+                q, state["k"][layer], state["v"][layer], attn_mask=key_mask
+            )
             h_mid = ref.o_proj(arch, layer, x, ctx)
             x = h_mid + ref.mlp(arch, layer, h_mid)
             if layer == 1:
@@ -177,7 +218,9 @@ def test_a_skip_step_equals_the_reference():
                     state["snap"][b, rows[b]] = x[b]
         for b in range(2):
             state["hidden"][b, rows[b]] = x[b]
-        want = ref.logits(arch, state["hidden"]).gather(1, logit_rows[..., None].expand(-1, -1, out.logits.shape[-1]))
+        want = ref.logits(arch, state["hidden"]).gather(
+            1, logit_rows[..., None].expand(-1, -1, out.logits.shape[-1])
+        )
 
     torch.testing.assert_close(out.logits, want, rtol=1e-5, atol=1e-5)
     eligible = torch.zeros(2, 8, dtype=torch.bool)
@@ -207,8 +250,16 @@ def test_no_committed_token_comes_from_a_row_that_skipped_a_layer():
         return call
 
     tm.make_step_function = spying
-    out = dyllm_fx.generate(tm, tok, ["rev:abcdef=", "kv:a1?a="], gen_length=16, block_length=8, steps=16,
-                            progress=False, stop_at_eos=False)
+    out = dyllm_fx.generate(
+        tm,
+        tok,
+        ["rev:abcdef=", "kv:a1?a="],
+        gen_length=16,
+        block_length=8,
+        steps=16,
+        progress=False,
+        stop_at_eos=False,
+    )
     after = [ids for ids, _, _ in seen[1:]] + [out.sequences]
     restricted = 0
     for (ids, start, eligible), nxt in zip(seen, after):
@@ -219,8 +270,11 @@ def test_no_committed_token_comes_from_a_row_that_skipped_a_layer():
     assert restricted > 0  # rows were withheld: the check had something to check
 
 
-@pytest.mark.parametrize("make", [lambda: tiny_llada(seed=3, n_layers=3), lambda: tiny_dream(seed=4, num_hidden_layers=3)],
-                         ids=["llada", "dream"])
+@pytest.mark.parametrize(
+    "make",
+    [lambda: tiny_llada(seed=3, n_layers=3), lambda: tiny_dream(seed=4, num_hidden_layers=3)],
+    ids=["llada", "dream"],
+)
 def test_keeping_every_row_equals_vanilla(make):
     model, tok = make(), tiny_tokenizer()
     prompts = ["rev:abc=", "kv:a1,b2?ab="]
@@ -237,10 +291,18 @@ def test_keeping_every_row_equals_vanilla(make):
 def test_qkv_variations_score_before_the_skip_layers_attention(variation_kind):
     """Scored before the attention: the skip layer itself runs only the kept rows."""
     model, tok = _model(), tiny_tokenizer()
-    tm = dyllm_fx.transform(model, policy="es_dllm", variation=variation_kind, skip_layers=(1,), keep=0.5,
-                            block_update_freq=100, prompt_update_freq=100)
-    dyllm_fx.generate(tm, tok, ["rev:abcdef="], gen_length=16, block_length=8, steps=16, progress=False,
-                      stop_at_eos=False)
+    tm = dyllm_fx.transform(
+        model,
+        policy="es_dllm",
+        variation=variation_kind,
+        skip_layers=(1,),
+        keep=0.5,
+        block_update_freq=100,
+        prompt_update_freq=100,
+    )
+    dyllm_fx.generate(
+        tm, tok, ["rev:abcdef="], gen_length=16, block_length=8, steps=16, progress=False, stop_at_eos=False
+    )
     skip = [r for r in tm.engine.records if r.kind == "skip"]
     assert skip and all(r.active[0] > r.active[1] == r.active[2] == r.active[3] for r in skip)
     assert [8, 4, 4, 4] in [r.active for r in skip]

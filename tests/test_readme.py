@@ -24,12 +24,18 @@ from dyllm_fx.loading import default_model_path
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 TEXT = README.read_text()
-EMBEDDED = pytest.mark.skipif(not (default_model_path() / "config.json").is_file(), reason="embedded model not built")
+EMBEDDED = pytest.mark.skipif(
+    not (default_model_path() / "config.json").is_file(), reason="embedded model not built"
+)
 
 
 def code_blocks(lang: str) -> list[str]:
     """The bodies of the README's fenced blocks whose info string is ``lang`` ('' for none)."""
-    return [m.group(2) for m in re.finditer(r"^```(\w*)\n(.*?)^```", TEXT, flags=re.S | re.M) if m.group(1) == lang]
+    return [
+        m.group(2)
+        for m in re.finditer(r"^```(\w*)\n(.*?)^```", TEXT, flags=re.S | re.M)
+        if m.group(1) == lang
+    ]
 
 
 def shell_commands(block: str) -> list[str]:
@@ -113,7 +119,16 @@ def test_readme_synopsis_options_exist(synopsis):
 
 def test_cli_synopsis_lists_the_generate_options():
     synopsis = next(s for s in _synopsis_lines() if s.startswith("dyllm generate "))
-    for option in ("--policy", "--policy-arg", "--compile", "--dtype", "--device", "--threads", "--json", "--onnx"):
+    for option in (
+        "--policy",
+        "--policy-arg",
+        "--compile",
+        "--dtype",
+        "--device",
+        "--threads",
+        "--json",
+        "--onnx",
+    ):
         assert option in synopsis
 
 
@@ -135,7 +150,9 @@ def test_readme_python_api_example_runs_as_written():
 
 @pytest.mark.slow
 @EMBEDDED
-@pytest.mark.parametrize("command", [c for c in ALL_COMMANDS if c.startswith("dyllm generate ") and not _is_synopsis(c)])
+@pytest.mark.parametrize(
+    "command", [c for c in ALL_COMMANDS if c.startswith("dyllm generate ") and not _is_synopsis(c)]
+)
 def test_readme_generate_lines_run(command, capsys):
     assert main(shlex.split(command)[1:]) == 0
     captured = capsys.readouterr()
@@ -158,8 +175,13 @@ def test_readme_install_line_selects_the_cpu_wheels():
 
 
 def test_readme_dream_threshold_commands_name_maskgit_plus():
-    dream = TEXT[TEXT.index("* **Dream:**"):][:600]
+    dream = TEXT[TEXT.index("* **Dream:**") :][:600]
     assert "--threshold 0.9 --alg maskgit_plus" in dream
-    parse = build_parser().parse_args(shlex.split(re.search(r"`(dyllm eval \$COMMON [^`]*maskgit_plus[^`]*)`", dream).group(1)
-                                                  .replace("$COMMON", "--model default"))[1:])
+    parse = build_parser().parse_args(
+        shlex.split(
+            re.search(r"`(dyllm eval \$COMMON [^`]*maskgit_plus[^`]*)`", dream)
+            .group(1)
+            .replace("$COMMON", "--model default")
+        )[1:]
+    )
     assert parse.alg == "maskgit_plus" and parse.threshold == 0.9

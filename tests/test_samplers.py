@@ -43,7 +43,9 @@ SAMPLER_WEIGHTS = dict(norm_std=0.1, norms=("norm.weight",))
 
 
 def tiny_llada(seed: int = 0, head_scale: float = 2.0, max_len: int = 128) -> LLaDAModelLM:
-    return tiny_checkpoints.tiny_llada(seed, head_scale=head_scale, max_sequence_length=max_len, **SAMPLER_WEIGHTS)
+    return tiny_checkpoints.tiny_llada(
+        seed, head_scale=head_scale, max_sequence_length=max_len, **SAMPLER_WEIGHTS
+    )
 
 
 def tiny_dream(seed: int = 0, head_scale: float = 2.0) -> DreamModel:
@@ -82,7 +84,13 @@ class Recording(Biased):
 
         def step(request):
             self.log.append(
-                (request.block, request.block_start, request.block_end, request.step_in_block, request.input_ids.clone())
+                (
+                    request.block,
+                    request.block_start,
+                    request.block_end,
+                    request.step_in_block,
+                    request.input_ids.clone(),
+                )
             )
             return dense(request)
 
@@ -90,7 +98,6 @@ class Recording(Biased):
 
 
 NO_MASK = {MASK: -1e4}
-
 
 
 @pytest.fixture(scope="module")
@@ -128,8 +135,14 @@ def _assert_not_degenerate(seqs: torch.Tensor, plen: int) -> None:
 )
 def test_llada_low_confidence_matches_reference(llada, gen_length, block_length, steps):
     out = dyllm_fx.generate(
-        llada, TOK, PROMPTS, gen_length=gen_length, block_length=block_length, steps=steps,
-        stop_at_eos=False, progress=False,
+        llada,
+        TOK,
+        PROMPTS,
+        gen_length=gen_length,
+        block_length=block_length,
+        steps=steps,
+        stop_at_eos=False,
+        progress=False,
     )
     expected = ref.llada_generate(
         _ref_model(llada), _ids(PROMPTS), steps, gen_length, block_length, mask_id=MASK
@@ -142,19 +155,36 @@ def test_llada_low_confidence_matches_reference(llada, gen_length, block_length,
 @pytest.mark.parametrize("seed", [0, 7])
 def test_llada_random_remasking_matches_reference(llada, seed):
     out = dyllm_fx.generate(
-        llada, TOK, PROMPTS, gen_length=16, block_length=8, steps=8, remasking="random", seed=seed,
-        stop_at_eos=False, progress=False,
+        llada,
+        TOK,
+        PROMPTS,
+        gen_length=16,
+        block_length=8,
+        steps=8,
+        remasking="random",
+        seed=seed,
+        stop_at_eos=False,
+        progress=False,
     )
     torch.manual_seed(seed)
-    expected = ref.llada_generate(_ref_model(llada), _ids(PROMPTS), 8, 16, 8, remasking="random", mask_id=MASK)
+    expected = ref.llada_generate(
+        _ref_model(llada), _ids(PROMPTS), 8, 16, 8, remasking="random", mask_id=MASK
+    )
     _assert_not_degenerate(expected, len(PROMPTS[0]))
     assert torch.equal(out.sequences, expected)
 
 
 def test_llada_cfg_matches_reference(llada):
     out = dyllm_fx.generate(
-        llada, TOK, PROMPTS, gen_length=16, block_length=8, steps=16, cfg_scale=1.0,
-        stop_at_eos=False, progress=False,
+        llada,
+        TOK,
+        PROMPTS,
+        gen_length=16,
+        block_length=8,
+        steps=16,
+        cfg_scale=1.0,
+        stop_at_eos=False,
+        progress=False,
     )
     expected = ref.llada_generate(_ref_model(llada), _ids(PROMPTS), 16, 16, 8, cfg_scale=1.0, mask_id=MASK)
     plain = ref.llada_generate(_ref_model(llada), _ids(PROMPTS), 16, 16, 8, mask_id=MASK)
@@ -176,10 +206,20 @@ def test_llada_cfg_matches_reference(llada):
 @pytest.mark.parametrize("gen_length,steps", [(16, 16), (16, 6)])
 def test_dream_confidence_algs_match_reference(dream, alg, params, gen_length, steps):
     out = dyllm_fx.generate(
-        dream, TOK, PROMPTS, gen_length=gen_length, block_length=None, steps=steps, alg=alg,
-        stop_at_eos=False, progress=False, **params,
+        dream,
+        TOK,
+        PROMPTS,
+        gen_length=gen_length,
+        block_length=None,
+        steps=steps,
+        alg=alg,
+        stop_at_eos=False,
+        progress=False,
+        **params,
     )
-    expected = ref.dream_generate(_ref_model(dream), _ids(PROMPTS), steps, gen_length, alg=alg, mask_id=MASK, **params)
+    expected = ref.dream_generate(
+        _ref_model(dream), _ids(PROMPTS), steps, gen_length, alg=alg, mask_id=MASK, **params
+    )
     _assert_not_degenerate(expected, len(PROMPTS[0]))
     assert torch.equal(out.sequences, expected)
     assert out.stats.nfe == steps
@@ -188,8 +228,16 @@ def test_dream_confidence_algs_match_reference(dream, alg, params, gen_length, s
 @pytest.mark.parametrize("seed", [0, 3])
 def test_dream_origin_matches_reference(dream, seed):
     out = dyllm_fx.generate(
-        dream, TOK, PROMPTS, gen_length=16, block_length=None, steps=8, alg="origin", seed=seed,
-        stop_at_eos=False, progress=False,
+        dream,
+        TOK,
+        PROMPTS,
+        gen_length=16,
+        block_length=None,
+        steps=8,
+        alg="origin",
+        seed=seed,
+        stop_at_eos=False,
+        progress=False,
     )
     torch.manual_seed(seed)
     expected = ref.dream_generate(_ref_model(dream), _ids(PROMPTS), 8, 16, alg="origin", mask_id=MASK)
@@ -212,8 +260,14 @@ def confident_llada():
 def test_llada_threshold_matches_reference(confident_llada, threshold, gen_length, block_length):
     model = confident_llada
     out = dyllm_fx.generate(
-        model, TOK, PROMPTS, gen_length=gen_length, block_length=block_length, threshold=threshold,
-        stop_at_eos=False, progress=False,
+        model,
+        TOK,
+        PROMPTS,
+        gen_length=gen_length,
+        block_length=block_length,
+        threshold=threshold,
+        stop_at_eos=False,
+        progress=False,
     )
     expected = ref.llada_generate(
         _ref_model(model), _ids(PROMPTS), None, gen_length, block_length, mask_id=MASK, threshold=threshold
@@ -227,8 +281,14 @@ def test_llada_threshold_invariants():
     model = Recording(tiny_llada(0, head_scale=CONFIDENT), NO_MASK)
     gen_length, block_length = 16, 8
     out = dyllm_fx.generate(
-        model, TOK, PROMPTS, gen_length=gen_length, block_length=block_length, threshold=0.5,
-        stop_at_eos=False, progress=False,
+        model,
+        TOK,
+        PROMPTS,
+        gen_length=gen_length,
+        block_length=block_length,
+        threshold=0.5,
+        stop_at_eos=False,
+        progress=False,
     )
     plen = out.prompt_length
     assert not (out.responses == MASK).any()
@@ -260,8 +320,14 @@ def test_llada_threshold_invariants():
 )
 def test_llada_commits_schedule_counts(llada, gen_length, block_length, steps, per_block):
     out = dyllm_fx.generate(
-        llada, TOK, PROMPTS, gen_length=gen_length, block_length=block_length, steps=steps,
-        stop_at_eos=False, progress=False,
+        llada,
+        TOK,
+        PROMPTS,
+        gen_length=gen_length,
+        block_length=block_length,
+        steps=steps,
+        stop_at_eos=False,
+        progress=False,
     )
     blocks = gen_length // block_length
     assert out.stats.tokens_committed == [len(PROMPTS) * n for n in per_block] * blocks
@@ -275,8 +341,14 @@ def test_blocks_decode_left_to_right(kind):
     model = Recording(inner, NO_MASK)
     gen_length, block_length, steps = 16, 4, 8
     out = dyllm_fx.generate(
-        model, TOK, PROMPTS, gen_length=gen_length, block_length=block_length, steps=steps,
-        stop_at_eos=False, progress=False,
+        model,
+        TOK,
+        PROMPTS,
+        gen_length=gen_length,
+        block_length=block_length,
+        steps=steps,
+        stop_at_eos=False,
+        progress=False,
     )
     plen = out.prompt_length
     assert [entry[0] for entry in model.log] == [b for b in range(4) for _ in range(2)]
@@ -309,8 +381,16 @@ def test_seeded_sampling_is_deterministic():
 
 def test_dream_seeded_sampling_is_deterministic():
     model = Biased(tiny_dream(2, head_scale=0.1), NO_MASK)
-    kw = dict(gen_length=12, block_length=None, steps=6, temperature=1.0, alg="maskgit_plus", alg_temp=0.5,
-              stop_at_eos=False, progress=False)
+    kw = dict(
+        gen_length=12,
+        block_length=None,
+        steps=6,
+        temperature=1.0,
+        alg="maskgit_plus",
+        alg_temp=0.5,
+        stop_at_eos=False,
+        progress=False,
+    )
     a = dyllm_fx.generate(model, TOK, PROMPTS, seed=5, **kw).sequences
     b = dyllm_fx.generate(model, TOK, PROMPTS, seed=5, **kw).sequences
     c = dyllm_fx.generate(model, TOK, PROMPTS, seed=6, **kw).sequences
@@ -323,7 +403,9 @@ def test_dream_seeded_sampling_is_deterministic():
 def test_ragged_batch_matches_single_prompts(llada, dream, kind):
     model = llada if kind == "llada" else dream
     prompts = ["12+34=56,", "ab?", "x:y"]
-    kw = dict(gen_length=8, block_length=4 if kind == "llada" else None, steps=8, stop_at_eos=False, progress=False)
+    kw = dict(
+        gen_length=8, block_length=4 if kind == "llada" else None, steps=8, stop_at_eos=False, progress=False
+    )
     batch = dyllm_fx.generate(model, TOK, prompts, **kw)
     assert batch.prompt_length == len(prompts[0])
     for row, prompt in enumerate(prompts):
@@ -378,7 +460,9 @@ def test_dream_transfer_count(steps, eps):
         assert dream_transfer_count(masked, steps - 1, steps, grid) == masked
         for step in range(steps - 1):
             t, s = grid[step], grid[step + 1]
-            expected = int((torch.tensor([masked, masked]).sum() / 2) * (1 - s / t))  # the reference's arithmetic
+            expected = int(
+                (torch.tensor([masked, masked]).sum() / 2) * (1 - s / t)
+            )  # the reference's arithmetic
             got = dream_transfer_count(masked, step, steps, grid)
             assert got == expected
             assert 0 <= got <= masked
@@ -394,9 +478,13 @@ def test_block_schedule_build():
 
 
 def test_block_schedule_errors():
-    with pytest.raises(ValueError, match=r"block_length=6 must divide gen_length=16; e\.g\. use block_length=4"):
+    with pytest.raises(
+        ValueError, match=r"block_length=6 must divide gen_length=16; e\.g\. use block_length=4"
+    ):
         BlockSchedule.build(3, 16, 6, 16)
-    with pytest.raises(ValueError, match=r"steps=6 must be a positive multiple of the number of blocks.*e\.g\. steps=8"):
+    with pytest.raises(
+        ValueError, match=r"steps=6 must be a positive multiple of the number of blocks.*e\.g\. steps=8"
+    ):
         BlockSchedule.build(3, 16, 4, 6)
     with pytest.raises(ValueError, match="steps=0"):
         BlockSchedule.build(3, 16, 4, 0)
@@ -421,7 +509,9 @@ def test_top_k_filter_keeps_exactly_k():
         assert torch.equal(out, ref.dream_top_k_logits(logits, k))
 
 
-@pytest.mark.parametrize("top_p,kept", [(0.3, 1), (0.45, 1), (0.6, 2), (0.7, 2), (0.85, 3), (0.9, 3), (0.99, 4)])
+@pytest.mark.parametrize(
+    "top_p,kept", [(0.3, 1), (0.45, 1), (0.6, 2), (0.7, 2), (0.85, 3), (0.9, 3), (0.99, 4)]
+)
 def test_top_p_filter_keeps_minimal_nucleus(top_p, kept):
     # Sorted probabilities 0.5, 0.3, 0.15, 0.05, shuffled; token i is dropped when the mass of
     # the tokens before it exceeds top_p (before: 0, 0.5, 0.8, 0.95).
@@ -450,7 +540,10 @@ def test_add_gumbel_noise():
     assert torch.equal(noisy, ref.llada_gumbel(logits, 1.0))
 
 
-@pytest.mark.parametrize("confidence,flags", [("prob", {}), ("margin", {"margin_confidence": True}), ("neg_entropy", {"neg_entropy": True})])
+@pytest.mark.parametrize(
+    "confidence,flags",
+    [("prob", {}), ("margin", {"margin_confidence": True}), ("neg_entropy", {"neg_entropy": True})],
+)
 def test_dream_sample_tokens_matches_reference(confidence, flags):
     logits = 3 * torch.randn(10, 44, generator=torch.Generator().manual_seed(2))
     conf, tok = dream_sample_tokens(logits, 0.0, 0.9, 8, confidence)
@@ -475,7 +568,9 @@ def test_generate_rejects_bad_prompts(llada):
 
 def test_generate_rejects_window_overflow():
     model = tiny_llada(0, max_len=16)
-    with pytest.raises(ValueError, match=r"prompt \(6 tokens\) \+ gen_length \(16\) = 22 exceeds the model's window of 16"):
+    with pytest.raises(
+        ValueError, match=r"prompt \(6 tokens\) \+ gen_length \(16\) = 22 exceeds the model's window of 16"
+    ):
         dyllm_fx.generate(model, TOK, "12+34=", gen_length=16, block_length=8)
     out = dyllm_fx.generate(model, TOK, "12+34=", gen_length=8, block_length=8, progress=False)  # 14 fits
     assert out.sequences.shape == (1, 14)
@@ -500,7 +595,9 @@ def test_generate_rejects_bad_sampler_params(llada, dream):
     with pytest.raises(ValueError, match="temperature must be >= 0"):
         dyllm_fx.generate(llada, TOK, "12", gen_length=8, block_length=8, temperature=-1.0)
     with pytest.raises(ValueError, match="pass either a sampler object or sampler parameters"):
-        dyllm_fx.generate(llada, TOK, "12", gen_length=8, block_length=8, sampler=LLaDASampler(), temperature=1.0)
+        dyllm_fx.generate(
+            llada, TOK, "12", gen_length=8, block_length=8, sampler=LLaDASampler(), temperature=1.0
+        )
     with pytest.raises(ValueError, match="block_length=3 must divide gen_length=8"):
         dyllm_fx.generate(llada, TOK, "12", gen_length=8, block_length=3)
     with pytest.raises(TypeError, match="no `diffusion` spec"):

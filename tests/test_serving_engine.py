@@ -43,8 +43,17 @@ def alone(model, prompt: str, sp: SamplingParams, seed: int | None = None) -> li
     kw = sp.sampler_kwargs(bool(model.diffusion.logits_shift))
     kw = {k: v for k, v in kw.items() if v is not None}
     steps = None if sp.threshold is not None else (sp.steps or r.window)
-    out = dyllm_fx.generate(model, TOK, [prompt], gen_length=r.window, block_length=r.block_length, steps=steps,
-                            threshold=sp.threshold, seed=seed if seed is not None else sp.seed, **kw)
+    out = dyllm_fx.generate(
+        model,
+        TOK,
+        [prompt],
+        gen_length=r.window,
+        block_length=r.block_length,
+        steps=steps,
+        threshold=sp.threshold,
+        seed=seed if seed is not None else sp.seed,
+        **kw,
+    )
     ids = out.responses[0].tolist()
     eos = set(model.diffusion.eos_token_ids)
     cut = next((i for i, t in enumerate(ids) if t in eos), len(ids))
@@ -151,7 +160,9 @@ def test_approximate_policies_serve_ragged_arrivals(policy):
     """Every policy decodes rows that join at block boundaries (tokens are approximate there,
     so only completion is checked), with fewer than every row active for the row policies."""
     model = model_for("llada", policy)
-    outs = LLM(model, tokenizer=TOK, max_num_seqs=2).generate(prompts(4, seed=9), SamplingParams(max_tokens=16, block_length=8))
+    outs = LLM(model, tokenizer=TOK, max_num_seqs=2).generate(
+        prompts(4, seed=9), SamplingParams(max_tokens=16, block_length=8)
+    )
     assert all(o.finished and o.outputs[0].finish_reason in ("stop", "length") for o in outs)
     assert any(o.metrics.relayouts for o in outs)
 
@@ -162,8 +173,17 @@ def test_approximate_policies_serve_ragged_arrivals(policy):
 def _engine_step(model, ids, relayout=False, block=(8, 16)):
     pos = torch.arange(ids.shape[1]).expand_as(ids)
     out = model.engine.step(
-        ids, None, pos, torch.arange(*block).expand(ids.shape[0], -1), step=0, block_start=block[0], block_end=block[1],
-        response_start=8, mask_token_id=model.diffusion.mask_token_id, logits_shift=0, relayout=relayout,
+        ids,
+        None,
+        pos,
+        torch.arange(*block).expand(ids.shape[0], -1),
+        step=0,
+        block_start=block[0],
+        block_end=block[1],
+        response_start=8,
+        mask_token_id=model.diffusion.mask_token_id,
+        logits_shift=0,
+        relayout=relayout,
     )
     assert out.logits.shape[:2] == (ids.shape[0], block[1] - block[0])
     return model.engine.records[-1].kind
@@ -276,9 +296,15 @@ def test_a_failing_step_ends_its_batch_only():
     def broken(*args, **kwargs):
         raise RuntimeError("device lost")
 
-    batch.stepper = type("Broken", (), {"__call__": staticmethod(broken), "new_generation": lambda self: None})()
+    batch.stepper = type(
+        "Broken", (), {"__call__": staticmethod(broken), "new_generation": lambda self: None}
+    )()
     outs = engine.step()
-    assert outs and outs[0].outputs[0].finish_reason == "error" and "device lost" in outs[0].outputs[0].stop_reason
+    assert (
+        outs
+        and outs[0].outputs[0].finish_reason == "error"
+        and "device lost" in outs[0].outputs[0].stop_reason
+    )
     good = engine.add_request("abc", SamplingParams(max_tokens=8, block_length=8))
     assert run(engine)[good.request_id].outputs[0].finish_reason in ("stop", "length")
     assert bad.finished
@@ -309,7 +335,10 @@ def test_max_tokens_cuts_a_rounded_window_and_stop_strings_cut_the_text():
 def test_chat_uses_the_trivial_template_without_a_chat_template():
     llm = LLM(model_for("llada"), tokenizer=TOK)
     sp = SamplingParams(max_tokens=8, block_length=8)
-    messages = [{"role": "system", "content": "ab"}, {"role": "user", "content": [{"type": "text", "text": "cd"}]}]
+    messages = [
+        {"role": "system", "content": "ab"},
+        {"role": "user", "content": [{"type": "text", "text": "cd"}]},
+    ]
     assert render_chat(TOK, messages) == "abcd"
     assert llm.chat(messages, sp)[0].outputs[0].token_ids == llm.generate("abcd", sp)[0].outputs[0].token_ids
 
@@ -371,8 +400,16 @@ def test_metrics_render_prometheus_text():
     engine.add_request("abc", SamplingParams(max_tokens=8, block_length=8))
     run(engine)
     text = engine.metrics.render(0, 0, 0, "tiny", "vanilla")
-    names = {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line and not line.startswith("#")}
-    for name in ("dyllm_requests_total", "dyllm_tokens_per_second", "dyllm_num_requests_waiting", "dyllm_active_fraction",
-                 "dyllm_request_nfe_count", "dyllm_request_latency_seconds_bucket"):
+    names = {
+        line.split("{")[0].split(" ")[0] for line in text.splitlines() if line and not line.startswith("#")
+    }
+    for name in (
+        "dyllm_requests_total",
+        "dyllm_tokens_per_second",
+        "dyllm_num_requests_waiting",
+        "dyllm_active_fraction",
+        "dyllm_request_nfe_count",
+        "dyllm_request_latency_seconds_bucket",
+    ):
         assert name in names, name
-    assert 'dyllm_request_nfe_count 1' in text and "# TYPE dyllm_request_nfe histogram" in text
+    assert "dyllm_request_nfe_count 1" in text and "# TYPE dyllm_request_nfe histogram" in text

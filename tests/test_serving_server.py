@@ -39,7 +39,10 @@ START_TIMEOUT_S = 180  # model load on a busy 2-core machine
 REQUEST_TIMEOUT_S = 120
 LIFETIME_S = 900  # the server stops by itself after this, whatever happens to the test process
 POLICY = "dual_cache"  # exact (a row decodes what it decodes alone) and fast
-SHORT_ARGS = {"max_tokens": 32, "extra_body": {"block_length": 16}}  # two blocks: rows join and leave at block boundaries
+SHORT_ARGS = {
+    "max_tokens": 32,
+    "extra_body": {"block_length": 16},
+}  # two blocks: rows join and leave at block boundaries
 
 
 class Server(ServerProcess):
@@ -47,11 +50,16 @@ class Server(ServerProcess):
 
     def __init__(self, *args: str):
         super().__init__(*args, threads=1, lifetime_s=LIFETIME_S, start_timeout_s=START_TIMEOUT_S)
-        self.client = openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0, timeout=REQUEST_TIMEOUT_S)
+        self.client = openai.OpenAI(
+            base_url=f"{self.url}/v1", api_key="unused", max_retries=0, timeout=REQUEST_TIMEOUT_S
+        )
 
     def metrics(self) -> dict[str, float]:
         text = httpx.get(f"{self.url}/metrics", timeout=30).text
-        return {k: float(v) for k, v in (line.rsplit(" ", 1) for line in text.splitlines() if line and line[0] != "#")}
+        return {
+            k: float(v)
+            for k, v in (line.rsplit(" ", 1) for line in text.splitlines() if line and line[0] != "#")
+        }
 
     def wait_for(self, predicate, what: str, timeout: float = 60.0) -> dict[str, float]:
         deadline = time.monotonic() + timeout
@@ -81,7 +89,9 @@ def reference():
         if key not in cache:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # a window other than the trained 64 warns
-                cache[key] = dyllm_fx.generate(fast, tokenizer, [prompt], gen_length=max_tokens, block_length=block_length).texts[0]
+                cache[key] = dyllm_fx.generate(
+                    fast, tokenizer, [prompt], gen_length=max_tokens, block_length=block_length
+                ).texts[0]
         return cache[key]
 
     return alone
@@ -107,14 +117,22 @@ def test_health_models_and_metrics(server):
     (card,) = server.client.models.list().data
     assert card.id == "default" and card.owned_by == "dyllm-fx"
     m = server.metrics()
-    for name in ("dyllm_num_requests_waiting", "dyllm_num_requests_running", "dyllm_tokens_per_second",
-                 "dyllm_active_fraction", "dyllm_request_nfe_count", "dyllm_requests_received_total"):
+    for name in (
+        "dyllm_num_requests_waiting",
+        "dyllm_num_requests_running",
+        "dyllm_tokens_per_second",
+        "dyllm_active_fraction",
+        "dyllm_request_nfe_count",
+        "dyllm_requests_received_total",
+    ):
         assert name in m, name
 
 
 def test_completion_matches_generate_alone(server, reference):
     prompt = prompts(1)[0]
-    r = server.client.completions.create(model="default", prompt=prompt, max_tokens=32, extra_body={"block_length": 16})
+    r = server.client.completions.create(
+        model="default", prompt=prompt, max_tokens=32, extra_body={"block_length": 16}
+    )
     (choice,) = r.choices
     assert choice.text == reference(prompt) and choice.finish_reason in ("stop", "length")
     assert r.usage.completion_tokens == len(choice.text) and r.usage.prompt_tokens == len(prompt)
@@ -124,7 +142,10 @@ def test_completion_matches_generate_alone(server, reference):
 def test_chat_completion_with_the_trivial_template(server, reference):
     prompt = prompts(2)[1]
     r = server.client.chat.completions.create(
-        model="default", messages=[{"role": "user", "content": prompt}], max_tokens=32, extra_body={"block_length": 16},
+        model="default",
+        messages=[{"role": "user", "content": prompt}],
+        max_tokens=32,
+        extra_body={"block_length": 16},
     )
     assert r.object == "chat.completion" and r.choices[0].message.role == "assistant"
     assert r.choices[0].message.content == reference(prompt)
@@ -132,10 +153,16 @@ def test_chat_completion_with_the_trivial_template(server, reference):
 
 def test_streaming_completion_sends_text_as_each_block_commits(server, reference):
     prompt = prompts(3)[2]
-    chunks = list(server.client.completions.create(
-        model="default", prompt=prompt, stream=True, stream_options={"include_usage": True}, **{"max_tokens": 32},
-        extra_body={"block_length": 16},
-    ))
+    chunks = list(
+        server.client.completions.create(
+            model="default",
+            prompt=prompt,
+            stream=True,
+            stream_options={"include_usage": True},
+            **{"max_tokens": 32},
+            extra_body={"block_length": 16},
+        )
+    )
     texts = [c.choices[0].text for c in chunks if c.choices and c.choices[0].text]
     expected = reference(prompt)
     assert "".join(texts) == expected
@@ -147,10 +174,15 @@ def test_streaming_completion_sends_text_as_each_block_commits(server, reference
 
 def test_streaming_chat(server, reference):
     prompt = prompts(4)[3]
-    chunks = list(server.client.chat.completions.create(
-        model="default", messages=[{"role": "user", "content": prompt}], stream=True, max_tokens=32,
-        extra_body={"block_length": 16},
-    ))
+    chunks = list(
+        server.client.chat.completions.create(
+            model="default",
+            messages=[{"role": "user", "content": prompt}],
+            stream=True,
+            max_tokens=32,
+            extra_body={"block_length": 16},
+        )
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == reference(prompt)
     assert chunks[-1].choices[0].finish_reason in ("stop", "length")
@@ -162,7 +194,9 @@ def test_32_requests_in_flight_each_equal_alone(server, reference):
     batch = prompts(32)
 
     def ask(prompt):
-        r = server.client.completions.create(model="default", prompt=prompt, extra_body={"block_length": 16}, max_tokens=32)
+        r = server.client.completions.create(
+            model="default", prompt=prompt, extra_body={"block_length": 16}, max_tokens=32
+        )
         return r.choices[0].text, r.model_extra["metrics"]
 
     with ThreadPoolExecutor(32) as pool:
@@ -176,7 +210,9 @@ def test_32_requests_in_flight_each_equal_alone(server, reference):
 
 def test_the_readme_client_example_runs_against_the_server(server, reference):
     text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    block = next(b for b in re.findall(r"^```python\n(.*?)^```", text, flags=re.S | re.M) if "openai.OpenAI(" in b)
+    block = next(
+        b for b in re.findall(r"^```python\n(.*?)^```", text, flags=re.S | re.M) if "openai.OpenAI(" in b
+    )
     assert "http://127.0.0.1:8000/v1" in block
     namespace: dict = {}
     with contextlib.redirect_stdout(io.StringIO()) as printed:
@@ -188,18 +224,21 @@ def test_the_readme_client_example_runs_against_the_server(server, reference):
 # --- errors -------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("body, param", [
-    ({"model": "nope", "prompt": "add:1+2="}, "model"),
-    ({"prompt": "add:1+2=", "max_tokens": 0}, "max_tokens"),
-    ({"prompt": "add:1+2=", "max_tokens": 100000}, "max_tokens"),
-    ({"prompt": "add:" + "1" * 240 + "="}, "prompt"),
-    ({"prompt": "add:1+2=", "max_tokens": "many"}, "max_tokens"),
-    ({"prompt": "add:1+2=", "temperature": -1}, None),
-    ({"prompt": "add:1+2=", "n": 0}, None),
-    ({"prompt": "add:1+2=", "logprobs": 2}, "logprobs"),
-    ({"prompt": ""}, None),
-    ({"max_tokens": 8}, "prompt"),
-])
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({"model": "nope", "prompt": "add:1+2="}, "model"),
+        ({"prompt": "add:1+2=", "max_tokens": 0}, "max_tokens"),
+        ({"prompt": "add:1+2=", "max_tokens": 100000}, "max_tokens"),
+        ({"prompt": "add:" + "1" * 240 + "="}, "prompt"),
+        ({"prompt": "add:1+2=", "max_tokens": "many"}, "max_tokens"),
+        ({"prompt": "add:1+2=", "temperature": -1}, None),
+        ({"prompt": "add:1+2=", "n": 0}, None),
+        ({"prompt": "add:1+2=", "logprobs": 2}, "logprobs"),
+        ({"prompt": ""}, None),
+        ({"max_tokens": 8}, "prompt"),
+    ],
+)
 def test_bad_requests_get_a_400_with_an_openai_error_body(server, body, param):
     r = httpx.post(f"{server.url}/v1/completions", json=body, timeout=30)
     assert r.status_code == 400, r.text
@@ -210,7 +249,12 @@ def test_bad_requests_get_a_400_with_an_openai_error_body(server, body, param):
 
 
 def test_malformed_json_and_unknown_routes(server):
-    r = httpx.post(f"{server.url}/v1/completions", content=b'{"prompt": "add:1+', headers={"content-type": "application/json"}, timeout=30)
+    r = httpx.post(
+        f"{server.url}/v1/completions",
+        content=b'{"prompt": "add:1+',
+        headers={"content-type": "application/json"},
+        timeout=30,
+    )
     assert r.status_code == 400 and "not valid JSON" in error_body(r)["message"]
     r = httpx.post(f"{server.url}/v1/chat/completions", json={"messages": "hi"}, timeout=30)
     assert r.status_code == 400 and error_body(r)["param"].startswith("messages")
@@ -222,22 +266,33 @@ def test_the_openai_client_sees_the_errors_and_the_server_keeps_serving(server, 
     with pytest.raises(openai.BadRequestError, match="does not exist"):
         server.client.completions.create(model="gpt-4", prompt="add:1+2=")
     with pytest.raises(openai.BadRequestError, match="exceeds the model's window"):
-        server.client.chat.completions.create(model="default", messages=[{"role": "user", "content": "a" * 250}])
+        server.client.chat.completions.create(
+            model="default", messages=[{"role": "user", "content": "a" * 250}]
+        )
     prompt = prompts(5)[4]
-    assert server.client.completions.create(model="default", prompt=prompt, **SHORT_ARGS).choices[0].text == reference(prompt)
+    assert server.client.completions.create(model="default", prompt=prompt, **SHORT_ARGS).choices[
+        0
+    ].text == reference(prompt)
     assert httpx.get(f"{server.url}/health", timeout=30).status_code == 200
-
 
 
 # --- disconnects and a full queue -------------------------------------------------------------
 
 
-def _open_stream(url: str, prompt: str, max_tokens: int = 64, steps: int | None = None, first_chunk: bool = True):
+def _open_stream(
+    url: str, prompt: str, max_tokens: int = 64, steps: int | None = None, first_chunk: bool = True
+):
     """A streaming request whose response has begun (with ``first_chunk``: whose first block's
     text has arrived, so its row is decoding); close the returned client to disconnect."""
     client = httpx.Client(timeout=REQUEST_TIMEOUT_S)
     try:
-        body = {"prompt": prompt, "max_tokens": max_tokens, "block_length": 16, "steps": steps, "stream": True}
+        body = {
+            "prompt": prompt,
+            "max_tokens": max_tokens,
+            "block_length": 16,
+            "steps": steps,
+            "stream": True,
+        }
         stream = client.stream("POST", f"{url}/v1/completions", json=body)
         response = stream.__enter__()
         assert response.status_code == 200
@@ -258,10 +313,17 @@ def test_a_disconnect_mid_stream_frees_the_slot(server, reference):
     client, stream = _open_stream(server.url, prompts(6)[5], steps=512)
     stream.__exit__(None, None, None)
     client.close()
-    server.wait_for(lambda m: m.get('dyllm_requests_total{finish_reason="abort"}', 0) > before
-                    and m["dyllm_num_requests_running"] == 0, "the disconnected request to be cancelled")
+    server.wait_for(
+        lambda m: (
+            m.get('dyllm_requests_total{finish_reason="abort"}', 0) > before
+            and m["dyllm_num_requests_running"] == 0
+        ),
+        "the disconnected request to be cancelled",
+    )
     prompt = prompts(7)[6]
-    assert server.client.completions.create(model="default", prompt=prompt, **SHORT_ARGS).choices[0].text == reference(prompt)
+    assert server.client.completions.create(model="default", prompt=prompt, **SHORT_ARGS).choices[
+        0
+    ].text == reference(prompt)
 
 
 def test_a_full_queue_gets_429_and_loses_no_other_request(reference):
@@ -294,20 +356,33 @@ def test_a_full_queue_gets_429_and_loses_no_other_request(reference):
 
 
 def _dyllm(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dyllm_fx.cli.main", *args], capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "dyllm_fx.cli.main", *args], capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_serve_help_lists_its_options():
     out = _dyllm("serve", "--help", timeout=60).stdout
-    for option in ("--model", "--policy", "--host", "--port", "--max-num-seqs", "--max-queue-size", "--lifetime"):
+    for option in (
+        "--model",
+        "--policy",
+        "--host",
+        "--port",
+        "--max-num-seqs",
+        "--max-queue-size",
+        "--lifetime",
+    ):
         assert option in out
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--port", "70000"], "--port must be in 0..65535"),
-    (["--max-num-seqs", "0"], "--max-num-seqs must be at least 1"),
-    (["--policy", "nope"], "unknown policy"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--port", "70000"], "--port must be in 0..65535"),
+        (["--max-num-seqs", "0"], "--max-num-seqs must be at least 1"),
+        (["--policy", "nope"], "unknown policy"),
+    ],
+)
 def test_serve_rejects_bad_options_in_one_line(args, message):
     r = _dyllm("serve", *args)
     assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
@@ -327,7 +402,9 @@ def test_serve_without_fastapi_names_the_extra(monkeypatch, capsys):
     from dyllm_fx.cli.main import main
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "fastapi" else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "fastapi" else real(name, *a)
+    )
     assert main(["serve"]) == 2
     err = capsys.readouterr().err
     assert 'pip install "dyllm-fx[serve]"' in err and "fastapi" in err and len(err.strip().splitlines()) == 1

@@ -24,9 +24,18 @@ TOK = tiny_tokenizer()
 PROMPTS = ["rev:abc=", "kv:a1,b2?ab="]
 GEN = dict(gen_length=16, block_length=8, steps=16, stop_at_eos=False, progress=False)
 POLICIES = [
-    ("dense", {}), ("fixed", {"rows": [2, 9, 11]}), ("dual_cache", {}), ("prefix_cache", {}), ("dllm_cache", {}),
-    ("dyllm", {}), ("dyllm", {"cached_softmax_stats": True}), ("es_dllm", {}), ("es_dllm", {"variation": "value"}),
-    ("dual_cache+dyllm", {}), ("dual_cache+es_dllm", {}), ("prefix_cache+dyllm", {}),
+    ("dense", {}),
+    ("fixed", {"rows": [2, 9, 11]}),
+    ("dual_cache", {}),
+    ("prefix_cache", {}),
+    ("dllm_cache", {}),
+    ("dyllm", {}),
+    ("dyllm", {"cached_softmax_stats": True}),
+    ("es_dllm", {}),
+    ("es_dllm", {"variation": "value"}),
+    ("dual_cache+dyllm", {}),
+    ("dual_cache+es_dllm", {}),
+    ("prefix_cache+dyllm", {}),
 ]
 
 
@@ -107,7 +116,16 @@ def test_overflow_is_counted_and_approximated(model):
 
 # --- torch.compile(model, backend="dyllm") --------------------------------------------------
 
-BACKEND = ["dense", "dual_cache", "prefix_cache", "dyllm", "es_dllm", "dllm_cache", "dual_cache+dyllm", "dual_cache+es_dllm"]
+BACKEND = [
+    "dense",
+    "dual_cache",
+    "prefix_cache",
+    "dyllm",
+    "es_dllm",
+    "dllm_cache",
+    "dual_cache+dyllm",
+    "dual_cache+es_dllm",
+]
 
 
 @pytest.mark.parametrize("name", BACKEND)
@@ -115,7 +133,12 @@ def test_backend_runs_every_policy(model, dynamo, name):
     """Through the backend every step is a forward() call: the block, the response start and
     the last step's commits are inferred from the tokens, so the tokens are those of the same
     policy through generate()."""
-    opts = {"policy": name, "mask_token_id": model.diffusion.mask_token_id, "block_length": 8, "compile_step": False}
+    opts = {
+        "policy": name,
+        "mask_token_id": model.diffusion.mask_token_id,
+        "block_length": 8,
+        "compile_step": False,
+    }
     compiled = torch.compile(model, backend="dyllm", options=opts)
     got = dyllm_fx.generate(compiled, TOK, PROMPTS, **GEN)
     want = dyllm_fx.generate(dyllm_fx.transform(model, policy=name), TOK, PROMPTS, **GEN)
@@ -127,8 +150,11 @@ def test_backend_sparse_steps_on_dynamos_static_graph(dynamo):
     cut from it failed on the first sparse step ("shape '[1, 29, 4, 32]' is invalid for input of
     size 1024"). The backend now traces the module itself, with symbolic sizes."""
     model = tiny_llada(seed=3, d_model=128, n_heads=4, n_layers=2, mlp_hidden_size=64)
-    compiled = torch.compile(model, backend="dyllm", options={"policy": "fixed", "rows": [3, 4], "compile_step": False,
-                                                              "mask_token_id": 1})
+    compiled = torch.compile(
+        model,
+        backend="dyllm",
+        options={"policy": "fixed", "rows": [3, 4], "compile_step": False, "mask_token_id": 1},
+    )
     reference = dyllm_fx.transform(model, policy="fixed", rows=[3, 4])
     ids = torch.randint(3, 40, (1, 29))
     ids[:, 20:] = 1
@@ -162,9 +188,18 @@ class _Step(torch.nn.Module):
     def forward(self, input_ids, position_ids, logit_positions, span_start, span_len):
         from dyllm_fx.runtime.policies import StepInputs
 
-        inp = StepInputs(input_ids, torch.ones_like(input_ids), position_ids, logit_positions, block_rows=logit_positions,
-                         span_start=span_start, span_len=span_len)
-        out = self.engine.policy.step(self.engine.pieces, self.plan, inp, self.engine.cache, self.engine.buffers)
+        inp = StepInputs(
+            input_ids,
+            torch.ones_like(input_ids),
+            position_ids,
+            logit_positions,
+            block_rows=logit_positions,
+            span_start=span_start,
+            span_len=span_len,
+        )
+        out = self.engine.policy.step(
+            self.engine.pieces, self.plan, inp, self.engine.cache, self.engine.buffers
+        )
         return out.logits, out.counts
 
 
@@ -177,10 +212,20 @@ def test_torch_export_takes_a_dyllm_sparse_step(model):
     with torch.no_grad():
         tm(ids, None, pos)  # the dense step fills the caches
         ids[0, 7] = 20
-        plan = engine.policy.plan(dyllm_fx.runtime.policies.HostState(
-            ids, torch.ones_like(ids), False, 2, step=1, block_start=6, block_end=14, response_start=6,
-            mask_token_id=1, last_committed=1,
-        ))
+        plan = engine.policy.plan(
+            dyllm_fx.runtime.policies.HostState(
+                ids,
+                torch.ones_like(ids),
+                False,
+                2,
+                step=1,
+                block_start=6,
+                block_end=14,
+                response_start=6,
+                mask_token_id=1,
+                last_committed=1,
+            )
+        )
         assert plan.kind == "sparse"
         args = (ids, pos, torch.arange(6, 14)[None], plan.span_start, plan.span_len)
         exported = torch.export.export(_Step(engine, type(plan)(plan.key)), args, strict=False)

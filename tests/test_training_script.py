@@ -16,8 +16,26 @@ import dyllm_fx
 pytestmark = pytest.mark.slow
 
 SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "train_tiny_mdlm.py"
-TINY = ["--steps", "2", "--batch-size", "4", "--d-model", "32", "--layers", "1", "--heads", "2", "--mlp", "48",
-        "--threads", "1", "--eval-every", "0", "--eval-n", "1"]
+TINY = [
+    "--steps",
+    "2",
+    "--batch-size",
+    "4",
+    "--d-model",
+    "32",
+    "--layers",
+    "1",
+    "--heads",
+    "2",
+    "--mlp",
+    "48",
+    "--threads",
+    "1",
+    "--eval-every",
+    "0",
+    "--eval-n",
+    "1",
+]
 
 
 def _script():
@@ -32,7 +50,9 @@ def _script():
 
 def test_two_training_steps_produce_a_loadable_checkpoint(tmp_path):
     out = tmp_path / "ckpt"
-    subprocess.run([sys.executable, str(SCRIPT), "--out", str(out), *TINY], check=True, capture_output=True, timeout=180)
+    subprocess.run(
+        [sys.executable, str(SCRIPT), "--out", str(out), *TINY], check=True, capture_output=True, timeout=180
+    )
     model, tok = dyllm_fx.load(out)
     assert model.config.d_model == 32 and tok.mask_token_id == model.diffusion.mask_token_id
     info = json.loads((out / "training.json").read_text())
@@ -41,14 +61,22 @@ def test_two_training_steps_produce_a_loadable_checkpoint(tmp_path):
 
 def test_dream_architecture_and_resume(tmp_path):
     first, second = tmp_path / "dream", tmp_path / "dream-2"
-    subprocess.run([sys.executable, str(SCRIPT), "--arch", "dream", "--out", str(first), "--kv-heads", "1", *TINY],
-                   check=True, capture_output=True, timeout=180)
+    subprocess.run(
+        [sys.executable, str(SCRIPT), "--arch", "dream", "--out", str(first), "--kv-heads", "1", *TINY],
+        check=True,
+        capture_output=True,
+        timeout=180,
+    )
     model, _ = dyllm_fx.load(first)
     assert model.architecture == "dream" and model.diffusion.logits_shift == 1
     assert model.config.num_key_value_heads == 1 and (first / "optimizer.pt").is_file()
     # Resuming infers the architecture from the checkpoint and appends a stage.
-    subprocess.run([sys.executable, str(SCRIPT), "--init-from", str(first), "--out", str(second), *TINY],
-                   check=True, capture_output=True, timeout=180)
+    subprocess.run(
+        [sys.executable, str(SCRIPT), "--init-from", str(first), "--out", str(second), *TINY],
+        check=True,
+        capture_output=True,
+        timeout=180,
+    )
     info = json.loads((second / "training.json").read_text())
     assert [s["steps"] for s in info["stages"]] == [2, 2] and info["steps"] == 4
     assert dyllm_fx.load(second)[0].architecture == "dream"
@@ -64,19 +92,29 @@ def test_default_output_is_outside_the_package():
 def test_refuses_to_write_into_shipped_models(tmp_path):
     shipped = dyllm_fx.default_model_path()
     before = {p.name: p.stat().st_mtime_ns for p in shipped.iterdir()} if shipped.is_dir() else {}
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--out", str(shipped), *TINY], capture_output=True, text=True,
-                          timeout=180)
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--out", str(shipped), *TINY],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert proc.returncode == 2 and "--overwrite-shipped" in proc.stderr
     nested = shipped.parent / "scratch"
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--out", str(nested), *TINY], capture_output=True, text=True,
-                          timeout=180)
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--out", str(nested), *TINY],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert proc.returncode == 2 and not nested.exists()
     after = {p.name: p.stat().st_mtime_ns for p in shipped.iterdir()} if shipped.is_dir() else {}
     assert after == before  # nothing of the shipped model was touched
     t = _script()
     assert t.writes_into_assets(shipped) and t.writes_into_assets(shipped / ".." / "tiny-dream")
     assert not t.writes_into_assets(tmp_path / "assets" / "tiny-llada")
-    assert t.parse_args(["--out", str(shipped), "--overwrite-shipped"]).overwrite_shipped  # the explicit opt-in
+    assert t.parse_args(
+        ["--out", str(shipped), "--overwrite-shipped"]
+    ).overwrite_shipped  # the explicit opt-in
 
 
 def test_mdlm_loss_weights_masked_tokens_by_inverse_ratio():

@@ -20,7 +20,6 @@ PROMPTS_RAGGED = ["rev:abc=", "kv:a1,b2?ab=", "x=1?"]
 GEN = dict(gen_length=16, block_length=8, steps=16, stop_at_eos=False, progress=False)
 
 
-
 def _sharpen(model, head):
     """Scale the LM head up: larger logit gaps, varied greedy tokens, no near-ties."""
     with torch.no_grad():
@@ -41,8 +40,14 @@ def _dream():
 def _hf_llama():
     transformers = pytest.importorskip("transformers")
     cfg = transformers.LlamaConfig(
-        vocab_size=50, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, attn_implementation="sdpa",
+        vocab_size=50,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        attn_implementation="sdpa",
     )
     torch.manual_seed(0)
     return bidirectional(transformers.LlamaForCausalLM(cfg).eval(), mask_token_id=1)
@@ -161,7 +166,9 @@ def test_backend_inductor_pieces(models, dynamo):
     ids, mask = _batch(_vocab(model), 2, 10, seed=5)
     pos = default_position_ids(ids, mask)
     with torch.no_grad():
-        torch.testing.assert_close(compiled(ids, attention_mask=mask, position_ids=pos), model(ids, mask, pos), rtol=0, atol=1e-4)
+        torch.testing.assert_close(
+            compiled(ids, attention_mask=mask, position_ids=pos), model(ids, mask, pos), rtol=0, atol=1e-4
+        )
 
 
 # --------------------------------------------------------------------------- (d) fixed policy
@@ -221,7 +228,9 @@ def test_fixed_policy_matches_frozen_reference(models, name):
         shape_kv = (bsz, arch["kv_heads"], seq_len, arch["head_dim"])
         for layer in range(n_layers):
             frozen_x.append(x)
-            x, k, v = _layer_rows(arch, layer, x, all_rows, pos, key_mask, torch.zeros(shape_kv), torch.zeros(shape_kv))
+            x, k, v = _layer_rows(
+                arch, layer, x, all_rows, pos, key_mask, torch.zeros(shape_kv), torch.zeros(shape_kv)
+            )
             frozen_k.append(k)
             frozen_v.append(v)
         frozen_x.append(x)

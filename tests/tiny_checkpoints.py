@@ -68,7 +68,11 @@ NORMS = ("norm.weight", "ln_f.weight")  # LLaDA's final norm is ln_f
 
 
 def randomize_(
-    model: nn.Module, seed: int = 0, norm_std: float = 0.2, head_scale: float = 1.0, norms: tuple[str, ...] = NORMS
+    model: nn.Module,
+    seed: int = 0,
+    norm_std: float = 0.2,
+    head_scale: float = 1.0,
+    norms: tuple[str, ...] = NORMS,
 ) -> nn.Module:
     """Give every parameter (norm weights and biases included) non-trivial random values, so a
     weight that is dropped, swapped or left at its init changes the logits: the parameters whose

@@ -9,9 +9,32 @@ import torch
 from torch import fx
 
 # The ops a policy's per-layer choices are made of (aten names), and the attention ops.
-GATING_OPS = ("sort", "topk", "gather", "scatter", "scatter_reduce", "index_select", "where", "lt", "ne", "eq",
-              "ge", "minimum", "amax", "sum", "cat")
-ATTENTION_OPS = ("scaled_dot_product_attention", "bmm", "baddbmm", "softmax", "_softmax", "exp", "linalg_vecdot")
+GATING_OPS = (
+    "sort",
+    "topk",
+    "gather",
+    "scatter",
+    "scatter_reduce",
+    "index_select",
+    "where",
+    "lt",
+    "ne",
+    "eq",
+    "ge",
+    "minimum",
+    "amax",
+    "sum",
+    "cat",
+)
+ATTENTION_OPS = (
+    "scaled_dot_product_attention",
+    "bmm",
+    "baddbmm",
+    "softmax",
+    "_softmax",
+    "exp",
+    "linalg_vecdot",
+)
 
 
 def _param(program, node: fx.Node) -> str:
@@ -26,7 +49,9 @@ def _model(model):
     built = getattr(model, "transformed", None)
     if isinstance(built, list):
         if not built:
-            raise ValueError("the dyllm backend builds its program on the first call; call the compiled model once first")
+            raise ValueError(
+                "the dyllm backend builds its program on the first call; call the compiled model once first"
+            )
         return built[0]
     return model
 
@@ -59,14 +84,20 @@ def explain(model, steps: bool = True) -> str:
             lines.append(f"  tables {', '.join(attn.gathered)} -> gather_rows(active rows)")
         whole = [t for t in attn.tables if t not in attn.gathered]
         if whole:
-            lines.append(f"  masks  {', '.join(whole)} -> passed whole (keys of every row; the op gathers query rows)")
-        lines.append(f"  o_proj {_param(program, block.o_proj)} -> active rows; K/V cache per layer {k_shape} / {v_shape} x (batch, seq)")
+            lines.append(
+                f"  masks  {', '.join(whole)} -> passed whole (keys of every row; the op gathers query rows)"
+            )
+        lines.append(
+            f"  o_proj {_param(program, block.o_proj)} -> active rows; K/V cache per layer {k_shape} / {v_shape} x (batch, seq)"
+        )
         lines.append(
             f"  mlp    {', '.join(_param(program, n) for n in block.mlp_linears)} -> gathered MLP on active rows"
         )
     lines.append("epilogue: final norm + LM head on the positions the sampler reads only")
     if steps and model.diffusion is not None:
-        lines.append("step graphs (traced on a synthetic generation: batch 1, prompt 8, response 16, block 8):")
+        lines.append(
+            "step graphs (traced on a synthetic generation: batch 1, prompt 8, response 16, block 8):"
+        )
         for key, graph in step_graphs(model).items():
             lines.append(f"  {key}: {_summary(graph)}")
     return "\n".join(lines)
@@ -74,7 +105,8 @@ def explain(model, steps: bool = True) -> str:
 
 def _summary(graph: fx.GraphModule) -> str:
     ops = Counter(
-        n.target.overloadpacket.__name__ for n in graph.graph.nodes
+        n.target.overloadpacket.__name__
+        for n in graph.graph.nodes
         if n.op == "call_function" and hasattr(n.target, "overloadpacket")
     )
     total = sum(ops.values())
@@ -118,13 +150,35 @@ def step_graphs(model, prompt: int = 8, response: int = 16, block: int = 8, step
             def planning(host):
                 plan = real_plan(host)
                 if plan.key not in graphs:
-                    trace(plan, StepInputs(ids, torch.ones_like(ids), pos, positions, block_rows=positions, rows=plan.rows,
-                                           span_start=plan.span_start, span_len=plan.span_len))
+                    trace(
+                        plan,
+                        StepInputs(
+                            ids,
+                            torch.ones_like(ids),
+                            pos,
+                            positions,
+                            block_rows=positions,
+                            rows=plan.rows,
+                            span_start=plan.span_start,
+                            span_len=plan.span_len,
+                        ),
+                    )
                 return plan
 
             engine.policy.plan = planning
-            engine.step(ids, None, pos, positions, step=step, block_start=start, block_end=start + block,
-                        response_start=prompt, mask_token_id=spec.mask_token_id, logits_shift=shift,
-                        last_committed=1, last_leftmost=(prompt + step,))
+            engine.step(
+                ids,
+                None,
+                pos,
+                positions,
+                step=step,
+                block_start=start,
+                block_end=start + block,
+                response_start=prompt,
+                mask_token_id=spec.mask_token_id,
+                logits_shift=shift,
+                last_committed=1,
+                last_leftmost=(prompt + step,),
+            )
             ids[0, prompt + step] = 4  # one token committed
     return graphs

@@ -43,22 +43,34 @@ def plot_saliency(trace: SaliencyTrace, out: str | Path, title: str | None = Non
 
     Returns the path written.
     """
-    panels = [("active fraction per layer", trace.active_fraction, "layer", dict(cmap="magma", vmin=0.0, vmax=1.0))]
-    panels.append((
-        f"layer {trace.layer}: recomputed rows (1 full, 0.5 attention only, 0 cached)", trace.active_rows, "position",
-        dict(cmap="Greys", vmin=0.0, vmax=1.0),
-    ))
+    panels = [
+        ("active fraction per layer", trace.active_fraction, "layer", dict(cmap="magma", vmin=0.0, vmax=1.0))
+    ]
+    panels.append(
+        (
+            f"layer {trace.layer}: recomputed rows (1 full, 0.5 attention only, 0 cached)",
+            trace.active_rows,
+            "position",
+            dict(cmap="Greys", vmin=0.0, vmax=1.0),
+        )
+    )
     if trace.similarity is not None:
         lo = np.nanpercentile(trace.similarity, 2) if np.isfinite(trace.similarity).any() else 0.0
-        panels.append((
-            f"layer {trace.layer}: cosine similarity of attention context to the previous step", trace.similarity,
-            "position", dict(cmap="viridis", vmin=min(float(lo), 0.999), vmax=1.0),
-        ))
+        panels.append(
+            (
+                f"layer {trace.layer}: cosine similarity of attention context to the previous step",
+                trace.similarity,
+                "position",
+                dict(cmap="viridis", vmin=min(float(lo), 0.999), vmax=1.0),
+            )
+        )
     fig = _figure(figsize=(10, 2.2 + 2.6 * len(panels)))
     axes = fig.subplots(len(panels), 1, squeeze=False)[:, 0]
     for ax, (name, data, ylabel, style) in zip(axes, panels):
         # Steps run left to right; NaN (not measured) shows as the light background.
-        image = ax.imshow(np.ma.masked_invalid(data.T), aspect="auto", origin="lower", interpolation="nearest", **style)
+        image = ax.imshow(
+            np.ma.masked_invalid(data.T), aspect="auto", origin="lower", interpolation="nearest", **style
+        )
         ax.set_facecolor("#f0e6ff")
         ax.set_title(name, fontsize=10)
         ax.set_ylabel(ylabel)
@@ -69,7 +81,9 @@ def plot_saliency(trace: SaliencyTrace, out: str | Path, title: str | None = Non
     axes[-1].set_xlabel("denoising step")
     steps = trace.active_fraction.shape[0]
     mean = float(trace.active_fraction.mean()) if steps else 0.0
-    fig.suptitle(title or f"{trace.policy}: {steps} steps, mean active fraction {100 * mean:.1f}%", fontsize=11)
+    fig.suptitle(
+        title or f"{trace.policy}: {steps} steps, mean active fraction {100 * mean:.1f}%", fontsize=11
+    )
     return _save(fig, out)
 
 
@@ -80,7 +94,9 @@ def load_bench(path: str | Path) -> dict:
     try:
         bench = json.loads(path.read_text())
     except FileNotFoundError:
-        raise FileNotFoundError(f"bench file {str(path)!r} does not exist; write one with benchmarks/methods.py --json") from None
+        raise FileNotFoundError(
+            f"bench file {str(path)!r} does not exist; write one with benchmarks/methods.py --json"
+        ) from None
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: not valid JSON ({err})") from err
     validate_bench(bench, str(path))
@@ -91,7 +107,9 @@ def validate_bench(bench, where: str = "bench") -> None:
     """Raise ValueError naming what is wrong with a bench dict."""
     rows = bench.get("rows") if isinstance(bench, dict) else None
     if not isinstance(rows, list) or not rows:
-        raise ValueError(f"{where}: expected {{\"rows\": [{{\"method\", \"accuracy\", \"tokens_per_s\", ...}}, ...], \"device\": ...}}")
+        raise ValueError(
+            f'{where}: expected {{"rows": [{{"method", "accuracy", "tokens_per_s", ...}}, ...], "device": ...}}'
+        )
     for i, row in enumerate(rows):
         missing = [k for k in BENCH_REQUIRED if not isinstance(row, dict) or k not in row]
         if missing:
@@ -123,7 +141,9 @@ def _label_offsets(xs: list[float], ys: list[float], step: float = 11.0) -> list
     return offsets
 
 
-def plot_pareto(bench: dict | str | Path, out: str | Path, x: str = "tokens_per_s", title: str | None = None) -> Path:
+def plot_pareto(
+    bench: dict | str | Path, out: str | Path, x: str = "tokens_per_s", title: str | None = None
+) -> Path:
     """Accuracy against speed, one point per method, colored by active fraction, with the
     Pareto front drawn. ``x`` is ``"tokens_per_s"`` or ``"speedup"``. Returns the path written."""
     if not isinstance(bench, dict):
@@ -139,15 +159,36 @@ def plot_pareto(bench: dict | str | Path, out: str | Path, x: str = "tokens_per_
     colors = [float(r.get("active_fraction", np.nan)) for r in rows]
     fig = _figure(figsize=(7, 4.5 + 0.125 * len(rows)))
     ax = fig.subplots()
-    points = ax.scatter(xs, ys, c=colors, cmap="viridis_r", vmin=0.0, vmax=1.0, s=60, edgecolors="black", zorder=3,
-                        plotnonfinite=True)
+    points = ax.scatter(
+        xs,
+        ys,
+        c=colors,
+        cmap="viridis_r",
+        vmin=0.0,
+        vmax=1.0,
+        s=60,
+        edgecolors="black",
+        zorder=3,
+        plotnonfinite=True,
+    )
     if all("accuracy_low" in r and "accuracy_high" in r for r in rows):  # 95% Wilson intervals (dyllm bench)
         low = [y - 100 * float(r["accuracy_low"]) for r, y in zip(rows, ys)]
         high = [100 * float(r["accuracy_high"]) - y for r, y in zip(rows, ys)]
-        ax.errorbar(xs, ys, yerr=[low, high], fmt="none", ecolor="0.55", elinewidth=0.8, capsize=2, zorder=2.5,
-                    label="95% interval")
+        ax.errorbar(
+            xs,
+            ys,
+            yerr=[low, high],
+            fmt="none",
+            ecolor="0.55",
+            elinewidth=0.8,
+            capsize=2,
+            zorder=2.5,
+            label="95% interval",
+        )
     front = pareto_front(list(zip(xs, ys)))
-    ax.plot([xs[i] for i in front], [ys[i] for i in front], "--", color="tab:gray", zorder=2, label="Pareto front")
+    ax.plot(
+        [xs[i] for i in front], [ys[i] for i in front], "--", color="tab:gray", zorder=2, label="Pareto front"
+    )
     from matplotlib import ticker as mticker  # lazily, like every matplotlib import here
 
     if min(xs) > 0 and max(xs) / min(xs) > 4:
@@ -159,8 +200,15 @@ def plot_pareto(bench: dict | str | Path, out: str | Path, x: str = "tokens_per_
     # names never print over each other.
     key = []
     for n, ((r, px, py), dy) in enumerate(zip(zip(rows, xs, ys), _label_offsets(xs, ys, step=8.0)), start=1):
-        ax.annotate(str(n), (px, py), textcoords="offset points", xytext=(5, 3 + dy), fontsize=8, weight="bold",
-                    arrowprops=dict(arrowstyle="-", color="0.6", lw=0.5) if dy else None)
+        ax.annotate(
+            str(n),
+            (px, py),
+            textcoords="offset points",
+            xytext=(5, 3 + dy),
+            fontsize=8,
+            weight="bold",
+            arrowprops=dict(arrowstyle="-", color="0.6", lw=0.5) if dy else None,
+        )
         extra = f", NFE {float(r['nfe']):.0f}" if "nfe" in r else ""
         key.append(f"{n:>2}  {r['method']} ({100 * float(r['accuracy']):.1f}%{extra})")
     fig.text(0.01, 0.01, "\n".join(key), fontsize=7, va="bottom", ha="left", family="monospace")

@@ -42,7 +42,9 @@ class SaliencyTrace:
 def trace_from_records(records, layer: int, prompt_length: int, policy: str) -> SaliencyTrace:
     """Build a :class:`SaliencyTrace` from the engine's StepRecords (batch row 0)."""
     if not records:
-        raise ValueError("no step records: run a generation on a transformed model (dyllm_fx.transform) first")
+        raise ValueError(
+            "no step records: run a generation on a transformed model (dyllm_fx.transform) first"
+        )
     n_layers, seq_len = len(records[0].active), records[0].seq_len
     if not 0 <= layer < n_layers:
         raise ValueError(f"layer {layer} out of range; the model has layers 0..{n_layers - 1}")
@@ -50,7 +52,10 @@ def trace_from_records(records, layer: int, prompt_length: int, policy: str) -> 
     if all(r.activity is not None for r in records):
         rows = np.stack([r.activity[layer, 0].float().numpy() for r in records])
     else:  # no positions known: mark steps that ran every row, leave the rest unknown
-        rows = np.array([[RECOMPUTED if r.active[layer] == seq_len else np.nan] * seq_len for r in records], dtype=np.float32)
+        rows = np.array(
+            [[RECOMPUTED if r.active[layer] == seq_len else np.nan] * seq_len for r in records],
+            dtype=np.float32,
+        )
     similarity = None
     if any(len(r.similarity) > layer and r.similarity[layer] is not None for r in records):
         similarity = np.full((len(records), seq_len), np.nan, dtype=np.float32)
@@ -81,7 +86,9 @@ def record_saliency(
     from ..policy_setup import VANILLA, apply_policy
 
     if policy == VANILLA:
-        raise ValueError("policy 'vanilla' recomputes every row at every step: there is nothing to plot; pick a transform() policy")
+        raise ValueError(
+            "policy 'vanilla' recomputes every row at every step: there is nothing to plot; pick a transform() policy"
+        )
     fast = apply_policy(model, policy, policy_args, compile=compile)
     fast.engine.record_similarity = True  # copied to the host after every step
     fast.engine.record_activity = True

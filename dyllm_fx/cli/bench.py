@@ -10,33 +10,68 @@ from ..options import DEFAULT_MODEL
 
 
 def add_bench_parser(sub, parents=()) -> None:
-    p = sub.add_parser("bench", help="every method side by side on held-out task prompts: accuracy, tokens/s, speedup",
-                       parents=list(parents))
-    p.add_argument("--model", default=DEFAULT_MODEL,
-                   help="model folder, 'default' / 'default-dream' for the embedded LLaDA / Dream-architecture model, "
-                        "or 'diffusion_gemma:random' for a small random DiffusionGemma (speed and agreement only: "
-                        "random weights have no accuracy)")
+    p = sub.add_parser(
+        "bench",
+        help="every method side by side on held-out task prompts: accuracy, tokens/s, speedup",
+        parents=list(parents),
+    )
+    p.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help="model folder, 'default' / 'default-dream' for the embedded LLaDA / Dream-architecture model, "
+        "or 'diffusion_gemma:random' for a small random DiffusionGemma (speed and agreement only: "
+        "random weights have no accuracy)",
+    )
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--tasks", default=",".join(TASKS), help="comma-separated tasks of the suite (default: all six)")
-    p.add_argument("--n", type=int, default=DEFAULT_N_PER_TASK,
-                   help=f"held-out prompts per task (default {DEFAULT_N_PER_TASK}: {DEFAULT_N_PER_TASK * len(TASKS)} prompts over the suite)")
+    p.add_argument(
+        "--tasks", default=",".join(TASKS), help="comma-separated tasks of the suite (default: all six)"
+    )
+    p.add_argument(
+        "--n",
+        type=int,
+        default=DEFAULT_N_PER_TASK,
+        help=f"held-out prompts per task (default {DEFAULT_N_PER_TASK}: {DEFAULT_N_PER_TASK * len(TASKS)} prompts over the suite)",
+    )
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--gen-length", type=int, default=64)
     p.add_argument("--block-length", type=int, default=32)
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: gen-length)")
-    p.add_argument("--threshold", type=float, default=0.9,
-                   help="threshold of the '+ threshold' rows (default 0.9; on a Dream model these rows decode with "
-                        "alg=maskgit_plus, the others with Dream's default entropy)")
-    p.add_argument("--tau", type=float, default=None,
-                   help="DyLLM's saliency threshold for its rows (default: the official per-model preset, 0.99 for LLaDA)")
-    p.add_argument("--methods", default=None, help="comma-separated method labels to run (default: all; vanilla always runs first)")
-    p.add_argument("--repeats", type=int, default=1,
-                   help="time the methods round-robin this many times and keep each one's fastest pass (noisy machines)")
-    p.add_argument("--compile", action="store_true",
-                   help="also run every transformed method with its step compiled whole by inductor (a row each)")
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=0.9,
+        help="threshold of the '+ threshold' rows (default 0.9; on a Dream model these rows decode with "
+        "alg=maskgit_plus, the others with Dream's default entropy)",
+    )
+    p.add_argument(
+        "--tau",
+        type=float,
+        default=None,
+        help="DyLLM's saliency threshold for its rows (default: the official per-model preset, 0.99 for LLaDA)",
+    )
+    p.add_argument(
+        "--methods",
+        default=None,
+        help="comma-separated method labels to run (default: all; vanilla always runs first)",
+    )
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="time the methods round-robin this many times and keep each one's fastest pass (noisy machines)",
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="also run every transformed method with its step compiled whole by inductor (a row each)",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--json", default=None, metavar="FILE", help="write the rows as JSON (input of `dyllm plot pareto`)")
-    p.add_argument("--plot", default=None, metavar="FILE.png", help="draw the speed-accuracy plot (needs matplotlib)")
+    p.add_argument(
+        "--json", default=None, metavar="FILE", help="write the rows as JSON (input of `dyllm plot pareto`)"
+    )
+    p.add_argument(
+        "--plot", default=None, metavar="FILE.png", help="draw the speed-accuracy plot (needs matplotlib)"
+    )
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -53,7 +88,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from ..loading import load
 
     if args.plot and args.model == "diffusion_gemma:random":
-        raise ValueError("--plot draws speed against accuracy, and a random DiffusionGemma has no accuracy; drop --plot")
+        raise ValueError(
+            "--plot draws speed against accuracy, and a random DiffusionGemma has no accuracy; drop --plot"
+        )
     if args.plot:
         from ..analysis.plots import require_matplotlib
 
@@ -66,8 +103,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
     model, tok = load(args.model, device=args.device)
     examples = bench_examples(args.n, tuple(t.strip() for t in args.tasks.split(",")))
     bench = run_bench(
-        model, tok, examples, methods, batch_size=args.batch_size, gen_length=args.gen_length,
-        block_length=args.block_length, steps=args.steps, compile=args.compile,
+        model,
+        tok,
+        examples,
+        methods,
+        batch_size=args.batch_size,
+        gen_length=args.gen_length,
+        block_length=args.block_length,
+        steps=args.steps,
+        compile=args.compile,
         repeats=args.repeats,
     )
     print(format_table(bench))
@@ -84,7 +128,11 @@ def _cmd_bench_diffusion_gemma(args: argparse.Namespace) -> int:
 
     methods = _chosen_methods(default_methods(tau=args.tau), args.methods)
     results = run_gemma_bench(
-        methods, n=args.n, max_new_tokens=args.gen_length, steps=args.steps or 8, repeats=args.repeats,
+        methods,
+        n=args.n,
+        max_new_tokens=args.gen_length,
+        steps=args.steps or 8,
+        repeats=args.repeats,
     )
     print(format_gemma_table(results))
     if args.json:
@@ -106,4 +154,3 @@ def _chosen_methods(methods: list, labels: str | None) -> list:
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; available: {[m.label for m in methods]}")
     return [methods[0]] + [m for m in methods[1:] if m.label in wanted]
-

@@ -18,7 +18,10 @@ def add_model_args(p: argparse.ArgumentParser, default_policy: str = VANILLA) ->
     add_runtime_args(p)
     p.add_argument("--policy", default=default_policy, help=policy_help(default_policy))
     p.add_argument(
-        "--policy-arg", action="append", default=[], metavar="KEY=VALUE",
+        "--policy-arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="a policy parameter, repeatable (numbers parsed; lists as 0,1,2), e.g. --policy-arg tau=0.99",
     )
     p.add_argument("--compile", action="store_true", help="compile the transformed pieces with inductor")
@@ -28,33 +31,59 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
     """--model, --device, --dtype, --threads."""
     p.add_argument("--model", default=DEFAULT_MODEL, help="model folder, or 'default' for the embedded model")
     p.add_argument("--device", default=None, help=f"{DEVICE_HELP} (default auto)")
-    p.add_argument("--dtype", default=None, choices=DTYPE_CHOICES,
-                   help="weight dtype (default: bfloat16 on CUDA, float32 on CPU; auto: the checkpoint's torch_dtype)")
+    p.add_argument(
+        "--dtype",
+        default=None,
+        choices=DTYPE_CHOICES,
+        help="weight dtype (default: bfloat16 on CUDA, float32 on CPU; auto: the checkpoint's torch_dtype)",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 
 
 def add_decoding_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("decoding")
-    g.add_argument("--gen-length", "--max-new-tokens", dest="gen_length", type=int, default=64,
-                   help="response window in tokens (default 64)")
+    g.add_argument(
+        "--gen-length",
+        "--max-new-tokens",
+        dest="gen_length",
+        type=int,
+        default=64,
+        help="response window in tokens (default 64)",
+    )
     g.add_argument("--block-length", type=int, default=32, help="semi-autoregressive block size (default 32)")
     g.add_argument("--steps", type=int, default=None, help="denoising steps (default: gen-length)")
-    g.add_argument("--threshold", type=float, default=None,
-                   help="confidence-threshold parallel decoding, e.g. 0.9 (Dream: with --alg maskgit_plus)")
+    g.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        help="confidence-threshold parallel decoding, e.g. 0.9 (Dream: with --alg maskgit_plus)",
+    )
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--remasking", choices=["low_confidence", "random"], default=None, help="LLaDA models")
-    g.add_argument("--alg", choices=["origin", "maskgit_plus", "topk_margin", "entropy"], default=None,
-                   help="Dream models (default entropy)")
+    g.add_argument(
+        "--alg",
+        choices=["origin", "maskgit_plus", "topk_margin", "entropy"],
+        default=None,
+        help="Dream models (default entropy)",
+    )
     g.add_argument("--cfg-scale", type=float, default=0.0, help="classifier-free guidance (LLaDA)")
-    g.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template (Instruct models)")
+    g.add_argument(
+        "--chat", action="store_true", help="apply the tokenizer's chat template (Instruct models)"
+    )
     g.add_argument("--seed", type=int, default=0)
 
 
 def decoding_kwargs(args: argparse.Namespace) -> dict:
     """``generate()`` keyword arguments from the decoding argument group."""
     params = dict(
-        gen_length=args.gen_length, block_length=args.block_length, steps=args.steps, threshold=args.threshold,
-        cfg_scale=args.cfg_scale, chat=args.chat, seed=args.seed, temperature=args.temperature,
+        gen_length=args.gen_length,
+        block_length=args.block_length,
+        steps=args.steps,
+        threshold=args.threshold,
+        cfg_scale=args.cfg_scale,
+        chat=args.chat,
+        seed=args.seed,
+        temperature=args.temperature,
     )
     if args.remasking:
         params["remasking"] = args.remasking
@@ -99,7 +128,9 @@ def check_run(args: argparse.Namespace, policy: bool = True, decoding: bool = Tr
         sampler = {k: v for k, v in kw.items() if k in ("temperature", "remasking", "alg")}
         make_sampler(arch.name == "dream", threshold=kw["threshold"], **sampler)
         steps = kw["steps"] if kw["steps"] is not None or kw["threshold"] is not None else kw["gen_length"]
-        BlockSchedule.build(0, kw["gen_length"], kw["block_length"], None if kw["threshold"] is not None else steps)
+        BlockSchedule.build(
+            0, kw["gen_length"], kw["block_length"], None if kw["threshold"] is not None else steps
+        )
         if kw["cfg_scale"] < 0:
             raise ValueError(f"--cfg-scale must be >= 0, got {kw['cfg_scale']}")
     apply_threads(args)
@@ -107,6 +138,11 @@ def check_run(args: argparse.Namespace, policy: bool = True, decoding: bool = Tr
 
 
 __all__ = [
-    "add_decoding_args", "add_model_args", "add_runtime_args", "apply_threads", "check_run", "decoding_kwargs",
+    "add_decoding_args",
+    "add_model_args",
+    "add_runtime_args",
+    "apply_threads",
+    "check_run",
+    "decoding_kwargs",
     "DEFAULT_MODEL",
 ]

@@ -19,21 +19,38 @@ def add_eval_parser(
 ) -> argparse.ArgumentParser:
     """Register the ``eval`` subcommand on the ``dyllm`` parser."""
     p = sub.add_parser(
-        "eval", help="exact-match accuracy, tokens/s, NFE, active fraction and agreement with vanilla decoding",
-        description="Evaluate one policy on the synthetic suite or a JSONL file of {\"prompt\", \"answer\"} lines.",
+        "eval",
+        help="exact-match accuracy, tokens/s, NFE, active fraction and agreement with vanilla decoding",
+        description='Evaluate one policy on the synthetic suite or a JSONL file of {"prompt", "answer"} lines.',
         parents=list(parents),
     )
     add_model_args(p)
-    p.add_argument("--task", default=SUITE,
-                   help=f"'suite' (the synthetic held-out set: {SUITE_PER_TASK} prompts per task, {SUITE_PER_TASK * 6} in all) "
-                        "or a JSONL file (default suite)")
+    p.add_argument(
+        "--task",
+        default=SUITE,
+        help=f"'suite' (the synthetic held-out set: {SUITE_PER_TASK} prompts per task, {SUITE_PER_TASK * 6} in all) "
+        "or a JSONL file (default suite)",
+    )
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N examples only")
-    p.add_argument("--extractor", choices=sorted(EXTRACTORS), default="strip",
-                   help="how the answer is read from a response (default strip; gsm8k for '#### N')")
+    p.add_argument(
+        "--extractor",
+        choices=sorted(EXTRACTORS),
+        default="strip",
+        help="how the answer is read from a response (default strip; gsm8k for '#### N')",
+    )
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--reference", choices=[VANILLA, "dense", "none"], default=VANILLA,
-                   help="run to measure token agreement against (default vanilla: the untransformed model; none: skip)")
-    p.add_argument("--json", default=None, metavar="OUT", help="write the figures and every example's output to this file")
+    p.add_argument(
+        "--reference",
+        choices=[VANILLA, "dense", "none"],
+        default=VANILLA,
+        help="run to measure token agreement against (default vanilla: the untransformed model; none: skip)",
+    )
+    p.add_argument(
+        "--json",
+        default=None,
+        metavar="OUT",
+        help="write the figures and every example's output to this file",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     add_decoding_args(p)
     return p
@@ -53,9 +70,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     policy_args = args.policy_args
     model, tokenizer = load(args.model, **load_kw)
     result, _ = evaluate_policy(
-        model, tokenizer, examples, policy=args.policy, policy_args=policy_args,
-        reference=None if args.reference == "none" else args.reference, compile=args.compile,
-        batch_size=args.batch_size, extractor=args.extractor, progress=False if args.quiet else None,
+        model,
+        tokenizer,
+        examples,
+        policy=args.policy,
+        policy_args=policy_args,
+        reference=None if args.reference == "none" else args.reference,
+        compile=args.compile,
+        batch_size=args.batch_size,
+        extractor=args.extractor,
+        progress=False if args.quiet else None,
         **decoding_kwargs(args),
     )
     summary = result.summary()
@@ -63,11 +87,24 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.json:
         report = {
             **summary,
-            "policy": args.policy, "policy_args": policy_args, "reference": args.reference, "model": args.model,
-            "task": str(args.task), "extractor": args.extractor, "batch_size": args.batch_size,
-            "decoding": decoding_kwargs(args), "device": str(next(model.parameters()).device),
+            "policy": args.policy,
+            "policy_args": policy_args,
+            "reference": args.reference,
+            "model": args.model,
+            "task": str(args.task),
+            "extractor": args.extractor,
+            "batch_size": args.batch_size,
+            "decoding": decoding_kwargs(args),
+            "device": str(next(model.parameters()).device),
             "examples": [
-                {"task": ex.task, "prompt": ex.prompt, "answer": ex.answer, "output": out, "extracted": got, "correct": ok}
+                {
+                    "task": ex.task,
+                    "prompt": ex.prompt,
+                    "answer": ex.answer,
+                    "output": out,
+                    "extracted": got,
+                    "correct": ok,
+                }
                 for ex, out, got, ok in zip(examples, result.outputs, result.extracted, result.correct)
             ],
         }

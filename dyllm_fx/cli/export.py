@@ -10,29 +10,49 @@ from ..options import DEFAULT_MODEL
 def add_export_parser(sub, parents=()) -> argparse.ArgumentParser:
     """Register the ``export`` subcommand on the ``dyllm`` parser."""
     p = sub.add_parser(
-        "export", help="export the transformed denoising step to ONNX (standard ops; onnxruntime, TensorRT)",
+        "export",
+        help="export the transformed denoising step to ONNX (standard ops; onnxruntime, TensorRT)",
         description="Export the sparse denoising step (caches and policy buffers in, updated ones out) of the "
-                    "transformed model. A row policy (dyllm, es_dllm, dllm_cache, compositions) exports one graph "
-                    "per step shape its generations can reach, for the layout given by --gen-length, "
-                    "--block-length, --steps / --threshold and --max-seq.",
+        "transformed model. A row policy (dyllm, es_dllm, dllm_cache, compositions) exports one graph "
+        "per step shape its generations can reach, for the layout given by --gen-length, "
+        "--block-length, --steps / --threshold and --max-seq.",
         parents=list(parents),
     )
     p.add_argument("--onnx", required=True, metavar="OUT", help="the .onnx file to write")
     p.add_argument("--model", default=DEFAULT_MODEL, help="model folder, or 'default' for the embedded model")
-    p.add_argument("--policy", default="dense",
-                   help="dense, fixed, prefix_cache, dual_cache (one graph, rows from the host), dyllm, es_dllm, "
-                        "dllm_cache or a composition such as dual_cache+dyllm (default dense)")
-    p.add_argument("--policy-arg", action="append", default=[], metavar="KEY=VALUE",
-                   help="a policy parameter, e.g. tau=0.99 (repeatable)")
-    p.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="weight dtype (default float32)")
+    p.add_argument(
+        "--policy",
+        default="dense",
+        help="dense, fixed, prefix_cache, dual_cache (one graph, rows from the host), dyllm, es_dllm, "
+        "dllm_cache or a composition such as dual_cache+dyllm (default dense)",
+    )
+    p.add_argument(
+        "--policy-arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a policy parameter, e.g. tau=0.99 (repeatable)",
+    )
+    p.add_argument(
+        "--dtype", choices=["float32", "float16"], default="float32", help="weight dtype (default float32)"
+    )
     p.add_argument("--opset", type=int, default=18, help="ONNX opset, at least 18 (default 18)")
     g = p.add_argument_group("layout (row policies only): the generations the export serves")
     g.add_argument("--gen-length", type=int, default=None, help="response length (default 64)")
     g.add_argument("--block-length", type=int, default=None, help="block length (default 32)")
     g.add_argument("--steps", type=int, default=None, help="denoising steps (default: gen-length)")
-    g.add_argument("--threshold", action="store_true", help="serve confidence-threshold decoding (any tokens per step)")
-    g.add_argument("--max-seq", type=int, default=None, help="longest prompt + response (default: the model's window)")
-    g.add_argument("--max-commit", type=int, default=None, help="most tokens one step commits (default: from the schedule)")
+    g.add_argument(
+        "--threshold", action="store_true", help="serve confidence-threshold decoding (any tokens per step)"
+    )
+    g.add_argument(
+        "--max-seq", type=int, default=None, help="longest prompt + response (default: the model's window)"
+    )
+    g.add_argument(
+        "--max-commit",
+        type=int,
+        default=None,
+        help="most tokens one step commits (default: from the schedule)",
+    )
     return p
 
 
@@ -65,8 +85,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     path = to_onnx(fast, args.onnx, model_path=args.model, opset=args.opset, **layout)
     size = path.stat().st_size / 2**20
     graphs = _graph_count(path)
-    print(f"wrote {path} ({size:.1f} MiB, {len(fast.program.attn)} layers, policy {fast.policy.name}, "
-          f"{graphs} step graph{'s' if graphs > 1 else ''}, opset {args.opset})")
+    print(
+        f"wrote {path} ({size:.1f} MiB, {len(fast.program.attn)} layers, policy {fast.policy.name}, "
+        f"{graphs} step graph{'s' if graphs > 1 else ''}, opset {args.opset})"
+    )
     return 0
 
 
@@ -96,7 +118,9 @@ def _layout(args: argparse.Namespace, uniform: bool, policy: str) -> dict:
         if layout[name] is not None and layout[name] < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {layout[name]}")
     if args.threshold and args.steps is not None:
-        raise UsageError("--steps and --threshold exclude each other: threshold decoding takes any number of steps")
+        raise UsageError(
+            "--steps and --threshold exclude each other: threshold decoding takes any number of steps"
+        )
     Layout(**layout).check(None)  # the block schedule's own checks (the window is checked after loading)
     return layout
 
@@ -107,7 +131,9 @@ def _check_output(path: str) -> None:
 
     out = Path(path)
     if out.is_dir():
-        raise IsADirectoryError(f"--onnx {path} is a folder; give the .onnx file to write, e.g. {out / 'step.onnx'}")
+        raise IsADirectoryError(
+            f"--onnx {path} is a folder; give the .onnx file to write, e.g. {out / 'step.onnx'}"
+        )
     parent = next((p for p in out.parents if p.exists()), None)
     if parent is not None and not parent.is_dir():
         raise NotADirectoryError(f"--onnx {path}: {parent} is a file, not a folder")
@@ -135,7 +161,9 @@ def load_onnx_model(args: argparse.Namespace, policy=None, policy_args=None):
     if args.model not in (None, DEFAULT_MODEL):
         tokenizer = load_tokenizer(resolve_model_path(args.model))
     device = None if args.device in (None, "auto") else args.device
-    model = load_onnx(args.onnx, device=device, tokenizer=tokenizer, policy=policy, policy_args=policy_args or None)
+    model = load_onnx(
+        args.onnx, device=device, tokenizer=tokenizer, policy=policy, policy_args=policy_args or None
+    )
     return model, model.tokenizer
 
 

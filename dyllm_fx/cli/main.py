@@ -30,7 +30,15 @@ from .plot import add_plot_parser, cmd_plot
 from .serve import add_serve_parser, cmd_serve
 
 # Errors that mean "the input is wrong as given"; their messages name the fix.
-USER_ERRORS = (DyllmError, ValueError, TypeError, FileNotFoundError, NotADirectoryError, IsADirectoryError, ImportError)
+USER_ERRORS = (
+    DyllmError,
+    ValueError,
+    TypeError,
+    FileNotFoundError,
+    NotADirectoryError,
+    IsADirectoryError,
+    ImportError,
+)
 
 
 def _version() -> str:
@@ -48,23 +56,43 @@ def _version() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dyllm", description="Fast inference for masked diffusion LLMs (LLaDA, Dream).")
+    parser = argparse.ArgumentParser(
+        prog="dyllm", description="Fast inference for masked diffusion LLMs (LLaDA, Dream)."
+    )
     parser.add_argument("--version", action="version", version=_version())
     parser.add_argument("--debug", action="store_true", help="on an error, show the full traceback too")
     # Subcommands take --debug as well (`dyllm generate ... --debug`); SUPPRESS keeps a
     # subcommand from resetting a --debug given before it.
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="on an error, show the full traceback too")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,info,eval,plot,export,bench,serve}")
+    common.add_argument(
+        "--debug",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="on an error, show the full traceback too",
+    )
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="{generate,info,eval,plot,export,bench,serve}"
+    )
 
-    gen = sub.add_parser("generate", parents=[common], help="generate a response for one or more prompts",
-                         description="Generate with the untransformed model (--policy vanilla, the default) or any "
-                                     "accelerated method (--policy dual_cache+dyllm --policy-arg tau=0.9).")
+    gen = sub.add_parser(
+        "generate",
+        parents=[common],
+        help="generate a response for one or more prompts",
+        description="Generate with the untransformed model (--policy vanilla, the default) or any "
+        "accelerated method (--policy dual_cache+dyllm --policy-arg tau=0.9).",
+    )
     gen.add_argument("prompts", nargs="+", help="prompt text(s); several prompts run as one batch")
     add_model_args(gen)
     gen.add_argument("--stats", action="store_true", help="print NFE, time and tokens/s to stderr")
-    gen.add_argument("--json", action="store_true", help="print the responses and statistics as one JSON object")
-    gen.add_argument("--onnx", default=None, metavar="FILE", help="run a step graph from `dyllm export --onnx` with onnxruntime")
+    gen.add_argument(
+        "--json", action="store_true", help="print the responses and statistics as one JSON object"
+    )
+    gen.add_argument(
+        "--onnx",
+        default=None,
+        metavar="FILE",
+        help="run a step graph from `dyllm export --onnx` with onnxruntime",
+    )
     add_decoding_args(gen)
 
     info = sub.add_parser("info", parents=[common], help="architecture and sizes of a model folder")
@@ -94,14 +122,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
     out = generate(model, tokenizer, args.prompts, **decoding_kwargs(args))
     s = out.stats
     stats = {
-        "nfe": s.nfe, "seconds": round(s.seconds, 4), "tokens_per_second": round(s.tokens_per_second, 2),
-        "cache_bytes": s.cache_bytes, "stopped_early_at_block": s.stopped_early_at_block,
+        "nfe": s.nfe,
+        "seconds": round(s.seconds, 4),
+        "tokens_per_second": round(s.tokens_per_second, 2),
+        "cache_bytes": s.cache_bytes,
+        "stopped_early_at_block": s.stopped_early_at_block,
     }
     if args.json:
         report = {
-            "model": args.model, "policy": _policy_name(model, args), "policy_args": getattr(args, "policy_args", {}),
-            "onnx": args.onnx, "decoding": decoding_kwargs(args),
-            "outputs": [{"prompt": p, "text": t} for p, t in zip(args.prompts, out.texts)], "stats": stats,
+            "model": args.model,
+            "policy": _policy_name(model, args),
+            "policy_args": getattr(args, "policy_args", {}),
+            "onnx": args.onnx,
+            "decoding": decoding_kwargs(args),
+            "outputs": [{"prompt": p, "text": t} for p, t in zip(args.prompts, out.texts)],
+            "stats": stats,
         }
         print(json.dumps(report, indent=2))
     else:
@@ -126,7 +161,9 @@ def _onnx_model(args: argparse.Namespace):
     from .export import load_onnx_model
 
     if args.compile or args.dtype:
-        raise UsageError("--compile and --dtype do not apply to --onnx: the step graph's dtype and ops are fixed at export")
+        raise UsageError(
+            "--compile and --dtype do not apply to --onnx: the step graph's dtype and ops are fixed at export"
+        )
     args.policy_args = parse_policy_args(args.policy_arg)
     policy, policy_args = None, None
     if args.policy != VANILLA:
@@ -154,15 +191,27 @@ def model_info(path_or_name: str) -> dict:
     cfg = model.config
     sizes = {
         "llada": ("n_layers", "d_model", "n_heads", "kv_heads", "mlp_hidden_size", "padded_vocab"),
-        "dream": ("num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads", "intermediate_size", "vocab_size"),
+        "dream": (
+            "num_hidden_layers",
+            "hidden_size",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "intermediate_size",
+            "vocab_size",
+        ),
     }[arch.name]
     layers, hidden, heads, kv_heads, mlp, vocab = (getattr(cfg, f) for f in sizes)
     files = safetensors_files(folder)
     return {
         "path": str(folder),
         "architecture": arch.name,
-        "layers": layers, "hidden_size": hidden, "heads": heads, "kv_heads": kv_heads,
-        "head_dim": hidden // heads, "mlp_hidden_size": mlp, "vocab_size": vocab,
+        "layers": layers,
+        "hidden_size": hidden,
+        "heads": heads,
+        "kv_heads": kv_heads,
+        "head_dim": hidden // heads,
+        "mlp_hidden_size": mlp,
+        "vocab_size": vocab,
         "parameters": sum(p.numel() for p in model.parameters()),
         "mask_token_id": model.diffusion.mask_token_id,
         "eos_token_ids": list(model.diffusion.eos_token_ids),
@@ -184,12 +233,21 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-HANDLERS = {"generate": cmd_generate, "info": cmd_info, "eval": cmd_eval, "plot": cmd_plot, "export": cmd_export, "bench": cmd_bench, "serve": cmd_serve}
+HANDLERS = {
+    "generate": cmd_generate,
+    "info": cmd_info,
+    "eval": cmd_eval,
+    "plot": cmd_plot,
+    "export": cmd_export,
+    "bench": cmd_bench,
+    "serve": cmd_serve,
+}
 
 
 @contextlib.contextmanager
 def _one_line_warnings():
     """Warnings as ``dyllm: warning: ...`` lines on stderr (no file and line of the library)."""
+
     def show(message, category, filename, lineno, file=None, line=None):
         print(f"dyllm: warning: {message}", file=sys.stderr if file is None else file)
 
@@ -224,7 +282,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if debug:
             traceback.print_exc()
         hint = "" if debug else "; rerun with --debug for the traceback"
-        print(f"{where}: internal error: {type(err).__name__}: {_one_line(err)}{hint}, and please report it", file=sys.stderr)
+        print(
+            f"{where}: internal error: {type(err).__name__}: {_one_line(err)}{hint}, and please report it",
+            file=sys.stderr,
+        )
         return 1
 
 

@@ -13,20 +13,32 @@ def add_plot_parser(
     """Register the ``plot`` subcommand (with ``saliency`` and ``pareto``) on the ``dyllm`` parser."""
     from .common_args import add_model_args
 
-    p = sub.add_parser("plot", help='figures: saliency heatmap of a generation, speed-accuracy plot (pip install "dyllm-fx[plot]")',
-                       parents=list(parents))
+    p = sub.add_parser(
+        "plot",
+        help='figures: saliency heatmap of a generation, speed-accuracy plot (pip install "dyllm-fx[plot]")',
+        parents=list(parents),
+    )
     kinds = p.add_subparsers(dest="plot", required=True)
 
-    sal = kinds.add_parser("saliency", help="steps x layers active fraction and steps x positions maps of one generation",
-                           parents=list(parents))
+    sal = kinds.add_parser(
+        "saliency",
+        help="steps x layers active fraction and steps x positions maps of one generation",
+        parents=list(parents),
+    )
     add_model_args(sal, default_policy="dual_cache")
     sal.add_argument("--prompt", required=True, help="the prompt to generate for")
     sal.add_argument("--out", required=True, help="PNG file to write")
-    sal.add_argument("--layer", type=int, default=None, help="layer of the per-position maps (default: the middle layer)")
+    sal.add_argument(
+        "--layer", type=int, default=None, help="layer of the per-position maps (default: the middle layer)"
+    )
     add_decoding_args(sal)
 
-    par = kinds.add_parser("pareto", help="accuracy against speed from a methods-benchmark JSON", parents=list(parents))
-    par.add_argument("bench", help='JSON with {"rows": [{"method", "accuracy", "tokens_per_s", ...}], "device"}')
+    par = kinds.add_parser(
+        "pareto", help="accuracy against speed from a methods-benchmark JSON", parents=list(parents)
+    )
+    par.add_argument(
+        "bench", help='JSON with {"rows": [{"method", "accuracy", "tokens_per_s", ...}], "device"}'
+    )
     par.add_argument("--out", required=True, help="PNG file to write")
     par.add_argument("--x", choices=["tokens_per_s", "speedup"], default="tokens_per_s", help="speed axis")
     return p
@@ -45,12 +57,20 @@ def cmd_plot(args: argparse.Namespace) -> int:
         from .common_args import check_run, decoding_kwargs
 
         if args.policy == VANILLA:
-            raise ValueError("policy 'vanilla' recomputes every row at every step: there is nothing to plot; pick a transform() policy")
+            raise ValueError(
+                "policy 'vanilla' recomputes every row at every step: there is nothing to plot; pick a transform() policy"
+            )
         load_kw = check_run(args)
         model, tokenizer = load(args.model, **load_kw)
         trace = record_saliency(
-            model, tokenizer, args.prompt, policy=args.policy, policy_args=args.policy_args,
-            layer=args.layer, compile=args.compile, **decoding_kwargs(args),
+            model,
+            tokenizer,
+            args.prompt,
+            policy=args.policy,
+            policy_args=args.policy_args,
+            layer=args.layer,
+            compile=args.compile,
+            **decoding_kwargs(args),
         )
         out = plot_saliency(trace, args.out)
     print(f"wrote {out}", file=sys.stderr)

@@ -13,25 +13,57 @@ from .common_args import add_model_args, check_run
 
 def add_serve_parser(sub, parents=()) -> argparse.ArgumentParser:
     p = sub.add_parser(
-        "serve", parents=list(parents), help="serve a model over an OpenAI-compatible HTTP API",
+        "serve",
+        parents=list(parents),
+        help="serve a model over an OpenAI-compatible HTTP API",
         description="An OpenAI-compatible server (/v1/completions, /v1/chat/completions, /v1/models, /health, "
-                    "/metrics) that batches requests as they arrive: a request joins a running batch at its next "
-                    "block boundary. Needs pip install \"dyllm-fx[serve]\".",
+        "/metrics) that batches requests as they arrive: a request joins a running batch at its next "
+        'block boundary. Needs pip install "dyllm-fx[serve]".',
     )
     add_model_args(p)
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0: any free port, printed at start)")
-    p.add_argument("--max-num-seqs", type=int, default=16, help="completions decoding at once, over all batches (default 16)")
-    p.add_argument("--max-num-batches", type=int, default=4,
-                   help="batches with different block clocks (block length, steps per block) side by side (default 4)")
-    p.add_argument("--max-queue-size", type=int, default=256,
-                   help="completions that may wait; beyond it requests get HTTP 429 (default 256)")
-    p.add_argument("--served-model-name", default=None, help="the model name clients pass (default: --model as given)")
-    p.add_argument("--cuda-graphs", action="store_true", help="replay each step as a CUDA graph (with --policy NAME)")
-    p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"],
-                   help="uvicorn's log level (default warning)")
-    p.add_argument("--lifetime", type=float, default=None, metavar="SECONDS",
-                   help="stop by itself after this many seconds (tests and benchmarks)")
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)"
+    )
+    p.add_argument(
+        "--port", type=int, default=8000, help="TCP port (default 8000; 0: any free port, printed at start)"
+    )
+    p.add_argument(
+        "--max-num-seqs",
+        type=int,
+        default=16,
+        help="completions decoding at once, over all batches (default 16)",
+    )
+    p.add_argument(
+        "--max-num-batches",
+        type=int,
+        default=4,
+        help="batches with different block clocks (block length, steps per block) side by side (default 4)",
+    )
+    p.add_argument(
+        "--max-queue-size",
+        type=int,
+        default=256,
+        help="completions that may wait; beyond it requests get HTTP 429 (default 256)",
+    )
+    p.add_argument(
+        "--served-model-name", default=None, help="the model name clients pass (default: --model as given)"
+    )
+    p.add_argument(
+        "--cuda-graphs", action="store_true", help="replay each step as a CUDA graph (with --policy NAME)"
+    )
+    p.add_argument(
+        "--log-level",
+        default="warning",
+        choices=["critical", "error", "warning", "info", "debug"],
+        help="uvicorn's log level (default warning)",
+    )
+    p.add_argument(
+        "--lifetime",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="stop by itself after this many seconds (tests and benchmarks)",
+    )
     return p
 
 
@@ -65,14 +97,22 @@ def _run(args: argparse.Namespace, load_kw: dict, sock) -> int:
     if args.policy != "vanilla":
         from ..transform import transform
 
-        model = transform(model, policy=args.policy, compile=args.compile, cuda_graphs=args.cuda_graphs, **args.policy_args)
+        model = transform(
+            model, policy=args.policy, compile=args.compile, cuda_graphs=args.cuda_graphs, **args.policy_args
+        )
     else:
         from ..policy_setup import apply_policy
 
         model = apply_policy(model, args.policy, args.policy_args, compile=args.compile)
     engine = ServingEngine(model, tokenizer, args.max_num_seqs, args.max_num_batches, args.max_queue_size)
-    serve(engine, model_name=args.served_model_name or args.model, threads=args.threads, log_level=args.log_level,
-          lifetime_s=args.lifetime, sock=sock)
+    serve(
+        engine,
+        model_name=args.served_model_name or args.model,
+        threads=args.threads,
+        log_level=args.log_level,
+        lifetime_s=args.lifetime,
+        sock=sock,
+    )
     return 0
 
 

@@ -20,7 +20,11 @@ class AgreementCounter:
     same: int = 0
     total: int = 0
 
-    def update(self, responses: torch.Tensor | Sequence[Sequence[int]], reference: torch.Tensor | Sequence[Sequence[int]]) -> None:
+    def update(
+        self,
+        responses: torch.Tensor | Sequence[Sequence[int]],
+        reference: torch.Tensor | Sequence[Sequence[int]],
+    ) -> None:
         """Add a batch: (B, G) response token ids and the reference run's (B, G)."""
         a, b = torch.as_tensor(responses), torch.as_tensor(reference)
         if a.shape != b.shape:
@@ -37,7 +41,9 @@ class AgreementCounter:
         return self.same / self.total if self.total else 1.0
 
 
-def token_agreement(responses: torch.Tensor | Sequence[Sequence[int]], reference: torch.Tensor | Sequence[Sequence[int]]) -> float:
+def token_agreement(
+    responses: torch.Tensor | Sequence[Sequence[int]], reference: torch.Tensor | Sequence[Sequence[int]]
+) -> float:
     """Fraction of generated positions whose token equals the reference run's token."""
     counter = AgreementCounter()
     counter.update(responses, reference)

@@ -20,9 +20,20 @@ RANDOM_MODEL = "diffusion_gemma:random"
 # The bench's random model: small enough for a CPU, large enough that the layers, not Python,
 # take most of a step (the tests' config is far smaller). Six layers, sliding and full.
 BENCH_SIZES = dict(
-    vocab_size=1024, hidden_size=256, intermediate_size=512, num_hidden_layers=6, num_attention_heads=4,
-    num_key_value_heads=2, head_dim=64, global_head_dim=128, num_global_key_value_heads=1, num_experts=8,
-    top_k_experts=2, moe_intermediate_size=256, sliding_window=32, canvas_length=32,
+    vocab_size=1024,
+    hidden_size=256,
+    intermediate_size=512,
+    num_hidden_layers=6,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=64,
+    global_head_dim=128,
+    num_global_key_value_heads=1,
+    num_experts=8,
+    top_k_experts=2,
+    moe_intermediate_size=256,
+    sliding_window=32,
+    canvas_length=32,
 )
 
 
@@ -73,15 +84,23 @@ def random_prompts(n: int, length: int, vocab: int, seed: int = 0) -> tuple[torc
 
 
 def run_gemma_bench(
-    methods: list[GemmaMethod], n: int = 4, prompt_length: int = 12, max_new_tokens: int = 32, steps: int = 8,
-    seed: int = 0, repeats: int = 1, model=None,
+    methods: list[GemmaMethod],
+    n: int = 4,
+    prompt_length: int = 12,
+    max_new_tokens: int = 32,
+    steps: int = 8,
+    seed: int = 0,
+    repeats: int = 1,
+    model=None,
 ) -> list[GemmaResult]:
     """Every method on the same random prompts; each timed ``repeats`` times (fastest kept)."""
     from ..models import diffusion_gemma as dg
     from ..transform import transform
 
     if not methods or methods[0].policy is not None:
-        raise ValueError("the first method must be the untransformed model (policy None): speedups are relative to it")
+        raise ValueError(
+            "the first method must be the untransformed model (policy None): speedups are relative to it"
+        )
     model = model if model is not None else dg.random_model(seed=seed, **BENCH_SIZES)
     model.generation_config.pad_token_id = model.config.text_config.pad_token_id
     ids, mask = random_prompts(n, prompt_length, model.config.text_config.vocab_size, seed)
@@ -93,19 +112,21 @@ def run_gemma_bench(
             start = time.perf_counter()
             out = dg.generate_ids(runner, ids, mask, max_new_tokens=max_new_tokens, steps=steps, seed=seed)
             best = min(best, time.perf_counter() - start)
-        responses = out.sequences[:, ids.shape[1]:]
+        responses = out.sequences[:, ids.shape[1] :]
         if reference is None:
             reference, base_time = responses, best
         records = getattr(getattr(runner, "engine", None), "records", [])
         rows = [a / r.seq_len for r in records for a in r.active if r.seq_len]
-        results.append(GemmaResult(
-            method=method.label,
-            tokens_per_s=responses.numel() / best,
-            speedup=base_time / best,
-            agreement=float((responses == reference).float().mean()),
-            nfe=float(out.stats.nfe),
-            active_fraction=sum(rows) / len(rows) if rows else 1.0,
-        ))
+        results.append(
+            GemmaResult(
+                method=method.label,
+                tokens_per_s=responses.numel() / best,
+                speedup=base_time / best,
+                agreement=float((responses == reference).float().mean()),
+                nfe=float(out.stats.nfe),
+                active_fraction=sum(rows) / len(rows) if rows else 1.0,
+            )
+        )
     return results
 
 
@@ -116,10 +137,22 @@ def format_gemma_table(results: list[GemmaResult]) -> str:
         lines.append(
             f"{r.method:36s} {r.tokens_per_s:9.1f} {r.speedup:7.2f}x {r.agreement:9.3f} {r.nfe:5.0f} {r.active_fraction:7.2f}"
         )
-    lines.append("random weights: no accuracy to report; agreement = tokens equal to the untransformed model's;")
-    lines.append("active = canvas rows that ran the MLP, mean over steps and layers, in the batch element that ran the most")
+    lines.append(
+        "random weights: no accuracy to report; agreement = tokens equal to the untransformed model's;"
+    )
+    lines.append(
+        "active = canvas rows that ran the MLP, mean over steps and layers, in the batch element that ran the most"
+    )
     return "\n".join(lines)
 
 
-__all__ = ["BENCH_SIZES", "GemmaMethod", "GemmaResult", "RANDOM_MODEL", "default_methods", "format_gemma_table", "random_prompts",
-           "run_gemma_bench"]
+__all__ = [
+    "BENCH_SIZES",
+    "GemmaMethod",
+    "GemmaResult",
+    "RANDOM_MODEL",
+    "default_methods",
+    "format_gemma_table",
+    "random_prompts",
+    "run_gemma_bench",
+]

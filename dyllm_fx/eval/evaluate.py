@@ -93,10 +93,14 @@ class EvalResult:
             "accuracy": self.accuracy,
             "accuracy_interval": list(wilson_interval(self.n_correct, self.n)),
             "correct": self.n_correct,
-            "per_task": {t: {"accuracy": s.accuracy, "correct": s.correct, "n": s.total, "interval": list(s.interval)}
-                         for t, s in self.per_task.items()},
+            "per_task": {
+                t: {"accuracy": s.accuracy, "correct": s.correct, "n": s.total, "interval": list(s.interval)}
+                for t, s in self.per_task.items()
+            },
             "n": self.n,
-            "paired": None if paired is None else {"won": paired.won, "lost": paired.lost, "mcnemar_p": paired.p_value},
+            "paired": None
+            if paired is None
+            else {"won": paired.won, "lost": paired.lost, "mcnemar_p": paired.p_value},
             "tokens_per_s": self.tokens_per_second,
             "seconds": self.seconds,
             "nfe": self.nfe_per_generation,
@@ -157,7 +161,9 @@ def evaluate(
 def agreement_between(result: EvalResult, reference: EvalResult) -> float:
     """Token agreement of two runs over the same examples and batching."""
     if len(result.responses) != len(reference.responses):
-        raise ValueError("the two runs have different numbers of batches; evaluate both with the same examples and batch_size")
+        raise ValueError(
+            "the two runs have different numbers of batches; evaluate both with the same examples and batch_size"
+        )
     counter = AgreementCounter()
     for ours, theirs in zip(result.responses, reference.responses):
         counter.update(ours, theirs)
@@ -191,7 +197,9 @@ def evaluate_policy(
     # land in the policy's tokens/s.
     ref = None
     if reference is not None and not (reference == policy and not policy_args):
-        ref = evaluate(apply_policy(model, reference), tokenizer, examples, desc=f"reference {reference}", **eval_params)
+        ref = evaluate(
+            apply_policy(model, reference), tokenizer, examples, desc=f"reference {reference}", **eval_params
+        )
     fast = apply_policy(model, policy, policy_args, compile=compile)
     result = evaluate(fast, tokenizer, examples, desc=f"eval {policy}", **eval_params)
     if ref is not None:

@@ -26,12 +26,18 @@ def parse_example(line: str, path: str | Path, lineno: int, default_task: str) -
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as err:
-        raise JsonlTaskError(f"{where}: invalid JSON ({err.msg} at column {err.colno}); each line must be one JSON object") from err
+        raise JsonlTaskError(
+            f"{where}: invalid JSON ({err.msg} at column {err.colno}); each line must be one JSON object"
+        ) from err
     if not isinstance(obj, dict):
-        raise JsonlTaskError(f"{where}: expected a JSON object like {{\"prompt\": ..., \"answer\": ...}}, got {type(obj).__name__}")
+        raise JsonlTaskError(
+            f'{where}: expected a JSON object like {{"prompt": ..., "answer": ...}}, got {type(obj).__name__}'
+        )
     missing = [f for f in REQUIRED_FIELDS if f not in obj]
     if missing:
-        raise JsonlTaskError(f"{where}: missing field {', '.join(repr(f) for f in missing)}; every line needs \"prompt\" and \"answer\"")
+        raise JsonlTaskError(
+            f'{where}: missing field {", ".join(repr(f) for f in missing)}; every line needs "prompt" and "answer"'
+        )
     prompt, answer, task = obj["prompt"], obj["answer"], obj.get("task", default_task)
     if not isinstance(prompt, str) or not prompt:
         raise JsonlTaskError(f"{where}: field 'prompt' must be a non-empty string, got {prompt!r}")
@@ -39,7 +45,9 @@ def parse_example(line: str, path: str | Path, lineno: int, default_task: str) -
     if isinstance(answer, (int, float)) and not isinstance(answer, bool):
         answer = str(answer)
     if not isinstance(answer, str):
-        raise JsonlTaskError(f"{where}: field 'answer' must be a string or a number, got {type(answer).__name__}")
+        raise JsonlTaskError(
+            f"{where}: field 'answer' must be a string or a number, got {type(answer).__name__}"
+        )
     if not isinstance(task, str) or not task:
         raise JsonlTaskError(f"{where}: field 'task' must be a non-empty string when given, got {task!r}")
     return Example(task=task, prompt=prompt, answer=answer)
@@ -49,19 +57,25 @@ def load_jsonl(path: str | Path) -> list[Example]:
     """All examples of a JSONL task file, in file order."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"task file {str(path)!r} does not exist; pass a JSONL file or 'suite' for the synthetic suite")
+        raise FileNotFoundError(
+            f"task file {str(path)!r} does not exist; pass a JSONL file or 'suite' for the synthetic suite"
+        )
     examples = []
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
             if line.strip():
                 examples.append(parse_example(line, path, lineno, path.stem))
     if not examples:
-        raise JsonlTaskError(f"{path}: no examples; expected one {{\"prompt\": ..., \"answer\": ...}} object per line")
+        raise JsonlTaskError(
+            f'{path}: no examples; expected one {{"prompt": ..., "answer": ...}} object per line'
+        )
     return examples
 
 
 SUITE = "suite"
-SUITE_PER_TASK = HELD_OUT_PER_TASK  # held-out prompts per task of `--task suite`: 70, 490 over the seven tasks
+SUITE_PER_TASK = (
+    HELD_OUT_PER_TASK  # held-out prompts per task of `--task suite`: 70, 490 over the seven tasks
+)
 
 
 def suite_examples(limit: int | None = None, per_task: int = SUITE_PER_TASK) -> list[Example]:

@@ -30,7 +30,9 @@ try:
     from lm_eval.api.model import LM
     from lm_eval.api.registry import register_model
 except ImportError as err:  # the message a user sees instead of a bare ModuleNotFoundError
-    raise ImportError('the lm-eval adapter needs lm-evaluation-harness: pip install "dyllm-fx[eval]"') from err
+    raise ImportError(
+        'the lm-eval adapter needs lm-evaluation-harness: pip install "dyllm-fx[eval]"'
+    ) from err
 
 from ..generation import generate
 from ..policy_setup import VANILLA, apply_policy, records_of
@@ -90,7 +92,7 @@ class DyLLMEvalLM(LM):
             raise ValueError(
                 f"dyllm: unknown model_args {unknown}; policy parameters are written policy_<name>=value (e.g. policy_tau=0.99)"
             )
-        params = {k[len(_POLICY_PREFIX):]: v for k, v in policy_args.items()}
+        params = {k[len(_POLICY_PREFIX) :]: v for k, v in policy_args.items()}
         if model is None:
             from ..loading import load
 
@@ -98,7 +100,9 @@ class DyLLMEvalLM(LM):
                 dtype = getattr(torch, dtype)
             # lm-eval's command line passes device="cuda:0" by default, GPU or not.
             if device is not None and str(device).startswith("cuda") and not torch.cuda.is_available():
-                log.warning("dyllm: device %s requested but CUDA is not available; running on the CPU", device)
+                log.warning(
+                    "dyllm: device %s requested but CUDA is not available; running on the CPU", device
+                )
                 device = "cpu"
             model, tokenizer = load(pretrained, dtype=dtype, device=device)
         elif tokenizer is None:
@@ -119,10 +123,14 @@ class DyLLMEvalLM(LM):
     # -- lm-eval interface ------------------------------------------------------------------
 
     def loglikelihood(self, requests, disable_tqdm: bool = False):
-        raise NotImplementedError(_LOGLIKELIHOOD_UNSUPPORTED.format(kind="loglikelihood (multiple-choice tasks)"))
+        raise NotImplementedError(
+            _LOGLIKELIHOOD_UNSUPPORTED.format(kind="loglikelihood (multiple-choice tasks)")
+        )
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
-        raise NotImplementedError(_LOGLIKELIHOOD_UNSUPPORTED.format(kind="loglikelihood_rolling (perplexity tasks)"))
+        raise NotImplementedError(
+            _LOGLIKELIHOOD_UNSUPPORTED.format(kind="loglikelihood_rolling (perplexity tasks)")
+        )
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         """Decode every request's context; cut each response at its first ``until`` string."""
@@ -149,8 +157,12 @@ class DyLLMEvalLM(LM):
             bar.close()
         return results
 
-    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        return self.tokenizer.apply_chat_template(chat_history, tokenize=False, add_generation_prompt=add_generation_prompt)
+    def apply_chat_template(
+        self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True
+    ) -> str:
+        return self.tokenizer.apply_chat_template(
+            chat_history, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
 
     @property
     def tokenizer_name(self) -> str:
@@ -199,18 +211,31 @@ class DyLLMEvalLM(LM):
         budget = window - self._schedule(gen_len)[0]
         ids = self.tokenizer(context, add_special_tokens=False)["input_ids"]
         if budget < 1:
-            raise ValueError(f"dyllm: max_gen_toks={gen_len} leaves no room for a prompt in the model's {window}-token window")
+            raise ValueError(
+                f"dyllm: max_gen_toks={gen_len} leaves no room for a prompt in the model's {window}-token window"
+            )
         if len(ids) <= budget:
             return context
-        log.warning("dyllm: context of %d tokens truncated on the left to %d to fit the window", len(ids), budget)
+        log.warning(
+            "dyllm: context of %d tokens truncated on the left to %d to fit the window", len(ids), budget
+        )
         return self.tokenizer.decode(ids[-budget:])
 
     def _generate(self, contexts: Sequence[str], gen_len: int, temperature: float) -> list[str]:
         gen_len, block, steps = self._schedule(gen_len)
         out = generate(
-            self.model, self.tokenizer, list(contexts), gen_length=gen_len, block_length=block, steps=steps,
-            threshold=self.threshold, cfg_scale=self.cfg_scale, seed=self.seed, temperature=temperature,
-            progress=False, **self.sampler_params,
+            self.model,
+            self.tokenizer,
+            list(contexts),
+            gen_length=gen_len,
+            block_length=block,
+            steps=steps,
+            threshold=self.threshold,
+            cfg_scale=self.cfg_scale,
+            seed=self.seed,
+            temperature=temperature,
+            progress=False,
+            **self.sampler_params,
         )
         s = self.stats
         s["generations"] += 1

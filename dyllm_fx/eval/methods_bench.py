@@ -74,7 +74,11 @@ def default_methods(threshold: float = 0.9, tau: float | None = None) -> list[Me
         Method("dyllm", "dyllm", dy),
         Method("dyllm: cached softmax stats", "dyllm", {**dy, "cached_softmax_stats": True}),
         Method("dyllm: frozen prompt", "dyllm", {**dy, "full_query_interval": None}),
-        Method("dyllm: refresh at blocks and every 16", "dyllm", {**dy, "refresh_at_block": True, "refresh_interval": 16}),
+        Method(
+            "dyllm: refresh at blocks and every 16",
+            "dyllm",
+            {**dy, "refresh_at_block": True, "refresh_interval": 16},
+        ),
         Method("dual_cache+dyllm", "dual_cache+dyllm", dy),
         Method("dyllm + threshold", "dyllm", dy, threshold=threshold),
         Method("dual_cache+dyllm + threshold", "dual_cache+dyllm", dy, threshold=threshold),
@@ -114,7 +118,9 @@ def sampler_params(model, method: Method) -> dict:
     return {}
 
 
-def _prepare(model, tokenizer, examples: list[Example], method: Method, gen: dict, batch_size: int, compile: bool):
+def _prepare(
+    model, tokenizer, examples: list[Example], method: Method, gen: dict, batch_size: int, compile: bool
+):
     """The method's model, warmed up on every batch shape of the run (so a compiled step has
     compiled all its graphs before the timing)."""
     from ..policy_setup import apply_policy
@@ -127,18 +133,35 @@ def _prepare(model, tokenizer, examples: list[Example], method: Method, gen: dic
     sizes = {min(batch_size, len(examples) - i) for i in range(0, len(examples), batch_size)}
     for size in sorted(sizes):
         warm = [e.prompt for e in examples[:size]]
-        generate(target, tokenizer, warm, threshold=method.threshold, progress=False, **sampler_params(model, method), **gen)
+        generate(
+            target,
+            tokenizer,
+            warm,
+            threshold=method.threshold,
+            progress=False,
+            **sampler_params(model, method),
+            **gen,
+        )
     return target
 
 
-def _timed_pass(target, tokenizer, examples: list[Example], method: Method, gen: dict, batch_size: int, decoding: dict):
+def _timed_pass(
+    target, tokenizer, examples: list[Example], method: Method, gen: dict, batch_size: int, decoding: dict
+):
     """One generation of every example in batches: (responses, texts, nfe, seconds, active, overflow)."""
     responses, texts, nfe, seconds, active, overflow = [], [], 0, 0.0, [], 0
     for i in range(0, len(examples), batch_size):
         batch = examples[i : i + batch_size]
         start = time.perf_counter()
-        out = generate(target, tokenizer, [e.prompt for e in batch], threshold=method.threshold, progress=False,
-                       **decoding, **gen)
+        out = generate(
+            target,
+            tokenizer,
+            [e.prompt for e in batch],
+            threshold=method.threshold,
+            progress=False,
+            **decoding,
+            **gen,
+        )
         seconds += time.perf_counter() - start
         nfe += out.stats.nfe
         responses.append(out.responses)
@@ -150,9 +173,17 @@ def _timed_pass(target, tokenizer, examples: list[Example], method: Method, gen:
 
 
 def run_bench(
-    model, tokenizer, examples: list[Example], methods: list[Method] | None = None, batch_size: int = 16,
-    gen_length: int = 64, block_length: int = 32, steps: int | None = None, compile: bool | str = False,
-    progress: bool | None = None, repeats: int = 1,
+    model,
+    tokenizer,
+    examples: list[Example],
+    methods: list[Method] | None = None,
+    batch_size: int = 16,
+    gen_length: int = 64,
+    block_length: int = 32,
+    steps: int | None = None,
+    compile: bool | str = False,
+    progress: bool | None = None,
+    repeats: int = 1,
 ) -> dict:
     """Run every method on ``examples``; returns {"rows": [...], "settings": {...}} (the JSON
     ``dyllm plot pareto`` reads). The first method must be vanilla (the speed and agreement
@@ -169,7 +200,9 @@ def run_bench(
     """
     methods = methods or default_methods()
     if methods[0].policy != "vanilla" or methods[0].threshold is not None:
-        raise ValueError("the first method must be plain vanilla: it is the reference for speedup and agreement")
+        raise ValueError(
+            "the first method must be plain vanilla: it is the reference for speedup and agreement"
+        )
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1; got {repeats}")
     gen = dict(gen_length=gen_length, block_length=block_length, steps=steps or gen_length)
@@ -185,13 +218,19 @@ def run_bench(
     bar = tqdm(total=repeats * len(methods), desc="methods", unit="run", disable=progress is False)
     for _ in range(repeats):
         for i, (method, target) in enumerate(zip(methods, targets)):
-            passes[i].append(_timed_pass(target, tokenizer, examples, method, gen, batch_size, sampler_params(model, method)))
+            passes[i].append(
+                _timed_pass(
+                    target, tokenizer, examples, method, gen, batch_size, sampler_params(model, method)
+                )
+            )
             bar.update()
     bar.close()
     rows, reference, ref_correct, ref_tps = [], None, None, None
     n_tokens = len(examples) * gen_length
     for (method, compiled), target, timed in zip(runs, targets, passes):
-        responses, texts, nfe, _, active, overflow = timed[0]  # decoding is deterministic: every pass is the same
+        responses, texts, nfe, _, active, overflow = timed[
+            0
+        ]  # decoding is deterministic: every pass is the same
         seconds = min(run[3] for run in timed)
         hits = [t.strip() == e.answer.strip() for t, e in zip(texts, examples)]
         if reference is None:
@@ -210,19 +249,42 @@ def run_bench(
             score = per_task.setdefault(ex.task, {"correct": 0, "n": 0})
             score["correct"] += int(hit)
             score["n"] += 1
-        rows.append(MethodResult(
-            method=method.label + (" [compiled]" if compiled else ""), accuracy=correct / len(examples),
-            tokens_per_s=tps, speedup=tps / ref_tps, active_fraction=active,
-            nfe=nfe / -(-len(examples) // batch_size), agreement=agreement.value, seconds=seconds, compiled=bool(compiled),
-            graphs=engine.compiler.graphs if compiled else 0, overflow=overflow,
-            correct=correct, n=len(examples), accuracy_low=low, accuracy_high=high,
-            won=paired.won, lost=paired.lost, mcnemar_p=paired.p_value, per_task=per_task,
-        ))
+        rows.append(
+            MethodResult(
+                method=method.label + (" [compiled]" if compiled else ""),
+                accuracy=correct / len(examples),
+                tokens_per_s=tps,
+                speedup=tps / ref_tps,
+                active_fraction=active,
+                nfe=nfe / -(-len(examples) // batch_size),
+                agreement=agreement.value,
+                seconds=seconds,
+                compiled=bool(compiled),
+                graphs=engine.compiler.graphs if compiled else 0,
+                overflow=overflow,
+                correct=correct,
+                n=len(examples),
+                accuracy_low=low,
+                accuracy_high=high,
+                won=paired.won,
+                lost=paired.lost,
+                mcnemar_p=paired.p_value,
+                per_task=per_task,
+            )
+        )
     return {
         "rows": [asdict(r) for r in rows],
-        "settings": {**gen, "batch_size": batch_size, "examples": len(examples), "compile": compile,
-                     "threads": torch.get_num_threads(), "repeats": repeats,
-                     "threshold_alg": DREAM_THRESHOLD_ALG if getattr(getattr(model, "diffusion", None), "logits_shift", 0) else None},
+        "settings": {
+            **gen,
+            "batch_size": batch_size,
+            "examples": len(examples),
+            "compile": compile,
+            "threads": torch.get_num_threads(),
+            "repeats": repeats,
+            "threshold_alg": DREAM_THRESHOLD_ALG
+            if getattr(getattr(model, "diffusion", None), "logits_shift", 0)
+            else None,
+        },
         "device": str(next(model.parameters()).device),
     }
 
@@ -246,12 +308,16 @@ def format_table(bench: dict) -> str:
     compiled = [r for r in bench["rows"] if r.get("compiled")]
     if compiled:
         lines.append("")
-        lines.append("compiled steps (torch.compile fullgraph=True: no graph breaks), inductor graphs per method: "
-                     + ", ".join(f"{r['method'].removesuffix(' [compiled]')} {r['graphs']}" for r in compiled))
+        lines.append(
+            "compiled steps (torch.compile fullgraph=True: no graph breaks), inductor graphs per method: "
+            + ", ".join(f"{r['method'].removesuffix(' [compiled]')} {r['graphs']}" for r in compiled)
+        )
     overflowed = [r for r in bench["rows"] if r.get("overflow")]
     if overflowed:
-        lines.append("rows approximated beyond a step's capacity (DyLLM overflow), whole run: "
-                     + ", ".join(f"{r['method']} {r['overflow']}" for r in overflowed))
+        lines.append(
+            "rows approximated beyond a step's capacity (DyLLM overflow), whole run: "
+            + ", ".join(f"{r['method']} {r['overflow']}" for r in overflowed)
+        )
     return "\n".join(lines)
 
 
@@ -261,13 +327,19 @@ def format_task_table(bench: dict) -> str:
     tasks = list(dict.fromkeys(t for r in rows for t in r.get("per_task", {})))
     lines = ["| task | " + " | ".join(r["method"] for r in rows) + " |", "|---" * (len(rows) + 1) + "|"]
     for task in tasks:
-        cells = [format_accuracy(r["per_task"][task]["correct"], r["per_task"][task]["n"]) if task in r.get("per_task", {})
-                 else "" for r in rows]
+        cells = [
+            format_accuracy(r["per_task"][task]["correct"], r["per_task"][task]["n"])
+            if task in r.get("per_task", {})
+            else ""
+            for r in rows
+        ]
         lines.append(f"| {task} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def bench_examples(n_per_task: int = DEFAULT_N_PER_TASK, tasks: tuple[str, ...] = tuple(TASKS), seed: int = 1234) -> list[Example]:
+def bench_examples(
+    n_per_task: int = DEFAULT_N_PER_TASK, tasks: tuple[str, ...] = tuple(TASKS), seed: int = 1234
+) -> list[Example]:
     """Held-out prompts of the embedded models' task suite (never in their training split)."""
     return held_out_set(n_per_task, tasks, seed=seed)
 
@@ -282,6 +354,15 @@ def write_outputs(bench: dict, json_path: str | Path | None, plot_path: str | Pa
 
 
 __all__ = [
-    "DEFAULT_N_PER_TASK", "DREAM_THRESHOLD_ALG", "Method", "MethodResult", "bench_examples", "default_methods",
-    "format_table", "format_task_table", "run_bench", "sampler_params", "write_outputs",
+    "DEFAULT_N_PER_TASK",
+    "DREAM_THRESHOLD_ALG",
+    "Method",
+    "MethodResult",
+    "bench_examples",
+    "default_methods",
+    "format_table",
+    "format_task_table",
+    "run_bench",
+    "sampler_params",
+    "write_outputs",
 ]

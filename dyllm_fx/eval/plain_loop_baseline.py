@@ -29,16 +29,48 @@ def _layers(model: nn.Module):
     """(embedding, [(norm1, q, k, v, o, norm2, gate, up, down)], final norm, head or None for tied, config)."""
     if isinstance(model, LLaDAModelLM):
         t, cfg = model.model.transformer, model.config
-        blocks = [(b.attn_norm, b.q_proj, b.k_proj, b.v_proj, b.attn_out, b.ff_norm, b.ff_proj, b.up_proj, b.ff_out)
-                  for b in t.blocks]
-        return t.wte, blocks, t.ln_f, None if cfg.weight_tying else t.ff_out, cfg.n_heads, cfg.kv_heads, cfg.rope_theta
+        blocks = [
+            (b.attn_norm, b.q_proj, b.k_proj, b.v_proj, b.attn_out, b.ff_norm, b.ff_proj, b.up_proj, b.ff_out)
+            for b in t.blocks
+        ]
+        return (
+            t.wte,
+            blocks,
+            t.ln_f,
+            None if cfg.weight_tying else t.ff_out,
+            cfg.n_heads,
+            cfg.kv_heads,
+            cfg.rope_theta,
+        )
     if isinstance(model, DreamModel):
         m, cfg = model.model, model.config
-        blocks = [(b.input_layernorm, b.self_attn.q_proj, b.self_attn.k_proj, b.self_attn.v_proj, b.self_attn.o_proj,
-                   b.post_attention_layernorm, b.mlp.gate_proj, b.mlp.up_proj, b.mlp.down_proj) for b in m.layers]
+        blocks = [
+            (
+                b.input_layernorm,
+                b.self_attn.q_proj,
+                b.self_attn.k_proj,
+                b.self_attn.v_proj,
+                b.self_attn.o_proj,
+                b.post_attention_layernorm,
+                b.mlp.gate_proj,
+                b.mlp.up_proj,
+                b.mlp.down_proj,
+            )
+            for b in m.layers
+        ]
         head = None if cfg.tie_word_embeddings else model.lm_head
-        return m.embed_tokens, blocks, m.norm, head, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.rope_theta
-    raise TypeError(f"the Fast-dLLM reference loop supports dyllm-fx's LLaDA and Dream models, not {type(model).__name__}")
+        return (
+            m.embed_tokens,
+            blocks,
+            m.norm,
+            head,
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.rope_theta,
+        )
+    raise TypeError(
+        f"the Fast-dLLM reference loop supports dyllm-fx's LLaDA and Dream models, not {type(model).__name__}"
+    )
 
 
 class FastDLLMReference(nn.Module):
@@ -57,7 +89,9 @@ class FastDLLMReference(nn.Module):
         return ReferenceStep(self)
 
     def forward(self, *args, **kwargs):
-        raise TypeError("FastDLLMReference runs denoising steps; call dyllm_fx.generate(wrapper, tokenizer, prompts)")
+        raise TypeError(
+            "FastDLLMReference runs denoising steps; call dyllm_fx.generate(wrapper, tokenizer, prompts)"
+        )
 
 
 class ReferenceStep:
@@ -94,7 +128,9 @@ class ReferenceStep:
             else:  # the rows' new K/V over the cached ones (Fast-dLLM's replace_position)
                 self.k[i][:, :, start:end] = k
                 self.v[i][:, :, start:end] = v
-            ctx = F.scaled_dot_product_attention(q, self.k[i], self.v[i], attn_mask=mask, enable_gqa=n_heads != n_kv)
+            ctx = F.scaled_dot_product_attention(
+                q, self.k[i], self.v[i], attn_mask=mask, enable_gqa=n_heads != n_kv
+            )
             x = x + o_proj(ctx.transpose(1, 2).reshape(bsz, n, -1))
             h = norm2(x)
             x = x + down(F.silu(gate(h)) * up(h))

@@ -51,7 +51,9 @@ def mcnemar_exact(won: int, lost: int) -> float:
 def paired_counts(correct: Sequence[bool], reference: Sequence[bool]) -> tuple[int, int]:
     """``(won, lost)``: prompts the method gets right and the reference wrong, and the reverse."""
     if len(correct) != len(reference):
-        raise ValueError(f"paired comparison needs the same prompts: {len(correct)} vs {len(reference)} results")
+        raise ValueError(
+            f"paired comparison needs the same prompts: {len(correct)} vs {len(reference)} results"
+        )
     won = sum(bool(a) and not bool(b) for a, b in zip(correct, reference))
     lost = sum(bool(b) and not bool(a) for a, b in zip(correct, reference))
     return won, lost
@@ -83,4 +85,12 @@ def format_p(p: float) -> str:
     return "<0.001" if p < 0.001 else f"{p:.3g}"
 
 
-__all__ = ["Paired", "Z95", "format_accuracy", "format_p", "mcnemar_exact", "paired_counts", "wilson_interval"]
+__all__ = [
+    "Paired",
+    "Z95",
+    "format_accuracy",
+    "format_p",
+    "mcnemar_exact",
+    "paired_counts",
+    "wilson_interval",
+]

@@ -101,9 +101,13 @@ TASKS: dict[str, Callable[[random.Random], tuple[str, str]]] = {
 # (plus one content match for lookup); medium ones chain through the previous answer
 # character; hard ones need position arithmetic (reverse), counting (sort) or carries (add).
 DIFFICULTY = {
-    "shift": "easy", "copy": "easy", "lookup": "easy",
+    "shift": "easy",
+    "copy": "easy",
+    "lookup": "easy",
     "running_sum": "medium",
-    "reverse": "hard", "sort": "hard", "add": "hard",
+    "reverse": "hard",
+    "sort": "hard",
+    "add": "hard",
 }
 EASY_TASKS = tuple(t for t, d in DIFFICULTY.items() if d == "easy")
 

@@ -44,7 +44,9 @@ def attention_math(q, k_cache, v_cache, rows, mask, scale):
             mask = mask.expand(rows.shape[0], *mask.shape[1:])
             index = rows[:, None, :, None].expand(rows.shape[0], mask.shape[1], rows.shape[1], mask.shape[-1])
             mask = mask.gather(2, index)
-        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.float()
+        scores = (
+            scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.float()
+        )
     probs = torch.softmax(scores, dim=-1).to(v_cache.dtype)
     return torch.matmul(probs, v_cache)
 

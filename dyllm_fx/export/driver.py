@@ -70,7 +70,9 @@ class TorchBackend:
     def zeros(self, shape: Sequence[int], dtype: str) -> torch.Tensor:
         return torch.zeros(tuple(shape), dtype=getattr(torch, dtype), device=self.device)
 
-    def run(self, inputs: dict[str, torch.Tensor], caches: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def run(
+        self, inputs: dict[str, torch.Tensor], caches: list[torch.Tensor]
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         args = [t.to(self.device) for t in inputs.values()]  # in the graph's input order
         with torch.no_grad():
             logits, *caches = self.step(*args, *caches)
@@ -99,20 +101,32 @@ class UniformStep:
         if request.nfe == 0:
             self.response_start = request.block_start  # the first block starts at the prompt's end
         if cold:
-            self.caches = [self.backend.zeros(shape, dtype) for shape, dtype in cache_layout(self.info, bsz, seq_len)]
+            self.caches = [
+                self.backend.zeros(shape, dtype) for shape, dtype in cache_layout(self.info, bsz, seq_len)
+            ]
             self.cache_size = (bsz, seq_len)
         mask = torch.ones_like(ids) if request.attention_mask is None else request.attention_mask.cpu().long()
         host = HostState(
-            ids, mask, cold, len(self.info.kv_shapes), step=request.nfe, block_start=request.block_start,
-            block_end=request.block_end, response_start=self.response_start, mask_token_id=self.info.spec.mask_token_id,
+            ids,
+            mask,
+            cold,
+            len(self.info.kv_shapes),
+            step=request.nfe,
+            block_start=request.block_start,
+            block_end=request.block_end,
+            response_start=self.response_start,
+            mask_token_id=self.info.spec.mask_token_id,
             logits_shift=self.info.spec.logits_shift,
         )
         rows = plan_rows(self.policy.plan(host), bsz, seq_len, ids.device)
         shift = self.info.spec.logits_shift
         positions = torch.arange(request.block_start - shift, request.block_end - shift).expand(bsz, -1)
         inputs = {
-            "input_ids": ids, "attention_mask": mask, "position_ids": request.position_ids.cpu(),
-            "rows": rows.cpu(), "logit_positions": positions,
+            "input_ids": ids,
+            "attention_mask": mask,
+            "position_ids": request.position_ids.cpu(),
+            "rows": rows.cpu(),
+            "logit_positions": positions,
         }
         inputs = {name: t.to(torch.long).contiguous() for name, t in inputs.items()}
         logits, self.caches = self.backend.run(inputs, self.caches)
@@ -250,7 +264,9 @@ class PlanEngine:
         index = self.graph_index(plan.key, seq_len)
         zeros = torch.zeros(bsz, dtype=torch.long)
         inputs = {
-            "input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "position_ids": position_ids,
             "logit_positions": logit_positions,
             "span_start": zeros if plan.span_start is None else plan.span_start,
             "span_len": zeros if plan.span_len is None else plan.span_len,
@@ -263,7 +279,9 @@ class PlanEngine:
         self.warm = True
         n = self.counts_len[index]
         counts = counts[:n] if n else None
-        report = self.policy.observe(plan, counts.tolist() if counts is not None else None, self.n_layers, seq_len)
+        report = self.policy.observe(
+            plan, counts.tolist() if counts is not None else None, self.n_layers, seq_len
+        )
         self.records.append(StepRecord(report.active, seq_len, plan.kind, report.capacity, report.overflow))
         out = StepOutput(logits, eligible if self.has_eligible[index] else None, counts)
         out.report = report
@@ -297,7 +315,9 @@ class TorchPlanBackend:
         self.device = torch.device(device)
 
     def zeros(self, entry, batch: int, seq_len: int) -> torch.Tensor:
-        return torch.full(entry.concrete(batch, seq_len), entry.fill, dtype=getattr(torch, entry.dtype), device=self.device)
+        return torch.full(
+            entry.concrete(batch, seq_len), entry.fill, dtype=getattr(torch, entry.dtype), device=self.device
+        )
 
     def run(self, index: int, inputs: dict[str, torch.Tensor], state: list[torch.Tensor]):
         args = [t.to(self.device) for t in inputs.values()]
@@ -326,7 +346,9 @@ def plan_policy(info: StepGraphInfo, policy: str | Policy | None, params: dict |
             f"policy's step is its own graph; export {policy.name!r} with `dyllm export --onnx FILE --policy {policy.name}`"
         )
     given = policy_config(policy)
-    differ = sorted(k for k in set(given) | set(recorded) if k not in info.params and given.get(k) != recorded.get(k))
+    differ = sorted(
+        k for k in set(given) | set(recorded) if k not in info.params and given.get(k) != recorded.get(k)
+    )
     if differ:
         detail = ", ".join(f"{k}={given.get(k)!r} (exported with {recorded.get(k)!r})" for k in differ)
         raise ExportError(
@@ -344,6 +366,16 @@ def plan_policy(info: StepGraphInfo, policy: str | Policy | None, params: dict |
 
 
 __all__ = [
-    "ExportedPlanMissing", "ExportedStepModel", "PlanBackend", "PlanEngine", "PlanStepModel", "StepBackend", "TorchBackend",
-    "TorchPlanBackend", "UniformStep", "build_policy", "cache_layout", "plan_policy",
+    "ExportedPlanMissing",
+    "ExportedStepModel",
+    "PlanBackend",
+    "PlanEngine",
+    "PlanStepModel",
+    "StepBackend",
+    "TorchBackend",
+    "TorchPlanBackend",
+    "UniformStep",
+    "build_policy",
+    "cache_layout",
+    "plan_policy",
 ]

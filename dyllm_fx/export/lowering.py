@@ -45,7 +45,9 @@ def _gather_query_rows(mask, rows):
     rest = op.Shape(mask, start=1)
     mask = op.Expand(mask, op.Concat(batch, rest, axis=0))
     index = op.Unsqueeze(rows, op.Constant(value_ints=[1, 3]))  # (B, 1, A, 1)
-    shape = op.Concat(batch, op.Shape(mask, start=1, end=2), op.Shape(rows, start=1, end=2), op.Shape(mask, start=3), axis=0)
+    shape = op.Concat(
+        batch, op.Shape(mask, start=1, end=2), op.Shape(rows, start=1, end=2), op.Shape(mask, start=3), axis=0
+    )
     index = op.Expand(index, shape)
     return op.GatherElements(mask, index, axis=2)
 
@@ -81,7 +83,9 @@ def partial_attention(q, k_cache, v_cache, rows, mask=None, scale: float | None 
     out_type = q.dtype
     if out_type in _HALF_TYPES:
         q, k = op.Cast(q, to=ir.DataType.FLOAT), op.Cast(k, to=ir.DataType.FLOAT)
-    scores = op.Mul(op.MatMul(q, op.Transpose(k, perm=[0, 1, 3, 2])), op.CastLike(op.Constant(value_float=scale), q))
+    scores = op.Mul(
+        op.MatMul(q, op.Transpose(k, perm=[0, 1, 3, 2])), op.CastLike(op.Constant(value_float=scale), q)
+    )
     if mask is not None:
         # Read the mask's type and shape before gathering: values built here carry no type yet.
         is_bool = mask.dtype == ir.DataType.BOOL

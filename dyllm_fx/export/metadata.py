@@ -23,8 +23,19 @@ FORMAT = "dyllm-step/1"
 PREFIX = "dyllm."
 PLAN_KEYS = ("graph", "plans", "state", "params", "layout")  # the extra keys of a "plans" graph
 REQUIRED = (
-    "format", "mask_token_id", "eos_token_ids", "logits_shift", "policy", "policy_config",
-    "n_layers", "hidden_size", "kv_shapes", "hidden_dtype", "kv_dtype", "inputs", "outputs",
+    "format",
+    "mask_token_id",
+    "eos_token_ids",
+    "logits_shift",
+    "policy",
+    "policy_config",
+    "n_layers",
+    "hidden_size",
+    "kv_shapes",
+    "hidden_dtype",
+    "kv_dtype",
+    "inputs",
+    "outputs",
 )
 
 
@@ -104,7 +115,9 @@ class StepGraphInfo:
     graph: str = "rows"
     plans: list = field(default_factory=list)  # per branch: {"key": graph key, "counts": n, "eligible": bool}
     state: list = field(default_factory=list)  # StateEntry.to_json() of each state tensor, in input order
-    params: dict = field(default_factory=dict)  # policy parameters that are graph inputs, and their export values
+    params: dict = field(
+        default_factory=dict
+    )  # policy parameters that are graph inputs, and their export values
     layout: dict = field(default_factory=dict)  # the generation layout the plan keys were listed for
 
     def to_props(self) -> dict[str, str]:
@@ -129,8 +142,13 @@ class StepGraphInfo:
             **{k: str(v) for k, v in self.extra.items()},
         }
         if self.graph != "rows":
-            props.update(graph=self.graph, plans=json.dumps(self.plans), state=json.dumps(self.state),
-                         params=json.dumps(self.params), layout=json.dumps(self.layout))
+            props.update(
+                graph=self.graph,
+                plans=json.dumps(self.plans),
+                state=json.dumps(self.state),
+                params=json.dumps(self.params),
+                layout=json.dumps(self.layout),
+            )
         return {PREFIX + k: v for k, v in props.items()}
 
     @classmethod
@@ -142,12 +160,13 @@ class StepGraphInfo:
                 f"{source} is not a dyllm step graph (missing metadata {', '.join(missing)}); "
                 "export one with `dyllm export --onnx`"
             )
-        p = {k[len(PREFIX):]: v for k, v in props.items() if k.startswith(PREFIX)}
+        p = {k[len(PREFIX) :]: v for k, v in props.items() if k.startswith(PREFIX)}
         if p["format"] != FORMAT:
             raise NotAStepGraphError(
                 f"{source} is a dyllm step graph of format {p['format']!r}; this dyllm-fx reads {FORMAT!r}. "
                 "Export it again with `dyllm export --onnx`"
             )
+
         def read(key: str, parse, optional: bool = False):
             """p[key] parsed; a bad value raises an error naming the file, the key and the value."""
             if optional and not p.get(key):
@@ -170,12 +189,16 @@ class StepGraphInfo:
         known = set(REQUIRED) | {"pad_token_id", "max_length", "model_path", *PLAN_KEYS}
         graph = p.get("graph", "rows")
         if graph not in ("rows", "plans"):
-            raise NotAStepGraphError(f"{source}: unknown step graph kind {PREFIX}graph = {graph!r}; export it again with `dyllm export --onnx`")
+            raise NotAStepGraphError(
+                f"{source}: unknown step graph kind {PREFIX}graph = {graph!r}; export it again with `dyllm export --onnx`"
+            )
         plan_fields = {}
         if graph == "plans":
             missing = [PREFIX + k for k in PLAN_KEYS if k not in p]
             if missing:
-                raise NotAStepGraphError(f"{source}: a plan step graph without {', '.join(missing)}; export it again with `dyllm export --onnx`")
+                raise NotAStepGraphError(
+                    f"{source}: a plan step graph without {', '.join(missing)}; export it again with `dyllm export --onnx`"
+                )
             plan_fields = {k: read(k, json.loads) for k in PLAN_KEYS if k != "graph"}
         return cls(
             spec=spec,
@@ -223,5 +246,11 @@ def step_graph_info(model, model_path: str | Path | None = None, **plan_fields) 
 
 
 __all__ = [
-    "FORMAT", "NotAStepGraphError", "StepGraphInfo", "dtype_name", "model_path_label", "policy_config", "step_graph_info",
+    "FORMAT",
+    "NotAStepGraphError",
+    "StepGraphInfo",
+    "dtype_name",
+    "model_path_label",
+    "policy_config",
+    "step_graph_info",
 ]

@@ -40,7 +40,9 @@ def check_exportable(model) -> None:
             "dyllm_fx.transform(model, policy='dyllm' | 'dual_cache' | ...) first"
         )
     if model.diffusion is None:
-        raise ExportError("the model has no diffusion spec; pass spec=DiffusionSpec(...) to dyllm_fx.transform()")
+        raise ExportError(
+            "the model has no diffusion spec; pass spec=DiffusionSpec(...) to dyllm_fx.transform()"
+        )
     check_policy(model.policy)
 
 
@@ -148,9 +150,16 @@ def _rows_graph(model, model_path, opset: int, optimize: bool):
         # The exporter warns that tied dims share one name ("batch" for every batch axis): expected.
         warnings.filterwarnings("ignore", message=r".*axis name.*will not be used")
         program = torch.onnx.export(
-            step, args, dynamo=True, opset_version=opset, dynamic_shapes=dynamic_shapes(step.n_layers),
-            input_names=info.inputs, output_names=info.outputs, custom_translation_table=translation_table(),
-            optimize=optimize, verbose=False,
+            step,
+            args,
+            dynamo=True,
+            opset_version=opset,
+            dynamic_shapes=dynamic_shapes(step.n_layers),
+            input_names=info.inputs,
+            output_names=info.outputs,
+            custom_translation_table=translation_table(),
+            optimize=optimize,
+            verbose=False,
         )
     return program.model, info
 
@@ -164,8 +173,16 @@ def _plans_graph(model, model_path, opset: int, optimize: bool, layout, keys, pr
 
     built = build_plan_step(model, layout, keys)
     with built.tracing():
-        program = export_plans(built.step, built.keys, model.diffusion, built.layout.block, built.device, opset,
-                               translation_table(), progress)
+        program = export_plans(
+            built.step,
+            built.keys,
+            model.diffusion,
+            built.layout.block,
+            built.device,
+            opset,
+            translation_table(),
+            progress,
+        )
     if optimize:
         optimize_model(program)
     return program, built.graph_info(model, model_path)
@@ -176,7 +193,9 @@ def _save(program, path: Path, external_data: bool | None) -> None:
     import onnx_ir as ir
 
     if external_data is None:
-        total = sum(v.const_value.nbytes for v in program.graph.initializers.values() if v.const_value is not None)
+        total = sum(
+            v.const_value.nbytes for v in program.graph.initializers.values() if v.const_value is not None
+        )
         external_data = total > 1_800_000_000
     ir.save(program, str(path), external_data=f"{path.name}.data" if external_data else None)
 

@@ -28,14 +28,24 @@ def _ir():
     return ir
 
 
-def export_branch(step: PolicyStep, key: tuple, args: tuple, dims, input_names, output_names, opset: int, table):
+def export_branch(
+    step: PolicyStep, key: tuple, args: tuple, dims, input_names, output_names, opset: int, table
+):
     """One key's graph as an ``onnx_ir`` model (not optimized: the merged model is)."""
     step.key = key
     with torch.no_grad(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*axis name.*will not be used")
         program = torch.onnx.export(
-            step, args, dynamo=True, opset_version=opset, dynamic_shapes=dims, input_names=input_names,
-            output_names=output_names, custom_translation_table=table, optimize=False, verbose=False,
+            step,
+            args,
+            dynamo=True,
+            opset_version=opset,
+            dynamic_shapes=dims,
+            input_names=input_names,
+            output_names=output_names,
+            custom_translation_table=table,
+            optimize=False,
+            verbose=False,
         )
     return program.model
 
@@ -68,7 +78,9 @@ def merge_branches(models: list, shared: set[str]):
     for i, model in enumerate(models):
         graph, tag = model.graph, f"k{i}/"
         if [v.name for v in graph.inputs] != [v.name for v in inputs]:
-            raise ValueError(f"branch {i} has inputs {[v.name for v in graph.inputs]}, not {[v.name for v in inputs]}")
+            raise ValueError(
+                f"branch {i} has inputs {[v.name for v in graph.inputs]}, not {[v.name for v in inputs]}"
+            )
         for old, new in zip(list(graph.inputs), inputs):
             old.replace_all_uses_with(new, replace_graph_outputs=True)
         graph.inputs.clear()
@@ -94,7 +106,13 @@ def merge_branches(models: list, shared: set[str]):
     nodes = []
     conds = []
     for i in range(len(branches) - 1):
-        index = ir.Node("", "Constant", [], [ir.AttrTensor("value", ir.tensor(np.array(i, dtype=np.int64)))], name=f"plan_{i}_id")
+        index = ir.Node(
+            "",
+            "Constant",
+            [],
+            [ir.AttrTensor("value", ir.tensor(np.array(i, dtype=np.int64)))],
+            name=f"plan_{i}_id",
+        )
         equal = ir.Node("", "Equal", [plan, index.outputs[0]], name=f"is_plan_{i}")
         index.outputs[0].name, equal.outputs[0].name = f"plan_{i}_id", f"is_plan_{i}"
         nodes += [index, equal]
@@ -103,9 +121,12 @@ def merge_branches(models: list, shared: set[str]):
     chosen = branches[-1]
     for i in range(len(branches) - 2, -1, -1):
         node = ir.Node(
-            "", "If", [conds[i]],
+            "",
+            "If",
+            [conds[i]],
             [ir.AttrGraph("then_branch", branches[i]), ir.AttrGraph("else_branch", chosen)],
-            num_outputs=len(output_names), name=f"select_{i}",
+            num_outputs=len(output_names),
+            name=f"select_{i}",
         )
         for out, ref, name in zip(node.outputs, reference, output_names):
             out.name = name if i == 0 else f"select_{i}/{name}"
@@ -127,13 +148,19 @@ def merge_branches(models: list, shared: set[str]):
         for name in list(only.initializers):
             only.initializers.pop(name)
     graph = ir.Graph(
-        [*inputs, plan], outputs, nodes=nodes, initializers=list(main_inits.values()),
-        opset_imports=dict(first.opset_imports), name="dyllm_step",
+        [*inputs, plan],
+        outputs,
+        nodes=nodes,
+        initializers=list(main_inits.values()),
+        opset_imports=dict(first.opset_imports),
+        name="dyllm_step",
     )
     functions = {}
     for model in models:
         functions.update({f.identifier(): f for f in model.functions.values()})
-    return ir.Model(graph, ir_version=models[0].ir_version, producer_name="dyllm-fx", functions=list(functions.values()))
+    return ir.Model(
+        graph, ir_version=models[0].ir_version, producer_name="dyllm-fx", functions=list(functions.values())
+    )
 
 
 def optimize(model) -> None:
@@ -174,7 +201,11 @@ def deduplicate(graph) -> int:
         if array.dtype == object:  # string tensors: none in a step graph
             continue
         # the IR's own shape: a torch-backed tensor's numpy() can differ in rank (scalar vs [1])
-        key = (str(tensor.dtype), tuple(tensor.shape), hashlib.sha256(array.view(np.uint8).reshape(-1)).hexdigest())
+        key = (
+            str(tensor.dtype),
+            tuple(tensor.shape),
+            hashlib.sha256(array.view(np.uint8).reshape(-1)).hexdigest(),
+        )
         first = kept.get(key)
         if first is None:
             kept[key] = value
@@ -212,4 +243,13 @@ def export_plans(step: PolicyStep, keys: list, spec, block: int, device, opset: 
     return merge_branches(models, shared)
 
 
-__all__ = ["PLAN_INPUT", "deduplicate", "export_branch", "export_plans", "input_names", "merge_branches", "optimize", "output_names"]
+__all__ = [
+    "PLAN_INPUT",
+    "deduplicate",
+    "export_branch",
+    "export_plans",
+    "input_names",
+    "merge_branches",
+    "optimize",
+    "output_names",
+]

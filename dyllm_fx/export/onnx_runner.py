@@ -32,7 +32,7 @@ def _ort():
         import onnxruntime
     except ImportError as err:
         raise ImportError(
-            'running an ONNX step graph needs onnxruntime: pip install onnxruntime (or onnxruntime-gpu for CUDA), '
+            "running an ONNX step graph needs onnxruntime: pip install onnxruntime (or onnxruntime-gpu for CUDA), "
             'or pip install "dyllm-fx[onnx]"'
         ) from err
     return onnxruntime
@@ -61,7 +61,9 @@ class OrtBackend:
     def zeros(self, shape: Sequence[int], dtype: str) -> Any:
         _check_dtype(dtype)
         ort = _ort()
-        return ort.OrtValue.ortvalue_from_numpy(np.zeros(tuple(shape), dtype=_NUMPY_DTYPES[dtype]), self.device, 0)
+        return ort.OrtValue.ortvalue_from_numpy(
+            np.zeros(tuple(shape), dtype=_NUMPY_DTYPES[dtype]), self.device, 0
+        )
 
     def run(self, inputs: dict[str, torch.Tensor], caches: list[Any]) -> tuple[torch.Tensor, list[Any]]:
         binding = self.session.io_binding()
@@ -92,7 +94,7 @@ class OrtPlanBackend:
         self.device = "cuda" if session.get_providers()[0] in _GPU_PROVIDERS else "cpu"
         n_host = len(info.inputs) - len(info.state)
         self.state_inputs = info.inputs[n_host:]
-        self.state_outputs = info.outputs[len(self.HOST_OUTPUTS):]
+        self.state_outputs = info.outputs[len(self.HOST_OUTPUTS) :]
 
     def zeros(self, entry, batch: int, seq_len: int) -> Any:
         dtype = {"int64": np.int64, "bool": np.bool_, **_NUMPY_DTYPES}.get(entry.dtype)
@@ -219,7 +221,9 @@ def load_onnx(
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"ONNX file {str(path)!r} does not exist; export one with `dyllm export --onnx {path}`")
+        raise FileNotFoundError(
+            f"ONNX file {str(path)!r} does not exist; export one with `dyllm export --onnx {path}`"
+        )
     ort = _ort()
     options = ort.SessionOptions()
     if threads is not None:
@@ -228,7 +232,9 @@ def load_onnx(
     names = ("InvalidProtobuf", "InvalidGraph", "InvalidArgument", "Fail", "NotImplemented")
     unreadable = tuple(getattr(state, n) for n in names if hasattr(state, n))
     try:
-        session = ort.InferenceSession(str(path), sess_options=options, providers=_providers(device, providers))
+        session = ort.InferenceSession(
+            str(path), sess_options=options, providers=_providers(device, providers)
+        )
     except unreadable as err:
         raise NotAStepGraphError(
             f"{path} is not a dyllm step graph (onnxruntime cannot load it: {str(err).strip()[:200]}); "

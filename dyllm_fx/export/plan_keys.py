@@ -56,7 +56,9 @@ class Layout:
         BlockSchedule.build(1, self.gen_length, self.block_length, steps)  # the loop's own checks
         max_seq = self.max_seq if self.max_seq is not None else (window or self.gen_length + 512)
         if max_seq <= self.gen_length:
-            raise ValueError(f"max_seq={max_seq} leaves no room for a prompt before gen_length={self.gen_length}")
+            raise ValueError(
+                f"max_seq={max_seq} leaves no room for a prompt before gen_length={self.gen_length}"
+            )
         if window is not None and max_seq > window:
             raise ValueError(f"max_seq={max_seq} exceeds the model's window of {window} tokens")
         block = self.gen_length if self.block_length is None else self.block_length
@@ -88,8 +90,14 @@ class Layout:
         return 2 * self.block if spb is None else spb + self.block
 
     def to_json(self) -> dict:
-        return {"gen_length": self.gen_length, "block_length": self.block_length, "steps": self.steps,
-                "threshold": self.threshold, "max_seq": self.max_seq, "max_commit": self.max_commit}
+        return {
+            "gen_length": self.gen_length,
+            "block_length": self.block_length,
+            "steps": self.steps,
+            "threshold": self.threshold,
+            "max_seq": self.max_seq,
+            "max_commit": self.max_commit,
+        }
 
 
 # --- keys per policy, for one sequence length ---------------------------------------------------
@@ -104,7 +112,9 @@ def _capacities(policy: DyLLMPolicy, width: int) -> set[int]:
     return {width} | {bucket_size(n, width) for n in range(0, width + 1)}
 
 
-def _dyllm_keys(policy: DyLLMPolicy, layout: Layout, seq_len: int, n_layers: int, shift: int, memo: dict) -> set[tuple]:
+def _dyllm_keys(
+    policy: DyLLMPolicy, layout: Layout, seq_len: int, n_layers: int, shift: int, memo: dict
+) -> set[tuple]:
     gen, block = layout.gen_length, layout.block
     prompt = seq_len - gen
     composed = policy.scope in ("block", "suffix")
@@ -115,8 +125,12 @@ def _dyllm_keys(policy: DyLLMPolicy, layout: Layout, seq_len: int, n_layers: int
     keys = {("full",)}
     for k in range(layout.num_blocks):
         start = prompt + k * block
-        spans = {"all": (0, seq_len), "response": (prompt, seq_len), "block": (start, start + block),
-                 "suffix": (start, seq_len)}
+        spans = {
+            "all": (0, seq_len),
+            "response": (prompt, seq_len),
+            "block": (start, start + block),
+            "suffix": (start, seq_len),
+        }
         lo, hi = spans[policy.scope]
         for full_query in query_modes:
             a, b = (0, seq_len) if full_query and not composed else (lo, hi)
@@ -131,11 +145,17 @@ def _dyllm_keys(policy: DyLLMPolicy, layout: Layout, seq_len: int, n_layers: int
     return keys
 
 
-def _es_windows(policy: ESDLLMPolicy, layout: Layout, seq_len: int, shift: int, k: int, new_block: bool, prompt: bool):
+def _es_windows(
+    policy: ESDLLMPolicy, layout: Layout, seq_len: int, shift: int, k: int, new_block: bool, prompt: bool
+):
     """ESDLLMPolicy._window's possible window lengths (the longest of the batch) at block k."""
     start_row = seq_len - layout.gen_length + k * layout.block
-    spans = {"all": (0, seq_len), "response": (seq_len - layout.gen_length, seq_len),
-             "block": (start_row, start_row + layout.block), "suffix": (start_row, seq_len)}
+    spans = {
+        "all": (0, seq_len),
+        "response": (seq_len - layout.gen_length, seq_len),
+        "block": (start_row, start_row + layout.block),
+        "suffix": (start_row, seq_len),
+    }
     start, end = spans[policy.scope]
     if policy.scope != "all":
         start -= shift
@@ -161,7 +181,9 @@ def _es_selections(policy: ESDLLMPolicy, window: int, block: int, floor: int, n_
     return tuple(selections)
 
 
-def _es_dllm_keys(policy: ESDLLMPolicy, layout: Layout, seq_len: int, n_layers: int, shift: int, memo: dict) -> set[tuple]:
+def _es_dllm_keys(
+    policy: ESDLLMPolicy, layout: Layout, seq_len: int, n_layers: int, shift: int, memo: dict
+) -> set[tuple]:
     block = layout.block
     floors = sorted({min(c + 2, block) for c in range(layout.commits(bool(shift)) + 1)})
     keys = {("full",)}
@@ -184,7 +206,9 @@ def _es_dllm_keys(policy: ESDLLMPolicy, layout: Layout, seq_len: int, n_layers: 
                 for floor in floors:
                     selections = memo.get((window, floor))
                     if selections is None:
-                        selections = memo[window, floor] = _es_selections(policy, window, block, floor, n_layers)
+                        selections = memo[window, floor] = _es_selections(
+                            policy, window, block, floor, n_layers
+                        )
                     keys.add(("skip", width, selections))
     return keys
 
@@ -196,8 +220,12 @@ def _dllm_cache_keys(
     prompt = seq_len - layout.gen_length
     for k in range(layout.num_blocks):
         start = prompt + k * layout.block
-        spans = {"all": (0, seq_len), "response": (prompt, seq_len), "block": (start, start + layout.block),
-                 "suffix": (start, seq_len)}
+        spans = {
+            "all": (0, seq_len),
+            "response": (prompt, seq_len),
+            "block": (start, start + layout.block),
+            "suffix": (start, seq_len),
+        }
         lo, hi = spans[policy.scope]
         keys.add(("response", hi - lo))
         if policy.ratio < 1.0:
@@ -259,7 +287,9 @@ class KeyRange:
     max_seq: int
 
 
-def plan_keys(policy: Policy, layout: Layout, n_layers: int, shift: int, max_graphs: int = MAX_GRAPHS) -> list[KeyRange]:
+def plan_keys(
+    policy: Policy, layout: Layout, n_layers: int, shift: int, max_graphs: int = MAX_GRAPHS
+) -> list[KeyRange]:
     """The graph keys ``policy`` can reach on generations of ``layout`` (filled by
     :meth:`Layout.check`), each with the sequence lengths it serves, in a fixed order."""
     entry = _entry(policy)
@@ -311,6 +341,16 @@ def key_sizes(key) -> Iterable[int]:
 
 
 __all__ = [
-    "KeyRange", "Layout", "MAX_GRAPHS", "PlanKeyError", "SEQ", "bind", "decode_key", "encode_key", "graph_key",
-    "key_sizes", "plan_keys", "supports",
+    "KeyRange",
+    "Layout",
+    "MAX_GRAPHS",
+    "PlanKeyError",
+    "SEQ",
+    "bind",
+    "decode_key",
+    "encode_key",
+    "graph_key",
+    "key_sizes",
+    "plan_keys",
+    "supports",
 ]

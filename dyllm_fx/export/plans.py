@@ -41,11 +41,19 @@ class PlanBuild:
         kr = self.keys[i]
         params = dict(zip(self.step.params, self.step.param_values))
         spec = self.step.spec
-        return example_inputs(self.step.layout, kr.key, params, spec, kr.min_seq, kr.max_seq, self.layout.block, self.device)
+        return example_inputs(
+            self.step.layout, kr.key, params, spec, kr.min_seq, kr.max_seq, self.layout.block, self.device
+        )
 
     def plans_metadata(self) -> list[dict]:
         return [
-            {"key": _to_json(kr.key), "counts": n, "eligible": e, "min_seq": kr.min_seq, "max_seq": kr.max_seq}
+            {
+                "key": _to_json(kr.key),
+                "counts": n,
+                "eligible": e,
+                "min_seq": kr.min_seq,
+                "max_seq": kr.max_seq,
+            }
             for kr, n, e in zip(self.keys, self.counts, self.eligible)
         ]
 
@@ -58,9 +66,15 @@ class PlanBuild:
         from .onnx_plans import input_names, output_names
 
         return step_graph_info(
-            model, model_path, graph="plans", inputs=input_names(self.step.layout.names, self.step.params),
-            outputs=output_names(self.step.layout.names), plans=self.plans_metadata(), state=self.state_metadata(),
-            params=dict(zip(self.step.params, self.step.param_values)), layout=self.layout.to_json(),
+            model,
+            model_path,
+            graph="plans",
+            inputs=input_names(self.step.layout.names, self.step.params),
+            outputs=output_names(self.step.layout.names),
+            plans=self.plans_metadata(),
+            state=self.state_metadata(),
+            params=dict(zip(self.step.params, self.step.param_values)),
+            layout=self.layout.to_json(),
         )
 
 
@@ -84,9 +98,13 @@ def check_round_trip(policy) -> dict:
     try:
         rebuilt = make_policy(policy.name, **config)
     except (TypeError, ValueError) as err:
-        raise ExportError(f"policy {policy.name!r}: its parameters {config} do not rebuild it ({err})") from err
+        raise ExportError(
+            f"policy {policy.name!r}: its parameters {config} do not rebuild it ({err})"
+        ) from err
     if type(rebuilt) is not type(policy) or policy_config(rebuilt) != config:
-        raise ExportError(f"policy {policy.name!r} ({type(policy).__name__}) is not rebuilt by make_policy from {config}")
+        raise ExportError(
+            f"policy {policy.name!r} ({type(policy).__name__}) is not rebuilt by make_policy from {config}"
+        )
     return config
 
 
@@ -100,7 +118,9 @@ def build_plan_step(model, layout: Layout, keys=None) -> PlanBuild:
     state = StateLayout(program, traced, device)
     params = graph_params(traced)
     n_layers = len(program.attn)
-    ranges = plan_keys(traced, layout, n_layers, spec.logits_shift) if keys is None else _given_keys(keys, layout)
+    ranges = (
+        plan_keys(traced, layout, n_layers, spec.logits_shift) if keys is None else _given_keys(keys, layout)
+    )
     step = PolicyStep(program, traced, state, params, counts_len=0).eval()
     step.spec = spec
     build = PlanBuild(step, ranges, layout, device, [], [])
@@ -141,5 +161,6 @@ def record_plan_keys(model):
         yield keys
     finally:
         del policy.plan
+
 
 __all__ = ["Layout", "PlanBuild", "SEQ", "build_plan_step", "check_round_trip", "record_plan_keys"]

@@ -91,7 +91,11 @@ def _flatten(obj, prefix: str) -> list[tuple[str, torch.Tensor]]:
     if isinstance(obj, dict):
         return [item for k, v in obj.items() for item in _flatten(v, f"{prefix}_{k}")]
     if is_dataclass(obj):
-        return [item for f in fields(obj) for item in _flatten(getattr(obj, f.name), f.name if not prefix else f"{prefix}_{f.name}")]
+        return [
+            item
+            for f in fields(obj)
+            for item in _flatten(getattr(obj, f.name), f.name if not prefix else f"{prefix}_{f.name}")
+        ]
     return []
 
 
@@ -108,7 +112,9 @@ def _rebuild(template, tensors: list[torch.Tensor]):
     if isinstance(template, dict):
         return {k: _rebuild(v, tensors) for k, v in template.items()}
     if is_dataclass(template):
-        return replace(template, **{f.name: _rebuild(getattr(template, f.name), tensors) for f in fields(template)})
+        return replace(
+            template, **{f.name: _rebuild(getattr(template, f.name), tensors) for f in fields(template)}
+        )
     return template
 
 
@@ -129,7 +135,11 @@ class StateLayout:
         for batch, seq_len in sizes:
             cache = StepCache.allocate(program, batch, seq_len, device)
             buffers = policy.allocate(program, batch, seq_len, device)
-            names = [f"k_cache_{i}" for i in range(len(cache.k))] + [f"v_cache_{i}" for i in range(len(cache.v))] + ["hidden"]
+            names = (
+                [f"k_cache_{i}" for i in range(len(cache.k))]
+                + [f"v_cache_{i}" for i in range(len(cache.v))]
+                + ["hidden"]
+            )
             flat.append((list(zip(names, cache.tensors)) + _flatten(buffers, ""), buffers))
         self.template = flat[0][1]  # the buffers object whose structure _rebuild fills
         self.n_cache = 2 * len(program.kv_shapes) + 1
@@ -138,11 +148,17 @@ class StateLayout:
             axes = {(sizes[0][0], sizes[1][0]): "batch", (sizes[0][1], sizes[1][1]): "seq"}
             shape = [x if x == y else axes.get((x, y)) for x, y in zip(a.shape, b.shape)]
             if None in shape or a.dim() != b.dim():
-                raise ValueError(f"policy buffer {name!r} {tuple(a.shape)} does not scale with batch and length")
+                raise ValueError(
+                    f"policy buffer {name!r} {tuple(a.shape)} does not scale with batch and length"
+                )
             values = a.flatten()
             fill = float(values[0]) if values.numel() else 0.0
-            if values.numel() and not bool((values == values[0]).all() | (values.isnan().all() & values[0].isnan())):
-                raise ValueError(f"policy buffer {name!r} does not start as one constant; the exported runner zeros it")
+            if values.numel() and not bool(
+                (values == values[0]).all() | (values.isnan().all() & values[0].isnan())
+            ):
+                raise ValueError(
+                    f"policy buffer {name!r} does not start as one constant; the exported runner zeros it"
+                )
             entries.append(StateEntry(name, tuple(shape), _dtype_name(a.dtype), fill))
         self.entries = entries
 
@@ -153,9 +169,9 @@ class StateLayout:
     def split(self, tensors: list[torch.Tensor], batch: int, seq_len: int):
         """(StepCache, buffers) over ``tensors`` (in ``entries`` order)."""
         n_layers = (self.n_cache - 1) // 2
-        k, v, hidden = tensors[:n_layers], tensors[n_layers:2 * n_layers], tensors[2 * n_layers]
+        k, v, hidden = tensors[:n_layers], tensors[n_layers : 2 * n_layers], tensors[2 * n_layers]
         cache = StepCache(list(k), list(v), hidden, batch, seq_len, warm=True)
-        return cache, _rebuild(self.template, list(tensors[self.n_cache:]))
+        return cache, _rebuild(self.template, list(tensors[self.n_cache :]))
 
 
 # --- the module ---------------------------------------------------------------------------
@@ -167,8 +183,19 @@ def export_policy(policy: Policy, spec) -> Policy:
     traced = copy.deepcopy(policy)
     traced.record_similarity = False
     ids = torch.full((1, 4), spec.mask_token_id, dtype=torch.long)
-    traced.plan(HostState(ids, torch.ones_like(ids), True, 1, block_start=2, block_end=4, response_start=2,
-                          mask_token_id=spec.mask_token_id, logits_shift=spec.logits_shift))
+    traced.plan(
+        HostState(
+            ids,
+            torch.ones_like(ids),
+            True,
+            1,
+            block_start=2,
+            block_end=4,
+            response_start=2,
+            mask_token_id=spec.mask_token_id,
+            logits_shift=spec.logits_shift,
+        )
+    )
     traced.reset()
     return traced
 
@@ -186,12 +213,19 @@ def graph_params(policy: Policy) -> dict[str, float]:
 class PolicyStep(nn.Module):
     """``policy``'s step for one plan key, functional (see the module docstring)."""
 
-    def __init__(self, program, policy: Policy, layout: StateLayout, params: dict[str, float], counts_len: int):
+    def __init__(
+        self, program, policy: Policy, layout: StateLayout, params: dict[str, float], counts_len: int
+    ):
         super().__init__()
         # The program's graph modules, registered so their (shared) weights are parameters.
         self.graphs = nn.ModuleList(
-            [program.prologue, *(p.gm for p in program.attn), *(p.gm for p in program.mlp), program.epilogue.gm,
-             *(m for part in program.attn_parts for m in (part.query, part.kv, part.post))]
+            [
+                program.prologue,
+                *(p.gm for p in program.attn),
+                *(p.gm for p in program.mlp),
+                program.epilogue.gm,
+                *(m for part in program.attn_parts for m in (part.query, part.kv, part.post)),
+            ]
         )
         self.pieces = Pieces(program)
         self.policy = policy
@@ -207,20 +241,28 @@ class PolicyStep(nn.Module):
 
     def forward(self, input_ids, attention_mask, position_ids, logit_positions, span_start, span_len, *rest):
         params = dict(zip(self.params, rest[: len(self.params)]))
-        state = [t.clone() for t in rest[len(self.params):]]  # written in place below, returned
+        state = [t.clone() for t in rest[len(self.params) :]]  # written in place below, returned
         bsz, seq_len = input_ids.shape
         cache, buffers = self.layout.split(state, bsz, seq_len)
         inp = StepInputs(
-            input_ids, attention_mask, position_ids, logit_positions, block_rows=logit_positions,
-            span_start=span_start, span_len=span_len, tau=params.get("tau"),
+            input_ids,
+            attention_mask,
+            position_ids,
+            logit_positions,
+            block_rows=logit_positions,
+            span_start=span_start,
+            span_len=span_len,
+            tau=params.get("tau"),
         )
         out = self.policy.step(self.pieces, Plan(bind(self.key, seq_len)), inp, cache, buffers)
         self.last_eligible = out.eligible is not None
         self.last_counts = 0 if out.counts is None else int(out.counts.shape[0])
-        eligible = out.eligible if out.eligible is not None else torch.ones_like(logit_positions, dtype=torch.bool)
+        eligible = (
+            out.eligible if out.eligible is not None else torch.ones_like(logit_positions, dtype=torch.bool)
+        )
         counts = torch.zeros(self.counts_len, dtype=torch.long, device=input_ids.device)
         if out.counts is not None:
-            counts = torch.cat([out.counts.long(), counts[out.counts.shape[0]:]])
+            counts = torch.cat([out.counts.long(), counts[out.counts.shape[0] :]])
         new_state = [*cache.k, *cache.v, cache.hidden] + [t for _, t in _flatten(buffers, "")]
         return (out.logits, eligible, counts, *new_state)
 
@@ -235,8 +277,16 @@ def _fresh(avoid: set[int], start: int) -> int:
     return n
 
 
-def example_inputs(layout: StateLayout, key: tuple, params: dict[str, float], spec, min_seq: int, max_seq: int,
-                   block: int, device) -> tuple:
+def example_inputs(
+    layout: StateLayout,
+    key: tuple,
+    params: dict[str, float],
+    spec,
+    min_seq: int,
+    max_seq: int,
+    block: int,
+    device,
+) -> tuple:
     """Inputs to trace ``key``'s step with: a left-padded batch of 2 whose sizes differ from
     each other and from the key's sizes where the key's sequence range allows (so that
     torch.export ties no two of them together), the span covering the key's width."""
@@ -252,7 +302,7 @@ def example_inputs(layout: StateLayout, key: tuple, params: dict[str, float], sp
     bsz = 2
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(2, 30, (bsz, seq_len), generator=gen)
-    ids[:, seq_len - positions:] = spec.mask_token_id
+    ids[:, seq_len - positions :] = spec.mask_token_id
     mask = torch.ones(bsz, seq_len, dtype=torch.long)
     mask[1, :1] = 0  # left padding
     pos = (mask.cumsum(1) - 1).clamp_min(0)
@@ -260,7 +310,9 @@ def example_inputs(layout: StateLayout, key: tuple, params: dict[str, float], sp
     span_start = torch.full((bsz,), seq_len - width, dtype=torch.long)
     span_len = torch.full((bsz,), width, dtype=torch.long)
     values = [torch.tensor(v, dtype=torch.float32) for v in params.values()]
-    state = [torch.full(e.concrete(bsz, seq_len), e.fill, dtype=getattr(torch, e.dtype)) for e in layout.entries]
+    state = [
+        torch.full(e.concrete(bsz, seq_len), e.fill, dtype=getattr(torch, e.dtype)) for e in layout.entries
+    ]
     return tuple(t.to(device) for t in (ids, mask, pos, logit_pos, span_start, span_len, *values, *state))
 
 
@@ -272,12 +324,30 @@ def dynamic_shapes(layout: StateLayout, n_params: int, min_seq: int, max_seq: in
     seq = dim("seq", min=min_seq, max=max_seq)
     npos = dim("positions", min=1, max=max_seq)
     tokens = {0: batch, 1: seq}
-    state = tuple({i: batch if d == "batch" else seq for i, d in enumerate(e.shape) if isinstance(d, str)}
-                  for e in layout.entries)
-    return (tokens, tokens, tokens, {0: batch, 1: npos}, {0: batch}, {0: batch}, (*([None] * n_params), *state))
+    state = tuple(
+        {i: batch if d == "batch" else seq for i, d in enumerate(e.shape) if isinstance(d, str)}
+        for e in layout.entries
+    )
+    return (
+        tokens,
+        tokens,
+        tokens,
+        {0: batch, 1: npos},
+        {0: batch},
+        {0: batch},
+        (*([None] * n_params), *state),
+    )
 
 
 __all__ = [
-    "PolicyStep", "STEP_INPUTS", "STEP_OUTPUTS", "StateEntry", "StateLayout", "dynamic_shapes", "example_inputs",
-    "export_policy", "graph_params", "plain_torch_ops",
+    "PolicyStep",
+    "STEP_INPUTS",
+    "STEP_OUTPUTS",
+    "StateEntry",
+    "StateLayout",
+    "dynamic_shapes",
+    "example_inputs",
+    "export_policy",
+    "graph_params",
+    "plain_torch_ops",
 ]

@@ -41,7 +41,9 @@ CACHE_WRITES = (kernel_ops.cache_write_rows, torch.ops.dyllm.cache_write_rows.de
 
 # The shipped policies whose rows depend only on the step's position in the schedule, the same
 # for all layers (their class attribute ``layer_uniform``).
-LAYER_UNIFORM_POLICIES: tuple[type[Policy], ...] = tuple(cls for cls in POLICIES.values() if cls.layer_uniform)
+LAYER_UNIFORM_POLICIES: tuple[type[Policy], ...] = tuple(
+    cls for cls in POLICIES.values() if cls.layer_uniform
+)
 
 
 class ExportError(ValueError):
@@ -78,7 +80,9 @@ def functional_attention(piece: Piece) -> fx.GraphModule:
     old_out = graph.graph_copy(piece.gm.graph, env)
     caches = {n.name: n for n in graph.nodes if n.op == "placeholder" and n.name in ("k_cache", "v_cache")}
     if set(caches) != {"k_cache", "v_cache"}:
-        raise ExportError(f"{piece.gm.__class__.__name__}: no k_cache / v_cache inputs; run rewrite_attention first")
+        raise ExportError(
+            f"{piece.gm.__class__.__name__}: no k_cache / v_cache inputs; run rewrite_attention first"
+        )
     writes = [n for n in graph.nodes if n.op == "call_function" and n.target in CACHE_WRITES]
     updated = {}
     for node in writes:
@@ -168,7 +172,12 @@ def cache_shapes(program: StepProgram, batch: int, seq_len: int) -> list[tuple[i
 
 
 def example_inputs(
-    program: StepProgram, device: torch.device, batch: int = 2, seq_len: int = 24, active: int = 8, positions: int = 4
+    program: StepProgram,
+    device: torch.device,
+    batch: int = 2,
+    seq_len: int = 24,
+    active: int = 8,
+    positions: int = 4,
 ) -> tuple[torch.Tensor, ...]:
     """Inputs to trace the step with. All four sizes differ, so no two dynamic dims get unified."""
     ids = torch.zeros(batch, seq_len, dtype=torch.long, device=device)
@@ -191,10 +200,27 @@ def dynamic_shapes(n_layers: int, max_batch: int = 4096, max_seq: int = 1 << 20)
     tokens = {0: batch, 1: seq}
     kv = {0: batch, 2: seq}
     # The K/V caches arrive through ``*kv``: torch.export sees them as one nested tuple.
-    return (tokens, tokens, tokens, {0: batch, 1: active}, {0: batch, 1: npos}, tokens, tuple([kv] * (2 * n_layers)))
+    return (
+        tokens,
+        tokens,
+        tokens,
+        {0: batch, 1: active},
+        {0: batch, 1: npos},
+        tokens,
+        tuple([kv] * (2 * n_layers)),
+    )
 
 
 __all__ = [
-    "ExportError", "ExportableStep", "LAYER_UNIFORM_POLICIES", "cache_shapes", "check_layer_uniform",
-    "dynamic_shapes", "example_inputs", "functional_attention", "input_names", "is_layer_uniform", "output_names",
+    "ExportError",
+    "ExportableStep",
+    "LAYER_UNIFORM_POLICIES",
+    "cache_shapes",
+    "check_layer_uniform",
+    "dynamic_shapes",
+    "example_inputs",
+    "functional_attention",
+    "input_names",
+    "is_layer_uniform",
+    "output_names",
 ]

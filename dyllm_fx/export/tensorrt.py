@@ -43,9 +43,13 @@ def require_tensorrt():
     try:
         import torch_tensorrt
     except ImportError as err:
-        raise TensorRTUnavailable(f"to_tensorrt needs torch_tensorrt, which is not installed: {INSTALL}") from err
+        raise TensorRTUnavailable(
+            f"to_tensorrt needs torch_tensorrt, which is not installed: {INSTALL}"
+        ) from err
     if not torch.cuda.is_available():
-        raise TensorRTUnavailable(f"to_tensorrt needs a CUDA GPU and torch with CUDA; none is available here. {INSTALL}")
+        raise TensorRTUnavailable(
+            f"to_tensorrt needs a CUDA GPU and torch with CUDA; none is available here. {INSTALL}"
+        )
     return torch_tensorrt
 
 
@@ -64,8 +68,14 @@ class TensorRTStepModel(ExportedStepModel):
         return self.backend.step
 
 
-def _trt_inputs(torch_tensorrt, example: tuple[torch.Tensor, ...], max_batch: int, max_seq: int, opt_seq: int,
-                opt_rows: int):
+def _trt_inputs(
+    torch_tensorrt,
+    example: tuple[torch.Tensor, ...],
+    max_batch: int,
+    max_seq: int,
+    opt_seq: int,
+    opt_rows: int,
+):
     """min / opt / max shapes per input (opt: batch 1, ``opt_seq`` tokens, ``opt_rows`` rows)."""
     specs = []
     for i, t in enumerate(example):
@@ -95,7 +105,9 @@ def export_plan_programs(build, max_batch: int = 4096) -> list:
         for i, kr in enumerate(build.keys):
             build.step.key = kr.key
             dims = plan_dims(build.step.layout, len(build.step.params), kr.min_seq, kr.max_seq, max_batch)
-            programs.append(torch.export.export(build.step, build.example(i), dynamic_shapes=dims, strict=False))
+            programs.append(
+                torch.export.export(build.step, build.example(i), dynamic_shapes=dims, strict=False)
+            )
     return programs
 
 
@@ -111,7 +123,9 @@ def _plan_trt_inputs(torch_tensorrt, build, i: int, max_batch: int, opt_seq: int
     ranges = {"batch": (1, 1, max_batch), "seq": seq, "positions": positions}
     specs = []
     for t, named in zip(example, axes):
-        lo, opt, hi = ([ranges[named[a]][j] if a in named else s for a, s in enumerate(t.shape)] for j in range(3))
+        lo, opt, hi = (
+            [ranges[named[a]][j] if a in named else s for a, s in enumerate(t.shape)] for j in range(3)
+        )
         specs.append(torch_tensorrt.Input(min_shape=lo, opt_shape=opt, max_shape=hi, dtype=t.dtype))
     return specs
 
@@ -172,28 +186,48 @@ def to_tensorrt(
     torch_tensorrt = require_tensorrt()
     device = next(model.parameters()).device
     if device.type != "cuda":
-        raise ExportError("the model is on the CPU; load it on the GPU first: dyllm_fx.load(path, device='cuda')")
+        raise ExportError(
+            "the model is on the CPU; load it on the GPU first: dyllm_fx.load(path, device='cuda')"
+        )
     if not is_layer_uniform(model.policy):
-        return _plan_engines(torch_tensorrt, model, device, max_batch, max_seq, opt_seq, model_path, compile_options,
-                             Layout(gen_length, block_length, steps, threshold, max_seq, max_commit), keys)
+        return _plan_engines(
+            torch_tensorrt,
+            model,
+            device,
+            max_batch,
+            max_seq,
+            opt_seq,
+            model_path,
+            compile_options,
+            Layout(gen_length, block_length, steps, threshold, max_seq, max_commit),
+            keys,
+        )
     max_seq = max_seq or model.diffusion.max_length or 4096
     if max_batch < 2 or max_seq < 24:
-        raise ValueError(f"max_batch={max_batch} and max_seq={max_seq} must be at least 2 and 24 (the traced example)")
+        raise ValueError(
+            f"max_batch={max_batch} and max_seq={max_seq} must be at least 2 and 24 (the traced example)"
+        )
     opt_seq = min(opt_seq or max_seq, max_seq)
     info = step_graph_info(model, model_path)
     step = ExportableStep(model.program, lower_ops=True).eval()
     example = example_inputs(model.program, device)
     with torch.no_grad():
-        exported = torch.export.export(step, example, dynamic_shapes=dynamic_shapes(step.n_layers, max_batch, max_seq))
+        exported = torch.export.export(
+            step, example, dynamic_shapes=dynamic_shapes(step.n_layers, max_batch, max_seq)
+        )
         compiled = torch_tensorrt.dynamo.compile(
             exported,
-            arg_inputs=_trt_inputs(torch_tensorrt, example, max_batch, max_seq, opt_seq, min(opt_rows, max_seq)),
+            arg_inputs=_trt_inputs(
+                torch_tensorrt, example, max_batch, max_seq, opt_seq, min(opt_rows, max_seq)
+            ),
             **compile_options,
         )
     return TensorRTStepModel(compiled, info, build_policy(info, model.policy), device)
 
 
-def _plan_engines(torch_tensorrt, model, device, max_batch, max_seq, opt_seq, model_path, compile_options, layout, keys):
+def _plan_engines(
+    torch_tensorrt, model, device, max_batch, max_seq, opt_seq, model_path, compile_options, layout, keys
+):
     from .plans import build_plan_step
 
     build = build_plan_step(model, layout, keys)
@@ -201,14 +235,23 @@ def _plan_engines(torch_tensorrt, model, device, max_batch, max_seq, opt_seq, mo
     engines = []
     for i, program in enumerate(export_plan_programs(build, max_batch)):
         with build.tracing():
-            engines.append(torch_tensorrt.dynamo.compile(
-                program, arg_inputs=_plan_trt_inputs(torch_tensorrt, build, i, max_batch, opt_seq), **compile_options
-            ))
+            engines.append(
+                torch_tensorrt.dynamo.compile(
+                    program,
+                    arg_inputs=_plan_trt_inputs(torch_tensorrt, build, i, max_batch, opt_seq),
+                    **compile_options,
+                )
+            )
     info = build.graph_info(model, model_path)
     return TensorRTPlanModel(engines, info, plan_policy(info, None), device)
 
 
 __all__ = [
-    "INSTALL", "TensorRTPlanModel", "TensorRTStepModel", "TensorRTUnavailable", "export_plan_programs",
-    "require_tensorrt", "to_tensorrt",
+    "INSTALL",
+    "TensorRTPlanModel",
+    "TensorRTStepModel",
+    "TensorRTUnavailable",
+    "export_plan_programs",
+    "require_tensorrt",
+    "to_tensorrt",
 ]

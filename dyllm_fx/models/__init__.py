@@ -83,7 +83,18 @@ def save_model(model: nn.Module, folder: str | Path, max_shard_bytes: int | None
 
 
 __all__ = [
-    "ARCHITECTURES", "CheckpointError", "DiffusionSpec", "DreamConfig", "DreamModel", "LLaDAConfig",
-    "LLaDAModelLM", "build_model", "load_model", "model_config_dict", "read_config", "resolve_architecture",
-    "safetensors_files", "save_model",
+    "ARCHITECTURES",
+    "CheckpointError",
+    "DiffusionSpec",
+    "DreamConfig",
+    "DreamModel",
+    "LLaDAConfig",
+    "LLaDAModelLM",
+    "build_model",
+    "load_model",
+    "model_config_dict",
+    "read_config",
+    "resolve_architecture",
+    "safetensors_files",
+    "save_model",
 ]

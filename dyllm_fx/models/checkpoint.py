@@ -29,18 +29,24 @@ class CheckpointError(DyllmError, ValueError):
 def read_config(folder: str | Path) -> dict[str, Any]:
     path = Path(folder) / "config.json"
     if not path.is_file():
-        raise CheckpointError(f"{folder} has no config.json; pass a Hugging Face model folder (config.json + *.safetensors).")
+        raise CheckpointError(
+            f"{folder} has no config.json; pass a Hugging Face model folder (config.json + *.safetensors)."
+        )
     try:
         config = json.loads(path.read_text())
     except UnicodeDecodeError as err:
-        raise CheckpointError(f"{path} is not a text file ({err}); replace it with the checkpoint's config.json") from None
+        raise CheckpointError(
+            f"{path} is not a text file ({err}); replace it with the checkpoint's config.json"
+        ) from None
     except json.JSONDecodeError as err:
         raise CheckpointError(
             f"{path} is not valid JSON (line {err.lineno}, column {err.colno}: {err.msg}); "
             "fix it or copy config.json again from the original checkpoint"
         ) from None
     if not isinstance(config, dict):
-        raise CheckpointError(f"{path} holds a JSON {type(config).__name__}, not an object of model settings; copy the checkpoint's config.json again")
+        raise CheckpointError(
+            f"{path} holds a JSON {type(config).__name__}, not an object of model settings; copy the checkpoint's config.json again"
+        )
     return config
 
 
@@ -52,9 +58,13 @@ def safetensors_files(folder: str | Path) -> list[Path]:
         try:
             weight_map = json.loads(index.read_text()).get("weight_map")
         except (ValueError, AttributeError) as err:
-            raise CheckpointError(f"{index} is not a valid shard index ({err}); copy it again from the original checkpoint") from None
+            raise CheckpointError(
+                f"{index} is not a valid shard index ({err}); copy it again from the original checkpoint"
+            ) from None
         if not weight_map:
-            raise CheckpointError(f"{index} has no weight_map; re-save the checkpoint with save_pretrained().")
+            raise CheckpointError(
+                f"{index} has no weight_map; re-save the checkpoint with save_pretrained()."
+            )
         files = [folder / name for name in sorted(set(weight_map.values()))]
         missing = [f.name for f in files if not f.is_file()]
         if missing:
@@ -73,7 +83,9 @@ def safetensors_files(folder: str | Path) -> list[Path]:
     raise CheckpointError(f"{folder} has no *.safetensors weights.")
 
 
-def load_state_dict(folder: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+def load_state_dict(
+    folder: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
+) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
     for file in safetensors_files(folder):
         try:
@@ -146,7 +158,9 @@ def save_checkpoint(
         save_file(shard, str(folder / name), metadata={"format": "pt"})
         weight_map.update({k: name for k in shard})
     total = sum(t.numel() * t.element_size() for t in state.values())
-    (folder / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+    (folder / INDEX_FILE).write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n"
+    )
     return folder
 
 

@@ -64,7 +64,11 @@ def is_diffusion_gemma(model) -> bool:
     """A transformers DiffusionGemma block-diffusion model (or a transformed one)."""
     cfg = getattr(model, "config", None)
     inner = getattr(model, "model", None)
-    return getattr(cfg, "model_type", None) == "diffusion_gemma" and hasattr(inner, "decoder") and hasattr(inner, "encoder")
+    return (
+        getattr(cfg, "model_type", None) == "diffusion_gemma"
+        and hasattr(inner, "decoder")
+        and hasattr(inner, "encoder")
+    )
 
 
 class _PrefixCache:
@@ -95,9 +99,14 @@ class StepLayout:
     @property
     def input_names(self) -> tuple[str, ...]:
         return (
-            "input_ids", "attention_mask", "position_ids", _SC_LOGITS, _SC_MASK,
+            "input_ids",
+            "attention_mask",
+            "position_ids",
+            _SC_LOGITS,
+            _SC_MASK,
             *(f"key_mask_{t}" for t in self.types),
-            *(f"k_prefix_{i}" for i in range(self.n_layers)), *(f"v_prefix_{i}" for i in range(self.n_layers)),
+            *(f"k_prefix_{i}" for i in range(self.n_layers)),
+            *(f"v_prefix_{i}" for i in range(self.n_layers)),
         )
 
     def forward(self, model: nn.Module):
@@ -109,8 +118,12 @@ class StepLayout:
             cache = _PrefixCache(kv[:n_layers], kv[n_layers:])
             mapping = {t: m[:, None, None, :] for t, m in zip(layer_types, masks)}
             out = model(
-                decoder_input_ids=input_ids, cache=cache, self_conditioning_logits=sc_logits,
-                self_conditioning_mask=sc_mask, decoder_attention_mask=mapping, decoder_position_ids=position_ids,
+                decoder_input_ids=input_ids,
+                cache=cache,
+                self_conditioning_logits=sc_logits,
+                self_conditioning_mask=sc_mask,
+                decoder_attention_mask=mapping,
+                decoder_position_ids=position_ids,
             )
             return out.logits
 
@@ -140,7 +153,9 @@ class StepLayout:
         for _ in ("k", "v"):
             for i in range(self.n_layers):
                 heads, dim = self.kv[i]
-                inputs.append(torch.zeros(b, heads, prefix[self.layer_types[i]], dim, dtype=dtype, device=device))
+                inputs.append(
+                    torch.zeros(b, heads, prefix[self.layer_types[i]], dim, dtype=dtype, device=device)
+                )
                 dynamic.append((0, 2))
         return tuple(inputs), dynamic
 
@@ -152,7 +167,9 @@ def capture_step(model: nn.Module):
     _check_model(model)
     layout = StepLayout(model)
     inputs, dynamic = layout.example_inputs(model)
-    captured = capture(layout.forward(model), inputs, dict(model.named_parameters()), layout.input_names, dynamic)
+    captured = capture(
+        layout.forward(model), inputs, dict(model.named_parameters()), layout.input_names, dynamic
+    )
     return captured, layout, inputs
 
 
@@ -178,7 +195,9 @@ def transform(model: nn.Module, policy, compile=False, cuda_graphs=False, **poli
     from ..runtime.policies import make_policy
     from ..transform import build_program
 
-    chosen = make_policy(policy, family="diffusion_gemma", **policy_config)  # bad parameters fail before the trace
+    chosen = make_policy(
+        policy, family="diffusion_gemma", **policy_config
+    )  # bad parameters fail before the trace
     if "es_dllm" in chosen.name.split("+"):
         raise UsageError(
             "es_dllm scores rows by the confidence of their masked tokens, and DiffusionGemma has no mask token (its "
@@ -220,7 +239,9 @@ def _make_class():
         takes it too.
         """
 
-        def __init__(self, program, policy, source: nn.Module, layout: StepLayout, compile=False, cuda_graphs=False):
+        def __init__(
+            self, program, policy, source: nn.Module, layout: StepLayout, compile=False, cuda_graphs=False
+        ):
             super().__init__(program, policy, None, compile=compile, cuda_graphs=cuda_graphs)
             self.model = source.model  # the encoder, the decoder's mask helpers: shared weights
             self.config = source.config
@@ -260,20 +281,35 @@ def _make_class():
             )
 
         def forward(
-            self, input_ids=None, attention_mask=None, cache=None, position_ids=None, decoder_input_ids=None,
-            self_conditioning_logits=None, self_conditioning_mask=None, decoder_attention_mask=None,
-            decoder_position_ids=None, mm_encoder_outputs=None, **kwargs,
+            self,
+            input_ids=None,
+            attention_mask=None,
+            cache=None,
+            position_ids=None,
+            decoder_input_ids=None,
+            self_conditioning_logits=None,
+            self_conditioning_mask=None,
+            decoder_attention_mask=None,
+            decoder_position_ids=None,
+            mm_encoder_outputs=None,
+            **kwargs,
         ):
             from transformers.models.diffusion_gemma.modeling_diffusion_gemma import (
                 DiffusionGemmaBlockDiffusionOutputWithPast,
             )
 
             if kwargs.get("pixel_values") is not None or mm_encoder_outputs is not None:
-                raise UsageError("the transformed DiffusionGemma model takes text only (no pixel_values / mm_encoder_outputs)")
+                raise UsageError(
+                    "the transformed DiffusionGemma model takes text only (no pixel_values / mm_encoder_outputs)"
+                )
             encoder_last_hidden_state = None
             if input_ids is not None:
                 enc = self.model.encoder(
-                    input_ids=input_ids, attention_mask=attention_mask, cache=cache, position_ids=position_ids, **kwargs
+                    input_ids=input_ids,
+                    attention_mask=attention_mask,
+                    cache=cache,
+                    position_ids=position_ids,
+                    **kwargs,
                 )
                 cache, encoder_last_hidden_state = enc.cache, enc.last_hidden_state
             elif cache is None:
@@ -284,14 +320,20 @@ def _make_class():
                     0, self.layout.vocab_size, (batch, self.config.canvas_length), device=self.device
                 )
             logits = self.decode(
-                decoder_input_ids, cache, self_conditioning_logits, self_conditioning_mask, decoder_attention_mask,
+                decoder_input_ids,
+                cache,
+                self_conditioning_logits,
+                self_conditioning_mask,
+                decoder_attention_mask,
                 decoder_position_ids,
             )
             return DiffusionGemmaBlockDiffusionOutputWithPast(
                 logits=logits, cache=cache, encoder_last_hidden_state=encoder_last_hidden_state
             )
 
-        def decode(self, canvas, cache, sc_logits=None, sc_mask=None, decoder_attention_mask=None, position_ids=None):
+        def decode(
+            self, canvas, cache, sc_logits=None, sc_mask=None, decoder_attention_mask=None, position_ids=None
+        ):
             """One denoising step of the canvas (B, C) over the encoder cache: logits (B, C, V)."""
             if canvas.is_floating_point():
                 raise TypeError(f"decoder_input_ids must hold token ids, got dtype {canvas.dtype}")
@@ -305,7 +347,9 @@ def _make_class():
             masks = self._key_masks(decoder_attention_mask, cache, keys, canvas)
             first = sc_logits is None
             if first:
-                sc_logits = torch.zeros(bsz, length, self.layout.vocab_size, dtype=torch.float32, device=device)
+                sc_logits = torch.zeros(
+                    bsz, length, self.layout.vocab_size, dtype=torch.float32, device=device
+                )
                 sc_mask = torch.zeros(bsz, dtype=torch.bool, device=device)
             elif sc_mask is None:
                 sc_mask = torch.ones(bsz, dtype=torch.bool, device=device)
@@ -319,8 +363,15 @@ def _make_class():
             extras = (sc_logits.to(torch.float32), sc_mask.bool(), *masks, *keys, *values)
             everywhere = torch.arange(length, device=device).expand(bsz, -1)
             out = self.engine.step(
-                canvas, torch.ones_like(canvas), position_ids, everywhere, extras=extras,
-                step=len(self.engine.records), block_start=0, block_end=length, response_start=0,
+                canvas,
+                torch.ones_like(canvas),
+                position_ids,
+                everywhere,
+                extras=extras,
+                step=len(self.engine.records),
+                block_start=0,
+                block_end=length,
+                response_start=0,
             )
             return out.logits
 
@@ -359,14 +410,23 @@ def _make_class():
             # reused by new objects; a mask changed in place would not be seen.
             parts = tuple(decoder_attention_mask.values()) if isinstance(decoder_attention_mask, dict) else ()
             memo = (decoder_attention_mask, parts, tuple(lengths.items()), bsz)
-            if decoder_attention_mask is not None and self._masks is not None and _same_objects(memo, self._masks_for):
+            if (
+                decoder_attention_mask is not None
+                and self._masks is not None
+                and _same_objects(memo, self._masks_for)
+            ):
                 return self._masks
             mapping = decoder_attention_mask
             if isinstance(mapping, torch.Tensor):
                 if mapping.dim() != 2:
-                    raise UsageError("decoder_attention_mask must be 2-D (batch, prefix + canvas) or the decoder's mask dict")
+                    raise UsageError(
+                        "decoder_attention_mask must be 2-D (batch, prefix + canvas) or the decoder's mask dict"
+                    )
                 mapping = self.model.decoder.create_diffusion_decoder_attention_mask(
-                    config=self.config, inputs_embeds=canvas.unsqueeze(-1), cache=cache, decoder_attention_mask=mapping
+                    config=self.config,
+                    inputs_embeds=canvas.unsqueeze(-1),
+                    cache=cache,
+                    decoder_attention_mask=mapping,
                 )
             out = []
             for t in self.layout.types:
@@ -393,11 +453,15 @@ def _prefix(cache, layout: StepLayout):
         raise UsageError(_STATIC_CACHE)
     layers = getattr(cache, "layers", None)
     if layers is None or len(layers) < layout.n_layers:
-        raise ValueError(f"the encoder cache holds {len(layers or [])} layers; the decoder has {layout.n_layers}")
+        raise ValueError(
+            f"the encoder cache holds {len(layers or [])} layers; the decoder has {layout.n_layers}"
+        )
     keys = [layers[i].keys for i in range(layout.n_layers)]
     values = [layers[i].values for i in range(layout.n_layers)]
     if any(k is None or k.dim() != 4 for k in keys):
-        raise ValueError("the encoder cache is empty; run the encoder on the prompt first (model(input_ids=...))")
+        raise ValueError(
+            "the encoder cache is empty; run the encoder on the prompt first (model(input_ids=...))"
+        )
     return keys, values
 
 
@@ -415,7 +479,9 @@ def _key_mask(mask, bsz: int, n_keys: int, device, layer_type: str) -> torch.Ten
         allowed = mask == 0
         blocked = mask[~allowed]
         if blocked.numel() and bool((blocked > torch.finfo(mask.dtype).min / 2).any()):
-            raise UsageError("the decoder mask adds a bias other than 0 / -inf; the transformed model takes key masks only")
+            raise UsageError(
+                "the decoder mask adds a bias other than 0 / -inf; the transformed model takes key masks only"
+            )
     first = allowed[:, :, :1]
     if not bool((allowed == first).all()):
         raise UsageError(
@@ -448,29 +514,47 @@ class DiffusionGemmaCalls:
         encoder = self.model.model.encoder
         dummy = torch.empty((ids.shape[0], ids.shape[1], 0), dtype=self.model.dtype, device=ids.device)
         masks = encoder.create_masks_for_generate(
-            config=self.model.config, inputs_embeds=dummy, attention_mask=attention_mask, cache=cache,
+            config=self.model.config,
+            inputs_embeds=dummy,
+            attention_mask=attention_mask,
+            cache=cache,
             position_ids=position_ids,
         )
         return encoder(input_ids=ids, attention_mask=masks, cache=cache, position_ids=position_ids).cache
 
     def decoder_masks(self, canvas, cache, decoder_attention_mask):
         return self.model.model.decoder.create_diffusion_decoder_attention_mask(
-            config=self.model.config, inputs_embeds=canvas.unsqueeze(-1), cache=cache,
+            config=self.model.config,
+            inputs_embeds=canvas.unsqueeze(-1),
+            cache=cache,
             decoder_attention_mask=decoder_attention_mask,
         )
 
     def decode(self, canvas, sc_logits, masks, cache, position_ids):
         out = self.model(
-            decoder_input_ids=canvas, self_conditioning_logits=sc_logits, decoder_attention_mask=masks, cache=cache,
+            decoder_input_ids=canvas,
+            self_conditioning_logits=sc_logits,
+            decoder_attention_mask=masks,
+            cache=cache,
             decoder_position_ids=position_ids,
         )
         return out.logits
 
 
-SAMPLER_OPTIONS = ("entropy_bound", "t_min", "t_max", "stability_threshold", "confidence_threshold", "eos_token_id", "pad_token_id")
+SAMPLER_OPTIONS = (
+    "entropy_bound",
+    "t_min",
+    "t_max",
+    "stability_threshold",
+    "confidence_threshold",
+    "eos_token_id",
+    "pad_token_id",
+)
 
 
-def generate_ids(model: nn.Module, input_ids, attention_mask=None, max_new_tokens=None, steps=None, seed=None, **options):
+def generate_ids(
+    model: nn.Module, input_ids, attention_mask=None, max_new_tokens=None, steps=None, seed=None, **options
+):
     """DiffusionGemma generation from token ids with ``runtime.canvas``'s sampler (the settings of
     the model's generation config, then ``options``: see ``SAMPLER_OPTIONS``)."""
     from ..runtime.canvas import CanvasSettings, generate_canvases
@@ -483,7 +567,11 @@ def generate_ids(model: nn.Module, input_ids, attention_mask=None, max_new_token
         )
     eos = options.pop("eos_token_id", None)
     settings = CanvasSettings.from_generation_config(
-        model.generation_config, max_new_tokens=max_new_tokens, max_denoising_steps=steps, eos_token_ids=eos, **options
+        model.generation_config,
+        max_new_tokens=max_new_tokens,
+        max_denoising_steps=steps,
+        eos_token_ids=eos,
+        **options,
     )
     if seed is not None:
         torch.manual_seed(seed)
@@ -529,7 +617,8 @@ def dynamo_step(module: nn.Module, gm, options: dict):
     if roles is None or n_out != 1:
         warnings.warn(
             "dyllm backend: this DiffusionGemma graph is not a decoder call (decoder_input_ids over an encoder cache, "
-            "returning logits); it runs as dynamo traced it, untransformed", stacklevel=2,
+            "returning logits); it runs as dynamo traced it, untransformed",
+            stacklevel=2,
         )
         return gm.forward
     policy = options.pop("policy", "dense")
@@ -538,7 +627,11 @@ def dynamo_step(module: nn.Module, gm, options: dict):
     options.pop("block_length", None)
     if _SHARED is None:
         _SHARED = weakref.WeakKeyDictionary()
-    key = (repr(policy), bool(compile_step) if not isinstance(compile_step, str) else compile_step, repr(sorted(options.items())))
+    key = (
+        repr(policy),
+        bool(compile_step) if not isinstance(compile_step, str) else compile_step,
+        repr(sorted(options.items())),
+    )
     per_module = _SHARED.setdefault(module, {})
     built: list = []
 
@@ -562,7 +655,12 @@ def dynamo_step(module: nn.Module, gm, options: dict):
         masks = {t: got.get(("mask", t)) for t in layout.types}
         with torch.no_grad():
             logits = model.decode(
-                got["canvas"], _PrefixCache(keys, values), got.get("sc"), got.get("sc_mask"), masks, got.get("pos"),
+                got["canvas"],
+                _PrefixCache(keys, values),
+                got.get("sc"),
+                got.get("sc_mask"),
+                masks,
+                got.get("pos"),
             )
         return (logits,)
 
@@ -577,12 +675,18 @@ def _dynamo_roles(gm) -> dict | None:
 
     roles = {}
     names = {
-        "['decoder_input_ids']": "canvas", "['self_conditioning_logits']": "sc", "['self_conditioning_mask']": "sc_mask",
+        "['decoder_input_ids']": "canvas",
+        "['self_conditioning_logits']": "sc",
+        "['self_conditioning_mask']": "sc_mask",
         "['decoder_position_ids']": "pos",
     }
     for i, node in enumerate(n for n in gm.graph.nodes if n.op == "placeholder"):
         source = getattr(node.meta.get("grapharg"), "source", None)
-        name = source.name if isinstance(getattr(source, "name", None), str) else (source.name() if source is not None else "")
+        name = (
+            source.name
+            if isinstance(getattr(source, "name", None), str)
+            else (source.name() if source is not None else "")
+        )
         value = node.meta.get("example_value")
         if name.startswith("L['self']") or not isinstance(value, torch.Tensor):
             continue  # weights, buffers and symbolic sizes
@@ -608,18 +712,39 @@ def random_config(**text_overrides):
 
     canvas = text_overrides.pop("canvas_length", 8)
     text = dict(
-        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=8, global_head_dim=16, num_global_key_value_heads=1, num_experts=4,
-        top_k_experts=2, moe_intermediate_size=16, sliding_window=6, max_position_embeddings=512,
-        layer_types=None, pad_token_id=0, eos_token_id=1, bos_token_id=2,
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        global_head_dim=16,
+        num_global_key_value_heads=1,
+        num_experts=4,
+        top_k_experts=2,
+        moe_intermediate_size=16,
+        sliding_window=6,
+        max_position_embeddings=512,
+        layer_types=None,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=2,
     )
     text.update(text_overrides)
     if text["layer_types"] is None:  # alternate, ending on a full layer (transformers requires it)
         n = text["num_hidden_layers"]
-        text["layer_types"] = ["full_attention" if (n - 1 - i) % 2 == 0 else "sliding_attention" for i in range(n)]
+        text["layer_types"] = [
+            "full_attention" if (n - 1 - i) % 2 == 0 else "sliding_attention" for i in range(n)
+        ]
     vision = dict(
-        model_type="gemma4_vision", hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=2, head_dim=8,
+        model_type="gemma4_vision",
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=8,
     )
     config = DiffusionGemmaConfig(text_config=text, vision_config=vision, canvas_length=canvas)
     config._attn_implementation = "sdpa"
@@ -642,6 +767,16 @@ def __getattr__(name):
 
 
 __all__ = [
-    "DiffusionGemmaCalls", "SAMPLER_OPTIONS", "StepLayout", "capture_step", "dynamo_step", "generate", "generate_ids",
-    "is_diffusion_gemma", "random_config", "random_model", "transform", "transformed_class",
+    "DiffusionGemmaCalls",
+    "SAMPLER_OPTIONS",
+    "StepLayout",
+    "capture_step",
+    "dynamo_step",
+    "generate",
+    "generate_ids",
+    "is_diffusion_gemma",
+    "random_config",
+    "random_model",
+    "transform",
+    "transformed_class",
 ]

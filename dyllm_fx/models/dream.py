@@ -52,7 +52,9 @@ class DreamConfig:
                 "only. Remove rope_scaling from config.json or use a checkpoint without it."
             )
         if "mask_token_id" not in raw:
-            raise ValueError("Dream config.json has no mask_token_id; add it (151666 for Dream-v0 checkpoints).")
+            raise ValueError(
+                "Dream config.json has no mask_token_id; add it (151666 for Dream-v0 checkpoints)."
+            )
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in raw.items() if k in known and v is not None})
 
@@ -79,7 +81,9 @@ class DreamBlock(nn.Module):
     def forward(self, x, cos, sin, mask):
         a = self.self_attn
         h = self.input_layernorm(x)
-        x = x + self_attention(h, a.q_proj, a.k_proj, a.v_proj, a.o_proj, self.n_heads, self.n_kv_heads, cos, sin, mask)
+        x = x + self_attention(
+            h, a.q_proj, a.k_proj, a.v_proj, a.o_proj, self.n_heads, self.n_kv_heads, cos, sin, mask
+        )
         m = self.mlp
         return x + swiglu_mlp(self.post_attention_layernorm(x), m.gate_proj, m.up_proj, m.down_proj)
 

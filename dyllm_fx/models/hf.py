@@ -39,11 +39,15 @@ class BidirectionalLM(nn.Module):
             position_ids = default_position_ids(input_ids, attention_mask)
         # (B, 1, L, L): every query sees every real key; a 4-D mask is used as given.
         mask4 = attention_mask.bool()[:, None, None, :].expand(bsz, 1, seq, seq)
-        out = self.model(input_ids=input_ids, attention_mask=mask4, position_ids=position_ids, use_cache=False)
+        out = self.model(
+            input_ids=input_ids, attention_mask=mask4, position_ids=position_ids, use_cache=False
+        )
         return out.logits
 
 
-def bidirectional(model: nn.Module, mask_token_id: int, eos_token_ids: tuple[int, ...] = (), logits_shift: int = 0) -> BidirectionalLM:
+def bidirectional(
+    model: nn.Module, mask_token_id: int, eos_token_ids: tuple[int, ...] = (), logits_shift: int = 0
+) -> BidirectionalLM:
     """Wrap a transformers causal LM to run with full attention as a diffusion LM."""
     cfg = getattr(model, "config", None)
     spec = DiffusionSpec(

@@ -68,7 +68,9 @@ def bidirectional_attention(
     GQA is left to SDPA (``enable_gqa``) so K/V stay at KV heads in the graph, and the
     compiler's K/V cache stores KV heads only.
     """
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=False, enable_gqa=q.shape[1] != k.shape[1])
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=False, enable_gqa=q.shape[1] != k.shape[1]
+    )
 
 
 def default_position_ids(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:

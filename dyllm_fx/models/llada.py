@@ -89,7 +89,16 @@ class LLaDABlock(nn.Module):
     def forward(self, x, cos, sin, mask):
         h = self.attn_norm(x)
         x = x + self_attention(
-            h, self.q_proj, self.k_proj, self.v_proj, self.attn_out, self.n_heads, self.n_kv_heads, cos, sin, mask
+            h,
+            self.q_proj,
+            self.k_proj,
+            self.v_proj,
+            self.attn_out,
+            self.n_heads,
+            self.n_kv_heads,
+            cos,
+            sin,
+            mask,
         )
         return x + swiglu_mlp(self.ff_norm(x), self.ff_proj, self.up_proj, self.ff_out)
 
@@ -138,7 +147,9 @@ class LLaDAModelLM(nn.Module):
         if position_ids is None:
             position_ids = default_position_ids(input_ids, attention_mask)
         x = t.wte(input_ids)
-        cos, sin = rope_cos_sin(position_ids, self.config.d_model // self.config.n_heads, self.config.rope_theta, x.dtype)
+        cos, sin = rope_cos_sin(
+            position_ids, self.config.d_model // self.config.n_heads, self.config.rope_theta, x.dtype
+        )
         mask = key_padding_mask(attention_mask)
         for block in t.blocks:
             x = block(x, cos, sin, mask)

@@ -54,7 +54,9 @@ class Stepper:
         engine = getattr(model, "engine", None)
         if isinstance(engine, StepEngine) and hasattr(model, "program"):
             backend = engine.compiler.backend if engine.compile else False
-            self.engine = StepEngine(model.program, copy.deepcopy(engine.policy), compile=backend, cuda_graphs=engine.cuda_graphs)
+            self.engine = StepEngine(
+                model.program, copy.deepcopy(engine.policy), compile=backend, cuda_graphs=engine.cuda_graphs
+            )
         elif callable(getattr(model, "make_step_function", None)):
             self.fn = model.make_step_function()
         else:
@@ -70,17 +72,37 @@ class Stepper:
             self.engine.reset()
 
     def __call__(
-        self, x, attn, pos, start: int, end: int, response_start: int, nfe: int, step_in_block: int, block: int,
-        last: tuple, relayout: bool,
+        self,
+        x,
+        attn,
+        pos,
+        start: int,
+        end: int,
+        response_start: int,
+        nfe: int,
+        step_in_block: int,
+        block: int,
+        last: tuple,
+        relayout: bool,
     ):
         """(StepOutput, the step's active fraction)."""
         if self.engine is not None:
             shift = self.spec.logits_shift
             positions = torch.arange(start - shift, end - shift, device=x.device).expand(x.shape[0], -1)
             out = self.engine.step(
-                x, attn, pos, positions, step=nfe, block_start=start, block_end=end, response_start=response_start,
-                mask_token_id=self.spec.mask_token_id, logits_shift=shift, last_committed=last[0],
-                last_leftmost=last[1], relayout=relayout,
+                x,
+                attn,
+                pos,
+                positions,
+                step=nfe,
+                block_start=start,
+                block_end=end,
+                response_start=response_start,
+                mask_token_id=self.spec.mask_token_id,
+                logits_shift=shift,
+                last_committed=last[0],
+                last_leftmost=last[1],
+                relayout=relayout,
             )
             record = self.engine.records[-1]
             self.engine.records.clear()  # a server runs for ever: keep no per-step history
@@ -186,8 +208,17 @@ class Batch:
         start, end = self.col, self.col + b
         block = max(s.blocks_done for s in self.rows)
         out, active = self.stepper(
-            self.x, self.attn, self.pos, start, end, min(self.response_cols), self.nfe, self.step_in_block, block,
-            self.last, relayout,
+            self.x,
+            self.attn,
+            self.pos,
+            start,
+            end,
+            min(self.response_cols),
+            self.nfe,
+            self.step_in_block,
+            block,
+            self.last,
+            relayout,
         )
         self.fresh = False
         mask_id = self.spec.mask_token_id

@@ -41,7 +41,9 @@ def normalise_messages(messages) -> list[dict]:
         role = m.get("role") if isinstance(m, Mapping) else getattr(m, "role", None)
         content = m.get("content") if isinstance(m, Mapping) else getattr(m, "content", None)
         if not isinstance(role, str) or not role:
-            raise ValueError(f"message {i} has no role; each message needs 'role' (system, user, assistant) and 'content'")
+            raise ValueError(
+                f"message {i} has no role; each message needs 'role' (system, user, assistant) and 'content'"
+            )
         out.append({"role": role, "content": message_text(content)})
     return out
 

@@ -49,7 +49,12 @@ class ServingEngine:
     """
 
     def __init__(
-        self, model, tokenizer, max_num_seqs: int = 16, max_num_batches: int = 4, max_queue_size: int | None = None,
+        self,
+        model,
+        tokenizer,
+        max_num_seqs: int = 16,
+        max_num_batches: int = 4,
+        max_queue_size: int | None = None,
         metrics: ServingMetrics | None = None,
     ):
         self.model = model
@@ -80,7 +85,10 @@ class ServingEngine:
         return list(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
 
     def make_request(
-        self, prompt: str | Seq[int], params: SamplingParams | None = None, request_id: str | None = None,
+        self,
+        prompt: str | Seq[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
         arrival_time: float | None = None,
     ) -> Request:
         """A checked request, not queued yet: ValueError / TypeError name what is wrong (an empty
@@ -130,7 +138,9 @@ class ServingEngine:
         for r in requests:
             self.metrics.arrived(len(r.prompt_ids))
 
-    def add_request(self, prompt, params: SamplingParams | None = None, request_id: str | None = None) -> Request:
+    def add_request(
+        self, prompt, params: SamplingParams | None = None, request_id: str | None = None
+    ) -> Request:
         request = self.make_request(prompt, params, request_id)
         self.add_requests([request])
         return request

@@ -1,10 +1,12 @@
-"""``dyllm_fx.LLM``: vLLM's offline API over the serving engine.
+"""``dyllm_fx.LLM``: vLLM's offline API over the serving engine. For example::
 
     from dyllm_fx import LLM, SamplingParams
 
     llm = LLM("default", policy="dual_cache+dyllm", tau=0.9)
     outs = llm.generate(["shift:abc...=", "rev:xyz...="], SamplingParams(max_tokens=64))
     print(outs[0].outputs[0].text, outs[0].metrics.nfe)
+
+The engine and its scheduler are in ``engine.py`` and ``scheduler.py``.
 """
 
 from __future__ import annotations
@@ -63,7 +65,9 @@ class LLM:
 
         if isinstance(model, str) or hasattr(model, "__fspath__"):
             if tokenizer is not None:
-                raise UsageError("pass tokenizer= only with a model object; a model folder brings its own tokenizer")
+                raise UsageError(
+                    "pass tokenizer= only with a model object; a model folder brings its own tokenizer"
+                )
             from ..loading import load
 
             self.model_name = str(model)
@@ -72,7 +76,9 @@ class LLM:
             if tokenizer is None:
                 raise UsageError("a model object needs its tokenizer: LLM(model, tokenizer=tokenizer)")
             if dtype is not None or device is not None:
-                raise UsageError("dtype= and device= apply when LLM loads a folder; move a model object yourself (model.to(...))")
+                raise UsageError(
+                    "dtype= and device= apply when LLM loads a folder; move a model object yourself (model.to(...))"
+                )
             self.model_name = type(model).__name__
         self.base_model = model
         if isinstance(model, TransformedModel):
@@ -84,7 +90,9 @@ class LLM:
         elif policy not in (None, "vanilla"):
             model = transform(model, policy=policy, compile=compile, cuda_graphs=cuda_graphs, **policy_config)
         elif policy_config or compile or cuda_graphs:
-            raise UsageError("policy parameters, compile and cuda_graphs need a policy (e.g. policy='dual_cache')")
+            raise UsageError(
+                "policy parameters, compile and cuda_graphs need a policy (e.g. policy='dual_cache')"
+            )
         self.model = model
         self.tokenizer = tokenizer
         self.engine = ServingEngine(model, tokenizer, max_num_seqs, max_num_batches, max_queue_size)
@@ -108,7 +116,9 @@ class LLM:
         ``SamplingParams()``). Prompts beyond ``max_num_seqs`` wait and join running batches
         at their block boundaries.
         """
-        if isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int)):
+        if isinstance(prompts, str) or (
+            isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int)
+        ):
             prompts = [prompts]
         prompts = list(prompts)
         if not prompts:
@@ -118,7 +128,9 @@ class LLM:
         else:
             params = list(sampling_params)
             if len(params) != len(prompts):
-                raise ValueError(f"got {len(params)} SamplingParams for {len(prompts)} prompts; pass one, or one per prompt")
+                raise ValueError(
+                    f"got {len(params)} SamplingParams for {len(prompts)} prompts; pass one, or one per prompt"
+                )
         self._warn_unknown([p for p in prompts if isinstance(p, str)])
         requests = [self.engine.make_request(p, sp) for p, sp in zip(prompts, params)]
         return self.engine.run(requests)
@@ -132,7 +144,9 @@ class LLM:
         with the tokenizer's chat template; a tokenizer without one (the embedded model's)
         gets the trivial template: the contents concatenated (``dyllm_fx.serving.chat``)."""
         if not isinstance(messages, Sequence) or not messages:
-            raise ValueError("messages must be a non-empty list of {'role', 'content'} dicts, or a list of such lists")
+            raise ValueError(
+                "messages must be a non-empty list of {'role', 'content'} dicts, or a list of such lists"
+            )
         conversations = [messages] if isinstance(messages[0], dict) else list(messages)
         return self.generate([render_chat(self.tokenizer, c) for c in conversations], sampling_params)
 

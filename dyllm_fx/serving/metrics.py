@@ -33,7 +33,11 @@ class _Histogram:
 
     def lines(self, name: str) -> list[str]:
         out = [f'{name}_bucket{{le="{_num(edge)}"}} {n}' for edge, n in zip(self.buckets, self.counts)]
-        out += [f'{name}_bucket{{le="+Inf"}} {self.count}', f"{name}_sum {_num(self.sum)}", f"{name}_count {self.count}"]
+        out += [
+            f'{name}_bucket{{le="+Inf"}} {self.count}',
+            f"{name}_sum {_num(self.sum)}",
+            f"{name}_count {self.count}",
+        ]
         return out
 
 
@@ -110,42 +114,117 @@ class ServingMetrics:
             def metric(name: str, kind: str, help_text: str, samples: list[str]) -> None:
                 lines.extend([f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", *samples])
 
-            metric("dyllm_info", "gauge", "The served model and policy.",
-                   [f'dyllm_info{{model="{_label(model)}",policy="{_label(policy)}"}} 1'])
-            metric("dyllm_requests_received_total", "counter", "Requests accepted into the queue.",
-                   [f"dyllm_requests_received_total {self.received}"])
-            metric("dyllm_requests_total", "counter", "Requests finished, by finish reason.",
-                   [f'dyllm_requests_total{{finish_reason="{r}"}} {n}' for r, n in sorted(self.finished_by_reason.items())]
-                   or ['dyllm_requests_total{finish_reason="stop"} 0'])
-            metric("dyllm_requests_rejected_total", "counter", "Requests refused, by reason (queue_full: HTTP 429).",
-                   [f'dyllm_requests_rejected_total{{reason="{r}"}} {n}' for r, n in sorted(self.rejected_by_reason.items())]
-                   or ['dyllm_requests_rejected_total{reason="queue_full"} 0'])
-            metric("dyllm_prompt_tokens_total", "counter", "Prompt tokens of accepted requests.",
-                   [f"dyllm_prompt_tokens_total {self.prompt_tokens}"])
-            metric("dyllm_generation_tokens_total", "counter", "Response tokens returned (up to EOS / stop / max_tokens).",
-                   [f"dyllm_generation_tokens_total {self.generation_tokens}"])
-            metric("dyllm_tokens_per_second", "gauge", f"Response tokens per second over the last {THROUGHPUT_WINDOW_S:.0f} s.",
-                   [f"dyllm_tokens_per_second {_num(tps)}"])
-            metric("dyllm_num_requests_waiting", "gauge", "Rows (completions) in the queue.",
-                   [f"dyllm_num_requests_waiting {waiting}"])
-            metric("dyllm_num_requests_running", "gauge", "Rows (completions) decoding now.",
-                   [f"dyllm_num_requests_running {running}"])
-            metric("dyllm_num_batches", "gauge", "Batches running side by side.", [f"dyllm_num_batches {batches}"])
-            metric("dyllm_steps_total", "counter", "Denoising steps run (one batch each).", [f"dyllm_steps_total {self.steps}"])
-            metric("dyllm_step_seconds_total", "counter", "Seconds spent in denoising steps.",
-                   [f"dyllm_step_seconds_total {_num(self.step_seconds)}"])
-            metric("dyllm_row_steps_total", "counter", "Rows computed, summed over steps (batch size per step).",
-                   [f"dyllm_row_steps_total {self.row_steps}"])
+            metric(
+                "dyllm_info",
+                "gauge",
+                "The served model and policy.",
+                [f'dyllm_info{{model="{_label(model)}",policy="{_label(policy)}"}} 1'],
+            )
+            metric(
+                "dyllm_requests_received_total",
+                "counter",
+                "Requests accepted into the queue.",
+                [f"dyllm_requests_received_total {self.received}"],
+            )
+            metric(
+                "dyllm_requests_total",
+                "counter",
+                "Requests finished, by finish reason.",
+                [
+                    f'dyllm_requests_total{{finish_reason="{r}"}} {n}'
+                    for r, n in sorted(self.finished_by_reason.items())
+                ]
+                or ['dyllm_requests_total{finish_reason="stop"} 0'],
+            )
+            metric(
+                "dyllm_requests_rejected_total",
+                "counter",
+                "Requests refused, by reason (queue_full: HTTP 429).",
+                [
+                    f'dyllm_requests_rejected_total{{reason="{r}"}} {n}'
+                    for r, n in sorted(self.rejected_by_reason.items())
+                ]
+                or ['dyllm_requests_rejected_total{reason="queue_full"} 0'],
+            )
+            metric(
+                "dyllm_prompt_tokens_total",
+                "counter",
+                "Prompt tokens of accepted requests.",
+                [f"dyllm_prompt_tokens_total {self.prompt_tokens}"],
+            )
+            metric(
+                "dyllm_generation_tokens_total",
+                "counter",
+                "Response tokens returned (up to EOS / stop / max_tokens).",
+                [f"dyllm_generation_tokens_total {self.generation_tokens}"],
+            )
+            metric(
+                "dyllm_tokens_per_second",
+                "gauge",
+                f"Response tokens per second over the last {THROUGHPUT_WINDOW_S:.0f} s.",
+                [f"dyllm_tokens_per_second {_num(tps)}"],
+            )
+            metric(
+                "dyllm_num_requests_waiting",
+                "gauge",
+                "Rows (completions) in the queue.",
+                [f"dyllm_num_requests_waiting {waiting}"],
+            )
+            metric(
+                "dyllm_num_requests_running",
+                "gauge",
+                "Rows (completions) decoding now.",
+                [f"dyllm_num_requests_running {running}"],
+            )
+            metric(
+                "dyllm_num_batches",
+                "gauge",
+                "Batches running side by side.",
+                [f"dyllm_num_batches {batches}"],
+            )
+            metric(
+                "dyllm_steps_total",
+                "counter",
+                "Denoising steps run (one batch each).",
+                [f"dyllm_steps_total {self.steps}"],
+            )
+            metric(
+                "dyllm_step_seconds_total",
+                "counter",
+                "Seconds spent in denoising steps.",
+                [f"dyllm_step_seconds_total {_num(self.step_seconds)}"],
+            )
+            metric(
+                "dyllm_row_steps_total",
+                "counter",
+                "Rows computed, summed over steps (batch size per step).",
+                [f"dyllm_row_steps_total {self.row_steps}"],
+            )
             mean_active = self.active_sum / self.steps if self.steps else 0.0
-            metric("dyllm_active_fraction", "gauge",
-                   "Mean fraction of (layer, position) rows a step recomputed, over every step so far.",
-                   [f"dyllm_active_fraction {_num(mean_active)}"])
-            metric("dyllm_request_active_fraction", "histogram", "Per request: mean active fraction of its steps.",
-                   self.active.lines("dyllm_request_active_fraction"))
-            metric("dyllm_request_nfe", "histogram", "Per request: forward evaluations (denoising steps) it took part in.",
-                   self.nfe.lines("dyllm_request_nfe"))
-            metric("dyllm_request_latency_seconds", "histogram", "Per request: seconds from arrival to its last token.",
-                   self.latency.lines("dyllm_request_latency_seconds"))
+            metric(
+                "dyllm_active_fraction",
+                "gauge",
+                "Mean fraction of (layer, position) rows a step recomputed, over every step so far.",
+                [f"dyllm_active_fraction {_num(mean_active)}"],
+            )
+            metric(
+                "dyllm_request_active_fraction",
+                "histogram",
+                "Per request: mean active fraction of its steps.",
+                self.active.lines("dyllm_request_active_fraction"),
+            )
+            metric(
+                "dyllm_request_nfe",
+                "histogram",
+                "Per request: forward evaluations (denoising steps) it took part in.",
+                self.nfe.lines("dyllm_request_nfe"),
+            )
+            metric(
+                "dyllm_request_latency_seconds",
+                "histogram",
+                "Per request: seconds from arrival to its last token.",
+                self.latency.lines("dyllm_request_latency_seconds"),
+            )
         return "\n".join(lines) + "\n"
 
 

@@ -17,7 +17,7 @@ def require_server_packages() -> None:
     if missing:
         raise MissingDependencyError(
             f"dyllm serve needs FastAPI and uvicorn ({', '.join(missing)} missing); install them with "
-            "pip install \"dyllm-fx[serve]\" (from a checkout: pip install -e \".[serve]\")"
+            'pip install "dyllm-fx[serve]" (from a checkout: pip install -e ".[serve]")'
         )
 
 
@@ -30,7 +30,9 @@ def bind_socket(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except OSError as err:
         sock.close()
-        raise UsageError(f"cannot listen on {host}:{port}: {err.strerror or err}; choose another --port (0: any free one)") from None
+        raise UsageError(
+            f"cannot listen on {host}:{port}: {err.strerror or err}; choose another --port (0: any free one)"
+        ) from None
     sock.listen(128)
     return sock
 

@@ -61,8 +61,11 @@ class RequestMetrics:
 
     def as_dict(self) -> dict:
         return {
-            "nfe": self.nfe, "active_fraction": round(self.active_fraction, 4), "relayouts": self.relayouts,
-            "latency_s": _round(self.latency), "queue_s": _round(self.queue_time),
+            "nfe": self.nfe,
+            "active_fraction": round(self.active_fraction, 4),
+            "relayouts": self.relayouts,
+            "latency_s": _round(self.latency),
+            "queue_s": _round(self.queue_time),
             "time_to_first_token_s": _round(self.time_to_first_token),
         }
 

@@ -83,7 +83,9 @@ class SamplingParams:
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.threshold is not None and not 0 < self.threshold <= 1:
-            raise ValueError(f"threshold must be in (0, 1], got {self.threshold}; 0.9 is the Fast-dLLM default")
+            raise ValueError(
+                f"threshold must be in (0, 1], got {self.threshold}; 0.9 is the Fast-dLLM default"
+            )
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = [s for s in (self.stop or []) if s]
@@ -110,12 +112,16 @@ class SamplingParams:
             elif self.threshold is not None:
                 kw["alg"] = "maskgit_plus"  # threshold decoding needs a probability (generate says so too)
             if self.remasking is not None:
-                raise ValueError("remasking is a LLaDA option; Dream models choose the commit order with alg=")
+                raise ValueError(
+                    "remasking is a LLaDA option; Dream models choose the commit order with alg="
+                )
         else:
             if self.remasking is not None:
                 kw["remasking"] = self.remasking
             if self.alg is not None or self.alg_temp is not None:
-                raise ValueError("alg / alg_temp are Dream options; LLaDA models take remasking='low_confidence' or 'random'")
+                raise ValueError(
+                    "alg / alg_temp are Dream options; LLaDA models take remasking='low_confidence' or 'random'"
+                )
         return kw
 
 

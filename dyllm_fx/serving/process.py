@@ -34,11 +34,32 @@ class ServerProcess:
             first) a RuntimeError carries the child's log.
     """
 
-    def __init__(self, *args: str, threads: int = 1, lifetime_s: float = 900.0, start_timeout_s: float = 180.0):
-        cmd = [sys.executable, "-m", "dyllm_fx.cli.main", "serve", "--host", "127.0.0.1", "--port", "0",
-               "--threads", str(threads), "--lifetime", str(lifetime_s), *args]
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                     text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    def __init__(
+        self, *args: str, threads: int = 1, lifetime_s: float = 900.0, start_timeout_s: float = 180.0
+    ):
+        cmd = [
+            sys.executable,
+            "-m",
+            "dyllm_fx.cli.main",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--threads",
+            str(threads),
+            "--lifetime",
+            str(lifetime_s),
+            *args,
+        ]
+        self.proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
         self.log: list[str] = []
         lines: queue.Queue[str] = queue.Queue()
         # drained for the child's whole life: a full stderr pipe would block it
@@ -48,9 +69,14 @@ class ServerProcess:
         try:
             while self.url is None:
                 if self.proc.poll() is not None:
-                    raise RuntimeError(f"dyllm serve exited with code {self.proc.returncode} before listening:\n" + self.output())
+                    raise RuntimeError(
+                        f"dyllm serve exited with code {self.proc.returncode} before listening:\n"
+                        + self.output()
+                    )
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"dyllm serve did not listen within {start_timeout_s:.0f} s:\n" + self.output())
+                    raise RuntimeError(
+                        f"dyllm serve did not listen within {start_timeout_s:.0f} s:\n" + self.output()
+                    )
                 try:
                     match = _URL.search(lines.get(timeout=0.5))
                 except queue.Empty:

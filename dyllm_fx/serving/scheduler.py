@@ -37,8 +37,12 @@ class Scheduler:
         for name, value in (("max_num_seqs", max_num_seqs), ("max_num_batches", max_num_batches)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        if max_queue_size is not None and (isinstance(max_queue_size, bool) or not isinstance(max_queue_size, int) or max_queue_size < 1):
-            raise ValueError(f"max_queue_size must be an integer >= 1 or None (unbounded), got {max_queue_size!r}")
+        if max_queue_size is not None and (
+            isinstance(max_queue_size, bool) or not isinstance(max_queue_size, int) or max_queue_size < 1
+        ):
+            raise ValueError(
+                f"max_queue_size must be an integer >= 1 or None (unbounded), got {max_queue_size!r}"
+            )
         self.max_num_seqs = max_num_seqs
         self.max_num_batches = max_num_batches
         self.max_queue_size = max_queue_size

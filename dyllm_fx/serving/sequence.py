@@ -59,13 +59,17 @@ class RowRandom:
 class Sequence:
     """One row: a completion of a request, decoded block by block."""
 
-    def __init__(self, request: "Request", index: int, sampler, rng: RowRandom | None, spec: DiffusionSpec, device):
+    def __init__(
+        self, request: "Request", index: int, sampler, rng: RowRandom | None, spec: DiffusionSpec, device
+    ):
         self.request = request
         self.index = index
         self.sampler = sampler
         self.rng = rng
         self.resolved: Resolved = request.resolved
-        self.response = torch.full((self.resolved.window,), spec.mask_token_id, dtype=torch.long, device=device)
+        self.response = torch.full(
+            (self.resolved.window,), spec.mask_token_id, dtype=torch.long, device=device
+        )
         self.blocks_done = 0
         self.output = CompletionOutput(index)
         self.cancelled = False
@@ -153,7 +157,12 @@ class Request:
     """A prompt, its parameters and its ``n`` rows."""
 
     def __init__(
-        self, request_id: str | None, prompt: str | None, prompt_ids: list[int], params: SamplingParams, resolved: Resolved,
+        self,
+        request_id: str | None,
+        prompt: str | None,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        resolved: Resolved,
         arrival_time: float | None = None,
     ):
         self.request_id = request_id if request_id is not None else f"req-{next(_ids)}"
@@ -177,9 +186,12 @@ class Request:
         m.active_fraction = sum(s.active_sum for s in self.seqs) / steps if steps else 0.0
         m.relayouts = max((s.relayouts for s in self.seqs), default=0)
         return RequestOutput(
-            self.request_id, self.prompt, list(self.prompt_ids),
+            self.request_id,
+            self.prompt,
+            list(self.prompt_ids),
             [dataclasses.replace(s.output, token_ids=list(s.output.token_ids)) for s in self.seqs],
-            self.finished, dataclasses.replace(m),
+            self.finished,
+            dataclasses.replace(m),
         )
 
 

@@ -53,8 +53,14 @@ def _imports():
 
 
 class OpenAIError(Exception):
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        kind: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.kind, self.param, self.code = status, message, kind, param, code
 
@@ -66,7 +72,9 @@ def _models():
     from pydantic import BaseModel, ConfigDict, Field
 
     class _Common(BaseModel):
-        model_config = ConfigDict(extra="allow")  # unknown OpenAI fields are accepted and ignored, as vLLM does
+        model_config = ConfigDict(
+            extra="allow"
+        )  # unknown OpenAI fields are accepted and ignored, as vLLM does
 
         model: str | None = None
         max_tokens: int | None = None
@@ -115,9 +123,18 @@ def sampling_params(req) -> SamplingParams:
         raise OpenAIError(400, f"max_tokens must be at least 1, got {max_tokens}", param="max_tokens")
     try:
         return SamplingParams(
-            max_tokens=max_tokens, block_length=req.block_length, steps=req.steps, threshold=req.threshold,
-            temperature=0.0 if req.temperature is None else req.temperature, top_p=req.top_p, top_k=req.top_k,
-            stop=req.stop, seed=req.seed, n=req.n, remasking=req.remasking, alg=req.alg,
+            max_tokens=max_tokens,
+            block_length=req.block_length,
+            steps=req.steps,
+            threshold=req.threshold,
+            temperature=0.0 if req.temperature is None else req.temperature,
+            top_p=req.top_p,
+            top_k=req.top_k,
+            stop=req.stop,
+            seed=req.seed,
+            n=req.n,
+            remasking=req.remasking,
+            alg=req.alg,
         )
     except (TypeError, ValueError) as err:
         raise OpenAIError(400, str(err)) from None
@@ -151,13 +168,17 @@ def build_app(engine: AsyncEngine, model_name: str = "default", policy: str = ""
         else:
             loc = [str(p) for p in first.get("loc", ()) if p != "body"]
             param = ".".join(loc) or None
-            message = f"{param or 'body'}: {first.get('msg', 'invalid value')}" + (f" (got {first['input']!r:.80})" if "input" in first and param else "")
+            message = f"{param or 'body'}: {first.get('msg', 'invalid value')}" + (
+                f" (got {first['input']!r:.80})" if "input" in first and param else ""
+            )
         return JSONResponse(OpenAIError(400, message, param=param).body(), status_code=400)
 
     @app.exception_handler(HTTPException)
     async def _http_error(request, err: HTTPException):
         kind = "not_found_error" if err.status_code == 404 else "invalid_request_error"
-        return JSONResponse(OpenAIError(err.status_code, str(err.detail), kind).body(), status_code=err.status_code)
+        return JSONResponse(
+            OpenAIError(err.status_code, str(err.detail), kind).body(), status_code=err.status_code
+        )
 
     @app.exception_handler(Exception)
     async def _internal_error(request, err: Exception):  # pragma: no cover - a bug
@@ -169,13 +190,21 @@ def build_app(engine: AsyncEngine, model_name: str = "default", policy: str = ""
     async def health():
         if not engine.alive:
             reason = f": {type(engine.error).__name__}: {engine.error}" if engine.error else ""
-            return JSONResponse({"status": "error", "detail": f"the engine thread is not running{reason}"}, status_code=503)
+            return JSONResponse(
+                {"status": "error", "detail": f"the engine thread is not running{reason}"}, status_code=503
+            )
         return {"status": "ok"}
 
     @app.get("/v1/models")
     async def models():
-        card = {"id": model_name, "object": "model", "created": created, "owned_by": "dyllm-fx",
-                "max_model_len": core.max_model_len, "policy": core.policy_name}
+        card = {
+            "id": model_name,
+            "object": "model",
+            "created": created,
+            "owned_by": "dyllm-fx",
+            "max_model_len": core.max_model_len,
+            "policy": core.policy_name,
+        }
         return {"object": "list", "data": [card]}
 
     @app.get("/metrics")
@@ -186,8 +215,12 @@ def build_app(engine: AsyncEngine, model_name: str = "default", policy: str = ""
 
     def check_model(name: str | None) -> None:
         if name not in (None, model_name):
-            raise OpenAIError(400, f"the model {name!r} does not exist; this server serves {model_name!r} (GET /v1/models)",
-                              param="model", code="model_not_found")
+            raise OpenAIError(
+                400,
+                f"the model {name!r} does not exist; this server serves {model_name!r} (GET /v1/models)",
+                param="model",
+                code="model_not_found",
+            )
 
     def make_requests(prompts: list, params: SamplingParams, prefix: str) -> list:
         requests = []
@@ -258,7 +291,7 @@ def build_app(engine: AsyncEngine, model_name: str = "default", policy: str = ""
                     continue
                 for c in out.outputs:
                     index = order[out.request_id] * n + c.index
-                    delta = c.text[sent.get(index, 0):]
+                    delta = c.text[sent.get(index, 0) :]
                     first = index not in started
                     finish = c.finish_reason if index not in ended else None
                     if delta or first or finish is not None:
@@ -297,25 +330,49 @@ def build_app(engine: AsyncEngine, model_name: str = "default", policy: str = ""
         now = int(time.time())
 
         if req.stream:
+
             def chunk(index, text, finish, first, usage=None):
-                body = {"id": rid, "object": "text_completion", "created": now, "model": model_name, "choices": []}
+                body = {
+                    "id": rid,
+                    "object": "text_completion",
+                    "created": now,
+                    "model": model_name,
+                    "choices": [],
+                }
                 if index is not None:
-                    body["choices"] = [{"index": index, "text": text, "logprobs": None, "finish_reason": finish}]
+                    body["choices"] = [
+                        {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
+                    ]
                 if usage is not None:
                     body["usage"] = usage
                 return body
 
             include = bool((req.stream_options or {}).get("include_usage"))
-            return StreamingResponse(event_stream(stream, requests, params.n, chunk, raw, include), media_type="text/event-stream")
+            return StreamingResponse(
+                event_stream(stream, requests, params.n, chunk, raw, include), media_type="text/event-stream"
+            )
 
         final = await final_outputs(stream, raw)
         outs = [final[r.request_id] for r in requests if r.request_id in final]
         choices = [
-            {"index": i * params.n + c.index, "text": c.text, "logprobs": None, "finish_reason": c.finish_reason}
-            for i, o in enumerate(outs) for c in o.outputs
+            {
+                "index": i * params.n + c.index,
+                "text": c.text,
+                "logprobs": None,
+                "finish_reason": c.finish_reason,
+            }
+            for i, o in enumerate(outs)
+            for c in o.outputs
         ]
-        return {"id": rid, "object": "text_completion", "created": now, "model": model_name, "choices": choices,
-                "usage": usage(outs), "metrics": metrics_of(outs)}
+        return {
+            "id": rid,
+            "object": "text_completion",
+            "created": now,
+            "model": model_name,
+            "choices": choices,
+            "usage": usage(outs),
+            "metrics": metrics_of(outs),
+        }
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatCompletionRequest, raw: Request):
@@ -335,34 +392,67 @@ def build_app(engine: AsyncEngine, model_name: str = "default", policy: str = ""
         now = int(time.time())
 
         if req.stream:
+
             def chunk(index, text, finish, first, usage=None):
-                body = {"id": rid, "object": "chat.completion.chunk", "created": now, "model": model_name, "choices": []}
+                body = {
+                    "id": rid,
+                    "object": "chat.completion.chunk",
+                    "created": now,
+                    "model": model_name,
+                    "choices": [],
+                }
                 if index is not None:
-                    delta: dict = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
-                    body["choices"] = [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}]
+                    delta: dict = (
+                        {"role": "assistant", "content": text}
+                        if first
+                        else ({"content": text} if text else {})
+                    )
+                    body["choices"] = [
+                        {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+                    ]
                 if usage is not None:
                     body["usage"] = usage
                 return body
 
             include = bool((req.stream_options or {}).get("include_usage"))
-            return StreamingResponse(event_stream(stream, requests, params.n, chunk, raw, include), media_type="text/event-stream")
+            return StreamingResponse(
+                event_stream(stream, requests, params.n, chunk, raw, include), media_type="text/event-stream"
+            )
 
         final = await final_outputs(stream, raw)
         outs = [final[r.request_id] for r in requests if r.request_id in final]
         choices = [
-            {"index": c.index, "message": {"role": "assistant", "content": c.text}, "logprobs": None,
-             "finish_reason": c.finish_reason}
-            for o in outs for c in o.outputs
+            {
+                "index": c.index,
+                "message": {"role": "assistant", "content": c.text},
+                "logprobs": None,
+                "finish_reason": c.finish_reason,
+            }
+            for o in outs
+            for c in o.outputs
         ]
-        return {"id": rid, "object": "chat.completion", "created": now, "model": model_name, "choices": choices,
-                "usage": usage(outs), "metrics": metrics_of(outs)}
+        return {
+            "id": rid,
+            "object": "chat.completion",
+            "created": now,
+            "model": model_name,
+            "choices": choices,
+            "usage": usage(outs),
+            "metrics": metrics_of(outs),
+        }
 
     return app
 
 
 def serve(
-    engine: ServingEngine, host: str = "127.0.0.1", port: int = 8000, model_name: str = "default",
-    threads: int | None = None, log_level: str = "warning", lifetime_s: float | None = None, announce=None,
+    engine: ServingEngine,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    model_name: str = "default",
+    threads: int | None = None,
+    log_level: str = "warning",
+    lifetime_s: float | None = None,
+    announce=None,
     sock: socket.socket | None = None,
 ) -> None:
     """Run the server until interrupted (or for ``lifetime_s`` seconds). ``sock``: a socket
@@ -375,7 +465,9 @@ def serve(
     host, real_port = sock.getsockname()[:2]
     async_engine = AsyncEngine(engine, threads=threads).start()
     app = build_app(async_engine, model_name, engine.policy_name)
-    config = uvicorn.Config(app, log_level=log_level, access_log=False, lifespan="off", timeout_graceful_shutdown=5)
+    config = uvicorn.Config(
+        app, log_level=log_level, access_log=False, lifespan="off", timeout_graceful_shutdown=5
+    )
     server = uvicorn.Server(config)
     timer = None
     if lifetime_s is not None:
@@ -390,8 +482,17 @@ def serve(
         while not server.started and not task.done():
             await asyncio.sleep(0.02)
         if server.started:
-            (announce or (lambda u: print(f"dyllm serve: listening on {u} (model {model_name!r}, policy "
-                                          f"{engine.policy_name!r})", file=sys.stderr, flush=True)))(url)
+            (
+                announce
+                or (
+                    lambda u: print(
+                        f"dyllm serve: listening on {u} (model {model_name!r}, policy "
+                        f"{engine.policy_name!r})",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                )
+            )(url)
         await task
 
     try:

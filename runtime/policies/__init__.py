@@ -51,7 +51,9 @@ ROW_POLICIES = ("dyllm", "es_dllm", "dllm_cache")
 
 def _build(name: str, config: dict, family: str | None) -> Policy:
     if name not in POLICIES:
-        raise ValueError(f"unknown policy {name!r}; available: {sorted(POLICIES)} (compose as 'dual_cache+dyllm')")
+        raise ValueError(
+            f"unknown policy {name!r}; available: {sorted(POLICIES)} (compose as 'dual_cache+dyllm')"
+        )
     check_params(POLICIES[name], name, config)  # names and types of the parameters, before building
     config = {**preset(name, family), **config}
     check_params(POLICIES[name], name, config)  # names and types of the parameters, before building
@@ -70,7 +72,9 @@ def _compose(names: Sequence[str], config: dict, family: str | None) -> Policy:
             f"{list(ROW_POLICIES)}, e.g. ['dual_cache', 'dyllm']"
         )
     if "scope" in config:
-        raise ValueError(f"'scope' is set by the block cache ({blocks[0]} -> {BLOCK_SCOPES[blocks[0]]!r}); drop it")
+        raise ValueError(
+            f"'scope' is set by the block cache ({blocks[0]} -> {BLOCK_SCOPES[blocks[0]]!r}); drop it"
+        )
     policy = _build(rows[0], {**config, "scope": BLOCK_SCOPES[blocks[0]]}, family)
     policy.name = f"{blocks[0]}+{rows[0]}"
     return policy
@@ -87,7 +91,9 @@ def make_policy(policy: str | Sequence[str] | Policy, family: str | None = None,
     "dream") fills in the per-model presets (``presets.py``) for parameters not given."""
     if isinstance(policy, Policy):
         if config:
-            raise ValueError(f"policy parameters {sorted(config)} given with a policy object; set them on the object")
+            raise ValueError(
+                f"policy parameters {sorted(config)} given with a policy object; set them on the object"
+            )
         return policy
     names = policy_names(policy)
     if len(names) == 1:
@@ -96,8 +102,30 @@ def make_policy(policy: str | Sequence[str] | Policy, family: str | None = None,
 
 
 __all__ = [
-    "BLOCK_SCOPES", "DLLMCachePolicy", "DensePolicy", "DualCachePolicy", "DyLLMPolicy", "ESDLLMPolicy", "FULL",
-    "FixedPolicy", "HostState", "LayerResult", "POLICIES", "Plan", "Policy", "PrefixCachePolicy", "ROW_POLICIES",
-    "StepInputs", "StepOutput", "StepReport", "UniformPolicy", "family_of", "full_step", "head_logits", "make_policy",
-    "policy_names", "preset", "rows_step",
+    "BLOCK_SCOPES",
+    "DLLMCachePolicy",
+    "DensePolicy",
+    "DualCachePolicy",
+    "DyLLMPolicy",
+    "ESDLLMPolicy",
+    "FULL",
+    "FixedPolicy",
+    "HostState",
+    "LayerResult",
+    "POLICIES",
+    "Plan",
+    "Policy",
+    "PrefixCachePolicy",
+    "ROW_POLICIES",
+    "StepInputs",
+    "StepOutput",
+    "StepReport",
+    "UniformPolicy",
+    "family_of",
+    "full_step",
+    "head_logits",
+    "make_policy",
+    "policy_names",
+    "preset",
+    "rows_step",
 ]

@@ -30,7 +30,9 @@ class _BlockCachePolicy(UniformPolicy):
 
     def plan(self, host: HostState):
         if host.block_start is None:
-            raise ValueError(f"policy {self.name!r} needs the block bounds; run it through dyllm_fx.generate()")
+            raise ValueError(
+                f"policy {self.name!r} needs the block bounds; run it through dyllm_fx.generate()"
+            )
         if host.cold:  # a cold step is the block's refresh: its next step is a warm one
             self._block_start = host.block_start
         return super().plan(host)

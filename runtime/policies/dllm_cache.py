@@ -59,9 +59,20 @@ class DLLMCachePolicy(Policy):
     name = "dllm_cache"
 
     def __init__(
-        self, prompt_interval: int = 32, response_interval: int = 8, ratio: float = 0.25, scope: str = "response"
+        self,
+        prompt_interval: int = 32,
+        response_interval: int = 8,
+        ratio: float = 0.25,
+        scope: str = "response",
     ):
-        self.ratio = number("ratio", ratio, 0.0, 1.0, low_open=True, hint=" (the fraction of response rows refreshed per step)")
+        self.ratio = number(
+            "ratio",
+            ratio,
+            0.0,
+            1.0,
+            low_open=True,
+            hint=" (the fraction of response rows refreshed per step)",
+        )
         self.prompt_clock = RefreshClock(prompt_interval, on_new_block=False, name="prompt_interval")
         self.response_clock = RefreshClock(response_interval, on_new_block=False, name="response_interval")
         self.scope = check_scope(scope)
@@ -74,7 +85,9 @@ class DLLMCachePolicy(Policy):
     def allocate(self, program, batch, seq_len, device) -> DLLMCacheBuffers:
         n = len(program.kv_shapes)
         size = (batch, seq_len, program.hidden_size)
-        return DLLMCacheBuffers([torch.zeros(size, dtype=program.hidden_dtype, device=device) for _ in range(n - 1)])
+        return DLLMCacheBuffers(
+            [torch.zeros(size, dtype=program.hidden_dtype, device=device) for _ in range(n - 1)]
+        )
 
     def buffer_nbytes(self, program, batch, seq_len) -> int:
         item = torch.empty((), dtype=program.hidden_dtype).element_size()

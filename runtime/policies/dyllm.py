@@ -110,7 +110,10 @@ class DyLLMPolicy(Policy):
         self.refresh_interval = count("refresh_interval", refresh_interval, allow_none=True)
         self.refresh_at_block = flag("refresh_at_block", refresh_at_block)
         self.scope = check_scope(scope)
-        if not (capacity in ("auto", "full") or (isinstance(capacity, int) and not isinstance(capacity, bool) and capacity >= 1)):
+        if not (
+            capacity in ("auto", "full")
+            or (isinstance(capacity, int) and not isinstance(capacity, bool) and capacity >= 1)
+        ):
             raise ValueError(f"capacity must be 'auto', 'full' or a row count >= 1; got {capacity!r}")
         self.capacity = capacity
         self.record_similarity = False  # set by the engine: fill DyLLMBuffers.similarity
@@ -135,12 +138,19 @@ class DyLLMPolicy(Policy):
             torch.zeros(batch, heads[i], seq_len, v[1], dtype=program.kv_dtype, device=device)
             for i, (_, v) in enumerate(program.kv_shapes)
         ]
-        mlp = [torch.zeros(batch, seq_len, program.hidden_size, dtype=program.hidden_dtype, device=device) for _ in heads]
+        mlp = [
+            torch.zeros(batch, seq_len, program.hidden_size, dtype=program.hidden_dtype, device=device)
+            for _ in heads
+        ]
         prev = torch.zeros(batch, seq_len, dtype=torch.long, device=device)
         stats = None
         if self.cached_softmax_stats:
             stats = [[torch.zeros(batch, h, seq_len, device=device) for h in heads] for _ in range(2)]
-        sim = [torch.full((batch, seq_len), float("nan"), device=device) for _ in heads] if self.record_similarity else None
+        sim = (
+            [torch.full((batch, seq_len), float("nan"), device=device) for _ in heads]
+            if self.record_similarity
+            else None
+        )
         return DyLLMBuffers(context, mlp, prev, *(stats or (None, None)), similarity=sim)
 
     def buffer_nbytes(self, program, batch, seq_len) -> int:
@@ -170,27 +180,41 @@ class DyLLMPolicy(Policy):
         self._steps += 1
         new_block = host.block_start is not None and host.block_start != self._block_start
         self._block_start = host.block_start
-        if host.cold or step < self.num_full_steps or (new_block and (self._composed or self.refresh_at_block)):
+        if (
+            host.cold
+            or step < self.num_full_steps
+            or (new_block and (self._composed or self.refresh_at_block))
+        ):
             return self._refresh(FULL)
         if self.refresh_interval is not None and self._since_refresh >= self.refresh_interval:
             if not self._composed:
                 return self._refresh(FULL)
             start, end = host.span(self.scope)  # under a block cache, the rows outside are its own
             width = bucket_size(end - start, host.seq_len) if self.scope == "suffix" else end - start
-            span = Plan(("refresh", width), span_start=host.column(start), span_len=host.column(end - start),
-                        note={"active": end - start})
+            span = Plan(
+                ("refresh", width),
+                span_start=host.column(start),
+                span_len=host.column(end - start),
+                note={"active": end - start},
+            )
             return self._refresh(span)
         self._since_refresh += 1
         n = step + 1  # the official processed_steps
         interval = self.full_query_interval
         full_query = interval is not None and (n <= interval or n % interval == 0)
         start, end = self._span(host, full_query)
-        width = bucket_size(end - start, host.seq_len) if self.scope == "suffix" and not full_query else end - start
+        width = (
+            bucket_size(end - start, host.seq_len)
+            if self.scope == "suffix" and not full_query
+            else end - start
+        )
         capacity = self._capacity(width, host)
         stats = "cached" if self.cached_softmax_stats and self._stats_ready and not full_query else "exact"
         self._stats_ready = True
         key = ("sparse", width, capacity, stats, self.record_similarity)
-        return Plan(key, span_start=host.column(start), span_len=host.column(end - start), note={"width": width})
+        return Plan(
+            key, span_start=host.column(start), span_len=host.column(end - start), note={"width": width}
+        )
 
     def _refresh(self, plan: Plan) -> Plan:
         self._since_refresh = 1
@@ -219,7 +243,9 @@ class DyLLMPolicy(Policy):
         need, kept, overflow = counts[0::COUNT_KINDS], counts[1::COUNT_KINDS], counts[2::COUNT_KINDS]
         self._needs.append(max(need))
         # entry 0 is layer 0's changed rows (new K/V); entry l + 1 is layer l's salient rows (MLP)
-        return StepReport(list(kept[1:]), capacity=plan.key[2], overflow=sum(overflow), extra={"changed": kept[0]})
+        return StepReport(
+            list(kept[1:]), capacity=plan.key[2], overflow=sum(overflow), extra={"changed": kept[0]}
+        )
 
     def similarity(self, buffers: DyLLMBuffers, plan: Plan):
         return buffers.similarity if plan.kind == "sparse" and buffers.similarity is not None else None
@@ -261,7 +287,9 @@ class DyLLMPolicy(Policy):
         counts = [_counts(changed, valid)]
         for layer in range(pieces.n_layers):
             q, mask = pieces.query(layer, x, rows, pro)
-            ctx, cos = self._attention(pieces, layer, x, rows, slots, valid, q, mask, pro, cache, buffers, stats_mode)
+            ctx, cos = self._attention(
+                pieces, layer, x, rows, slots, valid, q, mask, pro, cache, buffers, stats_mode
+            )
             write_rows(buffers.context[layer], rows, ctx, 2)
             if record:
                 buffers.similarity[layer].fill_(float("nan"))

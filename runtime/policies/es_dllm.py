@@ -133,10 +133,14 @@ class ESDLLMPolicy(Policy):
         self.block_update_freq = count("block_update_freq", block_update_freq)
         self.prompt_update_freq = count("prompt_update_freq", prompt_update_freq)
         self.scope = check_scope(scope)
-        self.proportion_steps = tuple((number("proportion", p, 0.0, 1.0, low_open=True),
-                                       number("depth", s, 0.0, 1.0)) for p, s in proportion_steps)
+        self.proportion_steps = tuple(
+            (number("proportion", p, 0.0, 1.0, low_open=True), number("depth", s, 0.0, 1.0))
+            for p, s in proportion_steps
+        )
         if not self.proportion_steps or self.proportion_steps[0][1] != 0.0:
-            raise ValueError(f"proportion_steps must start with a (fraction, 0.0) entry; got {proportion_steps}")
+            raise ValueError(
+                f"proportion_steps must start with a (fraction, 0.0) entry; got {proportion_steps}"
+            )
         self.explicit = None
         if skip_layers is not None or keep is not None:
             self.explicit = _explicit_layout(skip_layers, keep)
@@ -163,7 +167,9 @@ class ESDLLMPolicy(Policy):
 
     # --- buffers ------------------------------------------------------------------------------
 
-    def _snapshot_shape(self, program, layer: int, batch: int, seq_len: int) -> tuple[tuple[int, ...], torch.dtype]:
+    def _snapshot_shape(
+        self, program, layer: int, batch: int, seq_len: int
+    ) -> tuple[tuple[int, ...], torch.dtype]:
         if self.variation == "hidden":
             return (batch, seq_len, program.hidden_size), program.hidden_dtype
         d = program.kv_shapes[layer][0][1]
@@ -181,7 +187,8 @@ class ESDLLMPolicy(Policy):
             shape, dtype = self._snapshot_shape(program, layer, batch, seq_len)
             snapshot[layer] = torch.zeros(shape, dtype=dtype, device=device)
         return ESDLLMBuffers(
-            torch.zeros(batch, seq_len, device=device), torch.zeros(batch, seq_len, dtype=torch.long, device=device),
+            torch.zeros(batch, seq_len, device=device),
+            torch.zeros(batch, seq_len, dtype=torch.long, device=device),
             snapshot,
         )
 
@@ -208,7 +215,9 @@ class ESDLLMPolicy(Policy):
         elif self.scope == "block" and new_block and host.last_leftmost is not None:
             # the official step-0 window: from the leftmost row the previous step decoded (per
             # element: the official code takes the batch's minimum, which couples the prompts)
-            starts = [s if left is None else min(s, left - shift) for s, left in zip(starts, host.last_leftmost)]
+            starts = [
+                s if left is None else min(s, left - shift) for s, left in zip(starts, host.last_leftmost)
+            ]
         return starts, end
 
     def plan(self, host: HostState) -> Plan:
@@ -230,7 +239,10 @@ class ESDLLMPolicy(Policy):
         lengths = [end - s for s in starts]
         window = max(lengths)
         width = bucket_size(window, host.seq_len)
-        span = dict(span_start=torch.tensor(starts, device=host.device), span_len=torch.tensor(lengths, device=host.device))
+        span = dict(
+            span_start=torch.tensor(starts, device=host.device),
+            span_len=torch.tensor(lengths, device=host.device),
+        )
         if prompt or step % self.block_update_freq == 0:  # the window without skipping
             return Plan(("refresh", width), **span, note={"active": window})
         block = (host.block_end - host.block_start) if host.block_start is not None else window
@@ -271,7 +283,9 @@ class ESDLLMPolicy(Policy):
             if self.variation == "hidden":
                 write_rows(buffers.snapshot[r.layer], r.rows, r.out, 1)
             else:  # query: recomputed from the layer's input
-                write_rows(buffers.snapshot[r.layer], r.rows, pieces.query(r.layer, r.x, r.rows, r.prologue)[0], 2)
+                write_rows(
+                    buffers.snapshot[r.layer], r.rows, pieces.query(r.layer, r.x, r.rows, r.prologue)[0], 2
+                )
 
         return record
 
@@ -294,7 +308,7 @@ class ESDLLMPolicy(Policy):
         still masked."""
         masked = ids == self._mask_id
         if self._shift:
-            masked = torch.cat([masked[:, self._shift:], torch.zeros_like(masked[:, : self._shift])], 1)
+            masked = torch.cat([masked[:, self._shift :], torch.zeros_like(masked[:, : self._shift])], 1)
         return masked.float()
 
     @staticmethod
@@ -305,8 +319,11 @@ class ESDLLMPolicy(Policy):
             return inp.logit_positions, slots.expand_as(inp.logit_positions)
         # the logit positions are the block's rows, or (forward()) every row: then row = slot
         same = inp.block_rows.shape == inp.logit_positions.shape
-        return inp.block_rows, (torch.arange(inp.block_rows.shape[1], device=inp.block_rows.device).expand_as(inp.block_rows)
-                                if same else inp.block_rows)
+        return inp.block_rows, (
+            torch.arange(inp.block_rows.shape[1], device=inp.block_rows.device).expand_as(inp.block_rows)
+            if same
+            else inp.block_rows
+        )
 
     def _update_confidence(self, buffers, inp, out: StepOutput, masked) -> None:
         """The sampler's confidence (top probability) of the block's rows that produced fresh
@@ -332,7 +349,9 @@ class ESDLLMPolicy(Policy):
 
     def _keep(self, new, old, rows, live, buffers, bonus, kept):
         """Slots (B, kept) of the ``kept`` most important live rows."""
-        score = importance(take(buffers.confidence, rows, 1), variation(new, old), self.alpha, live, take(bonus, rows, 1))
+        score = importance(
+            take(buffers.confidence, rows, 1), variation(new, old), self.alpha, live, take(bonus, rows, 1)
+        )
         return select_top(score, live, kept)[0]
 
     def _skip_step(self, pieces, plan, inp, cache, buffers, masked) -> StepOutput:
@@ -345,7 +364,9 @@ class ESDLLMPolicy(Policy):
         for layer in range(pieces.n_layers):
             kept = selections.get(layer)
             if kept is not None and self.variation != "hidden":
-                x, rows, live = self._skip_before_attention(pieces, layer, x, rows, live, pro, cache, buffers, bonus, kept)
+                x, rows, live = self._skip_before_attention(
+                    pieces, layer, x, rows, live, pro, cache, buffers, bonus, kept
+                )
                 continue
             x = pieces.layer(layer, x, rows, pro, cache)[0]
             mark(cache.activity, layer, rows, 1.0, live)

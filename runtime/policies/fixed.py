@@ -22,6 +22,8 @@ class FixedPolicy(UniformPolicy):
 
     def rows(self, host: HostState) -> torch.Tensor:
         if int(self.index.max()) >= host.seq_len or int(self.index.min()) < 0:
-            raise ValueError(f"fixed policy positions must lie in [0, {host.seq_len}); got {self.index.tolist()}")
+            raise ValueError(
+                f"fixed policy positions must lie in [0, {host.seq_len}); got {self.index.tolist()}"
+            )
         idx = self.index.to(host.device)
         return idx.expand(host.batch, -1) if idx.dim() == 1 else idx

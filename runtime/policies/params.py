@@ -24,19 +24,28 @@ import torch
 def check_params(cls: type, name: str, config: dict) -> None:
     """Raise a ValueError (unknown / missing parameter) or TypeError (wrong type) for ``config``."""
     signature = inspect.signature(cls.__init__)
-    params = {k: p for k, p in signature.parameters.items() if k != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+    params = {
+        k: p
+        for k, p in signature.parameters.items()
+        if k != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    }
     takes_any = any(p.kind == p.VAR_KEYWORD for p in signature.parameters.values())
-    listing = ", ".join(k if p.default is p.empty else f"{k}={p.default!r}" for k, p in params.items()) or "none"
+    listing = (
+        ", ".join(k if p.default is p.empty else f"{k}={p.default!r}" for k, p in params.items()) or "none"
+    )
     for key in config:
         if key not in params and not takes_any:
             close = difflib.get_close_matches(key, list(params), n=1)
             raise ValueError(
-                f"bad parameters for policy {name!r}: it has no parameter {key!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+                f"bad parameters for policy {name!r}: it has no parameter {key!r}"
+                + (f" (did you mean {close[0]!r}?)" if close else "")
                 + f"; its parameters (defaults): {listing}"
             )
     missing = [k for k, p in params.items() if p.default is p.empty and k not in config]
     if missing:
-        raise ValueError(f"bad parameters for policy {name!r}: it needs {', '.join(missing)}; its parameters: {listing}")
+        raise ValueError(
+            f"bad parameters for policy {name!r}: it needs {', '.join(missing)}; its parameters: {listing}"
+        )
     hints = _hints(cls)
     for key, value in config.items():
         hint = hints.get(key)
@@ -131,7 +140,9 @@ def count(name: str, value, minimum: int = 1, allow_none: bool = False) -> int |
         return None
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         extra = " (or None)" if allow_none else ""
-        raise TypeError(f"{name} must be an integer >= {minimum}{extra}, got {type(value).__name__} {value!r}")
+        raise TypeError(
+            f"{name} must be an integer >= {minimum}{extra}, got {type(value).__name__} {value!r}"
+        )
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}; got {value}")
     return int(value)

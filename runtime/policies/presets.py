@@ -12,7 +12,11 @@ PRESETS: dict[str, dict[str, dict]] = {
     # run.py builds the Dream engine with threshold=0.995.
     # DiffusionGemma: engine/model_runner.py _FULL_STEPS = 2 ("first denoise steps of a canvas
     # run dense"); README: threshold "such as 0.99".
-    "dyllm": {"llada": {"tau": 0.99}, "dream": {"tau": 0.995}, "diffusion_gemma": {"tau": 0.99, "num_full_steps": 2}},
+    "dyllm": {
+        "llada": {"tau": 0.99},
+        "dream": {"tau": 0.995},
+        "diffusion_gemma": {"tau": 0.99, "num_full_steps": 2},
+    },
     # ES-dLLM (zhuzj19/ES-dLLM): scripts/eval_instruct*.sh, gsm8k rows: prompt_update_freq 64,
     # block_update_freq 16 for LLaDA-Instruct and 8 for Dream-Instruct. The skip layout is
     # given by depth fraction, so it already scales with the layer count (32 LLaDA layers:
@@ -36,7 +40,7 @@ def preset(name: str, family: str | None) -> dict:
 
 
 def family_of(spec) -> str | None:
-    """"dream" for models with Dream's shifted logits, "llada" for the others; None without a spec."""
+    """The family: "dream" for models with Dream's shifted logits, "llada" for the others; None without a spec."""
     if spec is None:
         return None
     return "dream" if getattr(spec, "logits_shift", 0) else "llada"

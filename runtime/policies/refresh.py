@@ -26,7 +26,9 @@ class RefreshClock:
 
     def tick(self, host: HostState, force: bool = False) -> bool:
         """Advance one step; True when this step must be a refresh."""
-        new_block = self.on_new_block and host.block_start is not None and host.block_start != self._block_start
+        new_block = (
+            self.on_new_block and host.block_start is not None and host.block_start != self._block_start
+        )
         self.forced = force or host.cold or new_block
         refresh = self.forced or (self.interval is not None and self._since >= self.interval)
         self._since = 1 if refresh else self._since + 1

@@ -38,15 +38,23 @@ class UniformPolicy(Policy):
                 return FULL
             start, end = span
             width = bucket_size(end - start, host.seq_len)
-            return Plan(("span", width), span_start=host.column(start), span_len=host.column(end - start),
-                        note={"active": end - start})
+            return Plan(
+                ("span", width),
+                span_start=host.column(start),
+                span_len=host.column(end - start),
+                note={"active": end - start},
+            )
         rows = self.rows(host)
         if rows is None:
             return FULL
         if rows.shape[1] == 0:  # nothing to recompute: the logits of the cached final hidden state
             return Plan(("none",), note={"active": 0})
         width = bucket_size(rows.shape[1], host.seq_len)
-        padded = torch.cat([rows, rows[:, -1:].expand(-1, width - rows.shape[1])], 1) if width > rows.shape[1] else rows
+        padded = (
+            torch.cat([rows, rows[:, -1:].expand(-1, width - rows.shape[1])], 1)
+            if width > rows.shape[1]
+            else rows
+        )
         return Plan(("rows", width), rows=padded.to(host.device), note={"active": rows.shape[1]})
 
     def step(self, pieces, plan, inp, cache, buffers):
