@@ -4,7 +4,8 @@ each with its 95% Wilson interval.
     python benchmarks/accuracy.py                              # the embedded LLaDA model, 70 prompts per task
     python benchmarks/accuracy.py --model default-dream        # the embedded Dream-architecture model
     python benchmarks/accuracy.py --model PATH --n 20 --threshold 0.9
-    python benchmarks/accuracy.py --model PATH --json new.json --against old.json   # paired with an earlier run
+    python benchmarks/accuracy.py --model PATH --json new.json --against old.json   # paired with an earlier
+    run
 
 ``--json`` records every prompt's outcome, so a later run on the same prompts can be compared
 with it prompt by prompt (``--against``): prompts won, prompts lost and the exact McNemar p.
@@ -85,7 +86,8 @@ def main() -> None:
     if earlier is not None:
         paired = Paired.of(res.correct, [e["correct"] for e in earlier["examples"]])
         print(
-            f"against {args.against} ({earlier['model']}, {format_accuracy(sum(e['correct'] for e in earlier['examples']), len(earlier['examples']))}): "
+            f"against {args.against} ({earlier['model']}, "
+            f"{format_accuracy(sum(e['correct'] for e in earlier['examples']), len(earlier['examples']))}): "
             f"{paired.won} prompts won, {paired.lost} lost, exact McNemar p = {format_p(paired.p_value)}"
         )
     if args.json:

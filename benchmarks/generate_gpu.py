@@ -113,12 +113,14 @@ def main(argv=None) -> int:
         f"block {args.block_length}, {decoding}, batch {args.batch}\n"
     )
     print(
-        "| method | s / generation | tokens/s | speedup | token agreement with vanilla |\n|---|---|---|---|---|"
+        "| method | s / generation | tokens/s | speedup | token agreement with vanilla "
+        "|\n|---|---|---|---|---|"
     )
     for r in rows:
         r["speedup"] = r["tokens_per_s"] / base
         print(
-            f"| {r['method']} | {r['seconds']:.3f} | {r['tokens_per_s']:.1f} | {r['speedup']:.2f}x | {100 * r['agreement']:.1f}% |"
+            f"| {r['method']} | {r['seconds']:.3f} | {r['tokens_per_s']:.1f} | {r['speedup']:.2f}x | "
+            f"{100 * r['agreement']:.1f}% |"
         )
     if args.json:
         Path(args.json).write_text(

@@ -717,7 +717,8 @@ def print_report(report: dict) -> None:
         s = env["sizes"]["time"]
         _say(
             f"### Timings (batch {s['batch']}, seq {s['seq']}, {s['heads']} heads x {s['head_dim']}, "
-            f"{s['kv_heads']} KV heads, d_model {s['d_model']}, MLP {s['hidden']}, {env['sizes']['time_dtype']}; "
+            f"{s['kv_heads']} KV heads, d_model {s['d_model']}, MLP {s['hidden']}, "
+            f"{env['sizes']['time_dtype']}; "
             f"median of {env['sizes']['reps']} after {env['sizes']['warmup']} warm-up calls, L2 flushed)\n"
         )
         _say(timing_tables(report, "ms") + "\n")

@@ -108,7 +108,9 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         compiled = "-" if r["compiled_tps"] is None else f"{r['compiled_tps']:.1f}"
         lines.append(
-            f"| {r['policy']} | {r['graphs']} | {'-' if r['export_s'] is None else format(r['export_s'], '.0f')} | {r['onnx_mib']:.1f} | {r['eager_tps']:.1f} "
+            f"| {r['policy']} | {r['graphs']} | "
+            f"{'-' if r['export_s'] is None else format(r['export_s'], '.0f')} | {r['onnx_mib']:.1f} | "
+            f"{r['eager_tps']:.1f} "
             f"| {compiled} | {r['ort_tps']:.1f} | {r['ort_tps'] / r['eager_tps']:.2f}x | {r['same_tokens']} |"
         )
     return "\n".join(lines)
@@ -170,7 +172,8 @@ def header(prompts: list[str], args) -> str:
     import onnxruntime
 
     return (
-        f"{len(prompts)} prompts in batches of {args.batch}, {args.threads} thread(s), torch {torch.__version__}, "
+        f"{len(prompts)} prompts in batches of {args.batch}, {args.threads} thread(s), torch "
+        f"{torch.__version__}, "
         f"onnxruntime {onnxruntime.__version__}, {platform.processor() or platform.machine()}"
     )
 

@@ -159,7 +159,8 @@ def run_sequential(name: str, params: dict, texts: list[str], times: list[float]
 
 def table(rows: list[dict]) -> str:
     head = (
-        "| policy | served tok/s | one-at-a-time tok/s | speedup | served p50 / p99 (s) | one-at-a-time p50 / p99 (s) "
+        "| policy | served tok/s | one-at-a-time tok/s | speedup | served p50 / p99 (s) | one-at-a-time p50 "
+        "/ p99 (s) "
         "| accuracy served / one-at-a-time | same text | served NFE, active |"
     )
     lines = [head, "|" + "---|" * 9]
@@ -167,7 +168,8 @@ def table(rows: list[dict]) -> str:
         s, q = r["served"], r["sequential"]
         lines.append(
             f"| {r['policy']} | {s['tokens_per_s']:.1f} | {q['tokens_per_s']:.1f} | "
-            f"{s['tokens_per_s'] / max(q['tokens_per_s'], 1e-9):.2f}x | {s['p50_s']:.2f} / {s['p99_s']:.2f} | "
+            f"{s['tokens_per_s'] / max(q['tokens_per_s'], 1e-9):.2f}x | {s['p50_s']:.2f} / {s['p99_s']:.2f} "
+            "| "
             f"{q['p50_s']:.2f} / {q['p99_s']:.2f} | {s['accuracy']:.2f} / {q['accuracy']:.2f} | "
             f"{r['same_text']}/{len(s['texts'])} | {s['nfe_mean']:.1f}, {s['active_fraction_mean']:.3f} |"
         )
@@ -213,7 +215,8 @@ def main(argv=None) -> int:
         print(table(rows[-1:]).splitlines()[-1], flush=True)
     print()
     print(
-        f"{args.n} requests, Poisson arrivals at {args.rate}/s, max_tokens {args.max_tokens}, block {args.block_length}, "
+        f"{args.n} requests, Poisson arrivals at {args.rate}/s, max_tokens {args.max_tokens}, block "
+        f"{args.block_length}, "
         f"--max-num-seqs {args.max_num_seqs}, {args.threads} thread(s)"
     )
     print(table(rows))

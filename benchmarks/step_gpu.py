@@ -135,7 +135,8 @@ def main(argv=None) -> int:
     kernels = "torch ops" if os.environ.get("DYLLM_TRITON") == "0" else "triton"
     mode = ("compiled" if args.compile else "eager") + (", CUDA graphs" if args.cuda_graphs else "")
     print(
-        f"\n{name}, {model.config.n_layers} layers, {dtype}, batch {args.batch}, seq {seq}, response {response}, {kernels}, "
+        f"\n{name}, {model.config.n_layers} layers, {dtype}, batch {args.batch}, seq {seq}, response "
+        f"{response}, {kernels}, "
         f"{mode}; weight-read bound at batch 1: {bound_ms:.2f} ms ({weight_bytes / 1e9:.1f} GB at "
         f"{args.bandwidth_gbs:.0f} GB/s)\n"
     )

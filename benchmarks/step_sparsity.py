@@ -143,7 +143,8 @@ def main(argv=None) -> int:
         rows.append(row)
     shape = "tiny (d 64, 2 layers)" if args.quick else "8B-shaped d1024 L8, vocab 4096"
     print(
-        f"\n{platform.processor() or 'cpu'}, {torch.get_num_threads()} threads, torch {torch.__version__}; {shape}, "
+        f"\n{platform.processor() or 'cpu'}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
+        f"{shape}, "
         f"seq {seq}, response {response}, block {BLOCK}, batch 1, fp32\n"
     )
     print("| step | ms | speedup vs vanilla (eager) |\n|---|---|---|")

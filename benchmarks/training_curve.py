@@ -1,6 +1,7 @@
 """The training curves of the embedded models, from the training.json each one ships with.
 
-    python benchmarks/training_curve.py                       # docs/training_tiny_llada.png, docs/training_tiny_dream.png
+    python benchmarks/training_curve.py                       # docs/training_tiny_llada.png,
+    docs/training_tiny_dream.png
     python benchmarks/training_curve.py --model runs/llada --out curve.png
 
 Top panel: the mean masked-token loss of every logged window of steps, stages marked.
@@ -89,9 +90,8 @@ def main() -> None:
             continue
         out = Path(args.out or OUTPUTS.get(name, f"{Path(name).name}_training.png"))
         model, _ = dyllm_fx.load(name, device="cpu")
-        print(
-            f"wrote {plot_training(folder, out, f'{name} ({model.architecture}, {len(model.layers)} layers)')}"
-        )
+        title = f"{name} ({model.architecture}, {len(model.layers)} layers)"
+        print(f"wrote {plot_training(folder, out, title)}")
 
 
 if __name__ == "__main__":

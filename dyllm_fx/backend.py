@@ -59,7 +59,8 @@ def _placeholder_roles(gm: fx.GraphModule) -> dict[str, int]:
     if "input_ids" not in roles:
         raise ValueError(
             "the dyllm backend expects the model to be called as model(input_ids, attention_mask=..., "
-            f"position_ids=...); graph inputs were {[n.target for n in gm.graph.nodes if n.op == 'placeholder']}"
+            "position_ids=...); graph inputs were "
+            f"{[n.target for n in gm.graph.nodes if n.op == 'placeholder']}"
         )
     return roles
 
@@ -133,7 +134,8 @@ def dyllm_backend(gm: fx.GraphModule, example_inputs: list, options: dict | None
         spec = DiffusionSpec(mask_token_id=mask_token_id) if spec is None else spec
         if spec.mask_token_id != mask_token_id:
             raise ValueError(
-                f"mask_token_id={mask_token_id} differs from the model's ({spec.mask_token_id}); drop the option"
+                f"mask_token_id={mask_token_id} differs from the model's ({spec.mask_token_id}); drop the "
+                "option"
             )
     chosen = make_policy(policy, family=family_of(spec), **opts)  # bad policy parameters fail now
     if module is None and _is_static(gm) and chosen.name != "dense":

@@ -25,10 +25,13 @@ def diffusion_spec(model: nn.Module) -> DiffusionSpec:
     spec = getattr(model, "diffusion", None)
     if not isinstance(spec, DiffusionSpec):
         raise TypeError(
-            f"{type(model).__name__} has no `diffusion` spec (mask token id, logit shift). Load a LLaDA / Dream "
+            f"{type(model).__name__} has no `diffusion` spec (mask token id, logit shift). Load a LLaDA / "
+            "Dream "
             "folder with dyllm_fx.load(); wrap a transformers Llama / Qwen2 model with "
-            "dyllm_fx.models.hf.bidirectional(model, mask_token_id=...), which also turns its causal attention off; "
-            "for your own bidirectional module, set model.diffusion = dyllm_fx.DiffusionSpec(mask_token_id=...)."
+            "dyllm_fx.models.hf.bidirectional(model, mask_token_id=...), which also turns its causal "
+            "attention off; "
+            "for your own bidirectional module, set model.diffusion = "
+            "dyllm_fx.DiffusionSpec(mask_token_id=...)."
         )
     return spec
 
@@ -48,7 +51,8 @@ def check_model_tensors(model: nn.Module) -> torch.device:
     meta = [name for name, t in tensors if t.device.type == "meta"]
     if meta:
         raise ValueError(
-            f"{_preview(meta)} of {type(model).__name__} are on the meta device (never loaded). Load the weights "
+            f"{_preview(meta)} of {type(model).__name__} are on the meta device (never loaded). Load the "
+            "weights "
             "with dyllm_fx.load(), or model.load_state_dict(state, assign=True), before generating."
         )
     devices = _group(tensors, lambda t: str(t.device))
@@ -68,7 +72,8 @@ def check_model_tensors(model: nn.Module) -> torch.device:
         raise ValueError(
             f"{type(model).__name__} mixes parameter dtypes: "
             + "; ".join(f"{d}: {_preview(names)}" for d, names in dtypes.items())
-            + f". Cast it to one dtype, e.g. model.to({major}), or load it with dyllm_fx.load(path, dtype=...)."
+            + f". Cast it to one dtype, e.g. model.to({major}), or load it with dyllm_fx.load(path, "
+            "dtype=...)."
         )
     return tensors[0][1].device
 
@@ -132,7 +137,8 @@ def check_sampler_params(dream: bool, params: dict) -> None:
         raise UsageError(
             f"generate() got an unknown argument {key!r}"
             + (f"; did you mean {close[0]!r}?" if close else "")
-            + f" It takes {', '.join(_GENERATE_ARGS)} and, for this {family} model, the sampler options {', '.join(mine)}"
+            + f" It takes {', '.join(_GENERATE_ARGS)} and, for this {family} model, the sampler options "
+            f"{', '.join(mine)}"
         )
     for key in ("temperature", "alg_temp", "top_p", "eps"):
         value = params.get(key)
@@ -275,7 +281,8 @@ def generate(
     if window is not None and gen_length != window:
         warnings.warn(
             f"the model was trained with a {window}-token response window (its folder's training.json), and "
-            f"gen_length={gen_length} differs: outside that window it usually decodes an empty or wrong answer. "
+            f"gen_length={gen_length} differs: outside that window it usually decodes an empty or wrong "
+            "answer. "
             f"Use gen_length={window} (dyllm: --gen-length {window}).",
             EmptyResponseWarning,
             stacklevel=2,
@@ -334,7 +341,8 @@ def _generate_diffusion_gemma(
     ):
         if value != unset:
             raise UsageError(
-                f"{name}= does not apply to DiffusionGemma, whose sampler accepts tokens by an entropy bound; it takes "
+                f"{name}= does not apply to DiffusionGemma, whose sampler accepts tokens by an entropy "
+                "bound; it takes "
                 f"{', '.join(diffusion_gemma.SAMPLER_OPTIONS)}"
             )
     if isinstance(prompts, str):
@@ -361,7 +369,8 @@ def _gen_length(gen_length, max_new_tokens) -> int:
     if max_new_tokens is not None:
         if gen_length is not None and gen_length != max_new_tokens:
             raise UsageError(
-                f"gen_length={gen_length} and max_new_tokens={max_new_tokens} disagree; they are the same setting, pass one"
+                f"gen_length={gen_length} and max_new_tokens={max_new_tokens} disagree; they are the same "
+                "setting, pass one"
             )
         return max_new_tokens
     return 64 if gen_length is None else gen_length
@@ -381,8 +390,10 @@ def _warn_on_cut_responses(texts: list[str], rows: list[list[int]], spec: Diffus
     ]
     if cut:
         warnings.warn(
-            f"response(s) {cut} are empty: the model decoded EOS first and real tokens after it (texts stop at the first "
-            "EOS; out.sequences holds every token). Check gen_length / block_length against what the model was "
+            f"response(s) {cut} are empty: the model decoded EOS first and real tokens after it (texts stop "
+            "at the first "
+            "EOS; out.sequences holds every token). Check gen_length / block_length against what the model "
+            "was "
             "trained with, and the prompt format.",
             EmptyResponseWarning,
             stacklevel=3,

@@ -39,8 +39,10 @@ def default_model_path(name: str = DEFAULT_MODEL) -> Path:
 # How each embedded model is rebuilt when this install lacks it (a source checkout without the
 # shipped weights, or a model the package does not ship yet).
 _REBUILD = {
-    DEFAULT_MODEL: "python examples/train_tiny_mdlm.py --arch llada --out dyllm_fx/assets/tiny-llada --overwrite-shipped",
-    DEFAULT_DREAM_MODEL: "python examples/train_tiny_mdlm.py --arch dream --out dyllm_fx/assets/tiny-dream --overwrite-shipped",
+    DEFAULT_MODEL: "python examples/train_tiny_mdlm.py --arch llada --out dyllm_fx/assets/tiny-llada "
+    "--overwrite-shipped",
+    DEFAULT_DREAM_MODEL: "python examples/train_tiny_mdlm.py --arch dream --out dyllm_fx/assets/tiny-dream "
+    "--overwrite-shipped",
 }
 
 
@@ -50,8 +52,10 @@ def embedded_folder(name: str) -> Path:
     folder = default_model_path(name)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(
-            f"the embedded model {name!r} is not in this install ({folder} has no config.json). Train it with "
-            f"`{_REBUILD[name]}` from a source checkout, or pass a local LLaDA / Dream checkpoint folder instead."
+            f"the embedded model {name!r} is not in this install ({folder} has no config.json). Train it "
+            "with "
+            f"`{_REBUILD[name]}` from a source checkout, or pass a local LLaDA / Dream checkpoint folder "
+            "instead."
         )
     return folder
 
@@ -78,7 +82,8 @@ def resolve_model_path(path_or_name: str | Path) -> Path:
         return path
     if path.exists():
         raise FileNotFoundError(
-            f"model {str(path_or_name)!r} is a file, not a folder; pass the folder that holds config.json + *.safetensors"
+            f"model {str(path_or_name)!r} is a file, not a folder; pass the folder that holds config.json + "
+            "*.safetensors"
         )
     name = str(path_or_name)
     if _HUB_ID.match(name):
@@ -87,13 +92,15 @@ def resolve_model_path(path_or_name: str | Path) -> Path:
             return cached
         local = name.split("/")[1]
         raise FileNotFoundError(
-            f"model {name!r} is not a local folder; it looks like a Hugging Face Hub id, and dyllm-fx never downloads. "
+            f"model {name!r} is not a local folder; it looks like a Hugging Face Hub id, and dyllm-fx never "
+            "downloads. "
             f"Fetch it once with `hf download {name} --local-dir {local}` (older huggingface_hub: "
             f"`huggingface-cli download {name} --local-dir {local}`), then pass {local!r} as the model."
         )
     raise FileNotFoundError(
         f"model folder {name!r} does not exist. dyllm-fx never downloads: pass a local folder holding "
-        "config.json + *.safetensors (e.g. from `hf download`), or 'default' / 'default-dream' for the embedded models."
+        "config.json + *.safetensors (e.g. from `hf download`), or 'default' / 'default-dream' for the "
+        "embedded models."
     )
 
 
@@ -113,7 +120,8 @@ def check_tokenizer_files(folder: str | Path) -> None:
     folder = Path(folder)
     if not any((folder / name).is_file() for name in TOKENIZER_FILES):
         raise CheckpointError(
-            f"{folder} has no tokenizer files (one of {', '.join(TOKENIZER_FILES)}); copy them from the original "
+            f"{folder} has no tokenizer files (one of {', '.join(TOKENIZER_FILES)}); copy them from the "
+            "original "
             "checkpoint, e.g. `hf download REPO --include 'tokenizer*' --local-dir FOLDER`"
         )
 
@@ -186,7 +194,8 @@ def load(
     Args:
         path_or_name: a Hugging Face style folder (config.json + *.safetensors, optionally
             sharded with model.safetensors.index.json), ``"default"`` / ``"default-dream"``
-            for the embedded LLaDA / Dream-architecture models, or a Hub id already in the local Hugging Face cache.
+            for the embedded LLaDA / Dream-architecture models, or a Hub id already in the local Hugging Face
+            cache.
         dtype: weight dtype: a ``torch.dtype``, a name (``"bfloat16"``, ``"float16"``,
             ``"float32"``) or ``"auto"`` (config.json's ``torch_dtype``); default float32 on
             CPU, bfloat16 on CUDA. ``torch_dtype=`` is accepted as transformers spells it.

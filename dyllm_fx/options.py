@@ -62,7 +62,8 @@ def resolve_dtype(dtype: Any = None, *, torch_dtype: Any = None, device=None, co
         name = _canon(dtype)
         if name not in DTYPE_ALIASES:
             raise UsageError(
-                f"unknown dtype {dtype!r}; use one of {', '.join(DTYPE_CHOICES)} (or a torch dtype such as torch.bfloat16)"
+                f"unknown dtype {dtype!r}; use one of {', '.join(DTYPE_CHOICES)} (or a torch dtype such as "
+                "torch.bfloat16)"
             )
         dtype = getattr(torch, DTYPE_ALIASES[name])
     if not isinstance(dtype, torch.dtype):
@@ -112,12 +113,14 @@ def resolve_device(device: Any = None):
         if not torch.cuda.is_available():
             why = "this torch is a CPU-only build" if torch.version.cuda is None else "no CUDA GPU is visible"
             raise UsageError(
-                f"device {str(device)!r} asked for, but {why} (torch {torch.__version__}); use device='cpu' or 'auto'"
+                f"device {str(device)!r} asked for, but {why} (torch {torch.__version__}); use device='cpu' "
+                "or 'auto'"
             )
         count = torch.cuda.device_count()
         if dev.index is not None and dev.index >= count:
             raise UsageError(
-                f"device {str(device)!r} does not exist: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}"
+                f"device {str(device)!r} does not exist: this machine has {count} CUDA device(s), cuda:0 to "
+                f"cuda:{count - 1}"
             )
         return dev
     backend = getattr(torch, dev.type, None) if dev.type != "mps" else getattr(torch.backends, "mps", None)

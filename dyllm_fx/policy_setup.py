@@ -25,7 +25,8 @@ COMPOSITIONS = tuple(
 
 def policy_help(default: str) -> str:
     return (
-        f"'vanilla' (the untransformed model), a transform() policy ({', '.join(POLICY_NAMES)}) or a block cache "
+        f"'vanilla' (the untransformed model), a transform() policy ({', '.join(POLICY_NAMES)}) or a block "
+        "cache "
         f"composed with a row policy, e.g. dual_cache+dyllm (default {default})"
     )
 

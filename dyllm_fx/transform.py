@@ -81,8 +81,10 @@ class TransformedModel(nn.Module):
             after = fn(probe)
             if isinstance(after, torch.Tensor) and after.dtype != probe.dtype:
                 raise UsageError(
-                    f"a TransformedModel is traced in {probe.dtype} and cannot be cast to {after.dtype}; cast the "
-                    f"original model and transform it again: dyllm_fx.transform(model.to({after.dtype}), policy=...)"
+                    f"a TransformedModel is traced in {probe.dtype} and cannot be cast to {after.dtype}; "
+                    "cast the "
+                    f"original model and transform it again: dyllm_fx.transform(model.to({after.dtype}), "
+                    "policy=...)"
                 )
         return super()._apply(fn, recurse)
 
@@ -220,7 +222,8 @@ def transform(
     """
     if isinstance(model, TransformedModel):
         raise UsageError(
-            f"model is already transformed (policy {model.policy.name!r}); transform the original model instead: "
+            f"model is already transformed (policy {model.policy.name!r}); transform the original model "
+            "instead: "
             "dyllm_fx.transform(model, policy=...) with the module dyllm_fx.load() returned"
         )
     if model.training:

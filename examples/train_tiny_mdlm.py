@@ -9,7 +9,8 @@ position i is predicted from the logits at position i - 1, as the runtime reads 
 
     # a 2-stage recipe: train, then resume from the checkpoint with --init-from
     python examples/train_tiny_mdlm.py --arch llada --out runs/llada --steps 20000 --threads 1
-    python examples/train_tiny_mdlm.py --arch llada --init-from runs/llada --out runs/llada-2 --steps 10000 --lr 5e-4
+    python examples/train_tiny_mdlm.py --arch llada --init-from runs/llada --out runs/llada-2 --steps 10000
+    --lr 5e-4
 
 The output is a regular checkpoint folder (config.json, model.safetensors, tokenizer files,
 training.json with every stage's command line, loss curve and held-out evaluations) that
@@ -142,7 +143,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--init-from",
         default=None,
-        help="continue from this checkpoint folder (same architecture; its optimizer.pt is loaded when present). "
+        help="continue from this checkpoint folder (same architecture; its optimizer.pt is loaded when "
+        "present). "
         "With --arch dream, a LLaDA folder is converted to the Dream layout and trained with the shift",
     )
     args = p.parse_args(argv)

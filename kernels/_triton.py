@@ -23,7 +23,8 @@ except ImportError:  # pragma: no cover
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 # On CUDA the ops run their Triton kernels (checked against the references by
-# tests/test_kernels.py under `pytest -m cuda`; timed by benchmarks/kernels_timing.py). DYLLM_TRITON=0 (read at import) keeps the torch
+# tests/test_kernels.py under `pytest -m cuda`; timed by benchmarks/kernels_timing.py). DYLLM_TRITON=0 (read
+# at import) keeps the torch
 # references instead, e.g. to compare or to work around a Triton problem.
 CUDA_KERNELS_ENABLED = os.environ.get("DYLLM_TRITON", "1") != "0"
 

@@ -141,7 +141,8 @@ def apply_mask_(s: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 # Where ``partial_attention_stats_fast`` takes its output from. False (the default): from its one
 # pass, (e @ V) / l, for fp32 calls of at most ONE_PASS_MAX_SCORES scores: one pass over the scores
 # instead of the reference's SDPA plus a score pass (faster at decoding shapes, see
-# benchmarks/cpu_ops.py and benchmarks/results/cpu_ops_cpu.md), and equal to SDPA (so to ``partial_attention``) up to float rounding. True: from SDPA, as the reference, so
+# benchmarks/cpu_ops.py and benchmarks/results/cpu_ops_cpu.md), and equal to SDPA (so to
+# ``partial_attention``) up to float rounding. True: from SDPA, as the reference, so
 # that the two ops agree bit for bit; the lean statistics pass then saves next to nothing (SDPA
 # plus a score pass, like the reference). ``partial_attention`` itself stays SDPA: a one-pass
 # output is no faster there, and SDPA keeps the transformed model's dense steps equal to the

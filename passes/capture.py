@@ -94,8 +94,10 @@ def capture(
     batch, seq = str(ids_val.shape[0]), str(ids_val.shape[1])
     if batch.isdigit() or seq.isdigit():
         raise ValueError(
-            f"the trace fixed the batch or sequence size of input_ids to a constant ({tuple(ids_val.shape)}): a size "
-            "of the example inputs equals another size the model compares it with; trace with other example sizes"
+            "the trace fixed the batch or sequence size of input_ids to a constant "
+            f"({tuple(ids_val.shape)}): a size "
+            "of the example inputs equals another size the model compares it with; trace with other example "
+            "sizes"
         )
     by_ptr = {t.data_ptr(): name for name, t in (named_tensors or {}).items()}
     param_names = {

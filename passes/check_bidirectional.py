@@ -23,7 +23,8 @@ from .matching import SDPA, is_op
 _FIX = (
     "dyllm-fx rewrites bidirectional (masked diffusion) models only. For a transformers Llama / Qwen2 "
     "checkpoint trained as a diffusion model, wrap it first: dyllm_fx.models.hf.bidirectional(model, "
-    "mask_token_id=...), which turns the causal mask off; a causal LM loaded as it is cannot be decoded by diffusion"
+    "mask_token_id=...), which turns the causal mask off; a causal LM loaded as it is cannot be decoded by "
+    "diffusion"
 )
 _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal")
 
@@ -56,7 +57,8 @@ def check_bidirectional(gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...]) ->
         if isinstance(value, torch.Tensor) and is_causal_mask(value):
             core = masks[mask_node][0]
             raise CausalAttentionError(
-                f"attention node '{core.name}' gets a causal mask (node '{mask_node.name}' hides every later key "
+                f"attention node '{core.name}' gets a causal mask (node '{mask_node.name}' hides every later "
+                "key "
                 f"from each query). {_FIX}"
             )
 

@@ -165,7 +165,8 @@ def find_blocks(gm: fx.GraphModule) -> list[BlockMatch]:
         h_out, mlp_out = _mlp_residual(h_mid, reach)
         if h_out is None:
             raise BlockMatchError(
-                f"{where}: no MLP branch added back onto '{h_mid.name}' after attention (parallel attention + MLP "
+                f"{where}: no MLP branch added back onto '{h_mid.name}' after attention (parallel attention "
+                "+ MLP "
                 "blocks, GPT-J style, are not supported)" + _LAYOUT
             )
         span = reach.between(mlp_out, h_mid)
@@ -181,9 +182,12 @@ def find_blocks(gm: fx.GraphModule) -> list[BlockMatch]:
             stream_in = blocks[-1].h_out
             if not _row_wise_chain(stream_in, h_in):
                 raise BlockMatchError(
-                    f"{where}: its input '{h_in.name}' is not the previous block's output '{stream_in.name}' (nor that "
-                    "output passed through row-wise ops with constants, such as a scale or a cast); the compiler needs "
-                    "the residual stream to run from one block into the next (no norm, mixing or other input between "
+                    f"{where}: its input '{h_in.name}' is not the previous block's output '{stream_in.name}' "
+                    "(nor that "
+                    "output passed through row-wise ops with constants, such as a scale or a cast); the "
+                    "compiler needs "
+                    "the residual stream to run from one block into the next (no norm, mixing or other input "
+                    "between "
                     "a block's last add and the next block)" + _LAYOUT
                 )
         blocks.append(

@@ -13,7 +13,8 @@ A core over a key prefix (``passes/attention_operands.py``: an encoder's K/V in 
 rows' keys) keeps its concatenation; the cache takes the place of the rows' new keys in it:
 
     cache_write_rows(k_cache, rows, k_new, 2)
-    partial_attention(q, repeat(cat([k_prefix, k_cache])), repeat(cat([v_prefix, v_cache])), rows, mask, scale)
+    partial_attention(q, repeat(cat([k_prefix, k_cache])), repeat(cat([v_prefix, v_cache])), rows, mask,
+    scale)
 
 so the cache holds the rows (before any GQA head repeat) and the attention reads what the
 original core read. The two calls are ``dyllm_fx.kernels.dispatch``'s

@@ -162,7 +162,8 @@ class _Cutter:
                 env[ext] = ph
             else:
                 raise PieceError(
-                    f"{name}: input '{ext.name}' has several sequence dimensions {seq_dims} and is not an attention mask"
+                    f"{name}: input '{ext.name}' has several sequence dimensions {seq_dims} and is not an "
+                    "attention mask"
                 )
         gathered = [n for n in table_names if env[self.tables[n]].op == "call_function"]
         replaced = {}

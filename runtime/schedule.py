@@ -43,7 +43,8 @@ class BlockSchedule:
         if steps <= 0 or steps % num_blocks:
             raise ValueError(
                 f"steps={steps} must be a positive multiple of the number of blocks "
-                f"(gen_length / block_length = {num_blocks}); e.g. steps={max(1, round(steps / num_blocks)) * num_blocks}"
+                f"(gen_length / block_length = {num_blocks}); e.g. "
+                f"steps={max(1, round(steps / num_blocks)) * num_blocks}"
             )
         return cls(prompt_length, gen_length, block_length, steps // num_blocks)
 
@@ -64,7 +65,8 @@ def _as_int(name: str, value) -> int:
         return operator.index(value)
     except TypeError:
         raise TypeError(
-            f"{name} must be an integer, got {value!r} ({type(value).__name__}); pass e.g. {name}=int({value!r})"
+            f"{name} must be an integer, got {value!r} ({type(value).__name__}); pass e.g. "
+            f"{name}=int({value!r})"
         ) from None
 
 

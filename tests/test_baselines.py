@@ -1,4 +1,5 @@
-"""The Fast-dLLM reference loop (dyllm_fx/eval/plain_loop_baseline.py) gives the block-cache policies' tokens."""
+"""The Fast-dLLM reference loop (dyllm_fx/eval/plain_loop_baseline.py) gives the block-cache
+policies' tokens."""
 
 import pytest
 import torch

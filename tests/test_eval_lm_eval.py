@@ -30,7 +30,10 @@ def _request(context, **gen_kwargs):
 
 
 def test_importing_dyllm_fx_does_not_import_lm_eval_or_matplotlib():
-    code = "import sys, dyllm_fx, dyllm_fx.cli.main; print(sorted(m for m in ('lm_eval', 'matplotlib') if m in sys.modules))"
+    code = (
+        "import sys, dyllm_fx, dyllm_fx.cli.main; "
+        "print(sorted(m for m in ('lm_eval', 'matplotlib') if m in sys.modules))"
+    )
     assert (
         subprocess.run(
             [sys.executable, "-c", code], capture_output=True, text=True, check=True

@@ -23,7 +23,8 @@ from dyllm_fx.export.step_module import cache_shapes  # noqa: E402
 from dyllm_fx.models.layers import default_position_ids  # noqa: E402
 from dyllm_fx.runtime.policies import Policy  # noqa: E402
 
-# Slow (`-m "not slow"` leaves it out): the ONNX fixtures: exports and runs the embedded model through onnxruntime.
+# Slow (`-m "not slow"` leaves it out): the ONNX fixtures: exports and runs the embedded model through
+# onnxruntime.
 pytestmark = pytest.mark.slow
 
 # Measured on a 2-core x86 CPU, float32: max |onnxruntime - torch| on the logits (magnitude up

@@ -241,7 +241,8 @@ def test_policy_parameter_names_and_types_checked_before_the_trace(llada, monkey
     monkeypatch.setattr(transform_module, "capture_module", _no_load)
     with pytest.raises(
         ValueError,
-        match=r"bad parameters for policy 'dyllm': it has no parameter 'tua' \(did you mean 'tau'\?\).*tau=0\.99",
+        match=r"bad parameters for policy 'dyllm': it has no parameter 'tua' \(did you mean "
+        r"'tau'\?\).*tau=0\.99",
     ):
         dyllm_fx.transform(llada, policy="dual_cache+dyllm", tua=0.9)
     with pytest.raises(ValueError, match="policy 'fixed': it needs rows"):

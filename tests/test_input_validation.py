@@ -373,7 +373,8 @@ def test_transformed_forward_accepts_int32_ids(dense_llada, llada):
         torch.testing.assert_close(dense_llada(ids.int()), llada(ids), rtol=0, atol=1e-5)
 
 
-# --------------------------------------------------------------------------- ONNX files that are not a step graph
+# --------------------------------------------------------------------------- ONNX files that are not a step
+# graph
 # test_export_onnx.py covers a text file, a plain ONNX model without metadata and a missing file.
 
 

@@ -235,7 +235,8 @@ def test_embedded_models_by_name():
         else:  # not shipped in this install: the error names the command that trains it
             with pytest.raises(
                 FileNotFoundError,
-                match=rf"not in this install.*train_tiny_mdlm.py --arch \w+ --out {re.escape(str(folder.relative_to(folder.parents[2])))}",
+                match=r"not in this install.*train_tiny_mdlm.py --arch \w+ --out "
+                rf"{re.escape(str(folder.relative_to(folder.parents[2])))}",
             ):
                 resolve_model_path(name)
         assert embedded_model_name(name) == name and embedded_model_name(folder) == name

@@ -56,7 +56,8 @@ def _pad_rows_selected(model: TransformedModel, attention_mask: torch.Tensor) ->
             if hit.any():
                 layers, rows, cols = hit.nonzero(as_tuple=True)
                 bad.append(
-                    f"step {step} ({record.kind}), layer {int(layers[0])}: row {int(rows[0])}, position {int(cols[0])}"
+                    f"step {step} ({record.kind}), layer {int(layers[0])}: row {int(rows[0])}, position "
+                    f"{int(cols[0])}"
                 )
     return bad
 

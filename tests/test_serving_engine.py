@@ -345,7 +345,10 @@ def test_chat_uses_the_trivial_template_without_a_chat_template():
 
 def test_chat_uses_the_tokenizers_template():
     tok = tiny_tokenizer()
-    tok.chat_template = "{% for m in messages %}{{ m['role'][0] }}:{{ m['content'] }},{% endfor %}{% if add_generation_prompt %}a:{% endif %}"
+    tok.chat_template = (
+        "{% for m in messages %}{{ m['role'][0] }}:{{ m['content'] }},{% endfor %}"
+        "{% if add_generation_prompt %}a:{% endif %}"
+    )
     assert render_chat(tok, [{"role": "user", "content": "xy"}]) == "u:xy,a:"
 
 

@@ -69,13 +69,15 @@ def explain(model, steps: bool = True) -> str:
     policy = model.engine.policy
     lines = [
         f"dyllm-fx step program: {len(program.blocks)} blocks, policy '{policy.name}'",
-        f"prologue: embeddings + {len(program.table_names)} row tables ({', '.join(program.table_names) or 'none'}), all rows",
+        f"prologue: embeddings + {len(program.table_names)} row tables "
+        f"({', '.join(program.table_names) or 'none'}), all rows",
     ]
     for block, attn in zip(program.blocks, program.attn):
         k_shape, v_shape = program.kv_shapes[block.index]
         lines.append(f"block {block.index}: residual '{block.h_in.name}' -> '{block.h_out.name}'")
         lines.append(
-            f"  q/k/v  {_param(program, block.q_proj)}, {_param(program, block.k_proj)}, {_param(program, block.v_proj)}"
+            f"  q/k/v  {_param(program, block.q_proj)}, {_param(program, block.k_proj)}, "
+            f"{_param(program, block.v_proj)}"
             " -> run on active rows"
         )
         for original, new in attn.replaced.items():
@@ -88,10 +90,12 @@ def explain(model, steps: bool = True) -> str:
                 f"  masks  {', '.join(whole)} -> passed whole (keys of every row; the op gathers query rows)"
             )
         lines.append(
-            f"  o_proj {_param(program, block.o_proj)} -> active rows; K/V cache per layer {k_shape} / {v_shape} x (batch, seq)"
+            f"  o_proj {_param(program, block.o_proj)} -> active rows; K/V cache per layer {k_shape} / "
+            f"{v_shape} x (batch, seq)"
         )
         lines.append(
-            f"  mlp    {', '.join(_param(program, n) for n in block.mlp_linears)} -> gathered MLP on active rows"
+            f"  mlp    {', '.join(_param(program, n) for n in block.mlp_linears)} -> gathered MLP on active "
+            "rows"
         )
     lines.append("epilogue: final norm + LM head on the positions the sampler reads only")
     if steps and model.diffusion is not None:

@@ -108,7 +108,8 @@ def validate_bench(bench, where: str = "bench") -> None:
     rows = bench.get("rows") if isinstance(bench, dict) else None
     if not isinstance(rows, list) or not rows:
         raise ValueError(
-            f'{where}: expected {{"rows": [{{"method", "accuracy", "tokens_per_s", ...}}, ...], "device": ...}}'
+            f'{where}: expected {{"rows": [{{"method", "accuracy", "tokens_per_s", ...}}, ...], "device": '
+            "...}"
         )
     for i, row in enumerate(rows):
         missing = [k for k in BENCH_REQUIRED if not isinstance(row, dict) or k not in row]

@@ -87,7 +87,8 @@ def record_saliency(
 
     if policy == VANILLA:
         raise ValueError(
-            "policy 'vanilla' recomputes every row at every step: there is nothing to plot; pick a transform() policy"
+            "policy 'vanilla' recomputes every row at every step: there is nothing to plot; pick a "
+            "transform() policy"
         )
     fast = apply_policy(model, policy, policy_args, compile=compile)
     fast.engine.record_similarity = True  # copied to the host after every step

@@ -30,7 +30,8 @@ def add_bench_parser(sub, parents=()) -> None:
         "--n",
         type=int,
         default=DEFAULT_N_PER_TASK,
-        help=f"held-out prompts per task (default {DEFAULT_N_PER_TASK}: {DEFAULT_N_PER_TASK * len(TASKS)} prompts over the suite)",
+        help=f"held-out prompts per task (default {DEFAULT_N_PER_TASK}: {DEFAULT_N_PER_TASK * len(TASKS)} "
+        "prompts over the suite)",
     )
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--gen-length", type=int, default=64)
@@ -47,7 +48,8 @@ def add_bench_parser(sub, parents=()) -> None:
         "--tau",
         type=float,
         default=None,
-        help="DyLLM's saliency threshold for its rows (default: the official per-model preset, 0.99 for LLaDA)",
+        help="DyLLM's saliency threshold for its rows (default: the official per-model preset, 0.99 for "
+        "LLaDA)",
     )
     p.add_argument(
         "--methods",

@@ -21,14 +21,16 @@ def add_eval_parser(
     p = sub.add_parser(
         "eval",
         help="exact-match accuracy, tokens/s, NFE, active fraction and agreement with vanilla decoding",
-        description='Evaluate one policy on the synthetic suite or a JSONL file of {"prompt", "answer"} lines.',
+        description='Evaluate one policy on the synthetic suite or a JSONL file of {"prompt", "answer"} '
+        "lines.",
         parents=list(parents),
     )
     add_model_args(p)
     p.add_argument(
         "--task",
         default=SUITE,
-        help=f"'suite' (the synthetic held-out set: {SUITE_PER_TASK} prompts per task, {SUITE_PER_TASK * 6} in all) "
+        help=f"'suite' (the synthetic held-out set: {SUITE_PER_TASK} prompts per task, {SUITE_PER_TASK * 6} "
+        "in all) "
         "or a JSONL file (default suite)",
     )
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N examples only")
@@ -132,7 +134,8 @@ def format_report(summary: dict, policy: str, reference: str) -> str:
     paired = summary.get("paired")
     if paired is not None:
         lines.append(
-            f"against {reference} on the same {summary['n']} prompts: {paired['won']} won, {paired['lost']} lost, "
+            f"against {reference} on the same {summary['n']} prompts: {paired['won']} won, {paired['lost']} "
+            "lost, "
             f"exact McNemar p = {format_p(paired['mcnemar_p'])}"
         )
     return "\n".join(lines)

@@ -12,7 +12,8 @@ def add_export_parser(sub, parents=()) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "export",
         help="export the transformed denoising step to ONNX (standard ops; onnxruntime, TensorRT)",
-        description="Export the sparse denoising step (caches and policy buffers in, updated ones out) of the "
+        description="Export the sparse denoising step (caches and policy buffers in, updated ones out) of "
+        "the "
         "transformed model. A row policy (dyllm, es_dllm, dllm_cache, compositions) exports one graph "
         "per step shape its generations can reach, for the layout given by --gen-length, "
         "--block-length, --steps / --threshold and --max-seq.",
@@ -70,7 +71,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     params = parse_policy_args(args.policy_arg)
     if args.policy == "vanilla":
         raise UsageError(
-            "--policy vanilla is the untransformed model, which has no cached step to export; export --policy dense "
+            "--policy vanilla is the untransformed model, which has no cached step to export; export "
+            "--policy dense "
             "(every row, every step) or a method such as dual_cache or dyllm"
         )
     policy = make_policy(args.policy, **params)
@@ -107,7 +109,8 @@ def _layout(args: argparse.Namespace, uniform: bool, policy: str) -> dict:
         if given:
             flags = ", ".join("--" + name.replace("_", "-") for name in given)
             raise UsageError(
-                f"{flags} only {'applies' if len(given) == 1 else 'apply'} to row policies (dyllm, es_dllm, dllm_cache, compositions): policy {policy!r} "
+                f"{flags} only {'applies' if len(given) == 1 else 'apply'} to row policies (dyllm, es_dllm, "
+                f"dllm_cache, compositions): policy {policy!r} "
                 "exports one graph that serves every generation layout; drop them"
             )
         return {}

@@ -1,4 +1,4 @@
-"""The ``dyllm`` command line: ``dyllm generate``, ``info``, ``eval``, ``plot``, ``export``, ``bench`` and ``serve``.
+"""The ``dyllm`` command line: ``generate``, ``info``, ``eval``, ``plot``, ``export``, ``bench``, ``serve``.
 
 Error policy: bad input (the project's own errors, ``ValueError`` / ``TypeError`` /
 ``FileNotFoundError`` from validation, ``ImportError`` for a missing optional package) prints

@@ -58,7 +58,8 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
         if args.policy == VANILLA:
             raise ValueError(
-                "policy 'vanilla' recomputes every row at every step: there is nothing to plot; pick a transform() policy"
+                "policy 'vanilla' recomputes every row at every step: there is nothing to plot; pick a "
+                "transform() policy"
             )
         load_kw = check_run(args)
         model, tokenizer = load(args.model, **load_kw)

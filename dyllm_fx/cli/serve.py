@@ -16,7 +16,8 @@ def add_serve_parser(sub, parents=()) -> argparse.ArgumentParser:
         "serve",
         parents=list(parents),
         help="serve a model over an OpenAI-compatible HTTP API",
-        description="An OpenAI-compatible server (/v1/completions, /v1/chat/completions, /v1/models, /health, "
+        description="An OpenAI-compatible server (/v1/completions, /v1/chat/completions, /v1/models, "
+        "/health, "
         "/metrics) that batches requests as they arrive: a request joins a running batch at its next "
         'block boundary. Needs pip install "dyllm-fx[serve]".',
     )

@@ -29,7 +29,8 @@ class AgreementCounter:
         a, b = torch.as_tensor(responses), torch.as_tensor(reference)
         if a.shape != b.shape:
             raise ValueError(
-                f"response shapes differ ({tuple(a.shape)} vs reference {tuple(b.shape)}); agreement needs both runs "
+                f"response shapes differ ({tuple(a.shape)} vs reference {tuple(b.shape)}); agreement needs "
+                "both runs "
                 "decoded with the same prompts, batch size and gen_length"
             )
         self.same += int((a == b).sum())

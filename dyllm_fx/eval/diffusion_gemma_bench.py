@@ -135,13 +135,15 @@ def format_gemma_table(results: list[GemmaResult]) -> str:
     lines = [head, "-" * len(head)]
     for r in results:
         lines.append(
-            f"{r.method:36s} {r.tokens_per_s:9.1f} {r.speedup:7.2f}x {r.agreement:9.3f} {r.nfe:5.0f} {r.active_fraction:7.2f}"
+            f"{r.method:36s} {r.tokens_per_s:9.1f} {r.speedup:7.2f}x {r.agreement:9.3f} {r.nfe:5.0f} "
+            f"{r.active_fraction:7.2f}"
         )
     lines.append(
         "random weights: no accuracy to report; agreement = tokens equal to the untransformed model's;"
     )
     lines.append(
-        "active = canvas rows that ran the MLP, mean over steps and layers, in the batch element that ran the most"
+        "active = canvas rows that ran the MLP, mean over steps and layers, in the batch element that ran "
+        "the most"
     )
     return "\n".join(lines)
 

@@ -162,7 +162,8 @@ def agreement_between(result: EvalResult, reference: EvalResult) -> float:
     """Token agreement of two runs over the same examples and batching."""
     if len(result.responses) != len(reference.responses):
         raise ValueError(
-            "the two runs have different numbers of batches; evaluate both with the same examples and batch_size"
+            "the two runs have different numbers of batches; evaluate both with the same examples and "
+            "batch_size"
         )
     counter = AgreementCounter()
     for ours, theirs in zip(result.responses, reference.responses):

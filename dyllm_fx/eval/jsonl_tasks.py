@@ -36,7 +36,8 @@ def parse_example(line: str, path: str | Path, lineno: int, default_task: str) -
     missing = [f for f in REQUIRED_FIELDS if f not in obj]
     if missing:
         raise JsonlTaskError(
-            f'{where}: missing field {", ".join(repr(f) for f in missing)}; every line needs "prompt" and "answer"'
+            f'{where}: missing field {", ".join(repr(f) for f in missing)}; every line needs "prompt" and '
+            '"answer"'
         )
     prompt, answer, task = obj["prompt"], obj["answer"], obj.get("task", default_task)
     if not isinstance(prompt, str) or not prompt:

@@ -90,7 +90,8 @@ class DyLLMEvalLM(LM):
         unknown = [k for k in policy_args if not k.startswith(_POLICY_PREFIX)]
         if unknown:
             raise ValueError(
-                f"dyllm: unknown model_args {unknown}; policy parameters are written policy_<name>=value (e.g. policy_tau=0.99)"
+                f"dyllm: unknown model_args {unknown}; policy parameters are written policy_<name>=value "
+                "(e.g. policy_tau=0.99)"
             )
         params = {k[len(_POLICY_PREFIX) :]: v for k, v in policy_args.items()}
         if model is None:
@@ -212,7 +213,8 @@ class DyLLMEvalLM(LM):
         ids = self.tokenizer(context, add_special_tokens=False)["input_ids"]
         if budget < 1:
             raise ValueError(
-                f"dyllm: max_gen_toks={gen_len} leaves no room for a prompt in the model's {window}-token window"
+                f"dyllm: max_gen_toks={gen_len} leaves no room for a prompt in the model's {window}-token "
+                "window"
             )
         if len(ids) <= budget:
             return context

@@ -293,7 +293,8 @@ def format_table(bench: dict) -> str:
     """The bench rows as a markdown table: accuracy with its 95% Wilson interval, and against
     vanilla on the same prompts, prompts won / lost and the exact McNemar p."""
     lines = [
-        "| method | accuracy [95% CI] | won / lost vs vanilla | McNemar p | tokens/s | speedup | active fraction "
+        "| method | accuracy [95% CI] | won / lost vs vanilla | McNemar p | tokens/s | speedup | active "
+        "fraction "
         "| NFE / batch | agreement with vanilla |",
         "|---|---|---|---|---|---|---|---|---|",
     ]

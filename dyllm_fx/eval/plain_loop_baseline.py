@@ -26,7 +26,8 @@ MODES = ("dual", "prefix")
 
 
 def _layers(model: nn.Module):
-    """(embedding, [(norm1, q, k, v, o, norm2, gate, up, down)], final norm, head or None for tied, config)."""
+    """(embedding, [(norm1, q, k, v, o, norm2, gate, up, down)], final norm, head (None: tied),
+    config)."""
     if isinstance(model, LLaDAModelLM):
         t, cfg = model.model.transformer, model.config
         blocks = [

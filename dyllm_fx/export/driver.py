@@ -218,8 +218,10 @@ class PlanEngine:
         if index is None:
             layout = ", ".join(f"{k}={v}" for k, v in self.info.layout.items() if v is not None)
             raise ExportedPlanMissing(
-                f"this step graph has no branch for plan key {gkey} (sequence length {seq_len}); it was exported for "
-                f"{layout} ({len(self.keys)} keys). Export again for this generation's layout: dyllm export --onnx ... "
+                f"this step graph has no branch for plan key {gkey} (sequence length {seq_len}); it was "
+                "exported for "
+                f"{layout} ({len(self.keys)} keys). Export again for this generation's layout: dyllm export "
+                "--onnx ... "
                 "--gen-length N --block-length N [--steps N | --threshold] [--max-seq N]"
             )
         return index
@@ -234,13 +236,16 @@ class PlanEngine:
         if (gen, block) != (layout.get("gen_length"), layout.get("block_length")):
             raise ExportedPlanMissing(
                 f"this step graph was exported for gen_length={layout.get('gen_length')}, "
-                f"block_length={layout.get('block_length')}; the generation has gen_length={gen}, block_length={block}. "
+                f"block_length={layout.get('block_length')}; the generation has gen_length={gen}, "
+                f"block_length={block}. "
                 f"Generate with those lengths (--gen-length {layout.get('gen_length')} --block-length "
-                f"{layout.get('block_length')}) or export again with --gen-length {gen} --block-length {block}"
+                f"{layout.get('block_length')}) or export again with --gen-length {gen} --block-length "
+                f"{block}"
             )
         if layout.get("max_seq") is not None and host.seq_len > layout["max_seq"]:
             raise ExportedPlanMissing(
-                f"the prompt and response take {host.seq_len} tokens, more than the max_seq={layout['max_seq']} this "
+                f"the prompt and response take {host.seq_len} tokens, more than the "
+                f"max_seq={layout['max_seq']} this "
                 "step graph was exported for; export again with a larger --max-seq"
             )
 
@@ -342,8 +347,10 @@ def plan_policy(info: StepGraphInfo, policy: str | Policy | None, params: dict |
             policy = make_policy(policy)
     if policy.name != info.policy:
         raise ExportError(
-            f"this step graph was exported for policy {info.policy!r} and cannot run {policy.name!r}: each row "
-            f"policy's step is its own graph; export {policy.name!r} with `dyllm export --onnx FILE --policy {policy.name}`"
+            f"this step graph was exported for policy {info.policy!r} and cannot run {policy.name!r}: each "
+            "row "
+            f"policy's step is its own graph; export {policy.name!r} with `dyllm export --onnx FILE --policy "
+            f"{policy.name}`"
         )
     given = policy_config(policy)
     differ = sorted(
@@ -352,14 +359,16 @@ def plan_policy(info: StepGraphInfo, policy: str | Policy | None, params: dict |
     if differ:
         detail = ", ".join(f"{k}={given.get(k)!r} (exported with {recorded.get(k)!r})" for k in differ)
         raise ExportError(
-            f"policy parameters fixed by the export differ: {detail}; only {sorted(info.params) or 'none'} can change "
+            f"policy parameters fixed by the export differ: {detail}; only {sorted(info.params) or 'none'} "
+            "can change "
             "without exporting again"
         )
     for name in info.params:
         value = float(getattr(policy, name))
         if name == "tau" and value >= 1.0:
             raise ExportError(
-                "tau=1 marks every row salient without comparing, a different graph than the exported tau < 1; "
+                "tau=1 marks every row salient without comparing, a different graph than the exported tau < "
+                "1; "
                 "export again with tau=1.0"
             )
     return policy

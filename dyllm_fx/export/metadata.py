@@ -190,14 +190,16 @@ class StepGraphInfo:
         graph = p.get("graph", "rows")
         if graph not in ("rows", "plans"):
             raise NotAStepGraphError(
-                f"{source}: unknown step graph kind {PREFIX}graph = {graph!r}; export it again with `dyllm export --onnx`"
+                f"{source}: unknown step graph kind {PREFIX}graph = {graph!r}; export it again with `dyllm "
+                "export --onnx`"
             )
         plan_fields = {}
         if graph == "plans":
             missing = [PREFIX + k for k in PLAN_KEYS if k not in p]
             if missing:
                 raise NotAStepGraphError(
-                    f"{source}: a plan step graph without {', '.join(missing)}; export it again with `dyllm export --onnx`"
+                    f"{source}: a plan step graph without {', '.join(missing)}; export it again with `dyllm "
+                    "export --onnx`"
                 )
             plan_fields = {k: read(k, json.loads) for k in PLAN_KEYS if k != "graph"}
         return cls(

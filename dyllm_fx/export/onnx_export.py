@@ -56,8 +56,10 @@ def check_policy(policy) -> None:
     uniform = ", ".join(p.name for p in LAYER_UNIFORM_POLICIES)
     raise ExportError(
         f"policy {policy.name!r} ({type(policy).__name__}) cannot be exported: an exported step is either "
-        f"layer-uniform ({uniform}; a custom policy opts in with layer_uniform = True) or one of the row policies "
-        "whose plan keys the exporter lists (dyllm, es_dllm, dllm_cache and their compositions with a block cache); "
+        f"layer-uniform ({uniform}; a custom policy opts in with layer_uniform = True) or one of the row "
+        "policies "
+        "whose plan keys the exporter lists (dyllm, es_dllm, dllm_cache and their compositions with a block "
+        "cache); "
         f"run {policy.name!r} with dyllm_fx.generate() on the transformed model instead"
     )
 

@@ -32,7 +32,8 @@ def _ort():
         import onnxruntime
     except ImportError as err:
         raise ImportError(
-            "running an ONNX step graph needs onnxruntime: pip install onnxruntime (or onnxruntime-gpu for CUDA), "
+            "running an ONNX step graph needs onnxruntime: pip install onnxruntime (or onnxruntime-gpu for "
+            "CUDA), "
             'or pip install "dyllm-fx[onnx]"'
         ) from err
     return onnxruntime
@@ -161,7 +162,8 @@ class _Tokenizer:
         if self._tokenizer is None:
             if not self.info.model_path:
                 raise ValueError(
-                    f"{self.path} records no model folder to load a tokenizer from; pass tokenizer= to load_onnx "
+                    f"{self.path} records no model folder to load a tokenizer from; pass tokenizer= to "
+                    "load_onnx "
                     "(CLI: --model FOLDER), or export with model_path=FOLDER (`dyllm export --model FOLDER`)"
                 )
             self._tokenizer = load_tokenizer(resolve_model_path(self.info.model_path))
@@ -246,7 +248,8 @@ def load_onnx(
     if policy_args:
         policy = build_policy(info, policy)
         raise ValueError(
-            f"policy_args {sorted(policy_args)} given for a layer-uniform step graph (policy {policy.name!r}); its "
+            f"policy_args {sorted(policy_args)} given for a layer-uniform step graph (policy "
+            f"{policy.name!r}); its "
             "rows come from the host: pass policy=make_policy(name, **params) instead (CLI: --policy NAME "
             "--policy-arg KEY=VALUE)"
         )

@@ -305,10 +305,13 @@ def plan_keys(
             lo_hi[0], lo_hi[1] = min(lo_hi[0], seq_len), max(lo_hi[1], seq_len)
         if len(ranges) > max_graphs:
             raise PlanKeyError(
-                f"policy {policy.name!r} reaches more than {max_graphs} step shapes (plan keys) on this layout "
+                f"policy {policy.name!r} reaches more than {max_graphs} step shapes (plan keys) on this "
+                "layout "
                 f"(gen_length={layout.gen_length}, block_length={layout.block}, max_seq={layout.max_seq}, "
-                f"{'threshold decoding' if layout.threshold else f'steps={layout.steps}'}); one graph is exported per "
-                "shape. Narrow the layout (a smaller max_seq or max_commit, a fixed capacity) or use a policy scope "
+                f"{'threshold decoding' if layout.threshold else f'steps={layout.steps}'}); one graph is "
+                "exported per "
+                "shape. Narrow the layout (a smaller max_seq or max_commit, a fixed capacity) or use a "
+                "policy scope "
                 "whose sizes do not grow with the prompt (scope='all' does)"
             )
     order = sorted(ranges, key=encode_key)

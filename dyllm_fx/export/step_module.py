@@ -60,7 +60,8 @@ def check_layer_uniform(policy: Policy) -> None:
     if not is_layer_uniform(policy):
         names = ", ".join(p.name for p in LAYER_UNIFORM_POLICIES)
         raise ExportError(
-            f"policy {policy.name!r} is not layer-uniform: it chooses rows per layer inside the step, which a "
+            f"policy {policy.name!r} is not layer-uniform: it chooses rows per layer inside the step, which "
+            "a "
             f"layer-uniform step graph (one row set for every layer; it runs {names}) cannot express. Export "
             f"{policy.name!r}'s own step graph: dyllm export --onnx FILE --policy {policy.name} "
             f"(dyllm_fx.export.to_onnx on a model transformed with policy={policy.name!r})"

@@ -31,7 +31,10 @@ from .onnx_export import check_exportable
 from .plan_keys import Layout
 from .step_module import ExportableStep, ExportError, dynamic_shapes, example_inputs, is_layer_uniform
 
-INSTALL = 'pip install "dyllm-fx[tensorrt]" (torch_tensorrt, matching your torch and CUDA versions; needs a CUDA GPU)'
+INSTALL = (
+    'pip install "dyllm-fx[tensorrt]" (torch_tensorrt, matching your torch and CUDA versions; '
+    "needs a CUDA GPU)"
+)
 
 
 class TensorRTUnavailable(RuntimeError):

@@ -47,8 +47,10 @@ def resolve_architecture(config: dict[str, Any]) -> Architecture:
             return arch
     known = ", ".join(f"{a.name} (model_type {a.model_types[0]!r})" for a in ARCHITECTURES)
     raise CheckpointError(
-        f"unknown architecture: model_type={config.get('model_type')!r}, architectures={sorted(class_names)}. "
-        f"dyllm-fx loads {known}; for another model, build it yourself and pass the module to dyllm_fx.transform()."
+        f"unknown architecture: model_type={config.get('model_type')!r}, "
+        f"architectures={sorted(class_names)}. "
+        f"dyllm-fx loads {known}; for another model, build it yourself and pass the module to "
+        "dyllm_fx.transform()."
     )
 
 

@@ -45,7 +45,8 @@ def read_config(folder: str | Path) -> dict[str, Any]:
         ) from None
     if not isinstance(config, dict):
         raise CheckpointError(
-            f"{path} holds a JSON {type(config).__name__}, not an object of model settings; copy the checkpoint's config.json again"
+            f"{path} holds a JSON {type(config).__name__}, not an object of model settings; copy the "
+            "checkpoint's config.json again"
         )
     return config
 

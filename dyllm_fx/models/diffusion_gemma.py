@@ -177,13 +177,15 @@ def _check_model(model: nn.Module) -> None:
     impl = getattr(model.config, "_attn_implementation", "sdpa")
     if impl not in ("sdpa", None):
         raise UsageError(
-            f"the DiffusionGemma model uses attn_implementation={impl!r}; load it with attn_implementation='sdpa' so "
+            f"the DiffusionGemma model uses attn_implementation={impl!r}; load it with "
+            "attn_implementation='sdpa' so "
             "the compiler sees attention as one op"
         )
     experts = getattr(model.config.get_text_config(), "_experts_implementation", None)
     if experts == "eager":
         raise UsageError(
-            "the DiffusionGemma model uses experts_implementation='eager', a Python loop over the experts hit by the "
+            "the DiffusionGemma model uses experts_implementation='eager', a Python loop over the experts "
+            "hit by the "
             "batch, which cannot be traced with symbolic row counts; load it with experts_implementation="
             "'grouped_mm' (transformers' default) or 'batched_mm'"
         )
@@ -200,7 +202,8 @@ def transform(model: nn.Module, policy, compile=False, cuda_graphs=False, **poli
     )  # bad parameters fail before the trace
     if "es_dllm" in chosen.name.split("+"):
         raise UsageError(
-            "es_dllm scores rows by the confidence of their masked tokens, and DiffusionGemma has no mask token (its "
+            "es_dllm scores rows by the confidence of their masked tokens, and DiffusionGemma has no mask "
+            "token (its "
             "canvas is renoised with random tokens); use policy='dyllm' (saliency), 'dllm_cache' or 'dense'"
         )
     captured, layout, inputs = capture_step(model)
@@ -276,7 +279,8 @@ def _make_class():
 
         def make_step_function(self):
             raise TypeError(
-                "a DiffusionGemma model decodes canvases with its own sampler: call dyllm_fx.generate(model, tokenizer, "
+                "a DiffusionGemma model decodes canvases with its own sampler: call dyllm_fx.generate(model, "
+                "tokenizer, "
                 "prompts) or model.generate(input_ids)"
             )
 
@@ -300,7 +304,8 @@ def _make_class():
 
             if kwargs.get("pixel_values") is not None or mm_encoder_outputs is not None:
                 raise UsageError(
-                    "the transformed DiffusionGemma model takes text only (no pixel_values / mm_encoder_outputs)"
+                    "the transformed DiffusionGemma model takes text only (no pixel_values / "
+                    "mm_encoder_outputs)"
                 )
             encoder_last_hidden_state = None
             if input_ids is not None:
@@ -420,7 +425,8 @@ def _make_class():
             if isinstance(mapping, torch.Tensor):
                 if mapping.dim() != 2:
                     raise UsageError(
-                        "decoder_attention_mask must be 2-D (batch, prefix + canvas) or the decoder's mask dict"
+                        "decoder_attention_mask must be 2-D (batch, prefix + canvas) or the decoder's mask "
+                        "dict"
                     )
                 mapping = self.model.decoder.create_diffusion_decoder_attention_mask(
                     config=self.config,
@@ -471,7 +477,8 @@ def _key_mask(mask, bsz: int, n_keys: int, device, layer_type: str) -> torch.Ten
         return torch.ones(bsz, n_keys, dtype=torch.bool, device=device)
     if mask.dim() != 4 or mask.shape[-1] != n_keys or mask.shape[1] != 1:
         raise UsageError(
-            f"the decoder mask for {layer_type} has shape {tuple(mask.shape)}; expected (batch, 1, canvas, {n_keys})"
+            f"the decoder mask for {layer_type} has shape {tuple(mask.shape)}; expected (batch, 1, canvas, "
+            f"{n_keys})"
         )
     if mask.dtype == torch.bool:
         allowed = mask
@@ -485,7 +492,8 @@ def _key_mask(mask, bsz: int, n_keys: int, device, layer_type: str) -> torch.Ten
     first = allowed[:, :, :1]
     if not bool((allowed == first).all()):
         raise UsageError(
-            "the decoder mask differs between canvas rows; the transformed model takes key masks (every canvas row "
+            "the decoder mask differs between canvas rows; the transformed model takes key masks (every "
+            "canvas row "
             "sees the same keys), which is what transformers' DiffusionGemma builds"
         )
     return first[:, 0, 0].expand(bsz, n_keys).contiguous()
@@ -562,7 +570,8 @@ def generate_ids(
     unknown = sorted(set(options) - set(SAMPLER_OPTIONS))
     if unknown:
         raise UsageError(
-            f"unknown DiffusionGemma sampler option(s) {unknown}; it takes max_new_tokens, steps (max_denoising_steps), "
+            f"unknown DiffusionGemma sampler option(s) {unknown}; it takes max_new_tokens, steps "
+            "(max_denoising_steps), "
             f"seed and {', '.join(SAMPLER_OPTIONS)}"
         )
     eos = options.pop("eos_token_id", None)
@@ -616,7 +625,8 @@ def dynamo_step(module: nn.Module, gm, options: dict):
     n_out = len(outputs) if isinstance(outputs, (tuple, list)) else 1
     if roles is None or n_out != 1:
         warnings.warn(
-            "dyllm backend: this DiffusionGemma graph is not a decoder call (decoder_input_ids over an encoder cache, "
+            "dyllm backend: this DiffusionGemma graph is not a decoder call (decoder_input_ids over an "
+            "encoder cache, "
             "returning logits); it runs as dynamo traced it, untransformed",
             stacklevel=2,
         )

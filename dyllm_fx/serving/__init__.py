@@ -5,10 +5,12 @@ arrive (joining running batches at block boundaries), and an OpenAI-compatible H
     LLM, SamplingParams, RequestOutput, CompletionOutput   the offline API (``llm.py``)
     ServingEngine                                          requests in, one step per call (``engine.py``)
     AsyncEngine                                            the engine in a thread, for the server
-    build_app / serve                                      the FastAPI app and its uvicorn runner (``server.py``)
+    build_app / serve                                      the FastAPI app and its uvicorn runner
+    (``server.py``)
     ServerProcess                                          ``dyllm serve`` in a child process (``process.py``)
 
-The names are imported on first use (``net.py`` and ``process.py``, which the command line and the clients need
+The names are imported on first use (``net.py`` and ``process.py``, which the command line and the clients
+need
 before any weights load, import neither torch nor FastAPI). ``pip install "dyllm-fx[serve]"`` brings
 FastAPI, uvicorn and the openai client.
 """

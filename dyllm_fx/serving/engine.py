@@ -111,7 +111,8 @@ class ServingEngine:
         if limit is not None and len(ids) + resolved.window > limit:
             raise PromptTooLongError(
                 f"the prompt ({len(ids)} tokens) + the response window ({resolved.window} tokens) = "
-                f"{len(ids) + resolved.window} exceeds the model's window of {limit} tokens; shorten the prompt or "
+                f"{len(ids) + resolved.window} exceeds the model's window of {limit} tokens; shorten the "
+                "prompt or "
                 f"lower max_tokens (at most {limit - len(ids)} here)"
             )
         sampler = make_sampler(self.dream, threshold=params.threshold, **params.sampler_kwargs(self.dream))

@@ -77,14 +77,16 @@ class LLM:
                 raise UsageError("a model object needs its tokenizer: LLM(model, tokenizer=tokenizer)")
             if dtype is not None or device is not None:
                 raise UsageError(
-                    "dtype= and device= apply when LLM loads a folder; move a model object yourself (model.to(...))"
+                    "dtype= and device= apply when LLM loads a folder; move a model object yourself "
+                    "(model.to(...))"
                 )
             self.model_name = type(model).__name__
         self.base_model = model
         if isinstance(model, TransformedModel):
             if policy not in (None, model.policy.name) or policy_config or compile or cuda_graphs:
                 raise UsageError(
-                    f"model is already transformed (policy {model.policy.name!r}); pass the original model to choose "
+                    f"model is already transformed (policy {model.policy.name!r}); pass the original model "
+                    "to choose "
                     "a policy, compile or cuda_graphs here"
                 )
         elif policy not in (None, "vanilla"):
@@ -129,7 +131,8 @@ class LLM:
             params = list(sampling_params)
             if len(params) != len(prompts):
                 raise ValueError(
-                    f"got {len(params)} SamplingParams for {len(prompts)} prompts; pass one, or one per prompt"
+                    f"got {len(params)} SamplingParams for {len(prompts)} prompts; pass one, or one per "
+                    "prompt"
                 )
         self._warn_unknown([p for p in prompts if isinstance(p, str)])
         requests = [self.engine.make_request(p, sp) for p, sp in zip(prompts, params)]

@@ -102,7 +102,8 @@ class SamplingParams:
         top_k = None if self.top_k is None or self.top_k <= 0 else int(self.top_k)
         if not dream and (top_p is not None or top_k is not None):
             raise ValueError(
-                "top_p / top_k apply to Dream models; LLaDA samples with temperature (Gumbel-max) and commits by "
+                "top_p / top_k apply to Dream models; LLaDA samples with temperature (Gumbel-max) and "
+                "commits by "
                 "remasking='low_confidence' or 'random'"
             )
         if dream:
@@ -120,7 +121,8 @@ class SamplingParams:
                 kw["remasking"] = self.remasking
             if self.alg is not None or self.alg_temp is not None:
                 raise ValueError(
-                    "alg / alg_temp are Dream options; LLaDA models take remasking='low_confidence' or 'random'"
+                    "alg / alg_temp are Dream options; LLaDA models take remasking='low_confidence' or "
+                    "'random'"
                 )
         return kw
 
@@ -151,8 +153,10 @@ def resolve(params: SamplingParams, trained_window: int | None, max_length: int 
     window = max_tokens if block is None else math.ceil(max_tokens / block) * block
     if max_length is not None and window >= max_length:
         raise ValueError(
-            f"max_tokens={max_tokens} (a {window}-token response window) leaves no room for a prompt in the model's "
-            f"{max_length}-token window; use max_tokens <= {max(1, max_length - 1 - (max_length - 1) % (block or 1))}"
+            f"max_tokens={max_tokens} (a {window}-token response window) leaves no room for a prompt in the "
+            "model's "
+            f"{max_length}-token window; use max_tokens <= "
+            f"{max(1, max_length - 1 - (max_length - 1) % (block or 1))}"
         )
     steps = params.steps if params.threshold is None else None
     if params.threshold is None and steps is None:

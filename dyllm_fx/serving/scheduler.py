@@ -58,8 +58,10 @@ class Scheduler:
         with self.lock:
             if self.max_queue_size is not None and len(self.waiting) + len(seqs) > self.max_queue_size:
                 raise QueueFull(
-                    f"the request queue is full: {len(self.waiting)} of {self.max_queue_size} completions wait, and "
-                    f"this request adds {len(seqs)}; retry later, or start the server with a larger --max-queue-size"
+                    f"the request queue is full: {len(self.waiting)} of {self.max_queue_size} completions "
+                    "wait, and "
+                    f"this request adds {len(seqs)}; retry later, or start the server with a larger "
+                    "--max-queue-size"
                 )
             self.waiting.extend(seqs)
 

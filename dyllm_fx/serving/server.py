@@ -163,7 +163,8 @@ def build_app(engine: AsyncEngine, model_name: str = "default", policy: str = ""
         errors = err.errors()
         first = errors[0] if errors else {}
         if first.get("type") == "json_invalid":
-            message = f"the request body is not valid JSON: {first.get('ctx', {}).get('error', first.get('msg', ''))}"
+            detail = first.get("ctx", {}).get("error", first.get("msg", ""))
+            message = f"the request body is not valid JSON: {detail}"
             param = None
         else:
             loc = [str(p) for p in first.get("loc", ()) if p != "body"]

@@ -68,7 +68,8 @@ def _compose(names: Sequence[str], config: dict, family: str | None) -> Policy:
     rows = [n for n in names if n not in BLOCK_SCOPES]
     if len(blocks) != 1 or len(rows) != 1 or rows[0] not in ROW_POLICIES:
         raise ValueError(
-            f"cannot compose {list(names)}: combine one block cache {sorted(BLOCK_SCOPES)} with one row policy "
+            f"cannot compose {list(names)}: combine one block cache {sorted(BLOCK_SCOPES)} with one row "
+            "policy "
             f"{list(ROW_POLICIES)}, e.g. ['dual_cache', 'dyllm']"
         )
     if "scope" in config:

@@ -53,7 +53,8 @@ def check_params(cls: type, name: str, config: dict) -> None:
             hint = type(params[key].default)
         if hint is not None and not matches(value, hint):
             raise TypeError(
-                f"bad parameters for policy {name!r}: {key} must be {describe(hint)}, got {type(value).__name__} {value!r}"
+                f"bad parameters for policy {name!r}: {key} must be {describe(hint)}, got "
+                f"{type(value).__name__} {value!r}"
             )
 
 

@@ -2,7 +2,8 @@
 
 ``make_policy(name, family=...)`` fills in these values for the parameters the caller did not
 set; ``family`` is "llada" or "dream" (``dyllm_fx.transform`` reads it from the model's
-diffusion spec) or "diffusion_gemma" (transformers' block-diffusion model). Each entry names where the official code sets it.
+diffusion spec) or "diffusion_gemma" (transformers' block-diffusion model). Each entry names where the
+official code sets it.
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ def preset(name: str, family: str | None) -> dict:
 
 
 def family_of(spec) -> str | None:
-    """The family: "dream" for models with Dream's shifted logits, "llada" for the others; None without a spec."""
+    """The family: "dream" for models with Dream's shifted logits, "llada" for the others; None
+    without a spec."""
     if spec is None:
         return None
     return "dream" if getattr(spec, "logits_shift", 0) else "llada"
