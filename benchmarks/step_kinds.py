@@ -1,0 +1,107 @@
+"""Where a generation's time goes, step kind by step kind: the mean time of each kind of warm step
+(a plan kind and its width), its share of the run, and for DyLLM the capacity its sparse steps
+ran at, measured on the embedded model.
+
+    python benchmarks/step_kinds.py                                  # dual_cache, dyllm, dual_cache+dyllm, compiled
+    python benchmarks/step_kinds.py --methods dyllm --eager --batch 1
+
+A DyLLM sparse step recomputes up to ``capacity`` rows per sequence, the most any sequence of
+the batch needed over the last steps (plus headroom): when that reaches the span's width, the
+step does the dense step's work plus its gating. The "capacity" column shows how often it does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from collections import Counter, defaultdict
+
+import torch
+
+import dyllm_fx
+from dyllm_fx.eval.synthetic_tasks import held_out_set
+
+GEN = dict(gen_length=64, block_length=32, steps=64, progress=False)
+
+
+def step_label(key: tuple) -> tuple[str, int | None]:
+    """(the plan kind, its width where the key holds one)."""
+    kind = key[0]
+    width = key[1] if len(key) > 1 and isinstance(key[1], int) else None
+    return kind, width
+
+
+def timed_generation(fast, tokenizer, prompts: list[str], repeats: int):
+    """The fastest of ``repeats`` generations after one warm-up, with the plan key of each step."""
+    policy = fast.policy
+    plan = policy.plan
+    keys: list[tuple] = []
+
+    def recording(host):
+        out = plan(host)
+        keys.append(out.key)
+        return out
+
+    policy.plan = recording
+    try:
+        dyllm_fx.generate(fast, tokenizer, prompts, **GEN)
+        best = None
+        for _ in range(repeats):
+            keys.clear()
+            out = dyllm_fx.generate(fast, tokenizer, prompts, **GEN)
+            if best is None or out.stats.seconds < best[0].stats.seconds:
+                best = (out, list(keys))
+    finally:
+        del policy.plan
+    return best
+
+
+def report(name: str, out, keys: list[tuple]) -> list[str]:
+    seconds = out.stats.step_seconds
+    groups: dict[tuple, list[float]] = defaultdict(list)
+    capacities: dict[tuple, Counter] = defaultdict(Counter)
+    for key, s in zip(keys, seconds):
+        label = step_label(key)
+        groups[label].append(s * 1e3)
+        if key[0] == "sparse":
+            capacities[label][key[2]] += 1
+    total = sum(seconds) * 1e3
+    lines = []
+    for (kind, width), ms in groups.items():
+        caps = ", ".join(f"{c}: {n}" for c, n in sorted(capacities[(kind, width)].items())) or "-"
+        lines.append(
+            f"| {name} | {kind} | {'-' if width is None else width} | {len(ms)} | {statistics.mean(ms):.1f} "
+            f"| {100 * sum(ms) / total:.0f}% | {caps} |"
+        )
+    lines.append(f"| {name} | all | | {len(seconds)} | {total / len(seconds):.1f} | 100% | |")
+    return lines
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="default", help="model folder, 'default' or 'default-dream'")
+    p.add_argument("--methods", default="dual_cache,dyllm,dual_cache+dyllm", help="comma-separated policies")
+    p.add_argument("--n", type=int, default=3, help="held-out prompts per task (the first --batch are used)")
+    p.add_argument("--batch", type=int, default=16, help="prompts decoded as one batch (default 16)")
+    p.add_argument("--repeats", type=int, default=2, help="timed generations after the warm-up; the fastest counts")
+    p.add_argument("--eager", action="store_true", help="run the eager step instead of the inductor-compiled one")
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args(argv)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    prompts = [e.prompt for e in held_out_set(args.n)][: args.batch]
+    if len(prompts) < args.batch:
+        p.error(f"--n {args.n} gives {len(prompts)} prompts, fewer than --batch {args.batch}: raise --n")
+    torch.set_num_threads(args.threads)
+    model, tokenizer = dyllm_fx.load(args.model, dtype=torch.float32, device="cpu")
+    print(f"{args.model}, batch {len(prompts)}, {'eager' if args.eager else 'compiled'}, {args.threads} thread(s)")
+    print("| method | step kind | width | steps | mean ms | share of the run | sparse capacity: steps |")
+    print("|---|---|---|---|---|---|---|")
+    for name in methods:
+        fast = dyllm_fx.transform(model, policy=name, compile=not args.eager)
+        out, keys = timed_generation(fast, tokenizer, prompts, args.repeats)
+        print("\n".join(report(name, out, keys)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
