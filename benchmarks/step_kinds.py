@@ -2,7 +2,7 @@
 (a plan kind and its width), its share of the run, and for DyLLM the capacity its sparse steps
 ran at, measured on the embedded model.
 
-    python benchmarks/step_kinds.py                                  # dual_cache, dyllm, dual_cache+dyllm, compiled
+    python benchmarks/step_kinds.py          # dual_cache, dyllm, dual_cache+dyllm, compiled
     python benchmarks/step_kinds.py --methods dyllm --eager --batch 1
 
 A DyLLM sparse step recomputes up to ``capacity`` rows per sequence, the most any sequence of
@@ -83,8 +83,12 @@ def main(argv=None) -> int:
     p.add_argument("--methods", default="dual_cache,dyllm,dual_cache+dyllm", help="comma-separated policies")
     p.add_argument("--n", type=int, default=3, help="held-out prompts per task (the first --batch are used)")
     p.add_argument("--batch", type=int, default=16, help="prompts decoded as one batch (default 16)")
-    p.add_argument("--repeats", type=int, default=2, help="timed generations after the warm-up; the fastest counts")
-    p.add_argument("--eager", action="store_true", help="run the eager step instead of the inductor-compiled one")
+    p.add_argument(
+        "--repeats", type=int, default=2, help="timed generations after the warm-up; the fastest counts"
+    )
+    p.add_argument(
+        "--eager", action="store_true", help="run the eager step instead of the inductor-compiled one"
+    )
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -93,7 +97,8 @@ def main(argv=None) -> int:
         p.error(f"--n {args.n} gives {len(prompts)} prompts, fewer than --batch {args.batch}: raise --n")
     torch.set_num_threads(args.threads)
     model, tokenizer = dyllm_fx.load(args.model, dtype=torch.float32, device="cpu")
-    print(f"{args.model}, batch {len(prompts)}, {'eager' if args.eager else 'compiled'}, {args.threads} thread(s)")
+    mode = "eager" if args.eager else "compiled"
+    print(f"{args.model}, batch {len(prompts)}, {mode}, {args.threads} thread(s)")
     print("| method | step kind | width | steps | mean ms | share of the run | sparse capacity: steps |")
     print("|---|---|---|---|---|---|---|")
     for name in methods:

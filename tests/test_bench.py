@@ -275,3 +275,42 @@ def test_default_methods_start_with_the_official_defaults():
     assert methods["dyllm"].params == {} and methods["es_dllm"].params == {}  # the authors' settings
     variants = [label for label in methods if label.startswith(("dyllm:", "es_dllm:"))]
     assert len(variants) >= 5 and all("," not in label for label in methods)  # --methods splits on commas
+
+
+def _step_kinds():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("step_kinds", ROOT / "benchmarks" / "step_kinds.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_step_kinds_groups_steps_by_kind_and_counts_capacities():
+    from types import SimpleNamespace
+
+    step_kinds = _step_kinds()
+    keys = [
+        ("full",),
+        ("sparse", 64, 32, "exact", False),
+        ("sparse", 64, 64, "exact", False),
+        ("sparse", 90, 32),
+    ]
+    out = SimpleNamespace(stats=SimpleNamespace(step_seconds=[0.4, 0.1, 0.3, 0.2]))
+    lines = step_kinds.report("dyllm", out, keys)
+    assert lines[0] == "| dyllm | full | - | 1 | 400.0 | 40% | - |"
+    assert lines[1] == "| dyllm | sparse | 64 | 2 | 200.0 | 40% | 32: 1, 64: 1 |"
+    assert lines[2] == "| dyllm | sparse | 90 | 1 | 200.0 | 20% | 32: 1 |"
+    assert lines[3] == "| dyllm | all | | 4 | 250.0 | 100% | |"
+
+
+def test_step_kinds_benchmark_smoke_runs():
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "step_kinds.py"), "--methods", "dyllm", "--eager"]
+        + ["--batch", "2", "--n", "1", "--repeats", "1"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "| dyllm | full |" in done.stdout and "| dyllm | sparse |" in done.stdout
