@@ -310,6 +310,37 @@ def build_app(engine: AsyncEngine, model_name: str = "default", policy: str = ""
             if not stream.finished:  # the client went away (or the send failed): free the rows
                 engine.abort(stream)
 
+    async def respond(
+        req, raw: Request, rid: str, requests: list, n: int, objects: tuple, stream_choice, final_choice
+    ):
+        """Run ``requests`` and answer as the OpenAI API does, under the response id ``rid``: with
+        ``req.stream``, an SSE stream of chunks (object ``objects[0]``), each holding one
+        ``stream_choice(index, text_delta, finish_reason, first)``; otherwise one body (object
+        ``objects[1]``) with a ``final_choice(index, output)`` for every choice, the usage and
+        the engine's metrics."""
+        stream = submit(requests)
+        created = int(time.time())
+
+        def body(obj: str, choices: list) -> dict:
+            return {"id": rid, "object": obj, "created": created, "model": model_name, "choices": choices}
+
+        if req.stream:
+
+            def chunk(index, text, finish, first, usage=None):
+                out = body(objects[0], [] if index is None else [stream_choice(index, text, finish, first)])
+                if usage is not None:
+                    out["usage"] = usage
+                return out
+
+            include = bool((req.stream_options or {}).get("include_usage"))
+            return StreamingResponse(
+                event_stream(stream, requests, n, chunk, raw, include), media_type="text/event-stream"
+            )
+        final = await final_outputs(stream, raw)
+        outs = [final[r.request_id] for r in requests if r.request_id in final]
+        choices = [final_choice(i * n + c.index, c) for i, o in enumerate(outs) for c in o.outputs]
+        return {**body(objects[1], choices), "usage": usage(outs), "metrics": metrics_of(outs)}
+
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, raw: Request):
         check_model(req.model)
@@ -327,53 +358,15 @@ def build_app(engine: AsyncEngine, model_name: str = "default", policy: str = ""
             raise OpenAIError(400, "prompt is empty; pass a string or a non-empty list", param="prompt")
         rid = f"cmpl-{uuid.uuid4().hex[:24]}"
         requests = make_requests(prompts, params, rid)
-        stream = submit(requests)
-        now = int(time.time())
 
-        if req.stream:
+        def text_choice(index, text, finish, first):
+            return {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
 
-            def chunk(index, text, finish, first, usage=None):
-                body = {
-                    "id": rid,
-                    "object": "text_completion",
-                    "created": now,
-                    "model": model_name,
-                    "choices": [],
-                }
-                if index is not None:
-                    body["choices"] = [
-                        {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
-                    ]
-                if usage is not None:
-                    body["usage"] = usage
-                return body
+        def final_choice(index, c):
+            return text_choice(index, c.text, c.finish_reason, False)
 
-            include = bool((req.stream_options or {}).get("include_usage"))
-            return StreamingResponse(
-                event_stream(stream, requests, params.n, chunk, raw, include), media_type="text/event-stream"
-            )
-
-        final = await final_outputs(stream, raw)
-        outs = [final[r.request_id] for r in requests if r.request_id in final]
-        choices = [
-            {
-                "index": i * params.n + c.index,
-                "text": c.text,
-                "logprobs": None,
-                "finish_reason": c.finish_reason,
-            }
-            for i, o in enumerate(outs)
-            for c in o.outputs
-        ]
-        return {
-            "id": rid,
-            "object": "text_completion",
-            "created": now,
-            "model": model_name,
-            "choices": choices,
-            "usage": usage(outs),
-            "metrics": metrics_of(outs),
-        }
+        objects = ("text_completion", "text_completion")
+        return await respond(req, raw, rid, requests, params.n, objects, text_choice, final_choice)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatCompletionRequest, raw: Request):
@@ -389,58 +382,17 @@ def build_app(engine: AsyncEngine, model_name: str = "default", policy: str = ""
             raise OpenAIError(400, "the messages hold no text", param="messages")
         rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         requests = make_requests([prompt], params, rid)
-        stream = submit(requests)
-        now = int(time.time())
 
-        if req.stream:
+        def delta_choice(index, text, finish, first):
+            delta = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
+            return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
 
-            def chunk(index, text, finish, first, usage=None):
-                body = {
-                    "id": rid,
-                    "object": "chat.completion.chunk",
-                    "created": now,
-                    "model": model_name,
-                    "choices": [],
-                }
-                if index is not None:
-                    delta: dict = (
-                        {"role": "assistant", "content": text}
-                        if first
-                        else ({"content": text} if text else {})
-                    )
-                    body["choices"] = [
-                        {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
-                    ]
-                if usage is not None:
-                    body["usage"] = usage
-                return body
+        def message_choice(index, c):
+            message = {"role": "assistant", "content": c.text}
+            return {"index": index, "message": message, "logprobs": None, "finish_reason": c.finish_reason}
 
-            include = bool((req.stream_options or {}).get("include_usage"))
-            return StreamingResponse(
-                event_stream(stream, requests, params.n, chunk, raw, include), media_type="text/event-stream"
-            )
-
-        final = await final_outputs(stream, raw)
-        outs = [final[r.request_id] for r in requests if r.request_id in final]
-        choices = [
-            {
-                "index": c.index,
-                "message": {"role": "assistant", "content": c.text},
-                "logprobs": None,
-                "finish_reason": c.finish_reason,
-            }
-            for o in outs
-            for c in o.outputs
-        ]
-        return {
-            "id": rid,
-            "object": "chat.completion",
-            "created": now,
-            "model": model_name,
-            "choices": choices,
-            "usage": usage(outs),
-            "metrics": metrics_of(outs),
-        }
+        objects = ("chat.completion.chunk", "chat.completion")
+        return await respond(req, raw, rid, requests, params.n, objects, delta_choice, message_choice)
 
     return app
 
