@@ -83,9 +83,11 @@ def capture(
             fake_inputs, mode = _fake_inputs(inputs, dynamic)
             with mode:
                 gm = tracer(*fake_inputs)
+    # graph edits only: one lint and one recompile below cover all three
     _functionalize_inplace(gm)
     _expand_sym_numel(gm)
     _drop_noop_conversions(gm)
+    gm.graph.lint()
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     for node, name in zip(placeholders, input_names):
         node.name = node.target = name
@@ -178,7 +180,6 @@ def _functionalize_inplace(gm: fx.GraphModule) -> None:
     outlive the mutation, stays as it is (rare; the pieces' graphs are then left to fail
     loudly where they cannot run).
     """
-    changed = False
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
             continue
@@ -207,10 +208,6 @@ def _functionalize_inplace(gm: fx.GraphModule) -> None:
         for user in later:
             user.replace_input_with(target, new)
         gm.graph.erase_node(node)
-        changed = True
-    if changed:
-        gm.graph.lint()
-        gm.recompile()
 
 
 def _expand_sym_numel(gm: fx.GraphModule) -> None:
@@ -219,7 +216,6 @@ def _expand_sym_numel(gm: fx.GraphModule) -> None:
     does trace ``sym_size`` (which the cutter also re-binds to a piece's row count)."""
     import operator
 
-    changed = False
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target is not torch.ops.aten.sym_numel.default:
             continue
@@ -236,10 +232,6 @@ def _expand_sym_numel(gm: fx.GraphModule) -> None:
                 total.meta.setdefault("val", node.meta.get("val"))
         node.replace_all_uses_with(total)
         gm.graph.erase_node(node)
-        changed = True
-    if changed:
-        gm.graph.lint()
-        gm.recompile()
 
 
 def _is_view(node: fx.Node) -> bool:
@@ -271,7 +263,6 @@ def _drop_noop_conversions(gm: fx.GraphModule) -> None:
             ):
                 node.replace_all_uses_with(src)
                 gm.graph.erase_node(node)
-    gm.graph.lint()
 
 
 def capture_module(model: torch.nn.Module) -> CapturedGraph:
