@@ -24,7 +24,9 @@ def add_bench_parser(sub, parents=()) -> None:
     )
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument(
-        "--tasks", default=",".join(TASKS), help="comma-separated tasks of the suite (default: all six)"
+        "--tasks",
+        default=",".join(TASKS),
+        help=f"comma-separated tasks of the suite (default: all {len(TASKS)})",
     )
     p.add_argument(
         "--n",

@@ -74,14 +74,13 @@ def load_jsonl(path: str | Path) -> list[Example]:
 
 
 SUITE = "suite"
-SUITE_PER_TASK = (
-    HELD_OUT_PER_TASK  # held-out prompts per task of `--task suite`: 70, 490 over the seven tasks
-)
+# held-out prompts per task of `--task suite` (the same as `dyllm bench` scores)
+SUITE_PER_TASK = HELD_OUT_PER_TASK
 
 
 def suite_examples(limit: int | None = None, per_task: int = SUITE_PER_TASK) -> list[Example]:
-    """Held-out synthetic-suite examples, interleaved across tasks (so ``limit=6`` is one of
-    each task rather than six of the first)."""
+    """Held-out synthetic-suite examples, interleaved across tasks (so a ``limit`` of the task
+    count is one of each task rather than that many of the first)."""
     from .synthetic_tasks import TASKS, held_out_set
 
     if limit is not None:
