@@ -3,11 +3,13 @@
 ran at, measured on the embedded model.
 
     python benchmarks/step_kinds.py          # dual_cache, dyllm, dual_cache+dyllm, compiled
-    python benchmarks/step_kinds.py --methods dyllm --eager --batch 1
+    python benchmarks/step_kinds.py --methods dyllm --eager --batch 1 --mlp-selection batch
 
-A DyLLM sparse step recomputes up to ``capacity`` rows per sequence, the most any sequence of
-the batch needed over the last steps (plus headroom): when that reaches the span's width, the
-step does the dense step's work plus its gating. The "capacity" column shows how often it does.
+A DyLLM sparse step gives new K/V to up to ``C`` rows per sequence, the most any sequence of
+the batch needed over the last steps (plus headroom), and runs the MLP on ``B * m`` rows picked
+over the whole batch (``m`` from the batch's mean need; ``mlp_selection="sequence"``: the same
+``C`` rows per sequence). The capacity column counts the steps at each ``C/m``: when ``C``
+reaches the span's width, the step does the dense step's attention work plus its gating.
 """
 
 from __future__ import annotations
@@ -22,6 +24,12 @@ import dyllm_fx
 from dyllm_fx.eval.synthetic_tasks import held_out_set
 
 GEN = dict(gen_length=64, block_length=32, steps=64, progress=False)
+
+
+def capacity_label(key: tuple) -> str:
+    """A DyLLM sparse key's capacity: ``C``, or ``C/m`` with a batch-wide MLP capacity m."""
+    mlp = key[5] if len(key) > 5 else None
+    return str(key[2]) if mlp is None else f"{key[2]}/{mlp}"
 
 
 def step_label(key: tuple) -> tuple[str, int | None]:
@@ -59,16 +67,19 @@ def timed_generation(fast, tokenizer, prompts: list[str], repeats: int):
 def report(name: str, out, keys: list[tuple]) -> list[str]:
     seconds = out.stats.step_seconds
     groups: dict[tuple, list[float]] = defaultdict(list)
-    capacities: dict[tuple, Counter] = defaultdict(Counter)
+    capacities: dict[tuple, Counter] = defaultdict(Counter)  # capacity label -> steps
     for key, s in zip(keys, seconds):
         label = step_label(key)
         groups[label].append(s * 1e3)
         if key[0] == "sparse":
-            capacities[label][key[2]] += 1
+            capacities[label][capacity_label(key)] += 1
     total = sum(seconds) * 1e3
     lines = []
     for (kind, width), ms in groups.items():
-        caps = ", ".join(f"{c}: {n}" for c, n in sorted(capacities[(kind, width)].items())) or "-"
+        by_size = sorted(
+            capacities[(kind, width)].items(), key=lambda item: [int(c) for c in item[0].split("/")]
+        )
+        caps = ", ".join(f"{c}: {n}" for c, n in by_size) or "-"
         lines.append(
             f"| {name} | {kind} | {'-' if width is None else width} | {len(ms)} | {statistics.mean(ms):.1f} "
             f"| {100 * sum(ms) / total:.0f}% | {caps} |"
@@ -89,6 +100,13 @@ def main(argv=None) -> int:
     p.add_argument(
         "--eager", action="store_true", help="run the eager step instead of the inductor-compiled one"
     )
+    p.add_argument(
+        "--mlp-selection",
+        choices=("batch", "sequence", "both"),
+        default="both",
+        help="DyLLM's MLP row selection for the dyllm methods: batch-wide (the default policy), per "
+        "sequence, or both side by side (default)",
+    )
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -101,10 +119,14 @@ def main(argv=None) -> int:
     print(f"{args.model}, batch {len(prompts)}, {mode}, {args.threads} thread(s)")
     print("| method | step kind | width | steps | mean ms | share of the run | sparse capacity: steps |")
     print("|---|---|---|---|---|---|---|")
+    selections = ("batch", "sequence") if args.mlp_selection == "both" else (args.mlp_selection,)
     for name in methods:
-        fast = dyllm_fx.transform(model, policy=name, compile=not args.eager)
-        out, keys = timed_generation(fast, tokenizer, prompts, args.repeats)
-        print("\n".join(report(name, out, keys)), flush=True)
+        both = len(selections) > 1
+        variants = [(f"{name} ({s} MLP rows)" if both else name, {"mlp_selection": s}) for s in selections]
+        for label, config in variants if "dyllm" in name else [(name, {})]:
+            fast = dyllm_fx.transform(model, policy=name, compile=not args.eager, **config)
+            out, keys = timed_generation(fast, tokenizer, prompts, args.repeats)
+            print("\n".join(report(label, out, keys)), flush=True)
     return 0
 
 

@@ -44,6 +44,8 @@ class StepRecord:
     similarity: list[torch.Tensor | None] = field(default_factory=list)
     # (n_layers, B, L) on the CPU when the engine traces rows: 1 recomputed, 0.5 attention only
     activity: torch.Tensor | None = None
+    # the policy's own figures (StepReport.extra): e.g. DyLLM's changed rows, its MLP capacity
+    extra: dict = field(default_factory=dict)
 
     @property
     def active_fraction(self) -> float:
@@ -187,7 +189,9 @@ class StepEngine:
         cache.warm = True
         counts = out.counts.tolist() if out.counts is not None else None  # the step's one host read
         report = self.policy.observe(plan, counts, self.n_layers, seq_len)
-        record = StepRecord(report.active, seq_len, plan.kind, report.capacity, report.overflow)
+        record = StepRecord(
+            report.active, seq_len, plan.kind, report.capacity, report.overflow, extra=report.extra
+        )
         if self.record_similarity:
             sims = self.policy.similarity(self.buffers, plan)
             record.similarity = (

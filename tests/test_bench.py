@@ -127,7 +127,9 @@ def test_cli_bench_on_the_embedded_dream_model(tmp_path, capsys):
 
 def test_table_and_plot_input(bench, tmp_path):
     table = format_table(bench)
-    assert table.count("\n") == 1 + len(bench["rows"]) and "| vanilla | " in table
+    footnote = any(r["overflow"] for r in bench["rows"])  # the overflow line, when a row overflowed
+    assert table.count("\n") == 1 + len(bench["rows"]) + footnote and "| vanilla | " in table
+    assert ("DyLLM overflow" in table) == footnote
     from dyllm_fx.analysis.plots import validate_bench
 
     validate_bench(json.loads(json.dumps(bench)))  # what `dyllm plot pareto` reads
@@ -292,16 +294,17 @@ def test_step_kinds_groups_steps_by_kind_and_counts_capacities():
     step_kinds = _step_kinds()
     keys = [
         ("full",),
-        ("sparse", 64, 32, "exact", False),
-        ("sparse", 64, 64, "exact", False),
+        ("sparse", 64, 32, "exact", False, 8),
+        ("sparse", 64, 64, "exact", False, 64),
         ("sparse", 90, 32),
+        ("sparse", 64, 16, "exact", False, None),  # a per-sequence MLP selection
     ]
-    out = SimpleNamespace(stats=SimpleNamespace(step_seconds=[0.4, 0.1, 0.3, 0.2]))
+    out = SimpleNamespace(stats=SimpleNamespace(step_seconds=[0.4, 0.1, 0.3, 0.2, 0.0]))
     lines = step_kinds.report("dyllm", out, keys)
     assert lines[0] == "| dyllm | full | - | 1 | 400.0 | 40% | - |"
-    assert lines[1] == "| dyllm | sparse | 64 | 2 | 200.0 | 40% | 32: 1, 64: 1 |"
+    assert lines[1] == "| dyllm | sparse | 64 | 3 | 133.3 | 40% | 16: 1, 32/8: 1, 64/64: 1 |"
     assert lines[2] == "| dyllm | sparse | 90 | 1 | 200.0 | 20% | 32: 1 |"
-    assert lines[3] == "| dyllm | all | | 4 | 250.0 | 100% | |"
+    assert lines[3] == "| dyllm | all | | 5 | 200.0 | 100% | |"
 
 
 def test_step_kinds_benchmark_smoke_runs():
@@ -313,4 +316,6 @@ def test_step_kinds_benchmark_smoke_runs():
         timeout=600,
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "| dyllm | full |" in done.stdout and "| dyllm | sparse |" in done.stdout
+    for selection in ("batch", "sequence"):  # both MLP row selections, side by side
+        label = f"| dyllm ({selection} MLP rows) |"
+        assert f"{label} full |" in done.stdout and f"{label} sparse |" in done.stdout

@@ -120,6 +120,74 @@ def test_capacity_follows_the_last_step_and_counts_overflow():
     assert COUNT_KINDS == 3
 
 
+def _batch_host(step, committed=1):
+    """A batch of two, as ``_host``."""
+    return _host(step, committed=committed)
+
+
+def test_batch_wide_mlp_capacity_follows_the_batch_mean():
+    """Under mlp_selection="batch" the counts hold one entry per layer for the K/V rows, then one
+    per layer for the MLP, whose need is the batch's total: the next MLP capacity covers the
+    mean per sequence (plus headroom), not the busiest sequence."""
+    policy = DyLLMPolicy()
+    for step in range(4):
+        policy.plan(_batch_host(step))
+    first = policy.plan(_batch_host(4))
+    assert first.key[2] == first.key[5] == L - PROMPT  # nothing measured yet: the whole span
+    # K/V: layer 0 changed 2, layer 0's salient rows (layer 1's K/V) 7 in one sequence;
+    # MLP: 9 rows over the batch of 2 at layer 0 (4 kept in one sequence), 3 at layer 1
+    counts = [2, 2, 0] + [7, 5, 2] + [9, 4, 1] + [3, 2, 0]
+    report = policy.observe(first, counts, N_LAYERS, L)
+    assert report.active == [4, 2] and report.overflow == 3 and report.extra["mlp_capacity"] == L - PROMPT
+    plan = policy.plan(_batch_host(5))
+    assert plan.key[2] == 16  # 7 rows in one sequence, half of that again: bucket 16
+    assert plan.key[5] == 8  # ceil(9 / 2) = 5 rows per sequence, + 3 headroom: bucket 8
+    assert policy._mlp_needs == [5]
+    for step in (5, 6, 7, 8):  # the 9 leaves the history; 1 row per sequence: the smallest bucket
+        policy.observe(policy.plan(_batch_host(step)), [1, 1, 0] * 2 + [2, 1, 0] * 2, N_LAYERS, L)
+    assert policy.plan(_batch_host(9)).key[2:6:3] == (8, 2)
+    assert DyLLMPolicy(mlp_selection="sequence").plan(_batch_host(0)).kind == "full"
+    seq = DyLLMPolicy(mlp_selection="sequence")
+    for step in range(4):
+        seq.plan(_batch_host(step))
+    assert seq.plan(_batch_host(4)).key[5] is None  # one per-sequence selection per layer
+    assert DyLLMPolicy(capacity=5)._mlp_capacity(16, 5, _batch_host(5)) == 5  # a fixed capacity
+    assert DyLLMPolicy(capacity="full")._mlp_capacity(16, 16, _batch_host(5)) == 16
+
+
+@pytest.mark.parametrize("policy", ["dyllm", "dual_cache+dyllm"])
+def test_batch_wide_mlp_selection_gives_the_per_sequence_tokens(policy):
+    """With no overflow, the batch-wide MLP selection decodes the per-sequence selection's
+    tokens (left-padded prompts of different lengths: the flat index must find each row's own
+    sequence), and its MLP runs on fewer rows than B times the per-sequence capacity."""
+    model, tok = _sharpened_llada(), tiny_tokenizer()
+    prompts = ["rev:abcdefg=", "kv:a1?a=", "sort:dcba=", "add:12+34="]
+    kw = dict(gen_length=16, block_length=8, steps=16, stop_at_eos=False, progress=False)
+    runs = {}
+    for selection in ("sequence", "batch"):
+        tm = dyllm_fx.transform(model, policy=policy, tau=0.8, mlp_selection=selection)
+        runs[selection] = (dyllm_fx.generate(tm, tok, prompts, **kw), tm.engine.records)
+    for out, records in runs.values():
+        assert sum(r.overflow for r in records) == 0  # otherwise the two may approximate different rows
+    assert torch.equal(runs["batch"][0].sequences, runs["sequence"][0].sequences)
+    sparse = [r for r in runs["batch"][1] if r.kind == "sparse"]
+    assert any(r.extra["mlp_capacity"] < r.capacity for r in sparse)
+    assert all("mlp_capacity" not in r.extra for r in runs["sequence"][1])
+
+
+def test_batch_wide_overflow_is_counted():
+    """A fixed capacity of one row per sequence keeps B rows for the whole batch's MLP: the
+    rows wanted beyond them are reported as overflow."""
+    model, tok = _sharpened_llada(), tiny_tokenizer()
+    tm = dyllm_fx.transform(model, policy="dyllm", tau=0.999, capacity=1)
+    kw = dict(gen_length=16, block_length=8, steps=16, stop_at_eos=False, progress=False)
+    dyllm_fx.generate(tm, tok, ["rev:abcdefg=", "kv:a1?a="], **kw)
+    sparse = [r for r in tm.engine.records if r.kind == "sparse"]
+    assert sparse and all(r.extra["mlp_capacity"] == 1 for r in sparse)
+    assert all(max(r.active) <= 2 for r in sparse)  # both kept rows may fall in one sequence
+    assert sum(r.overflow for r in sparse) > 0
+
+
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [
@@ -132,6 +200,7 @@ def test_capacity_follows_the_last_step_and_counts_overflow():
         (dict(capacity=0), ValueError, "capacity"),
         (dict(scope="prompt"), ValueError, "scope"),
         (dict(cached_softmax_stats=1), TypeError, "cached_softmax"),
+        (dict(mlp_selection="rows"), ValueError, "mlp_selection"),
     ],
 )
 def test_bad_parameters_are_rejected(kwargs, error, match):

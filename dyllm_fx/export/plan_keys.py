@@ -21,6 +21,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from dyllm_fx.runtime.policies import DLLMCachePolicy, DyLLMPolicy, ESDLLMPolicy, Policy
+from dyllm_fx.runtime.policies.dyllm import mlp_levels
 from dyllm_fx.runtime.rows import bucket_size
 from dyllm_fx.runtime.schedule import BlockSchedule
 
@@ -112,6 +113,15 @@ def _capacities(policy: DyLLMPolicy, width: int) -> set[int]:
     return {width} | {bucket_size(n, width) for n in range(0, width + 1)}
 
 
+def _mlp_capacities(policy: DyLLMPolicy, capacity: int) -> set[int | None]:
+    """DyLLMPolicy._mlp_capacity's possible values at top-C capacity ``capacity``."""
+    if policy.mlp_selection == "sequence":
+        return {None}
+    if policy.capacity != "auto" or policy.tau >= 1.0:
+        return {capacity}
+    return set(mlp_levels(capacity))
+
+
 def _dyllm_keys(
     policy: DyLLMPolicy, layout: Layout, seq_len: int, n_layers: int, shift: int, memo: dict
 ) -> set[tuple]:
@@ -137,8 +147,9 @@ def _dyllm_keys(
             width = bucket_size(b - a, seq_len) if policy.scope == "suffix" and not full_query else b - a
             stats = ["exact"] + (["cached"] if policy.cached_softmax_stats and not full_query else [])
             for capacity in _capacities(policy, width):
-                for mode in stats:
-                    keys.add(("sparse", width, capacity, mode, False))
+                for mlp in _mlp_capacities(policy, capacity):
+                    for mode in stats:
+                        keys.add(("sparse", width, capacity, mode, False, mlp))
         if policy.refresh_interval is not None and composed:
             width = bucket_size(hi - lo, seq_len) if policy.scope == "suffix" else hi - lo
             keys.add(("refresh", width))
@@ -236,7 +247,7 @@ def _dllm_cache_keys(
 # (policy class, enumerator, the size slots of each key kind: an index, or (index, i, j) for
 # ES-dLLM's selections, which hold (layer, kept) pairs)
 _POLICIES = [
-    (DyLLMPolicy, _dyllm_keys, {"sparse": (1, 2), "refresh": (1,)}),
+    (DyLLMPolicy, _dyllm_keys, {"sparse": (1, 2, 5), "refresh": (1,)}),
     (ESDLLMPolicy, _es_dllm_keys, {"refresh": (1,), "skip": (1, "selections")}),
     (DLLMCachePolicy, _dllm_cache_keys, {"response": (1,), "adaptive": (1, 2)}),
 ]

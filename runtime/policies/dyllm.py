@@ -49,6 +49,15 @@ Rows that qualify beyond C are the *overflow*: approximated, counted on the devi
 next step's capacity grows to cover them (``capacity="auto"``; an int fixes C; ``"full"`` is the
 whole span, which never overflows). ``tau = 1`` marks every row salient; with
 ``full_query_interval=1`` (every step queries everything) that is exactly the vanilla forward.
+
+``mlp_selection`` says where the MLP's capacity applies. ``"batch"`` (the default) selects the
+MLP rows over the whole batch at once: the step runs the MLP on the B * c rows of lowest cosine
+of all the batch's salient rows, c sized from the batch's mean need, so a batch pays for the rows
+that changed and not B times its busiest sequence (the official engine packs every sequence's
+salient rows into one varlen batch, which costs the same). The next layer's K/V rows stay a
+per-sequence top-C, since attention reads each sequence's own keys. ``"sequence"`` uses the
+per-sequence top-C for the MLP too (one selection per layer). With no overflow both give the
+same tokens as exact counts.
 """
 
 from __future__ import annotations
@@ -73,10 +82,29 @@ from .base import (
     head_logits,
     rows_step,
 )
-from .params import count, flag, number
+from .params import choice, count, flag, number
 
-COUNT_KINDS = 3  # counts rows: rows that qualified (max over the batch), kept (max), overflow (sum)
+# Each selection's counts: rows that qualified (the most of any sequence; for a batch-wide
+# selection, the batch's total), rows kept (the most of any sequence), overflow (the sum).
+COUNT_KINDS = 3
 HISTORY = 4  # sparse steps whose needs size the next capacity
+MLP_SELECTIONS = ("batch", "sequence")
+MLP_LEVELS = 3  # a batch-wide MLP capacity: the top-C capacity or one of the 2 powers of two below it
+
+
+def mlp_levels(capacity: int) -> list[int]:
+    """The batch-wide MLP capacities a top-C ``capacity`` allows, smallest first: ``capacity``
+    and the powers of two below it (never a fraction of a width that is not a power of two,
+    which would give every sequence length its own shapes)."""
+    power = 1 << (capacity.bit_length() - 1)  # the largest power of two <= capacity
+    if power == capacity:
+        power //= 2
+    return sorted({capacity} | {max(power >> k, 1) for k in range(MLP_LEVELS - 1)})
+
+
+def mlp_level(need: int, capacity: int) -> int:
+    """The smallest of :func:`mlp_levels` that holds ``need`` rows per sequence (else ``capacity``)."""
+    return next((level for level in mlp_levels(capacity) if level >= need), capacity)
 
 
 @dataclass
@@ -102,6 +130,7 @@ class DyLLMPolicy(Policy):
         refresh_at_block: bool = False,
         scope: str = "response",
         capacity: int | str = "auto",
+        mlp_selection: str = "batch",
     ):
         self.tau = number("tau", tau, 0.0, 1.0, low_open=True, hint=" (DyLLM uses about 0.99 to 0.995)")
         self.num_full_steps = count("num_full_steps", num_full_steps, minimum=1)
@@ -116,6 +145,7 @@ class DyLLMPolicy(Policy):
         ):
             raise ValueError(f"capacity must be 'auto', 'full' or a row count >= 1; got {capacity!r}")
         self.capacity = capacity
+        self.mlp_selection = choice("mlp_selection", mlp_selection, MLP_SELECTIONS)
         self.record_similarity = False  # set by the engine: fill DyLLMBuffers.similarity
         self.reset()
 
@@ -125,6 +155,7 @@ class DyLLMPolicy(Policy):
         self._block_start: int | None = None
         self._stats_ready = False  # cached softmax statistics hold every queried row's current values
         self._needs: list[int] = []  # rows recent sparse steps wanted in a selection (most of any layer)
+        self._mlp_needs: list[int] = []  # and rows per sequence the batch-wide MLP selections wanted
 
     @property
     def _composed(self) -> bool:
@@ -209,17 +240,22 @@ class DyLLMPolicy(Policy):
             else end - start
         )
         capacity = self._capacity(width, host)
+        mlp_capacity = self._mlp_capacity(width, capacity, host)
         stats = "cached" if self.cached_softmax_stats and self._stats_ready and not full_query else "exact"
         self._stats_ready = True
-        key = ("sparse", width, capacity, stats, self.record_similarity)
+        key = ("sparse", width, capacity, stats, self.record_similarity, mlp_capacity)
         return Plan(
-            key, span_start=host.column(start), span_len=host.column(end - start), note={"width": width}
+            key,
+            span_start=host.column(start),
+            span_len=host.column(end - start),
+            note={"width": width, "batch": host.batch},
         )
 
     def _refresh(self, plan: Plan) -> Plan:
         self._since_refresh = 1
         self._stats_ready = False
         self._needs = []  # the first steps after a refresh are measured afresh
+        self._mlp_needs = []
         return plan
 
     def _capacity(self, width: int, host: HostState) -> int:
@@ -237,15 +273,39 @@ class DyLLMPolicy(Policy):
         need = max(*self._needs[-HISTORY:], host.last_committed)
         return bucket_size(need + (need + 1) // 2, width)
 
+    def _mlp_capacity(self, width: int, capacity: int, host: HostState) -> int | None:
+        """Rows per sequence of the batch-wide MLP selection (it keeps batch * this many rows);
+        None under ``mlp_selection="sequence"``. From the batch's mean need over the last
+        ``HISTORY`` steps plus half of it as headroom, as :meth:`_capacity`, rounded up to one of
+        :func:`mlp_levels` (``capacity``, ``capacity / 2``, ``capacity / 4`` for a power of two): a
+        few levels per capacity, so that the two capacities add few step shapes (compiled graphs,
+        exported branches)."""
+        if self.mlp_selection == "sequence":
+            return None
+        if self.capacity != "auto" or self.tau >= 1.0 or not self._mlp_needs:
+            return capacity  # a fixed capacity, or nothing measured since the last dense step
+        need = max(self._mlp_needs[-HISTORY:])
+        return mlp_level(need + (need + 1) // 2, capacity)
+
     def observe(self, plan, counts, n_layers, seq_len) -> StepReport:
         if plan.kind != "sparse":
             return StepReport([plan.note.get("active", seq_len)] * n_layers)
         need, kept, overflow = counts[0::COUNT_KINDS], counts[1::COUNT_KINDS], counts[2::COUNT_KINDS]
-        self._needs.append(max(need))
-        # entry 0 is layer 0's changed rows (new K/V); entry l + 1 is layer l's salient rows (MLP)
-        return StepReport(
-            list(kept[1:]), capacity=plan.key[2], overflow=sum(overflow), extra={"changed": kept[0]}
-        )
+        extra = {"changed": kept[0]}
+        if len(need) == n_layers + 1:
+            # per sequence: entry 0 is layer 0's changed rows (new K/V); entry l + 1 is layer l's
+            # salient rows (its MLP and layer l + 1's K/V)
+            self._needs.append(max(need))
+            active = kept[1:]
+        else:
+            # batch-wide MLP: entries 0 .. n - 1 are each layer's K/V rows, then one entry per
+            # layer for its MLP selection, whose need is the batch's total
+            self._needs.append(max(need[:n_layers]))
+            batch = plan.note["batch"]
+            self._mlp_needs.append(max(-(-total // batch) for total in need[n_layers:]))
+            active = kept[n_layers:]
+            extra["mlp_capacity"] = plan.key[5]
+        return StepReport(list(active), capacity=plan.key[2], overflow=sum(overflow), extra=extra)
 
     def similarity(self, buffers: DyLLMBuffers, plan: Plan):
         return buffers.similarity if plan.kind == "sparse" and buffers.similarity is not None else None
@@ -271,7 +331,7 @@ class DyLLMPolicy(Policy):
         return out
 
     def _sparse_step(self, pieces, plan, inp, cache, buffers: DyLLMBuffers) -> StepOutput:
-        _, width, capacity, stats_mode, record = plan.key
+        _, width, capacity, stats_mode, record, mlp_capacity = plan.key
         rows, in_span = span_rows(inp.span_start, inp.span_len, width)
         real = take(inp.attention_mask, rows, 1).bool() & in_span  # left padding never changes
         pro = pieces.prologue(inp.input_ids, inp.attention_mask, inp.position_ids, *inp.extras)
@@ -284,8 +344,11 @@ class DyLLMPolicy(Policy):
         moved = every or pieces.h0_reads_state
         changed = real if moved else real & (take(inp.input_ids, rows, 1) != take(buffers.prev_ids, rows, 1))
         slots, valid = select_top(changed.float(), changed, capacity)
-        counts = [_counts(changed, valid)]
-        for layer in range(pieces.n_layers):
+        counts, mlp_counts = [_counts(changed, valid)], []
+        n_layers = pieces.n_layers
+        # a batch-wide MLP takes rows from any sequence: only for MLPs that read no per-position table
+        batch_wide = mlp_capacity is not None and not any(map(pieces.mlp_reads_tables, range(n_layers)))
+        for layer in range(n_layers):
             q, mask = pieces.query(layer, x, rows, pro)
             ctx, cos = self._attention(
                 pieces, layer, x, rows, slots, valid, q, mask, pro, cache, buffers, stats_mode
@@ -296,17 +359,44 @@ class DyLLMPolicy(Policy):
                 write_rows(buffers.similarity[layer], rows, torch.where(in_span, cos, float("nan")), 1)
             h_mid = pieces.post(layer, x, ctx)
             salient = real if every else real & (cos < tau)
-            slots, valid = select_top(-cos, salient, capacity)  # the lowest cosines first
-            counts.append(_counts(salient, valid))
-            s_rows = take(rows, slots, 1)
-            fresh = pieces.mlp(layer, take(h_mid, slots, 1), s_rows, pro)
-            write_rows(buffers.mlp[layer], s_rows, fresh, 1, valid)
             mark(cache.activity, layer, rows, 0.5, in_span)
-            mark(cache.activity, layer, s_rows, 1.0, valid)
+            if not batch_wide or layer < n_layers - 1:
+                # the next layer's K/V rows, and per sequence also this layer's MLP rows
+                slots, valid = select_top(-cos, salient, capacity)  # the lowest cosines first
+                counts.append(_counts(salient, valid))
+            if batch_wide:
+                mlp_counts.append(
+                    self._mlp_batch_wide(
+                        pieces, layer, h_mid, rows, cos, salient, mlp_capacity, pro, cache, buffers
+                    )
+                )
+            else:
+                s_rows = take(rows, slots, 1)
+                fresh = pieces.mlp(layer, take(h_mid, slots, 1), s_rows, pro)
+                write_rows(buffers.mlp[layer], s_rows, fresh, 1, valid)
+                mark(cache.activity, layer, s_rows, 1.0, valid)
             x = h_mid + take(buffers.mlp[layer], rows, 1)
         write_rows(cache.hidden, rows, x, 1)
         logits = head_logits(pieces, cache, inp.logit_positions)
-        return StepOutput(logits, counts=torch.cat(counts))
+        return StepOutput(logits, counts=torch.cat(counts + mlp_counts))
+
+    def _mlp_batch_wide(self, pieces, layer, h_mid, rows, cos, salient, per_sequence, pro, cache, buffers):
+        """The MLP of the batch's ``B * per_sequence`` salient rows of lowest cosine, whichever
+        sequences they are in (flattened (B * W) row space), written to the MLP cache; returns
+        the selection's counts."""
+        bsz, width = rows.shape
+        seq_len = buffers.mlp[layer].shape[1]
+        slots, valid = select_top((-cos).reshape(1, -1), salient.reshape(1, -1), bsz * per_sequence)
+        s_rows = take(rows.reshape(1, -1), slots, 1)  # (1, N) positions in their sequences
+        batch = torch.div(slots, width, rounding_mode="floor")
+        fresh = pieces.mlp(layer, take(h_mid.reshape(1, bsz * width, -1), slots, 1), s_rows, pro)
+        flat = batch * seq_len + s_rows  # (1, N) into the flattened (1, B * L) caches
+        write_rows(buffers.mlp[layer].view(1, bsz * seq_len, -1), flat, fresh, 1, valid)
+        if cache.activity is not None:
+            mark(cache.activity.view(cache.activity.shape[0], 1, -1), layer, flat, 1.0, valid)
+        kept = torch.zeros(bsz, dtype=torch.long, device=rows.device).index_add_(0, batch[0], valid[0].long())
+        wanted = salient.sum()
+        return torch.stack([wanted, kept.amax(), wanted - kept.sum()])
 
     def _attention(self, pieces, layer, x, rows, slots, valid, q, mask, pro, cache, buffers, stats_mode):
         """New K/V for the changed rows (``slots`` where ``valid``), their exact attention, and
