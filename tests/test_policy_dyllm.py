@@ -12,7 +12,7 @@ import torch
 import block_reference as ref
 import dyllm_fx
 from dyllm_fx.runtime.policies import DyLLMPolicy, HostState, make_policy
-from dyllm_fx.runtime.policies.dyllm import COUNT_KINDS
+from dyllm_fx.runtime.policies.dyllm import COUNT_KINDS, mlp_level, mlp_levels
 from tiny_checkpoints import tiny_dream, tiny_llada, tiny_tokenizer
 
 L, PROMPT, N_LAYERS = 24, 8, 2
@@ -153,6 +153,13 @@ def test_batch_wide_mlp_capacity_follows_the_batch_mean():
     assert seq.plan(_batch_host(4)).key[5] is None  # one per-sequence selection per layer
     assert DyLLMPolicy(capacity=5)._mlp_capacity(16, 5, _batch_host(5)) == 5  # a fixed capacity
     assert DyLLMPolicy(capacity="full")._mlp_capacity(16, 16, _batch_host(5)) == 16
+
+
+def test_mlp_levels_are_the_capacity_and_two_powers_of_two_below():
+    assert mlp_levels(32) == [8, 16, 32] and mlp_levels(8) == [2, 4, 8]
+    assert mlp_levels(114) == [32, 64, 114]  # a width that is no power of two: no 57 or 28
+    assert mlp_levels(2) == [1, 2] and mlp_levels(1) == [1]
+    assert [mlp_level(n, 32) for n in (0, 8, 9, 16, 17, 40)] == [8, 8, 16, 16, 32, 32]
 
 
 @pytest.mark.parametrize("policy", ["dyllm", "dual_cache+dyllm"])
