@@ -6,10 +6,11 @@ ran at, measured on the embedded model.
     python benchmarks/step_kinds.py --methods dyllm --eager --batch 1 --mlp-selection batch
 
 A DyLLM sparse step gives new K/V to up to ``C`` rows per sequence, the most any sequence of
-the batch needed over the last steps (plus headroom), and runs the MLP on ``B * m`` rows picked
-over the whole batch (``m`` from the batch's mean need; ``mlp_selection="sequence"``: the same
-``C`` rows per sequence). The capacity column counts the steps at each ``C/m``: when ``C``
-reaches the span's width, the step does the dense step's attention work plus its gating.
+the batch needed over the last steps (plus headroom), and runs the MLP on the same rows
+(``mlp_selection="sequence"``, the default) or on ``B * m`` rows picked over the whole batch
+(``"batch"``: ``m`` from the batch's mean need). The capacity column counts the steps at each
+``C`` (or ``C/m``): when ``C`` reaches the span's width, the step does the dense step's
+attention work plus its gating.
 """
 
 from __future__ import annotations
@@ -104,8 +105,8 @@ def main(argv=None) -> int:
         "--mlp-selection",
         choices=("batch", "sequence", "both"),
         default="both",
-        help="DyLLM's MLP row selection for the dyllm methods: batch-wide (the default policy), per "
-        "sequence, or both side by side (default)",
+        help="DyLLM's MLP row selection for the dyllm methods: per sequence (the policy's default), "
+        "batch-wide, or both side by side (default)",
     )
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
@@ -119,7 +120,7 @@ def main(argv=None) -> int:
     print(f"{args.model}, batch {len(prompts)}, {mode}, {args.threads} thread(s)")
     print("| method | step kind | width | steps | mean ms | share of the run | sparse capacity: steps |")
     print("|---|---|---|---|---|---|---|")
-    selections = ("batch", "sequence") if args.mlp_selection == "both" else (args.mlp_selection,)
+    selections = ("sequence", "batch") if args.mlp_selection == "both" else (args.mlp_selection,)
     for name in methods:
         both = len(selections) > 1
         variants = [(f"{name} ({s} MLP rows)" if both else name, {"mlp_selection": s}) for s in selections]

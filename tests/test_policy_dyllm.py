@@ -129,7 +129,7 @@ def test_batch_wide_mlp_capacity_follows_the_batch_mean():
     """Under mlp_selection="batch" the counts hold one entry per layer for the K/V rows, then one
     per layer for the MLP, whose need is the batch's total: the next MLP capacity covers the
     mean per sequence (plus headroom), not the busiest sequence."""
-    policy = DyLLMPolicy()
+    policy = DyLLMPolicy(mlp_selection="batch")
     for step in range(4):
         policy.plan(_batch_host(step))
     first = policy.plan(_batch_host(4))
@@ -151,8 +151,10 @@ def test_batch_wide_mlp_capacity_follows_the_batch_mean():
     for step in range(4):
         seq.plan(_batch_host(step))
     assert seq.plan(_batch_host(4)).key[5] is None  # one per-sequence selection per layer
-    assert DyLLMPolicy(capacity=5)._mlp_capacity(16, 5, _batch_host(5)) == 5  # a fixed capacity
-    assert DyLLMPolicy(capacity="full")._mlp_capacity(16, 16, _batch_host(5)) == 16
+    batch_wide = dict(mlp_selection="batch")
+    assert DyLLMPolicy(capacity=5, **batch_wide)._mlp_capacity(16, 5, _batch_host(5)) == 5  # fixed
+    assert DyLLMPolicy(capacity="full", **batch_wide)._mlp_capacity(16, 16, _batch_host(5)) == 16
+    assert DyLLMPolicy().mlp_selection == "sequence"  # the default: the fewest rows approximated
 
 
 def test_mlp_levels_are_the_capacity_and_two_powers_of_two_below():
@@ -186,7 +188,7 @@ def test_batch_wide_overflow_is_counted():
     """A fixed capacity of one row per sequence keeps B rows for the whole batch's MLP: the
     rows wanted beyond them are reported as overflow."""
     model, tok = _sharpened_llada(), tiny_tokenizer()
-    tm = dyllm_fx.transform(model, policy="dyllm", tau=0.999, capacity=1)
+    tm = dyllm_fx.transform(model, policy="dyllm", tau=0.999, capacity=1, mlp_selection="batch")
     kw = dict(gen_length=16, block_length=8, steps=16, stop_at_eos=False, progress=False)
     dyllm_fx.generate(tm, tok, ["rev:abcdefg=", "kv:a1?a="], **kw)
     sparse = [r for r in tm.engine.records if r.kind == "sparse"]

@@ -79,11 +79,9 @@ def default_methods(threshold: float = 0.9, tau: float | None = None) -> list[Me
             "dyllm",
             {**dy, "refresh_at_block": True, "refresh_interval": 16},
         ),
-        Method("dyllm: per-sequence MLP rows", "dyllm", {**dy, "mlp_selection": "sequence"}),
+        Method("dyllm: batch-wide MLP rows", "dyllm", {**dy, "mlp_selection": "batch"}),
         Method("dual_cache+dyllm", "dual_cache+dyllm", dy),
-        Method(
-            "dual_cache+dyllm: per-sequence MLP rows", "dual_cache+dyllm", {**dy, "mlp_selection": "sequence"}
-        ),
+        Method("dual_cache+dyllm: batch-wide MLP rows", "dual_cache+dyllm", {**dy, "mlp_selection": "batch"}),
         Method("dyllm + threshold", "dyllm", dy, threshold=threshold),
         Method("dual_cache+dyllm + threshold", "dual_cache+dyllm", dy, threshold=threshold),
     ]

@@ -50,14 +50,15 @@ next step's capacity grows to cover them (``capacity="auto"``; an int fixes C; `
 whole span, which never overflows). ``tau = 1`` marks every row salient; with
 ``full_query_interval=1`` (every step queries everything) that is exactly the vanilla forward.
 
-``mlp_selection`` says where the MLP's capacity applies. ``"batch"`` (the default) selects the
-MLP rows over the whole batch at once: the step runs the MLP on the B * c rows of lowest cosine
-of all the batch's salient rows, c sized from the batch's mean need, so a batch pays for the rows
-that changed and not B times its busiest sequence (the official engine packs every sequence's
-salient rows into one varlen batch, which costs the same). The next layer's K/V rows stay a
-per-sequence top-C, since attention reads each sequence's own keys. ``"sequence"`` uses the
-per-sequence top-C for the MLP too (one selection per layer). With no overflow both give the
-same tokens as exact counts.
+``mlp_selection`` says where the MLP's capacity applies. ``"sequence"`` (the default) uses the
+per-sequence top-C for the MLP too: one selection per layer, the fewest rows approximated (the
+official engine recomputes every salient row). ``"batch"`` selects the MLP rows over the whole
+batch at once: the MLP runs on the B * m rows of lowest cosine of all the batch's salient rows,
+m sized from the batch's mean need, so a batch pays for the rows that changed and not B times its
+busiest sequence (the official engine packs every sequence's salient rows into one varlen batch,
+which costs the same); it overflows more often, since a mean moves more from step to step than a
+maximum. The next layer's K/V rows stay a per-sequence top-C, since attention reads each
+sequence's own keys. With no overflow both give the same tokens as exact counts.
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ from .params import choice, count, flag, number
 # selection, the batch's total), rows kept (the most of any sequence), overflow (the sum).
 COUNT_KINDS = 3
 HISTORY = 4  # sparse steps whose needs size the next capacity
-MLP_SELECTIONS = ("batch", "sequence")
+MLP_SELECTIONS = ("sequence", "batch")
 MLP_LEVELS = 3  # a batch-wide MLP capacity: the top-C capacity or one of the 2 powers of two below it
 
 
@@ -130,7 +131,7 @@ class DyLLMPolicy(Policy):
         refresh_at_block: bool = False,
         scope: str = "response",
         capacity: int | str = "auto",
-        mlp_selection: str = "batch",
+        mlp_selection: str = "sequence",
     ):
         self.tau = number("tau", tau, 0.0, 1.0, low_open=True, hint=" (DyLLM uses about 0.99 to 0.995)")
         self.num_full_steps = count("num_full_steps", num_full_steps, minimum=1)
