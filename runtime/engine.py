@@ -76,6 +76,7 @@ class StepEngine:
             raise TypeError(f"compile must be True, False or a torch.compile backend name, got {compile!r}")
         self.program = program
         self.pieces = Pieces(program)
+        policy.bind(program)
         self._policy = policy
         self.compile = bool(compile)
         self.cuda_graphs = cuda_graphs
@@ -96,6 +97,7 @@ class StepEngine:
 
     @policy.setter
     def policy(self, policy: Policy) -> None:
+        policy.bind(self.program)
         self._policy = policy
         self._compiled.clear()
         self.graphs.clear()

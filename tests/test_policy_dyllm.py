@@ -5,6 +5,7 @@ model's weights, the capacity and its overflow, and the keep-everything limit.""
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -155,6 +156,36 @@ def test_batch_wide_mlp_capacity_follows_the_batch_mean():
     assert DyLLMPolicy(capacity=5, **batch_wide)._mlp_capacity(16, 5, _batch_host(5)) == 5  # fixed
     assert DyLLMPolicy(capacity="full", **batch_wide)._mlp_capacity(16, 16, _batch_host(5)) == 16
     assert DyLLMPolicy().mlp_selection == "sequence"  # the default: the fewest rows approximated
+
+
+def test_binding_to_a_program_whose_mlp_reads_tables_keeps_the_mlp_per_sequence():
+    """An MLP that reads per-position tables must take one sequence's rows: ``bind`` turns the
+    batch-wide selection off, and the plan key's MLP slot says so (None)."""
+    reads = SimpleNamespace(mlp=[SimpleNamespace(tables=["cos"]), SimpleNamespace(tables=[])])
+    plain = SimpleNamespace(mlp=[SimpleNamespace(tables=[])] * 2)
+    for program, batch_wide in ((reads, False), (plain, True)):
+        policy = DyLLMPolicy(mlp_selection="batch")
+        policy.bind(program)
+        assert policy.mlp_batch_wide is batch_wide
+        for step in range(4):
+            policy.plan(_batch_host(step))
+        assert (policy.plan(_batch_host(4)).key[5] is not None) is batch_wide
+    sequence = DyLLMPolicy(mlp_selection="sequence")
+    sequence.bind(plain)
+    assert not sequence.mlp_batch_wide
+
+
+def test_one_layer_counts_are_read_by_the_plan_not_by_their_length():
+    """On a 1-layer model both counts layouts have two entries; the plan key decides which one
+    the step wrote, so a batch-wide MLP's batch total sizes the MLP capacity, not the K/V one."""
+    policy = DyLLMPolicy(mlp_selection="batch")
+    for step in range(4):
+        policy.plan(_batch_host(step))
+    plan = policy.plan(_batch_host(4))
+    assert plan.key[5] is not None
+    # layer 0's changed rows (2 in one sequence), then layer 0's MLP: 12 rows over the batch of 2
+    report = policy.observe(plan, [2, 2, 0] + [12, 7, 0], 1, L)
+    assert report.active == [7] and policy._needs == [2] and policy._mlp_needs == [6]
 
 
 def test_mlp_levels_are_the_capacity_and_two_powers_of_two_below():

@@ -115,7 +115,7 @@ def _capacities(policy: DyLLMPolicy, width: int) -> set[int]:
 
 def _mlp_capacities(policy: DyLLMPolicy, capacity: int) -> set[int | None]:
     """DyLLMPolicy._mlp_capacity's possible values at top-C capacity ``capacity``."""
-    if policy.mlp_selection == "sequence":
+    if not policy.mlp_batch_wide:
         return {None}
     if policy.capacity != "auto" or policy.tau >= 1.0:
         return {capacity}

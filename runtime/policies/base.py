@@ -219,6 +219,12 @@ class Policy:
         """Raise a ValueError naming the fix when the policy cannot run on a model of this depth
         (called by ``transform()``, before any step)."""
 
+    def bind(self, program) -> None:
+        """The step program the policy will run on is known (called by the engine when it takes
+        the policy, before any plan): a policy whose step structure depends on the program's
+        pieces (e.g. which of them read per-position tables) decides it here, so that its plan
+        keys say what the step runs."""
+
     def allocate(self, program, batch: int, seq_len: int, device: torch.device):
         """The policy's device buffers for a (batch, seq_len) generation (None: none)."""
         return None

@@ -147,6 +147,9 @@ class DyLLMPolicy(Policy):
             raise ValueError(f"capacity must be 'auto', 'full' or a row count >= 1; got {capacity!r}")
         self.capacity = capacity
         self.mlp_selection = choice("mlp_selection", mlp_selection, MLP_SELECTIONS)
+        # whether the MLP rows really are selected batch-wide: ``bind`` turns it off for programs
+        # whose MLP reads per-position tables (its rows must then be one sequence's positions)
+        self.mlp_batch_wide = self.mlp_selection == "batch"
         self.record_similarity = False  # set by the engine: fill DyLLMBuffers.similarity
         self.reset()
 
@@ -157,6 +160,9 @@ class DyLLMPolicy(Policy):
         self._stats_ready = False  # cached softmax statistics hold every queried row's current values
         self._needs: list[int] = []  # rows recent sparse steps wanted in a selection (most of any layer)
         self._mlp_needs: list[int] = []  # and rows per sequence the batch-wide MLP selections wanted
+
+    def bind(self, program) -> None:
+        self.mlp_batch_wide = self.mlp_selection == "batch" and not any(p.tables for p in program.mlp)
 
     @property
     def _composed(self) -> bool:
@@ -276,12 +282,13 @@ class DyLLMPolicy(Policy):
 
     def _mlp_capacity(self, width: int, capacity: int, host: HostState) -> int | None:
         """Rows per sequence of the batch-wide MLP selection (it keeps batch * this many rows);
-        None under ``mlp_selection="sequence"``. From the batch's mean need over the last
+        None when the MLP takes the per-sequence selection (``mlp_selection="sequence"``, or an
+        MLP that reads per-position tables, see :meth:`bind`). From the batch's mean need over the last
         ``HISTORY`` steps plus half of it as headroom, as :meth:`_capacity`, rounded up to one of
         :func:`mlp_levels` (``capacity``, ``capacity / 2``, ``capacity / 4`` for a power of two): a
         few levels per capacity, so that the two capacities add few step shapes (compiled graphs,
         exported branches)."""
-        if self.mlp_selection == "sequence":
+        if not self.mlp_batch_wide:
             return None
         if self.capacity != "auto" or self.tau >= 1.0 or not self._mlp_needs:
             return capacity  # a fixed capacity, or nothing measured since the last dense step
@@ -293,7 +300,7 @@ class DyLLMPolicy(Policy):
             return StepReport([plan.note.get("active", seq_len)] * n_layers)
         need, kept, overflow = counts[0::COUNT_KINDS], counts[1::COUNT_KINDS], counts[2::COUNT_KINDS]
         extra = {"changed": kept[0]}
-        if len(need) == n_layers + 1:
+        if plan.key[5] is None:
             # per sequence: entry 0 is layer 0's changed rows (new K/V); entry l + 1 is layer l's
             # salient rows (its MLP and layer l + 1's K/V)
             self._needs.append(max(need))
@@ -347,8 +354,12 @@ class DyLLMPolicy(Policy):
         slots, valid = select_top(changed.float(), changed, capacity)
         counts, mlp_counts = [_counts(changed, valid)], []
         n_layers = pieces.n_layers
-        # a batch-wide MLP takes rows from any sequence: only for MLPs that read no per-position table
-        batch_wide = mlp_capacity is not None and not any(map(pieces.mlp_reads_tables, range(n_layers)))
+        batch_wide = mlp_capacity is not None
+        if batch_wide and any(map(pieces.mlp_reads_tables, range(n_layers))):
+            raise ValueError(
+                "a batch-wide MLP plan for an MLP that reads per-position tables: bind the policy to "
+                "the program (StepEngine does) before planning"
+            )
         for layer in range(n_layers):
             q, mask = pieces.query(layer, x, rows, pro)
             ctx, cos = self._attention(
