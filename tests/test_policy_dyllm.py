@@ -73,6 +73,9 @@ def test_schedule_variants():
 
 def test_composed_with_the_dual_cache_the_block_is_the_scope():
     plans = _run_schedule(make_policy("dual_cache+dyllm"))
+    # the dense warm-up recomputes the block only, as the dual cache's own steps: the rows
+    # outside it are refreshed at the generation's and each block's first step
+    assert plans[:4] == [("full", None)] + [("refresh", (8, 8))] * 3
     assert plans[8] == ("full", None)  # the block cache's refresh
     assert {s for k, s in plans if k == "sparse"} == {(8, 8), (16, 8)}  # never the whole sequence
 

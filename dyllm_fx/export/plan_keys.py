@@ -150,7 +150,8 @@ def _dyllm_keys(
                 for mlp in _mlp_capacities(policy, capacity):
                     for mode in stats:
                         keys.add(("sparse", width, capacity, mode, False, mlp))
-        if policy.refresh_interval is not None and composed:
+        # composed: the dense warm-up steps and the periodic refreshes recompute the scope
+        if composed and (policy.refresh_interval is not None or policy.num_full_steps > 1):
             width = bucket_size(hi - lo, seq_len) if policy.scope == "suffix" else hi - lo
             keys.add(("refresh", width))
     return keys

@@ -14,6 +14,9 @@ through the layers. At a sparse step, each layer
   MLP output. o_proj and the residual run for every queried row.
 
 The first ``num_full_steps`` steps of a generation run every row; after them no step is dense.
+Composed with a block cache (``dual_cache+dyllm``), "every row" is every row of the cache's scope:
+the generation's first step and each block's first one refresh the whole sequence (the block
+cache's refresh), the other dense steps recompute the block, as the block cache's own step does.
 A step after a serving re-layout (``HostState.relayout``: rows joined or left the batch at a
 block boundary) runs every row too, as any cold step, but keeps the step count: the batch's
 other rows do not repeat the dense warm-up.
@@ -218,24 +221,15 @@ class DyLLMPolicy(Policy):
         self._steps += 1
         new_block = host.block_start is not None and host.block_start != self._block_start
         self._block_start = host.block_start
-        if (
-            host.cold
-            or step < self.num_full_steps
-            or (new_block and (self._composed or self.refresh_at_block))
-        ):
+        if host.cold or (new_block and (self._composed or self.refresh_at_block)):
             return self._refresh(FULL)
-        if self.refresh_interval is not None and self._since_refresh >= self.refresh_interval:
-            if not self._composed:
-                return self._refresh(FULL)
-            start, end = host.span(self.scope)  # under a block cache, the rows outside are its own
-            width = bucket_size(end - start, host.seq_len) if self.scope == "suffix" else end - start
-            span = Plan(
-                ("refresh", width),
-                span_start=host.column(start),
-                span_len=host.column(end - start),
-                note={"active": end - start},
-            )
-            return self._refresh(span)
+        dense = step < self.num_full_steps or (
+            self.refresh_interval is not None and self._since_refresh >= self.refresh_interval
+        )
+        if dense:
+            # under a block cache the rows outside its scope are the cache's own: a dense step
+            # recomputes the scope, as the block cache's own step does
+            return self._refresh(self._scope_refresh(host) if self._composed else FULL)
         self._since_refresh += 1
         n = step + 1  # the official processed_steps
         interval = self.full_query_interval
@@ -256,6 +250,17 @@ class DyLLMPolicy(Policy):
             span_start=host.column(start),
             span_len=host.column(end - start),
             note={"width": width, "batch": host.batch},
+        )
+
+    def _scope_refresh(self, host: HostState) -> Plan:
+        """A dense step over the scope's rows only (every row the block cache lets run)."""
+        start, end = host.span(self.scope)
+        width = bucket_size(end - start, host.seq_len) if self.scope == "suffix" else end - start
+        return Plan(
+            ("refresh", width),
+            span_start=host.column(start),
+            span_len=host.column(end - start),
+            note={"active": end - start},
         )
 
     def _refresh(self, plan: Plan) -> Plan:
