@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import dyllm_fx
 from dyllm_fx.cli.main import main
@@ -319,3 +320,46 @@ def test_step_kinds_benchmark_smoke_runs():
     for selection in ("batch", "sequence"):  # both MLP row selections, side by side
         label = f"| dyllm ({selection} MLP rows) |"
         assert f"{label} full |" in done.stdout and f"{label} sparse |" in done.stdout
+
+
+def _floor():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("dyllm_floor", ROOT / "benchmarks" / "dyllm_floor.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_dyllm_floor_configurations_and_agreement():
+    floor = _floor()
+    composed = dict(floor.configurations("dual_cache+dyllm"))
+    assert composed["official defaults"] == {} and composed["floor: capacity 1"] == {"capacity": 1}
+    alone = dict(floor.configurations("dyllm"))
+    assert alone["floor: capacity 1, cached softmax stats, frozen prompt"]["full_query_interval"] is None
+    a = torch.tensor([[5, 5, 1, 2, 3, 4]])
+    b = torch.tensor([[6, 6, 1, 2, 0, 0]])
+    assert floor.agreement(a, b, 4) == 0.5  # the prompt columns do not count
+
+
+def test_dyllm_floor_refuses_a_method_without_dyllm():
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "dyllm_floor.py"), "--methods", "dual_cache"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2 and "takes DyLLM policies" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_dyllm_floor_benchmark_smoke_runs():
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "dyllm_floor.py"), "--methods", "dyllm", "--eager"]
+        + ["--batch", "2", "--n", "1", "--repeats", "1"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "| dual_cache | - |" in done.stdout and "| dyllm | floor: capacity 1 |" in done.stdout
+    assert "| dyllm | official defaults |" in done.stdout and done.stdout.count("100.0%") >= 1
