@@ -231,6 +231,59 @@ def test_batch_wide_overflow_is_counted():
     assert sum(r.overflow for r in sparse) > 0
 
 
+FLAT = dict(mlp_selection="batch", kv_selection="batch")
+
+
+@pytest.mark.parametrize("policy", ["dyllm", "dual_cache+dyllm"])
+def test_flat_selection_gives_the_per_sequence_tokens(policy):
+    """With no overflow, one flat selection per layer (the MLP and the next layer's K/V rows
+    picked over the whole batch, each row attending to its own sequence's keys) decodes the
+    per-sequence selection's tokens on left-padded prompts of different lengths, at a smaller
+    capacity per sequence."""
+    model, tok = _sharpened_llada(), tiny_tokenizer()
+    prompts = ["rev:abcdefg=", "kv:a1?a=", "sort:dcba=", "add:12+34="]
+    kw = dict(gen_length=16, block_length=8, steps=16, stop_at_eos=False, progress=False)
+    runs = {}
+    for name, config in (("sequence", {}), ("flat", FLAT)):
+        tm = dyllm_fx.transform(model, policy=policy, tau=0.8, **config)
+        runs[name] = (dyllm_fx.generate(tm, tok, prompts, **kw), tm.engine.records)
+    for _, records in runs.values():
+        assert sum(r.overflow for r in records) == 0
+    assert torch.equal(runs["flat"][0].sequences, runs["sequence"][0].sequences)
+    flat = [r.capacity for r in runs["flat"][1] if r.kind == "sparse"]
+    per_sequence = [r.capacity for r in runs["sequence"][1] if r.kind == "sparse"]
+    assert len(flat) == len(per_sequence) and sum(flat) < sum(per_sequence)
+
+
+def test_flat_selection_counts_overflow_and_sizes_from_the_batch_mean():
+    model, tok = _sharpened_llada(), tiny_tokenizer()
+    tm = dyllm_fx.transform(model, policy="dyllm", tau=0.999, capacity=1, **FLAT)
+    kw = dict(gen_length=16, block_length=8, steps=16, stop_at_eos=False, progress=False)
+    dyllm_fx.generate(tm, tok, ["rev:abcdefg=", "kv:a1?a="], **kw)
+    sparse = [r for r in tm.engine.records if r.kind == "sparse"]
+    assert sparse and all(r.capacity == 1 for r in sparse)
+    assert sum(r.overflow for r in sparse) > 0
+    policy = DyLLMPolicy(**FLAT)
+    for step in range(4):
+        policy.plan(_batch_host(step))
+    first = policy.plan(_batch_host(4))
+    assert first.key[6:] == ("batch",) and first.key[2] == first.key[5] == L - PROMPT
+    # layer 0 changed 3 rows over the batch of 2, layer 0's salient 9, layer 1's 4
+    report = policy.observe(first, [3, 2, 0] + [9, 5, 0] + [4, 3, 0], N_LAYERS, L)
+    assert report.active == [5, 3] and policy._mlp_needs == [5]
+    assert policy.plan(_batch_host(5)).key[2] == 8  # ceil(9 / 2) = 5, + 3 headroom: bucket 8
+
+
+def test_flat_selection_is_not_exported(tmp_path):
+    from dyllm_fx.export import to_onnx
+    from dyllm_fx.export.step_module import ExportError
+
+    tm = dyllm_fx.transform(_sharpened_llada(), policy="dual_cache+dyllm", **FLAT)
+    with pytest.raises(ExportError, match="kv_selection='sequence'"):
+        to_onnx(tm, tmp_path / "x.onnx", gen_length=16, block_length=8)
+    assert not (tmp_path / "x.onnx").exists()
+
+
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [
@@ -244,6 +297,8 @@ def test_batch_wide_overflow_is_counted():
         (dict(scope="prompt"), ValueError, "scope"),
         (dict(cached_softmax_stats=1), TypeError, "cached_softmax"),
         (dict(mlp_selection="rows"), ValueError, "mlp_selection"),
+        (dict(kv_selection="batch"), ValueError, "pass mlp_selection='batch' too"),
+        (dict(cached_softmax_stats=True, **FLAT), ValueError, "cached_softmax_stats"),
     ],
 )
 def test_bad_parameters_are_rejected(kwargs, error, match):

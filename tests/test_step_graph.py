@@ -34,6 +34,7 @@ POLICIES = [
     ("es_dllm", {}),
     ("es_dllm", {"variation": "value"}),
     ("dual_cache+dyllm", {}),
+    ("dual_cache+dyllm", {"mlp_selection": "batch", "kv_selection": "batch"}),
     ("dual_cache+es_dllm", {}),
     ("prefix_cache+dyllm", {}),
 ]

@@ -56,6 +56,8 @@ def default_methods(threshold: float = 0.9, tau: float | None = None) -> list[Me
     decoding. ``tau`` overrides DyLLM's threshold (default: the per-model preset of the official
     code, 0.99 for LLaDA)."""
     dy = {} if tau is None else {"tau": tau}
+    # one selection over the whole batch per layer, for the MLP and the next layer's K/V rows
+    flat = {"mlp_selection": "batch", "kv_selection": "batch"}
     return [
         Method("vanilla", "vanilla"),
         Method("vanilla + threshold", "vanilla", threshold=threshold),
@@ -80,10 +82,15 @@ def default_methods(threshold: float = 0.9, tau: float | None = None) -> list[Me
             {**dy, "refresh_at_block": True, "refresh_interval": 16},
         ),
         Method("dyllm: batch-wide MLP rows", "dyllm", {**dy, "mlp_selection": "batch"}),
+        Method("dyllm: flat rows", "dyllm", {**dy, **flat}),
         Method("dual_cache+dyllm", "dual_cache+dyllm", dy),
         Method("dual_cache+dyllm: batch-wide MLP rows", "dual_cache+dyllm", {**dy, "mlp_selection": "batch"}),
+        Method("dual_cache+dyllm: flat rows", "dual_cache+dyllm", {**dy, **flat}),
         Method("dyllm + threshold", "dyllm", dy, threshold=threshold),
         Method("dual_cache+dyllm + threshold", "dual_cache+dyllm", dy, threshold=threshold),
+        Method(
+            "dual_cache+dyllm: flat rows + threshold", "dual_cache+dyllm", {**dy, **flat}, threshold=threshold
+        ),
     ]
 
 

@@ -25,6 +25,8 @@ from dyllm_fx.runtime.policies.dyllm import mlp_levels
 from dyllm_fx.runtime.rows import bucket_size
 from dyllm_fx.runtime.schedule import BlockSchedule
 
+from .step_module import ExportError
+
 SEQ = "L"  # a size equal to the sequence length, in a graph key
 MAX_GRAPHS = 64  # more keys than this: the layout is too wide to export (the error says how to narrow it)
 
@@ -125,6 +127,11 @@ def _mlp_capacities(policy: DyLLMPolicy, capacity: int) -> set[int | None]:
 def _dyllm_keys(
     policy: DyLLMPolicy, layout: Layout, seq_len: int, n_layers: int, shift: int, memo: dict
 ) -> set[tuple]:
+    if policy.kv_batch_wide:
+        raise ExportError(
+            "DyLLM's flat row selection (kv_selection='batch') is not exported (its steps index the "
+            "caches by (sequence, row) pairs); export with kv_selection='sequence', the default"
+        )
     gen, block = layout.gen_length, layout.block
     prompt = seq_len - gen
     composed = policy.scope in ("block", "suffix")

@@ -60,8 +60,12 @@ batch at once: the MLP runs on the B * m rows of lowest cosine of all the batch'
 m sized from the batch's mean need, so a batch pays for the rows that changed and not B times its
 busiest sequence (the official engine packs every sequence's salient rows into one varlen batch,
 which costs the same); it overflows more often, since a mean moves more from step to step than a
-maximum. The next layer's K/V rows stay a per-sequence top-C, since attention reads each
-sequence's own keys. With no overflow both give the same tokens as exact counts.
+maximum. The next layer's K/V rows stay a per-sequence top-C unless ``kv_selection="batch"``
+(with ``mlp_selection="batch"``): then one flat selection per layer, of ``B * m`` rows with m
+from the batch's mean need, gives the layer's MLP and the next layer's K/V, and each selected row
+attends to its own sequence's keys (the K/V piece runs on the selected rows as one-row
+sequences, each with its own sequence's tables). With no overflow all of them give the same
+tokens as exact counts.
 """
 
 from __future__ import annotations
@@ -73,6 +77,7 @@ import torch
 from dyllm_fx.kernels.dispatch import approx_attention, partial_attention, partial_attention_stats
 from dyllm_fx.kernels.salient_rows import cosine_from_stats
 
+from ..pieces import Prologue
 from ..rows import bucket_size, mark, select_top, span_rows, take, write_rows
 from .base import (
     FULL,
@@ -121,6 +126,33 @@ class DyLLMBuffers:
     similarity: list[torch.Tensor] | None = None  # per layer (B, L) fp32, when recording
 
 
+@dataclass
+class FlatRows:
+    """A top-(B * m) selection over the whole batch's span rows (the flattened (1, B * W) slot
+    space): ``slots`` (1, N) flat slots b * W + s in ascending order, ``valid`` (1, N) which of
+    them qualified, ``batch`` (1, N) their sequence and ``rows`` (1, N) their positions in it."""
+
+    slots: torch.Tensor
+    valid: torch.Tensor
+    batch: torch.Tensor
+    rows: torch.Tensor
+
+    @classmethod
+    def select(cls, key: torch.Tensor, eligible: torch.Tensor, rows: torch.Tensor, per_sequence: int):
+        """The ``B * per_sequence`` eligible slots of largest ``key`` (B, W) in the whole batch."""
+        bsz, width = rows.shape
+        slots, valid = select_top(key.reshape(1, -1), eligible.reshape(1, -1), bsz * per_sequence)
+        batch = torch.div(slots, width, rounding_mode="floor")
+        return cls(slots, valid, batch, take(rows.reshape(1, -1), slots, 1))
+
+    def counts(self, eligible: torch.Tensor) -> torch.Tensor:
+        """[rows that qualified in the batch, most kept in one sequence, qualified beyond N]."""
+        kept = torch.zeros(eligible.shape[0], dtype=torch.long, device=eligible.device)
+        kept.index_add_(0, self.batch[0], self.valid[0].long())
+        wanted = eligible.sum()
+        return torch.stack([wanted, kept.amax(), wanted - kept.sum()])
+
+
 class DyLLMPolicy(Policy):
     name = "dyllm"
 
@@ -135,6 +167,7 @@ class DyLLMPolicy(Policy):
         scope: str = "response",
         capacity: int | str = "auto",
         mlp_selection: str = "sequence",
+        kv_selection: str = "sequence",
     ):
         self.tau = number("tau", tau, 0.0, 1.0, low_open=True, hint=" (DyLLM uses about 0.99 to 0.995)")
         self.num_full_steps = count("num_full_steps", num_full_steps, minimum=1)
@@ -150,9 +183,20 @@ class DyLLMPolicy(Policy):
             raise ValueError(f"capacity must be 'auto', 'full' or a row count >= 1; got {capacity!r}")
         self.capacity = capacity
         self.mlp_selection = choice("mlp_selection", mlp_selection, MLP_SELECTIONS)
+        self.kv_selection = choice("kv_selection", kv_selection, MLP_SELECTIONS)
+        if self.kv_selection == "batch" and self.mlp_selection != "batch":
+            raise ValueError(
+                "kv_selection='batch' picks one set of rows over the batch for the MLP and the next "
+                "layer's K/V: pass mlp_selection='batch' too"
+            )
+        if self.kv_selection == "batch" and self.cached_softmax_stats:
+            raise ValueError(
+                "kv_selection='batch' does not combine with cached_softmax_stats=True; drop one of them"
+            )
         # whether the MLP rows really are selected batch-wide: ``bind`` turns it off for programs
         # whose MLP reads per-position tables (its rows must then be one sequence's positions)
         self.mlp_batch_wide = self.mlp_selection == "batch"
+        self.kv_batch_wide = self.kv_selection == "batch"
         self.record_similarity = False  # set by the engine: fill DyLLMBuffers.similarity
         self.reset()
 
@@ -166,6 +210,7 @@ class DyLLMPolicy(Policy):
 
     def bind(self, program) -> None:
         self.mlp_batch_wide = self.mlp_selection == "batch" and not any(p.tables for p in program.mlp)
+        self.kv_batch_wide = self.kv_selection == "batch" and self.mlp_batch_wide
 
     @property
     def _composed(self) -> bool:
@@ -240,11 +285,16 @@ class DyLLMPolicy(Policy):
             if self.scope == "suffix" and not full_query
             else end - start
         )
-        capacity = self._capacity(width, host)
-        mlp_capacity = self._mlp_capacity(width, capacity, host)
+        if self.kv_batch_wide:
+            capacity = mlp_capacity = self._flat_capacity(width)
+        else:
+            capacity = self._capacity(width, host)
+            mlp_capacity = self._mlp_capacity(width, capacity, host)
         stats = "cached" if self.cached_softmax_stats and self._stats_ready and not full_query else "exact"
         self._stats_ready = True
         key = ("sparse", width, capacity, stats, self.record_similarity, mlp_capacity)
+        if self.kv_batch_wide:
+            key += ("batch",)  # one flat selection of B * capacity rows per layer
         return Plan(
             key,
             span_start=host.column(start),
@@ -300,12 +350,32 @@ class DyLLMPolicy(Policy):
         need = max(self._mlp_needs[-HISTORY:])
         return mlp_level(need + (need + 1) // 2, capacity)
 
+    def _flat_capacity(self, width: int) -> int:
+        """Rows per sequence of the flat selection (``kv_selection="batch"``: it keeps batch * this
+        many rows): the whole span at the first sparse step after a dense one; then the batch's
+        mean need over the last ``HISTORY`` steps, plus half of it as headroom, bucketed."""
+        if self.capacity == "full" or self.tau >= 1.0:
+            return width
+        if isinstance(self.capacity, int):
+            return min(self.capacity, width)
+        if not self._mlp_needs:
+            return width
+        need = max(self._mlp_needs[-HISTORY:])
+        return bucket_size(need + (need + 1) // 2, width, minimum=2)
+
     def observe(self, plan, counts, n_layers, seq_len) -> StepReport:
         if plan.kind != "sparse":
             return StepReport([plan.note.get("active", seq_len)] * n_layers)
         need, kept, overflow = counts[0::COUNT_KINDS], counts[1::COUNT_KINDS], counts[2::COUNT_KINDS]
         extra = {"changed": kept[0]}
-        if plan.key[5] is None:
+        if len(plan.key) > 6:
+            # one flat selection per layer (entry 0: layer 0's changed rows); the need is the
+            # batch's total, kept the most of any sequence
+            batch = plan.note["batch"]
+            self._mlp_needs.append(max(-(-total // batch) for total in need))
+            active = kept[1:]
+            extra["mlp_capacity"] = plan.key[5]
+        elif plan.key[5] is None:
             # per sequence: entry 0 is layer 0's changed rows (new K/V); entry l + 1 is layer l's
             # salient rows (its MLP and layer l + 1's K/V)
             self._needs.append(max(need))
@@ -344,6 +414,8 @@ class DyLLMPolicy(Policy):
         return out
 
     def _sparse_step(self, pieces, plan, inp, cache, buffers: DyLLMBuffers) -> StepOutput:
+        if len(plan.key) > 6:
+            return self._flat_sparse_step(pieces, plan, inp, cache, buffers)
         _, width, capacity, stats_mode, record, mlp_capacity = plan.key
         rows, in_span = span_rows(inp.span_start, inp.span_len, width)
         real = take(inp.attention_mask, rows, 1).bool() & in_span  # left padding never changes
@@ -399,21 +471,101 @@ class DyLLMPolicy(Policy):
 
     def _mlp_batch_wide(self, pieces, layer, h_mid, rows, cos, salient, per_sequence, pro, cache, buffers):
         """The MLP of the batch's ``B * per_sequence`` salient rows of lowest cosine, whichever
-        sequences they are in (flattened (B * W) row space), written to the MLP cache; returns
-        the selection's counts."""
-        bsz, width = rows.shape
-        seq_len = buffers.mlp[layer].shape[1]
-        slots, valid = select_top((-cos).reshape(1, -1), salient.reshape(1, -1), bsz * per_sequence)
-        s_rows = take(rows.reshape(1, -1), slots, 1)  # (1, N) positions in their sequences
-        batch = torch.div(slots, width, rounding_mode="floor")
-        fresh = pieces.mlp(layer, take(h_mid.reshape(1, bsz * width, -1), slots, 1), s_rows, pro)
-        flat = batch * seq_len + s_rows  # (1, N) into the flattened (1, B * L) caches
-        write_rows(buffers.mlp[layer].view(1, bsz * seq_len, -1), flat, fresh, 1, valid)
+        sequences they are in, written to the MLP cache; returns the selection's counts."""
+        flat = FlatRows.select(-cos, salient, rows, per_sequence)
+        self._flat_mlp(pieces, layer, h_mid, flat, pro, cache, buffers)
+        return flat.counts(salient)
+
+    def _flat_mlp(self, pieces, layer, h_mid, flat: FlatRows, pro, cache, buffers):
+        """The MLP of the flat selection's rows, written to the MLP cache (viewed flat)."""
+        bsz, seq_len = buffers.mlp[layer].shape[:2]
+        fresh = pieces.mlp(layer, take(h_mid.reshape(1, -1, h_mid.shape[-1]), flat.slots, 1), flat.rows, pro)
+        at = flat.batch * seq_len + flat.rows  # (1, N) into the flattened (1, B * L) caches
+        write_rows(buffers.mlp[layer].view(1, bsz * seq_len, -1), at, fresh, 1, flat.valid)
         if cache.activity is not None:
-            mark(cache.activity.view(cache.activity.shape[0], 1, -1), layer, flat, 1.0, valid)
-        kept = torch.zeros(bsz, dtype=torch.long, device=rows.device).index_add_(0, batch[0], valid[0].long())
-        wanted = salient.sum()
-        return torch.stack([wanted, kept.amax(), wanted - kept.sum()])
+            mark(cache.activity.view(cache.activity.shape[0], 1, -1), layer, at, 1.0, flat.valid)
+
+    def _flat_sparse_step(self, pieces, plan, inp, cache, buffers: DyLLMBuffers) -> StepOutput:
+        """The sparse step with one flat selection per layer (``kv_selection="batch"``): the
+        batch's ``B * m`` salient rows of lowest cosine, whichever sequences they are in, get the
+        layer's MLP and the next layer's K/V; layer 0's are the batch's changed tokens. The
+        attention stays per sequence: each selected row attends to its own sequence's keys."""
+        _, width, per_sequence, _, record, _, _ = plan.key
+        rows, in_span = span_rows(inp.span_start, inp.span_len, width)
+        real = take(inp.attention_mask, rows, 1).bool() & in_span
+        pro = pieces.prologue(inp.input_ids, inp.attention_mask, inp.position_ids, *inp.extras)
+        x = take(pro.h0, rows, 1)
+        every = self.tau >= 1.0
+        tau = self.tau if inp.tau is None else inp.tau
+        moved = every or pieces.h0_reads_state
+        changed = real if moved else real & (take(inp.input_ids, rows, 1) != take(buffers.prev_ids, rows, 1))
+        flat = FlatRows.select(changed.float(), changed, rows, per_sequence)
+        counts = [flat.counts(changed)]
+        for layer in range(pieces.n_layers):
+            q, mask = pieces.query(layer, x, rows, pro)
+            ctx, cos = self._flat_attention(pieces, layer, x, rows, flat, q, mask, pro, cache, buffers)
+            write_rows(buffers.context[layer], rows, ctx, 2)
+            if record:
+                buffers.similarity[layer].fill_(float("nan"))
+                write_rows(buffers.similarity[layer], rows, torch.where(in_span, cos, float("nan")), 1)
+            h_mid = pieces.post(layer, x, ctx)
+            salient = real if every else real & (cos < tau)
+            mark(cache.activity, layer, rows, 0.5, in_span)
+            flat = FlatRows.select(-cos, salient, rows, per_sequence)  # the lowest cosines first
+            counts.append(flat.counts(salient))
+            self._flat_mlp(pieces, layer, h_mid, flat, pro, cache, buffers)
+            x = h_mid + take(buffers.mlp[layer], rows, 1)
+        write_rows(cache.hidden, rows, x, 1)
+        logits = head_logits(pieces, cache, inp.logit_positions)
+        return StepOutput(logits, counts=torch.cat(counts))
+
+    def _flat_attention(self, pieces, layer, x, rows, flat: FlatRows, q, mask, pro, cache, buffers):
+        """:meth:`_attention` for a flat selection of changed rows: their new K/V (the K/V piece
+        runs on N one-row sequences, each reading its own sequence's tables), their exact
+        attention against their own sequence's keys, then the approximate update of every
+        queried row with the changed rows laid out per sequence over the span (A = W)."""
+        bsz, width = rows.shape
+        n = flat.slots.shape[1]
+        b, r, valid = flat.batch[0], flat.rows[0], flat.valid[0]  # (N,)
+        own = Prologue(pro.h0, [t.index_select(0, b) if t.shape[0] == bsz else t for t in pro.tables])
+        x_sel = take(x.reshape(1, bsz * width, -1), flat.slots, 1)
+        k_new, v_new = pieces.kv(layer, x_sel.view(n, 1, -1), r.view(n, 1), own)  # (N, KV, 1, d)
+        # (B, L, KV, d) views of the caches: [b, r] addresses one row's K/V of every head
+        k_rows, v_rows = cache.k[layer].permute(0, 2, 1, 3), cache.v[layer].permute(0, 2, 1, 3)
+        k_old, v_old = k_rows[b, r], v_rows[b, r]  # (N, KV, d)
+        keep = valid[:, None, None]
+        k_now = torch.where(keep, k_new[:, :, 0], k_old)
+        v_now = torch.where(keep, v_new[:, :, 0], v_old)
+        k_rows.index_put_((b, r), k_now)
+        v_rows.index_put_((b, r), v_now)
+        keys, values, offset = pieces.keys(layer, pro, cache)
+        scale = pieces.scale(layer)
+        heads = q.shape[1]
+        q_sel = q.transpose(1, 2).reshape(bsz * width, heads, -1).index_select(0, flat.slots[0])
+        own_mask = mask.index_select(0, b) if mask is not None and mask.shape[0] == bsz else mask
+        exact, _, _ = partial_attention_stats(
+            q_sel[:, :, None],
+            keys.index_select(0, b),
+            values.index_select(0, b),
+            r.view(n, 1),
+            own_mask,
+            scale,
+        )  # (N, H, 1, dv)
+        # the changed rows laid out per sequence: slot s of sequence b is span row s
+        slot = flat.slots[0]
+        chosen = torch.zeros(bsz * width, dtype=torch.bool, device=rows.device).index_put_((slot,), valid)
+        chosen = chosen.view(bsz, width)
+        marked = torch.where(chosen, rows, -1)
+        marked_keys = torch.where(chosen, rows + offset, -1) if offset else marked
+        dv = v_now.new_zeros(bsz * width, *v_now.shape[1:]).index_put_((slot,), v_now - v_old)
+        dv = dv.view(bsz, width, *v_now.shape[1:]).transpose(1, 2)  # (B, KV, W, d)
+        exact_rows = exact.new_zeros(bsz * width, heads, exact.shape[-1]).index_put_((slot,), exact[:, :, 0])
+        exact_rows = exact_rows.view(bsz, width, heads, -1).transpose(1, 2)  # (B, H, W, dv)
+        cached_ctx = take(buffers.context[layer], rows, 2)
+        ctx, stats, _, _ = approx_attention(
+            q, keys, marked_keys, dv, cached_ctx, marked, exact_rows, mask, scale, q_rows=rows
+        )
+        return ctx, cosine_from_stats(stats[..., 0], stats[..., 1], stats[..., 2])
 
     def _attention(self, pieces, layer, x, rows, slots, valid, q, mask, pro, cache, buffers, stats_mode):
         """New K/V for the changed rows (``slots`` where ``valid``), their exact attention, and
