@@ -280,19 +280,33 @@ def test_default_methods_start_with_the_official_defaults():
     assert len(variants) >= 5 and all("," not in label for label in methods)  # --methods splits on commas
 
 
-def _step_kinds():
+def _benchmark(name: str):
+    """The module of ``benchmarks/<name>.py`` (benchmarks are scripts, not a package)."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("step_kinds", ROOT / "benchmarks" / "step_kinds.py")
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
+# a benchmark's smallest run: DyLLM alone, eager, two prompts, one timed pass
+SMOKE = ("--methods", "dyllm", "--eager", "--batch", "2", "--n", "1", "--repeats", "1")
+
+
+def _run_benchmark(name: str, *args: str):
+    return subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / f"{name}.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
 def test_step_kinds_groups_steps_by_kind_and_counts_capacities():
     from types import SimpleNamespace
 
-    step_kinds = _step_kinds()
+    step_kinds = _benchmark("step_kinds")
     keys = [
         ("full",),
         ("sparse", 64, 32, "exact", False, 8),
@@ -309,30 +323,15 @@ def test_step_kinds_groups_steps_by_kind_and_counts_capacities():
 
 
 def test_step_kinds_benchmark_smoke_runs():
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "step_kinds.py"), "--methods", "dyllm", "--eager"]
-        + ["--batch", "2", "--n", "1", "--repeats", "1"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    done = _run_benchmark("step_kinds", *SMOKE)
     assert done.returncode == 0, done.stderr[-2000:]
     for selection in ("batch", "sequence"):  # both MLP row selections, side by side
         label = f"| dyllm ({selection} MLP rows) |"
         assert f"{label} full |" in done.stdout and f"{label} sparse |" in done.stdout
 
 
-def _floor():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("dyllm_floor", ROOT / "benchmarks" / "dyllm_floor.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_dyllm_floor_configurations_and_agreement():
-    floor = _floor()
+    floor = _benchmark("dyllm_floor")
     composed = dict(floor.configurations("dual_cache+dyllm"))
     assert composed["official defaults"] == {} and composed["floor: capacity 1"] == {"capacity": 1}
     alone = dict(floor.configurations("dyllm"))
@@ -343,23 +342,12 @@ def test_dyllm_floor_configurations_and_agreement():
 
 
 def test_dyllm_floor_refuses_a_method_without_dyllm():
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "dyllm_floor.py"), "--methods", "dual_cache"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = _run_benchmark("dyllm_floor", "--methods", "dual_cache")
     assert done.returncode == 2 and "takes DyLLM policies" in done.stderr and "Traceback" not in done.stderr
 
 
 def test_dyllm_floor_benchmark_smoke_runs():
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "dyllm_floor.py"), "--methods", "dyllm", "--eager"]
-        + ["--batch", "2", "--n", "1", "--repeats", "1"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    done = _run_benchmark("dyllm_floor", *SMOKE)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "| dual_cache | - |" in done.stdout and "| dyllm | floor: capacity 1 |" in done.stdout
     assert "| dyllm | official defaults |" in done.stdout and done.stdout.count("100.0%") >= 1

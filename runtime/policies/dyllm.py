@@ -417,17 +417,9 @@ class DyLLMPolicy(Policy):
         if len(plan.key) > 6:
             return self._flat_sparse_step(pieces, plan, inp, cache, buffers)
         _, width, capacity, stats_mode, record, mlp_capacity = plan.key
-        rows, in_span = span_rows(inp.span_start, inp.span_len, width)
-        real = take(inp.attention_mask, rows, 1).bool() & in_span  # left padding never changes
-        pro = pieces.prologue(inp.input_ids, inp.attention_mask, inp.position_ids, *inp.extras)
+        rows, in_span, real, changed, pro = self._sparse_start(pieces, inp, buffers, width)
         x = take(pro.h0, rows, 1)
-        every = self.tau >= 1.0
         tau = self.tau if inp.tau is None else inp.tau  # a tensor in exported graphs (an input)
-        # Layer 0's changed rows: the tokens that changed, or every row when the first hidden
-        # state also reads the last step's output (self-conditioning moves every row's input;
-        # the official DiffusionGemma engine starts layer 0 from every canvas row too).
-        moved = every or pieces.h0_reads_state
-        changed = real if moved else real & (take(inp.input_ids, rows, 1) != take(buffers.prev_ids, rows, 1))
         slots, valid = select_top(changed.float(), changed, capacity)
         counts, mlp_counts = [_counts(changed, valid)], []
         n_layers = pieces.n_layers
@@ -442,13 +434,9 @@ class DyLLMPolicy(Policy):
             ctx, cos = self._attention(
                 pieces, layer, x, rows, slots, valid, q, mask, pro, cache, buffers, stats_mode
             )
-            write_rows(buffers.context[layer], rows, ctx, 2)
-            if record:
-                buffers.similarity[layer].fill_(float("nan"))
-                write_rows(buffers.similarity[layer], rows, torch.where(in_span, cos, float("nan")), 1)
-            h_mid = pieces.post(layer, x, ctx)
-            salient = real if every else real & (cos < tau)
-            mark(cache.activity, layer, rows, 0.5, in_span)
+            h_mid, salient = self._after_attention(
+                pieces, layer, x, rows, in_span, real, ctx, cos, tau, record, cache, buffers
+            )
             if not batch_wide or layer < n_layers - 1:
                 # the next layer's K/V rows, and per sequence also this layer's MLP rows
                 slots, valid = select_top(-cos, salient, capacity)  # the lowest cosines first
@@ -468,6 +456,31 @@ class DyLLMPolicy(Policy):
         write_rows(cache.hidden, rows, x, 1)
         logits = head_logits(pieces, cache, inp.logit_positions)
         return StepOutput(logits, counts=torch.cat(counts + mlp_counts))
+
+    def _sparse_start(self, pieces, inp, buffers: DyLLMBuffers, width: int):
+        """(rows, in_span, real, changed, prologue) of a sparse step: the span's rows (B, W), which
+        of them are real tokens (left padding never changes), and layer 0's changed rows: the
+        tokens that changed, or every row when the first hidden state also reads the last step's
+        output (self-conditioning moves every row's input; the official DiffusionGemma engine
+        starts layer 0 from every canvas row too)."""
+        rows, in_span = span_rows(inp.span_start, inp.span_len, width)
+        real = take(inp.attention_mask, rows, 1).bool() & in_span
+        pro = pieces.prologue(inp.input_ids, inp.attention_mask, inp.position_ids, *inp.extras)
+        if self.tau >= 1.0 or pieces.h0_reads_state:
+            return rows, in_span, real, real, pro
+        moved = take(inp.input_ids, rows, 1) != take(buffers.prev_ids, rows, 1)
+        return rows, in_span, real, real & moved, pro
+
+    def _after_attention(self, pieces, layer, x, rows, in_span, real, ctx, cos, tau, record, cache, buffers):
+        """Cache the queried rows' new contexts (and similarities, when recording), run o_proj and
+        the residual; (h_mid, the salient rows: real rows whose context cosine is below tau)."""
+        write_rows(buffers.context[layer], rows, ctx, 2)
+        if record:
+            buffers.similarity[layer].fill_(float("nan"))
+            write_rows(buffers.similarity[layer], rows, torch.where(in_span, cos, float("nan")), 1)
+        mark(cache.activity, layer, rows, 0.5, in_span)
+        salient = real if self.tau >= 1.0 else real & (cos < tau)
+        return pieces.post(layer, x, ctx), salient
 
     def _mlp_batch_wide(self, pieces, layer, h_mid, rows, cos, salient, per_sequence, pro, cache, buffers):
         """The MLP of the batch's ``B * per_sequence`` salient rows of lowest cosine, whichever
@@ -491,26 +504,17 @@ class DyLLMPolicy(Policy):
         layer's MLP and the next layer's K/V; layer 0's are the batch's changed tokens. The
         attention stays per sequence: each selected row attends to its own sequence's keys."""
         _, width, per_sequence, _, record, _, _ = plan.key
-        rows, in_span = span_rows(inp.span_start, inp.span_len, width)
-        real = take(inp.attention_mask, rows, 1).bool() & in_span
-        pro = pieces.prologue(inp.input_ids, inp.attention_mask, inp.position_ids, *inp.extras)
+        rows, in_span, real, changed, pro = self._sparse_start(pieces, inp, buffers, width)
         x = take(pro.h0, rows, 1)
-        every = self.tau >= 1.0
-        tau = self.tau if inp.tau is None else inp.tau
-        moved = every or pieces.h0_reads_state
-        changed = real if moved else real & (take(inp.input_ids, rows, 1) != take(buffers.prev_ids, rows, 1))
+        tau = self.tau if inp.tau is None else inp.tau  # a tensor in exported graphs (an input)
         flat = FlatRows.select(changed.float(), changed, rows, per_sequence)
         counts = [flat.counts(changed)]
         for layer in range(pieces.n_layers):
             q, mask = pieces.query(layer, x, rows, pro)
             ctx, cos = self._flat_attention(pieces, layer, x, rows, flat, q, mask, pro, cache, buffers)
-            write_rows(buffers.context[layer], rows, ctx, 2)
-            if record:
-                buffers.similarity[layer].fill_(float("nan"))
-                write_rows(buffers.similarity[layer], rows, torch.where(in_span, cos, float("nan")), 1)
-            h_mid = pieces.post(layer, x, ctx)
-            salient = real if every else real & (cos < tau)
-            mark(cache.activity, layer, rows, 0.5, in_span)
+            h_mid, salient = self._after_attention(
+                pieces, layer, x, rows, in_span, real, ctx, cos, tau, record, cache, buffers
+            )
             flat = FlatRows.select(-cos, salient, rows, per_sequence)  # the lowest cosines first
             counts.append(flat.counts(salient))
             self._flat_mlp(pieces, layer, h_mid, flat, pro, cache, buffers)
