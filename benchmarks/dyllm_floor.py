@@ -5,6 +5,9 @@ against the dual cache, in one round-robin run.
     python benchmarks/dyllm_floor.py                      # compiled, batch 16, no threshold
     python benchmarks/dyllm_floor.py --threshold 0.9      # under threshold parallel decoding
 
+The "flat rows" row is the option that comes closest to the floor at the method's semantics: one
+selection per layer over the whole batch (``mlp_selection="batch", kv_selection="batch"``).
+
 At capacity 1 a sparse step gives new K/V, exact attention and the MLP to one row per sequence;
 every other row gets the approximate update. No selection of the salient rows can make a step
 cheaper than that, so the floor bounds what any capacity planner (per sequence, batch-wide,
@@ -26,13 +29,16 @@ import dyllm_fx
 from dyllm_fx.eval.synthetic_tasks import held_out_set
 
 GEN = dict(gen_length=64, block_length=32, steps=64, progress=False)
+FLAT = {"mlp_selection": "batch", "kv_selection": "batch"}
 FLOOR = {"capacity": 1}
 LEAN = {"capacity": 1, "cached_softmax_stats": True}
 
 
 def configurations(method: str) -> list[tuple[str, dict]]:
-    """(label, policy options) of one DyLLM method: its defaults, the floor, the lean floor."""
-    rows = [("official defaults", {}), ("floor: capacity 1", FLOOR)]
+    """(label, policy options) of one DyLLM method: its defaults, the flat rows option (one
+    selection over the whole batch, sized from the batch's mean need), the floor, the lean
+    floor."""
+    rows = [("official defaults", {}), ("flat rows", FLAT), ("floor: capacity 1", FLOOR)]
     if "+" in method:
         rows.append(("floor: capacity 1, cached softmax stats", LEAN))
     else:

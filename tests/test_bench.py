@@ -334,6 +334,7 @@ def test_dyllm_floor_configurations_and_agreement():
     floor = _benchmark("dyllm_floor")
     composed = dict(floor.configurations("dual_cache+dyllm"))
     assert composed["official defaults"] == {} and composed["floor: capacity 1"] == {"capacity": 1}
+    assert composed["flat rows"] == {"mlp_selection": "batch", "kv_selection": "batch"}
     alone = dict(floor.configurations("dyllm"))
     assert alone["floor: capacity 1, cached softmax stats, frozen prompt"]["full_query_interval"] is None
     a = torch.tensor([[5, 5, 1, 2, 3, 4]])
