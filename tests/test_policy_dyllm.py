@@ -272,6 +272,10 @@ def test_flat_selection_counts_overflow_and_sizes_from_the_batch_mean():
     report = policy.observe(first, [3, 2, 0] + [9, 5, 0] + [4, 3, 0], N_LAYERS, L)
     assert report.active == [5, 3] and policy._mlp_needs == [5]
     assert policy.plan(_batch_host(5)).key[2] == 8  # ceil(9 / 2) = 5, + 3 headroom: bucket 8
+    policy.observe(policy.plan(_batch_host(6)), [1, 1, 0] * 3, N_LAYERS, L)
+    # a step that committed 11 tokens in one sequence: layer 0's rows need room for them
+    busy = policy.plan(_batch_host(7, committed=11))
+    assert busy.key[2] == busy.key[1]  # 11 + 6 headroom: the whole span
 
 
 def test_flat_selection_is_not_exported(tmp_path):

@@ -286,7 +286,7 @@ class DyLLMPolicy(Policy):
             else end - start
         )
         if self.kv_batch_wide:
-            capacity = mlp_capacity = self._flat_capacity(width)
+            capacity = mlp_capacity = self._flat_capacity(width, host)
         else:
             capacity = self._capacity(width, host)
             mlp_capacity = self._mlp_capacity(width, capacity, host)
@@ -350,17 +350,18 @@ class DyLLMPolicy(Policy):
         need = max(self._mlp_needs[-HISTORY:])
         return mlp_level(need + (need + 1) // 2, capacity)
 
-    def _flat_capacity(self, width: int) -> int:
+    def _flat_capacity(self, width: int, host: HostState) -> int:
         """Rows per sequence of the flat selection (``kv_selection="batch"``: it keeps batch * this
         many rows): the whole span at the first sparse step after a dense one; then the batch's
-        mean need over the last ``HISTORY`` steps, plus half of it as headroom, bucketed."""
+        mean need over the last ``HISTORY`` steps, at least the most tokens a sequence committed
+        last step (layer 0's changed rows), plus half of it as headroom, bucketed."""
         if self.capacity == "full" or self.tau >= 1.0:
             return width
         if isinstance(self.capacity, int):
             return min(self.capacity, width)
         if not self._mlp_needs:
             return width
-        need = max(self._mlp_needs[-HISTORY:])
+        need = max(*self._mlp_needs[-HISTORY:], host.last_committed)
         return bucket_size(need + (need + 1) // 2, width, minimum=2)
 
     def observe(self, plan, counts, n_layers, seq_len) -> StepReport:
