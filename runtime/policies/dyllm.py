@@ -326,14 +326,20 @@ class DyLLMPolicy(Policy):
         the most rows any of the last ``HISTORY`` steps wanted, plus half of that as headroom,
         bucketed: the need moves a lot from step to step, and a row beyond the capacity is
         approximated where the official code would recompute it."""
+        return self._sized(width, host, self._needs, minimum=8)
+
+    def _sized(self, width: int, host: HostState, needs: list[int], minimum: int) -> int:
+        """A selection's capacity from ``needs`` (its rows wanted by recent sparse steps): the
+        span, a fixed capacity, or the largest recent need (at least the most tokens a sequence
+        committed last step) plus half of it as headroom, bucketed from ``minimum``."""
         if self.capacity == "full" or self.tau >= 1.0:
             return width
         if isinstance(self.capacity, int):
             return min(self.capacity, width)
-        if not self._needs:
+        if not needs:
             return width
-        need = max(*self._needs[-HISTORY:], host.last_committed)
-        return bucket_size(need + (need + 1) // 2, width)
+        need = max(*needs[-HISTORY:], host.last_committed)
+        return bucket_size(need + (need + 1) // 2, width, minimum)
 
     def _mlp_capacity(self, width: int, capacity: int, host: HostState) -> int | None:
         """Rows per sequence of the batch-wide MLP selection (it keeps batch * this many rows);
@@ -355,14 +361,7 @@ class DyLLMPolicy(Policy):
         many rows): the whole span at the first sparse step after a dense one; then the batch's
         mean need over the last ``HISTORY`` steps, at least the most tokens a sequence committed
         last step (layer 0's changed rows), plus half of it as headroom, bucketed."""
-        if self.capacity == "full" or self.tau >= 1.0:
-            return width
-        if isinstance(self.capacity, int):
-            return min(self.capacity, width)
-        if not self._mlp_needs:
-            return width
-        need = max(*self._mlp_needs[-HISTORY:], host.last_committed)
-        return bucket_size(need + (need + 1) // 2, width, minimum=2)
+        return self._sized(width, host, self._mlp_needs, minimum=2)
 
     def observe(self, plan, counts, n_layers, seq_len) -> StepReport:
         if plan.kind != "sparse":
