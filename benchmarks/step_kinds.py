@@ -8,9 +8,11 @@ ran at, measured on the embedded model.
 A DyLLM sparse step gives new K/V to up to ``C`` rows per sequence, the most any sequence of
 the batch needed over the last steps (plus headroom), and runs the MLP on the same rows
 (``mlp_selection="sequence"``, the default) or on ``B * m`` rows picked over the whole batch
-(``"batch"``: ``m`` from the batch's mean need). The capacity column counts the steps at each
-``C`` (or ``C/m``): when ``C`` reaches the span's width, the step does the dense step's
-attention work plus its gating.
+(``"batch"``: ``m`` from the batch's mean need), or picks one flat set of ``B * m`` rows per
+layer for both the MLP and the next layer's K/V (``"flat"``: ``mlp_selection="batch",
+kv_selection="batch"``). The capacity column counts the steps at each ``C`` (``C/m`` for the
+batch-wide MLP, ``m flat`` for the flat rows): when ``C`` reaches the span's width, the step does
+the dense step's attention work plus its gating.
 """
 
 from __future__ import annotations
@@ -27,8 +29,21 @@ from dyllm_fx.eval.synthetic_tasks import held_out_set
 GEN = dict(gen_length=64, block_length=32, steps=64, progress=False)
 
 
+# each --mlp-selection choice: (label, DyLLM options) of the variants it runs
+SELECTIONS = {
+    "sequence": [("sequence MLP rows", {"mlp_selection": "sequence"})],
+    "batch": [("batch MLP rows", {"mlp_selection": "batch"})],
+    "flat": [("flat rows", {"mlp_selection": "batch", "kv_selection": "batch"})],
+}
+SELECTIONS["both"] = SELECTIONS["sequence"] + SELECTIONS["batch"]
+SELECTIONS["all"] = SELECTIONS["both"] + SELECTIONS["flat"]
+
+
 def capacity_label(key: tuple) -> str:
-    """A DyLLM sparse key's capacity: ``C``, or ``C/m`` with a batch-wide MLP capacity m."""
+    """A DyLLM sparse key's capacity: ``C``, ``C/m`` with a batch-wide MLP capacity m, or
+    ``m flat`` for one flat selection of B * m rows per layer."""
+    if len(key) > 6 and key[6] == "batch":
+        return f"{key[2]} flat"
     mlp = key[5] if len(key) > 5 else None
     return str(key[2]) if mlp is None else f"{key[2]}/{mlp}"
 
@@ -78,7 +93,8 @@ def report(name: str, out, keys: list[tuple]) -> list[str]:
     lines = []
     for (kind, width), ms in groups.items():
         by_size = sorted(
-            capacities[(kind, width)].items(), key=lambda item: [int(c) for c in item[0].split("/")]
+            capacities[(kind, width)].items(),
+            key=lambda item: [int(c) for c in item[0].removesuffix(" flat").split("/")],
         )
         caps = ", ".join(f"{c}: {n}" for c, n in by_size) or "-"
         lines.append(
@@ -103,10 +119,11 @@ def main(argv=None) -> int:
     )
     p.add_argument(
         "--mlp-selection",
-        choices=("batch", "sequence", "both"),
+        choices=tuple(SELECTIONS),
         default="both",
-        help="DyLLM's MLP row selection for the dyllm methods: per sequence (the policy's default), "
-        "batch-wide, or both side by side (default)",
+        help="DyLLM's row selection for the dyllm methods: the MLP's per sequence (the policy's "
+        "default) or batch-wide, one flat selection for the MLP and K/V ('flat'), 'both' (the first "
+        "two side by side, the default) or 'all' three",
     )
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
@@ -120,10 +137,10 @@ def main(argv=None) -> int:
     print(f"{args.model}, batch {len(prompts)}, {mode}, {args.threads} thread(s)")
     print("| method | step kind | width | steps | mean ms | share of the run | sparse capacity: steps |")
     print("|---|---|---|---|---|---|---|")
-    selections = ("sequence", "batch") if args.mlp_selection == "both" else (args.mlp_selection,)
+    selections = SELECTIONS[args.mlp_selection]
     for name in methods:
-        both = len(selections) > 1
-        variants = [(f"{name} ({s} MLP rows)" if both else name, {"mlp_selection": s}) for s in selections]
+        several = len(selections) > 1
+        variants = [(f"{name} ({label})" if several else name, config) for label, config in selections]
         for label, config in variants if "dyllm" in name else [(name, {})]:
             fast = dyllm_fx.transform(model, policy=name, compile=not args.eager, **config)
             out, keys = timed_generation(fast, tokenizer, prompts, args.repeats)

@@ -320,6 +320,9 @@ def test_step_kinds_groups_steps_by_kind_and_counts_capacities():
     assert lines[1] == "| dyllm | sparse | 64 | 3 | 133.3 | 40% | 16: 1, 32/8: 1, 64/64: 1 |"
     assert lines[2] == "| dyllm | sparse | 90 | 1 | 200.0 | 20% | 32: 1 |"
     assert lines[3] == "| dyllm | all | | 5 | 200.0 | 100% | |"
+    # the flat rows key: one selection of B * m rows per layer, m in slots 2 and 5
+    assert step_kinds.capacity_label(("sparse", 32, 4, "exact", False, 4, "batch")) == "4 flat"
+    assert step_kinds.capacity_label(("sparse", 32, 32, "exact", False, 8)) == "32/8"
 
 
 def test_step_kinds_benchmark_smoke_runs():
