@@ -13,6 +13,7 @@ in place, so compiled graphs and CUDA graphs read and write the same tensors eve
 
 from __future__ import annotations
 
+import types
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 
@@ -23,8 +24,9 @@ from .cuda_graph import StepGraphs
 from .pieces import Pieces
 from .policies import HostState, Plan, Policy, StepInputs, StepOutput
 
-# Distinct plans a compiled generation meets: a handful of capacity buckets and spans per
-# policy. Dynamo's default limit (8 per function) would silently fall back to eager.
+# Graphs one plan key's step function may compile: one per input shape it meets (batch size,
+# sequence length; serving meets several). Dynamo's default limit (8 per function) would fail a
+# fullgraph compile past it.
 RECOMPILE_LIMIT = 64
 
 
@@ -223,7 +225,8 @@ class StepEngine:
         """The compiled step for ``plan``'s key (built on first use)."""
         fn = self._compiled.get(plan.key)
         if fn is None:
-            fn = torch.compile(self._eager(plan), backend=self.compiler, fullgraph=True, dynamic=False)
+            step = _own_code(self._eager(plan))
+            fn = torch.compile(step, backend=self.compiler, fullgraph=True, dynamic=False)
             self._compiled[plan.key] = fn
         return fn
 
@@ -244,6 +247,16 @@ class StepEngine:
         inputs = (*(getattr(inp, n) for n in names), *inp.extras)
         logits, eligible, counts = self.graphs.run(plan.key, body, inputs, state)
         return StepOutput(logits, eligible, counts)
+
+
+def _own_code(fn: Callable) -> Callable:
+    """``fn`` with a code object of its own. Dynamo keeps compiled graphs, and counts recompiles
+    against its limits, per code object, and every step function is the same lambda: without
+    this, the plan keys of every engine in the process would share one budget, and the 65th graph
+    compiled in a process (a benchmark of many methods) would fail."""
+    return types.FunctionType(
+        fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__
+    )
 
 
 def _block_rows(host: HostState, logit_positions: torch.Tensor) -> torch.Tensor | None:

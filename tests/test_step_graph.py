@@ -84,6 +84,21 @@ def test_inductor_compiled_step_gives_the_eager_tokens(model, dynamo, name, cfg)
     assert len(keys) <= tm.engine.compiler.graphs <= len(tm.engine._compiled) + 1
 
 
+def test_each_plan_key_has_its_own_recompile_budget(model, dynamo, monkeypatch):
+    """Dynamo counts recompiles per code object. The step functions of every plan key and engine
+    must not share one count: a benchmark of many methods once failed at the 65th graph of the
+    process (FailOnRecompileLimitHit). With a budget of one graph per plan key, two engines and
+    their several keys still compile, and give the eager tokens."""
+    from dyllm_fx.runtime import engine
+
+    monkeypatch.setattr(engine, "RECOMPILE_LIMIT", 1)
+    for name in ("dual_cache", "dual_cache+dyllm"):
+        eager = dyllm_fx.generate(dyllm_fx.transform(model, policy=name), TOK, PROMPTS, **GEN)
+        tm = dyllm_fx.transform(model, policy=name, compile="aot_eager")
+        assert torch.equal(dyllm_fx.generate(tm, TOK, PROMPTS, **GEN).sequences, eager.sequences)
+        assert len(tm.engine._compiled) >= 2  # several plan keys, one graph each
+
+
 @pytest.fixture(scope="module")
 def trained():
     """The embedded trained model: its saliency is sparse, as a real model's is (a random one
