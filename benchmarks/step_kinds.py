@@ -25,6 +25,7 @@ import torch
 
 import dyllm_fx
 from dyllm_fx.eval.synthetic_tasks import held_out_set
+from dyllm_fx.runtime.policies.dyllm import is_flat_key
 
 GEN = dict(gen_length=64, block_length=32, steps=64, progress=False)
 
@@ -42,7 +43,7 @@ SELECTIONS["all"] = SELECTIONS["both"] + SELECTIONS["flat"]
 def capacity_label(key: tuple) -> str:
     """A DyLLM sparse key's capacity: ``C``, ``C/m`` with a batch-wide MLP capacity m, or
     ``m flat`` for one flat selection of B * m rows per layer."""
-    if len(key) > 6 and key[6] == "batch":
+    if is_flat_key(key):
         return f"{key[2]} flat"
     mlp = key[5] if len(key) > 5 else None
     return str(key[2]) if mlp is None else f"{key[2]}/{mlp}"

@@ -13,7 +13,7 @@ import torch
 import block_reference as ref
 import dyllm_fx
 from dyllm_fx.runtime.policies import DyLLMPolicy, HostState, make_policy
-from dyllm_fx.runtime.policies.dyllm import COUNT_KINDS, mlp_level, mlp_levels
+from dyllm_fx.runtime.policies.dyllm import COUNT_KINDS, FlatRows, is_flat_key, mlp_level, mlp_levels
 from tiny_checkpoints import tiny_dream, tiny_llada, tiny_tokenizer
 
 L, PROMPT, N_LAYERS = 24, 8, 2
@@ -255,6 +255,22 @@ def test_flat_selection_gives_the_per_sequence_tokens(policy):
     assert len(flat) == len(per_sequence) and sum(flat) < sum(per_sequence)
 
 
+def test_flat_rows_lay_their_values_out_per_sequence_over_the_span():
+    rows = torch.tensor([[5, 6, 7], [3, 4, 5]])  # B = 2 spans of width 3
+    key = torch.tensor([[0.1, 0.9, 0.2], [0.8, 0.0, 0.7]])
+    flat = FlatRows.select(key, torch.ones(2, 3, dtype=torch.bool), rows, per_sequence=1)
+    assert (
+        flat.slots.tolist() == [[1, 3]] and flat.batch.tolist() == [[0, 1]] and flat.rows.tolist() == [[6, 3]]
+    )
+    laid = flat.per_sequence(torch.tensor([[1.0, 2.0], [3.0, 4.0]]), 2, 3)  # (N, 2) -> (B, W, 2)
+    expected = torch.zeros(2, 3, 2)
+    expected[0, 1], expected[1, 0] = torch.tensor([1.0, 2.0]), torch.tensor([3.0, 4.0])
+    assert torch.equal(laid, expected)
+    assert flat.per_sequence(torch.tensor([True, False]), 2, 3).tolist() == [[False, True, False]] + [
+        [False] * 3
+    ]
+
+
 def test_flat_selection_counts_overflow_and_sizes_from_the_batch_mean():
     model, tok = _sharpened_llada(), tiny_tokenizer()
     tm = dyllm_fx.transform(model, policy="dyllm", tau=0.999, capacity=1, **FLAT)
@@ -267,7 +283,8 @@ def test_flat_selection_counts_overflow_and_sizes_from_the_batch_mean():
     for step in range(4):
         policy.plan(_batch_host(step))
     first = policy.plan(_batch_host(4))
-    assert first.key[6:] == ("batch",) and first.key[2] == first.key[5] == L - PROMPT
+    assert first.key[6:] == ("batch",) and is_flat_key(first.key)
+    assert first.key[2] == first.key[5] == L - PROMPT
     # layer 0 changed 3 rows over the batch of 2, layer 0's salient 9, layer 1's 4
     report = policy.observe(first, [3, 2, 0] + [9, 5, 0] + [4, 3, 0], N_LAYERS, L)
     assert report.active == [5, 3] and policy._mlp_needs == [5]

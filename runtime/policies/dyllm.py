@@ -116,6 +116,15 @@ def mlp_level(need: int, capacity: int) -> int:
     return next((level for level in mlp_levels(capacity) if level >= need), capacity)
 
 
+FLAT_KEY = ("batch",)  # the tail of a sparse plan key whose step makes one flat selection per layer
+
+
+def is_flat_key(key: tuple) -> bool:
+    """Whether a sparse plan key is a flat-rows step (``kv_selection="batch"``: one selection of
+    B * m rows per layer, m in the key's slots 2 and 5)."""
+    return key[6:] == FLAT_KEY
+
+
 @dataclass
 class DyLLMBuffers:
     context: list[torch.Tensor]  # per layer (B, H, L, dv): each row's attention context at its last update
@@ -144,6 +153,12 @@ class FlatRows:
         slots, valid = select_top(key.reshape(1, -1), eligible.reshape(1, -1), bsz * per_sequence)
         batch = torch.div(slots, width, rounding_mode="floor")
         return cls(slots, valid, batch, take(rows.reshape(1, -1), slots, 1))
+
+    def per_sequence(self, values: torch.Tensor, bsz: int, width: int) -> torch.Tensor:
+        """``values`` (N, ...) of the selected slots laid out per sequence over the span:
+        (B, W, ...), zero (False) at the slots not selected."""
+        out = values.new_zeros(bsz * width, *values.shape[1:]).index_put_((self.slots[0],), values)
+        return out.view(bsz, width, *values.shape[1:])
 
     def counts(self, eligible: torch.Tensor) -> torch.Tensor:
         """[rows that qualified in the batch, most kept in one sequence, qualified beyond N]."""
@@ -294,7 +309,7 @@ class DyLLMPolicy(Policy):
         self._stats_ready = True
         key = ("sparse", width, capacity, stats, self.record_similarity, mlp_capacity)
         if self.kv_batch_wide:
-            key += ("batch",)  # one flat selection of B * capacity rows per layer
+            key += FLAT_KEY  # one flat selection of B * capacity rows per layer
         return Plan(
             key,
             span_start=host.column(start),
@@ -368,7 +383,7 @@ class DyLLMPolicy(Policy):
             return StepReport([plan.note.get("active", seq_len)] * n_layers)
         need, kept, overflow = counts[0::COUNT_KINDS], counts[1::COUNT_KINDS], counts[2::COUNT_KINDS]
         extra = {"changed": kept[0]}
-        if len(plan.key) > 6:
+        if is_flat_key(plan.key):
             # one flat selection per layer (entry 0: layer 0's changed rows); the need is the
             # batch's total, kept the most of any sequence
             batch = plan.note["batch"]
@@ -414,7 +429,7 @@ class DyLLMPolicy(Policy):
         return out
 
     def _sparse_step(self, pieces, plan, inp, cache, buffers: DyLLMBuffers) -> StepOutput:
-        if len(plan.key) > 6:
+        if is_flat_key(plan.key):
             return self._flat_sparse_step(pieces, plan, inp, cache, buffers)
         _, width, capacity, stats_mode, record, mlp_capacity = plan.key
         rows, in_span, real, changed, pro = self._sparse_start(pieces, inp, buffers, width)
@@ -556,15 +571,11 @@ class DyLLMPolicy(Policy):
             scale,
         )  # (N, H, 1, dv)
         # the changed rows laid out per sequence: slot s of sequence b is span row s
-        slot = flat.slots[0]
-        chosen = torch.zeros(bsz * width, dtype=torch.bool, device=rows.device).index_put_((slot,), valid)
-        chosen = chosen.view(bsz, width)
+        chosen = flat.per_sequence(valid, bsz, width)
         marked = torch.where(chosen, rows, -1)
         marked_keys = torch.where(chosen, rows + offset, -1) if offset else marked
-        dv = v_now.new_zeros(bsz * width, *v_now.shape[1:]).index_put_((slot,), v_now - v_old)
-        dv = dv.view(bsz, width, *v_now.shape[1:]).transpose(1, 2)  # (B, KV, W, d)
-        exact_rows = exact.new_zeros(bsz * width, heads, exact.shape[-1]).index_put_((slot,), exact[:, :, 0])
-        exact_rows = exact_rows.view(bsz, width, heads, -1).transpose(1, 2)  # (B, H, W, dv)
+        dv = flat.per_sequence(v_now - v_old, bsz, width).transpose(1, 2)  # (B, KV, W, d)
+        exact_rows = flat.per_sequence(exact[:, :, 0], bsz, width).transpose(1, 2)  # (B, H, W, dv)
         cached_ctx = take(buffers.context[layer], rows, 2)
         ctx, stats, _, _ = approx_attention(
             q, keys, marked_keys, dv, cached_ctx, marked, exact_rows, mask, scale, q_rows=rows
