@@ -27,9 +27,9 @@ import torch
 
 import dyllm_fx
 from dyllm_fx.eval.synthetic_tasks import held_out_set
+from dyllm_fx.runtime.policies.dyllm import FLAT_ROWS
 
 GEN = dict(gen_length=64, block_length=32, steps=64, progress=False)
-FLAT = {"mlp_selection": "batch", "kv_selection": "batch"}
 FLOOR = {"capacity": 1}
 LEAN = {"capacity": 1, "cached_softmax_stats": True}
 
@@ -38,7 +38,7 @@ def configurations(method: str) -> list[tuple[str, dict]]:
     """(label, policy options) of one DyLLM method: its defaults, the flat rows option (one
     selection over the whole batch, sized from the batch's mean need), the floor, the lean
     floor."""
-    rows = [("official defaults", {}), ("flat rows", FLAT), ("floor: capacity 1", FLOOR)]
+    rows = [("official defaults", {}), ("flat rows", FLAT_ROWS), ("floor: capacity 1", FLOOR)]
     if "+" in method:
         rows.append(("floor: capacity 1, cached softmax stats", LEAN))
     else:

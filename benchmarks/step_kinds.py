@@ -25,7 +25,7 @@ import torch
 
 import dyllm_fx
 from dyllm_fx.eval.synthetic_tasks import held_out_set
-from dyllm_fx.runtime.policies.dyllm import is_flat_key
+from dyllm_fx.runtime.policies.dyllm import FLAT_ROWS, is_flat_key
 
 GEN = dict(gen_length=64, block_length=32, steps=64, progress=False)
 
@@ -34,7 +34,7 @@ GEN = dict(gen_length=64, block_length=32, steps=64, progress=False)
 SELECTIONS = {
     "sequence": [("sequence MLP rows", {"mlp_selection": "sequence"})],
     "batch": [("batch MLP rows", {"mlp_selection": "batch"})],
-    "flat": [("flat rows", {"mlp_selection": "batch", "kv_selection": "batch"})],
+    "flat": [("flat rows", FLAT_ROWS)],
 }
 SELECTIONS["both"] = SELECTIONS["sequence"] + SELECTIONS["batch"]
 SELECTIONS["all"] = SELECTIONS["both"] + SELECTIONS["flat"]

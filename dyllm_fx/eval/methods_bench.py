@@ -24,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..generation import generate
+from ..runtime.policies.dyllm import FLAT_ROWS
 from .agreement import AgreementCounter
 from .significance import Paired, format_accuracy, format_p, wilson_interval
 from .synthetic_tasks import HELD_OUT_PER_TASK as DEFAULT_N_PER_TASK
@@ -56,8 +57,7 @@ def default_methods(threshold: float = 0.9, tau: float | None = None) -> list[Me
     decoding. ``tau`` overrides DyLLM's threshold (default: the per-model preset of the official
     code, 0.99 for LLaDA)."""
     dy = {} if tau is None else {"tau": tau}
-    # one selection over the whole batch per layer, for the MLP and the next layer's K/V rows
-    flat = {"mlp_selection": "batch", "kv_selection": "batch"}
+    flat = FLAT_ROWS  # one selection over the whole batch per layer, for the MLP and the next K/V
     return [
         Method("vanilla", "vanilla"),
         Method("vanilla + threshold", "vanilla", threshold=threshold),

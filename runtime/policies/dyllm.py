@@ -71,6 +71,7 @@ tokens as exact counts.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import MappingProxyType
 
 import torch
 
@@ -116,6 +117,8 @@ def mlp_level(need: int, capacity: int) -> int:
     return next((level for level in mlp_levels(capacity) if level >= need), capacity)
 
 
+# the flat rows option's parameters (one selection over the batch for the MLP and the next K/V)
+FLAT_ROWS = MappingProxyType({"mlp_selection": "batch", "kv_selection": "batch"})
 FLAT_KEY = ("batch",)  # the tail of a sparse plan key whose step makes one flat selection per layer
 
 
@@ -627,4 +630,4 @@ def _counts(wanted: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return torch.stack([per_row.amax(), kept.amax(), (per_row - kept).sum()])
 
 
-__all__ = ["COUNT_KINDS", "DyLLMBuffers", "DyLLMPolicy"]
+__all__ = ["COUNT_KINDS", "FLAT_ROWS", "DyLLMBuffers", "DyLLMPolicy", "is_flat_key"]
