@@ -36,7 +36,7 @@ _API = {
     "SamplingParams": "serving",
     "TransformedModel": "transform",
     "default_model_path": "loading",
-    "explain": "analysis.explain",
+    "explain": "explain",
     "generate": "generation",
     "load": "loading",
     "transform": "transform",

@@ -181,7 +181,7 @@ class TransformedModel(nn.Module):
         return SparseStep(self.engine, self.diffusion)
 
     def explain(self) -> str:
-        from .analysis.explain import explain
+        from .explain import explain
 
         return explain(self)
 

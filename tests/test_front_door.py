@@ -739,7 +739,7 @@ def test_help_and_version_do_not_import_torch():
 def test_the_package_imports_lazily_and_keeps_its_api():
     code = (
         "import sys, dyllm_fx; assert 'torch' not in sys.modules; "
-        "from dyllm_fx.transform import TransformedModel; import dyllm_fx.analysis.explain; "
+        "from dyllm_fx.transform import TransformedModel; import dyllm_fx.explain; "
         "assert callable(dyllm_fx.transform) and callable(dyllm_fx.explain) and callable(dyllm_fx.load); "
         "assert dyllm_fx.TransformedModel is TransformedModel and dyllm_fx.export.to_onnx; "
         "from dyllm_fx import *; print('ok')"

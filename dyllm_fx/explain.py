@@ -1,4 +1,4 @@
-"""``dyllm_fx.analysis.explain``: what the compiler found, what it rewrote, and what each step runs."""
+"""``dyllm_fx.explain``: what the compiler found, what it rewrote, and what each step runs."""
 
 from __future__ import annotations
 
@@ -125,8 +125,8 @@ def step_graphs(model, prompt: int = 8, response: int = 16, block: int = 8, step
     The model's own engine and policy are left untouched."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    from ..runtime.engine import StepEngine
-    from ..runtime.policies import StepInputs
+    from .runtime.engine import StepEngine
+    from .runtime.policies import StepInputs
 
     model = _model(model)
     spec = model.diffusion
