@@ -7,9 +7,9 @@ import json
 
 import pytest
 import torch
-from golden_tokens import GOLDEN, MODELS, POLICIES, SETTINGS, case_key, run_case
 
 import dyllm_fx
+from golden_tokens import GOLDEN, MODELS, POLICIES, SETTINGS, case_key, run_case
 
 GOLDEN_TOKENS = json.loads(GOLDEN.read_text())
 
