@@ -28,6 +28,7 @@ LAYERS = (
     ("dyllm_fx.eval", 5),
     ("dyllm_fx.analysis", 5),
     ("dyllm_fx.transform", 4),
+    ("dyllm_fx.explain", 4),
     ("dyllm_fx.generation", 4),
     ("dyllm_fx.backend", 4),
     ("dyllm_fx.loading", 4),
