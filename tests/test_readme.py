@@ -219,14 +219,12 @@ def test_readme_python_api_example_starts_with_its_imports():
     assert block.body.lstrip().startswith("import torch")
 
 
+# A python block runs here on the embedded model unless its marker says why it cannot.
 RUNNABLE_PYTHON = [b for b in code_blocks("python") if not b.parse_only]
 
 
-def test_every_runnable_python_block_is_an_api_example():
-    """A python block either runs here on the embedded model or says why it does not."""
-    assert RUNNABLE_PYTHON and all(_is_api_example(b) for b in RUNNABLE_PYTHON), [
-        b.where for b in RUNNABLE_PYTHON if not _is_api_example(b)
-    ]
+def test_the_readme_api_example_is_run():
+    assert any(b.page == README and _is_api_example(b) for b in RUNNABLE_PYTHON)
 
 
 @pytest.mark.slow
@@ -238,10 +236,11 @@ def test_docs_python_example_runs_as_written(block):
         warnings.simplefilter("error", DyllmWarning)  # no unknown characters, no empty answers
         with contextlib.redirect_stdout(io.StringIO()) as printed:
             exec(compile(block.body, block.where, "exec"), namespace)
-    out = namespace["out"]
-    assert out.texts and all(t and set(t) <= set(ALPHABET) for t in out.texts)
-    assert printed.getvalue().count("\n") >= 3  # its prints ran
-    assert callable(namespace["compiled"])
+    if _is_api_example(block):
+        out = namespace["out"]
+        assert out.texts and all(t and set(t) <= set(ALPHABET) for t in out.texts)
+        assert printed.getvalue().count("\n") >= 3  # its prints ran
+        assert callable(namespace["compiled"])
 
 
 # --- dyllm generate lines -------------------------------------------------------------------------
