@@ -12,7 +12,7 @@ the median tokens/s (``GenerationStats.tokens_per_second``: batch x gen_length /
 whether onnxruntime's tokens equal the eager engine's. torch and onnxruntime get the same
 thread count (``--threads``).
 
-Decoding: gen_length 64, block_length 32, 64 steps (the embedded model's README settings),
+Decoding: gen_length 64, block_length 32, 64 steps (the embedded model's settings, docs/models.md),
 temperature 0, batches of ``--batch`` held-out prompts of mixed lengths (left-padded).
 """
 

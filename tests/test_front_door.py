@@ -1,6 +1,6 @@
-"""The front door: what a new user meets first. Each of its promises has a test
-here (or, for the README, in test_readme.py): a clear error raised before the expensive work,
-a warning, or input that now works.
+"""The front door: what a new user meets first. Each of its promises has a test here (or, for
+the README and docs/, in test_readme.py): a clear error raised before the expensive work, a
+warning, or input that now works.
 """
 
 from __future__ import annotations

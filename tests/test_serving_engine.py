@@ -380,18 +380,18 @@ def test_llm_on_the_embedded_model_matches_generate():
     assert out.metrics.nfe > 0 and out.metrics.active_fraction < 1.0 and out.metrics.latency > 0
 
 
-def readme_block(marker: str) -> str:
-    """The README's python block that contains ``marker``."""
-    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+def docs_block(marker: str) -> str:
+    """The python block of docs/serving.md that contains ``marker``."""
+    text = (Path(__file__).resolve().parent.parent / "docs" / "serving.md").read_text()
     blocks = re.findall(r"^```python\n(.*?)^```", text, flags=re.S | re.M)
     return next(b for b in blocks if marker in b)
 
 
 @pytest.mark.slow
-def test_readme_llm_example_runs_as_written():
+def test_docs_llm_example_runs_as_written():
     namespace: dict = {}
     with contextlib.redirect_stdout(io.StringIO()) as printed:
-        exec(compile(readme_block("LLM("), "README.md", "exec"), namespace)
+        exec(compile(docs_block("LLM("), "docs/serving.md", "exec"), namespace)
     outs, chat = namespace["outs"], namespace["chat"]
     assert len(outs) == 2 and all(o.finished and o.outputs[0].text for o in outs)
     assert chat[0].outputs[0].text == outs[1].outputs[0].text  # the trivial template: the same prompt

@@ -208,15 +208,16 @@ def test_32_requests_in_flight_each_equal_alone(server, reference):
     assert server.metrics()["dyllm_num_requests_running"] == 0
 
 
-def test_the_readme_client_example_runs_against_the_server(server, reference):
-    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+def test_the_docs_client_example_runs_against_the_server(server, reference):
+    text = (Path(__file__).resolve().parent.parent / "docs" / "serving.md").read_text()
     block = next(
         b for b in re.findall(r"^```python\n(.*?)^```", text, flags=re.S | re.M) if "openai.OpenAI(" in b
     )
     assert "http://127.0.0.1:8000/v1" in block
     namespace: dict = {}
     with contextlib.redirect_stdout(io.StringIO()) as printed:
-        exec(compile(block.replace("http://127.0.0.1:8000", server.url), "README.md", "exec"), namespace)
+        code = compile(block.replace("http://127.0.0.1:8000", server.url), "docs/serving.md", "exec")
+        exec(code, namespace)
     assert namespace["r"].choices[0].text == reference("shift:abc=")
     assert printed.getvalue().strip()
 

@@ -10,7 +10,7 @@ Answer lengths (suite version 3): ``shift`` 32 characters; ``copy``, ``reverse``
 everywhere (16-17 for ``add``): exact match over 32 characters needs a per-character accuracy
 above 99.7% for 90% of prompts, which a 2M-parameter model trained for a few CPU hours reached
 on ``shift`` only. Version 3 adds ``copy``: the 8-layer embedded models trained on all six
-version-2 tasks stayed near chance on ``lookup``, ``running_sum`` and ``add`` (see the README,
+version-2 tasks stayed near chance on ``lookup``, ``running_sum`` and ``add`` (see docs/models.md,
 "The embedded models"), so the suite gains one more task a model of this size can learn. The
 three hard ones stay in the suite and in every report.
 """

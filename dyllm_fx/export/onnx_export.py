@@ -83,7 +83,7 @@ def to_onnx(
 ) -> Path:
     """Export the sparse denoising step of ``model`` to an ONNX file of standard ops.
 
-    Two kinds of graph, by policy (the README's export section lists what each holds):
+    Two kinds of graph, by policy (docs/export.md lists what each holds):
 
     * a *layer-uniform* policy (``dense``, ``fixed``, ``prefix_cache``, ``dual_cache``): one
       graph that recomputes a row set ``rows`` (B, A) the host picks, for every layer. Inputs
