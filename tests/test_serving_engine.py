@@ -296,9 +296,7 @@ def test_a_failing_step_ends_its_batch_only():
     def broken(*args, **kwargs):
         raise RuntimeError("device lost")
 
-    batch.stepper = type(
-        "Broken", (), {"__call__": staticmethod(broken), "new_generation": lambda self: None}
-    )()
+    batch.stepper = type("Broken", (), {"__call__": staticmethod(broken)})()
     outs = engine.step()
     assert (
         outs

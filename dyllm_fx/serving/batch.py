@@ -50,7 +50,6 @@ class Stepper:
     """
 
     def __init__(self, model, spec: DiffusionSpec):
-        self.spec = spec
         self.engine: StepEngine | None = None
         engine = getattr(model, "engine", None)
         if isinstance(engine, StepEngine) and hasattr(model, "program"):
