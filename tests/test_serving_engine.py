@@ -106,7 +106,7 @@ def test_late_request_joins_at_the_next_block_boundary():
         if late.seqs[0] in batch.rows:
             break
     assert first.seqs[0].blocks_done == 1  # it joined when the first block ended
-    assert batch.step_in_block == 1 and batch.relayouts == 1 and len(engine.scheduler.batches) == 1
+    assert batch.decoder.step_in_block == 1 and batch.relayouts == 1 and len(engine.scheduler.batches) == 1
     final = run(engine)
     assert final[first.request_id].outputs[0].token_ids == alone(model, first.prompt, sp)
     assert final[late.request_id].outputs[0].token_ids == alone(model, late.prompt, late.params)
@@ -296,9 +296,7 @@ def test_a_failing_step_ends_its_batch_only():
     def broken(*args, **kwargs):
         raise RuntimeError("device lost")
 
-    batch.stepper = type(
-        "Broken", (), {"__call__": staticmethod(broken), "new_generation": lambda self: None}
-    )()
+    batch.stepper = type("Broken", (), {"__call__": staticmethod(broken)})()
     outs = engine.step()
     assert (
         outs

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from dataclasses import dataclass, field
@@ -9,11 +10,10 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from dyllm_fx.models.layers import default_position_ids
 from dyllm_fx.models.spec import DiffusionSpec
 
+from .block_decoder import BlockDecoder, sampler_select
 from .policies import StepOutput
-from .samplers import StepContext
 from .schedule import BlockSchedule
 from .step import StepFunction, StepRequest, as_step_output
 
@@ -79,102 +79,42 @@ def denoise(
         attn = torch.cat(
             [prompt_mask.long(), torch.ones(bsz, schedule.gen_length, dtype=torch.long, device=device)], 1
         )
-    pos = default_position_ids(x, attn)
+    decoder = BlockDecoder(mask_id, schedule.block_length, schedule.steps_per_block)
+    decoder.lay_out(x, attn, response_start=plen)
+    if cfg_scale:
+        step_fn = Guided(step_fn, cfg_scale, plen, mask_id)
+    select = sampler_select(sampler)
+    evaluations = 1 + (cfg_scale > 0)
     stats = GenerationStats()
     total_steps = schedule.num_blocks * (schedule.steps_per_block or schedule.block_length)
     if progress is None:
         progress = sys.stderr.isatty() and total_steps >= 64
     bar = tqdm(total=total_steps, disable=not progress, desc="denoising", unit="step", leave=False)
     start_time = time.perf_counter()
-    last = (
-        0,
-        None,
-    )  # (most tokens any row committed, each row's leftmost committed position) at the last step
     try:
         for block in range(schedule.num_blocks):
-            start, end = schedule.block_bounds(block)
-            masked = x[:, start:end] == mask_id
-            initial = masked.sum(-1)
-            step = 0
-            restricted = False  # whether the step function withheld positions in this block
-            while _block_continues(schedule, step, masked, restricted):
+            decoder.begin_block(block, schedule.block_bounds(block)[0])
+            while decoder.block_continues():
                 t0 = time.perf_counter()
-                request = StepRequest(x, attn, pos, block, start, end, step, stats.nfe, *last)
-                result = (
-                    _guided(step_fn, request, cfg_scale, plen, mask_id)
-                    if cfg_scale
-                    else as_step_output(step_fn(request))
-                )
-                # ES-dLLM: only rows that ran every layer may be committed
-                allowed = masked if result.eligible is None else masked & result.eligible
-                restricted |= result.eligible is not None
-                extra = schedule.steps_per_block is not None and step >= schedule.steps_per_block
-                ctx = StepContext(
-                    _schedule_step(schedule, step), schedule.steps_per_block, initial, start, x.shape[1]
-                )
-                chosen = sampler.select(result.logits, allowed, ctx)
-                transfer = chosen.transfer & allowed
-                if extra and not transfer.any():  # past the schedule: commit the best allowed token
-                    transfer = _best_allowed(chosen.confidence, allowed)
-                x[:, start:end] = torch.where(transfer, chosen.tokens, x[:, start:end])
-                masked = x[:, start:end] == mask_id
-                stats.nfe += 1 + (cfg_scale > 0)
+                done = decoder.step(step_fn, select, evaluations)
                 stats.step_seconds.append(time.perf_counter() - t0)
-                most, leftmost, total = _commit_summary(transfer, start)
-                last = (most, leftmost)
-                stats.tokens_committed.append(total)
-                if result.report is not None:
-                    stats.capacity.append(result.report.capacity)
-                    stats.overflow.append(result.report.overflow)
-                stats.extra_steps += extra
-                step += 1
+                stats.tokens_committed.append(done.committed)
+                if done.output.report is not None:
+                    stats.capacity.append(done.output.report.capacity)
+                    stats.overflow.append(done.output.report.overflow)
+                stats.extra_steps += done.past_schedule
                 bar.update(1)
+            end = decoder.end
             if stop_at_eos and block < schedule.num_blocks - 1 and _all_rows_ended(x[:, plen:end], spec):
                 x[:, end:] = spec.eos_token_ids[0]
                 stats.stopped_early_at_block = block
                 break
     finally:
         bar.close()
+    stats.nfe = decoder.nfe
     stats.seconds = time.perf_counter() - start_time
     stats.tokens_per_second = bsz * schedule.gen_length / max(stats.seconds, 1e-9)
     return GenerationOutput(sequences=x, prompt_length=plen, stats=stats)
-
-
-def _block_continues(schedule: BlockSchedule, step: int, masked: torch.Tensor, restricted: bool) -> bool:
-    """Threshold decoding runs until the block is decoded (each step commits at least one token,
-    so a block length of steps suffices; the cap of twice that stops a model that keeps
-    predicting the mask token itself). A fixed schedule runs its steps; a step function that
-    withheld positions (ES-dLLM: rows that skipped layers) may have left masks the schedule
-    meant to commit, so then the block continues while masks are left, for at most another
-    block length of steps."""
-    if schedule.steps_per_block is None:
-        return step < 2 * schedule.block_length and bool(masked.any())
-    if step < schedule.steps_per_block:
-        return True
-    return restricted and step < schedule.steps_per_block + schedule.block_length and bool(masked.any())
-
-
-def _schedule_step(schedule: BlockSchedule, step: int) -> int:
-    """The step index the sampler's schedule sees: steps past the schedule count as its last."""
-    return step if schedule.steps_per_block is None else min(step, schedule.steps_per_block - 1)
-
-
-def _commit_summary(transfer: torch.Tensor, start: int) -> tuple[int, tuple[int | None, ...], int]:
-    """(most tokens any row committed, per row the leftmost committed position or None, total
-    committed), read from the device in one transfer."""
-    per_row = transfer.sum(-1)
-    width = transfer.shape[1]
-    cols = torch.arange(width, device=transfer.device)
-    left = torch.where(transfer, cols, width).amin(-1)
-    most, total, *leftmost = torch.cat([torch.stack([per_row.amax(), per_row.sum()]), left]).tolist()
-    return most, tuple(start + c if c < width else None for c in leftmost), total
-
-
-def _best_allowed(confidence: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-    """The most confident allowed position of every row that has one."""
-    score = torch.where(allowed, confidence.float(), float("-inf"))
-    best = torch.zeros_like(allowed).scatter_(1, score.argmax(-1, keepdim=True), True)
-    return best & allowed
 
 
 def _all_rows_ended(decoded: torch.Tensor, spec: DiffusionSpec) -> bool:
@@ -184,24 +124,29 @@ def _all_rows_ended(decoded: torch.Tensor, spec: DiffusionSpec) -> bool:
     return bool(is_eos.any(dim=-1).all())
 
 
-def _guided(step_fn: StepFunction, request: StepRequest, cfg_scale: float, plen: int, mask_id: int):
-    """LLaDA's classifier-free guidance: the unconditional branch sees the prompt masked."""
-    x = request.input_ids
-    uncond = x.clone()
-    uncond[:, :plen] = mask_id
-    both = StepRequest(
-        torch.cat([x, uncond]),
-        None if request.attention_mask is None else request.attention_mask.repeat(2, 1),
-        request.position_ids.repeat(2, 1),
-        request.block,
-        request.block_start,
-        request.block_end,
-        request.step_in_block,
-        request.nfe,
-        request.last_committed,
-        request.last_leftmost,
-    )
-    out = as_step_output(step_fn(both))
-    cond, uncond_logits = out.logits.chunk(2)
-    eligible = None if out.eligible is None else out.eligible.chunk(2)[0] & out.eligible.chunk(2)[1]
-    return StepOutput(uncond_logits + (cfg_scale + 1) * (cond - uncond_logits), eligible, report=out.report)
+class Guided:
+    """LLaDA's classifier-free guidance around a step function: the unconditional branch sees
+    the prompt masked; both branches run as one batch of twice the rows."""
+
+    def __init__(self, step_fn: StepFunction, cfg_scale: float, prompt_length: int, mask_token_id: int):
+        self.step_fn = step_fn
+        self.cfg_scale = cfg_scale
+        self.prompt_length = prompt_length
+        self.mask_token_id = mask_token_id
+
+    def __call__(self, request: StepRequest) -> StepOutput:
+        x = request.input_ids
+        uncond = x.clone()
+        uncond[:, : self.prompt_length] = self.mask_token_id
+        attn = request.attention_mask
+        both = dataclasses.replace(
+            request,
+            input_ids=torch.cat([x, uncond]),
+            attention_mask=None if attn is None else attn.repeat(2, 1),
+            position_ids=request.position_ids.repeat(2, 1),
+        )
+        out = as_step_output(self.step_fn(both))
+        cond, uncond_logits = out.logits.chunk(2)
+        eligible = None if out.eligible is None else out.eligible.chunk(2)[0] & out.eligible.chunk(2)[1]
+        logits = uncond_logits + (self.cfg_scale + 1) * (cond - uncond_logits)
+        return StepOutput(logits, eligible, report=out.report)

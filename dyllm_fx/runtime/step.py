@@ -34,6 +34,10 @@ class StepRequest:
     last_committed: int = 0  # tokens the previous step committed, most of any batch element
     # per batch element, the smallest position the previous step committed (None: nothing)
     last_leftmost: tuple[int | None, ...] | None = None
+    response_start: int | None = None  # first response column (None: the first block's start)
+    # the rows moved to new columns since the last step (serving, at a block boundary): the step
+    # is cold, but the generation goes on (see ``HostState.relayout``)
+    relayout: bool = False
 
 
 class StepFunction(Protocol):
@@ -77,7 +81,8 @@ class DenseStep:
 
 
 class SparseStep:
-    """A transformed model's engine as a step function: the LM head runs for the block only."""
+    """A transformed model's engine as a step function: the LM head runs for the block only.
+    The one place a :class:`StepRequest` becomes the engine's host information."""
 
     def __init__(self, engine, spec: DiffusionSpec):
         self.engine = engine
@@ -89,6 +94,7 @@ class SparseStep:
             self.engine.reset()  # a new generation: nothing cached is valid
             self.response_start = request.block_start  # the first block starts at the prompt's end
         shift = self.spec.logits_shift
+        response_start = self.response_start if request.response_start is None else request.response_start
         return self.engine.step(
             request.input_ids,
             request.attention_mask,
@@ -97,11 +103,12 @@ class SparseStep:
             step=request.nfe,
             block_start=request.block_start,
             block_end=request.block_end,
-            response_start=self.response_start,
+            response_start=response_start,
             mask_token_id=self.spec.mask_token_id,
             logits_shift=shift,
             last_committed=request.last_committed,
             last_leftmost=request.last_leftmost,
+            relayout=request.relayout,
         )
 
 
