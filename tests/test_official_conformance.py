@@ -2,7 +2,9 @@
 transcription of the official ES-dLLM loop (``tests/reference_es_dllm.py``, written from
 zhuzj19/ES-dLLM), on held-out prompts of the embedded LLaDA and Dream models, float32, batch 1,
 gen 64, block 32: one token per step (the official ``token_per_step=1``) and threshold 0.9 (its
-parallel mode)."""
+parallel mode). Dream's sampler is given the official one's choices (``alg="maskgit_plus"``,
+``schedule="even"``); a run with the official rule of delayed EOS switched off on both sides
+gives the same tokens too."""
 
 from __future__ import annotations
 
@@ -24,16 +26,17 @@ def embedded(request):
     return request.param, *dyllm_fx.load(request.param)
 
 
-def _responses_differing(embedded, threshold) -> list[str]:
+def _responses_differing(embedded, threshold, delay_eos=True) -> list[str]:
     name, model, tokenizer = embedded
     family = "dream" if name == "default-dream" else "llada"
-    fast = dyllm_fx.transform(model, policy="es_dllm")
+    fast = dyllm_fx.transform(model, policy="es_dllm", delay_eos=delay_eos)
     spec = diffusion_spec(model)
     # the presets' per-family value (scripts/eval_instruct*.sh, gsm8k rows)
     block_update_freq = fast.policy.block_update_freq
     settings = dict(threshold=threshold) if threshold else dict(steps=GEN)
     if family == "dream":
-        settings["alg"] = "maskgit_plus"  # the official Dream sampler: the top probability
+        # the official Dream sampler: the top probability, one token per step
+        settings.update(alg="maskgit_plus", schedule="even")
     differing = []
     for prompt in PROMPTS:
         ids = torch.tensor([tokenizer.encode(prompt)])
@@ -47,6 +50,7 @@ def _responses_differing(embedded, threshold) -> list[str]:
             family=family,
             threshold=threshold,
             block_update_freq=block_update_freq,
+            delay_eos=delay_eos,
         )
         ours = dyllm_fx.generate(
             fast, tokenizer, [prompt], gen_length=GEN, block_length=BLOCK, stop_at_eos=False, **settings
@@ -59,3 +63,8 @@ def _responses_differing(embedded, threshold) -> list[str]:
 @pytest.mark.parametrize("threshold", [None, 0.9], ids=["one-per-step", "threshold"])
 def test_es_dllm_gives_the_official_tokens(embedded, threshold):
     assert _responses_differing(embedded, threshold) == []
+
+
+def test_es_dllm_without_delayed_eos_gives_the_official_tokens(embedded):
+    """``delay_eos=False`` is the official loop with ``delay_eos_generation`` off."""
+    assert _responses_differing(embedded, None, delay_eos=False) == []

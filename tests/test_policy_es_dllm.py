@@ -320,3 +320,64 @@ def test_a_generation_does_not_depend_on_the_previous_one():
     again = dyllm_fx.generate(tm, tok, second, **kw)
     fresh = dyllm_fx.generate(dyllm_fx.transform(model, policy="es_dllm"), tok, second, **kw)
     assert torch.equal(again.sequences, fresh.sequences)
+
+
+def test_an_early_eos_is_delayed_as_the_official_sampler():
+    """``delay_eos`` (official ``delay_eos_generation``): a masked row predicting EOS while the
+    response has none and its left neighbour is masked may not be committed, and LLaDA stores 0 as
+    its confidence; a row whose left neighbour is decoded, or a response that has an EOS, goes on."""
+    from types import SimpleNamespace
+
+    from dyllm_fx.runtime.policies import StepOutput
+
+    mask, eos = 1, 0
+    ids = torch.tensor([[5, 6, mask, mask, mask, 7, mask], [5, 6, mask, mask, eos, 7, mask]])
+    rows = torch.arange(2, 7).expand(2, -1)
+    logits = torch.zeros(2, 5, 10)
+    logits[:, :, 3] = 1.0
+    logits[:, [0, 1, 4], eos] = 5.0  # EOS predicted at block rows 0, 1 and 4
+    inp = SimpleNamespace(input_ids=ids, logit_positions=rows, block_rows=rows)
+    host = HostState(ids, torch.ones_like(ids), True, 4, mask_token_id=mask, eos_token_ids=(eos,))
+    for delay in (True, False):
+        policy = ESDLLMPolicy(delay_eos=delay)
+        policy.plan(host)
+        buffers = SimpleNamespace(response=torch.arange(7).expand(2, -1) >= 2, confidence=torch.zeros(2, 7))
+        masked = policy._masked_rows(ids)
+        out = StepOutput(logits)
+        delayed = policy._delayed_eos(inp, out, buffers, masked)
+        policy._update_confidence(buffers, inp, out, masked, delayed)
+        if not delay:
+            assert delayed is None and (buffers.confidence[0, [2, 3, 4, 6]] > 0).all()
+            continue
+        # row 3 (left neighbour 2 masked) waits; row 2 follows the prompt, row 6 a decoded token
+        assert delayed.tolist() == [[False, True, False, False, False], [False] * 5]
+        assert buffers.confidence[0, 3] == 0 and (buffers.confidence[0, [2, 4, 6]] > 0).all()
+        assert (buffers.confidence[1, [2, 3, 6]] > 0).all()  # the second response has its EOS
+
+
+def test_the_snapshot_is_written_when_the_floor_keeps_every_row():
+    """Official ``update_hidden_state`` runs at every skip layer at every call: when the floor
+    ``min(last_decode_cnt + 2, block)`` keeps the whole window, the window's rows still get their
+    new hidden state in the snapshot (threshold decoding commits many tokens at a step)."""
+    model = _model()
+    mask_id = model.diffusion.mask_token_id
+    policy = ESDLLMPolicy(skip_layers=(1,), keep=0.5, block_update_freq=100, prompt_update_freq=100)
+    engine = dyllm_fx.transform(model, policy=policy).engine
+    ids0 = torch.randint(3, 40, (1, 16), generator=torch.Generator().manual_seed(3))
+    ids0[:, 6:] = mask_id
+    ids1 = ids0.clone()
+    ids1[0, 6:12] = torch.arange(20, 26)  # six tokens committed at once: floor min(6 + 2, 8) = 8
+    pos = torch.arange(16).expand(1, -1)
+    info = dict(block_start=6, block_end=14, response_start=6, mask_token_id=mask_id, logits_shift=0)
+    rows = torch.arange(6, 14).expand(1, -1)
+    with torch.no_grad():
+        engine.step(ids0, None, pos, rows, step=0, last_committed=1, **info)
+        before = engine.buffers.snapshot[1].clone()
+        engine.step(ids1, None, pos, rows, step=1, last_committed=6, **info)
+        after = engine.buffers.snapshot[1].clone()
+        assert engine.records[-1].kind == "skip" and engine.records[-1].active == [8] * 4
+        # a refresh of the same window from the same state writes what the skip step must have
+        engine.policy.block_update_freq = 1
+        engine.step(ids1, None, pos, rows, step=1, last_committed=6, **info)
+    assert not torch.allclose(after[0, 6:14], before[0, 6:14])
+    torch.testing.assert_close(after, engine.buffers.snapshot[1], rtol=1e-5, atol=1e-5)

@@ -194,6 +194,7 @@ def export_policy(policy: Policy, spec) -> Policy:
             block_end=4,
             response_start=2,
             mask_token_id=spec.mask_token_id,
+            eos_token_ids=tuple(spec.eos_token_ids),
             logits_shift=spec.logits_shift,
         )
     )

@@ -6,7 +6,8 @@ Each sampler follows a published reference step for step:
   ``low_confidence`` or ``random`` remasking, an even per-step token budget per block.
 * :class:`DreamSampler` -- Dream's ``diffusion_generate``: ``origin``, ``maskgit_plus``,
   ``topk_margin``, ``entropy`` with ``alg_temp``, ``top_p``/``top_k`` and an eps-scheduled
-  time grid.
+  time grid (``schedule="even"``: LLaDA's even split instead, as ES-dLLM's official Dream loop,
+  one token per step at ``token_per_step=1``).
 * ``threshold`` on either -- Fast-dLLM's parallel decoding: commit every masked token whose
   confidence reaches the threshold, and always at least the most confident one.
 
@@ -125,6 +126,7 @@ class DreamSampler:
     alg_temp: float | None = None
     eps: float = 1e-3
     threshold: float | None = None
+    schedule: str = "dream"
     _grids: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -137,6 +139,10 @@ class DreamSampler:
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         _check_threshold(self.threshold)
+        if self.schedule not in ("dream", "even"):
+            raise ValueError(
+                f"schedule must be 'dream' (its time grid) or 'even' (LLaDA's), got {self.schedule!r}"
+            )
         if self.threshold is not None and self.alg not in ("maskgit_plus", "topk_margin"):
             raise ValueError(
                 f"threshold decoding compares a probability with the threshold; alg={self.alg!r} has none. "
@@ -162,8 +168,11 @@ class DreamSampler:
         conf[masked], tokens[masked] = row_conf.float(), row_tokens
         if self.threshold is not None:
             return Selection(_select_threshold(conf, masked, self.threshold), tokens, conf)
-        grid = self._grid(ctx.steps)
-        counts = [dream_transfer_count(int(n), ctx.step, ctx.steps, grid) for n in masked.sum(-1)]
+        if self.schedule == "even":
+            counts = llada_transfer_counts(ctx.initial_masked, ctx.steps)[:, ctx.step].tolist()
+        else:
+            grid = self._grid(ctx.steps)
+            counts = [dream_transfer_count(int(n), ctx.step, ctx.steps, grid) for n in masked.sum(-1)]
         if not self.alg_temp:
             transfer = _select_top(conf, torch.tensor(counts), ctx)
         else:

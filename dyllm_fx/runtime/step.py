@@ -105,6 +105,7 @@ class SparseStep:
             block_end=request.block_end,
             response_start=response_start,
             mask_token_id=self.spec.mask_token_id,
+            eos_token_ids=tuple(self.spec.eos_token_ids),
             logits_shift=shift,
             last_committed=request.last_committed,
             last_leftmost=request.last_leftmost,

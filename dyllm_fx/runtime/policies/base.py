@@ -70,6 +70,7 @@ class HostState:
     block_end: int | None = None
     response_start: int | None = None  # first response position (None: unknown)
     mask_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()  # the model's end-of-sequence tokens (none: unknown)
     logits_shift: int = 0  # 1 for Dream: the logit of position p is read at row p - 1
     last_committed: int = 0  # tokens the previous step committed, most of any batch element
     # per batch element, the smallest position the previous step committed (None: nothing)

@@ -30,6 +30,8 @@ parameter                default                               official source
 ``block_update_freq``    16 (LLaDA), 8 (Dream)                 gsm8k rows of ``eval_*.sh``
 ``prompt_update_freq``   64                                    idem
 ``scope``                ``"block"``                           ``forward_start/end_index``
+``delay_eos``            True                                  ``delay_eos_generation``
+                                                               (``eval.py``, ``config.py``)
 =======================  ====================================  ===============================
 
 Kept count at a skip layer: ``max(int(p * window), min(last_decode_cnt + 2, block_length))``.
@@ -37,8 +39,18 @@ The window is the current block; at a block's first step it starts at the leftmo
 previous step decoded (per prompt; the official code takes the batch's leftmost, which makes a
 prompt's tokens depend on its batch). Every ``block_update_freq`` steps the window is recomputed without
 skipping, every ``prompt_update_freq`` steps ``[0, block end)`` is; the first step of a
-generation computes everything. The hidden-state snapshot of a skip layer is updated for the
-rows kept there only. With Dream's shifted logits every row is the logit row of the next token.
+generation computes everything. The hidden-state snapshot of a skip layer is written at every
+step for the rows that leave the layer (all of them where the floor keeps every row), as the
+official ``update_hidden_state``. With Dream's shifted logits every row is the logit row of the
+next token.
+
+Delayed EOS (``generate.py``, ``sample_tokens_LLaDA`` / ``sample_tokens_Dream``): a masked row
+whose prediction is EOS while the response has no EOS yet and its left neighbour is still masked
+gets confidence 0, so it is not committed at this step (``StepOutput.eligible``). LLaDA's sampler
+stores that 0 for later importance scores, Dream's stores the probability (it zeroes after the
+scatter); both are followed. ``delay_eos=False`` switches the rule off. The official Dream loop
+commits one token per step with the top probability: ``generate(..., alg="maskgit_plus",
+schedule="even")`` gives its tokens (``tests/test_official_conformance.py``).
 
 The project's variants are options: ``variation="key" | "value" | "query"`` (scored before the
 skip layer's attention, as the official code does for those modes), ``scope="response"`` (the
@@ -61,7 +73,7 @@ from dyllm_fx.kernels.dispatch import partial_attention
 from ..rows import bucket_size, mark, select_top, span_rows, take, write_rows
 from .base import FULL, HostState, Plan, StepOutput, StepReport, full_step, head_logits, rows_step
 from .keys import FullKey, PlanKey, RefreshKey, map_size
-from .params import choice, count, number
+from .params import choice, count, flag, number
 from .row import RowPolicy, plan_span_rows
 
 VARIATIONS = ("hidden", "key", "value", "query")
@@ -136,6 +148,7 @@ def kept_counts(
 class ESDLLMBuffers:
     confidence: torch.Tensor  # (B, L) fp32: each row's confidence when it last produced logits
     prev_ids: torch.Tensor  # (B, L) the previous step's tokens (what it decoded)
+    response: torch.Tensor  # (B, L) bool: the rows masked when the generation started
     snapshot: dict[int, torch.Tensor]  # skip layer -> (B, L, D) hidden / (B, H, L, d) query
 
 
@@ -152,7 +165,9 @@ class ESDLLMPolicy(RowPolicy):
         scope: str = "block",
         skip_layers: Sequence[int] | None = None,
         keep: Sequence[float] | float | None = None,
+        delay_eos: bool = True,
     ):
+        self.delay_eos = flag("delay_eos", delay_eos)
         self.alpha = number("alpha", alpha, 0.0, 1.0)
         self.variation = choice("variation", variation, VARIATIONS)
         self.block_update_freq = count("block_update_freq", block_update_freq)
@@ -214,11 +229,12 @@ class ESDLLMPolicy(RowPolicy):
         return ESDLLMBuffers(
             torch.zeros(batch, seq_len, device=device),
             torch.zeros(batch, seq_len, dtype=torch.long, device=device),
+            torch.zeros(batch, seq_len, dtype=torch.bool, device=device),
             snapshot,
         )
 
     def buffer_nbytes(self, program, batch, seq_len) -> int:
-        total = batch * seq_len * (4 + 8)
+        total = batch * seq_len * (4 + 8 + 1)
         for layer in self._snapshot_layers(program):
             shape, dtype = self._snapshot_shape(program, layer, batch, seq_len)
             total += math.prod(shape) * torch.empty((), dtype=dtype).element_size()
@@ -253,6 +269,7 @@ class ESDLLMPolicy(RowPolicy):
         if host.cold:
             self.reset()
         self._mask_id, self._shift = host.mask_token_id, host.logits_shift
+        self._eos = tuple(host.eos_token_ids) if self.delay_eos else ()
         new_block = host.block_start != self._block_start
         self._block_start = host.block_start
         self._in_block = 0 if new_block else self._in_block + 1
@@ -357,10 +374,16 @@ class ESDLLMPolicy(RowPolicy):
         elif plan.kind == "refresh":
             out = rows_step(pieces, inp, cache, plan_span_rows(plan, inp), self.recorder(buffers, pieces))
         else:
+            # the generation's first step (or a re-layout): its masked rows are the response
+            buffers.response.copy_(inp.input_ids == self._mask_id)
             out = full_step(pieces, inp, cache, self.recorder(buffers, pieces))
-        self._update_confidence(buffers, inp, out, masked)
+        delayed = self._delayed_eos(inp, out, buffers, masked)
+        self._update_confidence(buffers, inp, out, masked, delayed)
         buffers.prev_ids.copy_(inp.input_ids)
-        return out
+        if delayed is None:
+            return out
+        eligible = torch.ones_like(delayed) if out.eligible is None else out.eligible
+        return StepOutput(out.logits, eligible=eligible & ~delayed, counts=out.counts)
 
     def _masked_rows(self, ids: torch.Tensor) -> torch.Tensor:
         """(B, L) float: 1 where the token a row predicts (its own, or the next one for Dream) is
@@ -384,14 +407,35 @@ class ESDLLMPolicy(RowPolicy):
             else inp.block_rows
         )
 
-    def _update_confidence(self, buffers, inp, out: StepOutput, masked) -> None:
+    def _delayed_eos(self, inp, out: StepOutput, buffers, masked) -> torch.Tensor | None:
+        """(B, P) bool over the logit positions: the rows whose EOS the official
+        ``delay_eos_generation`` holds back (``generate.py`` ``sample_tokens_LLaDA`` /
+        ``sample_tokens_Dream``): a masked row that predicts EOS while the response has no EOS
+        yet and the row's left neighbour is still masked. None when the rule is off. The
+        prediction is the argmax (the official rule at temperature 0, as its eval runs)."""
+        if not self._eos:
+            return None
+        rows, slots = self._block(inp)
+        ids = inp.input_ids
+        eos = torch.tensor(self._eos, device=ids.device)
+        predicts_eos = torch.isin(take(out.logits, slots, 1).argmax(-1), eos)
+        left_masked = take(masked, (rows - 1).clamp_min(0), 1).bool()
+        ended = (torch.isin(ids, eos) & buffers.response).any(-1, keepdim=True)
+        held = predicts_eos & left_masked & ~ended & take(masked, rows, 1).bool()
+        return torch.zeros_like(out.logits[..., 0], dtype=torch.bool).scatter(1, slots, held)
+
+    def _update_confidence(self, buffers, inp, out: StepOutput, masked, delayed) -> None:
         """The sampler's confidence (top probability) of the block's rows that produced fresh
-        logits; 0 where the row's token is not masked (official: the block's rows only)."""
+        logits; 0 where the row's token is not masked (official: the block's rows only). A
+        delayed EOS row stores 0 with LLaDA and its probability with Dream: the official LLaDA
+        sampler zeroes it before ``all_confidence.scatter_``, the Dream sampler after."""
         rows, slots = self._block(inp)
         logits = take(out.logits, slots, 1)
-        top = torch.softmax(logits.float(), dim=-1).amax(-1)  # (B, Lb)
+        top = torch.softmax(logits.float(), dim=-1).amax(-1) * take(masked, rows, 1)  # (B, Lb)
+        if delayed is not None and not self._shift:
+            top = top * ~take(delayed, slots, 1)
         eligible = None if out.eligible is None else take(out.eligible, slots, 1)
-        write_rows(buffers.confidence, rows, top * take(masked, rows, 1), 1, eligible)
+        write_rows(buffers.confidence, rows, top, 1, eligible)
 
     def _bonus(self, inp, buffers, masked) -> torch.Tensor:
         """(B, L): +5 on the leftmost masked row of the block, +3 on the rows decoded at the
@@ -421,6 +465,9 @@ class ESDLLMPolicy(RowPolicy):
         bonus = self._bonus(inp, buffers, masked)
         for layer in range(pieces.n_layers):
             kept = selections.get(layer)
+            if self.variation == "query" and kept is None and layer in buffers.snapshot:
+                # the floor keeps every row: the official code still writes their queries
+                write_rows(buffers.snapshot[layer], rows, pieces.query(layer, x, rows, pro)[0], 2)
             if kept is not None and self.variation != "hidden":
                 x, rows, live = self._skip_before_attention(
                     pieces, layer, x, rows, live, pro, cache, buffers, bonus, kept
@@ -429,10 +476,14 @@ class ESDLLMPolicy(RowPolicy):
             x = pieces.layer(layer, x, rows, pro, cache)[0]
             mark(cache.activity, layer, rows, 1.0, live)
             if kept is not None:
-                snap = buffers.snapshot[layer]
-                slots = self._keep(x, take(snap, rows, 1), rows, live, buffers, bonus, kept)
+                slots = self._keep(
+                    x, take(buffers.snapshot[layer], rows, 1), rows, live, buffers, bonus, kept
+                )
                 x, rows, live = take(x, slots, 1), take(rows, slots, 1), take(live, slots, 1)
-                write_rows(snap, rows, x, 1)  # the kept rows' snapshot only
+            if self.variation == "hidden" and layer in buffers.snapshot:
+                # every skip layer, also where the floor kept every row: the official
+                # update_hidden_state runs at each call (models/llada_func.py)
+                write_rows(buffers.snapshot[layer], rows, x, 1)
         write_rows(cache.hidden, rows, x, 1)
         positions = inp.logit_positions
         logits = head_logits(pieces, cache, positions)
