@@ -204,9 +204,10 @@ def test_es_dllm_eligible_reaches_the_loop(es_export):
 
     onnx_model.engine.step = recording
     dyllm_fx.generate(onnx_model, TOK, es_export.prompts, **es_export.gen)
-    restricted = [e for e in seen if e is not None]
-    assert restricted and all(not bool(e.all()) for e in restricted)
-    assert seen[0] is None  # the first (full) step ran every row
+    # every step reports eligibility (the delayed-EOS rule may hold a row back at any step)
+    restricted = [e for e in seen if not bool(e.all())]
+    assert restricted and len(restricted) < len(seen)
+    assert bool(seen[0].all())  # the first (full) step ran every row and delayed no EOS here
 
 
 def test_tau_is_an_input_no_reexport(dyllm_export):

@@ -225,7 +225,9 @@ def test_batch_wide_overflow_is_counted():
     """A fixed capacity of one row per sequence keeps B rows for the whole batch's MLP: the
     rows wanted beyond them are reported as overflow."""
     model, tok = _sharpened_llada(), tiny_tokenizer()
-    tm = dyllm_fx.transform(model, policy="dyllm", tau=0.999, capacity=1, mlp_selection="batch")
+    tm = dyllm_fx.transform(
+        model, policy="dyllm", tau=0.999, capacity=1, mlp_selection="batch", overflow="approximate"
+    )
     kw = dict(gen_length=16, block_length=8, steps=16, stop_at_eos=False, progress=False)
     dyllm_fx.generate(tm, tok, ["rev:abcdefg=", "kv:a1?a="], **kw)
     sparse = [r for r in tm.engine.records if r.kind == "sparse"]
@@ -276,7 +278,7 @@ def test_flat_rows_lay_their_values_out_per_sequence_over_the_span():
 
 def test_flat_selection_counts_overflow_and_sizes_from_the_batch_mean():
     model, tok = _sharpened_llada(), tiny_tokenizer()
-    tm = dyllm_fx.transform(model, policy="dyllm", tau=0.999, capacity=1, **FLAT)
+    tm = dyllm_fx.transform(model, policy="dyllm", tau=0.999, capacity=1, overflow="approximate", **FLAT)
     kw = dict(gen_length=16, block_length=8, steps=16, stop_at_eos=False, progress=False)
     dyllm_fx.generate(tm, tok, ["rev:abcdefg=", "kv:a1?a="], **kw)
     sparse = [r for r in tm.engine.records if r.kind == "sparse"]
@@ -454,3 +456,37 @@ def test_tau_one_querying_everything_equals_vanilla(make):
     got = dyllm_fx.generate(tm, tok, prompts, **kw)
     assert torch.equal(got.sequences, want.sequences)
     assert [r.kind for r in tm.engine.records] == ["full"] * 4 + ["sparse"] * 12  # the sparse path, exact
+
+
+def test_a_step_whose_need_exceeds_the_capacity_gives_the_full_capacity_logits():
+    """The default (``overflow="rerun"``): a capacity never changes a token. A step with more
+    changed and salient rows than its capacity of 1 runs again from the state it started from,
+    and gives the logits and caches of ``capacity="full"``; ``overflow="approximate"`` keeps the
+    step, approximating the overflow rows."""
+    model = _sharpened_llada()
+    mask_id = model.diffusion.mask_token_id
+    ids0 = torch.randint(3, 40, (2, 14), generator=torch.Generator().manual_seed(5))
+    ids0[:, 6:] = mask_id
+    attn = torch.ones_like(ids0)
+    pos = dyllm_fx.models.layers.default_position_ids(ids0, attn)
+    ids1 = ids0.clone()
+    ids1[0, [7, 10, 11]] = torch.tensor([20, 21, 23])
+    ids1[1, [9, 12]] = torch.tensor([22, 24])
+    runs = {}
+    for name, args in {
+        "full": dict(capacity="full"),
+        "rerun": dict(capacity=1),
+        "approximate": dict(capacity=1, overflow="approximate"),
+    }.items():
+        tm = dyllm_fx.transform(model, policy="dyllm", tau=0.99, num_full_steps=1, **args)
+        with torch.no_grad():
+            tm(ids0, attn, pos)
+            logits = tm(ids1, attn, pos)
+        runs[name] = (logits, tm.engine)
+    full, rerun, approx = runs["full"], runs["rerun"], runs["approximate"]
+    assert rerun[1].records[-1].extra.get("rerun") and rerun[1].records[-1].overflow == 0
+    torch.testing.assert_close(rerun[0], full[0], rtol=0, atol=0)
+    for layer in range(3):
+        torch.testing.assert_close(rerun[1].cache.k[layer], full[1].cache.k[layer], rtol=0, atol=0)
+        torch.testing.assert_close(rerun[1].buffers.mlp[layer], full[1].buffers.mlp[layer], rtol=0, atol=0)
+    assert approx[1].records[-1].overflow > 0 and not torch.allclose(approx[0], full[0])

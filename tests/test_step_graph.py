@@ -125,7 +125,7 @@ def test_capacity_changes_no_token_while_nothing_overflows(trained, name):
 
 def test_overflow_is_counted_and_approximated(model):
     """A capacity below what qualifies: the step still runs, and the overflow is reported."""
-    tm = dyllm_fx.transform(model, policy="dyllm", capacity=1, tau=0.999999)
+    tm = dyllm_fx.transform(model, policy="dyllm", capacity=1, tau=0.999999, overflow="approximate")
     out = dyllm_fx.generate(tm, TOK, PROMPTS, **GEN)
     assert sum(out.stats.overflow) > 0 and len(out.stats.overflow) == out.stats.nfe
     assert all(r.overflow == o for r, o in zip(tm.engine.records, out.stats.overflow))

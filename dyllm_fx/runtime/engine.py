@@ -227,9 +227,21 @@ class StepEngine:
             plan.span_len,
             tuple(extras),
         )
+        # a policy that may find its step wanting (DyLLM: rows beyond the capacity) runs it again
+        # from the state it started from, kept here (exported runners keep their own state)
+        saved = self._state_copy() if self.runner is None and self.policy.may_rerun(plan) else None
         out = self._run(plan, inp) if self.runner is None else self.runner.run(host, plan, inp)
         counts = out.counts.tolist() if out.counts is not None else None  # the step's one host read
+        again = self.policy.rerun(plan, counts) if saved is not None else None
+        if again is not None:
+            for tensor, kept in zip(self._state(), saved):
+                tensor.copy_(kept)
+            plan = again
+            out = self._run(plan, inp)
+            counts = out.counts.tolist() if out.counts is not None else None
         report = self.policy.observe(plan, counts, self.n_layers, seq_len)
+        if again is not None:
+            report.extra["rerun"] = True
         record = StepRecord(
             report.active, seq_len, plan.kind, report.capacity, report.overflow, extra=report.extra
         )
@@ -243,6 +255,13 @@ class StepEngine:
         self.records.append(record)
         out.report = report
         return out
+
+    def _state(self) -> list[torch.Tensor]:
+        """Every tensor a step writes: the cache's and the policy's buffers."""
+        return [*self.cache.tensors, *_tensors(self.buffers)]
+
+    def _state_copy(self) -> list[torch.Tensor]:
+        return [t.clone() for t in self._state()]
 
     def _run(self, plan: Plan, inp: StepInputs) -> StepOutput:
         """The policy's own step on the engine's cache and buffers."""

@@ -261,6 +261,17 @@ class Policy:
         """What a full step records into the policy's buffers (None: nothing)."""
         return None
 
+    def may_rerun(self, plan: Plan) -> bool:
+        """Whether the step of ``plan`` may have to run again (the engine then keeps a copy of the
+        state the step starts from); the default: never."""
+        return False
+
+    def rerun(self, plan: Plan, counts: list[int] | None) -> Plan | None:
+        """The plan to run the step again with, from the state it started from, when its
+        ``counts`` show it did not compute what the policy promises (DyLLM: salient rows beyond
+        the capacity); None: the step stands."""
+        return None
+
     def observe(self, plan: Plan, counts: list[int] | None, n_layers: int, seq_len: int) -> StepReport:
         """What the step did, from its ``counts``; the default: every row of every layer."""
         return StepReport([seq_len] * n_layers)

@@ -48,9 +48,22 @@ O(N A d) instead of O(N^2 d); exact only while a row's query does not move),
 Static shapes: the changed and salient sets are top-C selections (lowest cosine first) with a
 capacity C fixed for the step. Selected rows that do not qualify are computed and discarded
 (their cache writes are suppressed), so with no overflow a step equals one with exact counts.
-Rows that qualify beyond C are the *overflow*: approximated, counted on the device, and the
-next step's capacity grows to cover them (``capacity="auto"``; an int fixes C; ``"full"`` is the
-whole span, which never overflows). ``tau = 1`` marks every row salient; with
+Rows that qualify beyond C are the *overflow*, counted on the device; the next step's capacity
+grows to cover them (``capacity="auto"``; an int fixes C; ``"full"`` is the whole span, which
+never overflows).
+
+A capacity never changes a token by default (``overflow="rerun"``): a step whose counts show an
+overflow runs again from the state it started from (the engine keeps a copy of the caches for
+the steps that may overflow) with the capacity of the whole span, so every row whose cosine is
+below tau is recomputed, as the official engine does (``attention.py``: ``cos_sim_mask`` feeds
+``idx_salient_row`` whatever its size). Why this design: the selection stays static (top-C, one
+graph per plan key, compiled, CUDA-graphed and exported as before), a step that fits its
+capacity costs one copy of the state, and one that does not costs one more step at the full
+width, which ``auto`` makes rare by growing C from the measured needs; a per-layer ``torch.cond``
+would put both branches, and in-place cache writes, in every step graph.
+``overflow="approximate"`` (the project's option, measured in ``dyllm bench``) keeps the step
+and approximates the overflow rows (cached MLP output, approximate attention) instead. Exported
+runners keep their state in their session and approximate. ``tau = 1`` marks every row salient; with
 ``full_query_interval=1`` (every step queries everything) that is exactly the vanilla forward.
 
 ``mlp_selection`` says where the MLP's capacity applies. ``"sequence"`` (the default) uses the
@@ -70,7 +83,7 @@ tokens as exact counts.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import MappingProxyType
 from typing import ClassVar
 
@@ -91,6 +104,10 @@ from .row import RowPolicy, plan_span_rows, span_plan
 COUNT_KINDS = 3
 HISTORY = 4  # sparse steps whose needs size the next capacity
 MLP_SELECTIONS = ("sequence", "batch")
+OVERFLOWS = (
+    "rerun",
+    "approximate",
+)  # a step whose salient rows exceed its capacity: run again, or approximate
 MLP_LEVELS = 3  # a batch-wide MLP capacity: the top-C capacity or one of the 2 powers of two below it
 
 
@@ -195,7 +212,9 @@ class DyLLMPolicy(RowPolicy):
         capacity: int | str = "auto",
         mlp_selection: str = "sequence",
         kv_selection: str = "sequence",
+        overflow: str = "rerun",
     ):
+        self.overflow = choice("overflow", overflow, OVERFLOWS)
         self.tau = number("tau", tau, 0.0, 1.0, low_open=True, hint=" (DyLLM uses about 0.99 to 0.995)")
         self.num_full_steps = count("num_full_steps", num_full_steps, minimum=1)
         self.full_query_interval = count("full_query_interval", full_query_interval, allow_none=True)
@@ -423,6 +442,20 @@ class DyLLMPolicy(RowPolicy):
         mean need over the last ``HISTORY`` steps, at least the most tokens a sequence committed
         last step (layer 0's changed rows), plus half of it as headroom, bucketed."""
         return self._sized(width, host, self._mlp_needs, minimum=2)
+
+    def may_rerun(self, plan: Plan) -> bool:
+        if self.overflow != "rerun" or plan.kind != "sparse":
+            return False
+        width, key = plan.note["width"], plan.key
+        return key.capacity < width or (key.mlp_capacity is not None and key.mlp_capacity < width)
+
+    def rerun(self, plan: Plan, counts: list[int] | None) -> Plan | None:
+        """The same step at the whole span's capacity when any selection overflowed."""
+        if not self.may_rerun(plan) or not any(counts[2::COUNT_KINDS]):
+            return None
+        width, key = plan.note["width"], plan.key
+        full = replace(key, capacity=width, mlp_capacity=None if key.mlp_capacity is None else width)
+        return Plan(full, plan.rows, plan.span_start, plan.span_len, note=plan.note)
 
     def observe(self, plan, counts, n_layers, seq_len) -> StepReport:
         if plan.kind != "sparse":
@@ -673,4 +706,4 @@ def _counts(wanted: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return torch.stack([per_row.amax(), kept.amax(), (per_row - kept).sum()])
 
 
-__all__ = ["COUNT_KINDS", "FLAT_ROWS", "DyLLMBuffers", "DyLLMPolicy", "SparseKey", "is_flat_key"]
+__all__ = ["COUNT_KINDS", "OVERFLOWS", "FLAT_ROWS", "DyLLMBuffers", "DyLLMPolicy", "SparseKey", "is_flat_key"]

@@ -417,10 +417,9 @@ class ESDLLMPolicy(RowPolicy):
             return None
         rows, slots = self._block(inp)
         ids = inp.input_ids
-        eos = torch.tensor(self._eos, device=ids.device)
-        predicts_eos = torch.isin(take(out.logits, slots, 1).argmax(-1), eos)
+        predicts_eos = _is_eos(take(out.logits, slots, 1).argmax(-1), self._eos)
         left_masked = take(masked, (rows - 1).clamp_min(0), 1).bool()
-        ended = (torch.isin(ids, eos) & buffers.response).any(-1, keepdim=True)
+        ended = (_is_eos(ids, self._eos) & buffers.response).any(-1, keepdim=True)
         held = predicts_eos & left_masked & ~ended & take(masked, rows, 1).bool()
         return torch.zeros_like(out.logits[..., 0], dtype=torch.bool).scatter(1, slots, held)
 
@@ -514,6 +513,14 @@ class ESDLLMPolicy(RowPolicy):
         h_mid = pieces.post(layer, x, ctx)
         mark(cache.activity, layer, rows, 1.0)
         return h_mid + pieces.mlp(layer, h_mid, rows, pro), rows, live
+
+
+def _is_eos(tokens: torch.Tensor, eos: tuple[int, ...]) -> torch.Tensor:
+    """Where ``tokens`` is one of the ``eos`` ids (comparisons, which every exporter lowers)."""
+    hit = tokens == eos[0]
+    for other in eos[1:]:
+        hit = hit | (tokens == other)
+    return hit
 
 
 def _explicit_layout(skip_layers, keep) -> list[tuple[int, float]]:
