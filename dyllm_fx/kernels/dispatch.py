@@ -6,7 +6,6 @@ Each op has a plain-torch implementation and, where one exists, a Triton kernel:
     cache_write_rows          cache_write_rows_reference                      triton_cache_write_rows
     partial_attention         partial_attention_reference (SDPA)              triton_partial_attention
     partial_attention_stats   partial_attention_stats_fast                    triton_partial_attention
-    saliency                  saliency_reference                              triton_saliency
     approx_attention          approx_attention_fast                           triton_approx_attention
 
 The runtime and the passes call the functions at the bottom of this module. For a CUDA tensor
@@ -43,7 +42,6 @@ from .partial_attention import (
     partial_attention_stats_fast,
     triton_partial_attention,
 )
-from .salient_rows import saliency_reference, triton_saliency
 
 __all__ = [
     "KERNELS",
@@ -52,7 +50,6 @@ __all__ = [
     "gather_rows",
     "partial_attention",
     "partial_attention_stats",
-    "saliency",
 ]
 
 
@@ -72,7 +69,6 @@ KERNELS: dict[str, Kernel] = {
     "cache_write_rows": Kernel(cache_write_rows_reference, triton_cache_write_rows),
     "partial_attention": Kernel(partial_attention_reference, triton_partial_attention),
     "partial_attention_stats": Kernel(partial_attention_stats_fast, _triton_stats),
-    "saliency": Kernel(saliency_reference, triton_saliency),
     "approx_attention": Kernel(approx_attention_fast, triton_approx_attention),
 }
 
@@ -133,28 +129,6 @@ def _partial_attention_stats_op(
 def _(q, k_cache, v_cache, rows, mask, scale):
     out = q.new_empty(q.shape[:-1] + (v_cache.shape[-1],))
     return out, q.new_empty(q.shape[:-1], dtype=torch.float32), q.new_empty(q.shape[:-1], dtype=torch.float32)
-
-
-@torch.library.custom_op("dyllm::saliency", mutates_args=())
-def _saliency_op(
-    new_ctx: torch.Tensor, cached_ctx: torch.Tensor, tau: float, start: int, end: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Rows in [start, end) whose context moved: cos(new, cached) < tau, per row over all heads.
-
-    Contexts (B, H, N, d) or (B, N, D). Returns (indices (B, end - start) int64, ascending, -1
-    padded; count (B,) int64; cos (B, N) fp32). See ``kernels/salient_rows.py``.
-    """
-    return KERNELS["saliency"].torch_impl(new_ctx, cached_ctx, tau, start, end)
-
-
-@_saliency_op.register_fake
-def _(new_ctx, cached_ctx, tau, start, end):
-    bsz, n_rows = new_ctx.shape[0], new_ctx.shape[-2]
-    return (
-        new_ctx.new_empty((bsz, end - start), dtype=torch.int64),
-        new_ctx.new_empty((bsz,), dtype=torch.int64),
-        new_ctx.new_empty((bsz, n_rows), dtype=torch.float32),
-    )
 
 
 @torch.library.custom_op("dyllm::approx_attention", mutates_args=())
@@ -224,7 +198,6 @@ REGISTERED = {
     "cache_write_rows": _cache_write_rows_op,
     "partial_attention": _partial_attention_op,
     "partial_attention_stats": _partial_attention_stats_op,
-    "saliency": _saliency_op,
     "approx_attention": _approx_attention_op,
 }
 
@@ -253,5 +226,4 @@ def _dispatching(name: str):
 cache_write_rows = _dispatching("cache_write_rows")
 partial_attention = _dispatching("partial_attention")
 partial_attention_stats = _dispatching("partial_attention_stats")
-saliency = _dispatching("saliency")
 approx_attention = _dispatching("approx_attention")
