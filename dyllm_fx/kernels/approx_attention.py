@@ -14,7 +14,7 @@ recomputed rows written in); ``changed`` (B, A) int64 and ``dv_rows`` (B, KV, A,
 changed rows, zero elsewhere); ``cached_ctx`` (B, H, N, d); ``salient_rows`` (B, S) int64 and
 ``salient_ctx`` (B, H, S, d), the exact context of the salient rows; an optional SDPA mask as in
 ``partial_attention`` ((B|1, 1, 1, N) key padding or a full (B|1, 1, N, N) mask, boolean or
-additive; other layouts fall back to the reference);
+additive; other layouts raise NotImplementedError, in every implementation);
 ``scale`` (None: 1/sqrt(d)). ``q_rows`` (B, Nq) int64: the absolute positions of the query
 rows that q, ``cached_ctx`` and the outputs cover (a response, a block, any row set; None: the
 first Nq rows). Rows outside it are not queried at all; ``salient_rows`` stay absolute positions
@@ -82,6 +82,7 @@ from .partial_attention import (
     _repeat_kv,
     apply_mask_,
     attention_bias,
+    bias_operand,
     mask_layout,
     scores_reference,
     softmax_stats,
@@ -353,6 +354,7 @@ def approx_attention_fast(
 
 
 if HAS_TRITON:
+    from ._triton import load_tile, program_rows, running_max, scaled_scores
 
     @triton.jit
     def _load_changed_keys(ch_ptr, k_base, b, A, a0, offs_a, offs_d, d_ok, sk_n, sk_d):
@@ -361,10 +363,7 @@ if HAS_TRITON:
         idx = tl.load(ch_ptr + b * A + slots, mask=slots < A, other=-1)
         ok = idx >= 0
         idx = tl.where(ok, idx, 0)
-        kn = tl.load(
-            k_base + idx[:, None] * sk_n + offs_d[None, :] * sk_d, mask=ok[:, None] & d_ok[None, :], other=0.0
-        )
-        return slots, idx, ok, kn
+        return slots, idx, ok, load_tile(k_base, idx, offs_d, sk_n, sk_d, ok, d_ok)
 
     @triton.jit
     def _approx_attention_kernel(
@@ -427,23 +426,13 @@ if HAS_TRITON:
         BLOCK_DV: tl.constexpr,
         PREC: tl.constexpr,
     ):
-        pid_m = tl.program_id(0)
-        bh = tl.program_id(1)
-        b = (bh // H).to(tl.int64)
-        h = bh % H
-        kvh = (h // GROUP).to(tl.int64)
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        b, h, kvh, offs_m, row_ok = program_rows(H, GROUP, NQ, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         offs_dv = tl.arange(0, BLOCK_DV)
         offs_a = tl.arange(0, BLOCK_A)
-        row_ok = offs_m < NQ
         d_ok = offs_d < D
         dv_ok = offs_dv < DV
-        q = tl.load(
-            q_ptr + b * sq_b + h * sq_h + offs_m[:, None] * sq_n + offs_d[None, :] * sq_d,
-            mask=row_ok[:, None] & d_ok[None, :],
-            other=0.0,
-        )
+        q = load_tile(q_ptr + b * sq_b + h * sq_h, offs_m, offs_d, sq_n, sq_d, row_ok, d_ok)
         k_base = k_ptr + b * sk_b + kvh * sk_h
         bias_base = bias_ptr + b * sbias_b + offs_m[:, None] * sbias_q
         stat_rows = (b * H + h) * NQ + offs_m
@@ -460,11 +449,7 @@ if HAS_TRITON:
                 slots, idx, ok, kn = _load_changed_keys(
                     ch_ptr, k_base, b, A, a0, offs_a, offs_d, d_ok, sk_n, sk_d
                 )
-                ko = tl.load(
-                    kold_base + slots[:, None] * sko_a + offs_d[None, :] * sko_d,
-                    mask=ok[:, None] & d_ok[None, :],
-                    other=0.0,
-                )
+                ko = load_tile(kold_base, slots, offs_d, sko_a, sko_d, ok, d_ok)
                 s_new = tl.dot(q, tl.trans(kn), input_precision=PREC) * scale_log2
                 s_old = tl.dot(q, tl.trans(ko), input_precision=PREC) * scale_log2
                 if HAS_BIAS:
@@ -475,8 +460,7 @@ if HAS_TRITON:
                     s_old = s_old + bias * 1.4426950408889634
                 s_new = tl.where(ok[None, :], s_new, float("-inf"))
                 s_old = tl.where(ok[None, :], s_old, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(s_new, 1))
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                m_new, m_safe = running_max(m_i, s_new)
                 alpha = tl.exp2(m_i - m_safe)
                 rest = rest * alpha - tl.sum(tl.exp2(s_old - m_safe[:, None]), 1)
                 new_sum = new_sum * alpha + tl.sum(tl.exp2(s_new - m_safe[:, None]), 1)
@@ -489,20 +473,10 @@ if HAS_TRITON:
             for start in range(0, N, BLOCK_N):
                 cols = start + offs_n
                 col_ok = cols < N
-                kb = tl.load(
-                    k_base + cols[:, None] * sk_n + offs_d[None, :] * sk_d,
-                    mask=col_ok[:, None] & d_ok[None, :],
-                    other=0.0,
-                )
-                s = tl.dot(q, tl.trans(kb), input_precision=PREC) * scale_log2
-                if HAS_BIAS:
-                    bias = tl.load(
-                        bias_base + cols[None, :] * sbias_l, mask=row_ok[:, None] & col_ok[None, :], other=0.0
-                    )
-                    s = s + bias * 1.4426950408889634
-                s = tl.where(col_ok[None, :], s, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(s, 1))
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                kb = load_tile(k_base, cols, offs_d, sk_n, sk_d, col_ok, d_ok)
+                bias_ptrs, bias_ok = bias_base + cols[None, :] * sbias_l, row_ok[:, None] & col_ok[None, :]
+                s = scaled_scores(q, kb, bias_ptrs, bias_ok, col_ok, scale_log2, HAS_BIAS, PREC)
+                m_new, m_safe = running_max(m_i, s)
                 l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), 1)
                 m_i = m_new
         m_fin = tl.where(m_i == float("-inf"), 0.0, m_i)
@@ -515,36 +489,21 @@ if HAS_TRITON:
             slots, idx, ok, kn = _load_changed_keys(
                 ch_ptr, k_base, b, A, a0, offs_a, offs_d, d_ok, sk_n, sk_d
             )
-            s = tl.dot(q, tl.trans(kn), input_precision=PREC) * scale_log2
-            if HAS_BIAS:
-                bias = tl.load(
-                    bias_base + idx[None, :] * sbias_l, mask=row_ok[:, None] & ok[None, :], other=0.0
-                )
-                s = s + bias * 1.4426950408889634
-            s = tl.where(ok[None, :], s, float("-inf"))
+            bias_ptrs, bias_ok = bias_base + idx[None, :] * sbias_l, row_ok[:, None] & ok[None, :]
+            s = scaled_scores(q, kn, bias_ptrs, bias_ok, ok, scale_log2, HAS_BIAS, PREC)
             p = tl.exp2(s - m_fin[:, None]) * inv_l[:, None]
-            dv = tl.load(
-                dv_base + slots[:, None] * sdv_a + offs_dv[None, :] * sdv_d,
-                mask=ok[:, None] & dv_ok[None, :],
-                other=0.0,
-            )
+            dv = load_tile(dv_base, slots, offs_dv, sdv_a, sdv_d, ok, dv_ok)
             acc += tl.dot(p, dv.to(tl.float32), input_precision=PREC)
 
         # Salient rows take their exact context; then the output and its statistics.
         out_mask = row_ok[:, None] & dv_ok[None, :]
-        cached = tl.load(
-            c_ptr + b * sc_b + h * sc_h + offs_m[:, None] * sc_n + offs_dv[None, :] * sc_d,
-            mask=out_mask,
-            other=0.0,
-        ).to(tl.float32)
+        cached = load_tile(c_ptr + b * sc_b + h * sc_h, offs_m, offs_dv, sc_n, sc_d, row_ok, dv_ok)
+        cached = cached.to(tl.float32)
         slot = tl.load(slot_ptr + b * NQ + offs_m, mask=row_ok, other=-1)
         is_sal = slot >= 0
         slot = tl.where(is_sal, slot, 0).to(tl.int64)
-        exact = tl.load(
-            sal_ptr + b * ss_b + h * ss_h + slot[:, None] * ss_s + offs_dv[None, :] * ss_d,
-            mask=out_mask & is_sal[:, None],
-            other=0.0,
-        ).to(tl.float32)
+        exact = load_tile(sal_ptr + b * ss_b + h * ss_h, slot, offs_dv, ss_s, ss_d, row_ok & is_sal, dv_ok)
+        exact = exact.to(tl.float32)
         out = tl.where(is_sal[:, None], exact, cached + acc)
         tl.store(
             o_ptr + stat_rows[:, None] * DV + offs_dv[None, :], out.to(o_ptr.dtype.element_ty), mask=out_mask
@@ -579,24 +538,9 @@ def triton_approx_attention(
     bsz, heads, n_rows, d = q.shape
     n_keys = k.shape[2]
     dv = cached_ctx.shape[-1]
-    try:
-        bias = attention_bias(mask, q_rows, bsz, n_keys)  # full masks: the query rows' bias rows
-    except NotImplementedError:
-        return approx_attention_reference(
-            q,
-            k,
-            changed,
-            dv_rows,
-            cached_ctx,
-            salient_rows,
-            salient_ctx,
-            mask,
-            scale,
-            k_old_rows,
-            m_old,
-            l_old,
-            q_rows,
-        )
+    # full masks: the query rows' bias rows; other layouts raise NotImplementedError, as in the
+    # reference (which has no other way to take them either)
+    bias = attention_bias(mask, q_rows, bsz, n_keys)
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     ch = unique_rows(changed, n_keys).contiguous()
     slot = query_slots(salient_rows, q_rows, n_keys).to(torch.int32).contiguous()
@@ -607,15 +551,7 @@ def triton_approx_attention(
     l = torch.empty_like(m)
     if ctx.numel() == 0:
         return ctx, part.sum(1), m, l
-    if bias is None:
-        bias_t, sbias = q, (0, 0, 0)
-    else:
-        bias_t = bias
-        sbias = (
-            bias.stride(0) if bias.shape[0] > 1 else 0,
-            bias.stride(1) if bias.shape[1] > 1 else 0,
-            bias.stride(2),
-        )
+    bias_t, sbias = bias_operand(bias, q)
     if use_stats:
         kold, mold, lold = k_old_rows, m_old.float().contiguous(), l_old.float().contiguous()
     else:
