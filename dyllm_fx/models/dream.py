@@ -22,7 +22,6 @@ from typing import Any
 from torch import nn
 
 from .layers import BidirectionalLM, LMParts, RMSNorm, self_attention, swiglu_mlp
-from .spec import DiffusionSpec
 
 
 @dataclass
@@ -101,18 +100,10 @@ class DreamModel(BidirectionalLM):
     architecture = "dream"
 
     def __init__(self, cfg: DreamConfig):
-        super().__init__()
-        self.config = cfg
+        super().__init__(cfg, logits_shift=1, max_length=cfg.max_position_embeddings)
         self.model = _DreamBackbone(cfg)
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        self.diffusion = DiffusionSpec(
-            mask_token_id=cfg.mask_token_id,
-            eos_token_ids=(cfg.eos_token_id,),
-            pad_token_id=cfg.pad_token_id,
-            logits_shift=1,
-            max_length=cfg.max_position_embeddings,
-        )
 
     def parts(self) -> LMParts:
         m, cfg = self.model, self.config

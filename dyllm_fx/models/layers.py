@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .spec import DiffusionSpec
+
 
 class RMSNorm(nn.Module):
     """Root-mean-square norm, computed in float32 as the reference models do."""
@@ -127,7 +129,21 @@ class BidirectionalLM(nn.Module):
     """The forward LLaDA and Dream share: embed the tokens, build the RoPE tables and the key
     padding mask once, run every block without a causal mask, then the final norm and the output
     head. A subclass builds its modules under its checkpoint's names and says where they are in
-    :meth:`parts`. ``forward`` returns unshifted logits (B, T, vocab)."""
+    :meth:`parts`. ``forward`` returns unshifted logits (B, T, vocab).
+
+    ``config`` names its special tokens ``mask_token_id``, ``eos_token_id`` and ``pad_token_id``
+    (both families' config.json do); ``logits_shift`` and ``max_length`` come from the family."""
+
+    def __init__(self, config, logits_shift: int, max_length: int):
+        super().__init__()
+        self.config = config
+        self.diffusion = DiffusionSpec(
+            mask_token_id=config.mask_token_id,
+            eos_token_ids=(config.eos_token_id,),
+            pad_token_id=config.pad_token_id,
+            logits_shift=logits_shift,
+            max_length=max_length,
+        )
 
     def parts(self) -> LMParts:
         raise NotImplementedError

@@ -18,7 +18,6 @@ from typing import Any
 from torch import nn
 
 from .layers import BidirectionalLM, LMParts, RMSNorm, self_attention, swiglu_mlp
-from .spec import DiffusionSpec
 
 LLADA_MASK_TOKEN_ID = 126336
 
@@ -121,16 +120,8 @@ class LLaDAModelLM(BidirectionalLM):
     architecture = "llada"
 
     def __init__(self, cfg: LLaDAConfig):
-        super().__init__()
-        self.config = cfg
+        super().__init__(cfg, logits_shift=0, max_length=cfg.max_sequence_length)
         self.model = _LLaDATransformer(cfg)
-        self.diffusion = DiffusionSpec(
-            mask_token_id=cfg.mask_token_id,
-            eos_token_ids=(cfg.eos_token_id,),
-            pad_token_id=cfg.pad_token_id,
-            logits_shift=0,
-            max_length=cfg.max_sequence_length,
-        )
 
     def parts(self) -> LMParts:
         t, cfg = self.model.transformer, self.config
