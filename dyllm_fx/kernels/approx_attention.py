@@ -118,19 +118,7 @@ def default_q_rows(q: torch.Tensor, q_rows: torch.Tensor | None) -> torch.Tensor
     return torch.arange(q.shape[2], device=q.device).expand(q.shape[0], -1)
 
 
-def _check(
-    q,
-    k,
-    changed,
-    dv_rows,
-    cached_ctx,
-    salient_rows,
-    salient_ctx,
-    k_old_rows=None,
-    m_old=None,
-    l_old=None,
-    q_rows=None,
-):
+def _check(q, k, changed, dv_rows, cached_ctx, salient_rows, salient_ctx, k_old_rows, m_old, l_old, q_rows):
     bsz, heads, n_rows, d = q.shape
     if k.shape[0] != bsz or heads % k.shape[1]:
         raise ValueError(f"k {tuple(k.shape)} does not match q {tuple(q.shape)}")
@@ -162,12 +150,8 @@ def query_slots(salient_rows: torch.Tensor, q_rows: torch.Tensor, n_keys: int) -
 def _finish(out, cached, slot, salient_ctx, dtype):
     """Query slots with a salient row (``slot`` >= 0, see :func:`query_slots`) take their exact
     context; (ctx, stats) with the fp32 statistics."""
-    bsz, heads, n_rows, dv = out.shape
     if salient_ctx.shape[2]:
-        exact = salient_ctx.float().gather(
-            2, slot.clamp_min(0)[:, None, :, None].expand(bsz, heads, n_rows, dv)
-        )
-        out = torch.where((slot >= 0)[:, None, :, None], exact, out)
+        out = _salient_exact(out, slot, salient_ctx)
     stats = torch.stack(
         [(out * cached).sum((1, 3)), (out * out).sum((1, 3)), (cached * cached).sum((1, 3))], -1
     )
@@ -179,27 +163,56 @@ def query_bias(mask, bsz: int, n_keys: int, q_rows: torch.Tensor):
     return attention_bias(mask, q_rows, bsz, n_keys)
 
 
+def _implementation(body):
+    """An implementation of the op from its ``body``: the op's signature and argument checks in
+    front, ``q_rows`` and ``scale`` filled in (None: the first Nq rows, 1/sqrt(d)), and the mode 2
+    inputs handed on as one ``cached_stats`` = (k_old_rows, m_old, l_old), None in mode 1."""
+
+    def implementation(
+        q,
+        k,
+        changed,
+        dv_rows,
+        cached_ctx,
+        salient_rows,
+        salient_ctx,
+        mask,
+        scale,
+        k_old_rows=None,
+        m_old=None,
+        l_old=None,
+        q_rows=None,
+    ):
+        _check(
+            q, k, changed, dv_rows, cached_ctx, salient_rows, salient_ctx, k_old_rows, m_old, l_old, q_rows
+        )
+        scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+        cached_stats = None if m_old is None else (k_old_rows, m_old, l_old)
+        q_rows = default_q_rows(q, q_rows)
+        return body(
+            q, k, changed, dv_rows, cached_ctx, salient_rows, salient_ctx, mask, scale, q_rows, cached_stats
+        )
+
+    implementation.__name__ = implementation.__qualname__ = body.__name__
+    implementation.__doc__ = body.__doc__
+    return implementation
+
+
+def _salient_exact(out, slot, salient_ctx):
+    """``out`` (B, H, Nq, dv) fp32 with the query slots whose row is salient (``slot`` >= 0, see
+    :func:`query_slots`) replaced by their exact context from ``salient_ctx``."""
+    bsz, heads, n_rows, dv = out.shape
+    exact = salient_ctx.float().gather(2, slot.clamp_min(0)[:, None, :, None].expand(bsz, heads, n_rows, dv))
+    return torch.where((slot >= 0)[:, None, :, None], exact, out)
+
+
+@_implementation
 def approx_attention_reference(
-    q,
-    k,
-    changed,
-    dv_rows,
-    cached_ctx,
-    salient_rows,
-    salient_ctx,
-    mask,
-    scale,
-    k_old_rows=None,
-    m_old=None,
-    l_old=None,
-    q_rows=None,
+    q, k, changed, dv_rows, cached_ctx, salient_rows, salient_ctx, mask, scale, q_rows, cached_stats
 ):
     """Plain torch, fp32 (see the module doc); mode 2 when ``m_old`` is given."""
-    _check(q, k, changed, dv_rows, cached_ctx, salient_rows, salient_ctx, k_old_rows, m_old, l_old, q_rows)
-    q_rows = default_q_rows(q, q_rows)
     bsz, heads, n_rows, d = q.shape
     n_keys = k.shape[2]
-    scale = 1.0 / math.sqrt(d) if scale is None else scale
     bias = query_bias(mask, bsz, n_keys, q_rows)
     ch = unique_rows(changed, n_keys)
     valid = (ch >= 0)[:, None, None, :]
@@ -211,9 +224,10 @@ def approx_attention_reference(
         bias = bias.expand(bsz, *bias.shape[1:])
         bias_ch = bias.gather(2, cols[:, None, :].expand(bsz, bias.shape[1], n_ch))
     s_new = scores_reference(q, k_ch, bias_ch, scale).masked_fill(~valid, float("-inf"))  # (B, H, N, A)
-    if m_old is None:
+    if cached_stats is None:
         m, l = softmax_stats(scores_reference(q, k, bias, scale))
     else:
+        k_old_rows, m_old, l_old = cached_stats
         s_old = scores_reference(q, k_old_rows, bias_ch, scale).masked_fill(~valid, float("-inf"))
         m = torch.maximum(m_old.float(), s_new.amax(-1))
         m_safe = torch.where(torch.isinf(m) & (m < 0), torch.zeros_like(m), m)
@@ -252,20 +266,9 @@ def _rows_of(x: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     return x.view(-1, d).index_select(0, flat.view(-1)).view(bsz, heads, cols.shape[1], d)
 
 
+@_implementation
 def approx_attention_fast(
-    q,
-    k,
-    changed,
-    dv_rows,
-    cached_ctx,
-    salient_rows,
-    salient_ctx,
-    mask,
-    scale,
-    k_old_rows=None,
-    m_old=None,
-    l_old=None,
-    q_rows=None,
+    q, k, changed, dv_rows, cached_ctx, salient_rows, salient_ctx, mask, scale, q_rows, cached_stats
 ):
     """Lean torch version of :func:`approx_attention_reference` (the op's CPU path): the same
     (ctx, stats, m, l) up to float rounding, with fewer torch ops and fewer passes over the score
@@ -278,8 +281,6 @@ def approx_attention_fast(
     the changed columns of exp(s - m). Query slots whose row is salient take the exact context
     with one gather and one ``where``.
     """
-    _check(q, k, changed, dv_rows, cached_ctx, salient_rows, salient_ctx, k_old_rows, m_old, l_old, q_rows)
-    q_rows = default_q_rows(q, q_rows)
     bsz, heads, n_rows, d = q.shape
     kv_heads, n_keys = k.shape[1], k.shape[2]
     group = heads // kv_heads
@@ -287,13 +288,12 @@ def approx_attention_fast(
     dv = cached_ctx.shape[-1]
     n_ch = changed.shape[1]
     layout = mask_layout(mask, bsz, n_keys)  # NotImplementedError for other layouts, as the reference
-    scale = 1.0 / math.sqrt(d) if scale is None else scale
     if layout == "full":
         mask = gather_rows(mask, q_rows, 2)  # (B, 1, Nq, N)
     cols, drop = _dropped_columns(changed, n_keys)
     q3 = q.float().reshape(bkv, gq, d)
 
-    if m_old is None:  # mode 1: the exact normalizer over all N keys
+    if cached_stats is None:  # mode 1: the exact normalizer over all N keys
         s = torch.bmm(q3, k.float().reshape(bkv, n_keys, d).transpose(1, 2)).mul_(scale)  # (B*KV, G*Nq, N)
         if layout is not None:
             apply_mask_(s.view(bsz, kv_heads, group, n_rows, n_keys), mask.unsqueeze(1))
@@ -306,6 +306,7 @@ def approx_attention_fast(
         p.masked_fill_(drop[:, None, :], 0.0).div_(l.view(bsz, kv_heads * gq, 1).clamp_min(1.0))
         m, l = m.view(bsz, heads, n_rows), l.view(bsz, heads, n_rows)
     else:  # mode 2: the cached normalizer, updated over the changed keys only
+        k_old_rows, m_old, l_old = cached_stats
         kk = torch.cat([_rows_of(k, cols), k_old_rows], 2).float()  # (B, KV, 2A, d): new keys, old keys
         s = torch.bmm(q3, kk.view(bkv, 2 * n_ch, d).transpose(1, 2)).mul_(scale)  # (B*KV, G*Nq, 2A)
         # one (B, 1|Nq, A) column bias for both halves: the mask on the changed columns, and -inf
@@ -337,11 +338,7 @@ def approx_attention_fast(
     )
     out = out.view(bsz, heads, n_rows, dv)
     if salient_rows.shape[1] and n_rows:
-        slot = query_slots(salient_rows, q_rows, n_keys)  # (B, Nq)
-        exact = salient_ctx.float().gather(
-            2, slot.clamp_min(0)[:, None, :, None].expand(bsz, heads, n_rows, dv)
-        )
-        out = torch.where((slot >= 0)[:, None, :, None], exact, out)
+        out = _salient_exact(out, query_slots(salient_rows, q_rows, n_keys), salient_ctx)
     dots = torch.stack(
         [
             torch.linalg.vecdot(out, cached),
@@ -515,33 +512,20 @@ if HAS_TRITON:
         tl.store(l_ptr + stat_rows, l_i, mask=row_ok)
 
 
+@_implementation
 def triton_approx_attention(
-    q,
-    k,
-    changed,
-    dv_rows,
-    cached_ctx,
-    salient_rows,
-    salient_ctx,
-    mask,
-    scale,
-    k_old_rows=None,
-    m_old=None,
-    l_old=None,
-    q_rows=None,
+    q, k, changed, dv_rows, cached_ctx, salient_rows, salient_ctx, mask, scale, q_rows, cached_stats
 ):
     """Triton version of :func:`approx_attention_reference`: (ctx, stats, m, l)."""
     require_triton(q)
-    _check(q, k, changed, dv_rows, cached_ctx, salient_rows, salient_ctx, k_old_rows, m_old, l_old, q_rows)
-    q_rows = default_q_rows(q, q_rows)
-    use_stats = m_old is not None
+    use_stats = cached_stats is not None
     bsz, heads, n_rows, d = q.shape
     n_keys = k.shape[2]
     dv = cached_ctx.shape[-1]
     # full masks: the query rows' bias rows; other layouts raise NotImplementedError, as in the
     # reference (which has no other way to take them either)
     bias = attention_bias(mask, q_rows, bsz, n_keys)
-    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    scale = float(scale)
     ch = unique_rows(changed, n_keys).contiguous()
     slot = query_slots(salient_rows, q_rows, n_keys).to(torch.int32).contiguous()
     n_ch = ch.shape[1]
@@ -553,6 +537,7 @@ def triton_approx_attention(
         return ctx, part.sum(1), m, l
     bias_t, sbias = bias_operand(bias, q)
     if use_stats:
+        k_old_rows, m_old, l_old = cached_stats
         kold, mold, lold = k_old_rows, m_old.float().contiguous(), l_old.float().contiguous()
     else:
         kold, mold, lold = k, m, l  # unused

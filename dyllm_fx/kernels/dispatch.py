@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+from torch import Tensor
 
 from ._triton import CUDA_KERNELS_ENABLED, HAS_TRITON
 from .approx_attention import approx_attention_fast, triton_approx_attention
@@ -76,10 +77,25 @@ KERNELS: dict[str, Kernel] = {
 # --- the registered torch.library ops (their default implementation is the table's torch one)
 
 
-@torch.library.custom_op("dyllm::cache_write_rows", mutates_args=("cache",))
-def _cache_write_rows_op(cache: torch.Tensor, rows: torch.Tensor, values: torch.Tensor, dim: int) -> None:
+def _register(name: str, mutates_args: tuple[str, ...] = ()):
+    """Register ``dyllm::<name>`` from a typed stub, which gives the op its schema and its doc;
+    the table's torch implementation is the op's default (the Triton one is registered for CUDA
+    below)."""
+
+    def register(signature: Callable):
+        schema = torch.library.infer_schema(signature, mutates_args=mutates_args)
+        op = torch.library.custom_op(
+            f"dyllm::{name}", KERNELS[name].torch_impl, mutates_args=mutates_args, schema=schema
+        )
+        op.__doc__ = signature.__doc__
+        return op
+
+    return register
+
+
+@_register("cache_write_rows", mutates_args=("cache",))
+def _cache_write_rows_op(cache: Tensor, rows: Tensor, values: Tensor, dim: int) -> None:
     """cache[b, ..., rows[b, a], ...] = values[b, ..., a, ...] along ``dim`` (in place)."""
-    KERNELS["cache_write_rows"].torch_impl(cache, rows, values, dim)
 
 
 @_cache_write_rows_op.register_fake
@@ -87,15 +103,10 @@ def _(cache, rows, values, dim):
     return None
 
 
-@torch.library.custom_op("dyllm::partial_attention", mutates_args=())
+@_register("partial_attention")
 def _partial_attention_op(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    rows: torch.Tensor,
-    mask: torch.Tensor | None,
-    scale: float | None,
-) -> torch.Tensor:
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, rows: Tensor, mask: Tensor | None, scale: float | None
+) -> Tensor:
     """Attention of the active rows' queries over every cached key.
 
     q (B, H, A, d) for the rows in ``rows``; k_cache/v_cache (B, KV, L, d) with H % KV == 0;
@@ -103,7 +114,6 @@ def _partial_attention_op(
     query x key mask, whose query rows are gathered here). Bidirectional: no causal mask.
     ``scale`` None: 1/sqrt(d).
     """
-    return KERNELS["partial_attention"].torch_impl(q, k_cache, v_cache, rows, mask, scale)
 
 
 @_partial_attention_op.register_fake
@@ -111,18 +121,12 @@ def _(q, k_cache, v_cache, rows, mask, scale):
     return q.new_empty(q.shape[:-1] + (v_cache.shape[-1],))
 
 
-@torch.library.custom_op("dyllm::partial_attention_stats", mutates_args=())
+@_register("partial_attention_stats")
 def _partial_attention_stats_op(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    rows: torch.Tensor,
-    mask: torch.Tensor | None,
-    scale: float | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, rows: Tensor, mask: Tensor | None, scale: float | None
+) -> tuple[Tensor, Tensor, Tensor]:
     """``partial_attention`` plus its fp32 softmax statistics per query row: (out, m, l) with
     m (B, H, A) the row max of the scaled, masked scores and l = sum exp(s - m) (natural log)."""
-    return KERNELS["partial_attention_stats"].torch_impl(q, k_cache, v_cache, rows, mask, scale)
 
 
 @_partial_attention_stats_op.register_fake
@@ -131,60 +135,31 @@ def _(q, k_cache, v_cache, rows, mask, scale):
     return out, q.new_empty(q.shape[:-1], dtype=torch.float32), q.new_empty(q.shape[:-1], dtype=torch.float32)
 
 
-@torch.library.custom_op("dyllm::approx_attention", mutates_args=())
+@_register("approx_attention")
 def _approx_attention_op(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    changed: torch.Tensor,
-    dv_rows: torch.Tensor,
-    cached_ctx: torch.Tensor,
-    salient_rows: torch.Tensor,
-    salient_ctx: torch.Tensor,
-    mask: torch.Tensor | None,
+    q: Tensor,
+    k: Tensor,
+    changed: Tensor,
+    dv_rows: Tensor,
+    cached_ctx: Tensor,
+    salient_rows: Tensor,
+    salient_ctx: Tensor,
+    mask: Tensor | None,
     scale: float | None,
-    k_old_rows: torch.Tensor | None = None,
-    m_old: torch.Tensor | None = None,
-    l_old: torch.Tensor | None = None,
-    q_rows: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    k_old_rows: Tensor | None = None,
+    m_old: Tensor | None = None,
+    l_old: Tensor | None = None,
+    q_rows: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """DyLLM's approximate attention with saliency: every queried row's context = cached context
     + P[:, changed] . dV, salient rows exact; returns (ctx, stats (B, Nq, 3), m, l). Mode 2
     (cached softmax statistics) when m_old / l_old / k_old_rows are given; q covers the rows
     ``q_rows`` (B, Nq). See ``kernels/approx_attention.py``.
     """
-    return KERNELS["approx_attention"].torch_impl(
-        q,
-        k,
-        changed,
-        dv_rows,
-        cached_ctx,
-        salient_rows,
-        salient_ctx,
-        mask,
-        scale,
-        k_old_rows,
-        m_old,
-        l_old,
-        q_rows,
-    )
 
 
 @_approx_attention_op.register_fake
-def _(
-    q,
-    k,
-    changed,
-    dv_rows,
-    cached_ctx,
-    salient_rows,
-    salient_ctx,
-    mask,
-    scale,
-    k_old_rows=None,
-    m_old=None,
-    l_old=None,
-    q_rows=None,
-):
+def _(q, k, changed, dv_rows, cached_ctx, *_):  # the shapes need q and cached_ctx only
     bsz, heads, n_rows = q.shape[:3]
     return (
         cached_ctx.new_empty(cached_ctx.shape),
