@@ -1054,7 +1054,9 @@ def test_approx_attention_fast_rejects_what_the_reference_rejects():
     g = _fast_gen(3)
     q, k, changed, dv_rows, cached, sal, sal_ctx, k_old = _fast_approx_inputs(g, 2, 2, 2, 7, 0, 7, 4, "none")
     per_head = torch.ones(2, 2, 1, 7, dtype=torch.bool)
-    for fn in (aa.approx_attention_fast, aa.approx_attention_reference):
+    # the Triton launcher too (it has no fallback: the reference rejects these masks as well)
+    triton = [aa.triton_approx_attention] if HAS_TRITON and INTERPRET else []
+    for fn in (aa.approx_attention_fast, aa.approx_attention_reference, *triton):
         with pytest.raises(NotImplementedError):
             fn(q, k, changed, dv_rows, cached, sal, sal_ctx, per_head, None)
         with pytest.raises(ValueError):  # q_rows must be (B, Nq)

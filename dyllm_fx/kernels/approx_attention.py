@@ -522,8 +522,8 @@ def triton_approx_attention(
     bsz, heads, n_rows, d = q.shape
     n_keys = k.shape[2]
     dv = cached_ctx.shape[-1]
-    # full masks: the query rows' bias rows; other layouts raise NotImplementedError, as in the
-    # reference (which has no other way to take them either)
+    # full masks: the query rows' bias rows; other layouts raise NotImplementedError, as they do
+    # in the reference
     bias = attention_bias(mask, q_rows, bsz, n_keys)
     scale = float(scale)
     ch = unique_rows(changed, n_keys).contiguous()
