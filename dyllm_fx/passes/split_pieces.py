@@ -39,7 +39,7 @@ from dyllm_fx.kernels.dispatch import gather_rows
 from .attention_operands import piece_operands
 from .capture import INPUT_NAMES, CapturedGraph
 from .find_blocks import BlockMatch
-from .matching import SDPA, descendants, is_op, is_tensor
+from .matching import SDPA, descendants, extract_outputs, is_op, is_tensor
 
 aten = torch.ops.aten
 
@@ -188,20 +188,7 @@ class _Cutter:
 
     def prologue(self, h0: fx.Node) -> fx.GraphModule:
         wanted = [h0] + list(self.tables.values())
-        g = fx.Graph()
-        env = {}
-        needed = set()
-        stack = list(wanted)
-        while stack:
-            n = stack.pop()
-            if n not in needed:
-                needed.add(n)
-                stack.extend(n.all_input_nodes)
-        for node in self.graph.nodes:
-            if node.op == "placeholder" or node in needed:
-                env[node] = g.node_copy(node, lambda n: env[n])
-        g.output(tuple(env[w] for w in wanted))
-        return fx.GraphModule(self.cg.gm, g, class_name="prologue")
+        return extract_outputs(self.graph, self.cg.gm, wanted, class_name="prologue")
 
 
 def _is_size(node: fx.Node) -> bool:
