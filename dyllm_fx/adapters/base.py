@@ -32,6 +32,10 @@ class ModelAdapter:
     def matches(self, model: nn.Module | None) -> bool:
         raise NotImplementedError
 
+    def diffusion_spec(self, model: nn.Module, given: DiffusionSpec | None) -> DiffusionSpec | None:
+        """The spec (mask token id, logit shift) the transformed module runs with."""
+        return given
+
     def policy_family(self, spec: DiffusionSpec | None) -> str | None:
         """The family whose presets a named policy takes (``runtime/policies/presets.py``)."""
         raise NotImplementedError
@@ -57,6 +61,7 @@ class ModelAdapter:
         **policy_config,
     ) -> nn.Module:
         """``dyllm_fx.transform`` for this family (the arguments are checked by the caller)."""
+        spec = self.diffusion_spec(model, spec)
         chosen = make_policy(policy, family=self.policy_family(spec), **policy_config)
         self.check_policy(chosen)  # bad parameters fail before the trace
         captured, inputs = self.capture(model)

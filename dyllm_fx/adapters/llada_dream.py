@@ -16,6 +16,7 @@ from ..passes.capture import CapturedGraph, capture_module, example_inputs
 from ..passes.split_pieces import StepProgram
 from ..runtime.policies import Policy, family_of
 from .base import ModelAdapter
+from .llada_dream_dynamo import dynamo_step
 from .transformed import TransformedModel
 
 
@@ -26,6 +27,9 @@ class LLaDADreamAdapter(ModelAdapter):
 
     def matches(self, model: nn.Module | None) -> bool:
         return True
+
+    def diffusion_spec(self, model: nn.Module, given: DiffusionSpec | None) -> DiffusionSpec | None:
+        return given or getattr(model, "diffusion", None)
 
     def policy_family(self, spec: DiffusionSpec | None) -> str | None:
         return family_of(spec)
@@ -42,15 +46,7 @@ class LLaDADreamAdapter(ModelAdapter):
     ) -> TransformedModel:
         return TransformedModel(program, policy, spec, **options)
 
-    def transform(self, model, policy, spec=None, compile=False, cuda_graphs=False, **policy_config):
-        spec = spec or getattr(model, "diffusion", None)
-        return super().transform(
-            model, policy, spec=spec, compile=compile, cuda_graphs=cuda_graphs, **policy_config
-        )
-
     def dynamo_backend(self, module, gm, example_inputs, options):
-        from .llada_dream_dynamo import dynamo_step
-
         return dynamo_step(self, module, gm, example_inputs, options)
 
 

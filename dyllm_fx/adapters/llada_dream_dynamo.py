@@ -79,7 +79,7 @@ def dynamo_step(adapter, module: nn.Module | None, gm: fx.GraphModule, example_i
     roles = _placeholder_roles(gm)
     sizes = _size_inputs(gm, roles)
     args = list(example_inputs)
-    spec = getattr(module, "diffusion", None)
+    spec = adapter.diffusion_spec(module, None)
     if mask_token_id is not None:
         spec = DiffusionSpec(mask_token_id=mask_token_id) if spec is None else spec
         if spec.mask_token_id != mask_token_id:
