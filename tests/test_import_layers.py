@@ -28,13 +28,15 @@ LAYERS = (
     ("dyllm_fx.eval", 5),
     ("dyllm_fx.analysis", 5),
     ("dyllm_fx.transform", 4),
-    ("dyllm_fx.explain", 4),
     ("dyllm_fx.generation", 4),
     ("dyllm_fx.backend", 4),
     ("dyllm_fx.loading", 4),
     ("dyllm_fx.options", 4),
     ("dyllm_fx.policy_setup", 4),
     ("dyllm_fx.adapters", 3),
+    # public as dyllm_fx.explain(), and what TransformedModel.explain() (adapters) calls: it reads
+    # the runtime's program and engine only
+    ("dyllm_fx.explain", 3),
     ("dyllm_fx.runtime", 2),
     ("dyllm_fx.passes", 1),
     ("dyllm_fx.kernels", 0),

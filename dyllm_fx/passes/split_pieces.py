@@ -75,7 +75,7 @@ class StepProgram:
     hidden_dtype: torch.dtype
     param_names: dict[str, str]
     # Per layer: the attention piece cut at its core (query / kv / post), for layers that
-    # run their own attention (DyLLM); filled by dyllm_fx.transform.build_program.
+    # run their own attention (DyLLM); filled by the pipeline's split_attention pass.
     attn_parts: list = field(default_factory=list)
     # the step's inputs: input_ids, attention_mask, position_ids, then the model's extra inputs
     input_names: tuple[str, ...] = INPUT_NAMES
