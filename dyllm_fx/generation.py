@@ -17,6 +17,7 @@ from .errors import EmptyResponseWarning, UnknownCharactersWarning, UsageError
 from .models.checks import check_model_tensors
 from .models.spec import DiffusionSpec
 from .passes.check_bidirectional import check_not_causal_modules
+from .prompts import encode_prompts
 from .runtime.loop import GenerationOutput, denoise
 from .runtime.samplers import DreamSampler, LLaDASampler
 from .runtime.schedule import BlockSchedule
@@ -198,20 +199,10 @@ def generate(
         raise ValueError(
             "pass either a sampler object or sampler parameters (threshold, temperature, ...), not both"
         )
-    if chat:
-        prompts = [
-            tokenizer.apply_chat_template(
-                [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False
-            )
-            for p in prompts
-        ]
-    tokenizer.padding_side = "left"
-    enc = tokenizer(list(prompts), return_tensors="pt", padding=True, add_special_tokens=False)
-    unknown = unknown_characters_message(tokenizer, list(prompts), enc["input_ids"])
+    texts, prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, chat, device)
+    unknown = unknown_characters_message(tokenizer, texts, prompt_ids)
     if unknown:
         warnings.warn(unknown, UnknownCharactersWarning, stacklevel=2)
-    prompt_ids = enc["input_ids"].to(device)
-    prompt_mask = enc["attention_mask"].to(device)
     if bool(prompt_mask.all()):
         prompt_mask = None  # no padding: let the model skip the mask entirely
     plen = prompt_ids.shape[1]

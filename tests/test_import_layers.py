@@ -43,6 +43,7 @@ LAYERS = (
     ("dyllm_fx.models", 0),
     ("dyllm_fx.errors", 0),
     ("dyllm_fx.char_tokenizer", 0),
+    ("dyllm_fx.prompts", 0),
     ("dyllm_fx.assets", 0),
 )
 # The package's __init__ re-exports the public API: the top, with the CLI that uses it.

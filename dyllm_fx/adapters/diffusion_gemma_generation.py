@@ -12,6 +12,7 @@ from torch import nn
 from ..errors import UsageError
 from ..models.checks import check_model_tensors
 from ..models.diffusion_gemma import decode_canvas
+from ..prompts import encode_prompts
 from ..runtime.canvas import CanvasSettings, generate_canvases
 
 
@@ -133,16 +134,7 @@ def generate(
     if not prompts or any(not isinstance(p, str) or not p for p in prompts):
         raise ValueError("prompts must be a non-empty string or a list of non-empty strings")
     device = check_model_tensors(model)
-    if chat:
-        prompts = [
-            tokenizer.apply_chat_template(
-                [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False
-            )
-            for p in prompts
-        ]
-    tokenizer.padding_side = "left"
-    enc = tokenizer(list(prompts), return_tensors="pt", padding=True, add_special_tokens=False)
-    ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+    _, ids, mask = encode_prompts(tokenizer, prompts, chat, device)
     out = generate_ids(
         model, ids, mask, max_new_tokens=max_new_tokens, steps=steps, seed=seed, **sampler_params
     )
