@@ -25,7 +25,8 @@ import torch
 
 import dyllm_fx
 from dyllm_fx.eval.synthetic_tasks import held_out_set
-from dyllm_fx.runtime.policies.dyllm import FLAT_ROWS, is_flat_key
+from dyllm_fx.runtime.policies.dyllm import FLAT_ROWS, SparseKey, is_flat_key
+from dyllm_fx.runtime.policies.keys import PlanKey
 
 GEN = dict(gen_length=64, block_length=32, steps=64, progress=False)
 
@@ -40,27 +41,26 @@ SELECTIONS["both"] = SELECTIONS["sequence"] + SELECTIONS["batch"]
 SELECTIONS["all"] = SELECTIONS["both"] + SELECTIONS["flat"]
 
 
-def capacity_label(key: tuple) -> str:
+def capacity_label(key: SparseKey) -> str:
     """A DyLLM sparse key's capacity: ``C``, ``C/m`` with a batch-wide MLP capacity m, or
     ``m flat`` for one flat selection of B * m rows per layer."""
     if is_flat_key(key):
-        return f"{key[2]} flat"
-    mlp = key[5] if len(key) > 5 else None
-    return str(key[2]) if mlp is None else f"{key[2]}/{mlp}"
+        return f"{key.capacity} flat"
+    mlp = key.mlp_capacity
+    return str(key.capacity) if mlp is None else f"{key.capacity}/{mlp}"
 
 
-def step_label(key: tuple) -> tuple[str, int | None]:
+def step_label(key: PlanKey) -> tuple[str, int | None]:
     """(the plan kind, its width where the key holds one)."""
-    kind = key[0]
-    width = key[1] if len(key) > 1 and isinstance(key[1], int) else None
-    return kind, width
+    width = getattr(key, "width", None)
+    return key.kind, width if isinstance(width, int) else None
 
 
 def timed_generation(fast, tokenizer, prompts: list[str], repeats: int):
     """The fastest of ``repeats`` generations after one warm-up, with the plan key of each step."""
     policy = fast.policy
     plan = policy.plan
-    keys: list[tuple] = []
+    keys: list[PlanKey] = []
 
     def recording(host):
         out = plan(host)
@@ -81,14 +81,14 @@ def timed_generation(fast, tokenizer, prompts: list[str], repeats: int):
     return best
 
 
-def report(name: str, out, keys: list[tuple]) -> list[str]:
+def report(name: str, out, keys: list[PlanKey]) -> list[str]:
     seconds = out.stats.step_seconds
     groups: dict[tuple, list[float]] = defaultdict(list)
     capacities: dict[tuple, Counter] = defaultdict(Counter)  # capacity label -> steps
     for key, s in zip(keys, seconds):
         label = step_label(key)
         groups[label].append(s * 1e3)
-        if key[0] == "sparse":
+        if key.kind == "sparse":
             capacities[label][capacity_label(key)] += 1
     total = sum(seconds) * 1e3
     lines = []

@@ -306,13 +306,16 @@ def _run_benchmark(name: str, *args: str):
 def test_step_kinds_groups_steps_by_kind_and_counts_capacities():
     from types import SimpleNamespace
 
+    from dyllm_fx.runtime.policies import FullKey
+    from dyllm_fx.runtime.policies.dyllm import SparseKey
+
     step_kinds = _benchmark("step_kinds")
     keys = [
-        ("full",),
-        ("sparse", 64, 32, "exact", False, 8),
-        ("sparse", 64, 64, "exact", False, 64),
-        ("sparse", 90, 32),
-        ("sparse", 64, 16, "exact", False, None),  # a per-sequence MLP selection
+        FullKey(),
+        SparseKey(64, 32, "exact", False, 8),
+        SparseKey(64, 64, "exact", False, 64),
+        SparseKey(90, 32, "exact", False, None),
+        SparseKey(64, 16, "exact", False, None),  # a per-sequence MLP selection
     ]
     out = SimpleNamespace(stats=SimpleNamespace(step_seconds=[0.4, 0.1, 0.3, 0.2, 0.0]))
     lines = step_kinds.report("dyllm", out, keys)
@@ -320,9 +323,9 @@ def test_step_kinds_groups_steps_by_kind_and_counts_capacities():
     assert lines[1] == "| dyllm | sparse | 64 | 3 | 133.3 | 40% | 16: 1, 32/8: 1, 64/64: 1 |"
     assert lines[2] == "| dyllm | sparse | 90 | 1 | 200.0 | 20% | 32: 1 |"
     assert lines[3] == "| dyllm | all | | 5 | 200.0 | 100% | |"
-    # the flat rows key: one selection of B * m rows per layer, m in slots 2 and 5
-    assert step_kinds.capacity_label(("sparse", 32, 4, "exact", False, 4, "batch")) == "4 flat"
-    assert step_kinds.capacity_label(("sparse", 32, 32, "exact", False, 8)) == "32/8"
+    # the flat rows key: one selection of B * m rows per layer, m its capacity and MLP capacity
+    assert step_kinds.capacity_label(SparseKey(32, 4, "exact", False, 4, flat=True)) == "4 flat"
+    assert step_kinds.capacity_label(SparseKey(32, 32, "exact", False, 8)) == "32/8"
 
 
 def test_step_kinds_benchmark_smoke_runs():

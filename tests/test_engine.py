@@ -1,9 +1,12 @@
 """The step engine's own mechanics: plans, cache lifetime, custom policies, records."""
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 
 import dyllm_fx
-from dyllm_fx.runtime.policies import FULL, Plan, Policy, StepOutput, StepReport, full_step
+from dyllm_fx.runtime.policies import FULL, Plan, PlanKey, Policy, StepOutput, StepReport, full_step
 from dyllm_fx.runtime.policies.uniform import UniformPolicy
 from dyllm_fx.runtime.rows import take, write_rows
 from tiny_checkpoints import tiny_llada, tiny_tokenizer
@@ -40,6 +43,11 @@ def test_a_custom_uniform_policy_recomputes_its_rows_and_pads_them_to_a_bucket()
     assert fast.engine.records[-1].kind == "rows"
 
 
+@dataclass(frozen=True)
+class _HalfKey(PlanKey):
+    kind: ClassVar[str] = "half"
+
+
 class _HalfMLP(Policy):
     """Every row attends; at warm steps only the even positions get a fresh MLP, the others
     reuse a buffer of MLP outputs the full step filled: a policy with buffers of its own."""
@@ -53,7 +61,7 @@ class _HalfMLP(Policy):
         return len(program.kv_shapes) * batch * seq_len * program.hidden_size * 4
 
     def plan(self, host):
-        return FULL if host.cold else Plan(("half",))
+        return FULL if host.cold else Plan(_HalfKey())
 
     def step(self, pieces, plan, inp, cache, buffers):
         if plan.kind == "full":

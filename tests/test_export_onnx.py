@@ -139,7 +139,7 @@ def test_generation_matches_engine(embedded, exported, policy):
     got = dyllm_fx.generate(onnx_model, onnx_model.tokenizer, prompts)
     assert torch.equal(got.sequences, expected.sequences)
     assert got.texts[:2] == [e.answer for e in held_out_set(2, tasks=("shift",))]
-    rows = onnx_model.last_step.active_rows
+    rows = [r.active[0] for r in onnx_model.engine.records]
     if policy == "dual_cache":  # a refresh of every row at each block start, the block otherwise
         assert rows[0] == got.sequences.shape[1] and rows[1] == 32
     else:

@@ -36,6 +36,9 @@ from dyllm_fx.export import (  # noqa: E402
 )
 from dyllm_fx.export.plan_keys import SEQ, bind, graph_key  # noqa: E402
 from dyllm_fx.runtime.policies import make_policy  # noqa: E402
+from dyllm_fx.runtime.policies.dllm_cache import AdaptiveKey  # noqa: E402
+from dyllm_fx.runtime.policies.dyllm import SparseKey  # noqa: E402
+from dyllm_fx.runtime.policies.es_dllm import SkipKey  # noqa: E402
 
 # Slow (`-m "not slow"` leaves it out): exports and decodes an ONNX graph per policy.
 pytestmark = pytest.mark.slow
@@ -223,7 +226,7 @@ def test_tau_is_an_input_no_reexport(dyllm_export):
 def test_state_stays_in_onnxruntime(dyllm_export):
     onnx_model = load_onnx(dyllm_export.path, threads=1, tokenizer=TOK)
     dyllm_fx.generate(onnx_model, TOK, PROMPTS, **GEN)
-    state = onnx_model.engine.state
+    state = onnx_model.engine.runner.state
     assert state and all(isinstance(v, ort.OrtValue) for v in state)
     assert len(state) == len(onnx_model.info.state)
 
@@ -424,23 +427,14 @@ def test_plan_keys_cover_what_generations_reach(name, cfg, family, gen):
 
 
 def test_graph_keys_tie_sizes_to_the_sequence():
-    dyllm = make_policy("dyllm")
-    full = ("sparse", SEQ, SEQ, "exact", False, SEQ)
-    assert graph_key(dyllm, ("sparse", 30, 30, "exact", False, 30), 30) == full
-    assert graph_key(dyllm, ("sparse", 30, 16, "exact", False, 4), 30) == (
-        "sparse",
-        SEQ,
-        16,
-        "exact",
-        False,
-        4,
-    )
-    assert graph_key(dyllm, ("sparse", 16, 8, "exact", False, 8), 30) == ("sparse", 16, 8, "exact", False, 8)
-    assert graph_key(dyllm, ("sparse", 16, 8, "exact", False, None), 30)[5] is None  # per sequence
-    es = make_policy("es_dllm")
+    full = SparseKey(SEQ, SEQ, "exact", False, SEQ)
+    assert graph_key(SparseKey(30, 30, "exact", False, 30), 30) == full
+    assert graph_key(SparseKey(30, 16, "exact", False, 4), 30) == SparseKey(SEQ, 16, "exact", False, 4)
+    assert graph_key(SparseKey(16, 8, "exact", False, 8), 30) == SparseKey(16, 8, "exact", False, 8)
+    assert graph_key(SparseKey(16, 8, "exact", False, None), 30).mlp_capacity is None  # per sequence
     # a skip layer's index is not a size, even when it equals the length
-    assert graph_key(es, ("skip", 16, ((2, 3),)), 2) == ("skip", 16, ((2, 3),))
-    assert bind(("sparse", SEQ, 8), 21) == ("sparse", 21, 8)
+    assert graph_key(SkipKey(16, ((2, 3),)), 2) == SkipKey(16, ((2, 3),))
+    assert bind(AdaptiveKey(SEQ, 8), 21) == AdaptiveKey(21, 8)
 
 
 def test_plan_keys_refuse_a_layout_too_wide():

@@ -64,7 +64,7 @@ def test_lowered_step_exports_to_aten_and_decodes_like_the_engine(embedded):
     expected = dyllm_fx.generate(fast, tokenizer, prompts)
     got = dyllm_fx.generate(runner, tokenizer, prompts)
     assert torch.equal(got.sequences, expected.sequences)
-    assert runner.last_step.active_rows[1] == 32  # dual cache: the block only after the refresh
+    assert runner.engine.records[1].active[0] == 32  # dual cache: the block only after the refresh
 
 
 @pytest.mark.cuda
@@ -90,7 +90,7 @@ def test_row_policy_without_tensorrt_names_the_install():
 
 def test_row_policy_programs_are_aten_and_decode_like_the_engine():
     """What to_tensorrt compiles for a row policy: one torch.export program per plan key, aten
-    ops only (the gating included), which decode the engine's tokens through the PlanEngine."""
+    ops only (the gating included), which decode the engine's tokens as the step engine's runner."""
     from dyllm_fx.export import Layout, record_plan_keys
     from dyllm_fx.export.driver import PlanStepModel, TorchPlanBackend, plan_policy
     from dyllm_fx.export.plans import build_plan_step

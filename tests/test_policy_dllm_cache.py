@@ -6,7 +6,7 @@ import torch
 
 import dyllm_fx
 from dyllm_fx.runtime.policies import DLLMCachePolicy, HostState
-from dyllm_fx.runtime.policies.dllm_cache import value_similarity
+from dyllm_fx.runtime.policies.dllm_cache import AdaptiveKey, ResponseKey, value_similarity
 from tiny_checkpoints import tiny_llada, tiny_tokenizer
 
 
@@ -30,7 +30,8 @@ def test_cadence_prompt_and_response_intervals():
         "full",
         "adaptive",
     ]
-    assert plans[1].key == ("adaptive", 8, 4) and plans[3].key == ("response", 8)  # ceil(0.5 * 8) rows
+    # ceil(0.5 * 8) rows
+    assert plans[1].key == AdaptiveKey(8, 4) and plans[3].key == ResponseKey(8)
 
 
 def test_value_similarity_is_the_cosine_over_heads():

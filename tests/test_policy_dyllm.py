@@ -85,7 +85,7 @@ def test_softmax_statistics_are_exact_by_default_and_cached_in_the_variant():
         out = []
         for step in range(13):
             plan = policy.plan(_host(step))
-            out.append(plan.key[3] if plan.kind == "sparse" else None)
+            out.append(plan.key.stats if plan.kind == "sparse" else None)
             policy.observe(plan, _counts() if plan.kind == "sparse" else None, N_LAYERS, L)
         return out
 
@@ -110,13 +110,15 @@ def test_capacity_follows_the_last_step_and_counts_overflow():
     for step in range(4):
         policy.plan(_host(step))
     first = policy.plan(_host(4, committed=2))
-    assert first.key[1:3] == (L - PROMPT, L - PROMPT)  # nothing measured yet: the whole span
+    # nothing measured yet: the whole span
+    assert (first.key.width, first.key.capacity) == (L - PROMPT, L - PROMPT)
     report = policy.observe(first, [2, 2, 0] + [7, 5, 2] + [3, 3, 0], N_LAYERS, L)
     assert report.active == [5, 3] and report.overflow == 2 and report.capacity == 16
-    assert policy.plan(_host(5)).key[2] == 16  # 7 rows wanted, half of that again as headroom: bucket 16
+    # 7 rows wanted, half of that again as headroom: bucket 16
+    assert policy.plan(_host(5)).key.capacity == 16
     for step in (5, 6, 7, 8):  # four steps that want 3 rows: the 7 leaves the history
         policy.observe(policy.plan(_host(step)), _counts(need=3), N_LAYERS, L)
-    assert policy.plan(_host(9)).key[2] == 8  # 3 + 2: the smallest bucket
+    assert policy.plan(_host(9)).key.capacity == 8  # 3 + 2: the smallest bucket
     assert policy._needs[-4:] == [3, 3, 3, 3]
     assert DyLLMPolicy(capacity=5)._capacity(16, _host(5)) == 5
     assert DyLLMPolicy(capacity="full")._capacity(16, _host(5)) == 16
@@ -137,24 +139,25 @@ def test_batch_wide_mlp_capacity_follows_the_batch_mean():
     for step in range(4):
         policy.plan(_batch_host(step))
     first = policy.plan(_batch_host(4))
-    assert first.key[2] == first.key[5] == L - PROMPT  # nothing measured yet: the whole span
+    assert first.key.capacity == first.key.mlp_capacity == L - PROMPT  # nothing measured yet: the whole span
     # K/V: layer 0 changed 2, layer 0's salient rows (layer 1's K/V) 7 in one sequence;
     # MLP: 9 rows over the batch of 2 at layer 0 (4 kept in one sequence), 3 at layer 1
     counts = [2, 2, 0] + [7, 5, 2] + [9, 4, 1] + [3, 2, 0]
     report = policy.observe(first, counts, N_LAYERS, L)
     assert report.active == [4, 2] and report.overflow == 3 and report.extra["mlp_capacity"] == L - PROMPT
     plan = policy.plan(_batch_host(5))
-    assert plan.key[2] == 16  # 7 rows in one sequence, half of that again: bucket 16
-    assert plan.key[5] == 8  # ceil(9 / 2) = 5 rows per sequence, + 3 headroom: bucket 8
+    assert plan.key.capacity == 16  # 7 rows in one sequence, half of that again: bucket 16
+    assert plan.key.mlp_capacity == 8  # ceil(9 / 2) = 5 rows per sequence, + 3 headroom: bucket 8
     assert policy._mlp_needs == [5]
     for step in (5, 6, 7, 8):  # the 9 leaves the history; 1 row per sequence: the smallest bucket
         policy.observe(policy.plan(_batch_host(step)), [1, 1, 0] * 2 + [2, 1, 0] * 2, N_LAYERS, L)
-    assert policy.plan(_batch_host(9)).key[2:6:3] == (8, 2)
+    late = policy.plan(_batch_host(9)).key
+    assert (late.capacity, late.mlp_capacity) == (8, 2)
     assert DyLLMPolicy(mlp_selection="sequence").plan(_batch_host(0)).kind == "full"
     seq = DyLLMPolicy(mlp_selection="sequence")
     for step in range(4):
         seq.plan(_batch_host(step))
-    assert seq.plan(_batch_host(4)).key[5] is None  # one per-sequence selection per layer
+    assert seq.plan(_batch_host(4)).key.mlp_capacity is None  # one per-sequence selection per layer
     batch_wide = dict(mlp_selection="batch")
     assert DyLLMPolicy(capacity=5, **batch_wide)._mlp_capacity(16, 5, _batch_host(5)) == 5  # fixed
     assert DyLLMPolicy(capacity="full", **batch_wide)._mlp_capacity(16, 16, _batch_host(5)) == 16
@@ -172,7 +175,7 @@ def test_binding_to_a_program_whose_mlp_reads_tables_keeps_the_mlp_per_sequence(
         assert policy.mlp_batch_wide is batch_wide
         for step in range(4):
             policy.plan(_batch_host(step))
-        assert (policy.plan(_batch_host(4)).key[5] is not None) is batch_wide
+        assert (policy.plan(_batch_host(4)).key.mlp_capacity is not None) is batch_wide
     sequence = DyLLMPolicy(mlp_selection="sequence")
     sequence.bind(plain)
     assert not sequence.mlp_batch_wide
@@ -185,7 +188,7 @@ def test_one_layer_counts_are_read_by_the_plan_not_by_their_length():
     for step in range(4):
         policy.plan(_batch_host(step))
     plan = policy.plan(_batch_host(4))
-    assert plan.key[5] is not None
+    assert plan.key.mlp_capacity is not None
     # layer 0's changed rows (2 in one sequence), then layer 0's MLP: 12 rows over the batch of 2
     report = policy.observe(plan, [2, 2, 0] + [12, 7, 0], 1, L)
     assert report.active == [7] and policy._needs == [2] and policy._mlp_needs == [6]
@@ -283,16 +286,16 @@ def test_flat_selection_counts_overflow_and_sizes_from_the_batch_mean():
     for step in range(4):
         policy.plan(_batch_host(step))
     first = policy.plan(_batch_host(4))
-    assert first.key[6:] == ("batch",) and is_flat_key(first.key)
-    assert first.key[2] == first.key[5] == L - PROMPT
+    assert first.key.flat and is_flat_key(first.key)
+    assert first.key.capacity == first.key.mlp_capacity == L - PROMPT
     # layer 0 changed 3 rows over the batch of 2, layer 0's salient 9, layer 1's 4
     report = policy.observe(first, [3, 2, 0] + [9, 5, 0] + [4, 3, 0], N_LAYERS, L)
     assert report.active == [5, 3] and policy._mlp_needs == [5]
-    assert policy.plan(_batch_host(5)).key[2] == 8  # ceil(9 / 2) = 5, + 3 headroom: bucket 8
+    assert policy.plan(_batch_host(5)).key.capacity == 8  # ceil(9 / 2) = 5, + 3 headroom: bucket 8
     policy.observe(policy.plan(_batch_host(6)), [1, 1, 0] * 3, N_LAYERS, L)
     # a step that committed 11 tokens in one sequence: layer 0's rows need room for them
     busy = policy.plan(_batch_host(7, committed=11))
-    assert busy.key[2] == busy.key[1]  # 11 + 6 headroom: the whole span
+    assert busy.key.capacity == busy.key.width  # 11 + 6 headroom: the whole span
 
 
 def test_flat_selection_is_not_exported(tmp_path):

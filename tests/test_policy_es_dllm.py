@@ -74,7 +74,7 @@ def _plans(policy, steps, shift=0, committed=1):
             _host(step, block, committed=committed, leftmost=(13,) if step == 8 else None, shift=shift)
         )
         span = (int(plan.span_start[0]), int(plan.span_len[0])) if plan.span_start is not None else None
-        out.append((plan.kind, span, plan.key[2] if plan.kind == "skip" else None))
+        out.append((plan.kind, span, plan.key.selections if plan.kind == "skip" else None))
     return out
 
 

@@ -102,7 +102,7 @@ def _layout(args: argparse.Namespace, uniform: bool, policy: str) -> dict:
     schedule; a UsageError when they are given for a layer-uniform policy (its one graph
     serves every layout, so they would be silently ignored)."""
     from ..errors import UsageError
-    from ..export.plan_keys import Layout
+    from ..runtime.schedule import Layout
 
     given = [name for name in LAYOUT_OPTIONS if getattr(args, name) not in (None, False)]
     if uniform:

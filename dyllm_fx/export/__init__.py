@@ -11,16 +11,17 @@ Every policy exports. A *layer-uniform* one (``dense``, ``fixed``, ``prefix_cach
 ``dual_cache``) is one graph on a row set the host picks (``step_module.ExportableStep``). A
 *row* policy (``dyllm``, ``es_dllm``, ``dllm_cache``, compositions with a block cache) exports
 its own step function, gating included, once per plan key the generation layout can reach
-(``plan_keys``), as branches of one ONNX file (``onnx_plans``); the runner plans each step on
-the host with the same policy object and picks the branch (``driver.PlanEngine``).
+(the policy's ``plan_keys``), as branches of one ONNX file (``onnx_plans``). Either kind runs
+under the runtime's own step engine, the exported graph as its runner (``driver``): the same
+policy object plans each step on the host and the plan's key picks the branch.
 
 Modules: ``step_module`` (the layer-uniform step), ``ops`` (its functional cache write),
 ``lowering`` (ONNX translations), ``aten_lowering`` (aten math for TensorRT), ``plan_keys``,
 ``policy_step`` (a row policy's functional step), ``plans``, ``onnx_plans``, ``metadata``,
-``onnx_export``, ``driver`` (host side of a step), ``onnx_runner``, ``tensorrt``.
+``onnx_export``, ``driver`` (the graphs as step-engine runners), ``onnx_runner``, ``tensorrt``.
 """
 
-from .driver import ExportedPlanMissing, ExportedStepModel, PlanStepModel, UniformStep
+from .driver import ExportedPlanMissing, ExportedStepModel, PlanGraphRunner, PlanStepModel, UniformGraphRunner
 from .metadata import NotAStepGraphError, StepGraphInfo
 from .onnx_export import to_onnx
 from .onnx_runner import OnnxPlanModel, OnnxStepModel, load_onnx
@@ -38,13 +39,14 @@ __all__ = [
     "NotAStepGraphError",
     "OnnxPlanModel",
     "OnnxStepModel",
+    "PlanGraphRunner",
     "PlanKeyError",
     "PlanStepModel",
     "StepGraphInfo",
     "TensorRTPlanModel",
     "TensorRTStepModel",
     "TensorRTUnavailable",
-    "UniformStep",
+    "UniformGraphRunner",
     "is_layer_uniform",
     "load_onnx",
     "plan_keys",

@@ -1,14 +1,13 @@
-"""Drive an exported step from the denoising loop: the host side of a layer-uniform step.
+"""Exported step graphs as runners of the runtime's one step engine.
 
-The exported graph (``step_module.ExportableStep``) computes one step for a given row set and
-returns its caches. This module supplies what the graph leaves to the host, for any backend
-that can run it (onnxruntime, a TensorRT-compiled module, the eager module itself):
-
-* the policy (the project's own ``Policy`` objects): it picks this step's rows, every row on a
-  cold cache (the first step of a generation);
-* the caches between steps, in whatever form the backend keeps them (on its device);
-* the runtime's step contract (``runtime.step.StepRequest`` in, block logits out), so
-  ``dyllm_fx.generate`` and its samplers run on top unchanged.
+An exported graph (``step_module.ExportableStep``, or a row policy's graph per plan key) computes
+one step and returns its state. Everything else is the runtime's own
+:class:`~dyllm_fx.runtime.engine.StepEngine`: the host state, the policy's plan, its ``observe``
+of the step's counts, the step records, and (through ``runtime.step.SparseStep``) the step
+contract ``dyllm_fx.generate`` and its samplers run on. The runners here are the engine's
+``runner``: they feed a backend that runs the graph (onnxruntime, a TensorRT-compiled module,
+the eager module itself) the step's inputs and keep the state between steps in whatever form
+the backend keeps it (on its device).
 """
 
 from __future__ import annotations
@@ -19,11 +18,14 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from dyllm_fx.runtime.policies import HostState, Policy, make_policy
+from dyllm_fx.runtime.engine import StepEngine, StepRunner
+from dyllm_fx.runtime.policies import HostState, Plan, Policy, StepInputs, StepOutput, make_policy
+from dyllm_fx.runtime.policies.keys import decode_key
 from dyllm_fx.runtime.policies.uniform import plan_rows
-from dyllm_fx.runtime.step import StepRequest
+from dyllm_fx.runtime.step import SparseStep
 
 from .metadata import StepGraphInfo
+from .plan_keys import graph_key
 from .step_module import ExportError, check_layer_uniform
 
 
@@ -79,59 +81,59 @@ class TorchBackend:
         return logits.cpu(), caches
 
 
-class UniformStep:
-    """The runtime's step function over an exported layer-uniform step.
+def _host_inputs(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The graph's int64 inputs on the host, in the graph's input order."""
+    return {name: t.to("cpu", torch.long).contiguous() for name, t in inputs.items()}
 
-    ``active_rows`` lists the row count of every step so far (all rows on a cold cache).
-    """
 
-    def __init__(self, backend: StepBackend, info: StepGraphInfo, policy: Policy):
+class _GraphRunner:
+    """A runner's state bookkeeping: allocated per (batch, length), warm once a step completed."""
+
+    def __init__(self, n_layers: int):
+        self.n_layers = n_layers
+        self.state: list[Any] | None = None
+        self.size: tuple[int, int] | None = None
+        self.warm = False
+
+    def _allocate(self, batch: int, seq_len: int) -> list[Any]:
+        raise NotImplementedError
+
+    def prepare(self, batch: int, seq_len: int) -> bool:
+        if self.size != (batch, seq_len):
+            self.state = self._allocate(batch, seq_len)
+            self.size = (batch, seq_len)
+            self.warm = False
+        return self.warm
+
+    def reset(self) -> None:
+        self.warm = False
+
+
+class UniformGraphRunner(_GraphRunner):
+    """A layer-uniform step graph as a :class:`~dyllm_fx.runtime.engine.StepRunner`: the plan's
+    rows (every row on a cold cache) go in as the graph's ``rows`` input."""
+
+    def __init__(self, backend: StepBackend, info: StepGraphInfo):
+        super().__init__(len(info.kv_shapes))
         self.backend = backend
         self.info = info
-        self.policy = policy
-        self.caches: list[Any] | None = None
-        self.cache_size: tuple[int, int] | None = None
-        self.active_rows: list[int] = []
-        self.response_start: int | None = None
 
-    def __call__(self, request: StepRequest) -> torch.Tensor:
-        ids = request.input_ids.cpu()
-        bsz, seq_len = ids.shape
-        cold = request.nfe == 0 or self.cache_size != (bsz, seq_len)
-        if request.nfe == 0:
-            self.response_start = request.block_start  # the first block starts at the prompt's end
-        if cold:
-            self.caches = [
-                self.backend.zeros(shape, dtype) for shape, dtype in cache_layout(self.info, bsz, seq_len)
-            ]
-            self.cache_size = (bsz, seq_len)
-        mask = torch.ones_like(ids) if request.attention_mask is None else request.attention_mask.cpu().long()
-        host = HostState(
-            ids,
-            mask,
-            cold,
-            len(self.info.kv_shapes),
-            step=request.nfe,
-            block_start=request.block_start,
-            block_end=request.block_end,
-            response_start=self.response_start,
-            mask_token_id=self.info.spec.mask_token_id,
-            logits_shift=self.info.spec.logits_shift,
-        )
-        rows = plan_rows(self.policy.plan(host), bsz, seq_len, ids.device)
-        shift = self.info.spec.logits_shift
-        positions = torch.arange(request.block_start - shift, request.block_end - shift).expand(bsz, -1)
+    def _allocate(self, batch: int, seq_len: int) -> list[Any]:
+        return [self.backend.zeros(shape, dtype) for shape, dtype in cache_layout(self.info, batch, seq_len)]
+
+    def run(self, host: HostState, plan: Plan, inp: StepInputs) -> StepOutput:
+        rows = plan_rows(plan, host.batch, host.seq_len, "cpu")
         inputs = {
-            "input_ids": ids,
-            "attention_mask": mask,
-            "position_ids": request.position_ids.cpu(),
-            "rows": rows.cpu(),
-            "logit_positions": positions,
+            "input_ids": inp.input_ids,
+            "attention_mask": inp.attention_mask,
+            "position_ids": inp.position_ids,
+            "rows": rows,
+            "logit_positions": inp.logit_positions,
         }
-        inputs = {name: t.to(torch.long).contiguous() for name, t in inputs.items()}
-        logits, self.caches = self.backend.run(inputs, self.caches)
-        self.active_rows.append(int(rows.shape[1]))
-        return logits.to(request.input_ids.device)
+        self.warm = False  # a failed step leaves the caches half written
+        logits, self.state = self.backend.run(_host_inputs(inputs), self.state)
+        self.warm = True
+        return StepOutput(logits.to(host.device))
 
 
 class ExportedStepModel(nn.Module):
@@ -141,21 +143,25 @@ class ExportedStepModel(nn.Module):
     prompt on the device of the module's tensors. The only tensor here is an empty host
     buffer: the backends take host inputs and keep just the caches on their own device. The
     backend is deliberately not a submodule, so its weights (possibly on a GPU) stay out of
-    ``parameters()``.
+    ``parameters()``. ``engine`` is the runtime's step engine over the graph's runner
+    (``engine.records``: each step's report).
     """
 
-    def __init__(self, backend: StepBackend, info: StepGraphInfo, policy: Policy):
+    def __init__(self, backend, info: StepGraphInfo, policy: Policy):
         super().__init__()
         self.backend = backend
         self.info = info
         self.policy = policy
         self.diffusion = info.spec
         self.register_buffer("host", torch.empty(0), persistent=False)
-        self.last_step: UniformStep | None = None
+        self.engine = StepEngine(None, policy, runner=self.make_runner(backend, info, policy))
 
-    def make_step_function(self) -> UniformStep:
-        self.last_step = UniformStep(self.backend, self.info, self.policy)
-        return self.last_step
+    def make_runner(self, backend, info: StepGraphInfo, policy: Policy) -> StepRunner:
+        """The engine's runner over ``backend`` (a layer-uniform graph's here)."""
+        return UniformGraphRunner(backend, info)
+
+    def make_step_function(self) -> SparseStep:
+        return SparseStep(self.engine, self.diffusion)
 
     def forward(self, *args, **kwargs):
         raise TypeError(
@@ -180,40 +186,31 @@ class PlanBackend(Protocol):
         ...
 
 
-class PlanEngine:
-    """:class:`~dyllm_fx.runtime.engine.StepEngine`'s host half over an exported step: the same
-    policy object plans each step and reads its counts; the step itself is the graph of the
-    plan's key. ``runtime.step.SparseStep`` drives it exactly as it drives the torch engine."""
+class PlanGraphRunner(_GraphRunner):
+    """A row policy's step graphs, one per plan key, as a
+    :class:`~dyllm_fx.runtime.engine.StepRunner`: the plan's key picks the graph, its span and
+    the policy's input parameters (DyLLM's tau) go in with the tokens, the cache and the
+    policy's buffers stay in the backend."""
 
     def __init__(self, backend: PlanBackend, info: StepGraphInfo, policy: Policy):
-        from .plan_keys import decode_key
         from .policy_step import StateEntry
 
+        super().__init__(info.n_layers)
         self.backend = backend
         self.info = info
         self.policy = policy
-        self.n_layers = info.n_layers
         self.state_entries = [StateEntry.from_json(e) for e in info.state]
         self.keys = [decode_key(p["key"]) for p in info.plans]
         self.index = {key: i for i, key in enumerate(self.keys)}
         self.counts_len = [int(p["counts"]) for p in info.plans]
         self.has_eligible = [bool(p["eligible"]) for p in info.plans]
         self.param_names = list(info.params)
-        self.state: list[Any] | None = None
-        self.size: tuple[int, int] | None = None
-        self.warm = False
-        self.records: list = []
 
-    def reset(self) -> None:
-        """A new generation: the next step is cold (as StepEngine.reset; the state is kept)."""
-        self.warm = False
-        self.records = []
-        self.policy.reset()
+    def _allocate(self, batch: int, seq_len: int) -> list[Any]:
+        return [self.backend.zeros(e, batch, seq_len) for e in self.state_entries]
 
-    def graph_index(self, key: tuple, seq_len: int) -> int:
-        from .plan_keys import graph_key
-
-        gkey = graph_key(self.policy, key, seq_len)
+    def graph_index(self, key, seq_len: int) -> int:
+        gkey = graph_key(key, seq_len)
         index = self.index.get(gkey)
         if index is None:
             layout = ", ".join(f"{k}={v}" for k, v in self.info.layout.items() if v is not None)
@@ -249,48 +246,27 @@ class PlanEngine:
                 "step graph was exported for; export again with a larger --max-seq"
             )
 
-    def step(self, input_ids, attention_mask, position_ids, logit_positions, **host_info):
-        from dyllm_fx.runtime.engine import StepRecord
-        from dyllm_fx.runtime.policies import StepOutput
-
-        bsz, seq_len = input_ids.shape
-        if self.size != (bsz, seq_len):
-            self.state = [self.backend.zeros(e, bsz, seq_len) for e in self.state_entries]
-            self.size = (bsz, seq_len)
-            self.warm = False
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        # as StepEngine: ``relayout`` (rows moved to new columns) makes a warm state cold too
-        cold = not self.warm or bool(host_info.get("relayout", False))
-        host = HostState(input_ids, attention_mask, cold=cold, n_layers=self.n_layers, **host_info)
+    def run(self, host: HostState, plan: Plan, inp: StepInputs) -> StepOutput:
         if host.cold:
             self.check_layout(host)
-        plan = self.policy.plan(host)
-        index = self.graph_index(plan.key, seq_len)
-        zeros = torch.zeros(bsz, dtype=torch.long)
+        index = self.graph_index(plan.key, host.seq_len)
+        zeros = torch.zeros(host.batch, dtype=torch.long)
         inputs = {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "position_ids": position_ids,
-            "logit_positions": logit_positions,
+            "input_ids": inp.input_ids,
+            "attention_mask": inp.attention_mask,
+            "position_ids": inp.position_ids,
+            "logit_positions": inp.logit_positions,
             "span_start": zeros if plan.span_start is None else plan.span_start,
             "span_len": zeros if plan.span_len is None else plan.span_len,
         }
-        inputs = {name: t.to("cpu", torch.long).contiguous() for name, t in inputs.items()}
+        inputs = _host_inputs(inputs)
         for name in self.param_names:
             inputs[name] = torch.tensor(float(getattr(self.policy, name)), dtype=torch.float32)
         self.warm = False  # a failed step leaves the state half written
         logits, eligible, counts, self.state = self.backend.run(index, inputs, self.state)
         self.warm = True
         n = self.counts_len[index]
-        counts = counts[:n] if n else None
-        report = self.policy.observe(
-            plan, counts.tolist() if counts is not None else None, self.n_layers, seq_len
-        )
-        self.records.append(StepRecord(report.active, seq_len, plan.kind, report.capacity, report.overflow))
-        out = StepOutput(logits, eligible if self.has_eligible[index] else None, counts)
-        out.report = report
-        return out
+        return StepOutput(logits, eligible if self.has_eligible[index] else None, counts[:n] if n else None)
 
 
 class ExportedPlanMissing(ValueError):
@@ -298,17 +274,11 @@ class ExportedPlanMissing(ValueError):
 
 
 class PlanStepModel(ExportedStepModel):
-    """An exported row-policy step, for ``dyllm_fx.generate``: its step function is the
-    runtime's own :class:`~dyllm_fx.runtime.step.SparseStep` over a :class:`PlanEngine`."""
+    """An exported row-policy step, for ``dyllm_fx.generate``: the engine's runner is a
+    :class:`PlanGraphRunner`."""
 
-    def __init__(self, backend: PlanBackend, info: StepGraphInfo, policy: Policy):
-        super().__init__(backend, info, policy)
-        self.engine = PlanEngine(backend, info, policy)
-
-    def make_step_function(self):
-        from dyllm_fx.runtime.step import SparseStep
-
-        return SparseStep(self.engine, self.diffusion)
+    def make_runner(self, backend, info: StepGraphInfo, policy: Policy) -> StepRunner:
+        return PlanGraphRunner(backend, info, policy)
 
 
 class TorchPlanBackend:
@@ -378,12 +348,12 @@ __all__ = [
     "ExportedPlanMissing",
     "ExportedStepModel",
     "PlanBackend",
-    "PlanEngine",
+    "PlanGraphRunner",
     "PlanStepModel",
     "StepBackend",
     "TorchBackend",
     "TorchPlanBackend",
-    "UniformStep",
+    "UniformGraphRunner",
     "build_policy",
     "cache_layout",
     "plan_policy",

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
-
-import torch
 
 from .metadata import step_graph_info
 from .step_module import (
@@ -143,27 +140,15 @@ def to_onnx(
 def _rows_graph(model, model_path, opset: int, optimize: bool):
     """(onnx_ir model, metadata) of a layer-uniform policy's step."""
     from .lowering import translation_table
+    from .onnx_plans import onnx_program
 
     info = step_graph_info(model, model_path)
     step = ExportableStep(model.program).eval()
     device = next(model.parameters()).device
     args = example_inputs(model.program, device)
-    with torch.no_grad(), warnings.catch_warnings():
-        # The exporter warns that tied dims share one name ("batch" for every batch axis): expected.
-        warnings.filterwarnings("ignore", message=r".*axis name.*will not be used")
-        program = torch.onnx.export(
-            step,
-            args,
-            dynamo=True,
-            opset_version=opset,
-            dynamic_shapes=dynamic_shapes(step.n_layers),
-            input_names=info.inputs,
-            output_names=info.outputs,
-            custom_translation_table=translation_table(),
-            optimize=optimize,
-            verbose=False,
-        )
-    return program.model, info
+    dims = dynamic_shapes(step.n_layers)
+    table = translation_table()
+    return onnx_program(step, args, dims, info.inputs, info.outputs, opset, table, optimize), info
 
 
 def _plans_graph(model, model_path, opset: int, optimize: bool, layout, keys, progress):

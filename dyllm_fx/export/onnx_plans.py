@@ -28,15 +28,13 @@ def _ir():
     return ir
 
 
-def export_branch(
-    step: PolicyStep, key: tuple, args: tuple, dims, input_names, output_names, opset: int, table
-):
-    """One key's graph as an ``onnx_ir`` model (not optimized: the merged model is)."""
-    step.key = key
+def onnx_program(module, args: tuple, dims, input_names, output_names, opset: int, table, optimize: bool):
+    """``module`` through torch's dynamo ONNX exporter, as an ``onnx_ir`` model."""
     with torch.no_grad(), warnings.catch_warnings():
+        # The exporter warns that tied dims share one name ("batch" for every batch axis): expected.
         warnings.filterwarnings("ignore", message=r".*axis name.*will not be used")
         program = torch.onnx.export(
-            step,
+            module,
             args,
             dynamo=True,
             opset_version=opset,
@@ -44,10 +42,16 @@ def export_branch(
             input_names=input_names,
             output_names=output_names,
             custom_translation_table=table,
-            optimize=False,
+            optimize=optimize,
             verbose=False,
         )
     return program.model
+
+
+def export_branch(step: PolicyStep, key, args: tuple, dims, input_names, output_names, opset: int, table):
+    """One key's graph as an ``onnx_ir`` model (not optimized: the merged model is)."""
+    step.key = key
+    return onnx_program(step, args, dims, input_names, output_names, opset, table, optimize=False)
 
 
 def _fix_outputs(ir, graph, tag: str) -> None:
@@ -250,6 +254,7 @@ __all__ = [
     "export_plans",
     "input_names",
     "merge_branches",
+    "onnx_program",
     "optimize",
     "output_names",
 ]

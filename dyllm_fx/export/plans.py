@@ -10,15 +10,12 @@ from dataclasses import dataclass
 import torch
 
 from dyllm_fx.runtime.policies import make_policy
+from dyllm_fx.runtime.policies.keys import PlanKey
 
 from .metadata import policy_config
-from .plan_keys import SEQ, KeyRange, Layout, decode_key, key_sizes, plan_keys
+from .plan_keys import SEQ, KeyRange, Layout, decode_key, graph_key, plan_keys
 from .policy_step import PolicyStep, StateLayout, example_inputs, export_policy, graph_params, plain_torch_ops
 from .step_module import ExportError
-
-
-def _to_json(key):
-    return [_to_json(k) for k in key] if isinstance(key, tuple) else key
 
 
 @dataclass
@@ -48,7 +45,7 @@ class PlanBuild:
     def plans_metadata(self) -> list[dict]:
         return [
             {
-                "key": _to_json(kr.key),
+                "key": kr.key.to_json(),
                 "counts": n,
                 "eligible": e,
                 "min_seq": kr.min_seq,
@@ -82,8 +79,8 @@ def _given_keys(keys, layout: Layout) -> list[KeyRange]:
     """Graph keys given by the caller, each for the sequence lengths its sizes allow."""
     out = []
     for key in keys:
-        key = decode_key(list(key) if isinstance(key, tuple) else key)
-        sizes = list(key_sizes(key))
+        key = key if isinstance(key, PlanKey) else decode_key(key)
+        sizes = list(key.ints())
         lo = max(layout.gen_length + 1, max(sizes, default=0) + 1)
         if lo > layout.max_seq:
             raise ExportError(f"plan key {key} needs sequences longer than max_seq={layout.max_seq}")
@@ -143,15 +140,13 @@ def record_plan_keys(model):
             dyllm_fx.generate(fast, tokenizer, prompts)
         to_onnx(fast, "step.onnx", keys=keys)
     """
-    from .plan_keys import graph_key
-
     policy = model.policy
     keys: list = []
     plan = policy.plan
 
     def recording(host):
         out = plan(host)
-        key = graph_key(policy, out.key, host.seq_len)
+        key = graph_key(out.key, host.seq_len)
         if key not in keys:
             keys.append(key)
         return out

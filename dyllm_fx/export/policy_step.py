@@ -33,8 +33,9 @@ from torch import nn
 from dyllm_fx.runtime.cache import StepCache
 from dyllm_fx.runtime.pieces import Pieces
 from dyllm_fx.runtime.policies import HostState, Plan, Policy, StepInputs
+from dyllm_fx.runtime.policies.keys import FullKey, PlanKey
 
-from .plan_keys import SEQ, bind, key_sizes
+from .plan_keys import SEQ, bind
 
 STEP_INPUTS = ("input_ids", "attention_mask", "position_ids", "logit_positions", "span_start", "span_len")
 STEP_OUTPUTS = ("logits", "eligible", "counts")
@@ -233,7 +234,7 @@ class PolicyStep(nn.Module):
         self.params = list(params)
         self.param_values = list(params.values())
         self.counts_len = counts_len
-        self.key: tuple = ("full",)
+        self.key: PlanKey = FullKey()
         self.spec = None
         # what the last (eager) call's step returned: its counts' length, whether it had eligible
         self.last_counts = 0
@@ -279,7 +280,7 @@ def _fresh(avoid: set[int], start: int) -> int:
 
 def example_inputs(
     layout: StateLayout,
-    key: tuple,
+    key: PlanKey,
     params: dict[str, float],
     spec,
     min_seq: int,
@@ -290,14 +291,14 @@ def example_inputs(
     """Inputs to trace ``key``'s step with: a left-padded batch of 2 whose sizes differ from
     each other and from the key's sizes where the key's sequence range allows (so that
     torch.export ties no two of them together), the span covering the key's width."""
-    sizes = set(key_sizes(key)) | {1, 2}
+    sizes = set(key.ints()) | {1, 2}
     seq_len = _fresh(sizes, min_seq)
     if seq_len > max_seq:
         seq_len = min_seq
     positions = _fresh(sizes | {seq_len}, min(block, seq_len - 1))
     if positions >= seq_len:
         positions = _fresh(sizes | {seq_len}, 3)
-    width = key[1] if len(key) > 1 else seq_len
+    width = getattr(key, "width", seq_len)
     width = seq_len if width == SEQ else min(int(width), seq_len)
     bsz = 2
     gen = torch.Generator().manual_seed(0)

@@ -9,6 +9,10 @@ inductor (``compile=True``: ``torch.compile(fullgraph=True, dynamic=False)``, on
 plan key and input shapes), or replayed as a CUDA graph (``cuda_graphs=True``), for every
 policy. The cache and the policy's buffers are allocated once per (batch, length) and updated
 in place, so compiled graphs and CUDA graphs read and write the same tensors every step.
+
+Or ``step[key]`` is a :class:`StepRunner` that keeps the state itself: an exported step graph
+(an ONNX or TensorRT session is a step function that happens to be a session). The host half
+(the plan, the observed counts, the records) is the same either way.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import types
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
+from typing import Protocol
 
 import torch
 
@@ -54,6 +59,27 @@ class StepRecord:
         return sum(self.active) / (len(self.active) * self.seq_len) if self.active else 0.0
 
 
+class StepRunner(Protocol):
+    """Runs a plan's step on state it keeps in its own form (e.g. an exported graph's session,
+    its cache as the session's own tensors); :class:`StepEngine` plans and observes around it."""
+
+    n_layers: int
+
+    def prepare(self, batch: int, seq_len: int) -> bool:
+        """Make the state fit a (batch, seq_len) step (allocated afresh when the size changed);
+        whether it holds the previous step's results (False: this step is cold)."""
+        ...
+
+    def run(self, host: HostState, plan: Plan, inp: StepInputs) -> StepOutput:
+        """One step of ``plan``; the state is marked cold while it runs (a failure leaves it
+        half written) and warm once it completed."""
+        ...
+
+    def reset(self) -> None:
+        """Nothing in the state is valid any more: the next step is cold."""
+        ...
+
+
 class CompileCounter:
     """A torch.compile backend that counts the graphs it compiles (recompiles included) and
     hands them to ``backend`` ("inductor", or e.g. "aot_eager", which traces the same whole
@@ -71,14 +97,24 @@ class CompileCounter:
 
 
 class StepEngine:
-    """Owns the pieces, the cache, the policy's buffers and the step functions."""
+    """Owns the pieces, the cache, the policy's buffers and the step functions; or, given a
+    ``runner`` (then ``program`` may be None), the runner owns the state and runs each step."""
 
-    def __init__(self, program, policy: Policy, compile: bool | str = False, cuda_graphs: bool = False):
+    def __init__(
+        self,
+        program,
+        policy: Policy,
+        compile: bool | str = False,
+        cuda_graphs: bool = False,
+        runner: StepRunner | None = None,
+    ):
         if not isinstance(compile, (bool, str)):
             raise TypeError(f"compile must be True, False or a torch.compile backend name, got {compile!r}")
         self.program = program
-        self.pieces = Pieces(program)
-        policy.bind(program)
+        self.runner = runner
+        self.pieces = Pieces(program) if program is not None else None
+        if program is not None:
+            policy.bind(program)
         self._policy = policy
         self.compile = bool(compile)
         self.cuda_graphs = cuda_graphs
@@ -99,7 +135,8 @@ class StepEngine:
 
     @policy.setter
     def policy(self, policy: Policy) -> None:
-        policy.bind(self.program)
+        if self.program is not None:
+            policy.bind(self.program)
         self._policy = policy
         self._compiled.clear()
         self.graphs.clear()
@@ -107,7 +144,7 @@ class StepEngine:
 
     @property
     def n_layers(self) -> int:
-        return self.pieces.n_layers
+        return self.runner.n_layers if self.runner is not None else self.pieces.n_layers
 
     def predicted_nbytes(self, batch: int, seq_len: int) -> int:
         """Bytes the caches of a (batch, seq_len) generation take under the current policy."""
@@ -125,6 +162,8 @@ class StepEngine:
         """Forget cached rows (the next step recomputes everything); keeps the buffers."""
         if self.cache is not None:
             self.cache.warm = False
+        if self.runner is not None:
+            self.runner.reset()
         self.records = []
         self.policy.reset()
 
@@ -167,11 +206,14 @@ class StepEngine:
         after the first three), ``host_info`` the :class:`HostState` fields the caller knows
         (block bounds, response start, the last step's commits, ...)."""
         bsz, seq_len = input_ids.shape
-        cache = self._ensure(bsz, seq_len, input_ids.device)
+        if self.runner is None:
+            warm = self._ensure(bsz, seq_len, input_ids.device).warm
+        else:
+            warm = self.runner.prepare(bsz, seq_len)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         # ``relayout`` (serving: the rows moved to new columns) makes a warm cache cold too
-        cold = not cache.warm or bool(host_info.get("relayout", False))
+        cold = not warm or bool(host_info.get("relayout", False))
         host = HostState(input_ids, attention_mask, cold=cold, n_layers=self.n_layers, **host_info)
         plan = self.policy.plan(host)
         inp = StepInputs(
@@ -185,36 +227,39 @@ class StepEngine:
             plan.span_len,
             tuple(extras),
         )
-        # Any failure below leaves the cache half-written: mark it cold until a step completes.
-        cache.warm = False
-        if cache.activity is not None:
-            cache.activity.zero_()
-        out = self._run(plan, inp)
-        cache.warm = True
+        out = self._run(plan, inp) if self.runner is None else self.runner.run(host, plan, inp)
         counts = out.counts.tolist() if out.counts is not None else None  # the step's one host read
         report = self.policy.observe(plan, counts, self.n_layers, seq_len)
         record = StepRecord(
             report.active, seq_len, plan.kind, report.capacity, report.overflow, extra=report.extra
         )
-        if self.record_similarity:
+        if self.record_similarity and self.runner is None:
             sims = self.policy.similarity(self.buffers, plan)
             record.similarity = (
                 [None if s is None else _host_copy(s) for s in sims] if sims else [None] * self.n_layers
             )
-        if cache.activity is not None:
-            record.activity = _host_copy(cache.activity)
+        if self.cache is not None and self.cache.activity is not None:
+            record.activity = _host_copy(self.cache.activity)
         self.records.append(record)
         out.report = report
         return out
 
     def _run(self, plan: Plan, inp: StepInputs) -> StepOutput:
+        """The policy's own step on the engine's cache and buffers."""
+        cache = self.cache
+        # Any failure below leaves the cache half-written: mark it cold until a step completes.
+        cache.warm = False
+        if cache.activity is not None:
+            cache.activity.zero_()
         if self.cuda_graphs and inp.input_ids.is_cuda:
-            return self._replay(plan, inp)
-        fn = self.step_function(plan) if self.compile else self._eager(plan)
-        if self.compile:
+            out = self._replay(plan, inp)
+        elif self.compile:
             with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
-                return fn(inp, self.cache, self.buffers)
-        return fn(inp, self.cache, self.buffers)
+                out = self.step_function(plan)(inp, cache, self.buffers)
+        else:
+            out = self._eager(plan)(inp, cache, self.buffers)
+        cache.warm = True
+        return out
 
     def _eager(self, plan: Plan) -> Callable:
         static = Plan(plan.key)  # the step reads only the key; tensors come in through ``inp``
@@ -288,4 +333,4 @@ def _tensors(obj) -> list[torch.Tensor]:
     return []
 
 
-__all__ = ["CompileCounter", "RECOMPILE_LIMIT", "StepEngine", "StepRecord"]
+__all__ = ["CompileCounter", "RECOMPILE_LIMIT", "StepEngine", "StepRecord", "StepRunner"]

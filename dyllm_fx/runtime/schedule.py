@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass
 
@@ -55,6 +56,83 @@ class BlockSchedule:
     def block_bounds(self, block: int) -> tuple[int, int]:
         start = self.prompt_length + block * self.block_length
         return start, start + self.block_length
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A family of generations: what fixes the step shapes a policy can reach (its plan keys,
+    ``Policy.plan_keys``), e.g. the generations one export serves.
+
+    ``steps`` None: ``gen_length`` (one token per step, ``generate()``'s default);
+    ``threshold``: confidence-threshold decoding (any number of tokens per step); ``max_seq``:
+    the longest prompt + response (None: the model's window); ``max_commit``: the most tokens
+    one step commits (None: from the schedule, the whole block for Dream's last step and under
+    threshold decoding).
+    """
+
+    gen_length: int = 64
+    block_length: int | None = 32
+    steps: int | None = None
+    threshold: bool = False
+    max_seq: int | None = None
+    max_commit: int | None = None
+
+    def check(self, window: int | None) -> "Layout":
+        """The layout with its defaults filled in; ValueError naming a bad combination."""
+        steps = None if self.threshold else (self.gen_length if self.steps is None else self.steps)
+        BlockSchedule.build(1, self.gen_length, self.block_length, steps)  # the loop's own checks
+        max_seq = self.max_seq if self.max_seq is not None else (window or self.gen_length + 512)
+        if max_seq <= self.gen_length:
+            raise ValueError(
+                f"max_seq={max_seq} leaves no room for a prompt before gen_length={self.gen_length}"
+            )
+        if window is not None and max_seq > window:
+            raise ValueError(f"max_seq={max_seq} exceeds the model's window of {window} tokens")
+        return Layout(self.gen_length, self.block, steps, self.threshold, max_seq, self.max_commit)
+
+    @property
+    def block(self) -> int:
+        return self.gen_length if self.block_length is None else self.block_length
+
+    @property
+    def num_blocks(self) -> int:
+        return self.gen_length // self.block
+
+    def seq_lens(self) -> range:
+        """Every prompt + response length the layout serves (filled by :meth:`check`)."""
+        return range(self.gen_length + 1, self.max_seq + 1)
+
+    def block_bounds(self, seq_len: int, block: int) -> tuple[int, int]:
+        """[start, end) of block ``block`` of a ``seq_len``-token sequence."""
+        start = seq_len - self.gen_length + block * self.block
+        return start, start + self.block
+
+    def steps_per_block(self) -> int | None:
+        return None if self.threshold else self.steps // self.num_blocks
+
+    def commits(self, dream: bool) -> int:
+        """The most tokens one step commits (``HostState.last_committed``)."""
+        if self.max_commit is not None:
+            return self.max_commit
+        spb = self.steps_per_block()
+        if spb is None or dream:  # threshold decoding; Dream's last step commits what is left
+            return self.block
+        return math.ceil(self.block / spb)
+
+    def in_block_steps(self) -> int:
+        """The most steps a block takes (the loop's caps, ES-dLLM's extra steps included)."""
+        spb = self.steps_per_block()
+        return 2 * self.block if spb is None else spb + self.block
+
+    def to_json(self) -> dict:
+        return {
+            "gen_length": self.gen_length,
+            "block_length": self.block_length,
+            "steps": self.steps,
+            "threshold": self.threshold,
+            "max_seq": self.max_seq,
+            "max_commit": self.max_commit,
+        }
 
 
 def _as_int(name: str, value) -> int:

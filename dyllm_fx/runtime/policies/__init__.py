@@ -30,6 +30,7 @@ from .dllm_cache import DLLMCachePolicy
 from .dyllm import DyLLMPolicy
 from .es_dllm import ESDLLMPolicy
 from .fixed import FixedPolicy
+from .keys import FullKey, PlanKey, RefreshKey
 from .params import check_params
 from .presets import family_of, preset
 from .uniform import UniformPolicy
@@ -111,13 +112,16 @@ __all__ = [
     "ESDLLMPolicy",
     "FULL",
     "FixedPolicy",
+    "FullKey",
     "HostState",
     "LayerResult",
     "POLICIES",
     "Plan",
+    "PlanKey",
     "Policy",
     "PrefixCachePolicy",
     "ROW_POLICIES",
+    "RefreshKey",
     "StepInputs",
     "StepOutput",
     "StepReport",

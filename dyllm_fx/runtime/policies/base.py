@@ -4,7 +4,7 @@ A policy decides which rows each layer recomputes. It does so in two halves:
 
 * ``plan(host)`` runs on the host before the step, from what the host already knows (the
   tokens, the block, the counts the previous step reported). It returns a :class:`Plan`: a
-  hashable ``key`` of Python ints that fixes every shape of the step (a width, a capacity),
+  hashable, typed ``key`` (``keys.py``) that fixes every shape of the step (a width, a capacity),
   plus small tensors the step reads (a row list, a span) that may change from step to step
   without changing a shape.
 * ``step(pieces, plan, inp, cache, buffers)`` is the step: torch ops only, no host reads, no
@@ -30,6 +30,7 @@ import torch
 from ..cache import StepCache
 from ..pieces import Pieces
 from ..rows import mark, take, write_rows
+from .keys import FullKey, PlanKey
 
 SCOPES = ("all", "response", "block", "suffix")
 
@@ -39,6 +40,21 @@ def check_scope(scope: str) -> str:
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {SCOPES}; got {scope!r}")
     return scope
+
+
+def scope_span(
+    scope: str, seq_len: int, block_start: int | None, block_end: int | None, response_start: int | None
+) -> tuple[int, int]:
+    """The [start, end) rows of ``scope``: ``all``, ``response`` (from the response start),
+    ``block`` (the current block) or ``suffix`` (the current block and everything after); the
+    whole sequence when no block is known."""
+    if scope == "all" or block_start is None:
+        return 0, seq_len
+    if scope == "response":
+        return (response_start if response_start is not None else 0), seq_len
+    if check_scope(scope) == "block":
+        return block_start, block_end
+    return block_start, seq_len
 
 
 @dataclass(frozen=True)
@@ -77,15 +93,8 @@ class HostState:
         return self.input_ids.device
 
     def span(self, scope: str) -> tuple[int, int]:
-        """The [start, end) rows of ``scope``: ``all``, ``response`` (from the response start),
-        ``block`` (the current block) or ``suffix`` (the current block and everything after)."""
-        if scope == "all" or self.block_start is None:
-            return 0, self.seq_len
-        if scope == "response":
-            return (self.response_start if self.response_start is not None else 0), self.seq_len
-        if check_scope(scope) == "block":
-            return self.block_start, self.block_end
-        return self.block_start, self.seq_len
+        """The [start, end) rows of ``scope`` (see :func:`scope_span`)."""
+        return scope_span(scope, self.seq_len, self.block_start, self.block_end, self.response_start)
 
     def column(self, value: int) -> torch.Tensor:
         """``value`` for every batch element, as a (B,) int64 tensor on the device."""
@@ -96,7 +105,7 @@ class HostState:
 class Plan:
     """One step's shape (``key``) and the small per-step tensors the step reads."""
 
-    key: tuple  # hashable, Python ints and strings: one compiled step per key
+    key: PlanKey  # hashable, typed (``keys.py``): one compiled step per key
     rows: torch.Tensor | None = None  # (B, A) rows for policies that pick them on the host
     span_start: torch.Tensor | None = None  # (B,) a policy-defined span
     span_len: torch.Tensor | None = None  # (B,)
@@ -106,10 +115,10 @@ class Plan:
 
     @property
     def kind(self) -> str:
-        return self.key[0]
+        return self.key.kind
 
 
-FULL = Plan(("full",))
+FULL = Plan(FullKey())
 
 
 @dataclass
@@ -235,6 +244,14 @@ class Policy:
 
     def plan(self, host: HostState) -> Plan:
         return FULL
+
+    def plan_keys(self, layout, seq_len: int, n_layers: int, shift: int) -> set[PlanKey] | None:
+        """Every key :meth:`plan` can return on a ``seq_len``-token generation of ``layout`` (a
+        checked :class:`~dyllm_fx.runtime.schedule.Layout`) for a model of ``n_layers`` layers
+        whose logits are shifted by ``shift``; over-approximated where needed (a key never met
+        costs an exported graph, a missing one fails the generation). None: this policy cannot
+        list its keys (its shapes do not follow from the layout)."""
+        return None
 
     def step(self, pieces: Pieces, plan: Plan, inp: StepInputs, cache: StepCache, buffers) -> StepOutput:
         return full_step(pieces, inp, cache, self.recorder(buffers))

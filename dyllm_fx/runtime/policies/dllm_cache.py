@@ -16,24 +16,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
-from ..rows import mark, select_top, span_rows, take, write_rows
-from .base import (
-    FULL,
-    HostState,
-    Plan,
-    Policy,
-    StepOutput,
-    StepReport,
-    check_scope,
-    full_step,
-    head_logits,
-    rows_step,
-)
+from ..rows import mark, select_top, take, write_rows
+from .base import FULL, HostState, Plan, StepOutput, StepReport, full_step, head_logits, rows_step
+from .keys import FullKey, PlanKey
 from .params import number
 from .refresh import RefreshClock
+from .row import RowPolicy, plan_span_rows, span_plan
 
 # Similarities this close to 1 are an unchanged row's rounding noise (a few ulp of the cosine,
 # whose deviation from 1 is second order in any real change): they are set to 1 exactly, so
@@ -50,12 +42,32 @@ def value_similarity(v_new: torch.Tensor, v_cached: torch.Tensor) -> torch.Tenso
     return torch.where(sim > 1.0 - UNCHANGED, 1.0, sim)
 
 
+@dataclass(frozen=True)
+class ResponseKey(PlanKey):
+    """The whole scope span, ``width`` rows, recomputed (the response refresh)."""
+
+    kind: ClassVar[str] = "response"
+    SIZES: ClassVar[tuple[str, ...]] = ("width",)
+    width: int | str
+
+
+@dataclass(frozen=True)
+class AdaptiveKey(PlanKey):
+    """Each layer recomputes the ``refreshed`` rows of the ``width``-row span whose values moved
+    most."""
+
+    kind: ClassVar[str] = "adaptive"
+    SIZES: ClassVar[tuple[str, ...]] = ("width", "refreshed")
+    width: int | str
+    refreshed: int | str
+
+
 @dataclass
 class DLLMCacheBuffers:
     outputs: list[torch.Tensor]  # per layer but the last (B, L, D): each row's cached layer output
 
 
-class DLLMCachePolicy(Policy):
+class DLLMCachePolicy(RowPolicy):
     name = "dllm_cache"
 
     def __init__(
@@ -75,7 +87,7 @@ class DLLMCachePolicy(Policy):
         )
         self.prompt_clock = RefreshClock(prompt_interval, on_new_block=False, name="prompt_interval")
         self.response_clock = RefreshClock(response_interval, on_new_block=False, name="response_interval")
-        self.scope = check_scope(scope)
+        super().__init__(scope)
         self._shape: tuple | None = None
 
     def reset(self) -> None:
@@ -101,11 +113,23 @@ class DLLMCachePolicy(Policy):
         if full:
             return FULL
         start, end = host.span(self.scope)
-        span = dict(span_start=host.column(start), span_len=host.column(end - start))
         if whole:
-            return Plan(("response", end - start), **span, note={"active": end - start})
-        refreshed = max(1, math.ceil(self.ratio * (end - start)))
-        return Plan(("adaptive", end - start, refreshed), **span, note={"active": refreshed})
+            return span_plan(ResponseKey(end - start), host, start, end, active=end - start)
+        refreshed = self._refreshed(end - start)
+        return span_plan(AdaptiveKey(end - start, refreshed), host, start, end, active=refreshed)
+
+    def _refreshed(self, width: int) -> int:
+        """The rows an adaptive step recomputes in a span of ``width`` rows."""
+        return max(1, math.ceil(self.ratio * width))
+
+    def plan_keys(self, layout, seq_len, n_layers, shift) -> set[PlanKey]:
+        keys: set[PlanKey] = {FullKey()}
+        for k in range(layout.num_blocks):
+            start, end = self.layout_span(layout, seq_len, k)
+            keys.add(ResponseKey(end - start))
+            if self.ratio < 1.0:
+                keys.add(AdaptiveKey(end - start, self._refreshed(end - start)))
+        return keys
 
     def observe(self, plan, counts, n_layers, seq_len) -> StepReport:
         return StepReport([plan.note.get("active", seq_len)] * n_layers)
@@ -120,10 +144,10 @@ class DLLMCachePolicy(Policy):
 
         if plan.kind == "full":
             return full_step(pieces, inp, cache, record)
-        rows = span_rows(inp.span_start, inp.span_len, plan.key[1])[0]
+        rows = plan_span_rows(plan, inp)
         if plan.kind == "response":
             return rows_step(pieces, inp, cache, rows, record)
-        refreshed = plan.key[2]
+        refreshed = plan.key.refreshed
         pro = pieces.prologue(inp.input_ids, inp.attention_mask, inp.position_ids, *inp.extras)
         x = take(pro.h0, rows, 1)  # (B, W, D) every response row's input to the layer
         everyone = torch.ones_like(rows, dtype=torch.bool)
@@ -140,4 +164,4 @@ class DLLMCachePolicy(Policy):
         return StepOutput(head_logits(pieces, cache, inp.logit_positions))
 
 
-__all__ = ["DLLMCachePolicy", "DLLMCacheBuffers", "value_similarity"]
+__all__ = ["AdaptiveKey", "DLLMCacheBuffers", "DLLMCachePolicy", "ResponseKey", "value_similarity"]

@@ -72,6 +72,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from types import MappingProxyType
+from typing import ClassVar
 
 import torch
 
@@ -80,19 +81,10 @@ from dyllm_fx.kernels.salient_rows import cosine_from_stats
 
 from ..pieces import Prologue
 from ..rows import bucket_size, mark, select_top, span_rows, take, write_rows
-from .base import (
-    FULL,
-    HostState,
-    Plan,
-    Policy,
-    StepOutput,
-    StepReport,
-    check_scope,
-    full_step,
-    head_logits,
-    rows_step,
-)
+from .base import FULL, HostState, Plan, StepOutput, StepReport, full_step, head_logits, rows_step
+from .keys import FullKey, PlanKey, PlanKeyError, RefreshKey
 from .params import choice, count, flag, number
+from .row import RowPolicy, plan_span_rows, span_plan
 
 # Each selection's counts: rows that qualified (the most of any sequence; for a batch-wide
 # selection, the batch's total), rows kept (the most of any sequence), overflow (the sum).
@@ -119,13 +111,30 @@ def mlp_level(need: int, capacity: int) -> int:
 
 # the flat rows option's parameters (one selection over the batch for the MLP and the next K/V)
 FLAT_ROWS = MappingProxyType({"mlp_selection": "batch", "kv_selection": "batch"})
-FLAT_KEY = ("batch",)  # the tail of a sparse plan key whose step makes one flat selection per layer
 
 
-def is_flat_key(key: tuple) -> bool:
-    """Whether a sparse plan key is a flat-rows step (``kv_selection="batch"``: one selection of
-    B * m rows per layer, m in the key's slots 2 and 5)."""
-    return key[6:] == FLAT_KEY
+@dataclass(frozen=True)
+class SparseKey(PlanKey):
+    """A sparse step: the ``width``-row span queried (bucketed), top-``capacity`` selections of
+    changed / salient rows, softmax statistics ``stats`` (``"exact"`` or ``"cached"``), whether
+    it records similarities, and the batch-wide MLP selection's rows per sequence
+    (``mlp_capacity``; None: the per-sequence selection). ``flat``: one flat selection of
+    B * capacity rows per layer for the MLP and the next K/V (``kv_selection="batch"``)."""
+
+    kind: ClassVar[str] = "sparse"
+    SIZES: ClassVar[tuple[str, ...]] = ("width", "capacity", "mlp_capacity")
+    width: int | str
+    capacity: int | str
+    stats: str
+    record: bool
+    mlp_capacity: int | str | None
+    flat: bool = False
+
+
+def is_flat_key(key: PlanKey) -> bool:
+    """Whether a plan key is a flat-rows sparse step (``kv_selection="batch"``: one selection of
+    B * m rows per layer, m its ``capacity`` and ``mlp_capacity``)."""
+    return isinstance(key, SparseKey) and key.flat
 
 
 @dataclass
@@ -171,7 +180,7 @@ class FlatRows:
         return torch.stack([wanted, kept.amax(), wanted - kept.sum()])
 
 
-class DyLLMPolicy(Policy):
+class DyLLMPolicy(RowPolicy):
     name = "dyllm"
 
     def __init__(
@@ -193,7 +202,7 @@ class DyLLMPolicy(Policy):
         self.cached_softmax_stats = flag("cached_softmax_stats", cached_softmax_stats)
         self.refresh_interval = count("refresh_interval", refresh_interval, allow_none=True)
         self.refresh_at_block = flag("refresh_at_block", refresh_at_block)
-        self.scope = check_scope(scope)
+        super().__init__(scope)
         if not (
             capacity in ("auto", "full")
             or (isinstance(capacity, int) and not isinstance(capacity, bool) and capacity >= 1)
@@ -229,10 +238,6 @@ class DyLLMPolicy(Policy):
     def bind(self, program) -> None:
         self.mlp_batch_wide = self.mlp_selection == "batch" and not any(p.tables for p in program.mlp)
         self.kv_batch_wide = self.kv_selection == "batch" and self.mlp_batch_wide
-
-    @property
-    def _composed(self) -> bool:
-        return self.scope in ("block", "suffix")
 
     # --- buffers ------------------------------------------------------------------------------
 
@@ -272,10 +277,15 @@ class DyLLMPolicy(Policy):
 
     # --- host: the plan ------------------------------------------------------------------------
 
-    def _span(self, host: HostState, full_query: bool) -> tuple[int, int]:
-        if full_query and not self._composed:
-            return 0, host.seq_len
-        return host.span(self.scope)
+    def _query_span(self, scope: tuple[int, int], seq_len: int, full_query: bool) -> tuple[int, int]:
+        """The rows a sparse step queries: the scope's span ``scope``, or every row at a full-query
+        step (not under a block cache, whose scope bounds every step)."""
+        return (0, seq_len) if full_query and not self._composed else scope
+
+    def _width(self, start: int, end: int, seq_len: int, full_query: bool = False) -> int:
+        """A step's width for the span [start, end): bucketed for a suffix span (it shrinks block
+        by block), exact otherwise."""
+        return bucket_size(end - start, seq_len) if self.scope == "suffix" and not full_query else end - start
 
     def plan(self, host: HostState) -> Plan:
         if host.cold and not host.relayout:  # a re-laid-out batch keeps its step count
@@ -297,12 +307,8 @@ class DyLLMPolicy(Policy):
         n = step + 1  # the official processed_steps
         interval = self.full_query_interval
         full_query = interval is not None and (n <= interval or n % interval == 0)
-        start, end = self._span(host, full_query)
-        width = (
-            bucket_size(end - start, host.seq_len)
-            if self.scope == "suffix" and not full_query
-            else end - start
-        )
+        start, end = self._query_span(host.span(self.scope), host.seq_len, full_query)
+        width = self._width(start, end, host.seq_len, full_query)
         if self.kv_batch_wide:
             capacity = mlp_capacity = self._flat_capacity(width, host)
         else:
@@ -310,26 +316,39 @@ class DyLLMPolicy(Policy):
             mlp_capacity = self._mlp_capacity(width, capacity, host)
         stats = "cached" if self.cached_softmax_stats and self._stats_ready and not full_query else "exact"
         self._stats_ready = True
-        key = ("sparse", width, capacity, stats, self.record_similarity, mlp_capacity)
-        if self.kv_batch_wide:
-            key += FLAT_KEY  # one flat selection of B * capacity rows per layer
-        return Plan(
-            key,
-            span_start=host.column(start),
-            span_len=host.column(end - start),
-            note={"width": width, "batch": host.batch},
-        )
+        # flat: one flat selection of B * capacity rows per layer
+        key = SparseKey(width, capacity, stats, self.record_similarity, mlp_capacity, self.kv_batch_wide)
+        return span_plan(key, host, start, end, width=width, batch=host.batch)
 
     def _scope_refresh(self, host: HostState) -> Plan:
         """A dense step over the scope's rows only (every row the block cache lets run)."""
         start, end = host.span(self.scope)
-        width = bucket_size(end - start, host.seq_len) if self.scope == "suffix" else end - start
-        return Plan(
-            ("refresh", width),
-            span_start=host.column(start),
-            span_len=host.column(end - start),
-            note={"active": end - start},
+        return span_plan(
+            RefreshKey(self._width(start, end, host.seq_len)), host, start, end, active=end - start
         )
+
+    def plan_keys(self, layout, seq_len, n_layers, shift) -> set[PlanKey]:
+        if self.kv_batch_wide:
+            raise PlanKeyError(
+                "DyLLM's flat row selection (kv_selection='batch') is not exported (its steps index the "
+                "caches by (sequence, row) pairs); export with kv_selection='sequence', the default"
+            )
+        interval = self.full_query_interval
+        # which kinds of sparse step the schedule can take (over-approximated)
+        query_modes = ([True] if interval is not None else []) + ([False] if interval != 1 else [])
+        keys: set[PlanKey] = {FullKey()}
+        for k in range(layout.num_blocks):
+            scope = self.layout_span(layout, seq_len, k)
+            for full_query in query_modes:
+                width = self._width(*self._query_span(scope, seq_len, full_query), seq_len, full_query)
+                stats = ["exact"] + (["cached"] if self.cached_softmax_stats and not full_query else [])
+                for capacity in self._capacity_choices(width, minimum=8):
+                    for mlp in self._mlp_capacity_choices(capacity):
+                        keys.update(SparseKey(width, capacity, mode, False, mlp) for mode in stats)
+            # composed: the dense warm-up steps and the periodic refreshes recompute the scope
+            if self._composed and (self.refresh_interval is not None or self.num_full_steps > 1):
+                keys.add(RefreshKey(self._width(*scope, seq_len)))
+        return keys
 
     def _refresh(self, plan: Plan) -> Plan:
         self._since_refresh = 1
@@ -350,14 +369,28 @@ class DyLLMPolicy(Policy):
         """A selection's capacity from ``needs`` (its rows wanted by recent sparse steps): the
         span, a fixed capacity, or the largest recent need (at least the most tokens a sequence
         committed last step) plus half of it as headroom, bucketed from ``minimum``."""
-        if self.capacity == "full" or self.tau >= 1.0:
-            return width
-        if isinstance(self.capacity, int):
-            return min(self.capacity, width)
+        fixed = self._fixed_capacity(width)
+        if fixed is not None:
+            return fixed
         if not needs:
             return width
         need = max(*needs[-HISTORY:], host.last_committed)
         return bucket_size(need + (need + 1) // 2, width, minimum)
+
+    def _fixed_capacity(self, width: int) -> int | None:
+        """The capacity when it does not follow the needs (``"full"``, tau = 1, an int), else None."""
+        if self.capacity == "full" or self.tau >= 1.0:
+            return width
+        if isinstance(self.capacity, int):
+            return min(self.capacity, width)
+        return None
+
+    def _capacity_choices(self, width: int, minimum: int) -> set[int]:
+        """Every value :meth:`_sized` can return for a span of ``width`` rows."""
+        fixed = self._fixed_capacity(width)
+        if fixed is not None:
+            return {fixed}
+        return {width} | {bucket_size(n, width, minimum) for n in range(width + 1)}
 
     def _mlp_capacity(self, width: int, capacity: int, host: HostState) -> int | None:
         """Rows per sequence of the batch-wide MLP selection (it keeps batch * this many rows);
@@ -369,10 +402,20 @@ class DyLLMPolicy(Policy):
         exported branches)."""
         if not self.mlp_batch_wide:
             return None
-        if self.capacity != "auto" or self.tau >= 1.0 or not self._mlp_needs:
+        if self._mlp_fixed() or not self._mlp_needs:
             return capacity  # a fixed capacity, or nothing measured since the last dense step
         need = max(self._mlp_needs[-HISTORY:])
         return mlp_level(need + (need + 1) // 2, capacity)
+
+    def _mlp_fixed(self) -> bool:
+        """Whether the batch-wide MLP capacity is always the top-C capacity."""
+        return self.capacity != "auto" or self.tau >= 1.0
+
+    def _mlp_capacity_choices(self, capacity: int) -> set[int | None]:
+        """Every value :meth:`_mlp_capacity` can return at top-C capacity ``capacity``."""
+        if not self.mlp_batch_wide:
+            return {None}
+        return {capacity} if self._mlp_fixed() else set(mlp_levels(capacity))
 
     def _flat_capacity(self, width: int, host: HostState) -> int:
         """Rows per sequence of the flat selection (``kv_selection="batch"``: it keeps batch * this
@@ -392,8 +435,8 @@ class DyLLMPolicy(Policy):
             batch = plan.note["batch"]
             self._mlp_needs.append(max(-(-total // batch) for total in need))
             active = kept[1:]
-            extra["mlp_capacity"] = plan.key[5]
-        elif plan.key[5] is None:
+            extra["mlp_capacity"] = plan.key.mlp_capacity
+        elif plan.key.mlp_capacity is None:
             # per sequence: entry 0 is layer 0's changed rows (new K/V); entry l + 1 is layer l's
             # salient rows (its MLP and layer l + 1's K/V)
             self._needs.append(max(need))
@@ -405,8 +448,8 @@ class DyLLMPolicy(Policy):
             batch = plan.note["batch"]
             self._mlp_needs.append(max(-(-total // batch) for total in need[n_layers:]))
             active = kept[n_layers:]
-            extra["mlp_capacity"] = plan.key[5]
-        return StepReport(list(active), capacity=plan.key[2], overflow=sum(overflow), extra=extra)
+            extra["mlp_capacity"] = plan.key.mlp_capacity
+        return StepReport(list(active), capacity=plan.key.capacity, overflow=sum(overflow), extra=extra)
 
     def similarity(self, buffers: DyLLMBuffers, plan: Plan):
         return buffers.similarity if plan.kind == "sparse" and buffers.similarity is not None else None
@@ -424,8 +467,7 @@ class DyLLMPolicy(Policy):
         if plan.kind == "full":
             out = full_step(pieces, inp, cache, self.recorder(buffers))
         elif plan.kind == "refresh":
-            rows = span_rows(inp.span_start, inp.span_len, plan.key[1])[0]
-            out = rows_step(pieces, inp, cache, rows, self.recorder(buffers))
+            out = rows_step(pieces, inp, cache, plan_span_rows(plan, inp), self.recorder(buffers))
         else:
             out = self._sparse_step(pieces, plan, inp, cache, buffers)
         buffers.prev_ids.copy_(inp.input_ids)
@@ -434,8 +476,9 @@ class DyLLMPolicy(Policy):
     def _sparse_step(self, pieces, plan, inp, cache, buffers: DyLLMBuffers) -> StepOutput:
         if is_flat_key(plan.key):
             return self._flat_sparse_step(pieces, plan, inp, cache, buffers)
-        _, width, capacity, stats_mode, record, mlp_capacity = plan.key
-        rows, in_span, real, changed, pro = self._sparse_start(pieces, inp, buffers, width)
+        key = plan.key
+        capacity, stats_mode, record, mlp_capacity = key.capacity, key.stats, key.record, key.mlp_capacity
+        rows, in_span, real, changed, pro = self._sparse_start(pieces, inp, buffers, key.width)
         x = take(pro.h0, rows, 1)
         tau = self.tau if inp.tau is None else inp.tau  # a tensor in exported graphs (an input)
         slots, valid = select_top(changed.float(), changed, capacity)
@@ -521,8 +564,8 @@ class DyLLMPolicy(Policy):
         batch's ``B * m`` salient rows of lowest cosine, whichever sequences they are in, get the
         layer's MLP and the next layer's K/V; layer 0's are the batch's changed tokens. The
         attention stays per sequence: each selected row attends to its own sequence's keys."""
-        _, width, per_sequence, _, record, _, _ = plan.key
-        rows, in_span, real, changed, pro = self._sparse_start(pieces, inp, buffers, width)
+        per_sequence, record = plan.key.capacity, plan.key.record
+        rows, in_span, real, changed, pro = self._sparse_start(pieces, inp, buffers, plan.key.width)
         x = take(pro.h0, rows, 1)
         tau = self.tau if inp.tau is None else inp.tau  # a tensor in exported graphs (an input)
         flat = FlatRows.select(changed.float(), changed, rows, per_sequence)
@@ -630,4 +673,4 @@ def _counts(wanted: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return torch.stack([per_row.amax(), kept.amax(), (per_row - kept).sum()])
 
 
-__all__ = ["COUNT_KINDS", "FLAT_ROWS", "DyLLMBuffers", "DyLLMPolicy", "is_flat_key"]
+__all__ = ["COUNT_KINDS", "FLAT_ROWS", "DyLLMBuffers", "DyLLMPolicy", "SparseKey", "is_flat_key"]

@@ -51,25 +51,18 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
+from typing import ClassVar
 
 import torch
 
 from dyllm_fx.kernels.dispatch import partial_attention
 
 from ..rows import bucket_size, mark, select_top, span_rows, take, write_rows
-from .base import (
-    FULL,
-    HostState,
-    Plan,
-    Policy,
-    StepOutput,
-    StepReport,
-    check_scope,
-    full_step,
-    head_logits,
-    rows_step,
-)
+from .base import FULL, HostState, Plan, StepOutput, StepReport, full_step, head_logits, rows_step
+from .keys import FullKey, PlanKey, RefreshKey, map_size
 from .params import choice, count, number
+from .row import RowPolicy, plan_span_rows
 
 VARIATIONS = ("hidden", "key", "value", "query")
 OFFICIAL_LAYOUT = ((1.0, 0.0), (0.5, 0.125), (0.25, 0.25))
@@ -107,6 +100,38 @@ def _features(t: torch.Tensor) -> torch.Tensor:
     return t.transpose(1, 2).flatten(2)
 
 
+@dataclass(frozen=True)
+class SkipKey(PlanKey):
+    """A window of ``width`` rows (bucketed); at each skip layer of ``selections`` ((layer,
+    kept rows) pairs, where the count changes) only the ``kept`` most important rows go on."""
+
+    kind: ClassVar[str] = "skip"
+    SIZES: ClassVar[tuple[str, ...]] = ("width",)
+    width: int | str
+    selections: tuple[tuple[int, int | str], ...]
+
+    def map_sizes(self, fn) -> PlanKey:
+        kept = tuple((layer, map_size(n, fn)) for layer, n in self.selections)
+        return SkipKey(map_size(self.width, fn), kept)
+
+
+@lru_cache(maxsize=4096)
+def kept_counts(
+    layers: tuple[tuple[int, float], ...], window: int, floor: int
+) -> tuple[tuple[int, int], ...]:
+    """(skip layer, rows kept) where the count changes, for a ``window``-row window: a layer of
+    ``layers`` ((layer, kept fraction or count)) keeps ``max(int(p * window), floor)`` rows, never
+    more than the layer before."""
+    current, selections = window, []
+    for layer, keep in layers:
+        kept = max(int(keep * window) if keep <= 1 else int(keep), floor)
+        kept = min(kept, current)
+        if kept != current:
+            selections.append((layer, kept))
+            current = kept
+    return tuple(selections)
+
+
 @dataclass
 class ESDLLMBuffers:
     confidence: torch.Tensor  # (B, L) fp32: each row's confidence when it last produced logits
@@ -114,7 +139,7 @@ class ESDLLMBuffers:
     snapshot: dict[int, torch.Tensor]  # skip layer -> (B, L, D) hidden / (B, H, L, d) query
 
 
-class ESDLLMPolicy(Policy):
+class ESDLLMPolicy(RowPolicy):
     name = "es_dllm"
 
     def __init__(
@@ -132,7 +157,7 @@ class ESDLLMPolicy(Policy):
         self.variation = choice("variation", variation, VARIATIONS)
         self.block_update_freq = count("block_update_freq", block_update_freq)
         self.prompt_update_freq = count("prompt_update_freq", prompt_update_freq)
-        self.scope = check_scope(scope)
+        super().__init__(scope)
         self.proportion_steps = tuple(
             (number("proportion", p, 0.0, 1.0, low_open=True), number("depth", s, 0.0, 1.0))
             for p, s in proportion_steps
@@ -201,15 +226,19 @@ class ESDLLMPolicy(Policy):
 
     # --- host: the plan ------------------------------------------------------------------------
 
-    def _window(self, host: HostState, new_block: bool, prompt: bool) -> tuple[list[int], int]:
-        """(each batch element's window start, the common window end), in logit rows."""
-        shift = host.logits_shift
-        start, end = host.span(self.scope)
+    def _bounds(self, start: int, end: int, shift: int) -> tuple[int, int]:
+        """The window [start, end), in logit rows, of the scope span [start, end)."""
         if self.scope != "all":
             start -= shift
         if self.scope == "block":
             end -= shift
-        starts = [max(start, 0)] * host.batch
+        return max(start, 0), end
+
+    def _window(self, host: HostState, new_block: bool, prompt: bool) -> tuple[list[int], int]:
+        """(each batch element's window start, the common window end), in logit rows."""
+        shift = host.logits_shift
+        start, end = self._bounds(*host.span(self.scope), shift)
+        starts = [start] * host.batch
         if prompt:
             starts = [0] * host.batch
         elif self.scope == "block" and new_block and host.last_leftmost is not None:
@@ -244,24 +273,55 @@ class ESDLLMPolicy(Policy):
             span_len=torch.tensor(lengths, device=host.device),
         )
         if prompt or step % self.block_update_freq == 0:  # the window without skipping
-            return Plan(("refresh", width), **span, note={"active": window})
+            return Plan(RefreshKey(width), **span, note={"active": window})
         block = (host.block_end - host.block_start) if host.block_start is not None else window
         floor = min(host.last_committed + 2, block)
-        current, selections = window, []
-        for layer, keep in self.layout(host.n_layers):
-            kept = max(int(keep * window) if keep <= 1 else int(keep), floor)
-            kept = min(kept, current)
-            if kept != current:
-                selections.append((layer, kept))
-                current = kept
-        return Plan(("skip", width, tuple(selections)), **span, note={"window": window})
+        selections = kept_counts(tuple(self.layout(host.n_layers)), window, floor)
+        return Plan(SkipKey(width, selections), **span, note={"window": window})
+
+    def plan_keys(self, layout, seq_len, n_layers, shift) -> set[PlanKey]:
+        block = layout.block
+        floors = sorted({min(c + 2, block) for c in range(layout.commits(bool(shift)) + 1)})
+        layers = tuple(self.layout(n_layers))
+        keys: set[PlanKey] = {FullKey()}
+        for k in range(layout.num_blocks):
+            # the official step counter (block offset + step in block) decides refreshes; only
+            # the step classes matter, not which step
+            classes = set()
+            for j in range(layout.in_block_steps()):
+                step = k * block + j
+                if step == 0:
+                    continue
+                prompt = step % self.prompt_update_freq == 0
+                classes.add((j == 0, prompt, prompt or step % self.block_update_freq == 0))
+            for new_block, prompt, refresh in classes:
+                for window in self._windows(layout, seq_len, shift, k, new_block, prompt):
+                    width = bucket_size(window, seq_len)
+                    if refresh:
+                        keys.add(RefreshKey(width))
+                    else:
+                        keys.update(SkipKey(width, kept_counts(layers, window, f)) for f in floors)
+        return keys
+
+    def _windows(self, layout, seq_len: int, shift: int, k: int, new_block: bool, prompt: bool) -> set[int]:
+        """:meth:`_window`'s possible window lengths (the longest of the batch) at block ``k``."""
+        block_start = layout.block_bounds(seq_len, k)[0]
+        start, end = self._bounds(*self.layout_span(layout, seq_len, k), shift)
+        if prompt:
+            return {end}
+        if self.scope == "block" and new_block and k > 0:
+            # from the leftmost row the previous step decoded: a row of the previous block
+            return {
+                end - min(start, left - shift) for left in range(block_start - layout.block, block_start + 1)
+            }
+        return {end - start}
 
     def observe(self, plan, counts, n_layers, seq_len) -> StepReport:
         if plan.kind == "full":
             return StepReport([seq_len] * n_layers)
         if plan.kind == "refresh":
             return StepReport([plan.note["active"]] * n_layers)
-        active, current, selections = [], plan.note["window"], dict(plan.key[2])
+        active, current, selections = [], plan.note["window"], dict(plan.key.selections)
         after = self.variation == "hidden"  # hidden: the skip layer itself still runs every row
         for layer in range(n_layers):
             if layer in selections and not after:
@@ -269,7 +329,7 @@ class ESDLLMPolicy(Policy):
             active.append(current)
             if layer in selections and after:
                 current = selections[layer]
-        return StepReport(active, capacity=min(dict(plan.key[2]).values(), default=0))
+        return StepReport(active, capacity=min(selections.values(), default=0))
 
     # --- device: the step ----------------------------------------------------------------------
 
@@ -295,8 +355,7 @@ class ESDLLMPolicy(Policy):
         if plan.kind == "skip":
             out = self._skip_step(pieces, plan, inp, cache, buffers, masked)
         elif plan.kind == "refresh":
-            rows = span_rows(inp.span_start, inp.span_len, plan.key[1])[0]
-            out = rows_step(pieces, inp, cache, rows, self.recorder(buffers, pieces))
+            out = rows_step(pieces, inp, cache, plan_span_rows(plan, inp), self.recorder(buffers, pieces))
         else:
             out = full_step(pieces, inp, cache, self.recorder(buffers, pieces))
         self._update_confidence(buffers, inp, out, masked)
@@ -355,9 +414,8 @@ class ESDLLMPolicy(Policy):
         return select_top(score, live, kept)[0]
 
     def _skip_step(self, pieces, plan, inp, cache, buffers, masked) -> StepOutput:
-        _, width, selections = plan.key
-        selections = dict(selections)
-        rows, live = span_rows(inp.span_start, inp.span_len, width)
+        selections = dict(plan.key.selections)
+        rows, live = span_rows(inp.span_start, inp.span_len, plan.key.width)
         pro = pieces.prologue(inp.input_ids, inp.attention_mask, inp.position_ids, *inp.extras)
         x = take(pro.h0, rows, 1)
         bonus = self._bonus(inp, buffers, masked)
@@ -421,4 +479,12 @@ def _explicit_layout(skip_layers, keep) -> list[tuple[int, float]]:
     return list(zip(layers, keep))
 
 
-__all__ = ["ESDLLMBuffers", "ESDLLMPolicy", "importance", "skip_layout", "variation"]
+__all__ = [
+    "ESDLLMBuffers",
+    "ESDLLMPolicy",
+    "SkipKey",
+    "importance",
+    "kept_counts",
+    "skip_layout",
+    "variation",
+]

@@ -7,10 +7,40 @@ at the sequence length) by repeating a row, so a handful of shapes cover every s
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 
 from ..rows import bucket_size, span_rows
 from .base import FULL, HostState, Plan, Policy, StepOutput, StepReport, full_step, head_logits, rows_step
+from .keys import PlanKey
+from .row import plan_span_rows, span_plan
+
+
+@dataclass(frozen=True)
+class SpanKey(PlanKey):
+    """The rows of a host-chosen span, ``width`` wide (bucketed), through every layer."""
+
+    kind: ClassVar[str] = "span"
+    SIZES: ClassVar[tuple[str, ...]] = ("width",)
+    width: int | str
+
+
+@dataclass(frozen=True)
+class RowsKey(PlanKey):
+    """A host-chosen row list (``Plan.rows``), ``width`` rows (bucketed), through every layer."""
+
+    kind: ClassVar[str] = "rows"
+    SIZES: ClassVar[tuple[str, ...]] = ("width",)
+    width: int | str
+
+
+@dataclass(frozen=True)
+class NoRowsKey(PlanKey):
+    """Nothing recomputed: the logits of the cached final hidden state."""
+
+    kind: ClassVar[str] = "none"
 
 
 class UniformPolicy(Policy):
@@ -37,32 +67,28 @@ class UniformPolicy(Policy):
             if span is None:
                 return FULL
             start, end = span
-            width = bucket_size(end - start, host.seq_len)
-            return Plan(
-                ("span", width),
-                span_start=host.column(start),
-                span_len=host.column(end - start),
-                note={"active": end - start},
+            return span_plan(
+                SpanKey(bucket_size(end - start, host.seq_len)), host, start, end, active=end - start
             )
         rows = self.rows(host)
         if rows is None:
             return FULL
         if rows.shape[1] == 0:  # nothing to recompute: the logits of the cached final hidden state
-            return Plan(("none",), note={"active": 0})
+            return Plan(NoRowsKey(), note={"active": 0})
         width = bucket_size(rows.shape[1], host.seq_len)
         padded = (
             torch.cat([rows, rows[:, -1:].expand(-1, width - rows.shape[1])], 1)
             if width > rows.shape[1]
             else rows
         )
-        return Plan(("rows", width), rows=padded.to(host.device), note={"active": rows.shape[1]})
+        return Plan(RowsKey(width), rows=padded.to(host.device), note={"active": rows.shape[1]})
 
     def step(self, pieces, plan, inp, cache, buffers):
         if plan.kind == "full":
             return full_step(pieces, inp, cache)
         if plan.kind == "none":
             return StepOutput(head_logits(pieces, cache, inp.logit_positions))
-        rows = inp.rows if plan.kind == "rows" else span_rows(inp.span_start, inp.span_len, plan.key[1])[0]
+        rows = inp.rows if plan.kind == "rows" else plan_span_rows(plan, inp)
         return rows_step(pieces, inp, cache, rows)
 
     def observe(self, plan, counts, n_layers, seq_len) -> StepReport:
@@ -76,4 +102,4 @@ def plan_rows(plan: Plan, batch: int, seq_len: int, device) -> torch.Tensor:
         return torch.arange(seq_len, device=device).expand(batch, -1)
     if plan.kind == "rows":
         return plan.rows.to(device)
-    return span_rows(plan.span_start.to(device), plan.span_len.to(device), plan.key[1])[0]
+    return span_rows(plan.span_start.to(device), plan.span_len.to(device), plan.key.width)[0]
