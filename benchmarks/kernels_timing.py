@@ -10,11 +10,12 @@ Their correctness is checked by the tests, on the same inputs and references as 
 
 What it measures (B 1, seq 1024, 32 heads of 128, 32 KV heads, d_model 4096, MLP 12288, bf16;
 active fractions 5 / 10 / 25 / 100 %): partial attention, approximate attention (mode 1 and 2),
-saliency, cache scatter and the gathered SwiGLU MLP + o_proj, each against what the dense model
-pays. Two numbers per variant: ``ms`` is the replay time of a CUDA graph of one call, queued
-while the GPU is still busy (the device time, no launch latency in it); ``eager ms`` is one eager
-call on an idle, synchronised device (the host-side launch work of each kernel included). Both
-are medians over ``--reps`` after ``--warmup`` calls, the L2 cache flushed before each. The
+cache scatter and the gathered SwiGLU MLP + o_proj (no kernel of its own: the product path's
+row gather, the GEMMs and the row write), each against what the dense model pays. Two numbers
+per variant: ``ms`` is the replay time of a CUDA graph of one call, queued while the GPU is
+still busy (the device time, no launch latency in it); ``eager ms`` is one eager call on an
+idle, synchronised device (the host-side launch work of each kernel included). Both are
+medians over ``--reps`` after ``--warmup`` calls, the L2 cache flushed before each. The
 approximate-attention table also times ``index_prep``, the launcher's row-list preparation
 (``unique_rows`` + ``salient_slots``), which both Triton modes include.
 
@@ -54,14 +55,13 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 # The installed package; importing dyllm_fx.kernels loads no model code (the package is lazy).
-from dyllm_fx.kernels import _triton, gathered_mlp  # noqa: E402
+from dyllm_fx.kernels import _triton  # noqa: E402
 from dyllm_fx.kernels import approx_attention as aa  # noqa: E402
 from dyllm_fx.kernels import cache_scatter as cs  # noqa: E402
 from dyllm_fx.kernels import partial_attention as pa  # noqa: E402
-from dyllm_fx.kernels import salient_rows as sa  # noqa: E402
-from dyllm_fx.kernels.dispatch import gather_rows  # noqa: E402
+from dyllm_fx.kernels.dispatch import cache_write_rows, gather_rows  # noqa: E402
 
-TIME_SECTIONS = ("time_partial", "time_approx", "time_saliency", "time_scatter", "time_mlp")
+TIME_SECTIONS = ("time_partial", "time_approx", "time_scatter", "time_mlp")
 
 
 # --------------------------------------------------------------------------- settings
@@ -326,27 +326,6 @@ def time_approx(run: Run) -> None:
         )
 
 
-def time_saliency(run: Run) -> None:
-    s = run.sizes
-    big = Big(run, 3)
-    new = big.randn(s.batch, s.heads, s.seq, s.head_dim)
-    cached = (
-        new.float()
-        + big.randn(s.batch, 1, s.seq, 1, dtype=torch.float32)
-        * 0.1
-        * big.randn(s.batch, s.heads, s.seq, s.head_dim, dtype=torch.float32)
-    ).to(new.dtype)
-    time_variants(
-        run,
-        "saliency",
-        {"rows": s.seq, "tau": 0.99},
-        {
-            "triton": lambda: sa.triton_saliency(new, cached, 0.99, 0, s.seq),
-            "torch_ref": lambda: sa.saliency_reference(new, cached, 0.99, 0, s.seq),
-        },
-    )
-
-
 def time_scatter(run: Run) -> None:
     s = run.sizes
     big = Big(run, 4)
@@ -400,7 +379,7 @@ def time_mlp(run: Run) -> None:
             "gathered_mlp",
             {"fraction": frac, "active": n},
             {
-                "gathered": lambda rows=rows: gathered_mlp.gathered_rows_apply(fn, h, rows, out),
+                "gathered": lambda rows=rows: cache_write_rows(out, rows, fn(gather_rows(h, rows, 1)), 1),
                 "dense": lambda: fn(h),
             },
         )
@@ -424,12 +403,6 @@ TABLES = (
         (("sdpa_full", "triton_mode1"), ("sdpa_full", "triton_mode2"), ("torch_ref_mode1", "triton_mode1")),
     ),
     (
-        "saliency",
-        "Saliency (row cosine over all heads + compaction) of {seq} rows",
-        ("triton", "torch_ref"),
-        (("torch_ref", "triton"),),
-    ),
-    (
         "cache_scatter",
         "Cache scatter of the active rows into a {seq}-row cache",
         ("triton", "torch_ref", "index_copy_"),
@@ -437,7 +410,7 @@ TABLES = (
     ),
     (
         "gathered_mlp",
-        "o_proj + SwiGLU MLP on the active rows (index_select, GEMMs, index_copy_) vs dense",
+        "o_proj + SwiGLU MLP on the active rows (gather_rows, GEMMs, cache_write_rows) vs dense",
         ("gathered", "dense"),
         (("dense", "gathered"),),
     ),
@@ -454,8 +427,6 @@ def _param_cells(row: dict) -> list[str]:
         cells.append(row["layout"])
     if "fraction" in row:
         cells += [f"{100 * row['fraction']:g}%", str(row["active"])]
-    if "rows" in row:
-        cells += [str(row["rows"]), str(row["tau"])]
     return cells
 
 
@@ -463,8 +434,6 @@ def _param_header(row: dict) -> list[str]:
     head = ["layout"] if "layout" in row else []
     if "fraction" in row:
         head += ["active", "rows"]
-    if "rows" in row:
-        head += ["rows", "tau"]
     return head
 
 
@@ -533,7 +502,6 @@ def environment(run: Run) -> dict:
 SECTION_FNS = {
     "time_partial": time_partial,
     "time_approx": time_approx,
-    "time_saliency": time_saliency,
     "time_scatter": time_scatter,
     "time_mlp": time_mlp,
 }

@@ -11,10 +11,13 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from .adapters import adapter_for
 from .char_tokenizer import unknown_characters_message
 from .errors import EmptyResponseWarning, UnknownCharactersWarning, UsageError
+from .models.checks import check_model_tensors
 from .models.spec import DiffusionSpec
 from .passes.check_bidirectional import check_not_causal_modules
+from .prompts import encode_prompts
 from .runtime.loop import GenerationOutput, denoise
 from .runtime.samplers import DreamSampler, LLaDASampler
 from .runtime.schedule import BlockSchedule
@@ -34,60 +37,6 @@ def diffusion_spec(model: nn.Module) -> DiffusionSpec:
             "dyllm_fx.DiffusionSpec(mask_token_id=...)."
         )
     return spec
-
-
-def check_model_tensors(model: nn.Module) -> torch.device:
-    """The one device every parameter and buffer of ``model`` lives on; raises a ValueError
-    naming the odd tensors when they are spread over devices (or left on ``meta``, i.e. never
-    loaded) or when the floating-point parameters mix dtypes. The runtime allocates its inputs
-    and caches on one device in one dtype; a mixed model otherwise fails deep inside a step,
-    or, with a meta tensor, silently produces garbage."""
-    tensors = [(f"parameter {n}", t) for n, t in model.named_parameters()]
-    tensors += [(f"buffer {n}", t) for n, t in model.named_buffers()]
-    if not tensors:
-        raise ValueError(
-            f"{type(model).__name__} has no parameters; pass the model itself, not a wrapper without weights"
-        )
-    meta = [name for name, t in tensors if t.device.type == "meta"]
-    if meta:
-        raise ValueError(
-            f"{_preview(meta)} of {type(model).__name__} are on the meta device (never loaded). Load the "
-            "weights "
-            "with dyllm_fx.load(), or model.load_state_dict(state, assign=True), before generating."
-        )
-    devices = _group(tensors, lambda t: str(t.device))
-    if len(devices) > 1:
-        first = next(iter(devices))
-        raise ValueError(
-            f"{type(model).__name__} is spread over devices: "
-            + "; ".join(f"{d}: {_preview(names)}" for d, names in devices.items())
-            + f". Move it to one device, e.g. model.to({first!r})."
-        )
-    dtypes = _group(
-        [(n, t) for n, t in tensors if n.startswith("parameter") and t.is_floating_point()],
-        lambda t: str(t.dtype),
-    )
-    if len(dtypes) > 1:
-        major = max(dtypes, key=lambda d: len(dtypes[d]))
-        raise ValueError(
-            f"{type(model).__name__} mixes parameter dtypes: "
-            + "; ".join(f"{d}: {_preview(names)}" for d, names in dtypes.items())
-            + f". Cast it to one dtype, e.g. model.to({major}), or load it with dyllm_fx.load(path, "
-            "dtype=...)."
-        )
-    return tensors[0][1].device
-
-
-def _group(named: list, key) -> dict[str, list[str]]:
-    groups: dict[str, list[str]] = {}
-    for name, t in named:
-        groups.setdefault(key(t), []).append(name)
-    return groups
-
-
-def _preview(names: list[str], limit: int = 3) -> str:
-    shown = ", ".join(names[:limit])
-    return f"{shown} (+{len(names) - limit} more)" if len(names) > limit else shown
 
 
 # generate()'s own keyword arguments, for the message on an unknown one.
@@ -210,23 +159,22 @@ def generate(
         :class:`GenerationOutput` with ``sequences``, ``texts`` (cut at the first EOS) and
         ``stats`` (NFE, seconds, per-step times and committed tokens, tokens/s).
     """
-    from .models.diffusion_gemma import is_diffusion_gemma
-
-    if is_diffusion_gemma(model):  # block diffusion over canvases: its own sampler
-        return _generate_diffusion_gemma(
+    adapter = adapter_for(model)
+    if adapter.runs_own_loop:  # e.g. DiffusionGemma: block diffusion over canvases, its own sampler
+        given = gen_length is not None or max_new_tokens is not None
+        return adapter.generate(
             model,
             tokenizer,
             prompts,
-            gen_length,
-            max_new_tokens,
-            block_length,
-            steps,
-            threshold,
-            cfg_scale,
-            chat,
-            seed,
-            sampler,
-            sampler_params,
+            max_new_tokens=_gen_length(gen_length, max_new_tokens) if given else None,
+            block_length=block_length,
+            steps=steps,
+            threshold=threshold,
+            cfg_scale=cfg_scale,
+            chat=chat,
+            seed=seed,
+            sampler=sampler,
+            **sampler_params,
         )
     spec = diffusion_spec(model)
     gen_length = _gen_length(gen_length, max_new_tokens)
@@ -251,20 +199,10 @@ def generate(
         raise ValueError(
             "pass either a sampler object or sampler parameters (threshold, temperature, ...), not both"
         )
-    if chat:
-        prompts = [
-            tokenizer.apply_chat_template(
-                [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False
-            )
-            for p in prompts
-        ]
-    tokenizer.padding_side = "left"
-    enc = tokenizer(list(prompts), return_tensors="pt", padding=True, add_special_tokens=False)
-    unknown = unknown_characters_message(tokenizer, list(prompts), enc["input_ids"])
+    texts, prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, chat, device)
+    unknown = unknown_characters_message(tokenizer, texts, prompt_ids)
     if unknown:
         warnings.warn(unknown, UnknownCharactersWarning, stacklevel=2)
-    prompt_ids = enc["input_ids"].to(device)
-    prompt_mask = enc["attention_mask"].to(device)
     if bool(prompt_mask.all()):
         prompt_mask = None  # no padding: let the model skip the mask entirely
     plen = prompt_ids.shape[1]
@@ -307,61 +245,6 @@ def generate(
         _warn_on_cut_responses(out.texts, rows, spec, tokenizer)
     out.stats.cache_bytes = _cache_bytes(model)
     return out
-
-
-def _generate_diffusion_gemma(
-    model,
-    tokenizer,
-    prompts,
-    gen_length,
-    max_new_tokens,
-    block_length,
-    steps,
-    threshold,
-    cfg_scale,
-    chat,
-    seed,
-    sampler,
-    sampler_params,
-):
-    """DiffusionGemma (transformers' block-diffusion model, untransformed or transformed):
-    transformers' generation semantics with ``runtime.canvas``'s entropy-bound sampler. The
-    block is the model's canvas; ``steps`` is the most denoising steps per canvas."""
-    from .models import diffusion_gemma
-
-    canvas = model.config.canvas_length
-    if block_length not in (None, 32, canvas):
-        raise UsageError(
-            f"DiffusionGemma decodes canvases of {canvas} tokens (config.canvas_length); drop block_length"
-        )
-    for name, value, unset in (
-        ("threshold", threshold, None),
-        ("cfg_scale", cfg_scale, 0.0),
-        ("sampler", sampler, None),
-    ):
-        if value != unset:
-            raise UsageError(
-                f"{name}= does not apply to DiffusionGemma, whose sampler accepts tokens by an entropy "
-                "bound; it takes "
-                f"{', '.join(diffusion_gemma.SAMPLER_OPTIONS)}"
-            )
-    if isinstance(prompts, str):
-        prompts = [prompts]
-    if not prompts or any(not isinstance(p, str) or not p for p in prompts):
-        raise ValueError("prompts must be a non-empty string or a list of non-empty strings")
-    check_model_tensors(model)
-    if chat:
-        prompts = [
-            tokenizer.apply_chat_template(
-                [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False
-            )
-            for p in prompts
-        ]
-    if gen_length is not None or max_new_tokens is not None:
-        max_new_tokens = _gen_length(gen_length, max_new_tokens)
-    return diffusion_gemma.generate(
-        model, tokenizer, prompts, max_new_tokens=max_new_tokens, steps=steps, seed=seed, **sampler_params
-    )
 
 
 def _gen_length(gen_length, max_new_tokens) -> int:

@@ -18,8 +18,10 @@ if not hasattr(transformers, "DiffusionGemmaForBlockDiffusion"):
     pytest.skip("this transformers has no DiffusionGemma", allow_module_level=True)
 
 import dyllm_fx  # noqa: E402
+from dyllm_fx.adapters import diffusion_gemma_dynamo  # noqa: E402
+from dyllm_fx.adapters import diffusion_gemma_generation as dg  # noqa: E402
 from dyllm_fx.errors import UsageError  # noqa: E402
-from dyllm_fx.models import diffusion_gemma as dg  # noqa: E402
+from dyllm_fx.models.diffusion_gemma import random_model  # noqa: E402
 from dyllm_fx.runtime.canvas import CanvasSettings, EntropyBoundSampler, temperature  # noqa: E402
 from dyllm_fx.runtime.policies import make_policy  # noqa: E402
 from tiny_checkpoints import tiny_tokenizer  # noqa: E402
@@ -31,7 +33,7 @@ GEN = dict(max_new_tokens=16, max_denoising_steps=6)  # two canvases of 8
 
 
 def _model(dtype=torch.float32, seed=0):
-    model = dg.random_model(seed=seed, dtype=dtype)
+    model = random_model(seed=seed, dtype=dtype)
     model.generation_config.pad_token_id = 0
     return model
 
@@ -269,7 +271,7 @@ def test_backend_dyllm(model, dtype):
         want = dg.generate_ids(model, ids, mask, max_new_tokens=16, steps=5, seed=0).sequences
         got = dg.generate_ids(compiled, ids, mask, max_new_tokens=16, steps=5, seed=0).sequences
         assert torch.equal(got, want)
-        shared = list(dg._SHARED[model].values())
+        shared = list(diffusion_gemma_dynamo._SHARED[model].values())
         assert len(shared) == 1 and "sparse" in [
             r.kind for r in shared[0].engine.records
         ]  # one engine for all graphs

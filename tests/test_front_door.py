@@ -236,9 +236,9 @@ def test_tau_of_the_wrong_type(llada, value):
 
 
 def test_policy_parameter_names_and_types_checked_before_the_trace(llada, monkeypatch):
-    transform_module = sys.modules["dyllm_fx.transform"]  # the attribute dyllm_fx.transform is the function
+    from dyllm_fx.adapters import llada_dream  # the adapter captures the step
 
-    monkeypatch.setattr(transform_module, "capture_module", _no_load)
+    monkeypatch.setattr(llada_dream, "capture_module", _no_load)
     with pytest.raises(
         ValueError,
         match=r"bad parameters for policy 'dyllm': it has no parameter 'tua' \(did you mean "

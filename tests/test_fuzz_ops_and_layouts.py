@@ -14,7 +14,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -136,36 +135,6 @@ def test_cache_write_rows_is_an_indexed_assignment(bsz, seq_len, width, heads, f
     ops.cache_write_rows(cache, rows, values, dim)
     assert torch.equal(cache, want)
     assert torch.equal(gather_rows(cache, rows, dim), values)
-
-
-@OPS
-@given(
-    bsz=st.integers(1, 2),
-    n_rows=st.integers(1, 11),
-    heads=st.integers(0, 3),
-    d=st.sampled_from([1, 4]),
-    tau=st.sampled_from([0.0, 0.5, 0.9, 0.999, 1.0]),
-    bounds=st.tuples(st.floats(0, 1), st.floats(0, 1)),
-    noise=st.sampled_from([0.0, 0.05, 1.0]),
-    seed=st.integers(0, 2**16),
-)
-def test_saliency_is_cosine_below_tau(bsz, n_rows, heads, d, tau, bounds, noise, seed):
-    g = _gen(seed)
-    start, end = sorted(round(b * n_rows) for b in bounds)  # start == end: no candidates
-    shape = (bsz, n_rows, d) if heads == 0 else (bsz, heads, n_rows, d)
-    new = torch.randn(shape, generator=g)
-    cached = new + noise * torch.randn(shape, generator=g)
-    indices, count, cos = ops.saliency(new, cached, tau, start, end)
-    flat = (lambda x: x) if heads == 0 else (lambda x: x.transpose(1, 2).flatten(2))
-    want_cos = F.cosine_similarity(flat(new).double(), flat(cached).double(), dim=-1, eps=1e-8)
-    torch.testing.assert_close(cos.double(), want_cos, rtol=1e-5, atol=1e-5)
-    assert indices.shape == (bsz, end - start) and indices.dtype == count.dtype == torch.int64
-    for b in range(bsz):
-        salient = [
-            n for n in range(start, end) if cos[b, n] < tau
-        ]  # on the op's own cosines: no flips at tau
-        assert count[b] == len(salient)
-        assert indices[b].tolist() == salient + [-1] * (end - start - len(salient))
 
 
 @OPS

@@ -28,19 +28,22 @@ LAYERS = (
     ("dyllm_fx.eval", 5),
     ("dyllm_fx.analysis", 5),
     ("dyllm_fx.transform", 4),
-    ("dyllm_fx.explain", 4),
     ("dyllm_fx.generation", 4),
     ("dyllm_fx.backend", 4),
     ("dyllm_fx.loading", 4),
     ("dyllm_fx.options", 4),
     ("dyllm_fx.policy_setup", 4),
     ("dyllm_fx.adapters", 3),
+    # public as dyllm_fx.explain(), and what TransformedModel.explain() (adapters) calls: it reads
+    # the runtime's program and engine only
+    ("dyllm_fx.explain", 3),
     ("dyllm_fx.runtime", 2),
     ("dyllm_fx.passes", 1),
     ("dyllm_fx.kernels", 0),
     ("dyllm_fx.models", 0),
     ("dyllm_fx.errors", 0),
     ("dyllm_fx.char_tokenizer", 0),
+    ("dyllm_fx.prompts", 0),
     ("dyllm_fx.assets", 0),
 )
 # The package's __init__ re-exports the public API: the top, with the CLI that uses it.

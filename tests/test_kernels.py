@@ -31,7 +31,6 @@ from dyllm_fx.kernels import partial_attention as pa
 from dyllm_fx.kernels import salient_rows as sa
 from dyllm_fx.kernels._triton import HAS_TRITON, INTERPRET
 from dyllm_fx.kernels.dispatch import gather_rows
-from dyllm_fx.kernels.gathered_mlp import gathered_rows_apply
 
 # ==========================================================================================
 # the ops: registrations and the references' semantics
@@ -195,7 +194,6 @@ def test_one_table_names_every_registered_op():
             "cache_write_rows",
             "partial_attention",
             "partial_attention_stats",
-            "saliency",
             "approx_attention",
         }
     )
@@ -361,51 +359,6 @@ def test_partial_attention_stats_are_the_log_sum_exp():
                 pa.triton_partial_attention(q, k, v, rows, mask, None, return_stats=True), (out, m, l)
             ):
                 _close(x, y)
-
-
-# --- saliency --------------------------------------------------------------------------------
-
-
-@on_kernel_devices
-@SETTINGS
-@given(
-    n_rows=LENGTHS,
-    bsz=st.integers(1, 2),
-    heads=st.sampled_from([0, 1, 3]),
-    d=st.sampled_from([5, 8]),
-    tau=st.floats(-0.5, 1.0),
-    bounds=st.tuples(st.floats(0, 1), st.floats(0, 1)),
-    seed=st.integers(0, 2**16),
-)
-def test_triton_saliency_matches_reference(device, n_rows, bsz, heads, d, tau, bounds, seed):
-    g = _tk_gen(seed)
-    start, end = sorted(round(b * n_rows) for b in bounds)
-    shape = (bsz, n_rows, d) if heads == 0 else (bsz, heads, n_rows, d)  # heads 0: the (B, N, D) layout
-    new = torch.randn(shape, generator=g)
-    cached = new + torch.rand(()).item() * torch.randn(shape, generator=g)
-    new, cached = _on(device, new, cached)
-    indices, count, cos = sa.triton_saliency(new, cached, tau, start, end)
-    _, _, want_cos = sa.saliency_reference(new, cached, tau, start, end)
-    _close(cos, want_cos, KERNEL_TOL[device])
-    # The compaction, exactly, on the kernel's own cosines (no flips at cos == tau by rounding).
-    want_idx, want_count = sa.select_salient_reference(cos, tau, start, end)
-    assert torch.equal(indices, want_idx) and torch.equal(count, want_count)
-    assert indices.shape == (bsz, end - start) and count.dtype == torch.int64
-
-
-def test_saliency_reference_semantics():
-    g = _tk_gen(5)
-    new = torch.randn(2, 3, 9, 4, generator=g)
-    cached = new.clone()
-    cached[0, :, [2, 6]] = torch.randn(3, 2, 4, generator=g)  # rows 2 and 6 move in batch 0
-    cached[1, :, [1, 8]] = torch.randn(3, 2, 4, generator=g)  # row 1 (outside the range) and 8
-    indices, count, cos = ops.saliency(new, cached, 0.99, 2, 9)
-    assert count.tolist() == [2, 1]
-    assert indices.tolist() == [[2, 6, -1, -1, -1, -1, -1], [8, -1, -1, -1, -1, -1, -1]]
-    flat = lambda x: x.transpose(1, 2).flatten(2)  # noqa: E731
-    _close(cos, F.cosine_similarity(flat(new), flat(cached), dim=-1))
-    with pytest.raises(ValueError):
-        ops.saliency(new, cached, 0.9, 5, 10)
 
 
 # --- approximate attention -------------------------------------------------------------------
@@ -627,35 +580,7 @@ def test_unique_rows_and_slots():
     assert slots.tolist() == [[2, -1, -1, 0, -1]]
 
 
-# --- gathered MLP (torch path) ---------------------------------------------------------------
-
-
-def test_gathered_rows_apply():
-    g = _tk_gen(7)
-    h = torch.randn(2, 7, 6, generator=g)
-    lin = torch.nn.Linear(6, 4)
-    rows = torch.tensor([[5, 0, 2], [1, 6, 6]])
-    out = torch.zeros(2, 7, 4)
-    with torch.no_grad():
-        assert gathered_rows_apply(lin, h, rows, out) is out
-        dense = lin(h)
-    for b in range(2):
-        _close(out[b, rows[b]], dense[b, rows[b]])
-    untouched = torch.ones(2, 7, dtype=torch.bool).scatter_(1, rows, False)
-    assert (out[untouched] == 0).all()
-
-
 # --- registration: opcheck, export, the CUDA kernels -----------------------------------------
-
-
-@OP_DEVICES
-@pytest.mark.parametrize("layout", ["heads", "rows"])
-def test_opcheck_saliency(device, layout):
-    g = _tk_gen(11)
-    shape = (2, 3, 7, 4) if layout == "heads" else (2, 7, 12)
-    new = torch.randn(shape, generator=g)
-    args = (*_on(device, new, new + torch.randn(shape, generator=g)), 0.8, 2, 6)
-    torch.library.opcheck(ops.saliency.default, args)
 
 
 @OP_DEVICES
@@ -681,14 +606,13 @@ def test_export_keeps_the_ops():
             ctx, stats, m, l = ops.approx_attention(
                 q, k, changed, dv_rows, cached_ctx, changed, salient_ctx, mask, None
             )
-            indices, count, cos = ops.saliency(ctx, cached_ctx, 0.9, 2, 7)
-            return ctx, indices, count
+            return ctx, stats
 
     args, _, _ = _changed_step(seed=3, n_rows=7, n_changed=2)
     q, k, changed, dv_rows, cached_ctx, *_ = args
     ep = torch.export.export(Step(), (q, k, changed, dv_rows, cached_ctx, args[7]))
     targets = {n.target for n in ep.graph.nodes if n.op == "call_function"}
-    assert {ops.approx_attention.default, ops.saliency.default} <= targets
+    assert ops.approx_attention.default in targets
     got = ep.module()(q, k, changed, dv_rows, cached_ctx, args[7])
     for x, y in zip(got, Step()(q, k, changed, dv_rows, cached_ctx, args[7])):
         assert torch.equal(x, y)
@@ -700,7 +624,7 @@ def test_export_keeps_the_ops():
 )
 @pytest.mark.parametrize(
     "name",
-    ["cache_write_rows", "partial_attention", "partial_attention_stats", "saliency", "approx_attention"],
+    ["cache_write_rows", "partial_attention", "partial_attention_stats", "approx_attention"],
 )
 def test_cuda_kernels_are_registered(name):
     assert torch._C._dispatch_has_kernel_for_dispatch_key(f"dyllm::{name}", "CUDA")
@@ -724,7 +648,6 @@ def _cuda_op_calls() -> dict:
     )
     rows, mask = _on("cuda", _tk_rows(2, 3, 13, g), _mask("key", 2, 13, g))
     cache, values = _on("cuda", torch.randn(2, 2, 13, 16, generator=g), torch.randn(2, 2, 3, 16, generator=g))
-    new = torch.randn(2, 3, 13, 16, generator=g).cuda()
     approx = _on("cuda", *_approx_inputs(2, 2, 2, 13, 3, 16, g, pad=True))
     return {
         "cache_write_rows": ((cache, rows, values, 2), cs.triton_cache_write_rows),
@@ -733,14 +656,13 @@ def _cuda_op_calls() -> dict:
             (q, k, v, rows, mask, None),
             lambda *a: pa.triton_partial_attention(*a, return_stats=True),
         ),
-        "saliency": ((new, new + 0.5 * torch.randn_like(new), 0.8, 1, 13), sa.triton_saliency),
         "approx_attention": ((*approx, mask, None), aa.triton_approx_attention),
     }
 
 
 @pytest.mark.parametrize(
     "name",
-    ["cache_write_rows", "partial_attention", "partial_attention_stats", "saliency", "approx_attention"],
+    ["cache_write_rows", "partial_attention", "partial_attention_stats", "approx_attention"],
 )
 @cuda_only
 def test_ops_on_cuda_run_the_triton_kernels(name):
@@ -817,11 +739,6 @@ def test_triton_kernels_at_gpu_sizes(seq_len, d, dtype):
     cs.cache_write_rows_reference(want, rows, values, 2)
     cs.triton_cache_write_rows(cache, rows, values, 2)
     assert torch.equal(cache, want)
-
-    new = torch.randn(1, 8, seq_len, d, generator=g).to(dtype).cuda()
-    cached = new + 0.3 * torch.randn(new.shape, generator=g).to(dtype).cuda()
-    _, _, cos = sa.triton_saliency(new, cached, 0.9, 0, seq_len)
-    _close(cos, sa.saliency_reference(up(new), up(cached), 0.9, 0, seq_len)[2], tol)
 
     args = _approx_inputs(1, 2, 4, seq_len, n, d, g, pad=True)
     args = _on("cuda", *(a.to(dtype) if a.is_floating_point() else a for a in args))
@@ -1137,7 +1054,9 @@ def test_approx_attention_fast_rejects_what_the_reference_rejects():
     g = _fast_gen(3)
     q, k, changed, dv_rows, cached, sal, sal_ctx, k_old = _fast_approx_inputs(g, 2, 2, 2, 7, 0, 7, 4, "none")
     per_head = torch.ones(2, 2, 1, 7, dtype=torch.bool)
-    for fn in (aa.approx_attention_fast, aa.approx_attention_reference):
+    # the Triton launcher too (it has no fallback: the reference rejects these masks as well)
+    triton = [aa.triton_approx_attention] if HAS_TRITON and INTERPRET else []
+    for fn in (aa.approx_attention_fast, aa.approx_attention_reference, *triton):
         with pytest.raises(NotImplementedError):
             fn(q, k, changed, dv_rows, cached, sal, sal_ctx, per_head, None)
         with pytest.raises(ValueError):  # q_rows must be (B, Nq)

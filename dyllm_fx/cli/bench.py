@@ -8,6 +8,9 @@ from ..eval.synthetic_tasks import HELD_OUT_PER_TASK as DEFAULT_N_PER_TASK
 from ..eval.synthetic_tasks import TASKS
 from ..options import DEFAULT_MODEL
 
+# The options run_bench() takes under the same name.
+RUN_ARGS = ("batch_size", "gen_length", "block_length", "steps", "compile", "repeats")
+
 
 def add_bench_parser(sub, parents=()) -> None:
     p = sub.add_parser(
@@ -106,18 +109,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     methods = _chosen_methods(default_methods(threshold=args.threshold, tau=args.tau), args.methods)
     model, tok = load(args.model, device=args.device)
     examples = bench_examples(args.n, tuple(t.strip() for t in args.tasks.split(",")))
-    bench = run_bench(
-        model,
-        tok,
-        examples,
-        methods,
-        batch_size=args.batch_size,
-        gen_length=args.gen_length,
-        block_length=args.block_length,
-        steps=args.steps,
-        compile=args.compile,
-        repeats=args.repeats,
-    )
+    bench = run_bench(model, tok, examples, methods, **{name: getattr(args, name) for name in RUN_ARGS})
     print(format_table(bench))
     print()
     print(format_task_table(bench))

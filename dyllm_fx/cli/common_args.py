@@ -73,18 +73,22 @@ def add_decoding_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0)
 
 
+# The decoding group's options that ``generate()`` takes under the same name.
+DECODING_ARGS = (
+    "gen_length",
+    "block_length",
+    "steps",
+    "threshold",
+    "cfg_scale",
+    "chat",
+    "seed",
+    "temperature",
+)
+
+
 def decoding_kwargs(args: argparse.Namespace) -> dict:
     """``generate()`` keyword arguments from the decoding argument group."""
-    params = dict(
-        gen_length=args.gen_length,
-        block_length=args.block_length,
-        steps=args.steps,
-        threshold=args.threshold,
-        cfg_scale=args.cfg_scale,
-        chat=args.chat,
-        seed=args.seed,
-        temperature=args.temperature,
-    )
+    params = {name: getattr(args, name) for name in DECODING_ARGS}
     if args.remasking:
         params["remasking"] = args.remasking
     if args.alg:

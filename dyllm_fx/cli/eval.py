@@ -5,18 +5,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 from ..eval.extractors import EXTRACTORS
 from ..eval.jsonl_tasks import SUITE, SUITE_PER_TASK
 from ..policy_setup import VANILLA
-from .common_args import add_model_args, check_run, decoding_kwargs
+from .common_args import add_decoding_args, add_model_args, check_run, decoding_kwargs
 
 
-def add_eval_parser(
-    sub, add_decoding_args: Callable[[argparse.ArgumentParser], None], parents=()
-) -> argparse.ArgumentParser:
+def add_eval_parser(sub, parents=()) -> argparse.ArgumentParser:
     """Register the ``eval`` subcommand on the ``dyllm`` parser."""
     p = sub.add_parser(
         "eval",

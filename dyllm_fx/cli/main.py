@@ -99,8 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("model", nargs="?", default=DEFAULT_MODEL, help="model folder, or 'default'")
     info.add_argument("--json", action="store_true", help="machine-readable output")
 
-    add_eval_parser(sub, add_decoding_args, parents=[common])
-    add_plot_parser(sub, add_decoding_args, parents=[common])
+    add_eval_parser(sub, parents=[common])
+    add_plot_parser(sub, parents=[common])
     add_export_parser(sub, parents=[common])
     add_bench_parser(sub, parents=[common])
     add_serve_parser(sub, parents=[common])

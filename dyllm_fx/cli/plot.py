@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
 
 
-def add_plot_parser(
-    sub, add_decoding_args: Callable[[argparse.ArgumentParser], None], parents=()
-) -> argparse.ArgumentParser:
+def add_plot_parser(sub, parents=()) -> argparse.ArgumentParser:
     """Register the ``plot`` subcommand (with ``saliency`` and ``pareto``) on the ``dyllm`` parser."""
-    from .common_args import add_model_args
+    from .common_args import add_decoding_args, add_model_args
 
     p = sub.add_parser(
         "plot",

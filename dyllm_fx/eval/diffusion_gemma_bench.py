@@ -18,19 +18,17 @@ import torch
 
 RANDOM_MODEL = "diffusion_gemma:random"
 # The bench's random model: small enough for a CPU, large enough that the layers, not Python,
-# take most of a step (the tests' config is far smaller). Six layers, sliding and full.
+# take most of a step (the tests' config is far smaller). Six layers, sliding and full. Only
+# what differs from ``random_config``'s sizes (4 query heads, 2 KV heads, 1 global KV head and
+# 2 experts per token are the same).
 BENCH_SIZES = dict(
     vocab_size=1024,
     hidden_size=256,
     intermediate_size=512,
     num_hidden_layers=6,
-    num_attention_heads=4,
-    num_key_value_heads=2,
     head_dim=64,
     global_head_dim=128,
-    num_global_key_value_heads=1,
     num_experts=8,
-    top_k_experts=2,
     moe_intermediate_size=256,
     sliding_window=32,
     canvas_length=32,
@@ -94,14 +92,15 @@ def run_gemma_bench(
     model=None,
 ) -> list[GemmaResult]:
     """Every method on the same random prompts; each timed ``repeats`` times (fastest kept)."""
-    from ..models import diffusion_gemma as dg
+    from ..adapters.diffusion_gemma_generation import generate_ids
+    from ..models.diffusion_gemma import random_model
     from ..transform import transform
 
     if not methods or methods[0].policy is not None:
         raise ValueError(
             "the first method must be the untransformed model (policy None): speedups are relative to it"
         )
-    model = model if model is not None else dg.random_model(seed=seed, **BENCH_SIZES)
+    model = model if model is not None else random_model(seed=seed, **BENCH_SIZES)
     model.generation_config.pad_token_id = model.config.text_config.pad_token_id
     ids, mask = random_prompts(n, prompt_length, model.config.text_config.vocab_size, seed)
     results, reference, base_time = [], None, None
@@ -110,7 +109,7 @@ def run_gemma_bench(
         best, out = float("inf"), None
         for _ in range(max(1, repeats)):
             start = time.perf_counter()
-            out = dg.generate_ids(runner, ids, mask, max_new_tokens=max_new_tokens, steps=steps, seed=seed)
+            out = generate_ids(runner, ids, mask, max_new_tokens=max_new_tokens, steps=steps, seed=seed)
             best = min(best, time.perf_counter() - start)
         responses = out.sequences[:, ids.shape[1] :]
         if reference is None:

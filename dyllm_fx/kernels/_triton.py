@@ -52,3 +52,45 @@ def dot_precision(dtype) -> str:
     import torch
 
     return "ieee" if dtype == torch.float32 else "tf32"
+
+
+if HAS_TRITON:
+    # Building blocks of the attention kernels (partial and approximate attention), inlined by
+    # Triton into each kernel that calls them.
+
+    @triton.jit
+    def program_rows(H, GROUP, n_rows, BLOCK_M: tl.constexpr):
+        """This program's place in a (blocks of BLOCK_M query rows, batch x head) grid: (batch,
+        head, key/value head, the block's query row offsets, which of them are < ``n_rows``)."""
+        bh = tl.program_id(1)
+        b = (bh // H).to(tl.int64)
+        h = bh % H
+        offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        return b, h, (h // GROUP).to(tl.int64), offs_m, offs_m < n_rows
+
+    @triton.jit
+    def load_tile(base, rows, cols, s_row, s_col, rows_ok, cols_ok):
+        """The (rows, cols) tile at ``base`` with the given strides; 0 outside the valid ones."""
+        return tl.load(
+            base + rows[:, None] * s_row + cols[None, :] * s_col,
+            mask=rows_ok[:, None] & cols_ok[None, :],
+            other=0.0,
+        )
+
+    @triton.jit
+    def scaled_scores(
+        q, k, bias_ptrs, bias_ok, cols_ok, scale_log2, HAS_BIAS: tl.constexpr, PREC: tl.constexpr
+    ):
+        """q . k^T of a tile in log2 units (``scale_log2`` = scale * log2(e)), plus the additive
+        bias read at ``bias_ptrs`` (natural units), -inf in the columns that are not ``cols_ok``."""
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2
+        if HAS_BIAS:
+            s = s + tl.load(bias_ptrs, mask=bias_ok, other=0.0) * 1.4426950408889634
+        return tl.where(cols_ok[None, :], s, float("-inf"))
+
+    @triton.jit
+    def running_max(m_i, s):
+        """The running row max after a score tile, and the max to subtract before exp2: 0 for
+        rows with no finite score yet (so exp2(-inf - 0) = 0 instead of NaN)."""
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        return m_new, tl.where(m_new == float("-inf"), 0.0, m_new)

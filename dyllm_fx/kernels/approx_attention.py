@@ -14,7 +14,7 @@ recomputed rows written in); ``changed`` (B, A) int64 and ``dv_rows`` (B, KV, A,
 changed rows, zero elsewhere); ``cached_ctx`` (B, H, N, d); ``salient_rows`` (B, S) int64 and
 ``salient_ctx`` (B, H, S, d), the exact context of the salient rows; an optional SDPA mask as in
 ``partial_attention`` ((B|1, 1, 1, N) key padding or a full (B|1, 1, N, N) mask, boolean or
-additive; other layouts fall back to the reference);
+additive; other layouts raise NotImplementedError, in every implementation);
 ``scale`` (None: 1/sqrt(d)). ``q_rows`` (B, Nq) int64: the absolute positions of the query
 rows that q, ``cached_ctx`` and the outputs cover (a response, a block, any row set; None: the
 first Nq rows). Rows outside it are not queried at all; ``salient_rows`` stay absolute positions
@@ -82,6 +82,7 @@ from .partial_attention import (
     _repeat_kv,
     apply_mask_,
     attention_bias,
+    bias_operand,
     mask_layout,
     scores_reference,
     softmax_stats,
@@ -117,19 +118,7 @@ def default_q_rows(q: torch.Tensor, q_rows: torch.Tensor | None) -> torch.Tensor
     return torch.arange(q.shape[2], device=q.device).expand(q.shape[0], -1)
 
 
-def _check(
-    q,
-    k,
-    changed,
-    dv_rows,
-    cached_ctx,
-    salient_rows,
-    salient_ctx,
-    k_old_rows=None,
-    m_old=None,
-    l_old=None,
-    q_rows=None,
-):
+def _check(q, k, changed, dv_rows, cached_ctx, salient_rows, salient_ctx, k_old_rows, m_old, l_old, q_rows):
     bsz, heads, n_rows, d = q.shape
     if k.shape[0] != bsz or heads % k.shape[1]:
         raise ValueError(f"k {tuple(k.shape)} does not match q {tuple(q.shape)}")
@@ -161,12 +150,8 @@ def query_slots(salient_rows: torch.Tensor, q_rows: torch.Tensor, n_keys: int) -
 def _finish(out, cached, slot, salient_ctx, dtype):
     """Query slots with a salient row (``slot`` >= 0, see :func:`query_slots`) take their exact
     context; (ctx, stats) with the fp32 statistics."""
-    bsz, heads, n_rows, dv = out.shape
     if salient_ctx.shape[2]:
-        exact = salient_ctx.float().gather(
-            2, slot.clamp_min(0)[:, None, :, None].expand(bsz, heads, n_rows, dv)
-        )
-        out = torch.where((slot >= 0)[:, None, :, None], exact, out)
+        out = _salient_exact(out, slot, salient_ctx)
     stats = torch.stack(
         [(out * cached).sum((1, 3)), (out * out).sum((1, 3)), (cached * cached).sum((1, 3))], -1
     )
@@ -178,27 +163,56 @@ def query_bias(mask, bsz: int, n_keys: int, q_rows: torch.Tensor):
     return attention_bias(mask, q_rows, bsz, n_keys)
 
 
+def _implementation(body):
+    """An implementation of the op from its ``body``: the op's signature and argument checks in
+    front, ``q_rows`` and ``scale`` filled in (None: the first Nq rows, 1/sqrt(d)), and the mode 2
+    inputs handed on as one ``cached_stats`` = (k_old_rows, m_old, l_old), None in mode 1."""
+
+    def implementation(
+        q,
+        k,
+        changed,
+        dv_rows,
+        cached_ctx,
+        salient_rows,
+        salient_ctx,
+        mask,
+        scale,
+        k_old_rows=None,
+        m_old=None,
+        l_old=None,
+        q_rows=None,
+    ):
+        _check(
+            q, k, changed, dv_rows, cached_ctx, salient_rows, salient_ctx, k_old_rows, m_old, l_old, q_rows
+        )
+        scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+        cached_stats = None if m_old is None else (k_old_rows, m_old, l_old)
+        q_rows = default_q_rows(q, q_rows)
+        return body(
+            q, k, changed, dv_rows, cached_ctx, salient_rows, salient_ctx, mask, scale, q_rows, cached_stats
+        )
+
+    implementation.__name__ = implementation.__qualname__ = body.__name__
+    implementation.__doc__ = body.__doc__
+    return implementation
+
+
+def _salient_exact(out, slot, salient_ctx):
+    """``out`` (B, H, Nq, dv) fp32 with the query slots whose row is salient (``slot`` >= 0, see
+    :func:`query_slots`) replaced by their exact context from ``salient_ctx``."""
+    bsz, heads, n_rows, dv = out.shape
+    exact = salient_ctx.float().gather(2, slot.clamp_min(0)[:, None, :, None].expand(bsz, heads, n_rows, dv))
+    return torch.where((slot >= 0)[:, None, :, None], exact, out)
+
+
+@_implementation
 def approx_attention_reference(
-    q,
-    k,
-    changed,
-    dv_rows,
-    cached_ctx,
-    salient_rows,
-    salient_ctx,
-    mask,
-    scale,
-    k_old_rows=None,
-    m_old=None,
-    l_old=None,
-    q_rows=None,
+    q, k, changed, dv_rows, cached_ctx, salient_rows, salient_ctx, mask, scale, q_rows, cached_stats
 ):
     """Plain torch, fp32 (see the module doc); mode 2 when ``m_old`` is given."""
-    _check(q, k, changed, dv_rows, cached_ctx, salient_rows, salient_ctx, k_old_rows, m_old, l_old, q_rows)
-    q_rows = default_q_rows(q, q_rows)
     bsz, heads, n_rows, d = q.shape
     n_keys = k.shape[2]
-    scale = 1.0 / math.sqrt(d) if scale is None else scale
     bias = query_bias(mask, bsz, n_keys, q_rows)
     ch = unique_rows(changed, n_keys)
     valid = (ch >= 0)[:, None, None, :]
@@ -210,9 +224,10 @@ def approx_attention_reference(
         bias = bias.expand(bsz, *bias.shape[1:])
         bias_ch = bias.gather(2, cols[:, None, :].expand(bsz, bias.shape[1], n_ch))
     s_new = scores_reference(q, k_ch, bias_ch, scale).masked_fill(~valid, float("-inf"))  # (B, H, N, A)
-    if m_old is None:
+    if cached_stats is None:
         m, l = softmax_stats(scores_reference(q, k, bias, scale))
     else:
+        k_old_rows, m_old, l_old = cached_stats
         s_old = scores_reference(q, k_old_rows, bias_ch, scale).masked_fill(~valid, float("-inf"))
         m = torch.maximum(m_old.float(), s_new.amax(-1))
         m_safe = torch.where(torch.isinf(m) & (m < 0), torch.zeros_like(m), m)
@@ -251,20 +266,9 @@ def _rows_of(x: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     return x.view(-1, d).index_select(0, flat.view(-1)).view(bsz, heads, cols.shape[1], d)
 
 
+@_implementation
 def approx_attention_fast(
-    q,
-    k,
-    changed,
-    dv_rows,
-    cached_ctx,
-    salient_rows,
-    salient_ctx,
-    mask,
-    scale,
-    k_old_rows=None,
-    m_old=None,
-    l_old=None,
-    q_rows=None,
+    q, k, changed, dv_rows, cached_ctx, salient_rows, salient_ctx, mask, scale, q_rows, cached_stats
 ):
     """Lean torch version of :func:`approx_attention_reference` (the op's CPU path): the same
     (ctx, stats, m, l) up to float rounding, with fewer torch ops and fewer passes over the score
@@ -277,8 +281,6 @@ def approx_attention_fast(
     the changed columns of exp(s - m). Query slots whose row is salient take the exact context
     with one gather and one ``where``.
     """
-    _check(q, k, changed, dv_rows, cached_ctx, salient_rows, salient_ctx, k_old_rows, m_old, l_old, q_rows)
-    q_rows = default_q_rows(q, q_rows)
     bsz, heads, n_rows, d = q.shape
     kv_heads, n_keys = k.shape[1], k.shape[2]
     group = heads // kv_heads
@@ -286,13 +288,12 @@ def approx_attention_fast(
     dv = cached_ctx.shape[-1]
     n_ch = changed.shape[1]
     layout = mask_layout(mask, bsz, n_keys)  # NotImplementedError for other layouts, as the reference
-    scale = 1.0 / math.sqrt(d) if scale is None else scale
     if layout == "full":
         mask = gather_rows(mask, q_rows, 2)  # (B, 1, Nq, N)
     cols, drop = _dropped_columns(changed, n_keys)
     q3 = q.float().reshape(bkv, gq, d)
 
-    if m_old is None:  # mode 1: the exact normalizer over all N keys
+    if cached_stats is None:  # mode 1: the exact normalizer over all N keys
         s = torch.bmm(q3, k.float().reshape(bkv, n_keys, d).transpose(1, 2)).mul_(scale)  # (B*KV, G*Nq, N)
         if layout is not None:
             apply_mask_(s.view(bsz, kv_heads, group, n_rows, n_keys), mask.unsqueeze(1))
@@ -305,6 +306,7 @@ def approx_attention_fast(
         p.masked_fill_(drop[:, None, :], 0.0).div_(l.view(bsz, kv_heads * gq, 1).clamp_min(1.0))
         m, l = m.view(bsz, heads, n_rows), l.view(bsz, heads, n_rows)
     else:  # mode 2: the cached normalizer, updated over the changed keys only
+        k_old_rows, m_old, l_old = cached_stats
         kk = torch.cat([_rows_of(k, cols), k_old_rows], 2).float()  # (B, KV, 2A, d): new keys, old keys
         s = torch.bmm(q3, kk.view(bkv, 2 * n_ch, d).transpose(1, 2)).mul_(scale)  # (B*KV, G*Nq, 2A)
         # one (B, 1|Nq, A) column bias for both halves: the mask on the changed columns, and -inf
@@ -336,11 +338,7 @@ def approx_attention_fast(
     )
     out = out.view(bsz, heads, n_rows, dv)
     if salient_rows.shape[1] and n_rows:
-        slot = query_slots(salient_rows, q_rows, n_keys)  # (B, Nq)
-        exact = salient_ctx.float().gather(
-            2, slot.clamp_min(0)[:, None, :, None].expand(bsz, heads, n_rows, dv)
-        )
-        out = torch.where((slot >= 0)[:, None, :, None], exact, out)
+        out = _salient_exact(out, query_slots(salient_rows, q_rows, n_keys), salient_ctx)
     dots = torch.stack(
         [
             torch.linalg.vecdot(out, cached),
@@ -353,6 +351,7 @@ def approx_attention_fast(
 
 
 if HAS_TRITON:
+    from ._triton import load_tile, program_rows, running_max, scaled_scores
 
     @triton.jit
     def _load_changed_keys(ch_ptr, k_base, b, A, a0, offs_a, offs_d, d_ok, sk_n, sk_d):
@@ -361,10 +360,7 @@ if HAS_TRITON:
         idx = tl.load(ch_ptr + b * A + slots, mask=slots < A, other=-1)
         ok = idx >= 0
         idx = tl.where(ok, idx, 0)
-        kn = tl.load(
-            k_base + idx[:, None] * sk_n + offs_d[None, :] * sk_d, mask=ok[:, None] & d_ok[None, :], other=0.0
-        )
-        return slots, idx, ok, kn
+        return slots, idx, ok, load_tile(k_base, idx, offs_d, sk_n, sk_d, ok, d_ok)
 
     @triton.jit
     def _approx_attention_kernel(
@@ -427,23 +423,13 @@ if HAS_TRITON:
         BLOCK_DV: tl.constexpr,
         PREC: tl.constexpr,
     ):
-        pid_m = tl.program_id(0)
-        bh = tl.program_id(1)
-        b = (bh // H).to(tl.int64)
-        h = bh % H
-        kvh = (h // GROUP).to(tl.int64)
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        b, h, kvh, offs_m, row_ok = program_rows(H, GROUP, NQ, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         offs_dv = tl.arange(0, BLOCK_DV)
         offs_a = tl.arange(0, BLOCK_A)
-        row_ok = offs_m < NQ
         d_ok = offs_d < D
         dv_ok = offs_dv < DV
-        q = tl.load(
-            q_ptr + b * sq_b + h * sq_h + offs_m[:, None] * sq_n + offs_d[None, :] * sq_d,
-            mask=row_ok[:, None] & d_ok[None, :],
-            other=0.0,
-        )
+        q = load_tile(q_ptr + b * sq_b + h * sq_h, offs_m, offs_d, sq_n, sq_d, row_ok, d_ok)
         k_base = k_ptr + b * sk_b + kvh * sk_h
         bias_base = bias_ptr + b * sbias_b + offs_m[:, None] * sbias_q
         stat_rows = (b * H + h) * NQ + offs_m
@@ -460,11 +446,7 @@ if HAS_TRITON:
                 slots, idx, ok, kn = _load_changed_keys(
                     ch_ptr, k_base, b, A, a0, offs_a, offs_d, d_ok, sk_n, sk_d
                 )
-                ko = tl.load(
-                    kold_base + slots[:, None] * sko_a + offs_d[None, :] * sko_d,
-                    mask=ok[:, None] & d_ok[None, :],
-                    other=0.0,
-                )
+                ko = load_tile(kold_base, slots, offs_d, sko_a, sko_d, ok, d_ok)
                 s_new = tl.dot(q, tl.trans(kn), input_precision=PREC) * scale_log2
                 s_old = tl.dot(q, tl.trans(ko), input_precision=PREC) * scale_log2
                 if HAS_BIAS:
@@ -475,8 +457,7 @@ if HAS_TRITON:
                     s_old = s_old + bias * 1.4426950408889634
                 s_new = tl.where(ok[None, :], s_new, float("-inf"))
                 s_old = tl.where(ok[None, :], s_old, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(s_new, 1))
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                m_new, m_safe = running_max(m_i, s_new)
                 alpha = tl.exp2(m_i - m_safe)
                 rest = rest * alpha - tl.sum(tl.exp2(s_old - m_safe[:, None]), 1)
                 new_sum = new_sum * alpha + tl.sum(tl.exp2(s_new - m_safe[:, None]), 1)
@@ -489,20 +470,10 @@ if HAS_TRITON:
             for start in range(0, N, BLOCK_N):
                 cols = start + offs_n
                 col_ok = cols < N
-                kb = tl.load(
-                    k_base + cols[:, None] * sk_n + offs_d[None, :] * sk_d,
-                    mask=col_ok[:, None] & d_ok[None, :],
-                    other=0.0,
-                )
-                s = tl.dot(q, tl.trans(kb), input_precision=PREC) * scale_log2
-                if HAS_BIAS:
-                    bias = tl.load(
-                        bias_base + cols[None, :] * sbias_l, mask=row_ok[:, None] & col_ok[None, :], other=0.0
-                    )
-                    s = s + bias * 1.4426950408889634
-                s = tl.where(col_ok[None, :], s, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(s, 1))
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                kb = load_tile(k_base, cols, offs_d, sk_n, sk_d, col_ok, d_ok)
+                bias_ptrs, bias_ok = bias_base + cols[None, :] * sbias_l, row_ok[:, None] & col_ok[None, :]
+                s = scaled_scores(q, kb, bias_ptrs, bias_ok, col_ok, scale_log2, HAS_BIAS, PREC)
+                m_new, m_safe = running_max(m_i, s)
                 l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), 1)
                 m_i = m_new
         m_fin = tl.where(m_i == float("-inf"), 0.0, m_i)
@@ -515,36 +486,21 @@ if HAS_TRITON:
             slots, idx, ok, kn = _load_changed_keys(
                 ch_ptr, k_base, b, A, a0, offs_a, offs_d, d_ok, sk_n, sk_d
             )
-            s = tl.dot(q, tl.trans(kn), input_precision=PREC) * scale_log2
-            if HAS_BIAS:
-                bias = tl.load(
-                    bias_base + idx[None, :] * sbias_l, mask=row_ok[:, None] & ok[None, :], other=0.0
-                )
-                s = s + bias * 1.4426950408889634
-            s = tl.where(ok[None, :], s, float("-inf"))
+            bias_ptrs, bias_ok = bias_base + idx[None, :] * sbias_l, row_ok[:, None] & ok[None, :]
+            s = scaled_scores(q, kn, bias_ptrs, bias_ok, ok, scale_log2, HAS_BIAS, PREC)
             p = tl.exp2(s - m_fin[:, None]) * inv_l[:, None]
-            dv = tl.load(
-                dv_base + slots[:, None] * sdv_a + offs_dv[None, :] * sdv_d,
-                mask=ok[:, None] & dv_ok[None, :],
-                other=0.0,
-            )
+            dv = load_tile(dv_base, slots, offs_dv, sdv_a, sdv_d, ok, dv_ok)
             acc += tl.dot(p, dv.to(tl.float32), input_precision=PREC)
 
         # Salient rows take their exact context; then the output and its statistics.
         out_mask = row_ok[:, None] & dv_ok[None, :]
-        cached = tl.load(
-            c_ptr + b * sc_b + h * sc_h + offs_m[:, None] * sc_n + offs_dv[None, :] * sc_d,
-            mask=out_mask,
-            other=0.0,
-        ).to(tl.float32)
+        cached = load_tile(c_ptr + b * sc_b + h * sc_h, offs_m, offs_dv, sc_n, sc_d, row_ok, dv_ok)
+        cached = cached.to(tl.float32)
         slot = tl.load(slot_ptr + b * NQ + offs_m, mask=row_ok, other=-1)
         is_sal = slot >= 0
         slot = tl.where(is_sal, slot, 0).to(tl.int64)
-        exact = tl.load(
-            sal_ptr + b * ss_b + h * ss_h + slot[:, None] * ss_s + offs_dv[None, :] * ss_d,
-            mask=out_mask & is_sal[:, None],
-            other=0.0,
-        ).to(tl.float32)
+        exact = load_tile(sal_ptr + b * ss_b + h * ss_h, slot, offs_dv, ss_s, ss_d, row_ok & is_sal, dv_ok)
+        exact = exact.to(tl.float32)
         out = tl.where(is_sal[:, None], exact, cached + acc)
         tl.store(
             o_ptr + stat_rows[:, None] * DV + offs_dv[None, :], out.to(o_ptr.dtype.element_ty), mask=out_mask
@@ -556,48 +512,20 @@ if HAS_TRITON:
         tl.store(l_ptr + stat_rows, l_i, mask=row_ok)
 
 
+@_implementation
 def triton_approx_attention(
-    q,
-    k,
-    changed,
-    dv_rows,
-    cached_ctx,
-    salient_rows,
-    salient_ctx,
-    mask,
-    scale,
-    k_old_rows=None,
-    m_old=None,
-    l_old=None,
-    q_rows=None,
+    q, k, changed, dv_rows, cached_ctx, salient_rows, salient_ctx, mask, scale, q_rows, cached_stats
 ):
     """Triton version of :func:`approx_attention_reference`: (ctx, stats, m, l)."""
     require_triton(q)
-    _check(q, k, changed, dv_rows, cached_ctx, salient_rows, salient_ctx, k_old_rows, m_old, l_old, q_rows)
-    q_rows = default_q_rows(q, q_rows)
-    use_stats = m_old is not None
+    use_stats = cached_stats is not None
     bsz, heads, n_rows, d = q.shape
     n_keys = k.shape[2]
     dv = cached_ctx.shape[-1]
-    try:
-        bias = attention_bias(mask, q_rows, bsz, n_keys)  # full masks: the query rows' bias rows
-    except NotImplementedError:
-        return approx_attention_reference(
-            q,
-            k,
-            changed,
-            dv_rows,
-            cached_ctx,
-            salient_rows,
-            salient_ctx,
-            mask,
-            scale,
-            k_old_rows,
-            m_old,
-            l_old,
-            q_rows,
-        )
-    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    # full masks: the query rows' bias rows; other layouts raise NotImplementedError, as they do
+    # in the reference
+    bias = attention_bias(mask, q_rows, bsz, n_keys)
+    scale = float(scale)
     ch = unique_rows(changed, n_keys).contiguous()
     slot = query_slots(salient_rows, q_rows, n_keys).to(torch.int32).contiguous()
     n_ch = ch.shape[1]
@@ -607,16 +535,9 @@ def triton_approx_attention(
     l = torch.empty_like(m)
     if ctx.numel() == 0:
         return ctx, part.sum(1), m, l
-    if bias is None:
-        bias_t, sbias = q, (0, 0, 0)
-    else:
-        bias_t = bias
-        sbias = (
-            bias.stride(0) if bias.shape[0] > 1 else 0,
-            bias.stride(1) if bias.shape[1] > 1 else 0,
-            bias.stride(2),
-        )
+    bias_t, sbias = bias_operand(bias, q)
     if use_stats:
+        k_old_rows, m_old, l_old = cached_stats
         kold, mold, lold = k_old_rows, m_old.float().contiguous(), l_old.float().contiguous()
     else:
         kold, mold, lold = k, m, l  # unused

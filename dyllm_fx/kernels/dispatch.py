@@ -6,7 +6,6 @@ Each op has a plain-torch implementation and, where one exists, a Triton kernel:
     cache_write_rows          cache_write_rows_reference                      triton_cache_write_rows
     partial_attention         partial_attention_reference (SDPA)              triton_partial_attention
     partial_attention_stats   partial_attention_stats_fast                    triton_partial_attention
-    saliency                  saliency_reference                              triton_saliency
     approx_attention          approx_attention_fast                           triton_approx_attention
 
 The runtime and the passes call the functions at the bottom of this module. For a CUDA tensor
@@ -34,6 +33,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+from torch import Tensor
 
 from ._triton import CUDA_KERNELS_ENABLED, HAS_TRITON
 from .approx_attention import approx_attention_fast, triton_approx_attention
@@ -43,7 +43,6 @@ from .partial_attention import (
     partial_attention_stats_fast,
     triton_partial_attention,
 )
-from .salient_rows import saliency_reference, triton_saliency
 
 __all__ = [
     "KERNELS",
@@ -52,7 +51,6 @@ __all__ = [
     "gather_rows",
     "partial_attention",
     "partial_attention_stats",
-    "saliency",
 ]
 
 
@@ -72,7 +70,6 @@ KERNELS: dict[str, Kernel] = {
     "cache_write_rows": Kernel(cache_write_rows_reference, triton_cache_write_rows),
     "partial_attention": Kernel(partial_attention_reference, triton_partial_attention),
     "partial_attention_stats": Kernel(partial_attention_stats_fast, _triton_stats),
-    "saliency": Kernel(saliency_reference, triton_saliency),
     "approx_attention": Kernel(approx_attention_fast, triton_approx_attention),
 }
 
@@ -80,10 +77,25 @@ KERNELS: dict[str, Kernel] = {
 # --- the registered torch.library ops (their default implementation is the table's torch one)
 
 
-@torch.library.custom_op("dyllm::cache_write_rows", mutates_args=("cache",))
-def _cache_write_rows_op(cache: torch.Tensor, rows: torch.Tensor, values: torch.Tensor, dim: int) -> None:
+def _register(name: str, mutates_args: tuple[str, ...] = ()):
+    """Register ``dyllm::<name>`` from a typed stub, which gives the op its schema and its doc;
+    the table's torch implementation is the op's default (the Triton one is registered for CUDA
+    below)."""
+
+    def register(signature: Callable):
+        schema = torch.library.infer_schema(signature, mutates_args=mutates_args)
+        op = torch.library.custom_op(
+            f"dyllm::{name}", KERNELS[name].torch_impl, mutates_args=mutates_args, schema=schema
+        )
+        op.__doc__ = signature.__doc__
+        return op
+
+    return register
+
+
+@_register("cache_write_rows", mutates_args=("cache",))
+def _cache_write_rows_op(cache: Tensor, rows: Tensor, values: Tensor, dim: int) -> None:
     """cache[b, ..., rows[b, a], ...] = values[b, ..., a, ...] along ``dim`` (in place)."""
-    KERNELS["cache_write_rows"].torch_impl(cache, rows, values, dim)
 
 
 @_cache_write_rows_op.register_fake
@@ -91,15 +103,10 @@ def _(cache, rows, values, dim):
     return None
 
 
-@torch.library.custom_op("dyllm::partial_attention", mutates_args=())
+@_register("partial_attention")
 def _partial_attention_op(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    rows: torch.Tensor,
-    mask: torch.Tensor | None,
-    scale: float | None,
-) -> torch.Tensor:
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, rows: Tensor, mask: Tensor | None, scale: float | None
+) -> Tensor:
     """Attention of the active rows' queries over every cached key.
 
     q (B, H, A, d) for the rows in ``rows``; k_cache/v_cache (B, KV, L, d) with H % KV == 0;
@@ -107,7 +114,6 @@ def _partial_attention_op(
     query x key mask, whose query rows are gathered here). Bidirectional: no causal mask.
     ``scale`` None: 1/sqrt(d).
     """
-    return KERNELS["partial_attention"].torch_impl(q, k_cache, v_cache, rows, mask, scale)
 
 
 @_partial_attention_op.register_fake
@@ -115,18 +121,12 @@ def _(q, k_cache, v_cache, rows, mask, scale):
     return q.new_empty(q.shape[:-1] + (v_cache.shape[-1],))
 
 
-@torch.library.custom_op("dyllm::partial_attention_stats", mutates_args=())
+@_register("partial_attention_stats")
 def _partial_attention_stats_op(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    rows: torch.Tensor,
-    mask: torch.Tensor | None,
-    scale: float | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, rows: Tensor, mask: Tensor | None, scale: float | None
+) -> tuple[Tensor, Tensor, Tensor]:
     """``partial_attention`` plus its fp32 softmax statistics per query row: (out, m, l) with
     m (B, H, A) the row max of the scaled, masked scores and l = sum exp(s - m) (natural log)."""
-    return KERNELS["partial_attention_stats"].torch_impl(q, k_cache, v_cache, rows, mask, scale)
 
 
 @_partial_attention_stats_op.register_fake
@@ -135,82 +135,31 @@ def _(q, k_cache, v_cache, rows, mask, scale):
     return out, q.new_empty(q.shape[:-1], dtype=torch.float32), q.new_empty(q.shape[:-1], dtype=torch.float32)
 
 
-@torch.library.custom_op("dyllm::saliency", mutates_args=())
-def _saliency_op(
-    new_ctx: torch.Tensor, cached_ctx: torch.Tensor, tau: float, start: int, end: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Rows in [start, end) whose context moved: cos(new, cached) < tau, per row over all heads.
-
-    Contexts (B, H, N, d) or (B, N, D). Returns (indices (B, end - start) int64, ascending, -1
-    padded; count (B,) int64; cos (B, N) fp32). See ``kernels/salient_rows.py``.
-    """
-    return KERNELS["saliency"].torch_impl(new_ctx, cached_ctx, tau, start, end)
-
-
-@_saliency_op.register_fake
-def _(new_ctx, cached_ctx, tau, start, end):
-    bsz, n_rows = new_ctx.shape[0], new_ctx.shape[-2]
-    return (
-        new_ctx.new_empty((bsz, end - start), dtype=torch.int64),
-        new_ctx.new_empty((bsz,), dtype=torch.int64),
-        new_ctx.new_empty((bsz, n_rows), dtype=torch.float32),
-    )
-
-
-@torch.library.custom_op("dyllm::approx_attention", mutates_args=())
+@_register("approx_attention")
 def _approx_attention_op(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    changed: torch.Tensor,
-    dv_rows: torch.Tensor,
-    cached_ctx: torch.Tensor,
-    salient_rows: torch.Tensor,
-    salient_ctx: torch.Tensor,
-    mask: torch.Tensor | None,
+    q: Tensor,
+    k: Tensor,
+    changed: Tensor,
+    dv_rows: Tensor,
+    cached_ctx: Tensor,
+    salient_rows: Tensor,
+    salient_ctx: Tensor,
+    mask: Tensor | None,
     scale: float | None,
-    k_old_rows: torch.Tensor | None = None,
-    m_old: torch.Tensor | None = None,
-    l_old: torch.Tensor | None = None,
-    q_rows: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    k_old_rows: Tensor | None = None,
+    m_old: Tensor | None = None,
+    l_old: Tensor | None = None,
+    q_rows: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """DyLLM's approximate attention with saliency: every queried row's context = cached context
     + P[:, changed] . dV, salient rows exact; returns (ctx, stats (B, Nq, 3), m, l). Mode 2
     (cached softmax statistics) when m_old / l_old / k_old_rows are given; q covers the rows
     ``q_rows`` (B, Nq). See ``kernels/approx_attention.py``.
     """
-    return KERNELS["approx_attention"].torch_impl(
-        q,
-        k,
-        changed,
-        dv_rows,
-        cached_ctx,
-        salient_rows,
-        salient_ctx,
-        mask,
-        scale,
-        k_old_rows,
-        m_old,
-        l_old,
-        q_rows,
-    )
 
 
 @_approx_attention_op.register_fake
-def _(
-    q,
-    k,
-    changed,
-    dv_rows,
-    cached_ctx,
-    salient_rows,
-    salient_ctx,
-    mask,
-    scale,
-    k_old_rows=None,
-    m_old=None,
-    l_old=None,
-    q_rows=None,
-):
+def _(q, k, changed, dv_rows, cached_ctx, *_):  # the shapes need q and cached_ctx only
     bsz, heads, n_rows = q.shape[:3]
     return (
         cached_ctx.new_empty(cached_ctx.shape),
@@ -224,7 +173,6 @@ REGISTERED = {
     "cache_write_rows": _cache_write_rows_op,
     "partial_attention": _partial_attention_op,
     "partial_attention_stats": _partial_attention_stats_op,
-    "saliency": _saliency_op,
     "approx_attention": _approx_attention_op,
 }
 
@@ -253,5 +201,4 @@ def _dispatching(name: str):
 cache_write_rows = _dispatching("cache_write_rows")
 partial_attention = _dispatching("partial_attention")
 partial_attention_stats = _dispatching("partial_attention_stats")
-saliency = _dispatching("saliency")
 approx_attention = _dispatching("approx_attention")

@@ -75,6 +75,18 @@ def attention_bias(mask: torch.Tensor | None, rows: torch.Tensor | None, bsz: in
     return mask.float()
 
 
+def bias_operand(bias: torch.Tensor | None, placeholder: torch.Tensor):
+    """What a kernel takes for an optional :func:`attention_bias`: (tensor, its three strides with
+    0 on the broadcast dimensions). Without a bias, ``placeholder`` stands in (never read)."""
+    if bias is None:
+        return placeholder, (0, 0, 0)
+    return bias, (
+        bias.stride(0) if bias.shape[0] > 1 else 0,
+        bias.stride(1) if bias.shape[1] > 1 else 0,
+        bias.stride(2),
+    )
+
+
 def _repeat_kv(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x.repeat_interleave(heads // x.shape[1], dim=1) if x.shape[1] != heads else x
 
@@ -232,6 +244,7 @@ def partial_attention_stats_fast(q, k_cache, v_cache, rows, mask, scale):
 
 
 if HAS_TRITON:
+    from ._triton import load_tile, program_rows, running_max, scaled_scores
 
     @triton.jit
     def _partial_attention_kernel(
@@ -272,22 +285,14 @@ if HAS_TRITON:
         BLOCK_DV: tl.constexpr,
         PREC: tl.constexpr,
     ):
-        pid_m = tl.program_id(0)
-        bh = tl.program_id(1)
-        b = (bh // H).to(tl.int64)
-        h = bh % H
-        kvh = (h // GROUP).to(tl.int64)
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        b, h, kvh, offs_m, row_ok = program_rows(H, GROUP, A, BLOCK_M)
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
         offs_dv = tl.arange(0, BLOCK_DV)
-        row_ok = offs_m < A
+        d_ok = offs_d < D
+        dv_ok = offs_dv < DV
 
-        q = tl.load(
-            q_ptr + b * sq_b + h * sq_h + offs_m[:, None] * sq_a + offs_d[None, :] * sq_d,
-            mask=row_ok[:, None] & (offs_d[None, :] < D),
-            other=0.0,
-        )
+        q = load_tile(q_ptr + b * sq_b + h * sq_h, offs_m, offs_d, sq_a, sq_d, row_ok, d_ok)
         k_base = k_ptr + b * sk_b + kvh * sk_h
         v_base = v_ptr + b * sv_b + kvh * sv_h
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -296,30 +301,15 @@ if HAS_TRITON:
         for start in range(0, L, BLOCK_N):
             cols = start + offs_n
             col_ok = cols < L
-            k = tl.load(
-                k_base + cols[:, None] * sk_l + offs_d[None, :] * sk_d,
-                mask=col_ok[:, None] & (offs_d[None, :] < D),
-                other=0.0,
-            )
-            s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2
-            if HAS_BIAS:
-                bias = tl.load(
-                    bias_ptr + b * sbias_b + offs_m[:, None] * sbias_q + cols[None, :] * sbias_l,
-                    mask=row_ok[:, None] & col_ok[None, :],
-                    other=0.0,
-                )
-                s = s + bias * 1.4426950408889634
-            s = tl.where(col_ok[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            k = load_tile(k_base, cols, offs_d, sk_l, sk_d, col_ok, d_ok)
+            bias_ptrs = bias_ptr + b * sbias_b + offs_m[:, None] * sbias_q + cols[None, :] * sbias_l
+            bias_ok = row_ok[:, None] & col_ok[None, :]
+            s = scaled_scores(q, k, bias_ptrs, bias_ok, col_ok, scale_log2, HAS_BIAS, PREC)
+            m_new, m_safe = running_max(m_i, s)
             alpha = tl.exp2(m_i - m_safe)
             p = tl.exp2(s - m_safe[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(
-                v_base + cols[:, None] * sv_l + offs_dv[None, :] * sv_d,
-                mask=col_ok[:, None] & (offs_dv[None, :] < DV),
-                other=0.0,
-            )
+            v = load_tile(v_base, cols, offs_dv, sv_l, sv_d, col_ok, dv_ok)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
             m_i = m_new
         l_safe = tl.where(l_i > 0, l_i, 1.0)
@@ -328,7 +318,7 @@ if HAS_TRITON:
         tl.store(
             o_ptr + o_rows[:, None] * DV + offs_dv[None, :],
             out.to(o_ptr.dtype.element_ty),
-            mask=row_ok[:, None] & (offs_dv[None, :] < DV),
+            mask=row_ok[:, None] & dv_ok[None, :],
         )
         if WRITE_STATS:
             tl.store(m_ptr + o_rows, m_i * 0.6931471805599453, mask=row_ok)  # log2 -> natural units
@@ -355,15 +345,7 @@ def triton_partial_attention(q, k_cache, v_cache, rows, mask, scale, return_stat
     l = torch.empty_like(m) if return_stats else out
     if out.numel() == 0:
         return (out, m, l) if return_stats else out
-    if bias is None:
-        bias_t, sbias = q, (0, 0, 0)
-    else:
-        bias_t = bias
-        sbias = (
-            bias.stride(0) if bias.shape[0] > 1 else 0,
-            bias.stride(1) if bias.shape[1] > 1 else 0,
-            bias.stride(2),
-        )
+    bias_t, sbias = bias_operand(bias, q)
     block_m = min(64, next_pow2(n_q))
     block_n = min(64, next_pow2(seq_len))
     grid = (triton.cdiv(n_q, block_m), bsz * heads)

@@ -19,11 +19,9 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
-import torch
 from torch import nn
 
-from .layers import RMSNorm, default_position_ids, key_padding_mask, rope_cos_sin, self_attention, swiglu_mlp
-from .spec import DiffusionSpec
+from .layers import BidirectionalLM, LMParts, RMSNorm, self_attention, swiglu_mlp
 
 
 @dataclass
@@ -96,44 +94,19 @@ class _DreamBackbone(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
-class DreamModel(nn.Module):
+class DreamModel(BidirectionalLM):
     """Dream masked diffusion LM. ``forward`` returns unshifted logits (B, T, vocab)."""
 
     architecture = "dream"
 
     def __init__(self, cfg: DreamConfig):
-        super().__init__()
-        self.config = cfg
+        super().__init__(cfg, logits_shift=1, max_length=cfg.max_position_embeddings)
         self.model = _DreamBackbone(cfg)
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        self.diffusion = DiffusionSpec(
-            mask_token_id=cfg.mask_token_id,
-            eos_token_ids=(cfg.eos_token_id,),
-            pad_token_id=cfg.pad_token_id,
-            logits_shift=1,
-            max_length=cfg.max_position_embeddings,
-        )
 
-    @property
-    def layers(self) -> nn.ModuleList:
-        return self.model.layers
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        if position_ids is None:
-            position_ids = default_position_ids(input_ids, attention_mask)
-        x = self.model.embed_tokens(input_ids)
-        head_dim = self.config.hidden_size // self.config.num_attention_heads
-        cos, sin = rope_cos_sin(position_ids, head_dim, self.config.rope_theta, x.dtype)
-        mask = key_padding_mask(attention_mask)
-        for layer in self.model.layers:
-            x = layer(x, cos, sin, mask)
-        x = self.model.norm(x)
-        if self.config.tie_word_embeddings:
-            return x @ self.model.embed_tokens.weight.t()
-        return self.lm_head(x)
+    def parts(self) -> LMParts:
+        m, cfg = self.model, self.config
+        head = None if cfg.tie_word_embeddings else self.lm_head
+        head_dim = cfg.hidden_size // cfg.num_attention_heads
+        return LMParts(m.embed_tokens, m.layers, m.norm, head, head_dim, cfg.rope_theta)

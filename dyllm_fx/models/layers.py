@@ -7,9 +7,13 @@ structure.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .spec import DiffusionSpec
 
 
 class RMSNorm(nn.Module):
@@ -106,3 +110,63 @@ def self_attention(
 
 def swiglu_mlp(x: torch.Tensor, gate: nn.Linear, up: nn.Linear, down: nn.Linear) -> torch.Tensor:
     return down(F.silu(gate(x)) * up(x))
+
+
+class LMParts(NamedTuple):
+    """Where a :class:`BidirectionalLM` keeps what its forward reads (under its own state-dict
+    keys): the token embedding, the blocks, the final norm, the output head (None: tied to the
+    embedding), and the RoPE head size and base."""
+
+    embedding: nn.Embedding
+    blocks: nn.ModuleList
+    norm: nn.Module
+    head: nn.Linear | None
+    head_dim: int
+    rope_theta: float
+
+
+class BidirectionalLM(nn.Module):
+    """The forward LLaDA and Dream share: embed the tokens, build the RoPE tables and the key
+    padding mask once, run every block without a causal mask, then the final norm and the output
+    head. A subclass builds its modules under its checkpoint's names and says where they are in
+    :meth:`parts`. ``forward`` returns unshifted logits (B, T, vocab).
+
+    ``config`` names its special tokens ``mask_token_id``, ``eos_token_id`` and ``pad_token_id``
+    (both families' config.json do); ``logits_shift`` and ``max_length`` come from the family."""
+
+    def __init__(self, config, logits_shift: int, max_length: int):
+        super().__init__()
+        self.config = config
+        self.diffusion = DiffusionSpec(
+            mask_token_id=config.mask_token_id,
+            eos_token_ids=(config.eos_token_id,),
+            pad_token_id=config.pad_token_id,
+            logits_shift=logits_shift,
+            max_length=max_length,
+        )
+
+    def parts(self) -> LMParts:
+        raise NotImplementedError
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.parts().blocks
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        parts = self.parts()
+        if position_ids is None:
+            position_ids = default_position_ids(input_ids, attention_mask)
+        x = parts.embedding(input_ids)
+        cos, sin = rope_cos_sin(position_ids, parts.head_dim, parts.rope_theta, x.dtype)
+        mask = key_padding_mask(attention_mask)
+        for block in parts.blocks:
+            x = block(x, cos, sin, mask)
+        x = parts.norm(x)
+        if parts.head is None:
+            return x @ parts.embedding.weight.t()
+        return parts.head(x)

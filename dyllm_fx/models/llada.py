@@ -15,11 +15,9 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
-import torch
 from torch import nn
 
-from .layers import RMSNorm, default_position_ids, key_padding_mask, rope_cos_sin, self_attention, swiglu_mlp
-from .spec import DiffusionSpec
+from .layers import BidirectionalLM, LMParts, RMSNorm, self_attention, swiglu_mlp
 
 LLADA_MASK_TOKEN_ID = 126336
 
@@ -116,44 +114,16 @@ class _LLaDATransformer(nn.Module):
         self.transformer = nn.ModuleDict(modules)
 
 
-class LLaDAModelLM(nn.Module):
+class LLaDAModelLM(BidirectionalLM):
     """LLaDA masked diffusion LM. ``forward`` returns logits (B, T, embedding_size)."""
 
     architecture = "llada"
 
     def __init__(self, cfg: LLaDAConfig):
-        super().__init__()
-        self.config = cfg
+        super().__init__(cfg, logits_shift=0, max_length=cfg.max_sequence_length)
         self.model = _LLaDATransformer(cfg)
-        self.diffusion = DiffusionSpec(
-            mask_token_id=cfg.mask_token_id,
-            eos_token_ids=(cfg.eos_token_id,),
-            pad_token_id=cfg.pad_token_id,
-            logits_shift=0,
-            max_length=cfg.max_sequence_length,
-        )
 
-    @property
-    def layers(self) -> nn.ModuleList:
-        return self.model.transformer.blocks
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        t = self.model.transformer
-        if position_ids is None:
-            position_ids = default_position_ids(input_ids, attention_mask)
-        x = t.wte(input_ids)
-        cos, sin = rope_cos_sin(
-            position_ids, self.config.d_model // self.config.n_heads, self.config.rope_theta, x.dtype
-        )
-        mask = key_padding_mask(attention_mask)
-        for block in t.blocks:
-            x = block(x, cos, sin, mask)
-        x = t.ln_f(x)
-        if self.config.weight_tying:
-            return x @ t.wte.weight.t()
-        return t.ff_out(x)
+    def parts(self) -> LMParts:
+        t, cfg = self.model.transformer, self.config
+        head = None if cfg.weight_tying else t.ff_out
+        return LMParts(t.wte, t.blocks, t.ln_f, head, cfg.d_model // cfg.n_heads, cfg.rope_theta)

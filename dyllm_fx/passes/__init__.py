@@ -1,6 +1,7 @@
 """torch.fx passes that rewrite a dLLM into a cache-backed sparse step.
 
-They run in this order (``dyllm_fx.transform``: ``transform()`` and ``build_program()``):
+Capture is the model adapter's (``dyllm_fx.adapters``: what to trace); the rest run in this
+order as one pipeline object (``pipeline.py``: ``PASSES.run(captured, example_inputs)``):
 
     1 capture              one denoising forward as a symbolic aten graph
     2 check_bidirectional  refuse causal attention (rewrites nothing)

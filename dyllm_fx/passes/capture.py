@@ -10,7 +10,7 @@ The same capture serves a module (``transform()``) and a dynamo graph (the ``dyl
 so both go through identical passes.
 
 Models whose step takes more than the three standard inputs (an encoder's K/V cache, a
-self-conditioning signal: see ``dyllm_fx.models.diffusion_gemma``) are captured with their own
+self-conditioning signal: see ``dyllm_fx.adapters.diffusion_gemma``) are captured with their own
 ``input_names`` and with ``dynamic`` naming the dims that are symbolic (batch, rows, prefix
 lengths); every other dim (heads, head size, vocabulary) is traced as the constant it is, so it
 cannot be mistaken for a batch or sequence size of the same value.

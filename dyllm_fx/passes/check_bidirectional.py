@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import fx, nn
 
-from .matching import SDPA, is_op
+from .matching import SDPA, extract_outputs, is_op
 
 _FIX = (
     "dyllm-fx rewrites bidirectional (masked diffusion) models only. For a transformers Llama / Qwen2 "
@@ -81,22 +81,7 @@ def is_causal_mask(mask: torch.Tensor) -> bool:
 
 def _evaluate(gm: fx.GraphModule, targets: list[fx.Node], inputs: tuple[torch.Tensor, ...]) -> list:
     """Values of ``targets``, running only their ancestors."""
-    needed: set[fx.Node] = set()
-    stack = list(targets)
-    while stack:
-        node = stack.pop()
-        if node not in needed:
-            needed.add(node)
-            stack.extend(node.all_input_nodes)
-    graph = fx.Graph()
-    env: dict[fx.Node, fx.Node] = {}
-    for node in gm.graph.nodes:
-        if node.op == "placeholder":
-            env[node] = graph.node_copy(node, lambda n: env[n])  # every input, kept in order
-        elif node in needed:
-            env[node] = graph.node_copy(node, lambda n: env[n])
-    graph.output(tuple(env[t] for t in targets))
-    sub = fx.GraphModule(gm, graph)
+    sub = extract_outputs(gm.graph, gm, targets)
     with torch.no_grad():
         return list(sub(*inputs))
 

@@ -52,3 +52,31 @@ def descendants(roots) -> set[fx.Node]:
                 seen.add(user)
                 stack.append(user)
     return seen
+
+
+def ancestors(nodes) -> set[fx.Node]:
+    """Every node that one of ``nodes`` (an iterable of nodes) reads, directly or not, the nodes
+    included."""
+    seen: set[fx.Node] = set()
+    stack = list(nodes)
+    while stack:
+        node = stack.pop()
+        if node not in seen:
+            seen.add(node)
+            stack.extend(node.all_input_nodes)
+    return seen
+
+
+def extract_outputs(
+    graph: fx.Graph, root: torch.nn.Module, outputs: list[fx.Node], class_name: str = "GraphModule"
+) -> fx.GraphModule:
+    """A module computing the tuple of ``outputs`` from the inputs of ``graph`` (every placeholder,
+    in order), running only their ancestors; ``root`` holds the parameters they read."""
+    needed = ancestors(outputs)
+    sub = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for node in graph.nodes:
+        if node.op == "placeholder" or node in needed:
+            env[node] = sub.node_copy(node, lambda n: env[n])
+    sub.output(tuple(env[n] for n in outputs))
+    return fx.GraphModule(root, sub, class_name=class_name)

@@ -39,7 +39,7 @@ from dyllm_fx.kernels.dispatch import gather_rows
 from .attention_operands import piece_operands
 from .capture import INPUT_NAMES, CapturedGraph
 from .find_blocks import BlockMatch
-from .matching import SDPA, descendants, is_op, is_tensor
+from .matching import SDPA, descendants, extract_outputs, is_op, is_tensor
 
 aten = torch.ops.aten
 
@@ -75,7 +75,7 @@ class StepProgram:
     hidden_dtype: torch.dtype
     param_names: dict[str, str]
     # Per layer: the attention piece cut at its core (query / kv / post), for layers that
-    # run their own attention (DyLLM); filled by dyllm_fx.transform.build_program.
+    # run their own attention (DyLLM); filled by the pipeline's split_attention pass.
     attn_parts: list = field(default_factory=list)
     # the step's inputs: input_ids, attention_mask, position_ids, then the model's extra inputs
     input_names: tuple[str, ...] = INPUT_NAMES
@@ -188,20 +188,7 @@ class _Cutter:
 
     def prologue(self, h0: fx.Node) -> fx.GraphModule:
         wanted = [h0] + list(self.tables.values())
-        g = fx.Graph()
-        env = {}
-        needed = set()
-        stack = list(wanted)
-        while stack:
-            n = stack.pop()
-            if n not in needed:
-                needed.add(n)
-                stack.extend(n.all_input_nodes)
-        for node in self.graph.nodes:
-            if node.op == "placeholder" or node in needed:
-                env[node] = g.node_copy(node, lambda n: env[n])
-        g.output(tuple(env[w] for w in wanted))
-        return fx.GraphModule(self.cg.gm, g, class_name="prologue")
+        return extract_outputs(self.graph, self.cg.gm, wanted, class_name="prologue")
 
 
 def _is_size(node: fx.Node) -> bool:

@@ -29,7 +29,7 @@ two draw the same random numbers in the same order and give the same tokens:
   element finished, become ``pad_token_id``. The loop ends when every element finished.
 
 The model side is three calls (``CanvasModel``), so the same loop runs the untransformed model
-and a transformed one (``dyllm_fx.models.diffusion_gemma``).
+and a transformed one (``dyllm_fx.adapters.diffusion_gemma_generation``).
 """
 
 from __future__ import annotations
@@ -189,7 +189,7 @@ class StableAndConfident:
 
 
 class CanvasModel(Protocol):
-    """What the loop needs from a block-diffusion model (``models/diffusion_gemma.py``)."""
+    """What the loop needs from a block-diffusion model (``adapters/diffusion_gemma_generation.py``)."""
 
     vocab_size: int
     canvas_length: int

@@ -242,23 +242,28 @@ def build_app(engine: AsyncEngine, model_name: str = "default", policy: str = ""
         except QueueFull as err:
             raise OpenAIError(429, str(err), "rate_limit_error", code="queue_full") from None
 
+    async def outputs_while_connected(stream: Stream, raw: Request):
+        """The outputs of ``stream`` as they come, until it finishes or the client goes away
+        (checked every ``DISCONNECT_POLL_S`` without an output). The caller aborts what is left."""
+        while not stream.finished:
+            try:
+                out = await stream.next(DISCONNECT_POLL_S)
+            except asyncio.TimeoutError:
+                if await raw.is_disconnected():
+                    return
+                continue
+            yield out
+
     async def final_outputs(stream: Stream, raw: Request) -> dict[str, RequestOutput]:
         """Wait for every request of ``stream``; cancel them when the client goes away."""
         final: dict[str, RequestOutput] = {}
         try:
-            while not stream.finished:
-                try:
-                    out = await stream.next(DISCONNECT_POLL_S)
-                except asyncio.TimeoutError:
-                    if await raw.is_disconnected():
-                        engine.abort(stream)
-                        return final
-                    continue
+            async for out in outputs_while_connected(stream, raw):
                 if out.finished:
                     final[out.request_id] = out
-        except asyncio.CancelledError:
-            engine.abort(stream)
-            raise
+        finally:
+            if not stream.finished:  # the client went away, or the handler was cancelled: free the rows
+                engine.abort(stream)
         return final
 
     def usage(outs: list[RequestOutput]) -> dict:
@@ -283,13 +288,7 @@ def build_app(engine: AsyncEngine, model_name: str = "default", policy: str = ""
         ended: set[int] = set()
         finals: dict[str, RequestOutput] = {}
         try:
-            while not stream.finished:
-                try:
-                    out = await stream.next(DISCONNECT_POLL_S)
-                except asyncio.TimeoutError:
-                    if await raw.is_disconnected():
-                        return
-                    continue
+            async for out in outputs_while_connected(stream, raw):
                 for c in out.outputs:
                     index = order[out.request_id] * n + c.index
                     delta = c.text[sent.get(index, 0) :]
@@ -303,6 +302,8 @@ def build_app(engine: AsyncEngine, model_name: str = "default", policy: str = ""
                             ended.add(index)
                 if out.finished:
                     finals[out.request_id] = out
+            if not stream.finished:  # the client went away: no usage, no [DONE]
+                return
             if include_usage:
                 yield sse(chunk(None, "", None, False, usage=usage(list(finals.values()))))
             yield "data: [DONE]\n\n"
