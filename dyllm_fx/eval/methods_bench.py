@@ -74,6 +74,8 @@ def default_methods(threshold: float = 0.9, tau: float | None = None) -> list[Me
         Method("es_dllm + threshold", "es_dllm", threshold=threshold),
         # DyLLM, official: 4 dense steps then sparse; the whole sequence queried every 4th step
         Method("dyllm", "dyllm", dy),
+        # the capacity's overflow approximated instead of re-run: what exactness costs or saves
+        Method("dyllm: approximate overflow", "dyllm", {**dy, "overflow": "approximate"}),
         Method("dyllm: cached softmax stats", "dyllm", {**dy, "cached_softmax_stats": True}),
         Method("dyllm: frozen prompt", "dyllm", {**dy, "full_query_interval": None}),
         Method(
@@ -87,6 +89,12 @@ def default_methods(threshold: float = 0.9, tau: float | None = None) -> list[Me
         Method("dual_cache+dyllm: batch-wide MLP rows", "dual_cache+dyllm", {**dy, "mlp_selection": "batch"}),
         Method("dual_cache+dyllm: flat rows", "dual_cache+dyllm", {**dy, **flat}),
         Method("dyllm + threshold", "dyllm", dy, threshold=threshold),
+        Method(
+            "dyllm + threshold: approximate overflow",
+            "dyllm",
+            {**dy, "overflow": "approximate"},
+            threshold=threshold,
+        ),
         Method("dual_cache+dyllm + threshold", "dual_cache+dyllm", dy, threshold=threshold),
         Method(
             "dual_cache+dyllm: flat rows + threshold", "dual_cache+dyllm", {**dy, **flat}, threshold=threshold
