@@ -280,7 +280,9 @@ def test_keeping_every_row_equals_vanilla(make):
     prompts = ["rev:abc=", "kv:a1,b2?ab="]
     kw = dict(gen_length=16, block_length=8, steps=16, stop_at_eos=False, progress=False)
     want = dyllm_fx.generate(model, tok, prompts, **kw)
-    tm = dyllm_fx.transform(model, policy="es_dllm", proportion_steps=((1.0, 0.0),), scope="all")
+    tm = dyllm_fx.transform(
+        model, policy="es_dllm", proportion_steps=((1.0, 0.0),), scope="all", delay_eos=False
+    )
     got = dyllm_fx.generate(tm, tok, prompts, **kw)
     assert torch.equal(got.sequences, want.sequences)
     assert "skip" in {r.kind for r in tm.engine.records}
