@@ -27,6 +27,7 @@ import torch
 from step_gpu import build_model
 
 import dyllm_fx
+from dyllm_fx.generation import step_function
 from dyllm_fx.runtime.loop import denoise
 from dyllm_fx.runtime.samplers import LLaDASampler
 from dyllm_fx.runtime.schedule import BlockSchedule
@@ -74,7 +75,7 @@ def main(argv=None) -> int:
         start = time.perf_counter()
         with torch.inference_mode():
             out = denoise(
-                dyllm_fx.generation.step_function(target),
+                step_function(target),
                 LLaDASampler(threshold=args.threshold),
                 spec,
                 prompt,
