@@ -4,6 +4,10 @@
     out = step[plan.key](inputs, cache, buffers)      device: the whole step, no host read inside
     report = policy.observe(plan, out.counts)         host: one small read, sizes the next step
 
+A step the policy finds wanting after that read (``policy.rerun``: DyLLM's salient rows beyond the
+capacity) runs again, at the plan it names, from a copy of the state the engine took before the
+step (only for plans the policy says may need it, ``policy.may_rerun``).
+
 ``step[key]`` is the policy's ``step`` run eagerly (the readable reference), compiled whole by
 inductor (``compile=True``: ``torch.compile(fullgraph=True, dynamic=False)``, one graph per
 plan key and input shapes), or replayed as a CUDA graph (``cuda_graphs=True``), for every
