@@ -419,7 +419,9 @@ class ESDLLMPolicy(RowPolicy):
         ids = inp.input_ids
         predicts_eos = _is_eos(take(out.logits, slots, 1).argmax(-1), self._eos)
         left_masked = take(masked, (rows - 1).clamp_min(0), 1).bool()
-        ended = (_is_eos(ids, self._eos) & buffers.response).any(-1, keepdim=True)
+        # whether each row's response holds an EOS, read as the last column of a running count:
+        # inductor's CPU code generation fails (KeyError on a buffer) on an any() / amax() here
+        ended = (_is_eos(ids, self._eos) & buffers.response).long().cumsum(-1)[:, -1:] > 0
         held = predicts_eos & left_masked & ~ended & take(masked, rows, 1).bool()
         return torch.zeros_like(out.logits[..., 0], dtype=torch.bool).scatter(1, slots, held)
 
