@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import numbers
 import warnings
 from collections.abc import Sequence
 
@@ -14,7 +13,7 @@ from torch import nn
 from .adapters import adapter_for
 from .char_tokenizer import unknown_characters_message
 from .errors import EmptyResponseWarning, UnknownCharactersWarning, UsageError
-from .models.checks import check_model_tensors
+from .models.checks import check_model_tensors, embedding_rows
 from .models.spec import DiffusionSpec
 from .passes.check_bidirectional import check_not_causal_modules
 from .prompts import encode_prompts
@@ -22,6 +21,31 @@ from .runtime.loop import GenerationOutput, denoise
 from .runtime.samplers import DreamSampler, LLaDASampler
 from .runtime.schedule import BlockSchedule
 from .runtime.step import DenseStep, StepFunction
+from .values import check_number, check_seed, check_token_ids
+
+
+def vocabulary_size(model: nn.Module, spec: DiffusionSpec) -> int | None:
+    """The token ids ``model`` reads (its embedding's rows), after checking that the spec's
+    mask, EOS and pad ids are among them: an id past the embedding otherwise fails deep inside
+    the first step (or reads garbage on a GPU)."""
+    rows = embedding_rows(model)
+    ids = {"mask_token_id": spec.mask_token_id, "pad_token_id": spec.pad_token_id}
+    ids.update(
+        {
+            "eos_token_id" if len(spec.eos_token_ids) == 1 else f"eos_token_ids[{i}]": e
+            for i, e in enumerate(spec.eos_token_ids)
+        }
+    )
+    for name, token in ids.items():
+        if token is not None:
+            check_token_ids(
+                f"the model's {name}",
+                [token],
+                rows,
+                hint=f"; the diffusion spec (model.diffusion) and the model's {rows}-row embedding disagree: "
+                "fix the id in config.json or in the DiffusionSpec you passed",
+            )
+    return rows
 
 
 def diffusion_spec(model: nn.Module) -> DiffusionSpec:
@@ -89,14 +113,8 @@ def check_sampler_params(dream: bool, params: dict) -> None:
             + f" It takes {', '.join(_GENERATE_ARGS)} and, for this {family} model, the sampler options "
             f"{', '.join(mine)}"
         )
-    for key in ("temperature", "alg_temp", "top_p", "eps"):
-        value = params.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
-            raise TypeError(f"{key} must be a number, got {type(value).__name__} {value!r}")
-    if params.get("top_k") is not None and (
-        isinstance(params["top_k"], bool) or not isinstance(params["top_k"], numbers.Integral)
-    ):
-        raise TypeError(f"top_k must be an integer, got {type(params['top_k']).__name__} {params['top_k']!r}")
+    # The numbers themselves are checked by the sampler (runtime/samplers.py), which both this
+    # API and the server build.
     for key in ("remasking", "alg"):
         if key in params and not isinstance(params[key], str):
             raise TypeError(f"{key} must be a string, got {type(params[key]).__name__} {params[key]!r}")
@@ -105,8 +123,6 @@ def check_sampler_params(dream: bool, params: dict) -> None:
 def make_sampler(dream: bool, threshold: float | None = None, **params):
     """Dream's sampler (entropy by default) or LLaDA's, after :func:`check_sampler_params`."""
     check_sampler_params(dream, params)
-    if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, numbers.Real)):
-        raise TypeError(f"threshold must be a number in (0, 1], got {type(threshold).__name__} {threshold!r}")
     return (DreamSampler if dream else LLaDASampler)(threshold=threshold, **params)
 
 
@@ -178,6 +194,8 @@ def generate(
         )
     spec = diffusion_spec(model)
     gen_length = _gen_length(gen_length, max_new_tokens)
+    check_seed("seed", seed)
+    check_number("cfg_scale", cfg_scale, minimum=0, hint="; 0 turns classifier-free guidance off")
     if isinstance(prompts, str):
         prompts = [prompts]
     if not isinstance(prompts, Sequence) or any(not isinstance(p, str) for p in prompts):
@@ -191,6 +209,7 @@ def generate(
     if empty:
         raise ValueError(f"every prompt must be a non-empty string; prompts {empty} are empty")
     device = check_model_tensors(model)
+    vocab = vocabulary_size(model, spec)
     if not hasattr(model, "make_step_function"):
         check_not_causal_modules(model)  # transform() checks the graph itself
     if sampler is None:
@@ -200,6 +219,13 @@ def generate(
             "pass either a sampler object or sampler parameters (threshold, temperature, ...), not both"
         )
     texts, prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, chat, device)
+    if vocab is not None and prompt_ids.numel() and int(prompt_ids.max()) >= vocab:
+        check_token_ids(
+            "the encoded prompt",
+            prompt_ids[(prompt_ids >= vocab).any(dim=-1)][0].tolist(),
+            vocab,
+            hint="; the tokenizer knows more tokens than the model: pass the tokenizer that came with it",
+        )
     unknown = unknown_characters_message(tokenizer, texts, prompt_ids)
     if unknown:
         warnings.warn(unknown, UnknownCharactersWarning, stacklevel=2)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import torch
 from torch import nn
 from transformers import AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from .models import CheckpointError, load_model, read_config, resolve_architecture
+from .models import CheckpointError, load_model, parse_config, read_config
 from .options import DEFAULT_DREAM_MODEL, DEFAULT_MODEL, resolve_device, resolve_dtype
 
 # Files any Hugging Face tokenizer is loaded from (fast, sentencepiece, BPE, WordPiece).
@@ -75,6 +76,12 @@ def resolve_model_path(path_or_name: str | Path) -> Path:
     """The local folder of ``path_or_name``: ``"default"`` / ``"default-dream"`` (the embedded
     models), a folder, or a Hub id (``"GSAI-ML/LLaDA-8B-Instruct"``) already in the local Hugging
     Face cache. Nothing is downloaded; a Hub id that is not cached gets the command that fetches it."""
+    if not isinstance(path_or_name, (str, os.PathLike)):
+        given = f"{type(path_or_name).__name__} {path_or_name!r}"[:120]
+        raise TypeError(
+            f"the model must be a folder path or a name, got {given}; pass 'default' (the embedded model), "
+            "'default-dream', or a LLaDA / Dream checkpoint folder"
+        )
     if str(path_or_name) in EMBEDDED_MODELS:
         return embedded_folder(str(path_or_name))
     path = Path(path_or_name).expanduser()
@@ -131,6 +138,38 @@ def load_tokenizer(folder: str | Path) -> PreTrainedTokenizerBase:
     tokenizer class needs remote code (Dream), which dyllm-fx never runs."""
     folder = Path(folder)
     check_tokenizer_files(folder)
+    check_tokenizer_json(folder)
+    try:
+        tok = _auto_tokenizer(folder)
+    except CheckpointError:
+        raise
+    except Exception as err:  # tokenizers raises bare Exceptions on a file it cannot parse
+        raise CheckpointError(
+            f"cannot load the tokenizer of {folder} ({type(err).__name__}: {err}); its tokenizer files "
+            f"({', '.join(n for n in TOKENIZER_FILES if (folder / n).is_file())}) are damaged or do not "
+            "belong together: copy them again from the original checkpoint"
+        ) from err
+    tok.padding_side = "left"  # the runtime left-pads ragged batches
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def check_tokenizer_json(folder: Path) -> None:
+    """A CheckpointError naming the tokenizer JSON file of ``folder`` that is not valid JSON."""
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        path = folder / name
+        if not path.is_file():
+            continue
+        try:
+            json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, ValueError) as err:
+            raise CheckpointError(
+                f"tokenizer file {path} is not valid JSON ({err}); copy it again from the original checkpoint"
+            ) from None
+
+
+def _auto_tokenizer(folder: Path) -> PreTrainedTokenizerBase:
     try:
         tok = AutoTokenizer.from_pretrained(
             # An empty config stops transformers from parsing config.json as one of its own
@@ -153,9 +192,6 @@ def load_tokenizer(folder: str | Path) -> PreTrainedTokenizerBase:
                 if isinstance(cfg.get(k), str)
             }
         tok = PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"), **special)
-    tok.padding_side = "left"  # the runtime left-pads ragged batches
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
     return tok
 
 
@@ -212,7 +248,7 @@ def load(
     device = resolve_device(device)
     config = read_config(folder)
     dtype = resolve_dtype(dtype, torch_dtype=torch_dtype, device=device, config=config)
-    resolve_architecture(config)  # fail on an unknown architecture before reading weights
+    parse_config(config, str(folder / "config.json"))  # a wrong setting fails before the weights are read
     tokenizer = load_tokenizer(folder)
     model = load_model(folder, dtype=dtype, device=device)
     window = trained_gen_length(folder)

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import inspect
+
 from torch import nn
 
 from .adapters import adapter_for
+from .adapters.llada_dream import LLaDADreamAdapter
 from .adapters.transformed import TransformedModel
 from .errors import UsageError
-from .models.checks import check_model_tensors
+from .models.checks import check_model_tensors, embedding_rows
 from .models.spec import DiffusionSpec
+from .runtime.engine import compile_backend
 from .runtime.policies import Policy
 
 
@@ -46,18 +50,50 @@ def transform(
     Returns:
         :class:`TransformedModel`, usable with ``dyllm_fx.generate`` like the original.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"model must be a torch module, got {type(model).__name__}; pass the model dyllm_fx.load() "
+            "returned (model, tokenizer = dyllm_fx.load('default'))"
+        )
+    compile_backend(compile)  # an unknown backend fails here, not at the first generate
     if isinstance(model, TransformedModel):
         raise UsageError(
             f"model is already transformed (policy {model.policy.name!r}); transform the original model "
             "instead: "
             "dyllm_fx.transform(model, policy=...) with the module dyllm_fx.load() returned"
         )
+    adapter = adapter_for(model)
+    if isinstance(adapter, LLaDADreamAdapter):
+        _check_language_model(model)
     if model.training:
         raise ValueError("model is in training mode; call model.eval() before dyllm_fx.transform()")
     check_model_tensors(model)
-    return adapter_for(model).transform(
+    return adapter.transform(
         model, policy, spec=spec, compile=compile, cuda_graphs=cuda_graphs, **policy_config
     )
+
+
+def _check_language_model(model: nn.Module) -> None:
+    """A TypeError naming the fix when ``model`` cannot be a token-in, logits-out language
+    model: the trace would otherwise fail with torch's own message about its forward."""
+    name = type(model).__name__
+    if embedding_rows(model) is None:
+        raise TypeError(
+            f"{name} is not a language model: it has no token embedding (nn.Embedding). transform() takes "
+            "a LLaDA / Dream model from dyllm_fx.load(), or a transformers Llama / Qwen2 model wrapped with "
+            "dyllm_fx.models.hf.bidirectional()"
+        )
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):  # a builtin forward: let the trace decide
+        return
+    takes_keywords = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    if "attention_mask" not in params and not takes_keywords:
+        raise TypeError(
+            f"{name}.forward{inspect.signature(model.forward)} does not take attention_mask=; transform() "
+            "calls the model as model(input_ids, attention_mask=..., position_ids=...) and reads logits. "
+            "Pass a model from dyllm_fx.load() or one wrapped with dyllm_fx.models.hf.bidirectional()"
+        )
 
 
 __all__ = ["TransformedModel", "transform"]

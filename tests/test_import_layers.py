@@ -42,6 +42,7 @@ LAYERS = (
     ("dyllm_fx.kernels", 0),
     ("dyllm_fx.models", 0),
     ("dyllm_fx.errors", 0),
+    ("dyllm_fx.values", 0),
     ("dyllm_fx.char_tokenizer", 0),
     ("dyllm_fx.prompts", 0),
     ("dyllm_fx.assets", 0),

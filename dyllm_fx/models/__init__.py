@@ -54,9 +54,14 @@ def resolve_architecture(config: dict[str, Any]) -> Architecture:
     )
 
 
-def build_model(config: dict[str, Any]) -> nn.Module:
-    arch = resolve_architecture(config)
-    return arch.model_cls(arch.config_cls.from_dict(config))
+def parse_config(config: dict[str, Any], source: str = "config.json"):
+    """The architecture's config dataclass for ``config`` (config.json's content, read from
+    ``source``), every setting type- and range-checked: a CheckpointError names the key."""
+    return resolve_architecture(config).config_cls.from_dict(config, source)
+
+
+def build_model(config: dict[str, Any], source: str = "config.json") -> nn.Module:
+    return resolve_architecture(config).model_cls(parse_config(config, source))
 
 
 def load_model(
@@ -65,7 +70,7 @@ def load_model(
     """Build the model named by ``folder/config.json`` and fill it with the folder's safetensors."""
     config = read_config(folder)
     with torch.device("meta"):
-        model = build_model(config)
+        model = build_model(config, str(Path(folder) / "config.json"))
     state = load_state_dict(folder, dtype=dtype, device=device)
     check_state_dict(model, state, str(folder))
     model.load_state_dict(state, assign=True)
@@ -95,6 +100,7 @@ __all__ = [
     "build_model",
     "load_model",
     "model_config_dict",
+    "parse_config",
     "read_config",
     "resolve_architecture",
     "safetensors_files",

@@ -87,13 +87,24 @@ def safetensors_files(folder: str | Path) -> list[Path]:
 def load_state_dict(
     folder: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
 ) -> dict[str, torch.Tensor]:
+    """Every tensor of the folder's safetensors, in ``dtype`` (floating-point ones) on ``device``.
+    A CheckpointError names a file that cannot be read and the tensors holding NaN or inf."""
     state: dict[str, torch.Tensor] = {}
     for file in safetensors_files(folder):
         try:
             with safe_open(str(file), framework="pt", device=str(device)) as f:
+                bad: list[str] = []
+                overflow: list[str] = []
                 for key in f.keys():
                     t = f.get_tensor(key)
-                    state[key] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+                    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                        bad.append(key)
+                    elif dtype is not None and t.is_floating_point():
+                        t = t.to(dtype)
+                        if not bool(torch.isfinite(t).all()):
+                            overflow.append(key)
+                    state[key] = t
+                _refuse_non_finite(file, bad, overflow, dtype)
         except (SafetensorError, OSError) as err:
             size = file.stat().st_size if file.exists() else 0
             raise CheckpointError(
@@ -101,6 +112,22 @@ def load_state_dict(
                 "(an interrupted download?); download it again"
             ) from err
     return state
+
+
+def _refuse_non_finite(file: Path, bad: list[str], overflow: list[str], dtype) -> None:
+    """A checkpoint of NaN / inf weights decodes to an empty or meaningless text without any
+    other sign, so it is refused at load, naming the tensors."""
+    if bad:
+        raise CheckpointError(
+            f"weights file {file} holds NaN or infinite values in {len(bad)} tensor(s): {_preview(bad)}. The "
+            "checkpoint is damaged (a training run that diverged, or a broken conversion); use an earlier "
+            "checkpoint or download it again"
+        )
+    if overflow:
+        raise CheckpointError(
+            f"weights file {file}: {_preview(overflow)} overflow {dtype} (values beyond its range become "
+            "inf); load in a wider dtype, e.g. dtype='bfloat16' or 'float32'"
+        )
 
 
 def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:

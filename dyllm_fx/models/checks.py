@@ -58,3 +58,13 @@ def _group(named: list, key) -> dict[str, list[str]]:
 def _preview(names: list[str], limit: int = 3) -> str:
     shown = ", ".join(names[:limit])
     return f"{shown} (+{len(names) - limit} more)" if len(names) > limit else shown
+
+
+def embedding_rows(model: nn.Module) -> int | None:
+    """Rows of ``model``'s token embedding: the token ids it can read are 0 to rows - 1. None
+    when it has no ``nn.Embedding`` to read them from (then ids are not bounds-checked)."""
+    get = getattr(model, "get_input_embeddings", None)
+    embedding = get() if callable(get) else None
+    if not isinstance(embedding, nn.Embedding):
+        embedding = next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)
+    return embedding.num_embeddings if embedding is not None else None

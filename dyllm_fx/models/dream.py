@@ -16,11 +16,12 @@ runtime applies it. State-dict keys are the Qwen2 ones:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
 
+from .config_fields import ConfigReader
 from .layers import BidirectionalLM, LMParts, RMSNorm, self_attention, swiglu_mlp
 
 
@@ -43,7 +44,9 @@ class DreamConfig:
     pad_token_id: int = 151643
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> "DreamConfig":
+    def from_dict(cls, raw: dict[str, Any], source: str = "config.json") -> "DreamConfig":
+        """The config of ``raw`` (config.json's content, read from ``source``), every setting
+        checked; a CheckpointError names the file and the key that is wrong."""
         if raw.get("rope_scaling"):
             raise ValueError(
                 f"Dream config sets rope_scaling={raw['rope_scaling']!r}; dyllm-fx implements plain RoPE "
@@ -53,8 +56,15 @@ class DreamConfig:
             raise ValueError(
                 "Dream config.json has no mask_token_id; add it (151666 for Dream-v0 checkpoints)."
             )
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in raw.items() if k in known and v is not None})
+        read = ConfigReader(source)
+        cfg = cls(**read.fields(cls, raw))
+        read.positive(cfg, "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+        read.positive(cfg, "num_key_value_heads", "vocab_size", "max_position_embeddings", "rope_theta")
+        read.positive(cfg, "rms_norm_eps")
+        read.divides(cfg, "num_attention_heads", "hidden_size")
+        read.divides(cfg, "num_key_value_heads", "num_attention_heads")
+        read.token_ids(cfg, "vocab_size", cfg.vocab_size, "mask_token_id", "eos_token_id", "pad_token_id")
+        return cfg
 
 
 class DreamBlock(nn.Module):

@@ -12,11 +12,12 @@ reproduce the published checkpoint's state-dict keys, so its safetensors load un
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
 
+from .config_fields import ConfigReader
 from .layers import BidirectionalLM, LMParts, RMSNorm, self_attention, swiglu_mlp
 
 LLADA_MASK_TOKEN_ID = 126336
@@ -44,9 +45,20 @@ class LLaDAConfig:
     pad_token_id: int = 126081
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> "LLaDAConfig":
-        known = {f.name for f in fields(cls)}
-        cfg = cls(**{k: v for k, v in raw.items() if k in known and v is not None})
+    def from_dict(cls, raw: dict[str, Any], source: str = "config.json") -> "LLaDAConfig":
+        """The config of ``raw`` (config.json's content, read from ``source``), every setting
+        checked; a CheckpointError names the file and the key that is wrong."""
+        read = ConfigReader(source)
+        cfg = cls(**read.fields(cls, raw))
+        read.positive(cfg, "d_model", "n_heads", "n_kv_heads", "n_layers", "mlp_hidden_size")
+        read.positive(
+            cfg, "vocab_size", "embedding_size", "max_sequence_length", "rope_theta", "rms_norm_eps"
+        )
+        read.divides(cfg, "n_heads", "d_model")
+        if cfg.n_kv_heads is not None:
+            read.divides(cfg, "n_kv_heads", "n_heads")
+        vocab_key = "vocab_size" if cfg.embedding_size is None else "embedding_size"
+        read.token_ids(cfg, vocab_key, cfg.padded_vocab, "mask_token_id", "eos_token_id", "pad_token_id")
         unsupported = {k: raw[k] for k in ("attention_layer_norm", "alibi", "clip_qkv") if raw.get(k)}
         if raw.get("activation_type", "silu") not in ("silu", "swiglu"):
             unsupported["activation_type"] = raw["activation_type"]

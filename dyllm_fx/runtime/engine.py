@@ -28,6 +28,7 @@ from typing import Protocol
 
 import torch
 
+from ..errors import UsageError
 from .cache import StepCache
 from .cuda_graph import StepGraphs
 from .pieces import Pieces
@@ -84,6 +85,23 @@ class StepRunner(Protocol):
         ...
 
 
+def compile_backend(compile: bool | str) -> str | None:
+    """The torch.compile backend ``compile`` names: None for False, inductor for True, else the
+    name itself once torch knows it (an unknown name is refused here, not at the first step)."""
+    if isinstance(compile, bool):
+        return "inductor" if compile else None
+    if not isinstance(compile, str):
+        raise TypeError(f"compile must be True, False or a torch.compile backend name, got {compile!r}")
+    from torch._dynamo import list_backends
+
+    if compile not in list_backends(exclude_tags=()):
+        raise UsageError(
+            f"unknown compile backend {compile!r}; use compile=True (inductor) or one of "
+            f"{', '.join(list_backends())} (or a debugging backend: aot_eager, eager)"
+        )
+    return compile
+
+
 class CompileCounter:
     """A torch.compile backend that counts the graphs it compiles (recompiles included) and
     hands them to ``backend`` ("inductor", or e.g. "aot_eager", which traces the same whole
@@ -112,8 +130,7 @@ class StepEngine:
         cuda_graphs: bool = False,
         runner: StepRunner | None = None,
     ):
-        if not isinstance(compile, (bool, str)):
-            raise TypeError(f"compile must be True, False or a torch.compile backend name, got {compile!r}")
+        backend = compile_backend(compile)
         self.program = program
         self.runner = runner
         self.pieces = Pieces(program) if program is not None else None
@@ -129,7 +146,7 @@ class StepEngine:
         # Off by default: copying similarities / row maps to the host each step costs a sync.
         self.record_similarity = False
         self.record_activity = False
-        self.compiler = CompileCounter(compile if isinstance(compile, str) else "inductor")
+        self.compiler = CompileCounter(backend or "inductor")
         self._compiled: dict[tuple, Callable] = {}
         self.graphs = StepGraphs()
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..values import check_integer, check_number
 from .sampling_math import add_gumbel_noise, dream_sample_tokens
 from .schedule import dream_timesteps, dream_transfer_count, llada_transfer_counts
 
@@ -45,8 +46,19 @@ class Selection:
 
 
 def _check_threshold(threshold: float | None) -> None:
-    if threshold is not None and not 0.0 < threshold <= 1.0:
-        raise ValueError(f"threshold must be in (0, 1], got {threshold}; 0.9 is the Fast-dLLM default")
+    check_number(
+        "threshold",
+        threshold,
+        minimum=0,
+        maximum=1,
+        above=True,
+        allow_none=True,
+        hint="; 0.9 is the Fast-dLLM default",
+    )
+
+
+def _check_temperature(temperature: float) -> None:
+    check_number("temperature", temperature, minimum=0, hint="; 0 decodes greedily, 1 samples as trained")
 
 
 def _select_top(confidence: torch.Tensor, counts: torch.Tensor, ctx: StepContext) -> torch.Tensor:
@@ -88,8 +100,7 @@ class LLaDASampler:
     def __post_init__(self) -> None:
         if self.remasking not in ("low_confidence", "random"):
             raise ValueError(f"remasking must be 'low_confidence' or 'random', got {self.remasking!r}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        _check_temperature(self.temperature)
         _check_threshold(self.threshold)
         if self.threshold is not None and self.remasking == "random":
             raise ValueError("threshold decoding needs a confidence; use remasking='low_confidence'")
@@ -134,10 +145,23 @@ class DreamSampler:
             raise ValueError(
                 f"alg must be one of origin, maskgit_plus, topk_margin, entropy; got {self.alg!r}"
             )
-        if not 0 < self.eps < 1:
+        check_number("eps", self.eps, minimum=0, maximum=1, above=True)
+        if self.eps == 1:
             raise ValueError(f"eps must be in (0, 1), got {self.eps}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        _check_temperature(self.temperature)
+        check_number(
+            "top_p", self.top_p, minimum=0, maximum=1, above=True, allow_none=True, hint="; None: off"
+        )
+        check_integer(
+            "top_k",
+            self.top_k,
+            minimum=1,
+            allow_none=True,
+            hint="; pass top_k=None to turn top-k filtering off",
+        )
+        check_number(
+            "alg_temp", self.alg_temp, minimum=0, allow_none=True, hint="; None: a deterministic order"
+        )
         _check_threshold(self.threshold)
         if self.schedule not in ("dream", "even"):
             raise ValueError(

@@ -21,18 +21,23 @@ from collections.abc import Sequence as Seq
 import torch
 
 from ..errors import UsageError
-from ..generation import check_model_tensors, diffusion_spec, make_sampler
+from ..generation import check_model_tensors, diffusion_spec, make_sampler, vocabulary_size
+from ..values import check_token_ids
 from .batch import Batch, Stepper
 from .metrics import ServingMetrics
 from .outputs import RequestOutput
 from .params import SamplingParams, resolve
-from .scheduler import QueueFull, Scheduler
+from .scheduler import QueueFull, RequestTooLarge, Scheduler
 from .sequence import Request, RowRandom, Sequence
 
 log = logging.getLogger("dyllm_fx.serving")
 
 
-class PromptTooLongError(ValueError):
+class PromptError(ValueError):
+    """A prompt the model cannot take as it is (HTTP 400 naming the ``prompt`` field)."""
+
+
+class PromptTooLongError(PromptError):
     """The prompt plus the response window exceed the model's window (HTTP 400)."""
 
 
@@ -61,6 +66,7 @@ class ServingEngine:
         self.tokenizer = tokenizer
         self.spec = diffusion_spec(model)
         self.device = check_model_tensors(model)
+        self.vocab_size = vocabulary_size(model, self.spec)
         self.dream = bool(self.spec.logits_shift)
         self.scheduler = Scheduler(max_num_seqs, max_num_batches, max_queue_size)
         self.metrics = metrics or ServingMetrics()
@@ -102,19 +108,16 @@ class ServingEngine:
             text, ids = prompt, self.tokenize(prompt)
         elif isinstance(prompt, Seq) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
             text, ids = None, list(prompt)
+            try:
+                check_token_ids("the prompt", ids, self.vocab_size)
+            except ValueError as err:
+                raise PromptError(str(err)) from None
         else:
             raise TypeError(f"a prompt is a string or a list of token ids, got {type(prompt).__name__}")
         if not ids:
             raise ValueError("the prompt is empty (no tokens); pass a non-empty prompt")
         resolved = resolve(params, self.spec.trained_gen_length, self.spec.max_length)
-        limit = self.spec.max_length
-        if limit is not None and len(ids) + resolved.window > limit:
-            raise PromptTooLongError(
-                f"the prompt ({len(ids)} tokens) + the response window ({resolved.window} tokens) = "
-                f"{len(ids) + resolved.window} exceeds the model's window of {limit} tokens; shorten the "
-                "prompt or "
-                f"lower max_tokens (at most {limit - len(ids)} here)"
-            )
+        self._check_fits(len(ids), resolved.window, params.block_length or 1)
         sampler = make_sampler(self.dream, threshold=params.threshold, **params.sampler_kwargs(self.dream))
         request = Request(request_id, text, ids, params, resolved, arrival_time)
         request.prompt_tensor = torch.tensor(ids, dtype=torch.long, device=self.device)
@@ -123,8 +126,28 @@ class ServingEngine:
             request.seqs.append(Sequence(request, i, sampler, rng, self.spec, self.device))
         return request
 
+    def _check_fits(self, prompt_len: int, window: int, block: int) -> None:
+        """A PromptTooLongError when the prompt and its response window overflow the model's
+        window; it says whether a smaller max_tokens helps or only a shorter prompt does."""
+        limit = self.spec.max_length
+        if limit is None or prompt_len + window <= limit:
+            return
+        room = (limit - prompt_len) // block * block  # the largest whole-block window that fits
+        if room < 1:
+            raise PromptTooLongError(
+                f"the prompt ({prompt_len} tokens) leaves no room for a response in the model's window of "
+                f"{limit} tokens (a response takes at least {block} token(s), one block); shorten the "
+                f"prompt to at most {limit - block} tokens"
+            )
+        raise PromptTooLongError(
+            f"the prompt ({prompt_len} tokens) + the response window ({window} tokens) = "
+            f"{prompt_len + window} exceeds the model's window of {limit} tokens; shorten the "
+            f"prompt or lower max_tokens (at most {room} here)"
+        )
+
     def add_requests(self, requests: list[Request]) -> None:
-        """Queue ``requests`` (all or none; :class:`QueueFull` when the queue has no room)."""
+        """Queue ``requests`` (all or none; :class:`QueueFull` when the queue has no room now,
+        :class:`RequestTooLarge` when it never will)."""
         with self._lock:
             clash = [r.request_id for r in requests if r.request_id in self._requests]
             if clash:
@@ -133,6 +156,9 @@ class ServingEngine:
                 self.scheduler.add([s for r in requests for s in r.seqs])
             except QueueFull:
                 self.metrics.rejected("queue_full", len(requests))
+                raise
+            except RequestTooLarge:
+                self.metrics.rejected("too_large", len(requests))
                 raise
             for r in requests:
                 self._requests[r.request_id] = r
@@ -261,4 +287,4 @@ class ServingEngine:
         return [final[r.request_id] for r in requests]
 
 
-__all__ = ["PromptTooLongError", "QueueFull", "ServingEngine"]
+__all__ = ["PromptError", "PromptTooLongError", "QueueFull", "RequestTooLarge", "ServingEngine"]

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 from dataclasses import dataclass
 
 from ..runtime.schedule import BlockSchedule
+from ..values import check_integer, check_number, check_seed
 
 DEFAULT_WINDOW = 64  # generate()'s default gen_length
 
@@ -66,31 +66,36 @@ class SamplingParams:
     skip_special_tokens: bool = True
 
     def __post_init__(self) -> None:
-        _integer("max_tokens", self.max_tokens, minimum=1, allow_none=True)
-        _integer("block_length", self.block_length, minimum=1, allow_none=True)
-        _integer("steps", self.steps, minimum=1, allow_none=True)
-        _integer("n", self.n, minimum=1)
-        _integer("seed", self.seed, minimum=None, allow_none=True)
-        _integer("top_k", self.top_k, minimum=None, allow_none=True)
-        for name in ("temperature", "top_p", "threshold", "alg_temp"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
-                raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+        check_integer("max_tokens", self.max_tokens, minimum=1, allow_none=True)
+        check_integer("block_length", self.block_length, minimum=1, allow_none=True, hint="; None: one block")
+        check_integer("steps", self.steps, minimum=1, allow_none=True)
+        check_integer("n", self.n, minimum=1)
+        check_seed("seed", self.seed, count=self.n)
+        check_integer("top_k", self.top_k, minimum=-1, allow_none=True, hint="; -1 or 0 turns top-k off")
         if self.temperature is None:
             self.temperature = 0.0
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.threshold is not None and not 0 < self.threshold <= 1:
-            raise ValueError(
-                f"threshold must be in (0, 1], got {self.threshold}; 0.9 is the Fast-dLLM default"
-            )
+        check_number("temperature", self.temperature, minimum=0, hint="; 0 decodes greedily")
+        check_number("top_p", self.top_p, minimum=0, maximum=1, above=True, allow_none=True, hint="; 1: off")
+        check_number(
+            "threshold",
+            self.threshold,
+            minimum=0,
+            maximum=1,
+            above=True,
+            allow_none=True,
+            hint="; 0.9 is the Fast-dLLM default",
+        )
+        check_number("alg_temp", self.alg_temp, minimum=0, allow_none=True)
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-        self.stop = [s for s in (self.stop or []) if s]
-        if any(not isinstance(s, str) for s in self.stop):
+        if self.stop is not None and not isinstance(self.stop, (list, tuple)):
+            raise TypeError(
+                f"stop must be a string or a list of strings, got {type(self.stop).__name__} {self.stop!r}; "
+                'e.g. stop="\\n" or stop=["\\n", "."]'
+            )
+        if any(not isinstance(s, str) for s in self.stop or []):
             raise TypeError(f"stop must be a string or a list of strings, got {self.stop!r}")
+        self.stop = [s for s in (self.stop or []) if s]
 
     def clone(self, **changes) -> "SamplingParams":
         return dataclasses.replace(self, **changes)
@@ -163,17 +168,6 @@ def resolve(params: SamplingParams, trained_window: int | None, max_length: int 
         steps = window
     schedule = BlockSchedule.build(0, window, block, steps)
     return Resolved(window, max_tokens, schedule.block_length, schedule.steps_per_block)
-
-
-def _integer(name: str, value, minimum: int | None, allow_none: bool = False) -> None:
-    if value is None:
-        if allow_none:
-            return
-        raise TypeError(f"{name} must be an integer, got None")
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
 
 
 __all__ = ["DEFAULT_WINDOW", "Resolved", "SamplingParams", "resolve"]

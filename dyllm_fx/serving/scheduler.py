@@ -29,7 +29,12 @@ from .sequence import Sequence
 
 
 class QueueFull(RuntimeError):
-    """The waiting queue has no room for the request (HTTP 429)."""
+    """The waiting queue has no room for the request now (HTTP 429: retry later)."""
+
+
+class RequestTooLarge(ValueError):
+    """The request holds more completions than the queue ever holds (HTTP 400: a retry cannot
+    succeed)."""
 
 
 class Scheduler:
@@ -55,6 +60,13 @@ class Scheduler:
 
     def add(self, seqs: list[Sequence]) -> None:
         """Queue ``seqs`` (all or none)."""
+        if self.max_queue_size is not None and len(seqs) > self.max_queue_size:
+            raise RequestTooLarge(
+                f"this request asks for {len(seqs)} completions (prompts x n), more than the "
+                f"{self.max_queue_size} the queue holds, so it can never be queued; split it into requests "
+                f"of at most {self.max_queue_size} completions, or start the server with --max-queue-size "
+                f"{len(seqs)} or more"
+            )
         with self.lock:
             if self.max_queue_size is not None and len(self.waiting) + len(seqs) > self.max_queue_size:
                 raise QueueFull(

@@ -17,8 +17,10 @@ commits, then ``data: [DONE]``. Responses carry a ``metrics`` object (NFE, activ
 latency) beside ``usage``.
 
 Errors have OpenAI's body ``{"error": {"message", "type", "param", "code"}}``: malformed JSON,
-a wrong field, an unknown model, ``max_tokens`` out of range or a prompt too long for the
-window give 400; a full queue 429; an unknown route 404. A client that disconnects (streaming
+a wrong field (a boolean or a string where a number belongs, a number that is not finite or
+out of range), an unknown model, prompt token ids outside the vocabulary, a prompt too long for
+the window, or a request with more completions than the queue ever holds give 400; a full
+queue 429 (retry later); an unknown route 404. A client that disconnects (streaming
 or not) has its requests cancelled, which frees their rows at the next block boundary.
 """
 
@@ -37,11 +39,11 @@ from typing import Any
 from ..errors import DyllmError
 from .async_engine import AsyncEngine, Stream
 from .chat import render_chat
-from .engine import PromptTooLongError, ServingEngine
+from .engine import PromptError, ServingEngine
 from .net import bind_socket, require_server_packages
 from .outputs import RequestOutput
 from .params import SamplingParams
-from .scheduler import QueueFull
+from .scheduler import QueueFull, RequestTooLarge
 
 log = logging.getLogger("dyllm_fx.serving")
 
@@ -68,8 +70,23 @@ class OpenAIError(Exception):
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
 
+def _numbers_only(value):
+    """A JSON number field's value as sent: ``true`` or ``"0.7"`` is refused, not read as 1.0
+    or 0.7 (pydantic's lax mode would), since such a request is a mistake the client should see."""
+    if isinstance(value, bool):
+        raise ValueError(f"must be a number, not the boolean {json.dumps(value)}")
+    if isinstance(value, str):
+        raise ValueError("must be a number, not a string: send it without quotes")
+    return value
+
+
 def _models():
-    from pydantic import BaseModel, ConfigDict, Field
+    from typing import Annotated
+
+    from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+
+    Number = Annotated[float | None, BeforeValidator(_numbers_only)]
+    Integer = Annotated[int | None, BeforeValidator(_numbers_only)]
 
     class _Common(BaseModel):
         model_config = ConfigDict(
@@ -77,20 +94,20 @@ def _models():
         )  # unknown OpenAI fields are accepted and ignored, as vLLM does
 
         model: str | None = None
-        max_tokens: int | None = None
-        temperature: float | None = None
-        top_p: float | None = None
-        top_k: int | None = None
-        n: int = 1
+        max_tokens: Integer = None
+        temperature: Number = None
+        top_p: Number = None
+        top_k: Integer = None
+        n: Annotated[int, BeforeValidator(_numbers_only)] = 1
         stop: str | list[str] | None = None
-        seed: int | None = None
+        seed: Integer = None
         stream: bool = False
         stream_options: dict | None = None
         logprobs: Any = None
         # the diffusion knobs (OpenAI clients send them with extra_body=)
-        block_length: int | None = Field(default=32)
-        steps: int | None = None
-        threshold: float | None = None
+        block_length: Integer = Field(default=32)
+        steps: Integer = None
+        threshold: Number = None
         remasking: str | None = None
         alg: str | None = None
 
@@ -137,7 +154,9 @@ def sampling_params(req) -> SamplingParams:
             alg=req.alg,
         )
     except (TypeError, ValueError) as err:
-        raise OpenAIError(400, str(err)) from None
+        message = str(err)
+        named = message.split(" ", 1)[0]  # the checks start with the field's name
+        raise OpenAIError(400, message, param=named if named in req.model_fields else None) from None
 
 
 def build_app(engine: AsyncEngine, model_name: str = "default", policy: str = ""):
@@ -229,7 +248,7 @@ def build_app(engine: AsyncEngine, model_name: str = "default", policy: str = ""
             try:
                 requests.append(core.make_request(prompt, params, request_id=f"{prefix}-{i}"))
             except (TypeError, ValueError, DyllmError) as err:
-                if isinstance(err, PromptTooLongError):
+                if isinstance(err, PromptError):
                     param = "prompt"
                 else:
                     param = "max_tokens" if "max_tokens" in str(err) else None
@@ -241,6 +260,8 @@ def build_app(engine: AsyncEngine, model_name: str = "default", policy: str = ""
             return engine.submit(requests)
         except QueueFull as err:
             raise OpenAIError(429, str(err), "rate_limit_error", code="queue_full") from None
+        except RequestTooLarge as err:  # a retry cannot succeed: not a 429
+            raise OpenAIError(400, str(err), param="n", code="request_too_large") from None
 
     async def outputs_while_connected(stream: Stream, raw: Request):
         """The outputs of ``stream`` as they come, until it finishes or the client goes away

@@ -97,6 +97,14 @@ def make_policy(policy: str | Sequence[str] | Policy, family: str | None = None,
                 f"policy parameters {sorted(config)} given with a policy object; set them on the object"
             )
         return policy
+    if not isinstance(policy, str) and not (
+        isinstance(policy, Sequence) and policy and all(isinstance(n, str) for n in policy)
+    ):
+        raise TypeError(
+            f"policy must be a name ({', '.join(POLICIES)}), a composition such as 'dual_cache+dyllm', or "
+            f"a Policy object; got {type(policy).__name__} {policy!r}"[:300]
+            + ". policy='dense' runs the model as it is"
+        )
     names = policy_names(policy)
     if len(names) == 1:
         return _build(names[0], config, family)
