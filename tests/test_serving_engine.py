@@ -16,7 +16,14 @@ import torch
 import dyllm_fx
 from dyllm_fx.eval.synthetic_tasks import ALPHABET
 from dyllm_fx.runtime.policies import make_policy
-from dyllm_fx.serving import LLM, PromptTooLongError, QueueFull, SamplingParams, ServingEngine
+from dyllm_fx.serving import (
+    LLM,
+    PromptTooLongError,
+    QueueFull,
+    RequestTooLarge,
+    SamplingParams,
+    ServingEngine,
+)
 from dyllm_fx.serving.chat import render_chat
 from dyllm_fx.serving.params import resolve
 from policy_helpers import fresh, tiny_models, tiny_programs
@@ -266,8 +273,9 @@ def test_queue_bound_refuses_requests_beyond_it():
         engine.add_request("ef", sp)
     assert engine.metrics.rejected_by_reason == {"queue_full": 1}
     run(engine)
-    with pytest.raises(QueueFull):
-        engine.add_request("gh", sp.clone(n=3))  # three rows never fit a queue of two
+    with pytest.raises(RequestTooLarge, match="can never be queued"):
+        engine.add_request("gh", sp.clone(n=3))  # three rows never fit a queue of two: no retry helps
+    assert not isinstance(RequestTooLarge("x"), QueueFull)
     engine.add_request("gh", sp)  # room again once the queue drained
 
 

@@ -156,7 +156,7 @@ def sampling_params(req) -> SamplingParams:
     except (TypeError, ValueError) as err:
         message = str(err)
         named = message.split(" ", 1)[0]  # the checks start with the field's name
-        raise OpenAIError(400, message, param=named if named in req.model_fields else None) from None
+        raise OpenAIError(400, message, param=named if named in type(req).model_fields else None) from None
 
 
 def build_app(engine: AsyncEngine, model_name: str = "default", policy: str = ""):
