@@ -175,6 +175,7 @@ def generate(
         :class:`GenerationOutput` with ``sequences``, ``texts`` (cut at the first EOS) and
         ``stats`` (NFE, seconds, per-step times and committed tokens, tokens/s).
     """
+    check_seed("seed", seed)
     adapter = adapter_for(model)
     if adapter.runs_own_loop:  # e.g. DiffusionGemma: block diffusion over canvases, its own sampler
         given = gen_length is not None or max_new_tokens is not None
@@ -194,7 +195,6 @@ def generate(
         )
     spec = diffusion_spec(model)
     gen_length = _gen_length(gen_length, max_new_tokens)
-    check_seed("seed", seed)
     check_number("cfg_scale", cfg_scale, minimum=0, hint="; 0 turns classifier-free guidance off")
     if isinstance(prompts, str):
         prompts = [prompts]

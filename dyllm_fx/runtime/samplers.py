@@ -145,8 +145,7 @@ class DreamSampler:
             raise ValueError(
                 f"alg must be one of origin, maskgit_plus, topk_margin, entropy; got {self.alg!r}"
             )
-        check_number("eps", self.eps, minimum=0, maximum=1, above=True)
-        if self.eps == 1:
+        if not 0 < check_number("eps", self.eps) < 1:
             raise ValueError(f"eps must be in (0, 1), got {self.eps}")
         _check_temperature(self.temperature)
         check_number(
