@@ -64,8 +64,8 @@ class Scheduler:
             raise RequestTooLarge(
                 f"this request asks for {len(seqs)} completions (prompts x n), more than the "
                 f"{self.max_queue_size} the queue holds, so it can never be queued; split it into requests "
-                f"of at most {self.max_queue_size} completions, or start the server with --max-queue-size "
-                f"{len(seqs)} or more"
+                f"of at most {self.max_queue_size} completions, or raise max_queue_size to {len(seqs)} or "
+                f"more (dyllm serve --max-queue-size {len(seqs)})"
             )
         with self.lock:
             if self.max_queue_size is not None and len(self.waiting) + len(seqs) > self.max_queue_size:
