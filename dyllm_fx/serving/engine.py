@@ -135,8 +135,8 @@ class ServingEngine:
         room = (limit - prompt_len) // block * block  # the largest whole-block window that fits
         if room < 1:
             raise PromptTooLongError(
-                f"the prompt ({prompt_len} tokens) leaves no room for a response in the model's window of "
-                f"{limit} tokens (a response takes at least {block} token(s), one block); shorten the "
+                f"the prompt ({prompt_len} tokens) leaves no room for a response: with the smallest one "
+                f"({block} token(s), one block) it exceeds the model's window of {limit} tokens; shorten the "
                 f"prompt to at most {limit - block} tokens"
             )
         raise PromptTooLongError(
