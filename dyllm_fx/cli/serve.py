@@ -52,6 +52,36 @@ def add_serve_parser(sub, parents=()) -> argparse.ArgumentParser:
     p.add_argument(
         "--cuda-graphs", action="store_true", help="replay each step as a CUDA graph (with --policy NAME)"
     )
+    replicas = p.add_argument_group(
+        "replicas on Ray Serve",
+        'N copies of this server behind Ray Serve\'s HTTP proxy (pip install "dyllm-fx[ray]"); see '
+        "docs/serving.md",
+    )
+    replicas.add_argument(
+        "--replicas",
+        type=int,
+        default=None,
+        metavar="N",
+        help="serve N replicas on Ray Serve (default: one server in this process, no Ray)",
+    )
+    replicas.add_argument(
+        "--max-replicas",
+        type=int,
+        default=None,
+        metavar="M",
+        help="autoscale between --replicas and M replicas on the requests in flight",
+    )
+    replicas.add_argument(
+        "--ray-address",
+        default=None,
+        help="join this Ray cluster (e.g. ray://head:10001 or auto; default: $RAY_ADDRESS, else a local one)",
+    )
+    replicas.add_argument(
+        "--cpus-per-replica", type=float, default=1.0, help="Ray CPUs each replica holds (default 1)"
+    )
+    replicas.add_argument(
+        "--gpus-per-replica", type=float, default=0.0, help="Ray GPUs each replica holds (default 0)"
+    )
     p.add_argument(
         "--log-level",
         default="warning",
@@ -81,12 +111,55 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.cuda_graphs and args.policy == "vanilla":
         raise UsageError("--cuda-graphs needs --policy NAME (the untransformed model runs eagerly)")
     require_server_packages()  # FastAPI / uvicorn missing: say so before importing torch
+    if args.replicas is not None:
+        return _run_replicas(args)
     sock = bind_socket(args.host, args.port)  # a port in use: idem
     try:
         load_kw = check_run(args, decoding=False)
         return _run(args, load_kw, sock)
     finally:
         sock.close()
+
+
+def _run_replicas(args: argparse.Namespace) -> int:
+    from ..serving.net import bind_socket
+    from ..serving.replicas import ReplicaConfig, require_ray, run_replicas
+
+    require_ray()  # before torch: the pip command, not a model load, is the first thing a user sees
+    if args.replicas < 1:
+        raise UsageError(f"--replicas must be at least 1, got {args.replicas}")
+    if args.max_replicas is not None and args.max_replicas < args.replicas:
+        raise UsageError(f"--max-replicas must be >= --replicas ({args.replicas}), got {args.max_replicas}")
+    if args.cpus_per_replica < 0 or args.gpus_per_replica < 0:
+        raise UsageError("--cpus-per-replica and --gpus-per-replica must be >= 0")
+    bind_socket(args.host, args.port).close()  # a port in use: say so before Ray starts
+    check_run(args, decoding=False)  # the model folder, policy and device, checked here once
+    config = ReplicaConfig(
+        model=args.model,
+        policy=args.policy,
+        policy_args=args.policy_args,
+        compile=args.compile,
+        cuda_graphs=args.cuda_graphs,
+        dtype=args.dtype,
+        device=args.device,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batches=args.max_num_batches,
+        max_queue_size=args.max_queue_size,
+        threads=args.threads,
+        served_model_name=args.served_model_name,
+    )
+    run_replicas(
+        config,
+        args.replicas,
+        host=args.host,
+        port=args.port,
+        max_replicas=args.max_replicas,
+        cpus_per_replica=args.cpus_per_replica,
+        gpus_per_replica=args.gpus_per_replica,
+        ray_address=args.ray_address,
+        lifetime_s=args.lifetime,
+    )
+    return 0
 
 
 def _run(args: argparse.Namespace, load_kw: dict, sock) -> int:

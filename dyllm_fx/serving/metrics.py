@@ -47,6 +47,7 @@ class ServingMetrics:
     def __init__(self):
         self._lock = threading.Lock()
         self.started = time.monotonic()
+        self.started_wall = time.time()
         self.received = 0
         self.finished_by_reason: dict[str, int] = {}
         self.rejected_by_reason: dict[str, int] = {}
@@ -119,6 +120,12 @@ class ServingMetrics:
                 "gauge",
                 "The served model and policy.",
                 [f'dyllm_info{{model="{_label(model)}",policy="{_label(policy)}"}} 1'],
+            )
+            metric(
+                "process_start_time_seconds",
+                "gauge",
+                "When this server process started, in seconds since the epoch (tells replicas apart).",
+                [f"process_start_time_seconds {self.started_wall:.6f}"],
             )
             metric(
                 "dyllm_requests_received_total",

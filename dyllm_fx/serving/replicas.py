@@ -1,0 +1,223 @@
+"""Replicas of the OpenAI-compatible server on Ray Serve (``dyllm serve --replicas N``).
+
+One server process decodes one batch stream on one device; a replica is a copy of that whole
+server (model, scheduler, engine thread, FastAPI app) in a Ray actor of its own. Ray Serve's
+HTTP proxy takes every request and hands it to one replica, so the endpoints, their bodies and
+their streaming are those of ``dyllm serve`` (``server.py``) exactly. Replicas are for load;
+a model too large for one device needs tensor parallelism instead.
+
+    from dyllm_fx.serving.replicas import ReplicaConfig, openai_deployment
+    from ray import serve
+
+    app = openai_deployment(ReplicaConfig("default", policy="dual_cache"), num_replicas=2)
+    serve.run(app, route_prefix="/")  # http://127.0.0.1:8000/v1/completions
+
+Each replica builds its engine from a :class:`ReplicaConfig` (plain, picklable values: a model
+name or folder, not a model object), so it loads the weights itself on whichever node Ray
+places it: a model folder must exist at the same path on every node of a multi-node cluster.
+
+Ray is an optional extra (``pip install "dyllm-fx[ray]"``); nothing here imports it at module
+level.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from ..errors import MissingDependencyError, UsageError
+from .net import require_server_packages
+
+APP_NAME = "dyllm"
+
+
+def require_ray() -> None:
+    """A MissingDependencyError with the pip command when Ray Serve is missing."""
+    if importlib.util.find_spec("ray") is None or importlib.util.find_spec("ray.serve") is None:
+        raise MissingDependencyError(
+            'replicas run on Ray Serve, which is not installed; install it with pip install "dyllm-fx[ray]" '
+            '(from a checkout: pip install -e ".[ray]"), or leave out --replicas for one server process'
+        )
+    require_server_packages()
+
+
+@dataclasses.dataclass(frozen=True)
+class ReplicaConfig:
+    """What every replica builds: the arguments of :class:`dyllm_fx.LLM` (which loads the
+    model, applies the policy and owns the serving engine) plus the server's own.
+
+    Args:
+        model: ``"default"``, a model folder or a Hub id in the local cache, as ``dyllm_fx.load``.
+        policy: ``"vanilla"`` or a ``transform()`` policy; ``policy_args`` its parameters.
+        threads: torch CPU threads of each replica's engine thread (None: torch's choice).
+        served_model_name: the name clients pass (default: ``model``).
+    """
+
+    model: str = "default"
+    policy: str = "vanilla"
+    policy_args: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    compile: bool | str = False
+    cuda_graphs: bool = False
+    dtype: str | None = None
+    device: str | None = None
+    max_num_seqs: int = 16
+    max_num_batches: int = 4
+    max_queue_size: int | None = 256
+    threads: int | None = None
+    served_model_name: str | None = None
+
+    def build_app(self):
+        """The FastAPI app of one replica, its engine thread started (runs inside the replica)."""
+        from .async_engine import AsyncEngine
+        from .llm import LLM
+        from .server import build_app
+
+        llm = LLM(
+            self.model,
+            policy=self.policy,
+            compile=self.compile,
+            cuda_graphs=self.cuda_graphs,
+            max_num_seqs=self.max_num_seqs,
+            max_num_batches=self.max_num_batches,
+            max_queue_size=self.max_queue_size,
+            dtype=self.dtype,
+            device=self.device,
+            **dict(self.policy_args),
+        )
+        engine = AsyncEngine(llm.engine, threads=self.threads).start()
+        return build_app(engine, self.served_model_name or self.model, llm.policy_name)
+
+
+def openai_deployment(
+    config: ReplicaConfig,
+    num_replicas: int = 1,
+    max_replicas: int | None = None,
+    cpus_per_replica: float = 1.0,
+    gpus_per_replica: float = 0.0,
+):
+    """A Ray Serve application of ``num_replicas`` OpenAI-compatible servers.
+
+    ``max_replicas`` above ``num_replicas`` turns on Ray's autoscaling between the two, aiming
+    at ``config.max_num_seqs`` requests in flight per replica (one full batch each).
+    ``cpus_per_replica`` / ``gpus_per_replica`` are the Ray resources each replica holds (a
+    replica sees only the GPUs Ray gives it). Run it with ``ray.serve.run(app, route_prefix="/")``.
+    """
+    require_ray()
+    _check_replicas(num_replicas, max_replicas)
+    if cpus_per_replica < 0 or gpus_per_replica < 0:
+        raise UsageError("cpus_per_replica and gpus_per_replica must be >= 0")
+    from ray import serve
+
+    options: dict[str, Any] = {
+        "name": "OpenAIServer",
+        "ray_actor_options": {"num_cpus": cpus_per_replica, "num_gpus": gpus_per_replica},
+        # a request is one HTTP call that may hold several completions; let a replica's
+        # scheduler, not the proxy, decide how many decode at once
+        "max_ongoing_requests": max(config.max_num_seqs * 4, 8),
+    }
+    if max_replicas is not None and max_replicas > num_replicas:
+        options["autoscaling_config"] = {
+            "min_replicas": num_replicas,
+            "max_replicas": max_replicas,
+            "target_ongoing_requests": config.max_num_seqs,
+        }
+    else:
+        options["num_replicas"] = num_replicas
+    def build_app():  # Ray takes a plain function of no arguments as an app builder
+        return config.build_app()
+
+    server = serve.deployment(serve.ingress(build_app)(), **options)
+    return server.bind()
+
+
+def _check_replicas(num_replicas: int, max_replicas: int | None) -> None:
+    if isinstance(num_replicas, bool) or not isinstance(num_replicas, int) or num_replicas < 1:
+        raise UsageError(f"the number of replicas must be an integer >= 1, got {num_replicas!r}")
+    if max_replicas is not None and (
+        isinstance(max_replicas, bool) or not isinstance(max_replicas, int) or max_replicas < num_replicas
+    ):
+        raise UsageError(
+            f"max_replicas must be an integer >= the number of replicas ({num_replicas}), "
+            f"got {max_replicas!r}"
+        )
+
+
+def free_port(host: str) -> int:
+    """A TCP port nobody listens on now (Ray's proxy binds the port itself, so it needs a number)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def run_replicas(
+    config: ReplicaConfig,
+    num_replicas: int,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    max_replicas: int | None = None,
+    cpus_per_replica: float = 1.0,
+    gpus_per_replica: float = 0.0,
+    ray_address: str | None = None,
+    lifetime_s: float | None = None,
+    announce: Callable[[str], None] | None = None,
+) -> None:
+    """Start (or join, with ``ray_address`` / ``RAY_ADDRESS``) a Ray cluster, deploy the
+    replicas behind Ray Serve's proxy on ``host:port`` and serve until interrupted (or for
+    ``lifetime_s`` seconds). ``port`` 0: a free port, announced."""
+    require_ray()
+    _check_replicas(num_replicas, max_replicas)
+    import ray
+    from ray import serve
+
+    port = port or free_port(host)
+    _interrupt_on_sigterm()  # ServerProcess and service managers stop with SIGTERM: shut Ray down too
+    ray.init(address=ray_address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    try:
+        serve.start(http_options={"host": host, "port": port})
+        app = openai_deployment(config, num_replicas, max_replicas, cpus_per_replica, gpus_per_replica)
+        try:
+            serve.run(app, name=APP_NAME, route_prefix="/")
+        except RuntimeError as err:
+            raise UsageError(
+                f"the replicas did not start: {err}; run `dyllm serve` without --replicas to see the "
+                "model's own error"
+            ) from None
+        shown = f"[{host}]" if ":" in host else host
+        url = f"http://{shown}:{port}"
+        if announce is not None:
+            announce(url)
+        else:
+            print(
+                f"dyllm serve: listening on {url} (model {config.served_model_name or config.model!r}, "
+                f"policy {config.policy!r}, {num_replicas} replica(s) on Ray Serve)",
+                file=sys.stderr,
+                flush=True,
+            )
+        deadline = None if lifetime_s is None else time.monotonic() + lifetime_s
+        try:
+            while deadline is None or time.monotonic() < deadline:
+                time.sleep(0.2 if deadline is None else min(0.2, max(deadline - time.monotonic(), 0)))
+        except KeyboardInterrupt:
+            pass
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def _interrupt_on_sigterm() -> None:
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, interrupt)
+
+
+__all__ = ["APP_NAME", "ReplicaConfig", "free_port", "openai_deployment", "require_ray", "run_replicas"]

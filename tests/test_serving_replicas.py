@@ -1,0 +1,104 @@
+"""``dyllm serve --replicas N``: N copies of the OpenAI-compatible server behind Ray Serve's
+proxy (``dyllm_fx.serving.replicas``). The replica test starts a real local Ray cluster (slow);
+the checks of bad input and of a missing Ray need none."""
+
+from __future__ import annotations
+
+import importlib.util
+import warnings
+
+import pytest
+
+import dyllm_fx
+from dyllm_fx.cli.main import main
+from dyllm_fx.errors import MissingDependencyError, UsageError
+from dyllm_fx.eval.synthetic_tasks import held_out_set
+from dyllm_fx.serving.process import ServerProcess
+from dyllm_fx.serving.replicas import ReplicaConfig, openai_deployment, require_ray
+
+POLICY = "dual_cache"
+
+
+def _without(monkeypatch, module: str) -> None:
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name.split(".")[0] == module else real(name, *a),
+    )
+
+
+def test_without_ray_the_error_names_the_extra(monkeypatch, capsys):
+    _without(monkeypatch, "ray")
+    with pytest.raises(MissingDependencyError, match=r'pip install "dyllm-fx\[ray\]"'):
+        require_ray()
+    assert main(["serve", "--replicas", "2"]) == 2
+    err = capsys.readouterr().err
+    assert 'pip install "dyllm-fx[ray]"' in err and "--replicas" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--replicas", "0"], "--replicas must be at least 1"),
+        (["--replicas", "2", "--max-replicas", "1"], "--max-replicas must be >= --replicas (2)"),
+        (["--replicas", "1", "--gpus-per-replica", "-1"], "must be >= 0"),
+    ],
+)
+def test_bad_replica_options_are_refused_before_ray_starts(args, message, capsys):
+    pytest.importorskip("ray")
+    assert main(["serve", *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("count, most", [(0, None), (2, 1), (True, None)])
+def test_the_deployment_refuses_bad_replica_counts(count, most):
+    pytest.importorskip("ray")
+    with pytest.raises(UsageError, match="replicas"):
+        openai_deployment(ReplicaConfig(), count, most)
+
+
+@pytest.mark.slow
+def test_two_replicas_answer_as_one_server_does():
+    """Two replicas of the embedded model behind Ray Serve's proxy: /v1/models and /health
+    answer, every completion equals the model decoding its prompt alone (whichever replica
+    took it), and both replicas took requests (each has its own /metrics)."""
+    pytest.importorskip("ray")
+    openai = pytest.importorskip("openai")
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = [e.prompt for e in held_out_set(2)][:8]
+    model, tokenizer = dyllm_fx.load("default")
+    fast = dyllm_fx.transform(model, policy=POLICY)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a window other than the trained 64 warns
+        want = dyllm_fx.generate(fast, tokenizer, pool, gen_length=32, block_length=16).texts
+    with ServerProcess(
+        "--policy", POLICY, "--replicas", "2", "--cpus-per-replica", "0.5", start_timeout_s=300
+    ) as server:
+        import httpx
+
+        assert httpx.get(f"{server.url}/health", timeout=60).status_code == 200
+        models = httpx.get(f"{server.url}/v1/models", timeout=60).json()
+        assert [m["id"] for m in models["data"]] == ["default"]
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+        def complete(prompt: str) -> str:
+            out = client.completions.create(
+                model="default", prompt=prompt, max_tokens=32, extra_body={"block_length": 16}
+            )
+            return out.choices[0].text
+
+        with ThreadPoolExecutor(8) as threads:
+            got = list(threads.map(complete, pool * 2))
+        assert got == want * 2
+        assert "2 replica(s) on Ray Serve" in server.output()
+        # each scrape of /metrics reaches one replica; two different processes answer
+        started = set()
+        for _ in range(30):
+            text = httpx.get(f"{server.url}/metrics", timeout=60).text
+            started.add(next(ln for ln in text.splitlines() if ln.startswith("process_start_time_seconds")))
+            if len(started) == 2:
+                break
+        assert len(started) == 2, started
