@@ -1,4 +1,4 @@
-"""Model definitions (LLaDA, Dream) and the registry that picks one from a config.json."""
+"""Model definitions (LLaDA, Dream, LLaDA-MoE) and the registry that picks one from a config.json."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from .checkpoint import (
 )
 from .dream import DreamConfig, DreamModel
 from .llada import LLaDAConfig, LLaDAModelLM
+from .llada_moe import LLaDAMoEConfig, LLaDAMoEModelLM
 from .spec import DiffusionSpec
 
 
@@ -35,6 +36,7 @@ class Architecture:
 ARCHITECTURES = (
     Architecture("llada", LLaDAConfig, LLaDAModelLM, ("llada",), ("LLaDAModelLM",)),
     Architecture("dream", DreamConfig, DreamModel, ("dream",), ("DreamModel",)),
+    Architecture("llada_moe", LLaDAMoEConfig, LLaDAMoEModelLM, ("lladamoe",), ("LLaDAMoEModelLM",)),
 )
 
 
@@ -97,6 +99,8 @@ __all__ = [
     "DreamModel",
     "LLaDAConfig",
     "LLaDAModelLM",
+    "LLaDAMoEConfig",
+    "LLaDAMoEModelLM",
     "build_model",
     "load_model",
     "model_config_dict",
