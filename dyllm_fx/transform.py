@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import inspect
 
+import torch.distributed as dist
 from torch import nn
 
 from .adapters import adapter_for
 from .adapters.llada_dream import LLaDADreamAdapter
 from .adapters.transformed import TransformedModel
+from .distributed import group_for
 from .errors import UsageError
 from .models.checks import check_model_tensors, embedding_rows
 from .models.spec import DiffusionSpec
+from .passes.tensor_parallel import shard_model
 from .runtime.engine import compile_backend
 from .runtime.policies import Policy
 
@@ -22,6 +25,7 @@ def transform(
     compile: bool | str = False,
     spec: DiffusionSpec | None = None,
     cuda_graphs: bool = False,
+    tensor_parallel_size: int = 1,
     **policy_config,
 ) -> TransformedModel:
     """Trace ``model`` and rewrite it into a cache-backed, token-sparse step.
@@ -42,6 +46,10 @@ def transform(
         spec: mask token id and logit shift; taken from ``model.diffusion`` when present.
         cuda_graphs: on CUDA, capture each warm step as a CUDA graph per plan key and shape,
             and replay it (every policy; ``runtime/cuda_graph.py``).
+        tensor_parallel_size: shard the model's heads and MLP over this many ranks (vLLM's
+            name); every rank calls ``transform`` and ``generate`` alike and gets the same tokens.
+            Needs torch.distributed initialised with that many ranks (``torchrun`` or
+            :func:`dyllm_fx.distributed.spawn`); see ``dyllm_fx/passes/tensor_parallel.py``.
         **policy_config: parameters of the named policy.
 
     The model's adapter (``dyllm_fx.adapters``: LLaDA / Dream, DiffusionGemma) captures its step
@@ -68,6 +76,9 @@ def transform(
     if model.training:
         raise ValueError("model is in training mode; call model.eval() before dyllm_fx.transform()")
     check_model_tensors(model)
+    if tensor_parallel_size != 1:
+        group = group_for(tensor_parallel_size)
+        model = shard_model(model, dist.get_rank(), tensor_parallel_size, group)
     return adapter.transform(
         model, policy, spec=spec, compile=compile, cuda_graphs=cuda_graphs, **policy_config
     )

@@ -43,6 +43,9 @@ LAYERS = (
     ("dyllm_fx.models", 0),
     ("dyllm_fx.errors", 0),
     ("dyllm_fx.values", 0),
+    # the tensor-parallel process group and its collectives: used by the sharding pass and the
+    # runtime's per-row reductions
+    ("dyllm_fx.distributed", 0),
     ("dyllm_fx.char_tokenizer", 0),
     ("dyllm_fx.prompts", 0),
     ("dyllm_fx.assets", 0),

@@ -70,6 +70,18 @@ class DreamConfig:
 class DreamBlock(nn.Module):
     """Qwen2 decoder layer without the causal mask."""
 
+    # tensor parallel (passes/tensor_parallel.py): heads and the MLP split over the ranks
+    tp_plan = {
+        "self_attn.q_proj": "colwise",
+        "self_attn.k_proj": "colwise",
+        "self_attn.v_proj": "colwise",
+        "self_attn.o_proj": "rowwise",
+        "mlp.gate_proj": "colwise",
+        "mlp.up_proj": "colwise",
+        "mlp.down_proj": "rowwise",
+    }
+    tp_heads = ("n_heads", "n_kv_heads")
+
     def __init__(self, cfg: DreamConfig):
         super().__init__()
         head_dim = cfg.hidden_size // cfg.num_attention_heads

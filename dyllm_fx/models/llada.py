@@ -81,6 +81,18 @@ class LLaDAConfig:
 class LLaDABlock(nn.Module):
     """One bidirectional transformer block (OLMo `LLaDALlamaBlock` layout)."""
 
+    # tensor parallel (passes/tensor_parallel.py): heads and the MLP split over the ranks
+    tp_plan = {
+        "q_proj": "colwise",
+        "k_proj": "colwise",
+        "v_proj": "colwise",
+        "attn_out": "rowwise",
+        "ff_proj": "colwise",
+        "up_proj": "colwise",
+        "ff_out": "rowwise",
+    }
+    tp_heads = ("n_heads", "n_kv_heads")
+
     def __init__(self, cfg: LLaDAConfig):
         super().__init__()
         head_dim = cfg.d_model // cfg.n_heads

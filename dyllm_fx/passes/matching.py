@@ -15,6 +15,26 @@ ADD = {aten.add.Tensor}
 EMBEDDING = {aten.embedding.default}
 
 
+# Ops fx keeps alive although they have no effect a piece depends on: SDPA (tagged
+# nondeterministic for its dropout, which split_attention checks is off) and the functional
+# collectives of a tensor-parallel graph (an all-reduce whose sum no output reads is dropped on
+# every rank alike, since every rank cuts the same graph).
+_PURE_WHEN_UNUSED = ("_c10d_functional.",)
+
+
+def eliminate_dead_code(graph: fx.Graph) -> None:
+    """fx's dead-code sweep, with unused attention cores and collectives counted as dead."""
+
+    def impure(node: fx.Node) -> bool:
+        if is_op(node, SDPA) or (
+            node.op == "call_function" and str(node.target).startswith(_PURE_WHEN_UNUSED)
+        ):
+            return False
+        return node.is_impure()
+
+    graph.eliminate_dead_code(is_impure_node=impure)
+
+
 def is_op(node: fx.Node, ops: set) -> bool:
     return node.op == "call_function" and node.target in ops
 

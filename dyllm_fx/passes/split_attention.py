@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from torch import fx
 
 from .attention_operands import core_args, piece_operands
-from .matching import SDPA, is_op
+from .matching import SDPA, eliminate_dead_code, is_op
 from .split_pieces import Piece, PieceError
 
 
@@ -65,12 +65,7 @@ def _part(root: fx.GraphModule, outputs, replace_core_with_input: str | None = N
     by_name = {n.name: n for n in root.graph.nodes}
     result = tuple(env[by_name[name]] for name in outputs)
     graph.output(result if len(result) > 1 else result[0])
-    # fx keeps SDPA alive (it is tagged nondeterministic for its dropout, which split_attention
-    # has checked is off), so a core left unused by the first sweep is erased by hand.
-    graph.eliminate_dead_code()
-    for node in [n for n in graph.nodes if is_op(n, SDPA) and not n.users]:
-        graph.erase_node(node)
-    graph.eliminate_dead_code()
+    eliminate_dead_code(graph)
     if replace_core_with_input:  # post(h, context): drop the row and table inputs
         for node in [
             n for n in graph.nodes if n.op == "placeholder" and n.name not in ("h", replace_core_with_input)

@@ -40,6 +40,7 @@ from .attention_operands import piece_operands
 from .capture import INPUT_NAMES, CapturedGraph
 from .find_blocks import BlockMatch
 from .matching import SDPA, descendants, extract_outputs, is_op, is_tensor
+from .tensor_parallel import collective_group
 
 aten = torch.ops.aten
 
@@ -82,6 +83,9 @@ class StepProgram:
     # whether the first hidden state reads extra step inputs (self-conditioning), so that every
     # row's layer-0 input may change between steps even where its token does not
     h0_reads_state: bool = False
+    # the process group a tensor-parallel shard sums over (None: the whole model in one
+    # process); read from the captured graph's all-reduces (passes/tensor_parallel.py)
+    tensor_parallel_group: str | None = None
 
 
 class _Cutter:
@@ -238,6 +242,7 @@ def split_pieces(cg: CapturedGraph, blocks: list[BlockMatch]) -> StepProgram:
         hidden_size=int(hval.shape[-1]),
         hidden_dtype=hval.dtype,
         param_names=cg.param_names,
+        tensor_parallel_group=collective_group(cg.gm.graph),
         input_names=tuple(cg.input_names),
         h0_reads_state=any(_depends(h0, e) for e in extras),
     )

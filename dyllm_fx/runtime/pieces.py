@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..distributed import sum_over_shards
 from .cache import StepCache
 
 
@@ -51,6 +52,7 @@ class Pieces:
         self._kv = [p.kv for p in program.attn_parts]
         self._post = [p.post for p in program.attn_parts]
         self._prefix = [getattr(p, "prefix", None) for p in program.attn_parts]
+        self.group = getattr(program, "tensor_parallel_group", None)
         index = {name: i for i, name in enumerate(program.table_names)}
         self._attn_tables = [[index[n] for n in p.tables] for p in program.attn]
         self._mlp_tables = [[index[n] for n in p.tables] for p in program.mlp]
@@ -118,6 +120,11 @@ class Pieces:
     def post(self, layer: int, x, context):
         """o_proj(context) + the residual: the attention half's output h_mid."""
         return self._post[layer](x, context)
+
+    def sum_over_shards(self, tensor):
+        """Per-row statistics of this rank's heads summed over a tensor-parallel model's ranks
+        (the tensor itself for a model in one process)."""
+        return sum_over_shards(tensor, self.group)
 
     def head(self, hidden, positions):
         """Logits (B, P, V) at ``positions`` (B, P) from hidden states ``hidden`` (B, P, D)."""

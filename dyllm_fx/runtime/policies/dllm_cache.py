@@ -20,6 +20,7 @@ from typing import ClassVar
 
 import torch
 
+from ...kernels.salient_rows import cosine_from_stats
 from ..rows import mark, select_top, take, write_rows
 from .base import FULL, HostState, Plan, StepOutput, StepReport, full_step, head_logits, rows_step
 from .keys import FullKey, PlanKey
@@ -34,11 +35,16 @@ from .row import RowPolicy, plan_span_rows, span_plan
 UNCHANGED = 1e-5
 
 
-def value_similarity(v_new: torch.Tensor, v_cached: torch.Tensor) -> torch.Tensor:
+def value_similarity(v_new: torch.Tensor, v_cached: torch.Tensor, pieces=None) -> torch.Tensor:
     """Per row cosine similarity over all heads: (B, KV, A, d) x2 -> (B, A), fp32; values
-    within :data:`UNCHANGED` of 1 are 1."""
+    within :data:`UNCHANGED` of 1 are 1. For a tensor-parallel shard (``pieces.group``), over
+    every rank's heads: the three per-row sums are added over the ranks first."""
     a, b = v_new.float().transpose(1, 2).flatten(2), v_cached.float().transpose(1, 2).flatten(2)
-    sim = torch.nn.functional.cosine_similarity(a, b, dim=-1, eps=1e-8)
+    if pieces is None or pieces.group is None:
+        sim = torch.nn.functional.cosine_similarity(a, b, dim=-1, eps=1e-8)
+    else:
+        stats = pieces.sum_over_shards(torch.stack([(a * b).sum(-1), (a * a).sum(-1), (b * b).sum(-1)], -1))
+        sim = cosine_from_stats(stats[..., 0], stats[..., 1], stats[..., 2])
     return torch.where(sim > 1.0 - UNCHANGED, 1.0, sim)
 
 
@@ -153,7 +159,7 @@ class DLLMCachePolicy(RowPolicy):
         everyone = torch.ones_like(rows, dtype=torch.bool)
         for layer in range(pieces.n_layers):
             _, v_new = pieces.kv(layer, x, rows, pro)
-            sim = value_similarity(v_new, take(cache.v[layer], rows, 2))
+            sim = value_similarity(v_new, take(cache.v[layer], rows, 2), pieces)
             slots, _ = select_top(-sim, everyone, refreshed)  # the values that moved most
             r_rows = take(rows, slots, 1)
             out = pieces.layer(layer, take(x, slots, 1), r_rows, pro, cache)[0]

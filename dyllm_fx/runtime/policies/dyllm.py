@@ -659,7 +659,7 @@ class DyLLMPolicy(RowPolicy):
         ctx, stats, _, _ = approx_attention(
             q, keys, marked_keys, dv, cached_ctx, marked, exact_rows, mask, scale, q_rows=rows
         )
-        return ctx, cosine_from_stats(stats[..., 0], stats[..., 1], stats[..., 2])
+        return ctx, _cosine(pieces, stats)
 
     def _attention(self, pieces, layer, x, rows, slots, valid, q, mask, pro, cache, buffers, stats_mode):
         """New K/V for the changed rows (``slots`` where ``valid``), their exact attention, and
@@ -696,7 +696,15 @@ class DyLLMPolicy(RowPolicy):
             if stats_mode == "cached":  # the changed rows' statistics are exact (their own pass)
                 write_rows(buffers.m[layer], c_rows, m_exact, 2, valid)
                 write_rows(buffers.l[layer], c_rows, l_exact, 2, valid)
-        return ctx, cosine_from_stats(stats[..., 0], stats[..., 1], stats[..., 2])
+        return ctx, _cosine(pieces, stats)
+
+
+def _cosine(pieces, stats: torch.Tensor) -> torch.Tensor:
+    """(B, W) cosine of each row's new context to its cached one, from the kernel's per-row sums
+    over this rank's heads ([dot, |new|^2, |cached|^2]), summed over a tensor-parallel model's
+    ranks first (one all-reduce of three values per row, as DyLLM's engine does)."""
+    stats = pieces.sum_over_shards(stats)
+    return cosine_from_stats(stats[..., 0], stats[..., 1], stats[..., 2])
 
 
 def _counts(wanted: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

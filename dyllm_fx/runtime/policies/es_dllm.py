@@ -68,6 +68,7 @@ from typing import ClassVar
 
 import torch
 
+from dyllm_fx.errors import UsageError
 from dyllm_fx.kernels.dispatch import partial_attention
 
 from ..rows import bucket_size, mark, select_top, span_rows, take, write_rows
@@ -222,6 +223,13 @@ class ESDLLMPolicy(RowPolicy):
         return [layer for layer, _ in self.layout(len(program.kv_shapes))]
 
     def allocate(self, program, batch, seq_len, device) -> ESDLLMBuffers:
+        if getattr(program, "tensor_parallel_group", None) and self.variation != "hidden":
+            # the hidden state is whole on every rank; a query / key / value variation would be
+            # this rank's heads only, and the ranks would keep different rows
+            raise UsageError(
+                f"es_dllm variation={self.variation!r} reads per-head tensors, which a tensor-parallel "
+                "shard holds only part of; use the default variation='hidden' with tensor_parallel_size > 1"
+            )
         snapshot = {}
         for layer in self._snapshot_layers(program):
             shape, dtype = self._snapshot_shape(program, layer, batch, seq_len)

@@ -1,0 +1,127 @@
+"""The process group a tensor-parallel model runs in, and how to start one.
+
+Tensor parallelism (``transform(model, tensor_parallel_size=N)``) runs one process per shard,
+all executing the same program on the same inputs (SPMD): each holds 1/N of the attention heads
+and of the MLP, and the partial results are summed with one all-reduce after each attention and
+MLP block. Every data-dependent decision (DyLLM's salient rows, dLLM-Cache's refreshed rows, the
+sampler's tokens) is taken from replicated or all-reduced values, so all ranks take it alike and
+every rank holds the same tokens.
+
+Start the ranks with ``torchrun --nproc-per-node N script.py`` (the script calls
+:func:`init_tensor_parallel`), or from Python with :func:`spawn`. NCCL on CUDA, gloo on CPU.
+
+The collectives are torch.distributed's functional ones (``_functional_collectives``): they are
+graph ops, so the captured step keeps them and ``torch.compile(fullgraph=True)`` compiles the
+sharded step whole.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+
+from .errors import UsageError
+
+# A rank that dies leaves the others waiting in a collective: they fail after this long
+# instead of hanging (torch.distributed's own default is 30 minutes).
+DEFAULT_TIMEOUT_S = 120.0
+
+
+def backend_for(device: torch.device | str | None) -> str:
+    return "nccl" if torch.device(device or "cpu").type == "cuda" else "gloo"
+
+
+def init_tensor_parallel(
+    device: torch.device | str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S
+) -> tuple[int, int]:
+    """Join the process group torchrun (or :func:`spawn`) describes in the environment
+    (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``); returns (rank, world size).
+    A group already initialised is used as it is."""
+    if not dist.is_initialized():
+        missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+        if missing:
+            raise UsageError(
+                f"no process group and no {', '.join(missing)} in the environment: launch with "
+                "torchrun --nproc-per-node N, or start the ranks with dyllm_fx.distributed.spawn(fn, N)"
+            )
+        dist.init_process_group(backend_for(device), timeout=datetime.timedelta(seconds=timeout_s))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def group_for(tensor_parallel_size: int) -> str:
+    """The name of the process group of ``tensor_parallel_size`` ranks this process belongs to
+    (the default group, which must hold exactly that many ranks)."""
+    if isinstance(tensor_parallel_size, bool) or not isinstance(tensor_parallel_size, int):
+        raise UsageError(f"tensor_parallel_size must be an integer, got {tensor_parallel_size!r}")
+    if tensor_parallel_size < 1:
+        raise UsageError(f"tensor_parallel_size must be at least 1, got {tensor_parallel_size}")
+    if not dist.is_available() or not dist.is_initialized():
+        raise UsageError(
+            f"tensor_parallel_size={tensor_parallel_size} needs torch.distributed initialised with "
+            f"{tensor_parallel_size} ranks: launch with torchrun --nproc-per-node {tensor_parallel_size} "
+            "and call dyllm_fx.distributed.init_tensor_parallel(), or start the ranks with "
+            f"dyllm_fx.distributed.spawn(fn, {tensor_parallel_size})"
+        )
+    world = dist.get_world_size()
+    if world != tensor_parallel_size:
+        raise UsageError(
+            f"tensor_parallel_size={tensor_parallel_size} but the process group has {world} ranks; "
+            f"launch {tensor_parallel_size} ranks (one group per model)"
+        )
+    return dist.group.WORLD.group_name
+
+
+def sum_over_shards(tensor: torch.Tensor, group: str | None) -> torch.Tensor:
+    """``tensor`` summed over the ranks of ``group`` (itself when ``group`` is None): a graph op."""
+    if group is None:
+        return tensor
+    from torch.distributed import _functional_collectives as funcol
+
+    return funcol.all_reduce(tensor, "sum", group)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _rank_main(rank: int, fn: Callable, world: int, port: int, device, timeout_s: float, args) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    init_tensor_parallel(device, timeout_s)
+    try:
+        fn(rank, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn(
+    fn: Callable,
+    tensor_parallel_size: int,
+    *args,
+    device: torch.device | str | None = None,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+) -> None:
+    """Run ``fn(rank, *args)`` in ``tensor_parallel_size`` processes on this machine, each in the
+    process group (127.0.0.1, a free port). ``fn`` must be importable (a module-level function).
+    When a rank raises, the others are stopped and the error is raised here with its traceback."""
+    import torch.multiprocessing as mp
+
+    if isinstance(tensor_parallel_size, bool) or not isinstance(tensor_parallel_size, int):
+        raise UsageError(f"tensor_parallel_size must be an integer, got {tensor_parallel_size!r}")
+    if tensor_parallel_size < 1:
+        raise UsageError(f"tensor_parallel_size must be at least 1, got {tensor_parallel_size}")
+    mp.spawn(
+        _rank_main,
+        args=(fn, tensor_parallel_size, _free_port(), device, timeout_s, args),
+        nprocs=tensor_parallel_size,
+        join=True,
+    )
+
+
+__all__ = ["DEFAULT_TIMEOUT_S", "group_for", "init_tensor_parallel", "spawn", "sum_over_shards"]

@@ -1,0 +1,153 @@
+"""Tensor parallelism, as a pass before capture: shard a model's blocks over the ranks of a
+process group, so that the captured step is this rank's shard with one all-reduce after each
+attention and MLP block.
+
+Each block class names its plan (``tp_plan``, Megatron's layout, the names transformers' tensor
+parallel plans and vLLM use):
+
+* ``"colwise"``: q/k/v and the MLP's gate/up projections keep 1/N of their output features (the
+  rank's heads, its slice of the MLP);
+* ``"rowwise"``: the attention output and the MLP's down projection keep the matching 1/N of
+  their input features; their partial outputs are summed over the ranks
+  (:class:`RowParallelLinear`), and the bias is added once, after the sum;
+
+and its head counts (``tp_heads``), divided by N. The embedding, the norms and the LM head stay
+whole on every rank, so the logits, and every decision taken from them, are the same on all.
+
+Sharding happens before capture rather than on the captured graph: the trace then sees the
+shard's own shapes (``view(B, L, H / N, d)``) and needs no rewriting of size constants, and the
+all-reduce is a graph op (torch.distributed's functional collectives) that every later pass and
+``torch.compile`` keep. :func:`collective_group` reads the group back from the captured graph,
+so the step program knows it is a shard (policies then sum their per-row statistics over the
+ranks: DyLLM's cosine, dLLM-Cache's value similarity).
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from dyllm_fx.distributed import sum_over_shards
+from dyllm_fx.errors import UsageError
+
+ALL_REDUCE = "_c10d_functional.all_reduce"
+
+
+class RowParallelLinear(nn.Module):
+    """``linear(x)`` with the input features split over the ranks: this rank's partial product,
+    summed over ``group``, plus the bias (held whole, added once)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group: str):
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.group = group
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = sum_over_shards(F.linear(x, self.weight), self.group)
+        return out if self.bias is None else out + self.bias
+
+
+def _slice(t: torch.Tensor, dim: int, rank: int, size: int) -> torch.Tensor:
+    n = t.shape[dim] // size
+    return t.narrow(dim, rank * n, n).clone()
+
+
+def _colwise(lin: nn.Linear, rank: int, size: int) -> nn.Linear:
+    out = nn.Linear(lin.in_features, lin.out_features // size, bias=lin.bias is not None, device="meta")
+    out.weight = nn.Parameter(_slice(lin.weight.detach(), 0, rank, size), requires_grad=False)
+    if lin.bias is not None:
+        out.bias = nn.Parameter(_slice(lin.bias.detach(), 0, rank, size), requires_grad=False)
+    return out
+
+
+def _rowwise(lin: nn.Linear, rank: int, size: int, group: str) -> RowParallelLinear:
+    bias = None if lin.bias is None else lin.bias.detach().clone()
+    return RowParallelLinear(_slice(lin.weight.detach(), 1, rank, size), bias, group)
+
+
+def _plan(block: nn.Module) -> tuple[dict[str, str], tuple[str, ...]]:
+    plan = getattr(type(block), "tp_plan", None)
+    if not plan:
+        raise UsageError(
+            f"{type(block).__name__} has no tensor-parallel plan: tensor_parallel_size > 1 supports "
+            "dyllm-fx's own model classes (LLaDA, Dream; dyllm_fx.load); run other models with "
+            "tensor_parallel_size=1"
+        )
+    return plan, tuple(getattr(type(block), "tp_heads", ()))
+
+
+def check_shardable(model: nn.Module, size: int) -> None:
+    """Refuse, before any work, a model whose heads, KV heads or layer widths do not divide by
+    ``size``, naming the number and the fix."""
+    blocks = _blocks(model)
+    for index, block in enumerate(blocks):
+        plan, heads = _plan(block)
+        for attr in heads:
+            count = getattr(block, attr)
+            if count % size:
+                raise UsageError(
+                    f"block {index}: {attr}={count} does not divide by tensor_parallel_size={size}; "
+                    f"pick a size that divides the model's heads and KV heads"
+                )
+        for pattern, style in plan.items():
+            for name, module in _matching(block, pattern):
+                width = module.out_features if style == "colwise" else module.in_features
+                if width % size:
+                    raise UsageError(
+                        f"block {index}: {name} has {width} {'output' if style == 'colwise' else 'input'} "
+                        f"features, which do not divide by tensor_parallel_size={size}"
+                    )
+
+
+def _blocks(model: nn.Module) -> nn.ModuleList:
+    parts = getattr(model, "parts", None)
+    if parts is None:
+        raise UsageError(
+            f"{type(model).__name__} cannot be sharded: tensor_parallel_size > 1 supports dyllm-fx's own "
+            "model classes (LLaDA, Dream; dyllm_fx.load)"
+        )
+    return parts().blocks
+
+
+def _matching(block: nn.Module, pattern: str):
+    return [(n, m) for n, m in block.named_modules() if n and fnmatch.fnmatchcase(n, pattern)]
+
+
+def _replace(block: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(block.get_submodule(parent) if parent else block, leaf, module)
+
+
+def shard_model(model: nn.Module, rank: int, size: int, group: str) -> nn.Module:
+    """A copy of ``model`` holding this rank's shard of every block (``model`` is not changed)."""
+    check_shardable(model, size)
+    sharded = copy.deepcopy(model)
+    for block in _blocks(sharded):
+        plan, heads = _plan(block)
+        for pattern, style in plan.items():
+            for name, module in _matching(block, pattern):
+                new = (
+                    _colwise(module, rank, size)
+                    if style == "colwise"
+                    else _rowwise(module, rank, size, group)
+                )
+                _replace(block, name, new)
+        for attr in heads:
+            setattr(block, attr, getattr(block, attr) // size)
+    return sharded
+
+
+def collective_group(graph: fx.Graph) -> str | None:
+    """The process group the graph's all-reduces run over (None: not a sharded graph)."""
+    for node in graph.nodes:
+        if node.op == "call_function" and str(node.target).startswith(ALL_REDUCE):
+            return node.args[2]
+    return None
+
+
+__all__ = ["RowParallelLinear", "check_shardable", "collective_group", "shard_model"]

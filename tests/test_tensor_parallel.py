@@ -1,0 +1,137 @@
+"""Tensor parallel (``transform(model, tensor_parallel_size=2)``): two gloo ranks on 127.0.0.1,
+each holding half of every block's heads and MLP, give the tokens of the whole model in one
+process for every policy family, with LLaDA (multi-head) and Dream (grouped-query) layouts.
+Bad sizes are refused before any work, and a rank that fails stops the others."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import dyllm_fx
+from dyllm_fx.distributed import spawn
+from dyllm_fx.errors import UsageError
+from dyllm_fx.passes.tensor_parallel import check_shardable, collective_group, shard_model
+from dyllm_fx.runtime.policies import make_policy
+from dyllm_fx.transform import TransformedModel
+from tiny_checkpoints import tiny_dream, tiny_llada, tiny_tokenizer
+
+PROMPTS = ["rev:abc=", "kv:a1,b2?ab="]
+POLICIES = ["dense", "dual_cache", "dyllm", "dllm_cache", "es_dllm", "dual_cache+dyllm"]
+SIZE = 2
+
+
+def _models():
+    # a head scaled by 3: wide logit gaps, no near-ties that round-off between layouts could flip
+    return {
+        "llada": tiny_llada(seed=11, head_scale=3.0, n_layers=4),
+        "dream": tiny_dream(seed=12, head_scale=3.0, num_hidden_layers=4),
+    }
+
+
+def _generate(model, threshold=None):
+    settings = dict(threshold=threshold) if threshold else dict(steps=16)
+    if threshold and model.diffusion.logits_shift:  # Dream's threshold decoding reads a probability
+        settings["alg"] = "maskgit_plus"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return dyllm_fx.generate(
+            model, tiny_tokenizer(), PROMPTS, gen_length=16, block_length=8, stop_at_eos=False, **settings
+        ).sequences
+
+
+def _with_policy(traced: TransformedModel, name: str) -> TransformedModel:
+    return TransformedModel(traced.program, make_policy(name), traced.diffusion)
+
+
+def _compare_on_rank(rank: int, results) -> None:
+    torch.set_num_threads(1)
+    for arch, model in _models().items():
+        whole = dyllm_fx.transform(model)  # traced once each; every policy reuses the program
+        shard = dyllm_fx.transform(model, tensor_parallel_size=SIZE)
+        assert shard.program.tensor_parallel_group is not None and whole.program.tensor_parallel_group is None
+        for policy in POLICIES:
+            for threshold in (None, 0.9):
+                want = _generate(_with_policy(whole, policy), threshold)
+                got = _generate(_with_policy(shard, policy), threshold)
+                results.put((rank, arch, policy, threshold, torch.equal(got, want), got.tolist()))
+
+
+@pytest.mark.slow
+def test_two_ranks_give_the_tokens_of_the_whole_model():
+    import torch.multiprocessing as mp
+
+    results = mp.get_context("spawn").SimpleQueue()
+    spawn(_compare_on_rank, SIZE, results)
+    rows = []
+    while not results.empty():
+        rows.append(results.get())
+    assert len(rows) == SIZE * 2 * len(POLICIES) * 2
+    differing = [r[:4] for r in rows if not r[4]]
+    assert differing == [], differing
+    by_case = {}
+    for rank, arch, policy, threshold, _, tokens in rows:
+        by_case.setdefault((arch, policy, threshold), []).append(tokens)
+    assert all(a == b for a, b in by_case.values())  # every rank holds the same tokens
+
+
+def _heads_must_divide(rank: int) -> None:
+    model = tiny_llada(seed=0, n_heads=3, n_kv_heads=3, d_model=24)
+    with pytest.raises(UsageError, match="n_heads=3 does not divide by tensor_parallel_size=2"):
+        dyllm_fx.transform(model, policy="dense", tensor_parallel_size=2)
+
+
+def _fails_on_rank_one(rank: int) -> None:
+    if rank == 1:
+        raise RuntimeError("rank 1 failed on purpose")
+    dist.barrier()  # rank 0 waits on a rank that is gone: spawn must stop it, not hang
+
+
+def test_sizes_the_heads_do_not_divide_are_refused_on_every_rank():
+    spawn(_heads_must_divide, SIZE)
+
+
+def test_a_failing_rank_stops_the_others_with_its_error():
+    with pytest.raises(Exception, match="rank 1 failed on purpose"):
+        spawn(_fails_on_rank_one, SIZE, timeout_s=60)
+
+
+def test_without_a_process_group_the_error_says_how_to_launch():
+    model = tiny_llada(seed=0)
+    with pytest.raises(UsageError, match="torchrun --nproc-per-node 2"):
+        dyllm_fx.transform(model, policy="dense", tensor_parallel_size=2)
+
+
+@pytest.mark.parametrize("size", [0, 1.5, True])
+def test_bad_sizes_are_refused(size):
+    with pytest.raises(UsageError, match="tensor_parallel_size"):
+        from dyllm_fx.distributed import group_for
+
+        group_for(size)
+
+
+def test_the_plan_shards_heads_and_mlp_and_keeps_the_head_whole():
+    model = tiny_dream(seed=0)  # 4 heads, 2 KV heads
+    check_shardable(model, 2)
+    shard = shard_model(model, rank=1, size=2, group="g")
+    block, whole = shard.parts().blocks[0], model.parts().blocks[0]
+    assert (block.n_heads, block.n_kv_heads) == (2, 1)
+    assert torch.equal(block.self_attn.q_proj.weight, whole.self_attn.q_proj.weight[16:])
+    assert torch.equal(block.self_attn.o_proj.weight, whole.self_attn.o_proj.weight[:, 16:])
+    assert (
+        block.self_attn.o_proj.bias is None
+    )  # Dream's o_proj has none (a bias is added once, after the sum)
+    assert torch.equal(block.self_attn.q_proj.bias, whole.self_attn.q_proj.bias[16:])
+    assert shard.lm_head.weight.shape == model.lm_head.weight.shape
+    assert model.parts().blocks[0].n_heads == 4  # the original is not changed
+    with pytest.raises(UsageError, match="n_kv_heads=2 does not divide by tensor_parallel_size=4"):
+        check_shardable(model, 4)
+
+
+def test_an_unsharded_graph_has_no_group():
+    from dyllm_fx.passes.capture import capture_module
+
+    assert collective_group(capture_module(tiny_llada(seed=0)).gm.graph) is None
