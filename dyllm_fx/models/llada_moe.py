@@ -28,13 +28,14 @@ from and to the per-expert keys above.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config_fields import ConfigReader
 from .layers import BidirectionalLM, LMParts, RMSNorm, apply_rope, bidirectional_attention, swiglu_mlp
 
 # The model card's <|mask|> and <|endoftext|>; the published config.json does not name them.
@@ -69,29 +70,43 @@ class LLaDAMoEConfig:
     pad_token_id: int = LLADA_MOE_EOS_TOKEN_ID
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> "LLaDAMoEConfig":
+    def from_dict(cls, raw: dict[str, Any], source: str = "config.json") -> "LLaDAMoEConfig":
+        """The config of ``raw`` (config.json's content, read from ``source``), every setting
+        checked; a CheckpointError names the file and the key that is wrong."""
+        read = ConfigReader(source)
         unsupported = {k: raw[k] for k in ("clip_qkv", "rope_scaling") if raw.get(k)}
         if raw.get("hidden_act", "silu") != "silu":
             unsupported["hidden_act"] = raw["hidden_act"]
         if raw.get("partial_rotary_factor", 1.0) not in (1, 1.0, None):
             unsupported["partial_rotary_factor"] = raw["partial_rotary_factor"]
         if unsupported:
-            raise ValueError(
-                f"LLaDA-MoE config uses features dyllm-fx does not implement: {unsupported}. "
-                "Only the published LLaDA-MoE layout (SwiGLU experts, full-width plain RoPE) is supported."
+            raise read.fail(
+                f"LLaDA-MoE config uses features dyllm-fx does not implement: {unsupported} (only the "
+                "published layout: SwiGLU experts, full-width plain RoPE)"
             )
-        known = {f.name for f in fields(cls)}
-        cfg = cls(**{k: v for k, v in raw.items() if k in known and v is not None})
-        if cfg.moe_layer_freq is not None and len(cfg.moe_layer_freq) != cfg.num_hidden_layers:
-            raise ValueError(
-                f"LLaDA-MoE config: moe_layer_freq has {len(cfg.moe_layer_freq)} entries for "
-                f"{cfg.num_hidden_layers} layers; give one 0/1 entry per layer"
+        cfg = cls(**read.fields(cls, raw))
+        read.positive(cfg, "hidden_size", "num_attention_heads", "num_key_value_heads", "num_hidden_layers")
+        read.positive(cfg, "vocab_size", "dense_intermediate_size", "expert_intermediate_size")
+        read.positive(cfg, "shared_expert_intermediate_size", "num_experts", "num_experts_per_tok")
+        read.positive(cfg, "max_position_embeddings", "rope_theta", "rms_norm_eps")
+        read.divides(cfg, "num_attention_heads", "hidden_size")
+        if cfg.num_key_value_heads is not None:
+            read.divides(cfg, "num_key_value_heads", "num_attention_heads")
+        if cfg.num_experts_per_tok > cfg.num_experts:
+            raise read.fail(
+                f"num_experts_per_tok={cfg.num_experts_per_tok} must be in 1..num_experts ({cfg.num_experts})"
             )
-        if not 1 <= cfg.num_experts_per_tok <= cfg.num_experts:
-            raise ValueError(
-                f"LLaDA-MoE config: num_experts_per_tok={cfg.num_experts_per_tok} must be in "
-                f"1..num_experts ({cfg.num_experts})"
+        freq = cfg.moe_layer_freq
+        if freq is not None and (
+            not isinstance(freq, list)
+            or len(freq) != cfg.num_hidden_layers
+            or any(v not in (0, 1) or isinstance(v, float) for v in freq)
+        ):
+            raise read.fail(
+                f"moe_layer_freq must list one 0 (dense) or 1 (experts) per layer, {cfg.num_hidden_layers} "
+                f"entries; got {freq!r}"
             )
+        read.token_ids(cfg, "vocab_size", cfg.vocab_size, "mask_token_id", "eos_token_id", "pad_token_id")
         return cfg
 
     @property

@@ -130,6 +130,7 @@ def openai_deployment(
         }
     else:
         options["num_replicas"] = num_replicas
+
     def build_app():  # Ray takes a plain function of no arguments as an app builder
         return config.build_app()
 
