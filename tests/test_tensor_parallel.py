@@ -1,6 +1,7 @@
 """Tensor parallel (``transform(model, tensor_parallel_size=2)``): two gloo ranks on 127.0.0.1,
 each holding half of every block's heads and MLP, give the tokens of the whole model in one
-process for every policy family, with LLaDA (multi-head) and Dream (grouped-query) layouts.
+process for every policy family, with LLaDA (multi-head), Dream (grouped-query) and LLaDA-MoE
+(experts split by their intermediate features) layouts.
 Bad sizes are refused before any work, and a rank that fails stops the others."""
 
 from __future__ import annotations
@@ -14,9 +15,11 @@ import torch.distributed as dist
 import dyllm_fx
 from dyllm_fx.distributed import spawn
 from dyllm_fx.errors import UsageError
+from dyllm_fx.models import LLaDAMoEConfig, LLaDAMoEModelLM
 from dyllm_fx.passes.tensor_parallel import check_shardable, collective_group, shard_model
 from dyllm_fx.runtime.policies import make_policy
 from dyllm_fx.transform import TransformedModel
+from test_llada_moe import random_state, tiny_config
 from tiny_checkpoints import tiny_dream, tiny_llada, tiny_tokenizer
 
 PROMPTS = ["rev:abc=", "kv:a1,b2?ab="]
@@ -24,11 +27,20 @@ POLICIES = ["dense", "dual_cache", "dyllm", "dllm_cache", "es_dllm", "dual_cache
 SIZE = 2
 
 
+def _tiny_llada_moe():
+    """LLaDA-MoE with a dense first layer, routed experts, expert bias and a shared expert."""
+    cfg = tiny_config()
+    model = LLaDAMoEModelLM(LLaDAMoEConfig.from_dict(cfg))
+    model.load_state_dict(random_state(cfg, seed=13))
+    return model.eval()
+
+
 def _models():
     # a head scaled by 3: wide logit gaps, no near-ties that round-off between layouts could flip
     return {
         "llada": tiny_llada(seed=11, head_scale=3.0, n_layers=4),
         "dream": tiny_dream(seed=12, head_scale=3.0, num_hidden_layers=4),
+        "llada_moe": _tiny_llada_moe(),
     }
 
 
@@ -69,7 +81,7 @@ def test_two_ranks_give_the_tokens_of_the_whole_model():
     rows = []
     while not results.empty():
         rows.append(results.get())
-    assert len(rows) == SIZE * 2 * len(POLICIES) * 2
+    assert len(rows) == SIZE * 3 * len(POLICIES) * 2
     differing = [r[:4] for r in rows if not r[4]]
     assert differing == [], differing
     by_case = {}
@@ -121,9 +133,6 @@ def test_the_plan_shards_heads_and_mlp_and_keeps_the_head_whole():
     assert (block.n_heads, block.n_kv_heads) == (2, 1)
     assert torch.equal(block.self_attn.q_proj.weight, whole.self_attn.q_proj.weight[16:])
     assert torch.equal(block.self_attn.o_proj.weight, whole.self_attn.o_proj.weight[:, 16:])
-    assert (
-        block.self_attn.o_proj.bias is None
-    )  # Dream's o_proj has none (a bias is added once, after the sum)
     assert torch.equal(block.self_attn.q_proj.bias, whole.self_attn.q_proj.bias[16:])
     assert shard.lm_head.weight.shape == model.lm_head.weight.shape
     assert model.parts().blocks[0].n_heads == 4  # the original is not changed
@@ -135,3 +144,20 @@ def test_an_unsharded_graph_has_no_group():
     from dyllm_fx.passes.capture import capture_module
 
     assert collective_group(capture_module(tiny_llada(seed=0)).gm.graph) is None
+
+
+def test_the_experts_keep_their_slice_and_the_router_stays_whole():
+    model = _tiny_llada_moe()
+    shard = shard_model(model, rank=0, size=2, group="g")
+    moe, whole = shard.parts().blocks[1].mlp, model.parts().blocks[1].mlp
+    assert torch.equal(moe.gate.weight, whole.gate.weight)
+    assert torch.equal(moe.gate_proj, whole.gate_proj[:, :8]) and torch.equal(
+        moe.down_proj, whole.down_proj[:, :, :8]
+    )
+    assert moe.reduce is not None and whole.reduce is None
+    # the attention output's bias (attention_bias) enters the sum once: rank 0 holds it
+    o_proj = shard.parts().blocks[1].self_attn.o_proj
+    assert torch.equal(o_proj.bias, model.parts().blocks[1].self_attn.o_proj.bias)
+    assert shard_model(model, rank=1, size=2, group="g").parts().blocks[1].self_attn.o_proj.bias is None
+    dense = shard.parts().blocks[0].mlp  # the first layer is dense: a plain colwise / rowwise MLP
+    assert dense.gate_proj.out_features == 24 and dense.down_proj.weight.shape == (32, 24)

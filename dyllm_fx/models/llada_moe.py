@@ -145,8 +145,19 @@ class SparseMoE(nn.Module):
             self.register_buffer("expert_bias", torch.zeros(e))
         else:
             self.expert_bias = None
+        self.reduce = None  # tensor parallel: the sum over the ranks of the partial outputs
         self.register_load_state_dict_pre_hook(_stack_expert_keys)
         self.register_state_dict_post_hook(_unstack_expert_keys)
+
+    def shard_experts(self, rank: int, size: int, reduce) -> None:
+        """Keep this rank's 1/``size`` of every expert's intermediate features (the router stays
+        whole); ``reduce`` sums the partial outputs over the ranks (tensor parallel)."""
+        width = self.gate_proj.shape[1] // size
+        keep = slice(rank * width, (rank + 1) * width)
+        self.gate_proj = nn.Parameter(self.gate_proj.detach()[:, keep].clone(), requires_grad=False)
+        self.up_proj = nn.Parameter(self.up_proj.detach()[:, keep].clone(), requires_grad=False)
+        self.down_proj = nn.Parameter(self.down_proj.detach()[:, :, keep].clone(), requires_grad=False)
+        self.reduce = reduce
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         probs = F.softmax(self.gate(x), dim=-1, dtype=torch.float32)
@@ -157,7 +168,8 @@ class SparseMoE(nn.Module):
         gate = torch.einsum("...d,eid->...ei", x, self.gate_proj)
         up = torch.einsum("...d,eid->...ei", x, self.up_proj)
         out = torch.einsum("...ei,edi->...ed", F.silu(gate) * up, self.down_proj)
-        return torch.einsum("...e,...ed->...d", weights, out)
+        out = torch.einsum("...e,...ed->...d", weights, out)
+        return out if self.reduce is None else self.reduce(out)
 
 
 def _stack_expert_keys(module, state, prefix, *args) -> None:
@@ -191,6 +203,23 @@ def _swiglu(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 class LLaDAMoEBlock(nn.Module):
     """One bidirectional decoder layer: attention with per-head QK norm, then the (sparse) MLP."""
+
+    # tensor parallel (passes/tensor_parallel.py): heads, the dense MLPs and every expert's
+    # intermediate features split over the ranks; the router stays whole on every rank
+    tp_plan = {
+        "self_attn.q_proj": "colwise",
+        "self_attn.k_proj": "colwise",
+        "self_attn.v_proj": "colwise",
+        "self_attn.o_proj": "rowwise",
+        "mlp.gate_proj": "colwise",
+        "mlp.up_proj": "colwise",
+        "mlp.down_proj": "rowwise",
+        "shared_expert.gate_proj": "colwise",
+        "shared_expert.up_proj": "colwise",
+        "shared_expert.down_proj": "rowwise",
+        "mlp": "experts",
+    }
+    tp_heads = ("n_heads", "n_kv_heads")
 
     def __init__(self, cfg: LLaDAMoEConfig, index: int):
         super().__init__()

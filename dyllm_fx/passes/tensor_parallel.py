@@ -9,7 +9,9 @@ parallel plans and vLLM use):
   rank's heads, its slice of the MLP);
 * ``"rowwise"``: the attention output and the MLP's down projection keep the matching 1/N of
   their input features; their partial outputs are summed over the ranks
-  (:class:`RowParallelLinear`), and the bias is added once, after the sum;
+  (:class:`RowParallelLinear`; rank 0 holds the bias, so the sum adds it once);
+* ``"experts"``: a mixture of experts shards itself (``shard_experts``: 1/N of every expert's
+  intermediate features, the router whole) and sums its output over the ranks;
 
 and its head counts (``tp_heads``), divided by N. The embedding, the norms and the LM head stay
 whole on every rank, so the logits, and every decision taken from them, are the same on all.
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +42,9 @@ ALL_REDUCE = "_c10d_functional.all_reduce"
 
 class RowParallelLinear(nn.Module):
     """``linear(x)`` with the input features split over the ranks: this rank's partial product,
-    summed over ``group``, plus the bias (held whole, added once)."""
+    summed over ``group``. Rank 0 alone holds the bias, inside its own ``linear``, so the sum
+    adds it once and the block keeps its traced form ``h + sum(linear(...))`` (a bias added
+    after the sum would read to the block matcher as a residual stream)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group: str):
         super().__init__()
@@ -48,8 +53,7 @@ class RowParallelLinear(nn.Module):
         self.group = group
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = sum_over_shards(F.linear(x, self.weight), self.group)
-        return out if self.bias is None else out + self.bias
+        return sum_over_shards(F.linear(x, self.weight, self.bias), self.group)
 
 
 def _slice(t: torch.Tensor, dim: int, rank: int, size: int) -> torch.Tensor:
@@ -66,7 +70,7 @@ def _colwise(lin: nn.Linear, rank: int, size: int) -> nn.Linear:
 
 
 def _rowwise(lin: nn.Linear, rank: int, size: int, group: str) -> RowParallelLinear:
-    bias = None if lin.bias is None else lin.bias.detach().clone()
+    bias = None if lin.bias is None or rank != 0 else lin.bias.detach().clone()
     return RowParallelLinear(_slice(lin.weight.detach(), 1, rank, size), bias, group)
 
 
@@ -96,6 +100,13 @@ def check_shardable(model: nn.Module, size: int) -> None:
                 )
         for pattern, style in plan.items():
             for name, module in _matching(block, pattern):
+                if style == "experts":
+                    if hasattr(module, "shard_experts") and module.gate_proj.shape[1] % size:
+                        raise UsageError(
+                            f"block {index}: {name}'s experts have {module.gate_proj.shape[1]} intermediate "
+                            f"features, which do not divide by tensor_parallel_size={size}"
+                        )
+                    continue
                 width = module.out_features if style == "colwise" else module.in_features
                 if width % size:
                     raise UsageError(
@@ -131,6 +142,10 @@ def shard_model(model: nn.Module, rank: int, size: int, group: str) -> nn.Module
         plan, heads = _plan(block)
         for pattern, style in plan.items():
             for name, module in _matching(block, pattern):
+                if style == "experts":
+                    if hasattr(module, "shard_experts"):  # a dense layer's MLP has no experts
+                        module.shard_experts(rank, size, functools.partial(sum_over_shards, group=group))
+                    continue
                 new = (
                     _colwise(module, rank, size)
                     if style == "colwise"
