@@ -6,7 +6,8 @@ one line ``dyllm CMD: error: ...`` and exits with status 2; ``--debug`` (or ``DY
 shows the traceback too. Anything else is a bug: one line that says so, status 1, and the
 traceback with ``--debug``. Ctrl-C exits with status 130 and no traceback.
 
-torch is imported only inside the commands, so ``--help`` and ``--version`` answer at once.
+torch is imported only inside the commands, so ``--help`` and ``--version`` answer at once, and a
+mistake that needs no model is reported before it (``early_checks``).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from ..errors import DyllmError, UsageError
 from ..options import DEFAULT_MODEL
 from .bench import add_bench_parser, cmd_bench
 from .common_args import add_decoding_args, add_model_args, check_run, decoding_kwargs
+from .early_checks import check_before_imports
 from .eval import add_eval_parser, cmd_eval
 from .export import add_export_parser, cmd_export
 from .plot import add_plot_parser, cmd_plot
@@ -37,6 +39,8 @@ USER_ERRORS = (
     FileNotFoundError,
     NotADirectoryError,
     IsADirectoryError,
+    PermissionError,
+    FileExistsError,
     ImportError,
 )
 
@@ -122,6 +126,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     out = generate(model, tokenizer, args.prompts, **decoding_kwargs(args))
     s = out.stats
     stats = {
+        "steps": len(s.step_seconds),  # denoising steps run (threshold decoding: as many as it took)
         "nfe": s.nfe,
         "seconds": round(s.seconds, 4),
         "tokens_per_second": round(s.tokens_per_second, 2),
@@ -134,7 +139,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             "policy": _policy_name(model, args),
             "policy_args": getattr(args, "policy_args", {}),
             "onnx": args.onnx,
-            "decoding": decoding_kwargs(args),
+            "decoding": {**decoding_kwargs(args), "steps": _scheduled_steps(args)},
             "outputs": [{"prompt": p, "text": t} for p, t in zip(args.prompts, out.texts)],
             "stats": stats,
         }
@@ -145,6 +150,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.stats:
         print(f"nfe={s.nfe} seconds={s.seconds:.3f} tokens/s={s.tokens_per_second:.1f}", file=sys.stderr)
     return 0
+
+
+def _scheduled_steps(args: argparse.Namespace) -> int | None:
+    """--steps, or its default (one step per token); None under threshold decoding (no schedule)."""
+    if args.steps is not None:
+        return args.steps
+    return None if args.threshold is not None else args.gen_length
 
 
 def _policy_name(model, args: argparse.Namespace) -> str:
@@ -264,6 +276,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = bool(getattr(args, "debug", False)) or os.environ.get("DYLLM_DEBUG", "") not in ("", "0")
     where = f"dyllm {args.command}"
     try:
+        check_before_imports(args)  # mistakes that need no model: reported before torch imports
         with _one_line_warnings():
             return HANDLERS[args.command](args)
     except KeyboardInterrupt:
