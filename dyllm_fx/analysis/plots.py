@@ -22,7 +22,10 @@ def require_matplotlib():
     try:
         from matplotlib.figure import Figure
     except ImportError as err:
-        raise ImportError('plotting needs matplotlib: pip install "dyllm-fx[plot]"') from err
+        raise ImportError(
+            'plotting needs matplotlib: pip install "dyllm-fx[plot]" '
+            '(from a checkout: pip install -e ".[plot]")'
+        ) from err
     return Figure
 
 

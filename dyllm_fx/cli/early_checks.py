@@ -45,6 +45,11 @@ def check_before_imports(args: argparse.Namespace) -> None:
     if args.command != "bench" and hasattr(args, "policy"):
         check_policy_name(args.policy)
         parse_policy_args(args.policy_arg)  # key=value syntax
+    if getattr(args, "compare", False):
+        if args.policy == VANILLA:
+            raise UsageError("--compare runs vanilla beside a policy: give one, e.g. --policy dual_cache")
+        if args.onnx:
+            raise UsageError("--compare runs the torch model beside vanilla; drop --onnx")
     if hasattr(args, "gen_length"):
         _check_layout(args)
     if args.command == "bench":

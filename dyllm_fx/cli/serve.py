@@ -19,7 +19,7 @@ def add_serve_parser(sub, parents=()) -> argparse.ArgumentParser:
         description="An OpenAI-compatible server (/v1/completions, /v1/chat/completions, /v1/models, "
         "/health, "
         "/metrics) that batches requests as they arrive: a request joins a running batch at its next "
-        'block boundary. Needs pip install "dyllm-fx[serve]".',
+        'block boundary. Needs pip install -e ".[serve]" (from a checkout).',
     )
     add_model_args(p)
     p.add_argument(
