@@ -29,6 +29,7 @@ BAD_INPUTS = [
     (["generate", "12+7=", "--threshold", "1.5"], "--threshold must be in (0, 1]"),
     (["generate", "12+7=", "--cfg-scale", "-0.5"], "--cfg-scale must be at least 0"),
     (["generate", "12+7=", "--threads", "0"], "--threads must be at least 1"),
+    (["generate", "12+7=", "--compare"], "give one, e.g. --policy dual_cache"),
     (["bench", "--n", "0"], "--n must be at least 1"),
     (["bench", "--repeats", "0"], "--repeats must be at least 1"),
     (["bench", "--tau", "nan"], "--tau must be a finite number"),
@@ -189,3 +190,15 @@ def test_generate_json_fills_steps(tiny_llada_dir, capsys):
     assert main([*argv, "--steps", "4", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["decoding"]["steps"] == 4 and report["stats"]["steps"] == 4
+
+
+def test_generate_compare_prints_both_sides_and_the_speedup(tiny_llada_dir, capsys):
+    from dyllm_fx.cli.main import main
+
+    argv = ["generate", "12", "--model", str(tiny_llada_dir), "--gen-length", "8", "--block-length", "8"]
+    assert main([*argv, "--policy", "dense", "--compare"]) == 0
+    captured = capsys.readouterr()
+    lines = captured.err.splitlines()
+    assert lines[0].startswith("vanilla ") and lines[1].startswith("dense ") and "nfe=8" in lines[1]
+    assert "x vanilla's speed, the same text (fastest of 3 runs each)" in lines[2]  # dense: vanilla's tokens
+    assert len(captured.out.splitlines()) == 1
