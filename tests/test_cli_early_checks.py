@@ -30,6 +30,7 @@ BAD_INPUTS = [
     (["generate", "12+7=", "--cfg-scale", "-0.5"], "--cfg-scale must be at least 0"),
     (["generate", "12+7=", "--threads", "0"], "--threads must be at least 1"),
     (["generate", "12+7=", "--compare"], "give one, e.g. --policy dual_cache"),
+    (["generate", "12+7=", "--onnx", "{dir}/missing.onnx"], "write one with `dyllm export --onnx FILE`"),
     (["bench", "--n", "0"], "--n must be at least 1"),
     (["bench", "--repeats", "0"], "--repeats must be at least 1"),
     (["bench", "--tau", "nan"], "--tau must be a finite number"),

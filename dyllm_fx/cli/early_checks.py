@@ -50,6 +50,8 @@ def check_before_imports(args: argparse.Namespace) -> None:
             raise UsageError("--compare runs vanilla beside a policy: give one, e.g. --policy dual_cache")
         if args.onnx:
             raise UsageError("--compare runs the torch model beside vanilla; drop --onnx")
+    if args.command == "generate" and args.onnx:
+        _check_onnx_input(args)
     if hasattr(args, "gen_length"):
         _check_layout(args)
     if args.command == "bench":
@@ -105,6 +107,15 @@ def check_policy_name(policy: str) -> None:
             f"unknown policy {unknown[0]!r}; use {VANILLA!r} (the untransformed model), one of "
             f"{', '.join(POLICY_NAMES)}, or a composition such as {COMPOSITIONS[0]}"
         )
+
+
+def _check_onnx_input(args: argparse.Namespace) -> None:
+    if args.compile or args.dtype:
+        raise UsageError(
+            "--compile and --dtype do not apply to --onnx: the step graph's dtype and ops are fixed at export"
+        )
+    if not Path(args.onnx).is_file():
+        raise UsageError(f"--onnx {args.onnx}: no such file; write one with `dyllm export --onnx FILE`")
 
 
 def _check_layout(args: argparse.Namespace) -> None:

@@ -21,7 +21,7 @@ import traceback
 import warnings
 from collections.abc import Sequence
 
-from ..errors import DyllmError, UsageError
+from ..errors import DyllmError
 from ..options import DEFAULT_MODEL
 from .bench import add_bench_parser, cmd_bench
 from .common_args import add_decoding_args, add_model_args, check_run, decoding_kwargs
@@ -210,10 +210,6 @@ def _onnx_model(args: argparse.Namespace):
     from .common_args import apply_threads
     from .export import load_onnx_model
 
-    if args.compile or args.dtype:
-        raise UsageError(
-            "--compile and --dtype do not apply to --onnx: the step graph's dtype and ops are fixed at export"
-        )
     args.policy_args = parse_policy_args(args.policy_arg)
     policy, policy_args = None, None
     if args.policy != VANILLA:
