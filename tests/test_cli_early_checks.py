@@ -45,6 +45,7 @@ BAD_INPUTS = [
     (["plot", "pareto", "{dir}/missing.json", "--out", "{dir}/p.png"], "write one with `dyllm bench --json"),
     (["serve", "--lifetime", "inf"], "--lifetime must be a finite number"),
     (["serve", "--max-queue-size", "0"], "--max-queue-size must be at least 1"),
+    (["serve", "--port", "-1"], "--port must be in 0..65535"),
 ]
 
 # Runs every bad command line in one fresh interpreter and reports, for each, the exit status,

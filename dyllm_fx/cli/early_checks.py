@@ -56,6 +56,8 @@ def check_before_imports(args: argparse.Namespace) -> None:
         _check_layout(args)
     if args.command == "bench":
         _check_tasks(args.tasks)
+    if args.command == "serve" and not 0 <= args.port <= 65535:
+        raise UsageError(f"--port must be in 0..65535, got {args.port}")
     if args.command == "eval" and args.task != SUITE and not Path(args.task).is_file():
         raise UsageError(f"--task {args.task}: no such file; give a JSONL file or 'suite'")
     if args.command == "plot" and args.plot == "pareto" and not Path(args.bench).is_file():
