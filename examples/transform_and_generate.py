@@ -27,7 +27,7 @@ def main() -> None:
     args = p.parse_args()
 
     model, tokenizer = dyllm_fx.load(args.model)
-    prompts = args.prompts or [e.prompt for e in held_out_set(1, tasks=("shift", "lookup"))]
+    prompts = args.prompts or [e.prompt for e in held_out_set(1, tasks=("shift", "sort"))]
     fast = dyllm_fx.transform(model, policy=args.policy)
     print(dyllm_fx.explain(fast).splitlines()[0])
 

@@ -523,7 +523,17 @@ def test_generate_errors_are_one_line_before_loading(tiny_llada_dir, capsys, mon
 
 def test_remasking_on_dream_is_one_line(tiny_dream_dir, capsys):
     rc, _, err = _cli(
-        capsys, "generate", "12", "--model", str(tiny_dream_dir), "--gen-length", "8", "--remasking", "random"
+        capsys,
+        "generate",
+        "12",
+        "--model",
+        str(tiny_dream_dir),
+        "--gen-length",
+        "8",
+        "--block-length",
+        "8",  # a layout that is right: the block layout is checked first, before torch imports
+        "--remasking",
+        "random",
     )
     assert rc == 2
     _one_error_line(err, "remasking='random' is a LLaDA sampler option")

@@ -162,3 +162,28 @@ def test_plot_cli(tmp_path, capsys):
     _assert_png(tmp_path / "s.png")
     assert main(["plot", "pareto", str(tmp_path / "nope.json"), "--out", str(tmp_path / "x.png")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_pareto_numbers_stay_below_the_title(tmp_path, monkeypatch):
+    """Many methods at the top accuracy stack their numbers upward: none may overlap the title."""
+    import dyllm_fx.analysis.plots as plots
+
+    drawn = []
+    real_save = plots._save
+    monkeypatch.setattr(plots, "_save", lambda fig, out: (drawn.append(fig), real_save(fig, out))[1])
+    rows = [
+        {"method": f"m{i}", "accuracy": 1.0, "tokens_per_s": 10.0 + i, "speedup": 1.0, "nfe": 64}
+        for i in range(8)
+    ]
+    rows.append({"method": "low", "accuracy": 0.2, "tokens_per_s": 12.0, "speedup": 1.0, "nfe": 64})
+    plot_pareto({"rows": rows, "device": "cpu"}, tmp_path / "p.png")
+    (fig,) = drawn
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    fig.draw(renderer)
+    ax = fig.axes[0]
+    title = ax.title.get_window_extent(renderer)
+    numbers = [t.get_window_extent(renderer) for t in ax.texts]
+    assert len(numbers) == len(rows)
+    assert all(box.y1 <= title.y0 for box in numbers), (title, max(box.y1 for box in numbers))

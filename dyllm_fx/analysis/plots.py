@@ -22,7 +22,10 @@ def require_matplotlib():
     try:
         from matplotlib.figure import Figure
     except ImportError as err:
-        raise ImportError('plotting needs matplotlib: pip install "dyllm-fx[plot]"') from err
+        raise ImportError(
+            'plotting needs matplotlib: pip install "dyllm-fx[plot]" '
+            '(from a checkout: pip install -e ".[plot]")'
+        ) from err
     return Figure
 
 
@@ -200,7 +203,8 @@ def plot_pareto(
     # Points are numbered (stacked where they crowd) and named in a key beside the axes, so
     # names never print over each other.
     key = []
-    for n, ((r, px, py), dy) in enumerate(zip(zip(rows, xs, ys), _label_offsets(xs, ys, step=8.0)), start=1):
+    offsets = _label_offsets(xs, ys, step=8.0)
+    for n, ((r, px, py), dy) in enumerate(zip(zip(rows, xs, ys), offsets), start=1):
         ax.annotate(
             str(n),
             (px, py),
@@ -221,5 +225,9 @@ def plot_pareto(
     ax.legend(loc="lower left", fontsize=8)
     fig.colorbar(points, ax=ax, label="active fraction")
     device = bench.get("device")
-    ax.set_title(title or ("speed vs accuracy" + (f" ({device})" if device else "")))
+    # The title sits above the tallest stack of numbers (a stack over a point at the top of the
+    # axes would otherwise print over it): offset + a line of 8-point text, in points.
+    ax.set_title(
+        title or ("speed vs accuracy" + (f" ({device})" if device else "")), pad=6 + max(offsets) + 12
+    )
     return _save(fig, out)

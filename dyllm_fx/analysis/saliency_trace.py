@@ -93,7 +93,8 @@ def record_saliency(
     fast = apply_policy(model, policy, policy_args, compile=compile)
     fast.engine.record_similarity = True  # copied to the host after every step
     fast.engine.record_activity = True
-    out = generate(fast, tokenizer, [prompt], progress=False, **gen_params)
+    # a progress bar on a terminal for a long generation (the tracing copies every step to the host)
+    out = generate(fast, tokenizer, [prompt], **{"progress": None, **gen_params})
     records = list(fast.engine.records)
     n_layers = len(records[0].active) if records else 0
     return trace_from_records(records, n_layers // 2 if layer is None else layer, out.prompt_length, policy)

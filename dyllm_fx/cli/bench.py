@@ -7,6 +7,7 @@ import argparse
 from ..eval.synthetic_tasks import HELD_OUT_PER_TASK as DEFAULT_N_PER_TASK
 from ..eval.synthetic_tasks import TASKS
 from ..options import DEFAULT_MODEL
+from .common_args import add_threads_arg, apply_threads
 
 # The options run_bench() takes under the same name.
 RUN_ARGS = ("batch_size", "gen_length", "block_length", "steps", "compile", "repeats")
@@ -72,7 +73,7 @@ def add_bench_parser(sub, parents=()) -> None:
         action="store_true",
         help="also run every transformed method with its step compiled whole by inductor (a row each)",
     )
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    add_threads_arg(p)
     p.add_argument(
         "--json", default=None, metavar="FILE", help="write the rows as JSON (input of `dyllm plot pareto`)"
     )
@@ -82,17 +83,14 @@ def add_bench_parser(sub, parents=()) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    import torch
-
     from ..eval.methods_bench import (
         bench_examples,
         default_methods,
-        format_table,
-        format_task_table,
+        format_tables,
         run_bench,
         write_outputs,
     )
-    from ..loading import load
+    from ..loading import load, resolve_model_path
 
     if args.plot and args.model == "diffusion_gemma:random":
         raise ValueError(
@@ -102,17 +100,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from ..analysis.plots import require_matplotlib
 
         require_matplotlib()  # before the bench runs, not after (an ImportError naming the extra)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     if args.model == "diffusion_gemma:random":
+        apply_threads(args)
         return _cmd_bench_diffusion_gemma(args)
+    apply_threads(args, resolve_model_path(args.model))
     methods = _chosen_methods(default_methods(threshold=args.threshold, tau=args.tau), args.methods)
     model, tok = load(args.model, device=args.device)
     examples = bench_examples(args.n, tuple(t.strip() for t in args.tasks.split(",")))
     bench = run_bench(model, tok, examples, methods, **{name: getattr(args, name) for name in RUN_ARGS})
-    print(format_table(bench))
-    print()
-    print(format_task_table(bench))
+    print(format_tables(bench))
     write_outputs(bench, args.json, args.plot)
     return 0
 

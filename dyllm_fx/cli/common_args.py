@@ -8,6 +8,10 @@ Nothing here imports torch at module level: ``dyllm --help`` must answer at once
 from __future__ import annotations
 
 import argparse
+import json
+import math
+import struct
+from pathlib import Path
 
 from ..options import DEFAULT_MODEL, DEVICE_HELP, DTYPE_CHOICES
 from ..policy_setup import VANILLA, check_policy, parse_policy_args, policy_help
@@ -37,7 +41,22 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
         choices=DTYPE_CHOICES,
         help="weight dtype (default: bfloat16 on CUDA, float32 on CPU; auto: the checkpoint's torch_dtype)",
     )
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    add_threads_arg(p)
+
+
+# Below this many parameters a model runs fastest on one CPU thread (see default_threads).
+SMALL_MODEL_PARAMETERS = 10_000_000
+
+
+def add_threads_arg(p: argparse.ArgumentParser) -> None:
+    """--threads, on every command that computes (its default: :func:`default_threads`)."""
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help=f"torch CPU threads (default: 1 for a model under {SMALL_MODEL_PARAMETERS // 1_000_000}M "
+        "parameters, such as the embedded ones; torch's choice for larger ones)",
+    )
 
 
 def add_decoding_args(p: argparse.ArgumentParser) -> None:
@@ -96,15 +115,55 @@ def decoding_kwargs(args: argparse.Namespace) -> dict:
     return params
 
 
-def apply_threads(args: argparse.Namespace) -> None:
+def checkpoint_parameters(folder: str | Path) -> int | None:
+    """The parameter count of a checkpoint folder from its safetensors headers (no weights read);
+    None when the folder has no safetensors files."""
+    from ..models import safetensors_files
+
+    try:
+        files = safetensors_files(folder)
+    except Exception:  # no weights or a broken index: the load names that, not the thread choice
+        return None
+    total = 0
+    try:
+        for file in files:
+            with open(file, "rb") as f:
+                (header_len,) = struct.unpack("<Q", f.read(8))
+                if header_len > file.stat().st_size:
+                    return None
+                header = json.loads(f.read(header_len))
+            total += sum(math.prod(t["shape"]) for key, t in header.items() if key != "__metadata__")
+    except (OSError, ValueError, struct.error, KeyError, TypeError, AttributeError):
+        return None  # a damaged file: the load reports it with the file's name
+    return total
+
+
+def default_threads(parameters: int | None) -> int | None:
+    """The CPU thread count for a model of ``parameters`` parameters: 1 below
+    :data:`SMALL_MODEL_PARAMETERS`, else None (torch's choice, one per core).
+
+    A small model's matrix products are too small to split: each of the thousands of ops in a
+    generation then pays for waking and joining the other threads, and on a busy machine a thread
+    that waits for a core stalls the whole op. A large model's products keep every core busy."""
+    if parameters is not None and parameters < SMALL_MODEL_PARAMETERS:
+        return 1
+    return None
+
+
+def apply_threads(args: argparse.Namespace, folder: str | Path | None = None) -> None:
+    """Set torch's CPU threads: ``--threads``, else :func:`default_threads` of the checkpoint in
+    ``folder`` (when given). Records the choice in ``args.threads``."""
     threads = getattr(args, "threads", None)
+    if threads is not None and threads < 1:
+        raise ValueError(f"--threads must be at least 1, got {threads}")
+    if threads is None and folder is not None:
+        threads = default_threads(checkpoint_parameters(folder))
     if threads is None:
         return
-    if threads < 1:
-        raise ValueError(f"--threads must be at least 1, got {threads}")
     import torch
 
     torch.set_num_threads(threads)
+    args.threads = threads
 
 
 def check_run(args: argparse.Namespace, policy: bool = True, decoding: bool = True) -> dict:
@@ -137,7 +196,7 @@ def check_run(args: argparse.Namespace, policy: bool = True, decoding: bool = Tr
         )
         if kw["cfg_scale"] < 0:
             raise ValueError(f"--cfg-scale must be >= 0, got {kw['cfg_scale']}")
-    apply_threads(args)
+    apply_threads(args, folder)
     return {"dtype": dtype, "device": device}
 
 
@@ -145,6 +204,7 @@ __all__ = [
     "add_decoding_args",
     "add_model_args",
     "add_runtime_args",
+    "add_threads_arg",
     "apply_threads",
     "check_run",
     "decoding_kwargs",

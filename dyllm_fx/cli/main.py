@@ -1,12 +1,13 @@
 """The ``dyllm`` command line: ``generate``, ``info``, ``eval``, ``plot``, ``export``, ``bench``, ``serve``.
 
-Error policy: bad input (the project's own errors, ``ValueError`` / ``TypeError`` /
-``FileNotFoundError`` from validation, ``ImportError`` for a missing optional package) prints
+Error policy: bad input (the project's own errors, ``ValueError`` / ``TypeError`` from
+validation, ``OSError`` for a path, ``ImportError`` for a missing optional package) prints
 one line ``dyllm CMD: error: ...`` and exits with status 2; ``--debug`` (or ``DYLLM_DEBUG=1``)
 shows the traceback too. Anything else is a bug: one line that says so, status 1, and the
 traceback with ``--debug``. Ctrl-C exits with status 130 and no traceback.
 
-torch is imported only inside the commands, so ``--help`` and ``--version`` answer at once.
+torch is imported only inside the commands, so ``--help`` and ``--version`` answer at once, and a
+mistake that needs no model is reported before it (``early_checks``).
 """
 
 from __future__ import annotations
@@ -20,25 +21,19 @@ import traceback
 import warnings
 from collections.abc import Sequence
 
-from ..errors import DyllmError, UsageError
+from ..errors import DyllmError
 from ..options import DEFAULT_MODEL
 from .bench import add_bench_parser, cmd_bench
 from .common_args import add_decoding_args, add_model_args, check_run, decoding_kwargs
+from .early_checks import check_before_imports
 from .eval import add_eval_parser, cmd_eval
 from .export import add_export_parser, cmd_export
 from .plot import add_plot_parser, cmd_plot
 from .serve import add_serve_parser, cmd_serve
 
 # Errors that mean "the input is wrong as given"; their messages name the fix.
-USER_ERRORS = (
-    DyllmError,
-    ValueError,
-    TypeError,
-    FileNotFoundError,
-    NotADirectoryError,
-    IsADirectoryError,
-    ImportError,
-)
+# OSError: a file that is missing, a folder, read-only, or a full disk: the user's to fix, not a bug.
+USER_ERRORS = (DyllmError, ValueError, TypeError, OSError, ImportError)
 
 
 def _version() -> str:
@@ -88,6 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--json", action="store_true", help="print the responses and statistics as one JSON object"
     )
     gen.add_argument(
+        "--compare",
+        action="store_true",
+        help="also run vanilla (the untransformed model, one token per step: no --threshold) and print both "
+        "timings and the speedup to stderr; each runs once to warm up, then its fastest of 3 runs counts",
+    )
+    gen.add_argument(
         "--onnx",
         default=None,
         metavar="FILE",
@@ -116,12 +117,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
         from ..policy_setup import apply_policy
 
         model, tokenizer = load(args.model, **load_kw)
+        vanilla = model
         model = apply_policy(model, args.policy, args.policy_args, compile=args.compile)
     from ..generation import generate
 
-    out = generate(model, tokenizer, args.prompts, **decoding_kwargs(args))
+    if args.compare:
+        out = _compare_with_vanilla(vanilla, model, tokenizer, args)
+    else:
+        out = generate(model, tokenizer, args.prompts, **decoding_kwargs(args))
     s = out.stats
     stats = {
+        "steps": len(s.step_seconds),  # denoising steps run (threshold decoding: as many as it took)
         "nfe": s.nfe,
         "seconds": round(s.seconds, 4),
         "tokens_per_second": round(s.tokens_per_second, 2),
@@ -134,7 +140,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             "policy": _policy_name(model, args),
             "policy_args": getattr(args, "policy_args", {}),
             "onnx": args.onnx,
-            "decoding": decoding_kwargs(args),
+            "decoding": {**decoding_kwargs(args), "steps": _scheduled_steps(args)},
             "outputs": [{"prompt": p, "text": t} for p, t in zip(args.prompts, out.texts)],
             "stats": stats,
         }
@@ -145,6 +151,50 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.stats:
         print(f"nfe={s.nfe} seconds={s.seconds:.3f} tokens/s={s.tokens_per_second:.1f}", file=sys.stderr)
     return 0
+
+
+COMPARE_RUNS = 3  # timed runs of each side of --compare, after one to warm up; the fastest counts
+
+
+def _compare_with_vanilla(vanilla, model, tokenizer, args: argparse.Namespace):
+    """``generate --compare``: vanilla (as ``dyllm bench``'s baseline row: the untransformed model
+    with no threshold decoding) and the policy with the decoding options given, on the same
+    prompts, timed alternately (a busy machine slows both alike); prints one line each and the
+    speedup to stderr and returns the policy's output."""
+    from ..generation import generate
+
+    policy_kwargs = decoding_kwargs(args)
+    vanilla_kwargs = {**policy_kwargs, "threshold": None}
+    policy_label = args.policy + (f" --threshold {args.threshold}" if args.threshold is not None else "")
+    sides = {"vanilla": (vanilla, vanilla_kwargs), policy_label: (model, policy_kwargs)}
+    outputs = {name: generate(m, tokenizer, args.prompts, **kw) for name, (m, kw) in sides.items()}  # warm-up
+    for _ in range(COMPARE_RUNS):
+        for name, (m, kw) in sides.items():
+            out = generate(m, tokenizer, args.prompts, **kw)
+            if out.stats.seconds < outputs[name].stats.seconds:
+                outputs[name] = out
+    width = max(map(len, sides))
+    for name, out in outputs.items():
+        s = out.stats
+        print(
+            f"{name:<{width}}  nfe={s.nfe} seconds={s.seconds:.3f} tokens/s={s.tokens_per_second:.1f}",
+            file=sys.stderr,
+        )
+    base, fast = outputs["vanilla"], outputs[policy_label]
+    same = "the same text" if base.texts == fast.texts else "a different text"
+    print(
+        f"{policy_label}: {base.stats.seconds / fast.stats.seconds:.2f}x vanilla's speed, {same} "
+        f"(fastest of {COMPARE_RUNS} runs each)",
+        file=sys.stderr,
+    )
+    return fast
+
+
+def _scheduled_steps(args: argparse.Namespace) -> int | None:
+    """--steps, or its default (one step per token); None under threshold decoding (no schedule)."""
+    if args.steps is not None:
+        return args.steps
+    return None if args.threshold is not None else args.gen_length
 
 
 def _policy_name(model, args: argparse.Namespace) -> str:
@@ -160,10 +210,6 @@ def _onnx_model(args: argparse.Namespace):
     from .common_args import apply_threads
     from .export import load_onnx_model
 
-    if args.compile or args.dtype:
-        raise UsageError(
-            "--compile and --dtype do not apply to --onnx: the step graph's dtype and ops are fixed at export"
-        )
     args.policy_args = parse_policy_args(args.policy_arg)
     policy, policy_args = None, None
     if args.policy != VANILLA:
@@ -264,6 +310,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = bool(getattr(args, "debug", False)) or os.environ.get("DYLLM_DEBUG", "") not in ("", "0")
     where = f"dyllm {args.command}"
     try:
+        check_before_imports(args)  # mistakes that need no model: reported before torch imports
         with _one_line_warnings():
             return HANDLERS[args.command](args)
     except KeyboardInterrupt:

@@ -12,7 +12,7 @@ def add_plot_parser(sub, parents=()) -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "plot",
-        help='figures: saliency heatmap of a generation, speed-accuracy plot (pip install "dyllm-fx[plot]")',
+        help='figures: saliency heatmap of a generation, speed-accuracy plot (pip install -e ".[plot]")',
         parents=list(parents),
     )
     kinds = p.add_subparsers(dest="plot", required=True)

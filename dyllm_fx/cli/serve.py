@@ -19,7 +19,7 @@ def add_serve_parser(sub, parents=()) -> argparse.ArgumentParser:
         description="An OpenAI-compatible server (/v1/completions, /v1/chat/completions, /v1/models, "
         "/health, "
         "/metrics) that batches requests as they arrive: a request joins a running batch at its next "
-        'block boundary. Needs pip install "dyllm-fx[serve]".',
+        'block boundary. Needs pip install -e ".[serve]" (from a checkout).',
     )
     add_model_args(p)
     p.add_argument(
@@ -101,13 +101,7 @@ def add_serve_parser(sub, parents=()) -> argparse.ArgumentParser:
 def cmd_serve(args: argparse.Namespace) -> int:
     from ..serving.net import bind_socket, require_server_packages
 
-    for name in ("max_num_seqs", "max_num_batches", "max_queue_size"):
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if not 0 <= args.port <= 65535:
-        raise UsageError(f"--port must be in 0..65535, got {args.port}")
-    if args.lifetime is not None and args.lifetime <= 0:
-        raise UsageError(f"--lifetime must be positive, got {args.lifetime}")
+    # the counts, --port and --lifetime: dyllm_fx/cli/early_checks.py, before this runs
     if args.cuda_graphs and args.policy == "vanilla":
         raise UsageError("--cuda-graphs needs --policy NAME (the untransformed model runs eagerly)")
     require_server_packages()  # FastAPI / uvicorn missing: say so before importing torch

@@ -306,22 +306,24 @@ def run_bench(
     }
 
 
+# The printed tables stay within TABLE_WIDTH columns: the figures are split over three tables
+# (accuracy and speed; cost; accuracy per task), and the JSON holds every figure of every row.
+TABLE_WIDTH = 120
+
+
 def format_table(bench: dict) -> str:
-    """The bench rows as a markdown table: accuracy with its 95% Wilson interval, and against
-    vanilla on the same prompts, prompts won / lost and the exact McNemar p."""
+    """Accuracy and speed: accuracy with its 95% Wilson interval and, against vanilla on the same
+    prompts, prompts won / lost and the exact McNemar p; tokens/s and the speedup over vanilla."""
     lines = [
-        "| method | accuracy [95% CI] | won / lost vs vanilla | McNemar p | tokens/s | speedup | active "
-        "fraction "
-        "| NFE / batch | agreement with vanilla |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| method | accuracy [95% CI] | won / lost vs vanilla | McNemar p | tokens/s | speedup |",
+        "|---|---|---|---|---|---|",
     ]
     for r in bench["rows"]:
         n = r.get("n") or bench.get("settings", {}).get("examples", 0)
         correct = r.get("correct", round(r["accuracy"] * n))
         lines.append(
             f"| {r['method']} | {format_accuracy(correct, n)} | {r.get('won', 0)} / {r.get('lost', 0)} | "
-            f"{format_p(r.get('mcnemar_p', 1.0))} | {r['tokens_per_s']:.1f} | {r['speedup']:.2f}x | "
-            f"{r['active_fraction']:.3f} | {r['nfe']:.1f} | {100 * r['agreement']:.1f}% |"
+            f"{format_p(r.get('mcnemar_p', 1.0))} | {r['tokens_per_s']:.1f} | {r['speedup']:.2f}x |"
         )
     compiled = [r for r in bench["rows"] if r.get("compiled")]
     if compiled:
@@ -339,20 +341,36 @@ def format_table(bench: dict) -> str:
     return "\n".join(lines)
 
 
+def format_cost_table(bench: dict) -> str:
+    """What each method computes: the active fraction of rows, denoising steps (NFE) per batch and
+    the share of response tokens equal to vanilla's."""
+    lines = ["| method | active fraction | NFE / batch | agreement with vanilla |", "|---|---|---|---|"]
+    for r in bench["rows"]:
+        lines.append(
+            f"| {r['method']} | {r['active_fraction']:.3f} | {r['nfe']:.1f} | {100 * r['agreement']:.1f}% |"
+        )
+    return "\n".join(lines)
+
+
 def format_task_table(bench: dict) -> str:
-    """Exact match per task (rows) and method (columns), each with its 95% Wilson interval."""
+    """Exact match per method (rows) and task (columns), in whole percent; the counts behind each
+    figure (and so its interval) are the rows' ``per_task`` in the JSON."""
     rows = bench["rows"]
     tasks = list(dict.fromkeys(t for r in rows for t in r.get("per_task", {})))
-    lines = ["| task | " + " | ".join(r["method"] for r in rows) + " |", "|---" * (len(rows) + 1) + "|"]
-    for task in tasks:
+    lines = ["| method | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
+    for r in rows:
+        per_task = r.get("per_task", {})
         cells = [
-            format_accuracy(r["per_task"][task]["correct"], r["per_task"][task]["n"])
-            if task in r.get("per_task", {})
-            else ""
-            for r in rows
+            f"{100 * per_task[t]['correct'] / per_task[t]['n']:.0f}%" if per_task.get(t, {}).get("n") else ""
+            for t in tasks
         ]
-        lines.append(f"| {task} | " + " | ".join(cells) + " |")
+        lines.append(f"| {r['method']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def format_tables(bench: dict) -> str:
+    """The three tables of ``dyllm bench``, each within :data:`TABLE_WIDTH` columns."""
+    return "\n\n".join((format_table(bench), format_cost_table(bench), format_task_table(bench)))
 
 
 def bench_examples(
@@ -378,7 +396,10 @@ __all__ = [
     "MethodResult",
     "bench_examples",
     "default_methods",
+    "TABLE_WIDTH",
+    "format_cost_table",
     "format_table",
+    "format_tables",
     "format_task_table",
     "run_bench",
     "sampler_params",

@@ -5,8 +5,12 @@ from __future__ import annotations
 import math
 import operator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+# torch is imported inside the functions that need it: the command line checks a block layout
+# (BlockSchedule.build) before it imports torch.
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -157,6 +161,8 @@ def llada_transfer_counts(masked_per_row: torch.Tensor, steps: int) -> torch.Ten
 
     The remainder goes to the first steps, so every step unmasks floor or ceil of the average.
     """
+    import torch
+
     base = masked_per_row // steps
     remainder = masked_per_row % steps
     counts = base[:, None].repeat(1, steps)
@@ -166,6 +172,8 @@ def llada_transfer_counts(masked_per_row: torch.Tensor, steps: int) -> torch.Ten
 
 def dream_timesteps(steps: int, eps: float) -> torch.Tensor:
     """Dream's linear time grid from 1 to eps (steps + 1 points)."""
+    import torch
+
     return torch.linspace(1, eps, steps + 1)
 
 
@@ -173,6 +181,8 @@ def dream_transfer_count(masked: int, step: int, steps: int, timesteps: torch.Te
     """Dream's count: int(masked * (1 - s/t)) for t, s consecutive grid points; all at the last step."""
     if step == steps - 1:
         return masked
+    import torch
+
     # float32 tensor arithmetic, as the reference, so the int() cut falls on the same side.
     t, s = timesteps[step], timesteps[step + 1]
     return int(torch.tensor(float(masked)) * (1 - s / t))
