@@ -42,7 +42,7 @@ def test_without_ray_the_error_names_the_extra(monkeypatch, capsys):
     [
         (["--replicas", "0"], "--replicas must be at least 1"),
         (["--replicas", "2", "--max-replicas", "1"], "--max-replicas must be >= --replicas (2)"),
-        (["--replicas", "1", "--gpus-per-replica", "-1"], "must be >= 0"),
+        (["--replicas", "1", "--gpus-per-replica", "-1"], "--gpus-per-replica must be at least 0"),
     ],
 )
 def test_bad_replica_options_are_refused_before_ray_starts(args, message, capsys):

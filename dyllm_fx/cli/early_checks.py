@@ -21,8 +21,8 @@ from ..runtime.schedule import BlockSchedule
 
 # Options (by argparse dest) and the range each must lie in, on every command that has them.
 AT_LEAST_ONE = ("threads", "n", "batch_size", "repeats", "limit", "max_num_seqs", "max_num_batches")
-AT_LEAST_ONE += ("max_queue_size",)
-AT_LEAST_ZERO = ("temperature", "cfg_scale")
+AT_LEAST_ONE += ("max_queue_size", "replicas", "max_replicas")
+AT_LEAST_ZERO = ("temperature", "cfg_scale", "cpus_per_replica", "gpus_per_replica")
 POSITIVE = ("lifetime", "tau")
 UNIT_INTERVAL = ("threshold",)  # a confidence: (0, 1]
 
@@ -56,8 +56,8 @@ def check_before_imports(args: argparse.Namespace) -> None:
         _check_layout(args)
     if args.command == "bench":
         _check_tasks(args.tasks)
-    if args.command == "serve" and not 0 <= args.port <= 65535:
-        raise UsageError(f"--port must be in 0..65535, got {args.port}")
+    if args.command == "serve":
+        _check_serve(args)
     if args.command == "eval" and args.task != SUITE and not Path(args.task).is_file():
         raise UsageError(f"--task {args.task}: no such file; give a JSONL file or 'suite'")
     if args.command == "plot" and args.plot == "pareto" and not Path(args.bench).is_file():
@@ -86,6 +86,19 @@ def _check_numbers(args: argparse.Namespace, dests: tuple[str, ...]) -> None:
             raise UsageError(f"{_flag(dest)} must be positive, got {value}")
         if dest in UNIT_INTERVAL and not 0 < value <= 1:
             raise UsageError(f"{_flag(dest)} must be in (0, 1], got {value}; 0.9 is the Fast-dLLM default")
+
+
+def _check_serve(args: argparse.Namespace) -> None:
+    if not 0 <= args.port <= 65535:
+        raise UsageError(f"--port must be in 0..65535, got {args.port}")
+    if args.max_replicas is not None and (args.replicas is None or args.max_replicas < args.replicas):
+        raise UsageError(
+            f"--max-replicas must be >= --replicas ({args.replicas or 'not given'}), got {args.max_replicas}"
+        )
+    if args.replicas is not None:
+        from ..serving.replicas import require_ray
+
+        require_ray()  # Ray missing: the pip command, before anything loads
 
 
 def _check_prompts(args: argparse.Namespace) -> None:

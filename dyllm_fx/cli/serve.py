@@ -117,15 +117,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def _run_replicas(args: argparse.Namespace) -> int:
     from ..serving.net import bind_socket
-    from ..serving.replicas import ReplicaConfig, require_ray, run_replicas
+    from ..serving.replicas import ReplicaConfig, run_replicas
 
-    require_ray()  # before torch: the pip command, not a model load, is the first thing a user sees
-    if args.replicas < 1:
-        raise UsageError(f"--replicas must be at least 1, got {args.replicas}")
-    if args.max_replicas is not None and args.max_replicas < args.replicas:
-        raise UsageError(f"--max-replicas must be >= --replicas ({args.replicas}), got {args.max_replicas}")
-    if args.cpus_per_replica < 0 or args.gpus_per_replica < 0:
-        raise UsageError("--cpus-per-replica and --gpus-per-replica must be >= 0")
+    # the counts and Ray itself: dyllm_fx/cli/early_checks.py, before this runs
     bind_socket(args.host, args.port).close()  # a port in use: say so before Ray starts
     check_run(args, decoding=False)  # the model folder, policy and device, checked here once
     config = ReplicaConfig(
