@@ -161,3 +161,23 @@ def test_the_experts_keep_their_slice_and_the_router_stays_whole():
     assert shard_model(model, rank=1, size=2, group="g").parts().blocks[1].self_attn.o_proj.bias is None
     dense = shard.parts().blocks[0].mlp  # the first layer is dense: a plain colwise / rowwise MLP
     assert dense.gate_proj.out_features == 24 and dense.down_proj.weight.shape == (32, 24)
+
+
+def _llm_on_rank(rank: int, results) -> None:
+    from dyllm_fx import LLM, SamplingParams
+
+    torch.set_num_threads(1)
+    params = SamplingParams(max_tokens=16, block_length=8)
+    whole = LLM("default", policy="dual_cache").generate(PROMPTS, params)
+    shard = LLM("default", policy="dual_cache", tensor_parallel_size=SIZE).generate(PROMPTS, params)
+    results.put([a.outputs[0].token_ids == b.outputs[0].token_ids != [] for a, b in zip(whole, shard)])
+
+
+@pytest.mark.slow
+def test_llm_with_two_ranks_answers_as_the_whole_model():
+    """vLLM's ``LLM(..., tensor_parallel_size=2)``: the embedded model's completions, on each rank."""
+    import torch.multiprocessing as mp
+
+    results = mp.get_context("spawn").SimpleQueue()
+    spawn(_llm_on_rank, SIZE, results)
+    assert [results.get() for _ in range(SIZE)] == [[True, True]] * SIZE

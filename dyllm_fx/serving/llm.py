@@ -40,6 +40,10 @@ class LLM:
             decoding side by side.
         max_queue_size: completions that may wait (None: unbounded).
         dtype, device: as :func:`dyllm_fx.load`.
+        tensor_parallel_size: shard the model over this many ranks (``transform(...,
+            tensor_parallel_size=N)``); every rank constructs the LLM and calls ``generate`` with
+            the same prompts, and every rank gets the same outputs. Without a policy the model
+            runs as ``"dense"`` (the untransformed model's tokens, through the compiler).
         **policy_config: the policy's parameters (``tau=0.9``, ...).
 
     :meth:`generate` and :meth:`chat` run the scheduler in the calling thread until their
@@ -59,6 +63,7 @@ class LLM:
         max_queue_size: int | None = None,
         dtype=None,
         device=None,
+        tensor_parallel_size: int = 1,
         **policy_config,
     ):
         from ..transform import TransformedModel, transform
@@ -83,14 +88,26 @@ class LLM:
             self.model_name = type(model).__name__
         self.base_model = model
         if isinstance(model, TransformedModel):
-            if policy not in (None, model.policy.name) or policy_config or compile or cuda_graphs:
+            if (
+                policy not in (None, model.policy.name)
+                or policy_config
+                or compile
+                or cuda_graphs
+                or tensor_parallel_size != 1
+            ):
                 raise UsageError(
                     f"model is already transformed (policy {model.policy.name!r}); pass the original model "
-                    "to choose "
-                    "a policy, compile or cuda_graphs here"
+                    "to choose a policy, compile, cuda_graphs or tensor_parallel_size here"
                 )
-        elif policy not in (None, "vanilla"):
-            model = transform(model, policy=policy, compile=compile, cuda_graphs=cuda_graphs, **policy_config)
+        elif policy not in (None, "vanilla") or tensor_parallel_size != 1:
+            model = transform(
+                model,
+                policy=policy if policy not in (None, "vanilla") else "dense",
+                compile=compile,
+                cuda_graphs=cuda_graphs,
+                tensor_parallel_size=tensor_parallel_size,
+                **policy_config,
+            )
         elif policy_config or compile or cuda_graphs:
             raise UsageError(
                 "policy parameters, compile and cuda_graphs need a policy (e.g. policy='dual_cache')"
