@@ -22,7 +22,7 @@ from typing import Any
 from torch import nn
 
 from .config_fields import ConfigReader
-from .layers import BidirectionalLM, LMParts, RMSNorm, self_attention, swiglu_mlp
+from .layers import HF_BLOCK_TP_PLAN, BidirectionalLM, LMParts, RMSNorm, self_attention, swiglu_mlp
 
 
 @dataclass
@@ -70,16 +70,7 @@ class DreamConfig:
 class DreamBlock(nn.Module):
     """Qwen2 decoder layer without the causal mask."""
 
-    # tensor parallel (passes/tensor_parallel.py): heads and the MLP split over the ranks
-    tp_plan = {
-        "self_attn.q_proj": "colwise",
-        "self_attn.k_proj": "colwise",
-        "self_attn.v_proj": "colwise",
-        "self_attn.o_proj": "rowwise",
-        "mlp.gate_proj": "colwise",
-        "mlp.up_proj": "colwise",
-        "mlp.down_proj": "rowwise",
-    }
+    tp_plan = HF_BLOCK_TP_PLAN  # tensor parallel: heads and the MLP split over the ranks
     tp_heads = ("n_heads", "n_kv_heads")
 
     def __init__(self, cfg: DreamConfig):

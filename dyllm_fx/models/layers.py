@@ -15,6 +15,18 @@ from torch import nn
 
 from .spec import DiffusionSpec
 
+# The tensor-parallel plan of a block under Hugging Face's Llama / Qwen2 module names
+# (passes/tensor_parallel.py): heads and the MLP split over the ranks.
+HF_BLOCK_TP_PLAN = {
+    "self_attn.q_proj": "colwise",
+    "self_attn.k_proj": "colwise",
+    "self_attn.v_proj": "colwise",
+    "self_attn.o_proj": "rowwise",
+    "mlp.gate_proj": "colwise",
+    "mlp.up_proj": "colwise",
+    "mlp.down_proj": "rowwise",
+}
+
 
 class RMSNorm(nn.Module):
     """Root-mean-square norm, computed in float32 as the reference models do."""

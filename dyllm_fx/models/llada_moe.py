@@ -36,7 +36,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config_fields import ConfigReader
-from .layers import BidirectionalLM, LMParts, RMSNorm, apply_rope, bidirectional_attention, swiglu_mlp
+from .layers import (
+    HF_BLOCK_TP_PLAN,
+    BidirectionalLM,
+    LMParts,
+    RMSNorm,
+    apply_rope,
+    bidirectional_attention,
+    swiglu_mlp,
+)
 
 # The model card's <|mask|> and <|endoftext|>; the published config.json does not name them.
 LLADA_MOE_MASK_TOKEN_ID = 156895
@@ -207,13 +215,7 @@ class LLaDAMoEBlock(nn.Module):
     # tensor parallel (passes/tensor_parallel.py): heads, the dense MLPs and every expert's
     # intermediate features split over the ranks; the router stays whole on every rank
     tp_plan = {
-        "self_attn.q_proj": "colwise",
-        "self_attn.k_proj": "colwise",
-        "self_attn.v_proj": "colwise",
-        "self_attn.o_proj": "rowwise",
-        "mlp.gate_proj": "colwise",
-        "mlp.up_proj": "colwise",
-        "mlp.down_proj": "rowwise",
+        **HF_BLOCK_TP_PLAN,  # the dense layers' MLP is mlp.{gate,up,down}_proj
         "shared_expert.gate_proj": "colwise",
         "shared_expert.up_proj": "colwise",
         "shared_expert.down_proj": "rowwise",
