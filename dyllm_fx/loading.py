@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -12,8 +13,10 @@ import torch
 from torch import nn
 from transformers import AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from .distributed import group_for
 from .models import CheckpointError, load_model, parse_config, read_config
 from .options import DEFAULT_DREAM_MODEL, DEFAULT_MODEL, resolve_device, resolve_dtype
+from .passes.tensor_parallel import shard_model
 
 # Files any Hugging Face tokenizer is loaded from (fast, sentencepiece, BPE, WordPiece).
 TOKENIZER_FILES = (
@@ -224,6 +227,7 @@ def load(
     device: str | int | torch.device | None = None,
     *,
     torch_dtype: torch.dtype | str | None = None,
+    tensor_parallel_size: int = 1,
 ) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     """Load a LLaDA or Dream checkpoint folder and its tokenizer, with no network access.
 
@@ -237,6 +241,10 @@ def load(
             CPU, bfloat16 on CUDA. ``torch_dtype=`` is accepted as transformers spells it.
         device: ``"auto"`` / None (CUDA when available, else CPU), ``"cpu"``, ``"cuda"``,
             ``"cuda:N"``, an int (CUDA index) or a ``torch.device``.
+        tensor_parallel_size: load this rank's shard only (its heads and its slice of every MLP,
+            read as slices of the safetensors: a model too large for one device loads), for
+            ``transform(model, tensor_parallel_size=N)``; needs the process group of N ranks
+            (see :mod:`dyllm_fx.distributed`).
 
     Returns:
         ``(model, tokenizer)``; ``model.diffusion`` holds the mask/EOS ids the runtime uses.
@@ -250,7 +258,12 @@ def load(
     dtype = resolve_dtype(dtype, torch_dtype=torch_dtype, device=device, config=config)
     parse_config(config, str(folder / "config.json"))  # a wrong setting fails before the weights are read
     tokenizer = load_tokenizer(folder)
-    model = load_model(folder, dtype=dtype, device=device)
+    prepare = None
+    if tensor_parallel_size != 1:
+        group = group_for(tensor_parallel_size)
+        rank = torch.distributed.get_rank()
+        prepare = functools.partial(shard_model, rank=rank, size=tensor_parallel_size, group=group)
+    model = load_model(folder, dtype=dtype, device=device, prepare=prepare)
     window = trained_gen_length(folder)
     if window is not None and dataclasses.is_dataclass(getattr(model, "diffusion", None)):
         model.diffusion = dataclasses.replace(model.diffusion, trained_gen_length=window)

@@ -181,3 +181,34 @@ def test_llm_with_two_ranks_answers_as_the_whole_model():
     results = mp.get_context("spawn").SimpleQueue()
     spawn(_llm_on_rank, SIZE, results)
     assert [results.get() for _ in range(SIZE)] == [[True, True]] * SIZE
+
+
+def _load_shard_on_rank(rank: int, folder: str, results) -> None:
+    torch.set_num_threads(1)
+    whole, tok = dyllm_fx.load(folder)
+    shard, _ = dyllm_fx.load(folder, tensor_parallel_size=SIZE)
+    held = sum(p.numel() for p in shard.parts().blocks.parameters())
+    full = sum(p.numel() for p in whole.parts().blocks.parameters())
+    ids = torch.randint(0, len(tok), (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        diff = (shard(ids) - whole(ids)).abs().max().item()
+    same = dyllm_fx.transform(shard, tensor_parallel_size=SIZE)  # not sharded twice
+    results.put((rank, held, full, diff, same.program.tensor_parallel_group is not None))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sharded_files", [False, True])
+def test_each_rank_loads_only_its_slices(tmp_path, sharded_files):
+    """``load(folder, tensor_parallel_size=2)``: each rank reads its slices of the safetensors
+    (about half the blocks' weights, bias on rank 0 only) and computes the whole model's logits."""
+    import torch.multiprocessing as mp
+
+    from tiny_checkpoints import write_model
+
+    folder = write_model(tiny_dream(seed=5), tmp_path / "dream", sharded=sharded_files)
+    results = mp.get_context("spawn").SimpleQueue()
+    spawn(_load_shard_on_rank, SIZE, str(folder), results)
+    rows = sorted(results.get() for _ in range(SIZE))
+    for rank, held, full, diff, transformed in rows:
+        assert full / 2 <= held < full * 0.6, (rank, held, full)  # the norms stay whole
+        assert diff < 1e-4 and transformed

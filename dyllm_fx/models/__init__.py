@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,13 +68,25 @@ def build_model(config: dict[str, Any], source: str = "config.json") -> nn.Modul
 
 
 def load_model(
-    folder: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
+    folder: str | Path,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    prepare: Callable[[nn.Module], nn.Module] | None = None,
 ) -> nn.Module:
-    """Build the model named by ``folder/config.json`` and fill it with the folder's safetensors."""
+    """Build the model named by ``folder/config.json`` and fill it with the folder's safetensors.
+
+    ``prepare`` rewrites the model before any weight is read (it is still on the meta device);
+    a model it returns with ``tensor_parallel = (rank, size, group)`` (a tensor-parallel shard,
+    ``passes/tensor_parallel.py``) reads only its own slices of the checkpoint."""
     config = read_config(folder)
     with torch.device("meta"):
         model = build_model(config, str(Path(folder) / "config.json"))
-    state = load_state_dict(folder, dtype=dtype, device=device)
+    if prepare is not None:
+        model = prepare(model)
+    shard = getattr(model, "tensor_parallel", None)
+    if shard is not None:
+        shard = ({k: tuple(v.shape) for k, v in model.state_dict().items()}, shard[0], shard[1])
+    state = load_state_dict(folder, dtype=dtype, device=device, shard=shard)
     check_state_dict(model, state, str(folder))
     model.load_state_dict(state, assign=True)
     return model.eval()

@@ -85,10 +85,18 @@ def safetensors_files(folder: str | Path) -> list[Path]:
 
 
 def load_state_dict(
-    folder: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
+    folder: str | Path,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    shard: tuple[dict[str, tuple[int, ...]], int, int] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Every tensor of the folder's safetensors, in ``dtype`` (floating-point ones) on ``device``.
-    A CheckpointError names a file that cannot be read and the tensors holding NaN or inf."""
+    A CheckpointError names a file that cannot be read and the tensors holding NaN or inf.
+
+    ``shard=(shapes, rank, size)`` reads one tensor-parallel rank's part only: the keys of
+    ``shapes`` (the sharded model's state-dict shapes), each read whole where its shape is the
+    checkpoint's, else the ``rank``-th of ``size`` slices along the one dim ``size`` times
+    smaller; no other bytes are read."""
     state: dict[str, torch.Tensor] = {}
     for file in safetensors_files(folder):
         try:
@@ -96,7 +104,9 @@ def load_state_dict(
                 bad: list[str] = []
                 overflow: list[str] = []
                 for key in f.keys():
-                    t = f.get_tensor(key)
+                    if shard is not None and key not in shard[0]:
+                        continue  # another rank's tensor (a row-parallel bias lives on rank 0)
+                    t = f.get_tensor(key) if shard is None else _read_part(f, key, *shard)
                     if t.is_floating_point() and not _all_finite(t):
                         bad.append(key)
                     elif dtype is not None and t.is_floating_point():
@@ -112,6 +122,23 @@ def load_state_dict(
                 "(an interrupted download?); download it again"
             ) from err
     return state
+
+
+def _read_part(f, key: str, shapes: dict[str, tuple[int, ...]], rank: int, size: int) -> torch.Tensor:
+    """``key``'s slice for ``rank``: the dim where the checkpoint is ``size`` times the shard."""
+    part = f.get_slice(key)
+    full, want = tuple(part.get_shape()), tuple(shapes[key])
+    if full == want:
+        return f.get_tensor(key)
+    split = [d for d, (a, b) in enumerate(zip(full, want)) if a != b]
+    if len(full) != len(want) or len(split) != 1 or full[split[0]] != want[split[0]] * size:
+        raise CheckpointError(
+            f"{key}: checkpoint shape {full} does not split into {size} shards of {want}; check that "
+            "config.json belongs to these weights"
+        )
+    dim, n = split[0], want[split[0]]
+    index = tuple(slice(rank * n, (rank + 1) * n) if d == dim else slice(None) for d in range(len(full)))
+    return part[index]
 
 
 def _all_finite(t: torch.Tensor) -> bool:

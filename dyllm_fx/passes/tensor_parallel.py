@@ -135,7 +135,18 @@ def _replace(block: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def shard_model(model: nn.Module, rank: int, size: int, group: str) -> nn.Module:
-    """A copy of ``model`` holding this rank's shard of every block (``model`` is not changed)."""
+    """A copy of ``model`` holding this rank's shard of every block (``model`` is not changed);
+    ``model`` itself when it already is this rank's shard (``dyllm_fx.load(...,
+    tensor_parallel_size=N)`` reads only the shard's slices). The shard records
+    ``tensor_parallel = (rank, size, group)``."""
+    done = getattr(model, "tensor_parallel", None)
+    if done is not None:
+        if done != (rank, size, group):
+            raise UsageError(
+                f"the model is already shard {done[0]} of {done[1]}; load it again for "
+                f"tensor_parallel_size={size}"
+            )
+        return model
     check_shardable(model, size)
     sharded = copy.deepcopy(model)
     for block in _blocks(sharded):
@@ -154,6 +165,7 @@ def shard_model(model: nn.Module, rank: int, size: int, group: str) -> nn.Module
                 _replace(block, name, new)
         for attr in heads:
             setattr(block, attr, getattr(block, attr) // size)
+    sharded.tensor_parallel = (rank, size, group)
     return sharded
 
 

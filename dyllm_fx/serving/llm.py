@@ -76,7 +76,9 @@ class LLM:
             from ..loading import load
 
             self.model_name = str(model)
-            model, tokenizer = load(model, dtype=dtype, device=device)
+            model, tokenizer = load(
+                model, dtype=dtype, device=device, tensor_parallel_size=tensor_parallel_size
+            )
         else:
             if tokenizer is None:
                 raise UsageError("a model object needs its tokenizer: LLM(model, tokenizer=tokenizer)")
