@@ -55,7 +55,7 @@ def add_serve_parser(sub, parents=()) -> argparse.ArgumentParser:
     replicas = p.add_argument_group(
         "replicas on Ray Serve",
         'N copies of this server behind Ray Serve\'s HTTP proxy (pip install "dyllm-fx[ray]"); see '
-        "docs/serving.md",
+        "docs/scaling.md",
     )
     replicas.add_argument(
         "--replicas",
