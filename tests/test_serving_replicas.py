@@ -90,9 +90,9 @@ def test_two_replicas_answer_as_one_server_does():
             )
             return out.choices[0].text
 
-        with ThreadPoolExecutor(8) as threads:
-            got = list(threads.map(complete, pool * 2))
-        assert got == want * 2
+        with ThreadPoolExecutor(32) as threads:  # 32 requests in flight over the two replicas
+            got = list(threads.map(complete, pool * 4))
+        assert got == want * 4
         assert "2 replica(s) on Ray Serve" in server.output()
         # each scrape of /metrics reaches one replica; two different processes answer
         started = set()
