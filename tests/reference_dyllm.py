@@ -114,6 +114,24 @@ def _scores(logit_rows, family):
     return top, tokens
 
 
+def _ranked(values, candidates, length, per_step, threshold, ties):
+    """The candidates' indices, best score first. ``ties="sort"``: the official ``torch.sort``
+    (equal scores in the order the device's sort leaves them); ``ties="topk"``: equal scores
+    broken as ``torch.topk`` over a whole-sequence vector (-inf off the candidates) breaks them,
+    and under a threshold the best one as ``argmax`` (the first of equal ones)."""
+    ranked = torch.sort(values, descending=True).indices
+    if ties == "sort":
+        return ranked
+    if threshold is not None:
+        first = values.argmax().view(1)
+        return torch.cat([first, ranked[ranked != first]])
+    full = torch.full((length,), -torch.inf)
+    full[candidates] = values
+    top = torch.topk(full, min(per_step, candidates.numel())).indices
+    first = torch.searchsorted(candidates, top)  # candidates ascend: positions -> their indices
+    return torch.cat([first, ranked[~torch.isin(ranked, first)]])
+
+
 @torch.no_grad()
 def dyllm_generate(
     model,
@@ -129,6 +147,7 @@ def dyllm_generate(
     full_query_interval: int = 4,
     score: str | None = None,
     first_row_own_logits: bool = True,
+    ties: str = "sort",
     trace: dict | None = None,
 ) -> torch.Tensor:
     """The official DyLLM loop; returns the response tokens (gen_length,). ``tau``: the official
@@ -138,8 +157,11 @@ def dyllm_generate(
     step that queries the response only, Dream's first response row takes the logits of the last
     prompt row from the last step that queried it instead of its own (the official shift packs
     the queried rows of every sequence into one list, so its row 0 has no row above it).
-    ``trace``, when given, receives the counts of ``steps``, ``sparse_steps`` and ``ties`` (steps
-    whose last committed score equals the best one left masked, where float32 rounding decides)."""
+    ``ties``: how equal scores are ordered (:func:`_ranked`; float32 probabilities of a
+    confident model round to exactly 1 at many positions, and the official order among them is
+    whatever the GPU's sort leaves). ``trace``, when given, receives the counts of ``steps``,
+    ``sparse_steps`` and ``ties`` (steps whose last committed score equals the best one left
+    masked, where the order among equal scores decides)."""
     trace = {} if trace is None else trace
     trace.update(steps=0, sparse_steps=0, ties=0)
     arch = arch_modules(model)
@@ -171,16 +193,16 @@ def dyllm_generate(
         limit = min(length, plen + block_length * (block + 1))
         candidates = (ids[0, :limit] == mask_id).nonzero().squeeze(1)
         values, tokens = _scores(out[candidates - start], "dream" if score == "entropy" else "llada")
-        order = torch.sort(values, descending=True).indices
-        keep = torch.arange(order.numel()) < per_step
+        ranked = _ranked(values, candidates, length, per_step, threshold, ties)
+        keep = torch.arange(ranked.numel()) < per_step
         if threshold is not None:
-            keep |= values[order] >= threshold
+            keep |= values[ranked] >= threshold
         n_kept = int(keep.sum())
-        if n_kept < order.numel() and values[order[n_kept - 1]] == values[order[n_kept]]:
+        if n_kept < ranked.numel() and values[ranked[n_kept - 1]] == values[ranked[n_kept]]:
             trace["ties"] += 1
         trace["steps"] += 1
         trace["sparse_steps"] += int(processed > num_full_steps)
-        chosen = order[keep]
+        chosen = ranked[keep]
         committed = candidates[chosen]
         ids[0, committed] = tokens[chosen]
     return ids[0, plen:]
