@@ -7,8 +7,8 @@ marks a meaningless number of rows salient. These policies fix the number instea
   the block caches, ES-dLLM and dLLM-Cache all run);
 * :func:`controlled_dyllm`: DyLLM layers whose salient set is exactly ``n`` rows per layer (a
   top-n capacity with a tau just below 1, so more than n rows qualify; the surplus is overflow,
-  which is what makes the count exact), and :func:`changed_tokens` gives the step ``n``
-  changed tokens at layer 0;
+  approximated and not re-run, which is what makes the count exact), and :func:`changed_tokens`
+  gives the step ``n`` changed tokens at layer 0;
 * :func:`controlled_es_dllm`: ES-dLLM keeping a fraction of the window after the first eighth
   of the layers.
 """
@@ -36,7 +36,7 @@ class RandomRows(UniformPolicy):
 def controlled_dyllm(n: int, scope: str = "response") -> DyLLMPolicy:
     """DyLLM with exactly ``n`` salient rows per layer after one dense step (the official
     schedule otherwise: response queried, the whole sequence every 4th step)."""
-    return DyLLMPolicy(tau=1.0 - 1e-6, num_full_steps=1, capacity=n, scope=scope)
+    return DyLLMPolicy(tau=1.0 - 1e-6, num_full_steps=1, capacity=n, scope=scope, overflow="approximate")
 
 
 def controlled_es_dllm(fraction: float, n_layers: int, scope: str = "block") -> ESDLLMPolicy:

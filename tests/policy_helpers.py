@@ -28,7 +28,7 @@ COMPOSED = sorted(
 
 # The parameters with which a row policy recomputes every row it may (its keep-everything limit).
 KEEP_ALL = {
-    "dyllm": {"tau": 1.0},
+    "dyllm": {"every_row": True},
     # no skip layer, and no delayed EOS (the official sampler rule that holds an EOS row back)
     "es_dllm": {"proportion_steps": ((1.0, 0.0),), "delay_eos": False},
     "dllm_cache": {"ratio": 1.0},

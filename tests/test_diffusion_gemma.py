@@ -216,7 +216,7 @@ def test_sampler_pieces():
 def test_dyllm_every_row_salient_equals_dense(model, fast):
     ids, mask = _ragged()
     want = _hf_generate(model, ids, mask)
-    _use(fast, "dyllm", tau=1.0, full_query_interval=1)
+    _use(fast, "dyllm", every_row=True, full_query_interval=1)
     got = _hf_generate(fast, ids, mask)
     kinds = [r.kind for r in fast.engine.records]
     assert torch.equal(got, want)
@@ -240,7 +240,7 @@ def test_block_caches_apply(model, fast, policy):
     recompute the canvas, so they give dense's tokens (dLLM-Cache at its keep-everything limit)."""
     ids, mask = _ragged()
     want = _hf_generate(model, ids, mask)
-    extra = {"tau": 1.0, "full_query_interval": 1} if "dyllm" in policy else {}
+    extra = {"every_row": True, "full_query_interval": 1} if "dyllm" in policy else {}
     extra = {"ratio": 1.0, "scope": "all"} if policy == "dllm_cache" else extra
     _use(fast, policy, **extra)
     assert torch.equal(_hf_generate(fast, ids, mask), want)
@@ -265,7 +265,7 @@ def test_backend_dyllm(model, dtype):
         compiled = torch.compile(
             model,
             backend="dyllm",
-            options={"compile_step": False, "policy": "dyllm", "tau": 1.0, "full_query_interval": 1},
+            options={"compile_step": False, "policy": "dyllm", "every_row": True, "full_query_interval": 1},
         )
         ids, mask = _ragged()
         want = dg.generate_ids(model, ids, mask, max_new_tokens=16, steps=5, seed=0).sequences

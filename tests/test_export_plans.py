@@ -255,8 +255,9 @@ def test_runner_refuses_what_the_graph_cannot_run(dyllm_export):
         load_onnx(path, policy="es_dllm")
     with pytest.raises(ExportError, match=r"capacity=8 \(exported with 'auto'\).*only \['tau'\] can change"):
         load_onnx(path, policy=make_policy("dyllm", capacity=8))
-    with pytest.raises(ExportError, match="tau=1 marks every row"):
-        load_onnx(path, policy_args={"tau": 1.0})
+    fixed = r"every_row=True \(exported with False\).*only \['tau'\] can change"
+    with pytest.raises(ExportError, match=fixed):
+        load_onnx(path, policy_args={"every_row": True})
     onnx_model = load_onnx(path, threads=1, tokenizer=TOK)
     with pytest.raises(
         ExportedPlanMissing, match="exported for gen_length=16, block_length=8.*--gen-length 16"

@@ -4,7 +4,11 @@ zhuzj19/ES-dLLM), on held-out prompts of the embedded LLaDA and Dream models, fl
 gen 64, block 32: one token per step (the official ``token_per_step=1``) and threshold 0.9 (its
 parallel mode). Dream's sampler is given the official one's choices (``alg="maskgit_plus"``,
 ``schedule="even"``); a run with the official rule of delayed EOS switched off on both sides
-gives the same tokens too."""
+gives the same tokens too.
+
+DyLLM at its defaults against ``tests/reference_dyllm.py`` (written from younjoo0614/DyLLM),
+same models and prompts; see :func:`test_dyllm_gives_the_official_tokens` for the sampler
+choices and the one departure."""
 
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ import torch
 import dyllm_fx
 from dyllm_fx.eval.synthetic_tasks import held_out_set
 from dyllm_fx.generation import diffusion_spec
+from reference_dyllm import dyllm_generate
 from reference_es_dllm import es_dllm_generate
 
 GEN, BLOCK = 64, 32
@@ -93,3 +98,64 @@ def test_dyllm_default_gives_the_tokens_of_the_whole_span_capacity(embedded, thr
         assert sum(got.stats.overflow) == 0
     if threshold is None:
         assert reruns > 0  # steps overflowed their capacity and ran again: the check checked something
+
+
+@pytest.mark.parametrize(
+    "threshold, num_full_steps",
+    [(None, 4), (0.9, 4), (0.9, 1)],
+    ids=["one-per-step", "threshold", "threshold-one-dense-step"],
+)
+def test_dyllm_gives_the_official_tokens(embedded, threshold, num_full_steps):
+    """DyLLM at its defaults (tau 0.99 LLaDA / 0.995 Dream, 4 dense steps, ``capacity="auto"``,
+    ``overflow="rerun"``) gives the official engine's tokens. The official samplers: LLaDA's top
+    probability; Dream's minus entropy over an even split (``alg="entropy"``, ``schedule="even"``).
+    Under a threshold the official Dream sampler compares minus the entropy (never positive) with
+    the threshold and so commits one token per step; the project refuses a threshold with
+    ``alg="entropy"``, so the threshold cases give both sides the top probability
+    (``alg="maskgit_plus"``, the official LLaDA score). At threshold 0.9 the embedded models finish
+    within the 4 dense steps; one dense step leaves sparse steps to compare.
+
+    The one departure: on a step that queries the response only, the official Dream shift gives
+    the first response row its own logits (``DreamSampler.adjust_logits`` shifts the packed rows of
+    all sequences by one, so row 0 has none above it, and in a batch row 0 of a sequence reads the
+    sequence before it); the project reads the last prompt row's logits from the last step that
+    queried it, and the reference does the same here (``first_row_own_logits=False``). With the
+    official shift, 2 of the 4 Dream prompts differ from the first token on.
+
+    Equal scores are common (the embedded models' float32 probabilities round to exactly 1 at
+    most steps); the official order among them is whatever the GPU's sort leaves, so the
+    reference breaks them as the project does (``ties="topk"``)."""
+    name, model, tokenizer = embedded
+    family = "dream" if name == "default-dream" else "llada"
+    spec = diffusion_spec(model)
+    fast = dyllm_fx.transform(model, policy="dyllm", num_full_steps=num_full_steps)
+    settings = dict(threshold=threshold) if threshold else dict(steps=GEN)
+    if family == "dream":
+        settings.update(schedule="even", alg="maskgit_plus" if threshold else "entropy")
+    differing, trace, sparse_steps = [], {}, 0
+    for prompt in PROMPTS:
+        ids = torch.tensor([tokenizer.encode(prompt)])
+        official = dyllm_generate(
+            model,
+            ids,
+            GEN,
+            BLOCK,
+            spec.mask_token_id,
+            family=family,
+            steps=None if threshold else GEN,
+            threshold=threshold,
+            num_full_steps=num_full_steps,
+            score="confidence" if threshold else None,
+            first_row_own_logits=False,
+            ties="topk",
+            trace=trace,
+        )
+        sparse_steps += trace["sparse_steps"]
+        ours = dyllm_fx.generate(
+            fast, tokenizer, [prompt], gen_length=GEN, block_length=BLOCK, stop_at_eos=False, **settings
+        )
+        if ours.responses[0].tolist() != official.tolist():
+            differing.append((prompt, trace["ties"]))  # (prompt, steps decided by a float32 tie)
+    assert differing == []
+    if num_full_steps < 4 or threshold is None:
+        assert sparse_steps > 0  # the sparse path ran: the check checked something

@@ -150,9 +150,9 @@ def test_threshold_decoding_equals_alone():
 
 
 def test_dyllm_keeping_every_row_equals_vanilla_across_relayouts():
-    """DyLLM at tau = 1 with every step querying everything is the vanilla forward; re-layouts
-    (cold steps that keep its step count) must not change that."""
-    model = model_for("llada", "dyllm", tau=1.0, full_query_interval=1, num_full_steps=2)
+    """DyLLM recomputing every row (``every_row``) with every step querying everything is the
+    vanilla forward; re-layouts (cold steps that keep its step count) must not change that."""
+    model = model_for("llada", "dyllm", every_row=True, full_query_interval=1, num_full_steps=2)
     texts = prompts(5, seed=8)
     sp = SamplingParams(max_tokens=16, block_length=8)
     outs = LLM(model, tokenizer=TOK, max_num_seqs=2).generate(texts, sp)

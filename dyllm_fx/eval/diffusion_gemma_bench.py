@@ -5,8 +5,8 @@ A DiffusionGemma checkpoint is transformers' own model; this bench builds a smal
 answers nothing. What it measures is what the transform changes: speed (generated tokens per
 second, the untransformed model's time over each method's) and agreement (the fraction of
 generated tokens identical to the untransformed model's, same prompts, same seed; ``dense``
-and ``dyllm`` at tau = 1 must reach 1.0). All methods run in one process on the same prompts,
-untransformed first.
+and ``dyllm`` with ``every_row=True`` must reach 1.0). All methods run in one process on the
+same prompts, untransformed first.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def default_methods(tau: float | None = None) -> list[GemmaMethod]:
         GemmaMethod("untransformed", None),
         GemmaMethod("dense", "dense"),
         GemmaMethod("dyllm", "dyllm", dy),
-        GemmaMethod("dyllm: tau=1 (every row salient)", "dyllm", {"tau": 1.0, "full_query_interval": 1}),
+        GemmaMethod("dyllm: every row salient", "dyllm", {"every_row": True, "full_query_interval": 1}),
         GemmaMethod("dual_cache", "dual_cache"),
         GemmaMethod("dllm_cache", "dllm_cache"),
     ]

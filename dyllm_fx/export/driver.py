@@ -333,14 +333,6 @@ def plan_policy(info: StepGraphInfo, policy: str | Policy | None, params: dict |
             "can change "
             "without exporting again"
         )
-    for name in info.params:
-        value = float(getattr(policy, name))
-        if name == "tau" and value >= 1.0:
-            raise ExportError(
-                "tau=1 marks every row salient without comparing, a different graph than the exported tau < "
-                "1; "
-                "export again with tau=1.0"
-            )
     return policy
 
 

@@ -204,10 +204,10 @@ def export_policy(policy: Policy, spec) -> Policy:
 
 def graph_params(policy: Policy) -> dict[str, float]:
     """The policy parameters an exported graph takes as inputs (changing them needs no
-    re-export): DyLLM's tau, below 1 (tau = 1 marks every row without comparing)."""
+    re-export): DyLLM's tau, unless ``every_row`` (every row recomputed without comparing)."""
     from dyllm_fx.runtime.policies import DyLLMPolicy
 
-    if isinstance(policy, DyLLMPolicy) and policy.tau < 1.0:
+    if isinstance(policy, DyLLMPolicy) and not policy.every_row:
         return {"tau": float(policy.tau)}
     return {}
 

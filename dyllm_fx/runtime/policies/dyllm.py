@@ -63,8 +63,16 @@ width, which ``auto`` makes rare by growing C from the measured needs; a per-lay
 would put both branches, and in-place cache writes, in every step graph.
 ``overflow="approximate"`` (the project's option, measured in ``dyllm bench``) keeps the step
 and approximates the overflow rows (cached MLP output, approximate attention) instead. Exported
-runners keep their state in their session and approximate. ``tau = 1`` marks every row salient; with
-``full_query_interval=1`` (every step queries everything) that is exactly the vanilla forward.
+runners keep their state in their session and approximate.
+
+``tau`` is compared as the official kernel does (``cos < tau``), whatever its value: ``tau = 1``
+leaves out a row whose cosine rounds to 1 and still starts layer 0 from the last step's commits
+only. ``every_row=True`` (the project's option, for checking the sparse path; not the method) is
+the one way to recompute everything: every real row of the span changed at layer 0 and salient
+at every layer without comparing, the capacity the whole span; with ``full_query_interval=1``
+(every step queries everything) that is exactly the vanilla forward. It is an option of its own
+and not a value of tau because no tau gives it: a cosine of exactly 1 is not below any tau <= 1,
+and the official layer 0 recomputes the committed rows only.
 
 ``mlp_selection`` says where the MLP's capacity applies. ``"sequence"`` (the default) uses the
 per-sequence top-C for the MLP too: one selection per layer, the fewest rows approximated (the
@@ -213,7 +221,9 @@ class DyLLMPolicy(RowPolicy):
         mlp_selection: str = "sequence",
         kv_selection: str = "sequence",
         overflow: str = "rerun",
+        every_row: bool = False,
     ):
+        self.every_row = flag("every_row", every_row)
         self.overflow = choice("overflow", overflow, OVERFLOWS)
         self.tau = number("tau", tau, 0.0, 1.0, low_open=True, hint=" (DyLLM uses about 0.99 to 0.995)")
         self.num_full_steps = count("num_full_steps", num_full_steps, minimum=1)
@@ -397,8 +407,9 @@ class DyLLMPolicy(RowPolicy):
         return bucket_size(need + (need + 1) // 2, width, minimum)
 
     def _fixed_capacity(self, width: int) -> int | None:
-        """The capacity when it does not follow the needs (``"full"``, tau = 1, an int), else None."""
-        if self.capacity == "full" or self.tau >= 1.0:
+        """The capacity when it does not follow the needs (``"full"``, ``every_row`` with
+        ``"auto"``, an int), else None."""
+        if self.capacity == "full" or (self.every_row and self.capacity == "auto"):
             return width
         if isinstance(self.capacity, int):
             return min(self.capacity, width)
@@ -428,7 +439,7 @@ class DyLLMPolicy(RowPolicy):
 
     def _mlp_fixed(self) -> bool:
         """Whether the batch-wide MLP capacity is always the top-C capacity."""
-        return self.capacity != "auto" or self.tau >= 1.0
+        return self.capacity != "auto" or self.every_row
 
     def _mlp_capacity_choices(self, capacity: int) -> set[int | None]:
         """Every value :meth:`_mlp_capacity` can return at top-C capacity ``capacity``."""
@@ -554,13 +565,13 @@ class DyLLMPolicy(RowPolicy):
     def _sparse_start(self, pieces, inp, buffers: DyLLMBuffers, width: int):
         """(rows, in_span, real, changed, prologue) of a sparse step: the span's rows (B, W), which
         of them are real tokens (left padding never changes), and layer 0's changed rows: the
-        tokens that changed, or every row when the first hidden state also reads the last step's
-        output (self-conditioning moves every row's input; the official DiffusionGemma engine
-        starts layer 0 from every canvas row too)."""
+        tokens that changed, or every row under ``every_row`` or when the first hidden state also
+        reads the last step's output (self-conditioning moves every row's input; the official
+        DiffusionGemma engine starts layer 0 from every canvas row too)."""
         rows, in_span = span_rows(inp.span_start, inp.span_len, width)
         real = take(inp.attention_mask, rows, 1).bool() & in_span
         pro = pieces.prologue(inp.input_ids, inp.attention_mask, inp.position_ids, *inp.extras)
-        if self.tau >= 1.0 or pieces.h0_reads_state:
+        if self.every_row or pieces.h0_reads_state:
             return rows, in_span, real, real, pro
         moved = take(inp.input_ids, rows, 1) != take(buffers.prev_ids, rows, 1)
         return rows, in_span, real, real & moved, pro
@@ -573,7 +584,7 @@ class DyLLMPolicy(RowPolicy):
             buffers.similarity[layer].fill_(float("nan"))
             write_rows(buffers.similarity[layer], rows, torch.where(in_span, cos, float("nan")), 1)
         mark(cache.activity, layer, rows, 0.5, in_span)
-        salient = real if self.tau >= 1.0 else real & (cos < tau)
+        salient = real if self.every_row else real & (cos < tau)
         return pieces.post(layer, x, ctx), salient
 
     def _mlp_batch_wide(self, pieces, layer, h_mid, rows, cos, salient, per_sequence, pro, cache, buffers):
