@@ -28,7 +28,7 @@ HIDDEN, HEADS, KV_HEADS, EXPERTS, TOP_K = 32, 4, 2, 6, 2
 # untransformed model's tokens (as tests/test_policy_*.py check on LLaDA and Dream).
 VANILLA_EXACT = {
     "dense": {},
-    "dyllm": {"tau": 1.0, "full_query_interval": 1},
+    "dyllm": {"every_row": True, "full_query_interval": 1},
     "es_dllm": {"proportion_steps": ((1.0, 0.0),), "scope": "all", "delay_eos": False},
     "dllm_cache": {"ratio": 1.0, "scope": "all"},
 }
