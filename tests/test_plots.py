@@ -161,7 +161,8 @@ def test_plot_cli(tmp_path, capsys):
     )
     _assert_png(tmp_path / "s.png")
     assert main(["plot", "pareto", str(tmp_path / "nope.json"), "--out", str(tmp_path / "x.png")]) == 2
-    assert "does not exist" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "no benchmark JSON at" in err and "nope.json" in err and "dyllm bench --json" in err
 
 
 def test_pareto_numbers_stay_below_the_title(tmp_path, monkeypatch):

@@ -218,7 +218,12 @@ def test_the_docs_client_example_runs_against_the_server(server, reference):
     with contextlib.redirect_stdout(io.StringIO()) as printed:
         code = compile(block.replace("http://127.0.0.1:8000", server.url), "docs/serving.md", "exec")
         exec(code, namespace)
-    assert namespace["r"].choices[0].text == reference("shift:abc=")
+    # the example's own request, decoded alone, and the text its comment promises
+    prompt = re.search(r'prompt="([^"]+)"', block).group(1)
+    max_tokens = int(re.search(r"max_tokens=(\d+)", block).group(1))
+    block_length = int(re.search(r'"block_length": (\d+)', block).group(1))
+    promised = re.search(r"# the text: (\S+)", block).group(1)
+    assert namespace["r"].choices[0].text == reference(prompt, max_tokens, block_length) == promised
     assert printed.getvalue().strip()
 
 
