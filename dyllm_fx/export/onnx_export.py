@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from .metadata import step_graph_info
+from .noise import quiet_exporters
+from .progress import key_bar, prepare_output, warn_length
 from .step_module import (
     LAYER_UNIFORM_POLICIES,
     ExportableStep,
@@ -76,7 +78,7 @@ def to_onnx(
     max_seq: int | None = None,
     max_commit: int | None = None,
     keys=None,
-    progress=None,
+    progress=True,
 ) -> Path:
     """Export the sparse denoising step of ``model`` to an ONNX file of standard ops.
 
@@ -114,7 +116,8 @@ def to_onnx(
         max_commit: the most tokens one step commits (default from the schedule).
         keys: export exactly these plan keys (host or graph keys, e.g. the ones a calibration
             run met: :func:`~dyllm_fx.export.record_plan_keys`) instead of the layout's list.
-        progress: called as ``progress(i, key)`` before each key's graph is exported.
+        progress: a progress bar over the plan keys on stderr with a time estimate (default);
+            False: none; a callable: called as ``progress(i, key)`` before each key's graph.
 
     Returns:
         ``path`` as a :class:`~pathlib.Path`.
@@ -123,16 +126,25 @@ def to_onnx(
     if opset < MIN_OPSET:
         raise ValueError(f"opset={opset} is too old: the step graph needs opset >= {MIN_OPSET}")
     require_onnx_export()
+    path = prepare_output(path, "to_onnx(path)")  # refused before any tracing
     if is_layer_uniform(model.policy):
-        program, info = _rows_graph(model, model_path, opset, optimize)
+        bar = key_bar(1, progress)
+        with bar, quiet_exporters():
+            program, info = _rows_graph(model, model_path, opset, optimize)
+            bar.update(1)
     else:
-        from .plans import Layout
+        from .plans import Layout, build_plan_step
 
         layout = Layout(gen_length, block_length, steps, threshold, max_seq, max_commit)
-        program, info = _plans_graph(model, model_path, opset, optimize, layout, keys, progress)
+        built = build_plan_step(model, layout, keys)  # lists the keys and runs each once, eagerly
+        warn_length(len(built.keys), len(model.program.attn), model.policy.name)
+        bar = key_bar(len(built.keys), progress)
+        with bar, quiet_exporters():
+            program = _plans_graph(
+                built, model.diffusion, opset, optimize, progress if callable(progress) else bar
+            )
+        info = built.graph_info(model, model_path)
     program.metadata_props.update(info.to_props())
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     _save(program, path, external_data)
     return path
 
@@ -151,19 +163,17 @@ def _rows_graph(model, model_path, opset: int, optimize: bool):
     return onnx_program(step, args, dims, info.inputs, info.outputs, opset, table, optimize), info
 
 
-def _plans_graph(model, model_path, opset: int, optimize: bool, layout, keys, progress):
-    """(onnx_ir model, metadata) of a row policy's step: one branch per plan key."""
+def _plans_graph(built, spec, opset: int, optimize: bool, progress):
+    """The onnx_ir model of a row policy's step: one branch per plan key of ``built``."""
     from .lowering import translation_table
     from .onnx_plans import export_plans
     from .onnx_plans import optimize as optimize_model
-    from .plans import build_plan_step
 
-    built = build_plan_step(model, layout, keys)
     with built.tracing():
         program = export_plans(
             built.step,
             built.keys,
-            model.diffusion,
+            spec,
             built.layout.block,
             built.device,
             opset,
@@ -172,7 +182,7 @@ def _plans_graph(model, model_path, opset: int, optimize: bool, layout, keys, pr
         )
     if optimize:
         optimize_model(program)
-    return program, built.graph_info(model, model_path)
+    return program
 
 
 def _save(program, path: Path, external_data: bool | None) -> None:

@@ -12,11 +12,10 @@ main graph and deduplicates them (a weight transposed in every branch is stored 
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 import torch
 
+from .noise import quiet_exporters
 from .policy_step import STEP_INPUTS, STEP_OUTPUTS, PolicyStep, dynamic_shapes, example_inputs
 
 PLAN_INPUT = "plan"
@@ -30,9 +29,7 @@ def _ir():
 
 def onnx_program(module, args: tuple, dims, input_names, output_names, opset: int, table, optimize: bool):
     """``module`` through torch's dynamo ONNX exporter, as an ``onnx_ir`` model."""
-    with torch.no_grad(), warnings.catch_warnings():
-        # The exporter warns that tied dims share one name ("batch" for every batch axis): expected.
-        warnings.filterwarnings("ignore", message=r".*axis name.*will not be used")
+    with torch.no_grad(), quiet_exporters():
         program = torch.onnx.export(
             module,
             args,
@@ -231,17 +228,24 @@ def output_names(state_names: list[str]) -> list[str]:
 
 
 def export_plans(step: PolicyStep, keys: list, spec, block: int, device, opset: int, table, progress=None):
-    """Every key's branch (``keys``: :class:`~dyllm_fx.export.plan_keys.KeyRange`), merged."""
+    """Every key's branch (``keys``: :class:`~dyllm_fx.export.plan_keys.KeyRange`), merged.
+
+    ``progress``: a tqdm bar advanced once per key, or a callable called as ``progress(i, key)``
+    before each key, or None."""
     names_in = input_names(step.layout.names, step.params)
     names_out = output_names(step.layout.names)
     params = dict(zip(step.params, step.param_values))
     models = []
     for i, kr in enumerate(keys):
-        if progress is not None:
+        if callable(progress):
             progress(i, kr.key)
+        elif progress is not None:
+            progress.set_postfix_str(str(kr.key), refresh=True)
         args = example_inputs(step.layout, kr.key, params, spec, kr.min_seq, kr.max_seq, block, device)
         dims = dynamic_shapes(step.layout, len(step.params), kr.min_seq, kr.max_seq)
         models.append(export_branch(step, kr.key, args, dims, names_in, names_out, opset, table))
+        if progress is not None and not callable(progress):
+            progress.update(1)
     shared = {name for name, _ in step.named_parameters(remove_duplicate=False)}
     shared |= {name for name, _ in step.named_buffers(remove_duplicate=False)}
     return merge_branches(models, shared)
