@@ -102,13 +102,27 @@ def test_noise_filter_is_narrow(caplog):
     assert [str(w.message) for w in seen] == ["ours", "a user's own deprecation"]
 
 
-def test_tiny_export_is_quiet_and_shows_progress(tiny, tmp_path, capfd):
+def test_tiny_export_is_quiet_and_shows_progress(tiny, tmp_path, capfd, caplog):
     fast = dyllm_fx.transform(tiny, policy="dense")
-    with warnings.catch_warnings():
-        warnings.simplefilter("always")  # as a fresh interpreter shows each warning
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")  # as a fresh interpreter shows each warning once
         to_onnx(fast, tmp_path / "on.onnx")
+    assert [f"{w.category.__name__}: {w.message}" for w in seen] == []
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
     err = capfd.readouterr().err
     assert "export" in err and "1/1" in err  # the bar
     assert "torchvision" not in err and "Warning" not in err, err
     to_onnx(fast, tmp_path / "off.onnx", progress=False)
     assert capfd.readouterr().err == ""
+
+
+def test_workers_write_the_same_file(tiny, tmp_path):
+    import onnx
+
+    fast = dyllm_fx.transform(tiny, policy="dyllm")
+    keys = [("full",), ("sparse", "L", "L", "exact", False, None, False)]
+    one = to_onnx(fast, tmp_path / "one.onnx", keys=keys, progress=False, workers=1, **LAYOUT)
+    two = to_onnx(fast, tmp_path / "two.onnx", keys=keys, progress=False, workers=2, **LAYOUT)
+    a, b = onnx.load(str(one)), onnx.load(str(two))
+    assert [n.op_type for n in a.graph.node] == ["Equal", "If"]  # the plan picks a branch
+    assert a.SerializeToString() == b.SerializeToString()

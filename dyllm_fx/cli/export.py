@@ -39,6 +39,12 @@ def add_export_parser(sub, parents=()) -> argparse.ArgumentParser:
     )
     p.add_argument("--opset", type=int, default=18, help="ONNX opset, at least 18 (default 18)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="processes exporting a row policy's plan keys side by side (default: one per core, at most 8)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     g = p.add_argument_group("layout (row policies only): the generations the export serves")
     g.add_argument("--gen-length", type=int, default=None, help="response length (default 64)")
@@ -85,12 +91,22 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.opset < MIN_OPSET:
         raise UsageError(f"--opset {args.opset} is too old: the step graph needs opset {MIN_OPSET} or later")
     apply_threads(args)
+    if args.workers is not None and args.workers < 1:
+        raise UsageError(f"--workers must be at least 1, got {args.workers}")
     prepare_output(args.onnx, "--onnx")
     require_onnx_export()
     model, _ = load(args.model, dtype=getattr(torch, args.dtype), device="cpu")
     fast = transform(model, policy=args.policy, **params)  # with the model family's presets
     progress = not args.quiet
-    path = to_onnx(fast, args.onnx, model_path=args.model, opset=args.opset, progress=progress, **layout)
+    path = to_onnx(
+        fast,
+        args.onnx,
+        model_path=args.model,
+        opset=args.opset,
+        progress=progress,
+        workers=args.workers,
+        **layout,
+    )
     size = path.stat().st_size / 2**20
     graphs = _graph_count(path)
     print(

@@ -15,6 +15,7 @@ from .step_module import (
     example_inputs,
     is_layer_uniform,
 )
+from .workers import default_workers
 
 MIN_OPSET = 18  # the translations in lowering.py are written against opset 18
 ONNX_EXTRA = 'pip install "dyllm-fx[onnx]" (onnx, onnxscript and onnxruntime)'
@@ -79,6 +80,7 @@ def to_onnx(
     max_commit: int | None = None,
     keys=None,
     progress=True,
+    workers: int | None = None,
 ) -> Path:
     """Export the sparse denoising step of ``model`` to an ONNX file of standard ops.
 
@@ -117,7 +119,9 @@ def to_onnx(
         keys: export exactly these plan keys (host or graph keys, e.g. the ones a calibration
             run met: :func:`~dyllm_fx.export.record_plan_keys`) instead of the layout's list.
         progress: a progress bar over the plan keys on stderr with a time estimate (default);
-            False: none; a callable: called as ``progress(i, key)`` before each key's graph.
+            False: none; a callable: called as ``progress(i, key)`` as each key's graph is done.
+        workers: processes that export a row policy's plan keys side by side (default: one per
+            CPU core, at most 8; 1 for a model on a GPU or where ``fork`` is missing).
 
     Returns:
         ``path`` as a :class:`~pathlib.Path`.
@@ -137,12 +141,14 @@ def to_onnx(
 
         layout = Layout(gen_length, block_length, steps, threshold, max_seq, max_commit)
         built = build_plan_step(model, layout, keys)  # lists the keys and runs each once, eagerly
-        warn_length(len(built.keys), len(model.program.attn), model.policy.name)
+        workers = default_workers(len(built.keys), built.device) if workers is None else workers
+        if workers < 1:
+            raise ValueError(f"workers must be at least 1, got {workers}")
+        warn_length(len(built.keys), len(model.program.attn), model.policy.name, workers)
         bar = key_bar(len(built.keys), progress)
+        report = progress if callable(progress) else bar
         with bar, quiet_exporters():
-            program = _plans_graph(
-                built, model.diffusion, opset, optimize, progress if callable(progress) else bar
-            )
+            program = _plans_graph(built, model.diffusion, opset, optimize, report, workers)
         info = built.graph_info(model, model_path)
     program.metadata_props.update(info.to_props())
     _save(program, path, external_data)
@@ -163,7 +169,7 @@ def _rows_graph(model, model_path, opset: int, optimize: bool):
     return onnx_program(step, args, dims, info.inputs, info.outputs, opset, table, optimize), info
 
 
-def _plans_graph(built, spec, opset: int, optimize: bool, progress):
+def _plans_graph(built, spec, opset: int, optimize: bool, progress, workers: int):
     """The onnx_ir model of a row policy's step: one branch per plan key of ``built``."""
     from .lowering import translation_table
     from .onnx_plans import export_plans

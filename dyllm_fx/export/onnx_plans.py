@@ -17,6 +17,7 @@ import torch
 
 from .noise import quiet_exporters
 from .policy_step import STEP_INPUTS, STEP_OUTPUTS, PolicyStep, dynamic_shapes, example_inputs
+from .workers import run_forked
 
 PLAN_INPUT = "plan"
 
@@ -227,24 +228,31 @@ def output_names(state_names: list[str]) -> list[str]:
     return [*STEP_OUTPUTS, *(f"{name}_out" for name in state_names)]
 
 
-def export_plans(step: PolicyStep, keys: list, spec, block: int, device, opset: int, table, progress=None):
+def export_plans(
+    step: PolicyStep, keys: list, spec, block: int, device, opset: int, table, progress=None, workers: int = 1
+):
     """Every key's branch (``keys``: :class:`~dyllm_fx.export.plan_keys.KeyRange`), merged.
 
-    ``progress``: a tqdm bar advanced once per key, or a callable called as ``progress(i, key)``
-    before each key, or None."""
+    ``progress``: a tqdm bar advanced as each key's graph is done, or a callable called as
+    ``progress(i, key)`` for each key, or None. ``workers``: processes that export keys side by
+    side (``workers.run_forked``); the merged model is the same whichever finishes first."""
     names_in = input_names(step.layout.names, step.params)
     names_out = output_names(step.layout.names)
     params = dict(zip(step.params, step.param_values))
-    models = []
-    for i, kr in enumerate(keys):
-        if callable(progress):
-            progress(i, kr.key)
-        elif progress is not None:
-            progress.set_postfix_str(str(kr.key), refresh=True)
+
+    def branch(i: int):
+        kr = keys[i]
         args = example_inputs(step.layout, kr.key, params, spec, kr.min_seq, kr.max_seq, block, device)
         dims = dynamic_shapes(step.layout, len(step.params), kr.min_seq, kr.max_seq)
-        models.append(export_branch(step, kr.key, args, dims, names_in, names_out, opset, table))
-        if progress is not None and not callable(progress):
+        return export_branch(step, kr.key, args, dims, names_in, names_out, opset, table)
+
+    models: list = [None] * len(keys)
+    for i, model in run_forked(branch, len(keys), workers):
+        models[i] = model
+        if callable(progress):
+            progress(i, keys[i].key)
+        elif progress is not None:
+            progress.set_postfix_str(str(keys[i].key), refresh=False)
             progress.update(1)
     shared = {name for name, _ in step.named_parameters(remove_duplicate=False)}
     shared |= {name for name, _ in step.named_buffers(remove_duplicate=False)}

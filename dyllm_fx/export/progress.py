@@ -36,14 +36,15 @@ def prepare_output(path: str | os.PathLike, flag: str = "path") -> Path:
     return out
 
 
-def warn_length(n_keys: int, n_layers: int, policy: str) -> float:
-    """Warn, before the work, when exporting ``n_keys`` step graphs will take a while; returns
-    the estimate in seconds."""
-    estimate = n_keys * n_layers * SECONDS_PER_KEY_LAYER
+def warn_length(n_keys: int, n_layers: int, policy: str, workers: int = 1) -> float:
+    """Warn, before the work, when exporting ``n_keys`` step graphs in ``workers`` processes
+    will take a while; returns the estimate in seconds."""
+    estimate = -(-n_keys // workers) * n_layers * SECONDS_PER_KEY_LAYER
     if estimate > WARN_AFTER_SECONDS:
         warnings.warn(
-            f"exporting policy {policy!r} traces {n_keys} step graphs (one per plan key of the layout), "
-            f"roughly {estimate / 60:.0f} min on a 2-core CPU (the progress bar refines it); fewer keys: "
+            f"exporting policy {policy!r} traces {n_keys} step graphs (one per plan key of the layout) in "
+            f"{workers} process{'es' if workers > 1 else ''}, roughly {estimate / 60:.0f} min at the speed "
+            "measured on an idle CPU core (the progress bar refines it); fewer keys: "
             "a shorter --max-seq, fixed --steps, or to_onnx(keys=...) from record_plan_keys",
             DyllmWarning,
             stacklevel=3,
