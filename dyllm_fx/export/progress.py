@@ -11,9 +11,9 @@ from tqdm.auto import tqdm
 
 from dyllm_fx.errors import DyllmWarning, UsageError
 
-# Tracing and lowering one plan key's step, per layer, on a shared 2-core CPU (docs/export.md):
-# the order of magnitude the length warning quotes before the first key has been timed.
-SECONDS_PER_KEY_LAYER = 6.0
+# Tracing and lowering one plan key's step, per layer, in one process on a 2-core CPU
+# (docs/export.md): the order of magnitude the length warning quotes before any key is timed.
+SECONDS_PER_KEY_LAYER = 7.0
 WARN_AFTER_SECONDS = 60.0  # an export expected to take longer than this says so before it starts
 
 
@@ -43,9 +43,9 @@ def warn_length(n_keys: int, n_layers: int, policy: str, workers: int = 1) -> fl
     if estimate > WARN_AFTER_SECONDS:
         warnings.warn(
             f"exporting policy {policy!r} traces {n_keys} step graphs (one per plan key of the layout) in "
-            f"{workers} process{'es' if workers > 1 else ''}, roughly {estimate / 60:.0f} min at the speed "
-            "measured on an idle CPU core (the progress bar refines it); fewer keys: "
-            "a shorter --max-seq, fixed --steps, or to_onnx(keys=...) from record_plan_keys",
+            f"{workers} process{'es' if workers > 1 else ''}: roughly {estimate / 60:.0f} min at the speed "
+            "measured on a 2-core CPU (the progress bar refines it). For fewer graphs, export only the keys "
+            "a calibration run meets: to_onnx(keys=...) with record_plan_keys (docs/export.md)",
             DyllmWarning,
             stacklevel=3,
         )
