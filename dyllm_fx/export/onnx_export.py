@@ -185,6 +185,7 @@ def _plans_graph(built, spec, opset: int, optimize: bool, progress, workers: int
             opset,
             translation_table(),
             progress,
+            workers,
         )
     if optimize:
         optimize_model(program)
