@@ -1,10 +1,10 @@
 """The one place that silences third-party noise during an export.
 
 torch's ONNX exporter logs "torchvision is not installed. Skipping ..." each time it builds its
-op registry (once per graph), and torch.export / torch.onnx / pytorch's pytree raise deprecation
-warnings about their own internals that a user cannot act on. Each is filtered here by its
-logger or its message and category, only while an export runs; every other warning (ours
-included) stays visible.
+op registry (once per graph), pytree raises a deprecation warning about its own internals inside
+torch.export (once per graph), and the exporter warns that tied dynamic axes share a name.
+Each is filtered here by its logger or its message and category, only while an export runs;
+every other warning (ours included) stays visible.
 """
 
 from __future__ import annotations
@@ -13,18 +13,13 @@ import contextlib
 import logging
 import warnings
 
-# (category, message regex) of warnings raised inside torch's exporters about torch's own code
+# (category, message regex) of the warnings torch's exporters raise about their own workings
 _WARNINGS = (
-    # the exporter warns that tied dims share one name ("batch" for every batch axis): expected
+    # tied dims share one name ("batch" for every batch axis), as the step graphs intend
     (UserWarning, r".*axis name.*will not be used"),
+    # pytree's deprecation of its own LeafSpec check, raised once per graph inside torch.export
     (FutureWarning, r".*isinstance\(treespec, LeafSpec\)` is deprecated"),
-    (FutureWarning, r".*LeafSpec.*is deprecated"),
-    (DeprecationWarning, r".*torch\.export.*"),
-    (DeprecationWarning, r".*torch\.onnx.*"),
-    (FutureWarning, r".*torch\.export.*"),
-    (FutureWarning, r".*torch\.onnx.*"),
 )
-_MODULES = r"(torch\.onnx|torch\.export|torch\._export|torch\.utils\._pytree|onnxscript|onnx_ir)(\..*)?"
 
 # (logger name, message prefix) of log records that only say an optional package is absent
 _LOG_RECORDS = (("torch.onnx._internal.exporter._registration", "torchvision is not installed"),)
@@ -51,8 +46,6 @@ def quiet_exporters():
         with warnings.catch_warnings():
             for category, message in _WARNINGS:
                 warnings.filterwarnings("ignore", message=message, category=category)
-            for category in (DeprecationWarning, FutureWarning):
-                warnings.filterwarnings("ignore", category=category, module=_MODULES)
             yield
     finally:
         for name, drop in filters:
