@@ -1,10 +1,11 @@
 """The one place that silences third-party noise during an export.
 
 torch's ONNX exporter logs "torchvision is not installed. Skipping ..." each time it builds its
-op registry (once per graph), pytree raises a deprecation warning about its own internals inside
-torch.export (once per graph), and the exporter warns that tied dynamic axes share a name.
-Each is filtered here by its logger or its message and category, only while an export runs;
-every other warning (ours included) stays visible.
+op registry (once per graph); the optimizer logs each constant graph output it leaves alone;
+pytree raises a deprecation warning about its own internals inside torch.export (once per
+graph); the exporter warns that tied dynamic axes share a name. Each is filtered here by its
+logger or its message and category, only while an export runs; every other warning (ours
+included) stays visible.
 """
 
 from __future__ import annotations
@@ -21,8 +22,13 @@ _WARNINGS = (
     (FutureWarning, r".*isinstance\(treespec, LeafSpec\)` is deprecated"),
 )
 
-# (logger name, message prefix) of log records that only say an optional package is absent
-_LOG_RECORDS = (("torch.onnx._internal.exporter._registration", "torchvision is not installed"),)
+# (logger name, message prefix) of log records about the exporters' own workings
+_LOG_RECORDS = (
+    # an optional package absent: logged each time the exporter builds its op registry
+    ("torch.onnx._internal.exporter._registration", "torchvision is not installed"),
+    # the optimizer's deduplication meets a constant graph output (a key's zero counts): expected
+    ("onnx_ir.passes.common.initializer_deduplication", "Skipped deduplication of initializer"),
+)
 
 
 class _DropPrefix(logging.Filter):

@@ -186,9 +186,10 @@ def _plans_graph(built, spec, opset: int, optimize: bool, progress, workers: int
             translation_table(),
             progress,
             workers,
+            optimize,
         )
     if optimize:
-        optimize_model(program)
+        optimize_model(program, branches_optimized=True)
     return program
 
 
