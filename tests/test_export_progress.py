@@ -136,7 +136,8 @@ def test_workers_write_the_same_graph(tiny, tmp_path):
     keys = [("full",), ("sparse", "L", "L", "exact", False, None, False)]
     one = to_onnx(fast, tmp_path / "one.onnx", keys=keys, progress=False, workers=1, **LAYOUT)
     two = to_onnx(fast, tmp_path / "two.onnx", keys=keys, progress=False, workers=2, **LAYOUT)
-    assert [n.op_type for n in onnx.load(str(two)).graph.node] == ["Equal", "If"]  # the plan picks a branch
+    ops = [n.op_type for n in onnx.load(str(two)).graph.node]
+    assert ops.count("If") == 1 and "Equal" in ops  # the plan input picks one of the two branches
     assert _canonical(one) == _canonical(two)
 
 
