@@ -129,6 +129,8 @@ def to_onnx(
     check_exportable(model)
     if opset < MIN_OPSET:
         raise ValueError(f"opset={opset} is too old: the step graph needs opset >= {MIN_OPSET}")
+    if workers is not None and workers < 1:
+        raise ValueError(f"workers must be at least 1, got {workers}")
     require_onnx_export()
     path = prepare_output(path, "to_onnx(path)")  # refused before any tracing
     if is_layer_uniform(model.policy):
@@ -142,8 +144,6 @@ def to_onnx(
         layout = Layout(gen_length, block_length, steps, threshold, max_seq, max_commit)
         built = build_plan_step(model, layout, keys)  # lists the keys and runs each once, eagerly
         workers = default_workers(len(built.keys), built.device) if workers is None else workers
-        if workers < 1:
-            raise ValueError(f"workers must be at least 1, got {workers}")
         warn_length(len(built.keys), len(model.program.attn), model.policy.name, workers)
         bar = key_bar(len(built.keys), progress)
         report = progress if callable(progress) else bar
