@@ -38,6 +38,14 @@ def add_export_parser(sub, parents=()) -> argparse.ArgumentParser:
         "--dtype", choices=["float32", "float16"], default="float32", help="weight dtype (default float32)"
     )
     p.add_argument("--opset", type=int, default=18, help="ONNX opset, at least 18 (default 18)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="processes exporting a row policy's plan keys side by side (default: one per core, at most 8)",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     g = p.add_argument_group("layout (row policies only): the generations the export serves")
     g.add_argument("--gen-length", type=int, default=None, help="response length (default 64)")
     g.add_argument("--block-length", type=int, default=None, help="block length (default 32)")
@@ -64,9 +72,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     from ..errors import UsageError
     from ..export import to_onnx
     from ..export.onnx_export import MIN_OPSET, check_policy, require_onnx_export
+    from ..export.progress import prepare_output
     from ..export.step_module import is_layer_uniform
     from ..policy_setup import parse_policy_args
     from ..runtime.policies import make_policy
+    from .common_args import apply_threads
 
     params = parse_policy_args(args.policy_arg)
     if args.policy == "vanilla":
@@ -80,11 +90,23 @@ def cmd_export(args: argparse.Namespace) -> int:
     layout = _layout(args, is_layer_uniform(policy), policy.name)
     if args.opset < MIN_OPSET:
         raise UsageError(f"--opset {args.opset} is too old: the step graph needs opset {MIN_OPSET} or later")
-    _check_output(args.onnx)
+    apply_threads(args)
+    if args.workers is not None and args.workers < 1:
+        raise UsageError(f"--workers must be at least 1, got {args.workers}")
+    prepare_output(args.onnx, "--onnx")
     require_onnx_export()
     model, _ = load(args.model, dtype=getattr(torch, args.dtype), device="cpu")
     fast = transform(model, policy=args.policy, **params)  # with the model family's presets
-    path = to_onnx(fast, args.onnx, model_path=args.model, opset=args.opset, **layout)
+    progress = not args.quiet
+    path = to_onnx(
+        fast,
+        args.onnx,
+        model_path=args.model,
+        opset=args.opset,
+        progress=progress,
+        workers=args.workers,
+        **layout,
+    )
     size = path.stat().st_size / 2**20
     graphs = _graph_count(path)
     print(
@@ -126,20 +148,6 @@ def _layout(args: argparse.Namespace, uniform: bool, policy: str) -> dict:
         )
     Layout(**layout).check(None)  # the block schedule's own checks (the window is checked after loading)
     return layout
-
-
-def _check_output(path: str) -> None:
-    """The output file can be written: not a folder, its folder not a file."""
-    from pathlib import Path
-
-    out = Path(path)
-    if out.is_dir():
-        raise IsADirectoryError(
-            f"--onnx {path} is a folder; give the .onnx file to write, e.g. {out / 'step.onnx'}"
-        )
-    parent = next((p for p in out.parents if p.exists()), None)
-    if parent is not None and not parent.is_dir():
-        raise NotADirectoryError(f"--onnx {path}: {parent} is a file, not a folder")
 
 
 def _graph_count(path) -> int:

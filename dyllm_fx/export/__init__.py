@@ -18,7 +18,9 @@ policy object plans each step on the host and the plan's key picks the branch.
 Modules: ``step_module`` (the layer-uniform step), ``ops`` (its functional cache write),
 ``lowering`` (ONNX translations), ``aten_lowering`` (aten math for TensorRT), ``plan_keys``,
 ``policy_step`` (a row policy's functional step), ``plans``, ``onnx_plans``, ``metadata``,
-``onnx_export``, ``driver`` (the graphs as step-engine runners), ``onnx_runner``, ``tensorrt``.
+``onnx_export``, ``driver`` (the graphs as step-engine runners), ``onnx_runner``, ``tensorrt``,
+``progress`` (output path, length warning, progress bar), ``noise`` (third-party warnings
+silenced), ``workers`` (plan keys exported in parallel processes).
 """
 
 from .driver import ExportedPlanMissing, ExportedStepModel, PlanGraphRunner, PlanStepModel, UniformGraphRunner

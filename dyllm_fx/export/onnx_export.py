@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from .metadata import step_graph_info
+from .noise import quiet_exporters
+from .progress import key_bar, prepare_output, warn_length
 from .step_module import (
     LAYER_UNIFORM_POLICIES,
     ExportableStep,
@@ -13,6 +15,7 @@ from .step_module import (
     example_inputs,
     is_layer_uniform,
 )
+from .workers import default_workers
 
 MIN_OPSET = 18  # the translations in lowering.py are written against opset 18
 ONNX_EXTRA = 'pip install "dyllm-fx[onnx]" (onnx, onnxscript and onnxruntime)'
@@ -76,7 +79,8 @@ def to_onnx(
     max_seq: int | None = None,
     max_commit: int | None = None,
     keys=None,
-    progress=None,
+    progress=True,
+    workers: int | None = None,
 ) -> Path:
     """Export the sparse denoising step of ``model`` to an ONNX file of standard ops.
 
@@ -114,7 +118,10 @@ def to_onnx(
         max_commit: the most tokens one step commits (default from the schedule).
         keys: export exactly these plan keys (host or graph keys, e.g. the ones a calibration
             run met: :func:`~dyllm_fx.export.record_plan_keys`) instead of the layout's list.
-        progress: called as ``progress(i, key)`` before each key's graph is exported.
+        progress: a progress bar over the plan keys on stderr with a time estimate (default);
+            False: none; a callable: called as ``progress(i, key)`` as each key's graph is done.
+        workers: processes that export a row policy's plan keys side by side (default: one per
+            CPU core, at most 8; 1 for a model on a GPU or where ``fork`` is missing).
 
     Returns:
         ``path`` as a :class:`~pathlib.Path`.
@@ -122,17 +129,28 @@ def to_onnx(
     check_exportable(model)
     if opset < MIN_OPSET:
         raise ValueError(f"opset={opset} is too old: the step graph needs opset >= {MIN_OPSET}")
+    if workers is not None and workers < 1:
+        raise ValueError(f"workers must be at least 1, got {workers}")
     require_onnx_export()
+    path = prepare_output(path, "to_onnx(path)")  # refused before any tracing
     if is_layer_uniform(model.policy):
-        program, info = _rows_graph(model, model_path, opset, optimize)
+        bar = key_bar(1, progress)
+        with bar, quiet_exporters():
+            program, info = _rows_graph(model, model_path, opset, optimize)
+            bar.update(1)
     else:
-        from .plans import Layout
+        from .plans import Layout, build_plan_step
 
         layout = Layout(gen_length, block_length, steps, threshold, max_seq, max_commit)
-        program, info = _plans_graph(model, model_path, opset, optimize, layout, keys, progress)
+        built = build_plan_step(model, layout, keys)  # lists the keys and runs each once, eagerly
+        workers = default_workers(len(built.keys), built.device) if workers is None else workers
+        warn_length(len(built.keys), len(model.program.attn), model.policy.name, workers)
+        bar = key_bar(len(built.keys), progress)
+        report = progress if callable(progress) else bar
+        with bar, quiet_exporters():
+            program = _plans_graph(built, model.diffusion, opset, optimize, report, workers)
+        info = built.graph_info(model, model_path)
     program.metadata_props.update(info.to_props())
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     _save(program, path, external_data)
     return path
 
@@ -151,28 +169,28 @@ def _rows_graph(model, model_path, opset: int, optimize: bool):
     return onnx_program(step, args, dims, info.inputs, info.outputs, opset, table, optimize), info
 
 
-def _plans_graph(model, model_path, opset: int, optimize: bool, layout, keys, progress):
-    """(onnx_ir model, metadata) of a row policy's step: one branch per plan key."""
+def _plans_graph(built, spec, opset: int, optimize: bool, progress, workers: int):
+    """The onnx_ir model of a row policy's step: one branch per plan key of ``built``."""
     from .lowering import translation_table
     from .onnx_plans import export_plans
     from .onnx_plans import optimize as optimize_model
-    from .plans import build_plan_step
 
-    built = build_plan_step(model, layout, keys)
     with built.tracing():
         program = export_plans(
             built.step,
             built.keys,
-            model.diffusion,
+            spec,
             built.layout.block,
             built.device,
             opset,
             translation_table(),
             progress,
+            workers,
+            optimize,
         )
     if optimize:
-        optimize_model(program)
-    return program, built.graph_info(model, model_path)
+        optimize_model(program, branches_optimized=True)
+    return program
 
 
 def _save(program, path: Path, external_data: bool | None) -> None:

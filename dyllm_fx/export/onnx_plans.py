@@ -12,12 +12,12 @@ main graph and deduplicates them (a weight transposed in every branch is stored 
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 import torch
 
+from .noise import quiet_exporters
 from .policy_step import STEP_INPUTS, STEP_OUTPUTS, PolicyStep, dynamic_shapes, example_inputs
+from .workers import run_forked
 
 PLAN_INPUT = "plan"
 
@@ -30,9 +30,7 @@ def _ir():
 
 def onnx_program(module, args: tuple, dims, input_names, output_names, opset: int, table, optimize: bool):
     """``module`` through torch's dynamo ONNX exporter, as an ``onnx_ir`` model."""
-    with torch.no_grad(), warnings.catch_warnings():
-        # The exporter warns that tied dims share one name ("batch" for every batch axis): expected.
-        warnings.filterwarnings("ignore", message=r".*axis name.*will not be used")
+    with torch.no_grad(), quiet_exporters():
         program = torch.onnx.export(
             module,
             args,
@@ -48,10 +46,13 @@ def onnx_program(module, args: tuple, dims, input_names, output_names, opset: in
     return program.model
 
 
-def export_branch(step: PolicyStep, key, args: tuple, dims, input_names, output_names, opset: int, table):
-    """One key's graph as an ``onnx_ir`` model (not optimized: the merged model is)."""
+def export_branch(
+    step: PolicyStep, key, args: tuple, dims, input_names, output_names, opset: int, table, optimize=False
+):
+    """One key's graph as an ``onnx_ir`` model, optimized on its own when asked (in the worker
+    that exports it: the optimizer on the merged model walks every branch at once, and is slow)."""
     step.key = key
-    return onnx_program(step, args, dims, input_names, output_names, opset, table, optimize=False)
+    return onnx_program(step, args, dims, input_names, output_names, opset, table, optimize=optimize)
 
 
 def _fix_outputs(ir, graph, tag: str) -> None:
@@ -167,24 +168,18 @@ def merge_branches(models: list, shared: set[str]):
     )
 
 
-def optimize(model) -> None:
+def optimize(model, branches_optimized: bool = False) -> None:
     """onnxscript's optimizer on the merged model (folding, constant lifting), as
-    ``torch.onnx.export(optimize=True)`` runs per graph, then :func:`deduplicate`: the
-    optimizer's own deduplication stops at 1024 elements, so each branch would keep its own
-    copy of the folded (transposed) MLP and head weights."""
-    import logging
-
+    ``torch.onnx.export(optimize=True)`` runs per graph (skipped when each branch was optimized
+    before the merge), then the branches' constants lifted into the main graph and
+    :func:`deduplicate`: the optimizer's own deduplication stops at 1024 elements, so each
+    branch would keep its own copy of the folded (transposed) MLP and head weights."""
     import onnxscript.optimizer
     from onnx_ir.passes.common import LiftSubgraphInitializersToMainGraphPass
 
-    # its deduplication warns about each constant graph output (a key's zero counts): expected
-    quiet = logging.getLogger("onnx_ir.passes.common.initializer_deduplication")
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)
-    try:
-        onnxscript.optimizer.optimize_ir(model)
-    finally:
-        quiet.setLevel(level)
+    with quiet_exporters():  # its deduplication logs each constant graph output: expected
+        if not branches_optimized:
+            onnxscript.optimizer.optimize_ir(model)
     LiftSubgraphInitializersToMainGraphPass()(model)
     deduplicate(model.graph)
 
@@ -230,18 +225,43 @@ def output_names(state_names: list[str]) -> list[str]:
     return [*STEP_OUTPUTS, *(f"{name}_out" for name in state_names)]
 
 
-def export_plans(step: PolicyStep, keys: list, spec, block: int, device, opset: int, table, progress=None):
-    """Every key's branch (``keys``: :class:`~dyllm_fx.export.plan_keys.KeyRange`), merged."""
+def export_plans(
+    step: PolicyStep,
+    keys: list,
+    spec,
+    block: int,
+    device,
+    opset: int,
+    table,
+    progress=None,
+    workers: int = 1,
+    optimize: bool = False,
+):
+    """Every key's branch (``keys``: :class:`~dyllm_fx.export.plan_keys.KeyRange`), merged.
+
+    ``progress``: a tqdm bar advanced as each key's graph is done, or a callable called as
+    ``progress(i, key)`` for each key, or None. ``workers``: processes that export keys side by
+    side (``workers.run_forked``); the merged model is the same whichever finishes first.
+    ``optimize``: each branch optimized by its worker before the merge (then finish the merged
+    model with ``optimize(model, branches_optimized=True)``)."""
     names_in = input_names(step.layout.names, step.params)
     names_out = output_names(step.layout.names)
     params = dict(zip(step.params, step.param_values))
-    models = []
-    for i, kr in enumerate(keys):
-        if progress is not None:
-            progress(i, kr.key)
+
+    def branch(i: int):
+        kr = keys[i]
         args = example_inputs(step.layout, kr.key, params, spec, kr.min_seq, kr.max_seq, block, device)
         dims = dynamic_shapes(step.layout, len(step.params), kr.min_seq, kr.max_seq)
-        models.append(export_branch(step, kr.key, args, dims, names_in, names_out, opset, table))
+        return export_branch(step, kr.key, args, dims, names_in, names_out, opset, table, optimize)
+
+    models: list = [None] * len(keys)
+    for i, model in run_forked(branch, len(keys), workers):
+        models[i] = model
+        if callable(progress):
+            progress(i, keys[i].key)
+        elif progress is not None:
+            progress.set_postfix_str(str(keys[i].key), refresh=False)
+            progress.update(1)
     shared = {name for name, _ in step.named_parameters(remove_duplicate=False)}
     shared |= {name for name, _ in step.named_buffers(remove_duplicate=False)}
     return merge_branches(models, shared)
