@@ -1,6 +1,6 @@
-"""Checks on the numbers and token ids a user hands over: the API's arguments, the server's
-request fields and config.json's settings all go through these, so each mistake reads the
-same wherever it is made.
+"""Checks on the numbers, token ids and output paths a user hands over: the API's arguments, the
+server's request fields, config.json's settings and the command line all go through these, so
+each mistake reads the same wherever it is made.
 
 Booleans are not numbers (``temperature=True`` is a mistake, not 1.0), integers must be
 integral (a float seed is refused, not truncated), and numbers must be finite. Each error is a
@@ -13,6 +13,10 @@ from __future__ import annotations
 import math
 import numbers
 import operator
+import os
+from pathlib import Path
+
+from .errors import UsageError
 
 # The seeds torch's generators accept (``torch.manual_seed``).
 SEED_MIN = -(2**63)
@@ -126,4 +130,36 @@ def _show(bound) -> str:
     return str(bound) if isinstance(bound, int) else f"{bound:g}"
 
 
-__all__ = ["SEED_MAX", "SEED_MIN", "check_integer", "check_number", "check_seed", "check_token_ids"]
+def check_output_path(path: str | os.PathLike, option: str) -> Path:
+    """``path`` as a file this process can write: its folder created if missing; a UsageError if
+    it is a folder, its folder cannot be created, or either is read-only. The file itself is
+    written later, by the command."""
+    path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"{option} {path} is a folder; give a file name inside it, e.g. {path / 'out'}")
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise UsageError(f"{option} {path}: {ancestor} is a file, not a folder; pick another path")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UsageError(
+            f"{option} {path}: cannot create its folder ({err.strerror}); pick another path"
+        ) from None
+    writable = os.access(path, os.W_OK) if path.exists() else os.access(path.parent, os.W_OK | os.X_OK)
+    if not writable:
+        raise UsageError(f"{option} {path} is not writable; pick a path in a folder you can write to")
+    return path
+
+
+__all__ = [
+    "SEED_MAX",
+    "SEED_MIN",
+    "check_integer",
+    "check_output_path",
+    "check_number",
+    "check_seed",
+    "check_token_ids",
+]

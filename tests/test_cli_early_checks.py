@@ -92,7 +92,7 @@ def test_mistake_is_one_line_naming_the_fix_before_torch(outcomes, index):
 
 
 def test_output_folders_are_created_up_front(tmp_path):
-    from dyllm_fx.cli.early_checks import check_output_path
+    from dyllm_fx.values import check_output_path
 
     path = tmp_path / "new" / "deeper" / "bench.json"
     assert check_output_path(path, "--json") == path

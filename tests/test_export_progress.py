@@ -23,7 +23,8 @@ from dyllm_fx.cli.main import main  # noqa: E402
 from dyllm_fx.errors import DyllmWarning, UsageError  # noqa: E402
 from dyllm_fx.export import onnx_plans, to_onnx  # noqa: E402
 from dyllm_fx.export.noise import quiet_exporters  # noqa: E402
-from dyllm_fx.export.progress import key_bar, prepare_output, warn_length  # noqa: E402
+from dyllm_fx.export.progress import key_bar, warn_length  # noqa: E402
+from dyllm_fx.values import check_output_path  # noqa: E402
 
 LAYOUT = dict(gen_length=16, block_length=8, max_seq=40)
 
@@ -49,15 +50,15 @@ def no_tracing(monkeypatch):
 def test_to_onnx_refuses_a_folder_before_tracing(tiny, tmp_path, no_tracing, policy):
     fast = dyllm_fx.transform(tiny, policy=policy)
     layout = LAYOUT if policy == "dyllm" else {}
-    with pytest.raises(UsageError, match="is a folder; give the file to write"):
+    with pytest.raises(UsageError, match="is a folder; give a file name inside it"):
         to_onnx(fast, tmp_path, progress=False, **layout)
     (tmp_path / "file").write_text("x")
     with pytest.raises(UsageError, match="is a file, not a folder"):
         to_onnx(fast, tmp_path / "file" / "step.onnx", progress=False, **layout)
 
 
-def test_prepare_output_creates_the_folder(tmp_path):
-    out = prepare_output(tmp_path / "a" / "b" / "step.onnx", "--onnx")
+def test_the_output_folder_is_created_before_the_work(tmp_path):
+    out = check_output_path(tmp_path / "a" / "b" / "step.onnx", "--onnx")
     assert out.parent.is_dir() and not out.exists()
 
 

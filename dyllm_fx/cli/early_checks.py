@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 from pathlib import Path
 
 from ..errors import UsageError
 from ..eval.jsonl_tasks import SUITE
 from ..policy_setup import COMPOSITIONS, POLICY_NAMES, VANILLA, parse_policy_args
 from ..runtime.schedule import BlockSchedule
+from ..values import check_output_path
 
 # Options (by argparse dest) and the range each must lie in, on every command that has them.
 AT_LEAST_ONE = ("threads", "n", "batch_size", "repeats", "limit", "max_num_seqs", "max_num_batches")
@@ -148,27 +148,3 @@ def _check_tasks(tasks: str) -> None:
     unknown = [t.strip() for t in tasks.split(",") if t.strip() not in TASKS]
     if unknown:
         raise UsageError(f"unknown task(s) {unknown}; choose from {', '.join(TASKS)}")
-
-
-def check_output_path(path: str | os.PathLike, option: str) -> Path:
-    """``path`` as a file this process can write: its folder created if missing; a UsageError if
-    it is a folder, its folder cannot be created, or either is read-only. The file itself is
-    written later, by the command."""
-    path = Path(path)
-    if path.is_dir():
-        raise UsageError(f"{option} {path} is a folder; give a file name inside it, e.g. {path / 'out'}")
-    ancestor = path.parent
-    while not ancestor.exists() and ancestor != ancestor.parent:
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        raise UsageError(f"{option} {path}: {ancestor} is a file, not a folder; pick another path")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UsageError(
-            f"{option} {path}: cannot create its folder ({err.strerror}); pick another path"
-        ) from None
-    writable = os.access(path, os.W_OK) if path.exists() else os.access(path.parent, os.W_OK)
-    if not writable:
-        raise UsageError(f"{option} {path} is not writable; pick a path in a folder you can write to")
-    return path

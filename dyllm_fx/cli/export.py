@@ -72,10 +72,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     from ..errors import UsageError
     from ..export import to_onnx
     from ..export.onnx_export import MIN_OPSET, check_policy, require_onnx_export
-    from ..export.progress import prepare_output
     from ..export.step_module import is_layer_uniform
     from ..policy_setup import parse_policy_args
     from ..runtime.policies import make_policy
+    from ..values import check_output_path
     from .common_args import apply_threads
 
     params = parse_policy_args(args.policy_arg)
@@ -93,7 +93,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     apply_threads(args)
     if args.workers is not None and args.workers < 1:
         raise UsageError(f"--workers must be at least 1, got {args.workers}")
-    prepare_output(args.onnx, "--onnx")
+    check_output_path(args.onnx, "--onnx")
     require_onnx_export()
     model, _ = load(args.model, dtype=getattr(torch, args.dtype), device="cpu")
     fast = transform(model, policy=args.policy, **params)  # with the model family's presets

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..values import check_output_path
 from .metadata import step_graph_info
 from .noise import quiet_exporters
-from .progress import key_bar, prepare_output, warn_length
+from .progress import key_bar, warn_length
 from .step_module import (
     LAYER_UNIFORM_POLICIES,
     ExportableStep,
@@ -132,7 +133,7 @@ def to_onnx(
     if workers is not None and workers < 1:
         raise ValueError(f"workers must be at least 1, got {workers}")
     require_onnx_export()
-    path = prepare_output(path, "to_onnx(path)")  # refused before any tracing
+    path = check_output_path(path, "to_onnx(path)")  # refused before any tracing
     if is_layer_uniform(model.policy):
         bar = key_bar(1, progress)
         with bar, quiet_exporters():

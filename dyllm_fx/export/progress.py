@@ -3,37 +3,16 @@ output path checked before any tracing, and a progress bar over the plan keys.""
 
 from __future__ import annotations
 
-import os
 import warnings
-from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from dyllm_fx.errors import DyllmWarning, UsageError
+from dyllm_fx.errors import DyllmWarning
 
 # Tracing and lowering one plan key's step, per layer, in one process on a 2-core CPU
 # (docs/export.md): the order of magnitude the length warning quotes before any key is timed.
 SECONDS_PER_KEY_LAYER = 7.0
 WARN_AFTER_SECONDS = 60.0  # an export expected to take longer than this says so before it starts
-
-
-def prepare_output(path: str | os.PathLike, flag: str = "path") -> Path:
-    """The file an export writes, made ready before any work: its folder created, a folder or
-    an unwritable place refused with a UsageError that names the fix (``flag``: how the caller
-    named the path, e.g. ``--onnx``)."""
-    out = Path(path)
-    if out.is_dir():
-        raise UsageError(f"{flag} {path} is a folder; give the file to write, e.g. {out / 'step.onnx'}")
-    blocker = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
-    if blocker is not None:
-        raise UsageError(f"{flag} {path}: {blocker} is a file, not a folder; choose another path")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UsageError(f"{flag} {path}: cannot create the folder {out.parent} ({err.strerror})") from err
-    if not os.access(out.parent, os.W_OK | os.X_OK) or (out.exists() and not os.access(out, os.W_OK)):
-        raise UsageError(f"{flag} {path} is not writable; choose a path in a folder you can write to")
-    return out
 
 
 def warn_length(n_keys: int, n_layers: int, policy: str, workers: int = 1) -> float:
@@ -58,4 +37,4 @@ def key_bar(total: int, progress) -> tqdm:
     return tqdm(total=total, desc="export", unit="key", disable=off, leave=False)
 
 
-__all__ = ["SECONDS_PER_KEY_LAYER", "key_bar", "prepare_output", "warn_length"]
+__all__ = ["SECONDS_PER_KEY_LAYER", "key_bar", "warn_length"]
