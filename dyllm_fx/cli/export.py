@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..options import DEFAULT_MODEL
+from .common_args import add_threads_arg
 
 
 def add_export_parser(sub, parents=()) -> argparse.ArgumentParser:
@@ -38,7 +39,7 @@ def add_export_parser(sub, parents=()) -> argparse.ArgumentParser:
         "--dtype", choices=["float32", "float16"], default="float32", help="weight dtype (default float32)"
     )
     p.add_argument("--opset", type=int, default=18, help="ONNX opset, at least 18 (default 18)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    add_threads_arg(p)
     p.add_argument(
         "--workers",
         type=int,
@@ -73,6 +74,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from ..export import to_onnx
     from ..export.onnx_export import MIN_OPSET, check_policy, require_onnx_export
     from ..export.step_module import is_layer_uniform
+    from ..loading import resolve_model_path
     from ..policy_setup import parse_policy_args
     from ..runtime.policies import make_policy
     from ..values import check_output_path
@@ -90,7 +92,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     layout = _layout(args, is_layer_uniform(policy), policy.name)
     if args.opset < MIN_OPSET:
         raise UsageError(f"--opset {args.opset} is too old: the step graph needs opset {MIN_OPSET} or later")
-    apply_threads(args)
+    apply_threads(args, resolve_model_path(args.model))
     if args.workers is not None and args.workers < 1:
         raise UsageError(f"--workers must be at least 1, got {args.workers}")
     check_output_path(args.onnx, "--onnx")
