@@ -108,13 +108,18 @@ def self_attention(
     cos: torch.Tensor,
     sin: torch.Tensor,
     mask: torch.Tensor | None,
+    q_norm: nn.Module | None = None,
+    k_norm: nn.Module | None = None,
 ) -> torch.Tensor:
-    """Projection -> RoPE -> bidirectional attention -> output projection, on (B, T, D)."""
+    """Projection -> (per-head norm of q and k) -> RoPE -> bidirectional attention -> output
+    projection, on (B, T, D)."""
     bsz, seq, _ = x.shape
     head_dim = q_proj.out_features // n_heads
     q = q_proj(x).view(bsz, seq, n_heads, head_dim).transpose(1, 2)
     k = k_proj(x).view(bsz, seq, n_kv_heads, head_dim).transpose(1, 2)
     v = v_proj(x).view(bsz, seq, n_kv_heads, head_dim).transpose(1, 2)
+    if q_norm is not None:  # OLMoE / LLaDA-MoE: an RMSNorm over each head, before RoPE
+        q, k = q_norm(q), k_norm(k)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     ctx = bidirectional_attention(q, k, v, mask)
     return o_proj(ctx.transpose(1, 2).reshape(bsz, seq, n_heads * head_dim))

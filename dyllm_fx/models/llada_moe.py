@@ -36,15 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config_fields import ConfigReader
-from .layers import (
-    HF_BLOCK_TP_PLAN,
-    BidirectionalLM,
-    LMParts,
-    RMSNorm,
-    apply_rope,
-    bidirectional_attention,
-    swiglu_mlp,
-)
+from .layers import HF_BLOCK_TP_PLAN, BidirectionalLM, LMParts, RMSNorm, self_attention, swiglu_mlp
 
 # The model card's <|mask|> and <|endoftext|>; the published config.json does not name them.
 LLADA_MOE_MASK_TOKEN_ID = 156895
@@ -157,15 +149,10 @@ class SparseMoE(nn.Module):
         self.register_load_state_dict_pre_hook(_stack_expert_keys)
         self.register_state_dict_post_hook(_unstack_expert_keys)
 
-    def shard_experts(self, rank: int, size: int, reduce) -> None:
-        """Keep this rank's 1/``size`` of every expert's intermediate features (the router stays
-        whole); ``reduce`` sums the partial outputs over the ranks (tensor parallel)."""
-        width = self.gate_proj.shape[1] // size
-        keep = slice(rank * width, (rank + 1) * width)
-        self.gate_proj = nn.Parameter(self.gate_proj.detach()[:, keep].clone(), requires_grad=False)
-        self.up_proj = nn.Parameter(self.up_proj.detach()[:, keep].clone(), requires_grad=False)
-        self.down_proj = nn.Parameter(self.down_proj.detach()[:, :, keep].clone(), requires_grad=False)
-        self.reduce = reduce
+    # tensor parallel (passes/tensor_parallel.py): each parameter's dim of every expert's
+    # intermediate features, split over the ranks; the router stays whole and ``reduce`` sums
+    # the partial outputs
+    tp_split = {"gate_proj": 1, "up_proj": 1, "down_proj": 2}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         probs = F.softmax(self.gate(x), dim=-1, dtype=torch.float32)
@@ -226,7 +213,7 @@ class LLaDAMoEBlock(nn.Module):
     def __init__(self, cfg: LLaDAMoEConfig, index: int):
         super().__init__()
         d, hd = cfg.hidden_size, cfg.head_dim
-        self.n_heads, self.n_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.kv_heads, hd
+        self.n_heads, self.n_kv_heads = cfg.num_attention_heads, cfg.kv_heads
         self.input_layernorm = RMSNorm(d, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(d, cfg.rms_norm_eps)
         attn = nn.Module()
@@ -246,20 +233,13 @@ class LLaDAMoEBlock(nn.Module):
         else:
             self.shared_expert = None
 
-    def attention(self, x, cos, sin, mask):
-        a, (bsz, seq, _) = self.self_attn, x.shape
-        q = a.q_proj(x).view(bsz, seq, self.n_heads, self.head_dim)
-        k = a.k_proj(x).view(bsz, seq, self.n_kv_heads, self.head_dim)
-        if hasattr(a, "q_norm"):  # per head, before RoPE
-            q, k = a.q_norm(q), a.k_norm(k)
-        v = a.v_proj(x).view(bsz, seq, self.n_kv_heads, self.head_dim)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        ctx = bidirectional_attention(q, k, v, mask)
-        return a.o_proj(ctx.transpose(1, 2).reshape(bsz, seq, self.n_heads * self.head_dim))
-
     def forward(self, x, cos, sin, mask):
-        x = x + self.attention(self.input_layernorm(x), cos, sin, mask)
+        a = self.self_attn
+        norms = (a.q_norm, a.k_norm) if hasattr(a, "q_norm") else (None, None)
+        h = self.input_layernorm(x)
+        x = x + self_attention(
+            h, a.q_proj, a.k_proj, a.v_proj, a.o_proj, self.n_heads, self.n_kv_heads, cos, sin, mask, *norms
+        )
         h = self.post_attention_layernorm(x)
         out = self.mlp(h) if self.moe else _swiglu(self.mlp, h)
         if self.shared_expert is not None:

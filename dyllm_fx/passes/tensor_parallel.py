@@ -10,8 +10,9 @@ parallel plans and vLLM use):
 * ``"rowwise"``: the attention output and the MLP's down projection keep the matching 1/N of
   their input features; their partial outputs are summed over the ranks
   (:class:`RowParallelLinear`; rank 0 holds the bias, so the sum adds it once);
-* ``"experts"``: a mixture of experts shards itself (``shard_experts``: 1/N of every expert's
-  intermediate features, the router whole) and sums its output over the ranks;
+* ``"experts"``: a mixture of experts names the dim of each parameter to split (``tp_split``:
+  every expert's intermediate features; the router whole) and sums its output over the ranks
+  through its ``reduce``;
 
 and its head counts (``tp_heads``), divided by N. The embedding, the norms and the LM head stay
 whole on every rank, so the logits, and every decision taken from them, are the same on all.
@@ -74,6 +75,14 @@ def _rowwise(lin: nn.Linear, rank: int, size: int, group: str) -> RowParallelLin
     return RowParallelLinear(_slice(lin.weight.detach(), 1, rank, size), bias, group)
 
 
+def _split_experts(moe: nn.Module, rank: int, size: int, group: str) -> None:
+    for name, dim in moe.tp_split.items():
+        setattr(
+            moe, name, nn.Parameter(_slice(getattr(moe, name).detach(), dim, rank, size), requires_grad=False)
+        )
+    moe.reduce = functools.partial(sum_over_shards, group=group)
+
+
 def _plan(block: nn.Module) -> tuple[dict[str, str], tuple[str, ...]]:
     plan = getattr(type(block), "tp_plan", None)
     if not plan:
@@ -88,9 +97,8 @@ def _plan(block: nn.Module) -> tuple[dict[str, str], tuple[str, ...]]:
 def check_shardable(model: nn.Module, size: int) -> None:
     """Refuse, before any work, a model whose heads, KV heads or layer widths do not divide by
     ``size``, naming the number and the fix."""
-    blocks = _blocks(model)
-    for index, block in enumerate(blocks):
-        plan, heads = _plan(block)
+    for index, block in enumerate(_blocks(model)):
+        _, heads = _plan(block)
         for attr in heads:
             count = getattr(block, attr)
             if count % size:
@@ -98,21 +106,18 @@ def check_shardable(model: nn.Module, size: int) -> None:
                     f"block {index}: {attr}={count} does not divide by tensor_parallel_size={size}; "
                     f"pick a size that divides the model's heads and KV heads"
                 )
-        for pattern, style in plan.items():
-            for name, module in _matching(block, pattern):
-                if style == "experts":
-                    if hasattr(module, "shard_experts") and module.gate_proj.shape[1] % size:
-                        raise UsageError(
-                            f"block {index}: {name}'s experts have {module.gate_proj.shape[1]} intermediate "
-                            f"features, which do not divide by tensor_parallel_size={size}"
-                        )
-                    continue
-                width = module.out_features if style == "colwise" else module.in_features
-                if width % size:
-                    raise UsageError(
-                        f"block {index}: {name} has {width} {'output' if style == 'colwise' else 'input'} "
-                        f"features, which do not divide by tensor_parallel_size={size}"
-                    )
+        for name, module, style in _sharded(block):
+            if style == "experts":
+                width, what = module.gate_proj.shape[module.tp_split["gate_proj"]], "experts' intermediate"
+            elif style == "colwise":
+                width, what = module.out_features, "output"
+            else:
+                width, what = module.in_features, "input"
+            if width % size:
+                raise UsageError(
+                    f"block {index}: {name} has {width} {what} features, which do not divide by "
+                    f"tensor_parallel_size={size}"
+                )
 
 
 def _blocks(model: nn.Module) -> nn.ModuleList:
@@ -125,8 +130,17 @@ def _blocks(model: nn.Module) -> nn.ModuleList:
     return parts().blocks
 
 
-def _matching(block: nn.Module, pattern: str):
-    return [(n, m) for n, m in block.named_modules() if n and fnmatch.fnmatchcase(n, pattern)]
+def _sharded(block: nn.Module) -> list[tuple[str, nn.Module, str]]:
+    """(name, module, style) of every module the block's plan splits. An ``"experts"`` entry
+    matches a mixture of experts only (``tp_split``): a dense layer's MLP of the same name is a
+    plain container, split by its own colwise / rowwise entries."""
+    plan, _ = _plan(block)
+    return [
+        (name, module, style)
+        for pattern, style in plan.items()
+        for name, module in block.named_modules()
+        if name and fnmatch.fnmatchcase(name, pattern) and (style != "experts" or hasattr(module, "tp_split"))
+    ]
 
 
 def _replace(block: nn.Module, name: str, module: nn.Module) -> None:
@@ -150,20 +164,14 @@ def shard_model(model: nn.Module, rank: int, size: int, group: str) -> nn.Module
     check_shardable(model, size)
     sharded = copy.deepcopy(model)
     for block in _blocks(sharded):
-        plan, heads = _plan(block)
-        for pattern, style in plan.items():
-            for name, module in _matching(block, pattern):
-                if style == "experts":
-                    if hasattr(module, "shard_experts"):  # a dense layer's MLP has no experts
-                        module.shard_experts(rank, size, functools.partial(sum_over_shards, group=group))
-                    continue
-                new = (
-                    _colwise(module, rank, size)
-                    if style == "colwise"
-                    else _rowwise(module, rank, size, group)
-                )
-                _replace(block, name, new)
-        for attr in heads:
+        for name, module, style in _sharded(block):
+            if style == "experts":
+                _split_experts(module, rank, size, group)
+            elif style == "colwise":
+                _replace(block, name, _colwise(module, rank, size))
+            else:
+                _replace(block, name, _rowwise(module, rank, size, group))
+        for attr in _plan(block)[1]:
             setattr(block, attr, getattr(block, attr) // size)
     sharded.tensor_parallel = (rank, size, group)
     return sharded
