@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from .errors import UsageError
+from .values import check_integer
 
 # A rank that dies leaves the others waiting in a collective: they fail after this long
 # instead of hanging (torch.distributed's own default is 30 minutes).
@@ -53,13 +54,18 @@ def init_tensor_parallel(
     return dist.get_rank(), dist.get_world_size()
 
 
+def check_size(tensor_parallel_size) -> int:
+    """``tensor_parallel_size`` as an int >= 1; a UsageError naming the argument otherwise."""
+    try:
+        return check_integer("tensor_parallel_size", tensor_parallel_size, minimum=1)
+    except (TypeError, ValueError) as err:
+        raise UsageError(str(err)) from None
+
+
 def group_for(tensor_parallel_size: int) -> str:
     """The name of the process group of ``tensor_parallel_size`` ranks this process belongs to
     (the default group, which must hold exactly that many ranks)."""
-    if isinstance(tensor_parallel_size, bool) or not isinstance(tensor_parallel_size, int):
-        raise UsageError(f"tensor_parallel_size must be an integer, got {tensor_parallel_size!r}")
-    if tensor_parallel_size < 1:
-        raise UsageError(f"tensor_parallel_size must be at least 1, got {tensor_parallel_size}")
+    check_size(tensor_parallel_size)
     if not dist.is_available() or not dist.is_initialized():
         raise UsageError(
             f"tensor_parallel_size={tensor_parallel_size} needs torch.distributed initialised with "
@@ -112,10 +118,7 @@ def spawn(
     When a rank raises, the others are stopped and the error is raised here with its traceback."""
     import torch.multiprocessing as mp
 
-    if isinstance(tensor_parallel_size, bool) or not isinstance(tensor_parallel_size, int):
-        raise UsageError(f"tensor_parallel_size must be an integer, got {tensor_parallel_size!r}")
-    if tensor_parallel_size < 1:
-        raise UsageError(f"tensor_parallel_size must be at least 1, got {tensor_parallel_size}")
+    check_size(tensor_parallel_size)
     mp.spawn(
         _rank_main,
         args=(fn, tensor_parallel_size, _free_port(), device, timeout_s, args),
@@ -124,4 +127,4 @@ def spawn(
     )
 
 
-__all__ = ["DEFAULT_TIMEOUT_S", "group_for", "init_tensor_parallel", "spawn", "sum_over_shards"]
+__all__ = ["DEFAULT_TIMEOUT_S", "check_size", "group_for", "init_tensor_parallel", "spawn", "sum_over_shards"]

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from transformers import AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from .distributed import group_for
+from .distributed import check_size, group_for
 from .models import CheckpointError, load_model, parse_config, read_config
 from .options import DEFAULT_DREAM_MODEL, DEFAULT_MODEL, resolve_device, resolve_dtype
 from .passes.tensor_parallel import shard_model
@@ -259,7 +259,7 @@ def load(
     parse_config(config, str(folder / "config.json"))  # a wrong setting fails before the weights are read
     tokenizer = load_tokenizer(folder)
     prepare = None
-    if tensor_parallel_size != 1:
+    if check_size(tensor_parallel_size) != 1:
         group = group_for(tensor_parallel_size)
         rank = torch.distributed.get_rank()
         prepare = functools.partial(shard_model, rank=rank, size=tensor_parallel_size, group=group)

@@ -10,7 +10,7 @@ from torch import nn
 from .adapters import adapter_for
 from .adapters.llada_dream import LLaDADreamAdapter
 from .adapters.transformed import TransformedModel
-from .distributed import group_for
+from .distributed import check_size, group_for
 from .errors import UsageError
 from .models.checks import check_model_tensors, embedding_rows
 from .models.spec import DiffusionSpec
@@ -76,7 +76,7 @@ def transform(
     if model.training:
         raise ValueError("model is in training mode; call model.eval() before dyllm_fx.transform()")
     check_model_tensors(model)
-    if tensor_parallel_size != 1:
+    if check_size(tensor_parallel_size) != 1:
         group = group_for(tensor_parallel_size)
         model = shard_model(model, dist.get_rank(), tensor_parallel_size, group)
     return adapter.transform(

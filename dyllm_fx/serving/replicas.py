@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import signal
-import socket
 import sys
 import threading
 import time
@@ -33,7 +32,8 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from ..errors import MissingDependencyError, UsageError
-from .net import require_server_packages
+from ..values import check_integer, check_number
+from .net import bind_socket, require_server_packages
 
 APP_NAME = "dyllm"
 
@@ -110,9 +110,13 @@ def openai_deployment(
     replica sees only the GPUs Ray gives it). Run it with ``ray.serve.run(app, route_prefix="/")``.
     """
     require_ray()
-    _check_replicas(num_replicas, max_replicas)
-    if cpus_per_replica < 0 or gpus_per_replica < 0:
-        raise UsageError("cpus_per_replica and gpus_per_replica must be >= 0")
+    try:
+        check_integer("num_replicas", num_replicas, minimum=1)
+        check_integer("max_replicas", max_replicas, minimum=num_replicas, allow_none=True)
+        check_number("cpus_per_replica", cpus_per_replica, minimum=0)
+        check_number("gpus_per_replica", gpus_per_replica, minimum=0)
+    except (TypeError, ValueError) as err:
+        raise UsageError(str(err)) from None
     from ray import serve
 
     options: dict[str, Any] = {
@@ -138,23 +142,9 @@ def openai_deployment(
     return server.bind()
 
 
-def _check_replicas(num_replicas: int, max_replicas: int | None) -> None:
-    if isinstance(num_replicas, bool) or not isinstance(num_replicas, int) or num_replicas < 1:
-        raise UsageError(f"the number of replicas must be an integer >= 1, got {num_replicas!r}")
-    if max_replicas is not None and (
-        isinstance(max_replicas, bool) or not isinstance(max_replicas, int) or max_replicas < num_replicas
-    ):
-        raise UsageError(
-            f"max_replicas must be an integer >= the number of replicas ({num_replicas}), "
-            f"got {max_replicas!r}"
-        )
-
-
 def free_port(host: str) -> int:
     """A TCP port nobody listens on now (Ray's proxy binds the port itself, so it needs a number)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
+    with bind_socket(host, 0) as sock:
         return sock.getsockname()[1]
 
 
@@ -173,8 +163,9 @@ def run_replicas(
     """Start (or join, with ``ray_address`` / ``RAY_ADDRESS``) a Ray cluster, deploy the
     replicas behind Ray Serve's proxy on ``host:port`` and serve until interrupted (or for
     ``lifetime_s`` seconds). ``port`` 0: a free port, announced."""
-    require_ray()
-    _check_replicas(num_replicas, max_replicas)
+    # the deployment is only a description until serve.run: built (and its arguments checked)
+    # before any Ray process starts
+    app = openai_deployment(config, num_replicas, max_replicas, cpus_per_replica, gpus_per_replica)
     import ray
     from ray import serve
 
@@ -183,7 +174,6 @@ def run_replicas(
     ray.init(address=ray_address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
     try:
         serve.start(http_options={"host": host, "port": port})
-        app = openai_deployment(config, num_replicas, max_replicas, cpus_per_replica, gpus_per_replica)
         try:
             serve.run(app, name=APP_NAME, route_prefix="/")
         except RuntimeError as err:
