@@ -493,7 +493,7 @@ def test_generate_dtype_float64_and_max_new_tokens(tiny_llada_dir, capsys):
     [
         (["--alg", "entropy"], ["alg='entropy' is a Dream sampler option"]),
         (["--device", "tpu"], ["unknown device 'tpu'"]),
-        (["--policy", "dyllm", "--policy-arg", "tau=2"], ["tau must lie in (0, 1]"]),
+        (["--policy", "dyllm", "--policy-arg", "tau=2"], ["tau must be in (0, 1]"]),
         (["--policy", "dyllm", "--policy-arg", "tau=a"], ["tau must be a number"]),
         (["--policy", "vanilla", "--compile"], ["takes no policy arguments or --compile"]),
         (["--policy", "dual_cache+fixed"], ["cannot compose"]),
@@ -644,7 +644,7 @@ def test_eval_checks_policy_values_before_loading(capsys, monkeypatch):
     monkeypatch.setattr(evaluation, "evaluate_policy", _no_load)  # the vanilla reference run is in here
     rc, _, err = _cli(capsys, "eval", "--policy", "dyllm", "--policy-arg", "tau=2", "--limit", "1")
     assert rc == 2
-    _one_error_line(err, "tau must lie in (0, 1]")
+    _one_error_line(err, "tau must be in (0, 1]")
 
 
 @pytest.mark.slow

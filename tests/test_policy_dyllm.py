@@ -313,7 +313,7 @@ def test_flat_selection_is_not_exported(tmp_path):
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [
-        (dict(tau=0.0), ValueError, r"tau must lie in \(0, 1\]"),
+        (dict(tau=0.0), ValueError, r"tau must be in \(0, 1\]"),
         (dict(tau=1.01), ValueError, "tau"),
         (dict(tau=True), TypeError, "tau must be a number"),
         (dict(tau="a"), TypeError, "tau must be a number"),

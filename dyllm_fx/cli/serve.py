@@ -109,20 +109,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return _run_replicas(args)
     sock = bind_socket(args.host, args.port)  # a port in use: idem
     try:
-        load_kw = check_run(args, decoding=False)
-        return _run(args, load_kw, sock)
+        check_run(args, decoding=False)
+        return _run(args, sock)
     finally:
         sock.close()
 
 
-def _run_replicas(args: argparse.Namespace) -> int:
-    from ..serving.net import bind_socket
-    from ..serving.replicas import ReplicaConfig, run_replicas
+def _replica_config(args: argparse.Namespace):
+    """The one server's (or each replica's) configuration from the command line: the server
+    and every replica build their ``LLM`` from it, in one way."""
+    from ..serving.replicas import ReplicaConfig
 
-    # the counts and Ray itself: dyllm_fx/cli/early_checks.py, before this runs
-    bind_socket(args.host, args.port).close()  # a port in use: say so before Ray starts
-    check_run(args, decoding=False)  # the model folder, policy and device, checked here once
-    config = ReplicaConfig(
+    return ReplicaConfig(
         model=args.model,
         policy=args.policy,
         policy_args=args.policy_args,
@@ -136,8 +134,17 @@ def _run_replicas(args: argparse.Namespace) -> int:
         threads=args.threads,
         served_model_name=args.served_model_name,
     )
+
+
+def _run_replicas(args: argparse.Namespace) -> int:
+    from ..serving.net import bind_socket
+    from ..serving.replicas import run_replicas
+
+    # the counts and Ray itself: dyllm_fx/cli/early_checks.py, before this runs
+    bind_socket(args.host, args.port).close()  # a port in use: say so before Ray starts
+    check_run(args, decoding=False)  # the model folder, policy and device, checked here once
     run_replicas(
-        config,
+        _replica_config(args),
         args.replicas,
         host=args.host,
         port=args.port,
@@ -150,25 +157,12 @@ def _run_replicas(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run(args: argparse.Namespace, load_kw: dict, sock) -> int:
-    from ..loading import load
-    from ..serving.engine import ServingEngine
+def _run(args: argparse.Namespace, sock) -> int:
     from ..serving.server import serve
 
-    model, tokenizer = load(args.model, **load_kw)
-    if args.policy != "vanilla":
-        from ..transform import transform
-
-        model = transform(
-            model, policy=args.policy, compile=args.compile, cuda_graphs=args.cuda_graphs, **args.policy_args
-        )
-    else:
-        from ..policy_setup import apply_policy
-
-        model = apply_policy(model, args.policy, args.policy_args, compile=args.compile)
-    engine = ServingEngine(model, tokenizer, args.max_num_seqs, args.max_num_batches, args.max_queue_size)
+    llm = _replica_config(args).build_llm()
     serve(
-        engine,
+        llm.engine,
         model_name=args.served_model_name or args.model,
         threads=args.threads,
         log_level=args.log_level,

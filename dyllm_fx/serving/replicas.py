@@ -73,13 +73,13 @@ class ReplicaConfig:
     threads: int | None = None
     served_model_name: str | None = None
 
-    def build_app(self):
-        """The FastAPI app of one replica, its engine thread started (runs inside the replica)."""
-        from .async_engine import AsyncEngine
+    def build_llm(self):
+        """The :class:`dyllm_fx.LLM` this configuration names: its model loaded, its policy
+        applied, its serving engine made (``dyllm serve`` without replicas builds its one server
+        from this too)."""
         from .llm import LLM
-        from .server import build_app
 
-        llm = LLM(
+        return LLM(
             self.model,
             policy=self.policy,
             compile=self.compile,
@@ -91,6 +91,13 @@ class ReplicaConfig:
             device=self.device,
             **dict(self.policy_args),
         )
+
+    def build_app(self):
+        """The FastAPI app of one replica, its engine thread started (runs inside the replica)."""
+        from .async_engine import AsyncEngine
+        from .server import build_app
+
+        llm = self.build_llm()
         engine = AsyncEngine(llm.engine, threads=self.threads).start()
         return build_app(engine, self.served_model_name or self.model, llm.policy_name)
 

@@ -20,6 +20,8 @@ import typing
 
 import torch
 
+from ...values import check_integer, check_number
+
 
 def check_params(cls: type, name: str, config: dict) -> None:
     """Raise a ValueError (unknown / missing parameter) or TypeError (wrong type) for ``config``."""
@@ -123,30 +125,14 @@ def describe(hint) -> str:
 
 
 def number(name: str, value, low: float, high: float, low_open: bool = False, hint: str = "") -> float:
-    """``value`` as a float in [low, high] ((low, high] with ``low_open``); bools and strings
-    are rejected rather than coerced (``tau=True`` is a mistake, not 1.0)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}{hint}")
-    value = float(value)
-    below = value <= low if low_open else value < low
-    if below or value > high or value != value:
-        interval = f"({low:g}, {high:g}]" if low_open else f"[{low:g}, {high:g}]"
-        raise ValueError(f"{name} must lie in {interval}; got {value}{hint}")
-    return value
+    """``value`` as a float in [low, high] ((low, high] with ``low_open``): ``values.check_number``,
+    so a policy's ``tau=True`` or ``tau=nan`` reads as every other argument's mistake does."""
+    return check_number(name, value, minimum=low, maximum=high, above=low_open, hint=hint)
 
 
 def count(name: str, value, minimum: int = 1, allow_none: bool = False) -> int | None:
-    """``value`` as an int >= ``minimum`` (None passes when ``allow_none``)."""
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        extra = " (or None)" if allow_none else ""
-        raise TypeError(
-            f"{name} must be an integer >= {minimum}{extra}, got {type(value).__name__} {value!r}"
-        )
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}; got {value}")
-    return int(value)
+    """``value`` as an int >= ``minimum`` (None passes when ``allow_none``): ``values.check_integer``."""
+    return check_integer(name, value, minimum=minimum, allow_none=allow_none)
 
 
 def flag(name: str, value) -> bool:
