@@ -8,9 +8,6 @@ Nothing here imports torch at module level: ``dyllm --help`` must answer at once
 from __future__ import annotations
 
 import argparse
-import json
-import math
-import struct
 from pathlib import Path
 
 from ..options import DEFAULT_MODEL, DEVICE_HELP, DTYPE_CHOICES
@@ -116,26 +113,14 @@ def decoding_kwargs(args: argparse.Namespace) -> dict:
 
 
 def checkpoint_parameters(folder: str | Path) -> int | None:
-    """The parameter count of a checkpoint folder from its safetensors headers (no weights read);
-    None when the folder has no safetensors files."""
-    from ..models import safetensors_files
+    """The parameter count of a checkpoint folder (``models.parameter_count``), or None when its
+    weights cannot be read: the load then names the problem, not the thread choice."""
+    from ..models import parameter_count
 
     try:
-        files = safetensors_files(folder)
-    except Exception:  # no weights or a broken index: the load names that, not the thread choice
+        return parameter_count(folder)
+    except Exception:  # missing, damaged or not safetensors: reported by the load with the file's name
         return None
-    total = 0
-    try:
-        for file in files:
-            with open(file, "rb") as f:
-                (header_len,) = struct.unpack("<Q", f.read(8))
-                if header_len > file.stat().st_size:
-                    return None
-                header = json.loads(f.read(header_len))
-            total += sum(math.prod(t["shape"]) for key, t in header.items() if key != "__metadata__")
-    except (OSError, ValueError, struct.error, KeyError, TypeError, AttributeError):
-        return None  # a damaged file: the load reports it with the file's name
-    return total
 
 
 def default_threads(parameters: int | None) -> int | None:

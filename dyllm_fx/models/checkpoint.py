@@ -7,6 +7,7 @@ Supports a single ``model.safetensors`` and sharded checkpoints described by
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -82,6 +83,15 @@ def safetensors_files(folder: str | Path) -> list[Path]:
             "(transformers: model.save_pretrained(dir, safe_serialization=True))."
         )
     raise CheckpointError(f"{folder} has no *.safetensors weights.")
+
+
+def parameter_count(folder: str | Path) -> int:
+    """The number of parameters in a folder's safetensors, from their headers (no weights read)."""
+    total = 0
+    for file in safetensors_files(folder):
+        with safe_open(str(file), framework="pt") as f:
+            total += sum(math.prod(f.get_slice(key).get_shape()) for key in f.keys())
+    return total
 
 
 def load_state_dict(
