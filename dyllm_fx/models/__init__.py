@@ -1,4 +1,4 @@
-"""Model definitions (LLaDA, Dream, LLaDA-MoE) and the registry that picks one from a config.json."""
+"""Model definitions (LLaDA, Dream, LLaDA-MoE, LLaDA2) and the registry that picks one from a config.json."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from .checkpoint import (
 )
 from .dream import DreamConfig, DreamModel
 from .llada import LLaDAConfig, LLaDAModelLM
+from .llada2 import LLaDA2Config, LLaDA2ModelLM
 from .llada_moe import LLaDAMoEConfig, LLaDAMoEModelLM
 from .spec import DiffusionSpec
 
@@ -39,6 +40,7 @@ ARCHITECTURES = (
     Architecture("llada", LLaDAConfig, LLaDAModelLM, ("llada",), ("LLaDAModelLM",)),
     Architecture("dream", DreamConfig, DreamModel, ("dream",), ("DreamModel",)),
     Architecture("llada_moe", LLaDAMoEConfig, LLaDAMoEModelLM, ("lladamoe",), ("LLaDAMoEModelLM",)),
+    Architecture("llada2", LLaDA2Config, LLaDA2ModelLM, ("llada2_moe",), ("LLaDA2MoeModelLM",)),
 )
 
 
@@ -111,6 +113,8 @@ __all__ = [
     "DiffusionSpec",
     "DreamConfig",
     "DreamModel",
+    "LLaDA2Config",
+    "LLaDA2ModelLM",
     "LLaDAConfig",
     "LLaDAModelLM",
     "LLaDAMoEConfig",

@@ -59,7 +59,13 @@ def rope_cos_sin(
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate (B, H, T, hd) by the half-split convention used by Llama, OLMo/LLaDA and Qwen2."""
+    """Rotate (B, H, T, hd) by the half-split convention used by Llama, OLMo/LLaDA and Qwen2.
+
+    Tables narrower than the head (partial rotary, LLaDA2) rotate the head's first features
+    and pass the rest through unchanged."""
+    rotary = cos.shape[-1]
+    if rotary < x.shape[-1]:
+        return torch.cat([apply_rope(x[..., :rotary], cos, sin), x[..., rotary:]], dim=-1)
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return x * cos + rotated * sin
@@ -132,7 +138,7 @@ def swiglu_mlp(x: torch.Tensor, gate: nn.Linear, up: nn.Linear, down: nn.Linear)
 class LMParts(NamedTuple):
     """Where a :class:`BidirectionalLM` keeps what its forward reads (under its own state-dict
     keys): the token embedding, the blocks, the final norm, the output head (None: tied to the
-    embedding), and the RoPE head size and base."""
+    embedding), and the RoPE head size (the rotated features of a head) and base."""
 
     embedding: nn.Embedding
     blocks: nn.ModuleList
@@ -165,6 +171,11 @@ class BidirectionalLM(nn.Module):
     def parts(self) -> LMParts:
         raise NotImplementedError
 
+    def attention_mask(self, attention_mask: torch.Tensor | None, position_ids: torch.Tensor):
+        """The SDPA mask every block gets: the keys of padding hidden, nothing else (a subclass
+        that attends otherwise, block-causally, builds its own from the positions)."""
+        return key_padding_mask(attention_mask)
+
     @property
     def layers(self) -> nn.ModuleList:
         return self.parts().blocks
@@ -180,7 +191,7 @@ class BidirectionalLM(nn.Module):
             position_ids = default_position_ids(input_ids, attention_mask)
         x = parts.embedding(input_ids)
         cos, sin = rope_cos_sin(position_ids, parts.head_dim, parts.rope_theta, x.dtype)
-        mask = key_padding_mask(attention_mask)
+        mask = self.attention_mask(attention_mask, position_ids)
         for block in parts.blocks:
             x = block(x, cos, sin, mask)
         x = parts.norm(x)

@@ -1,0 +1,202 @@
+"""LLaDA2 (BailingMoeV2): a tiny checkpoint written with the published key names and config
+fields (a dense first layer, a fused query/key/value projection, QK norm, partial RoPE, grouped
+routing with an expert bias and a shared expert) loads through ``dyllm_fx.load`` and gives the
+logits of a plain forward written from the published modeling code, under the block-causal mask;
+bad checkpoints are refused by name."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import dyllm_fx
+from dyllm_fx.models import CheckpointError, LLaDA2ModelLM, save_model
+from dyllm_fx.models.checkpoint import INDEX_FILE
+from dyllm_fx.models.llada2 import tiny_random_config
+from reference_llada2 import llada2_logits
+from tiny_checkpoints import tiny_tokenizer
+
+BLOCK = 4
+
+
+def tiny_config(**overrides) -> dict:
+    tok = tiny_tokenizer()
+    cfg = tiny_random_config(len(tok), tok.mask_token_id, tok.eos_token_id)
+    cfg.update(pad_token_id=tok.pad_token_id, block_length=BLOCK, use_bias=True, use_qkv_bias=True)
+    cfg.update(overrides)
+    return cfg
+
+
+def checkpoint_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
+    """Every key of a LLaDA2 checkpoint with its shape, from the published module layout."""
+    d, hd = cfg["hidden_size"], cfg["head_dim"]
+    heads, kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    shapes = {"model.word_embeddings.weight": (cfg["vocab_size"], d), "model.norm.weight": (d,)}
+    shapes["lm_head.weight"] = (cfg["vocab_size"], d)
+
+    def mlp(prefix, inner):
+        shapes[f"{prefix}.gate_proj.weight"] = (inner, d)
+        shapes[f"{prefix}.up_proj.weight"] = (inner, d)
+        shapes[f"{prefix}.down_proj.weight"] = (d, inner)
+
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}"
+        shapes[f"{p}.input_layernorm.weight"] = (d,)
+        shapes[f"{p}.post_attention_layernorm.weight"] = (d,)
+        shapes[f"{p}.attention.query_key_value.weight"] = ((heads + 2 * kv) * hd, d)
+        shapes[f"{p}.attention.query_key_value.bias"] = ((heads + 2 * kv) * hd,)
+        shapes[f"{p}.attention.query_layernorm.weight"] = (hd,)
+        shapes[f"{p}.attention.key_layernorm.weight"] = (hd,)
+        shapes[f"{p}.attention.dense.weight"] = (d, heads * hd)
+        shapes[f"{p}.attention.dense.bias"] = (d,)
+        if i < cfg["first_k_dense_replace"]:
+            mlp(f"{p}.mlp", cfg["intermediate_size"])
+            continue
+        shapes[f"{p}.mlp.gate.weight"] = (cfg["num_experts"], d)
+        shapes[f"{p}.mlp.gate.expert_bias"] = (cfg["num_experts"],)
+        for e in range(cfg["num_experts"]):
+            mlp(f"{p}.mlp.experts.{e}", cfg["moe_intermediate_size"])
+        mlp(f"{p}.mlp.shared_experts", cfg["moe_intermediate_size"] * cfg["num_shared_experts"])
+    return shapes
+
+
+def random_state(cfg: dict, seed: int = 0) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    state = {}
+    for key, shape in checkpoint_shapes(cfg).items():
+        if key.endswith("norm.weight") or key.endswith("layernorm.weight"):
+            state[key] = 1.0 + 0.2 * torch.randn(shape, generator=gen)
+        elif key.endswith("expert_bias"):
+            state[key] = 0.05 * torch.randn(shape, generator=gen)
+        else:
+            state[key] = 0.3 * torch.randn(shape, generator=gen)
+    state["lm_head.weight"] *= 3.0  # wide logit gaps: no near-ties between runs that should agree
+    return state
+
+
+def write_checkpoint(folder, cfg: dict, state: dict, shards: int = 1):
+    """config.json, ``shards`` safetensors files (with an index when more than one), tokenizer."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(cfg))
+    keys = sorted(state)
+    weight_map = {}
+    for s in range(shards):
+        name = "model.safetensors" if shards == 1 else f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+        part = {k: state[k].contiguous() for k in keys[s::shards]}
+        save_file(part, str(folder / name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in part})
+    if shards > 1:
+        (folder / INDEX_FILE).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    tiny_tokenizer().save_pretrained(str(folder))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    cfg = tiny_config()
+    state = random_state(cfg)
+    folder = write_checkpoint(tmp_path_factory.mktemp("llada2"), cfg, state, shards=2)
+    return folder, cfg, state
+
+
+@pytest.fixture(scope="module")
+def loaded(checkpoint):
+    return dyllm_fx.load(str(checkpoint[0]), dtype="float32")
+
+
+def test_the_architecture_is_picked_from_the_config(loaded):
+    model, _ = loaded
+    assert isinstance(model, LLaDA2ModelLM)
+    assert model.block_length == BLOCK
+    assert model.diffusion.logits_shift == 0
+    assert model.diffusion.mask_token_id == tiny_tokenizer().mask_token_id
+
+
+def test_logits_equal_the_published_forward(checkpoint, loaded):
+    _, cfg, state = checkpoint
+    model, _ = loaded
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, cfg["vocab_size"], (2, 11), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # a left-padded row: its blocks count from its first real token
+    with torch.no_grad():
+        got = model(ids, attention_mask=mask)
+    want = llada2_logits(state, cfg, ids, mask)
+    real = mask.bool()
+    assert (got[real] - want[real]).abs().max().item() < 1e-4
+
+
+def test_attention_is_block_causal(checkpoint, loaded):
+    """Tokens of a later block change nothing before it; tokens inside a block change the block."""
+    model, _ = loaded
+    ids = torch.randint(
+        0, checkpoint[1]["vocab_size"], (1, 3 * BLOCK), generator=torch.Generator().manual_seed(2)
+    )
+    changed = ids.clone()
+    changed[0, 2 * BLOCK + 1] = (ids[0, 2 * BLOCK + 1] + 1) % checkpoint[1]["vocab_size"]
+    with torch.no_grad():
+        a, b = model(ids), model(changed)
+    assert torch.equal(a[0, : 2 * BLOCK], b[0, : 2 * BLOCK])
+    assert not torch.allclose(a[0, 2 * BLOCK], b[0, 2 * BLOCK])
+
+
+def test_saving_writes_the_published_keys(checkpoint, loaded, tmp_path):
+    _, _, state = checkpoint
+    model, _ = loaded
+    save_model(model, tmp_path / "again")
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "again" / "model.safetensors"))
+    assert set(saved) == set(state)
+    assert all(torch.equal(saved[k], state[k]) for k in state)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"num_experts": 6}, "num_experts=6 is not a multiple of n_group=4"),
+        ({"n_group": 8}, "each of the n_group=8 expert groups needs 2 or more experts"),
+        ({"topk_group": 1, "num_experts_per_tok": 3}, "num_experts_per_tok=3 must be at most"),
+        ({"score_function": "softmax"}, "score_function"),
+        ({"use_qk_norm": False}, "use_qk_norm"),
+        ({"partial_rotary_factor": 0.1}, "RoPE needs an even number"),
+        ({"rotary_dim": 8}, "rotary_dim=8 disagrees with partial_rotary_factor=0.5"),
+        ({"first_k_dense_replace": 1, "intermediate_size": None}, "intermediate_size must be > 0"),
+        ({"num_key_value_heads": 0}, "num_key_value_heads must be > 0"),
+    ],
+)
+def test_unsupported_configs_are_refused_by_name(tmp_path, overrides, message):
+    write_checkpoint(tmp_path, tiny_config(**overrides), random_state(tiny_config()))
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        dyllm_fx.load(str(tmp_path), dtype="float32")
+
+
+def test_a_missing_expert_is_named(tmp_path):
+    cfg = tiny_config()
+    state = random_state(cfg)
+    del state["model.layers.2.mlp.experts.5.up_proj.weight"]
+    write_checkpoint(tmp_path, cfg, state)
+    with pytest.raises(CheckpointError, match=r"missing keys \[model\.layers\.2\.mlp\.experts\.5\.up_proj"):
+        dyllm_fx.load(str(tmp_path), dtype="float32")
+
+
+def test_a_wrong_expert_count_is_named(tmp_path):
+    """Weights of 8 experts under a config.json that says 12: the experts the config adds are
+    named missing (and the fix: the config and the weights must belong together)."""
+    write_checkpoint(tmp_path, tiny_config(num_experts=12), random_state(tiny_config()))
+    with pytest.raises(CheckpointError, match=r"experts\.11\..*config\.json belongs to these weights"):
+        dyllm_fx.load(str(tmp_path), dtype="float32")
+
+
+def test_a_mis_shaped_fused_projection_is_named(tmp_path):
+    cfg = tiny_config()
+    state = random_state(cfg)
+    key = "model.layers.1.attention.query_key_value.weight"
+    state[key] = state[key][:-8]
+    write_checkpoint(tmp_path, cfg, state)
+    with pytest.raises(CheckpointError, match=re.escape(key)):
+        dyllm_fx.load(str(tmp_path), dtype="float32")
