@@ -2,7 +2,9 @@
 fields (a dense first layer, a fused query/key/value projection, QK norm, partial RoPE, grouped
 routing with an expert bias and a shared expert) loads through ``dyllm_fx.load`` and gives the
 logits of a plain forward written from the published modeling code, under the block-causal mask;
-bad checkpoints are refused by name."""
+bad checkpoints are refused by name. Generation follows the published block loop token for
+token; the exact policies (and the block caches, exact for a block-causal model) keep its
+tokens, every policy runs inside the block, and eager equals compiled."""
 
 from __future__ import annotations
 
@@ -16,8 +18,12 @@ from safetensors.torch import save_file
 import dyllm_fx
 from dyllm_fx.models import CheckpointError, LLaDA2ModelLM, save_model
 from dyllm_fx.models.checkpoint import INDEX_FILE
-from dyllm_fx.models.llada2 import tiny_random_config
-from reference_llada2 import llada2_logits
+from dyllm_fx.models.llada2 import block_causal_mask, tiny_random_config
+from dyllm_fx.passes.check_bidirectional import is_causal_mask
+from dyllm_fx.runtime.policies import make_policy
+from dyllm_fx.transform import TransformedModel
+from policy_helpers import COMPOSED, NAMES
+from reference_llada2 import llada2_generate, llada2_logits
 from tiny_checkpoints import tiny_tokenizer
 
 BLOCK = 4
@@ -111,7 +117,7 @@ def loaded(checkpoint):
 def test_the_architecture_is_picked_from_the_config(loaded):
     model, _ = loaded
     assert isinstance(model, LLaDA2ModelLM)
-    assert model.block_length == BLOCK
+    assert model.attention_block_length == BLOCK
     assert model.diffusion.logits_shift == 0
     assert model.diffusion.mask_token_id == tiny_tokenizer().mask_token_id
 
@@ -200,3 +206,130 @@ def test_a_mis_shaped_fused_projection_is_named(tmp_path):
     write_checkpoint(tmp_path, cfg, state)
     with pytest.raises(CheckpointError, match=re.escape(key)):
         dyllm_fx.load(str(tmp_path), dtype="float32")
+
+
+# --- block diffusion: LLaDA2's own generation loop ------------------------------------------
+
+PROMPTS = ["abc", "hello w"]  # 3 and 7 tokens: the first block decoded holds the prompt's tail
+GEN = dict(gen_length=12, block_length=BLOCK)
+# Each row policy's parameters that recompute every row of the sequence at every step, and the
+# block caches, which are exact for a block-causal model: the untransformed model's tokens.
+EXACT = {
+    "dense": {},
+    "prefix_cache": {},
+    "dual_cache": {},
+    "dyllm": {"every_row": True, "full_query_interval": 1},
+    "es_dllm": {"proportion_steps": ((1.0, 0.0),), "scope": "all", "delay_eos": False},
+}
+
+
+@pytest.fixture(scope="module")
+def traced(loaded):
+    return dyllm_fx.transform(loaded[0])
+
+
+def with_policy(traced, name: str, **params) -> TransformedModel:
+    module = TransformedModel(
+        traced.program, make_policy(name, **params), traced.diffusion, block_length=BLOCK
+    )
+    module.attention_block_length = BLOCK
+    return module
+
+
+def _published(state, cfg, tokenizer, prompt, steps, threshold):
+    ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    return llada2_generate(
+        lambda x, pos: llada2_logits(state, cfg, x, position_ids=pos),
+        ids,
+        GEN["gen_length"],
+        BLOCK,
+        steps,
+        threshold,
+        cfg["mask_token_id"],
+        cfg["eos_token_id"],
+    )[0]
+
+
+def _ours(out, row: int, prompt_length: int, eos: int) -> torch.Tensor:
+    """Row ``row`` of a generation without its left padding, cut after its first EOS."""
+    seq = out.sequences[row][out.prompt_length - prompt_length :]
+    response = seq[prompt_length:].tolist()
+    cut = response.index(eos) + 1 if eos in response else len(response)
+    return seq[: prompt_length + cut]
+
+
+@pytest.mark.parametrize("steps, threshold", [(4, 0.9), (2, 1.0)])
+def test_generation_equals_the_published_loop(checkpoint, loaded, steps, threshold):
+    _, cfg, state = checkpoint
+    model, tokenizer = loaded
+    out = dyllm_fx.generate(model, tokenizer, PROMPTS, steps=steps, threshold=threshold, **GEN)
+    for row, prompt in enumerate(PROMPTS):
+        want = _published(state, cfg, tokenizer, prompt, steps, threshold)
+        assert torch.equal(_ours(out, row, len(prompt), cfg["eos_token_id"]), want)
+
+
+def test_decoding_stops_after_the_block_with_an_eos(tmp_path):
+    cfg = tiny_config()
+    state = random_state(cfg)
+    state["lm_head.weight"][cfg["eos_token_id"]] *= 3.0  # EOS wins somewhere in the second block
+    model, tokenizer = dyllm_fx.load(str(write_checkpoint(tmp_path, cfg, state)), dtype="float32")
+    out = dyllm_fx.generate(model, tokenizer, PROMPTS, steps=4, threshold=0.9, **GEN)
+    for row, prompt in enumerate(PROMPTS):
+        want = _published(state, cfg, tokenizer, prompt, 4, 0.9)
+        assert want[-1].item() == cfg["eos_token_id"]
+        assert torch.equal(_ours(out, row, len(prompt), cfg["eos_token_id"]), want)
+    assert out.stats.nfe < 2 * 3 * 4  # not every block of both prompts ran
+
+
+@pytest.mark.parametrize("name", sorted(EXACT))
+def test_policies_recomputing_what_changed_give_the_model_tokens(loaded, traced, name):
+    model, tokenizer = loaded
+    exact = with_policy(traced, name, **EXACT[name])
+    want = dyllm_fx.generate(model, tokenizer, PROMPTS, steps=4, threshold=0.9, **GEN).sequences
+    assert torch.equal(
+        dyllm_fx.generate(exact, tokenizer, PROMPTS, steps=4, threshold=0.9, **GEN).sequences, want
+    )
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES + COMPOSED if n != "fixed"])
+def test_every_policy_runs_inside_the_block(loaded, traced, name):
+    out = dyllm_fx.generate(with_policy(traced, name), loaded[1], PROMPTS, threshold=0.9, **GEN)
+    assert out.sequences.shape == (2, 7 + GEN["gen_length"])
+
+
+@pytest.mark.slow  # compiling the pieces with aot_eager: about 30 s on the shared 2-core machine
+def test_eager_equals_compiled(loaded, traced):
+    model, tokenizer = loaded
+    compiled = dyllm_fx.transform(model, policy="prefix_cache", compile="aot_eager")
+    eager = with_policy(traced, "prefix_cache")
+    settings = dict(steps=4, threshold=0.9, **GEN)
+    got = dyllm_fx.generate(compiled, tokenizer, PROMPTS[0], **settings).sequences
+    assert torch.equal(got, dyllm_fx.generate(eager, tokenizer, PROMPTS[0], **settings).sequences)
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"gen_length": 10, "block_length": BLOCK}, f"block_length={BLOCK} must divide gen_length=10"),
+        ({"gen_length": 16, "block_length": 8}, f"this model attends in blocks of {BLOCK} tokens"),
+        ({"gen_length": 16, "block_length": BLOCK, "steps": 0}, "steps"),
+        ({"gen_length": 16, "block_length": BLOCK, "temperature": 0.7}, "decodes greedily"),
+    ],
+)
+def test_bad_block_settings_are_refused_before_any_work(loaded, monkeypatch, settings, message):
+    model, tokenizer = loaded
+
+    def no_forward(*args, **kwargs):
+        raise AssertionError("the model ran before the settings were checked")
+
+    monkeypatch.setattr(model, "forward", no_forward)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        dyllm_fx.generate(model, tokenizer, PROMPTS, **settings)
+
+
+def test_the_block_causal_mask_is_not_refused_as_causal():
+    """Inside a block every query sees every key, so the pass that refuses causal attention lets
+    the mask through; a block of one token is plain causal attention, and is refused."""
+    positions = torch.arange(3 * BLOCK)[None]
+    assert not is_causal_mask(block_causal_mask(positions, None, BLOCK))
+    assert is_causal_mask(block_causal_mask(positions, None, 1))

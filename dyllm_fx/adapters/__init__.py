@@ -11,10 +11,11 @@ from torch import nn
 
 from .base import ModelAdapter
 from .diffusion_gemma import DiffusionGemmaAdapter
+from .llada2 import LLaDA2Adapter
 from .llada_dream import LLaDADreamAdapter
 
 # Asked in order; the last one matches any model (LLaDA, Dream, a bidirectional transformers model).
-ADAPTERS: tuple[ModelAdapter, ...] = (DiffusionGemmaAdapter(), LLaDADreamAdapter())
+ADAPTERS: tuple[ModelAdapter, ...] = (DiffusionGemmaAdapter(), LLaDA2Adapter(), LLaDADreamAdapter())
 
 
 def adapter_for(model: nn.Module | None) -> ModelAdapter:

@@ -355,7 +355,7 @@ class LLaDA2ModelLM(BidirectionalLM):
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
     @property
-    def block_length(self) -> int:
+    def attention_block_length(self) -> int:
         """The attention's block: finished blocks' K/V is exact, generation goes block by block."""
         return self.config.block_length
 
