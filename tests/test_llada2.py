@@ -258,13 +258,15 @@ def _ours(out, row: int, prompt_length: int, eos: int) -> torch.Tensor:
     return seq[: prompt_length + cut]
 
 
-@pytest.mark.parametrize("steps, threshold", [(4, 0.9), (2, 1.0)])
-def test_generation_equals_the_published_loop(checkpoint, loaded, steps, threshold):
+@pytest.mark.parametrize("steps_per_block, threshold", [(4, 0.9), (2, 1.0)])
+def test_generation_equals_the_published_loop(checkpoint, loaded, steps_per_block, threshold):
+    """``steps`` counts over the response (3 blocks) as everywhere in dyllm-fx; the published
+    loop takes the steps of each block."""
     _, cfg, state = checkpoint
     model, tokenizer = loaded
-    out = dyllm_fx.generate(model, tokenizer, PROMPTS, steps=steps, threshold=threshold, **GEN)
+    out = dyllm_fx.generate(model, tokenizer, PROMPTS, steps=3 * steps_per_block, threshold=threshold, **GEN)
     for row, prompt in enumerate(PROMPTS):
-        want = _published(state, cfg, tokenizer, prompt, steps, threshold)
+        want = _published(state, cfg, tokenizer, prompt, steps_per_block, threshold)
         assert torch.equal(_ours(out, row, len(prompt), cfg["eos_token_id"]), want)
 
 
@@ -273,7 +275,7 @@ def test_decoding_stops_after_the_block_with_an_eos(tmp_path):
     state = random_state(cfg)
     state["lm_head.weight"][cfg["eos_token_id"]] *= 3.0  # EOS wins somewhere in the second block
     model, tokenizer = dyllm_fx.load(str(write_checkpoint(tmp_path, cfg, state)), dtype="float32")
-    out = dyllm_fx.generate(model, tokenizer, PROMPTS, steps=4, threshold=0.9, **GEN)
+    out = dyllm_fx.generate(model, tokenizer, PROMPTS, steps=12, threshold=0.9, **GEN)
     for row, prompt in enumerate(PROMPTS):
         want = _published(state, cfg, tokenizer, prompt, 4, 0.9)
         assert want[-1].item() == cfg["eos_token_id"]
@@ -285,9 +287,9 @@ def test_decoding_stops_after_the_block_with_an_eos(tmp_path):
 def test_policies_recomputing_what_changed_give_the_model_tokens(loaded, traced, name):
     model, tokenizer = loaded
     exact = with_policy(traced, name, **EXACT[name])
-    want = dyllm_fx.generate(model, tokenizer, PROMPTS, steps=4, threshold=0.9, **GEN).sequences
+    want = dyllm_fx.generate(model, tokenizer, PROMPTS, steps=12, threshold=0.9, **GEN).sequences
     assert torch.equal(
-        dyllm_fx.generate(exact, tokenizer, PROMPTS, steps=4, threshold=0.9, **GEN).sequences, want
+        dyllm_fx.generate(exact, tokenizer, PROMPTS, steps=12, threshold=0.9, **GEN).sequences, want
     )
 
 
@@ -302,7 +304,7 @@ def test_eager_equals_compiled(loaded, traced):
     model, tokenizer = loaded
     compiled = dyllm_fx.transform(model, policy="prefix_cache", compile="aot_eager")
     eager = with_policy(traced, "prefix_cache")
-    settings = dict(steps=4, threshold=0.9, **GEN)
+    settings = dict(steps=12, threshold=0.9, **GEN)
     got = dyllm_fx.generate(compiled, tokenizer, PROMPTS[0], **settings).sequences
     assert torch.equal(got, dyllm_fx.generate(eager, tokenizer, PROMPTS[0], **settings).sequences)
 
@@ -312,7 +314,10 @@ def test_eager_equals_compiled(loaded, traced):
     [
         ({"gen_length": 10, "block_length": BLOCK}, f"block_length={BLOCK} must divide gen_length=10"),
         ({"gen_length": 16, "block_length": 8}, f"this model attends in blocks of {BLOCK} tokens"),
-        ({"gen_length": 16, "block_length": BLOCK, "steps": 0}, "steps"),
+        (
+            {"gen_length": 16, "block_length": BLOCK, "steps": 6},
+            "steps=6 must be a positive multiple of the number of blocks",
+        ),
         ({"gen_length": 16, "block_length": BLOCK, "temperature": 0.7}, "decodes greedily"),
     ],
 )

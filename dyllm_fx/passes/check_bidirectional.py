@@ -65,7 +65,9 @@ def check_bidirectional(gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...]) ->
 
 def is_causal_mask(mask: torch.Tensor) -> bool:
     """Whether an SDPA mask (bool: True = attend; float: added to the scores) hides every key
-    after its query, for a square (..., L, L) mask with L > 1."""
+    after its query, for a square (..., L, L) mask with L > 1. A block-causal mask (LLaDA2: a
+    query sees every key of its own block and of the blocks before it) is not: it is rewritten
+    like a padding mask, each attention piece reading its rows of it."""
     if mask.dim() < 2 or mask.shape[-1] != mask.shape[-2] or mask.shape[-1] < 2:
         return False
     if mask.dtype == torch.bool:

@@ -31,26 +31,29 @@ from dyllm_fx.models.spec import DiffusionSpec
 
 from ..values import check_integer, check_number
 from .loop import GenerationStats
+from .schedule import BlockSchedule
 from .step import StepFunction, StepRequest, as_step_output
 
 
 @dataclass(frozen=True)
 class BlockDiffusionSettings:
-    """The published generate's settings (temperature 0, ``minimal_topk`` 1)."""
+    """The published generate's settings (temperature 0, ``minimal_topk`` 1); ``steps`` are per
+    block, as the published ``steps`` argument."""
 
     gen_length: int
     block_length: int
-    steps: int  # per block, at most
+    steps: int  # per block
     threshold: float
 
     @classmethod
     def build(
         cls, gen_length, block_length, steps, threshold, model_block_length: int
     ) -> "BlockDiffusionSettings":
-        """Checked settings; each error names the argument and the value to pass. ``steps``
-        None: one token per step (``block_length`` steps); ``threshold`` None: 0.95 (the
-        published default); ``block_length`` None: the model's."""
-        check_integer("gen_length", gen_length, minimum=1)
+        """Checked settings; each error names the argument and the value to pass. ``steps`` is
+        the total over the response as everywhere in dyllm-fx (a multiple of its blocks; None:
+        one token per step) and becomes the steps of each block; ``threshold`` None: 0.95 (the
+        published default); ``block_length`` None: the model's, and no other is taken (the
+        attention's blocks are the model's)."""
         block_length = model_block_length if block_length is None else block_length
         check_integer("block_length", block_length, minimum=1)
         if block_length != model_block_length:
@@ -59,16 +62,11 @@ class BlockDiffusionSettings:
                 f"(its config's block_length), so it decodes in those blocks; pass block_length="
                 f"{model_block_length} or leave it out"
             )
-        if gen_length % block_length:
-            raise ValueError(
-                f"block_length={block_length} must divide gen_length={gen_length}; e.g. use gen_length="
-                f"{max(1, round(gen_length / block_length)) * block_length}"
-            )
-        steps = block_length if steps is None else steps
-        check_integer("steps", steps, minimum=1, hint=f"; the steps per block, at most {block_length}")
+        schedule = BlockSchedule.build(0, gen_length, block_length, gen_length if steps is None else steps)
         threshold = 0.95 if threshold is None else threshold
         check_number("threshold", threshold, minimum=0, maximum=1, hint="; 0.95 is LLaDA2's default")
-        return cls(gen_length, block_length, min(steps, gen_length), float(threshold))
+        per_block = min(schedule.steps_per_block, schedule.gen_length)  # the published cap
+        return cls(schedule.gen_length, block_length, per_block, float(threshold))
 
     def transfer_counts(self) -> list[int]:
         """Tokens each step of a block commits at least: ``block_length`` spread evenly."""
