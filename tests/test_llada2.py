@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import save_file
 
 import dyllm_fx
+from dyllm_fx.errors import UsageError
 from dyllm_fx.models import CheckpointError, LLaDA2ModelLM, save_model
 from dyllm_fx.models.checkpoint import INDEX_FILE
 from dyllm_fx.models.llada2 import block_causal_mask, tiny_random_config
@@ -338,3 +339,9 @@ def test_the_block_causal_mask_is_not_refused_as_causal():
     positions = torch.arange(3 * BLOCK)[None]
     assert not is_causal_mask(block_causal_mask(positions, None, BLOCK))
     assert is_causal_mask(block_causal_mask(positions, None, 1))
+
+
+def test_the_serving_scheduler_refuses_it_naming_generate(loaded):
+    """Serving batches rows on LLaDA's block clock, not LLaDA2's loop: refused, not decoded wrong."""
+    with pytest.raises(UsageError, match=re.escape("dyllm_fx.generate(model, tokenizer, prompts)")):
+        dyllm_fx.LLM(*loaded)

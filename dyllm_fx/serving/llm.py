@@ -14,6 +14,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 
+from ..adapters.llada2 import attention_block_length
 from ..char_tokenizer import unknown_characters_message
 from ..errors import UnknownCharactersWarning, UsageError
 from .chat import render_chat
@@ -88,6 +89,12 @@ class LLM:
                     "(model.to(...))"
                 )
             self.model_name = type(model).__name__
+        if attention_block_length(model) is not None:
+            raise UsageError(
+                f"{type(model).__name__} is a block-diffusion model (LLaDA2), decoded by its own block loop, "
+                "which the serving scheduler does not run; generate with dyllm_fx.generate(model, tokenizer, "
+                "prompts) or `dyllm generate --model FOLDER`"
+            )
         self.base_model = model
         if isinstance(model, TransformedModel):
             if (
