@@ -19,7 +19,7 @@ import dyllm_fx
 from dyllm_fx.errors import UsageError
 from dyllm_fx.models import CheckpointError, LLaDA2ModelLM, save_model
 from dyllm_fx.models.checkpoint import INDEX_FILE
-from dyllm_fx.models.llada2 import block_causal_mask, tiny_random_config
+from dyllm_fx.models.llada2 import block_causal_mask, random_model, tiny_random_config
 from dyllm_fx.passes.check_bidirectional import is_causal_mask
 from dyllm_fx.runtime.policies import make_policy
 from dyllm_fx.transform import TransformedModel
@@ -345,3 +345,14 @@ def test_the_serving_scheduler_refuses_it_naming_generate(loaded):
     """Serving batches rows on LLaDA's block clock, not LLaDA2's loop: refused, not decoded wrong."""
     with pytest.raises(UsageError, match=re.escape("dyllm_fx.generate(model, tokenizer, prompts)")):
         dyllm_fx.LLM(*loaded)
+
+
+def test_the_random_model_for_the_bench_row_generates():
+    """``llada2:random`` (for a ``dyllm bench --model`` registry): every weight drawn from the
+    seed, so two builds agree, and it decodes."""
+    tok = tiny_tokenizer()
+    ids = dict(vocab_size=len(tok), mask_token_id=tok.mask_token_id, eos_token_id=tok.eos_token_id)
+    model, again = random_model(seed=3, **ids), random_model(seed=3, **ids)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+    out = dyllm_fx.generate(model, tok, "abc", gen_length=16, block_length=8)
+    assert out.sequences.shape == (1, 3 + 16)

@@ -407,6 +407,28 @@ def tiny_random_config(vocab_size: int = 64, mask_token_id: int = 63, eos_token_
     }
 
 
+def random_model(seed: int = 0, dtype: torch.dtype = torch.float32, **overrides) -> LLaDA2ModelLM:
+    """A LLaDA2 of :func:`tiny_random_config` (``overrides`` replace its keys, ``vocab_size`` and
+    the token ids for a tokenizer's) with random weights drawn from ``seed``: norms near 1, a
+    small expert bias, an output head wide enough that the logits are not near-ties."""
+    config = {**tiny_random_config(), **overrides}
+    if "pad_token_id" not in overrides:  # padding is EOS, as in the published config
+        config["pad_token_id"] = config["eos_token_id"]
+    model = LLaDA2ModelLM(LLaDA2Config.from_dict(config, "llada2:random"))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+            if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
+                tensor.copy_(1.0 + 0.2 * torch.randn(tensor.shape, generator=gen))
+            elif name.endswith("expert_bias"):
+                tensor.copy_(0.05 * torch.randn(tensor.shape, generator=gen))
+            else:
+                tensor.copy_(
+                    (0.9 if name == "lm_head.weight" else 0.3) * torch.randn(tensor.shape, generator=gen)
+                )
+    return model.eval().to(dtype)
+
+
 __all__ = [
     "LLADA2_BLOCK_LENGTH",
     "LLADA2_EOS_TOKEN_ID",
@@ -414,5 +436,6 @@ __all__ = [
     "LLaDA2Config",
     "LLaDA2ModelLM",
     "block_causal_mask",
+    "random_model",
     "tiny_random_config",
 ]
