@@ -23,6 +23,11 @@ class MissingDependencyError(DyllmError, ImportError):
     """An optional package a feature needs is not installed; the message gives the pip command."""
 
 
+class EngineStoppedError(DyllmError, RuntimeError):
+    """The serving engine cannot go on (a tensor-parallel rank was lost, or a bug stopped its
+    thread); the requests it held were answered with this error."""
+
+
 class DyllmWarning(UserWarning):
     """Something dyllm-fx runs as asked but that probably does not do what the user wants."""
 
@@ -38,6 +43,7 @@ class EmptyResponseWarning(DyllmWarning):
 
 __all__ = [
     "DyllmError",
+    "EngineStoppedError",
     "DyllmWarning",
     "EmptyResponseWarning",
     "MissingDependencyError",

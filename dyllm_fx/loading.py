@@ -14,9 +14,9 @@ from torch import nn
 from transformers import AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from .distributed import check_size, group_for
-from .models import CheckpointError, load_model, parse_config, read_config
+from .models import CheckpointError, build_model, load_model, parse_config, read_config
 from .options import DEFAULT_DREAM_MODEL, DEFAULT_MODEL, resolve_device, resolve_dtype
-from .passes.tensor_parallel import shard_model
+from .passes.tensor_parallel import check_shardable, shard_model
 
 # Files any Hugging Face tokenizer is loaded from (fast, sentencepiece, BPE, WordPiece).
 TOKENIZER_FILES = (
@@ -219,6 +219,19 @@ def trained_gen_length(folder: str | Path) -> int | None:
         (value,) = found
         return value if isinstance(value, int) and value > 0 else None
     return None
+
+
+def check_tensor_parallel(path_or_name: str | Path, tensor_parallel_size: int) -> None:
+    """Refuse, from config.json alone (no weights, no process group), a model whose heads or
+    layer widths do not divide by ``tensor_parallel_size``: a launcher checks this before it
+    starts the ranks, which would otherwise each meet the error after loading."""
+    if check_size(tensor_parallel_size) == 1:
+        return
+    folder = resolve_model_path(path_or_name)
+    config = read_config(folder)
+    with torch.device("meta"):
+        model = build_model(config, str(folder / "config.json"))
+    check_shardable(model, tensor_parallel_size)
 
 
 def load(

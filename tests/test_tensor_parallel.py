@@ -117,6 +117,14 @@ def test_a_failing_rank_stops_the_others_with_its_error():
     assert time.monotonic() - start < 60
 
 
+def test_a_server_whose_heads_do_not_divide_is_refused_before_its_ranks_start():
+    from dyllm_fx.serving.replicas import ReplicaConfig
+    from dyllm_fx.serving.tensor_parallel import serve_tensor_parallel
+
+    with pytest.raises(UsageError, match="n_heads=4 does not divide by tensor_parallel_size=3"):
+        serve_tensor_parallel(ReplicaConfig("default", tensor_parallel_size=3))
+
+
 def test_without_a_process_group_the_error_says_how_to_launch():
     model = tiny_llada(seed=0)
     with pytest.raises(UsageError, match="torchrun --nproc-per-node 2"):
@@ -169,24 +177,82 @@ def test_the_experts_keep_their_slice_and_the_router_stays_whole():
     assert dense.gate_proj.out_features == 24 and dense.down_proj.weight.shape == (32, 24)
 
 
+def _serve_script(engine) -> dict:
+    """What a server's engine meets: two requests, steps, a late request on another block clock,
+    a cancellation, an idle moment; returns each request's final tokens and finish reason."""
+    from dyllm_fx import SamplingParams
+
+    finals = {}
+
+    def step():
+        for out in engine.step():
+            if out.finished:
+                finals[out.request_id] = (out.outputs[0].token_ids, out.outputs[0].finish_reason)
+
+    engine.add_request(PROMPTS[0], SamplingParams(max_tokens=16, block_length=8), "a")
+    engine.add_request(PROMPTS[1], SamplingParams(max_tokens=16, block_length=8), "b")
+    step()
+    step()
+    engine.add_request(PROMPTS[1], SamplingParams(max_tokens=16, block_length=16), "c")
+    engine.abort("b")
+    engine.idle()
+    while engine.has_unfinished():
+        step()
+    return finals
+
+
+def _followed(engine, mirror) -> dict:
+    """``follow`` on ``engine``, recording the outputs it drops."""
+    from dyllm_fx.serving.mirror import follow
+
+    finals, step = {}, engine.step
+
+    def recording_step():
+        outs = step()
+        finals.update({o.request_id: (o.outputs[0].token_ids, o.outputs[0].finish_reason) for o in outs})
+        return outs
+
+    engine.step = recording_step
+    follow(engine, mirror)
+    return {k: v for k, v in finals.items() if v[1] is not None}
+
+
 def _llm_on_rank(rank: int, results) -> None:
     from dyllm_fx import LLM, SamplingParams
+    from dyllm_fx.serving.mirror import EngineMirror
 
     torch.set_num_threads(1)
     params = SamplingParams(max_tokens=16, block_length=8)
-    whole = LLM("default", policy="dual_cache").generate(PROMPTS, params)
-    shard = LLM("default", policy="dual_cache", tensor_parallel_size=SIZE).generate(PROMPTS, params)
-    results.put([a.outputs[0].token_ids == b.outputs[0].token_ids != [] for a, b in zip(whole, shard)])
+    whole_llm = LLM("default", policy="dual_cache")
+    shard_llm = LLM("default", policy="dual_cache", tensor_parallel_size=SIZE)
+    whole, shard = whole_llm.generate(PROMPTS, params), shard_llm.generate(PROMPTS, params)
+    same = [a.outputs[0].token_ids == b.outputs[0].token_ids != [] for a, b in zip(whole, shard)]
+    # dyllm serve --tensor-parallel-size: rank 0's engine leads, rank 1's follows its journal
+    mirror = EngineMirror()
+    if rank == 0:
+        shard_llm.engine.mirror = mirror
+        served = _serve_script(shard_llm.engine)
+        mirror.close()
+    else:
+        served = _followed(shard_llm.engine, mirror)
+    results.put((rank, same, served, _serve_script(LLM("default", policy="dual_cache").engine)))
 
 
 @pytest.mark.slow
 def test_llm_with_two_ranks_answers_as_the_whole_model():
-    """vLLM's ``LLM(..., tensor_parallel_size=2)``: the embedded model's completions, on each rank."""
+    """vLLM's ``LLM(..., tensor_parallel_size=2)``: the embedded model's completions, on each rank;
+    and a serving engine's requests, late joins and cancellations, mirrored step for step by the
+    other rank (``dyllm serve --tensor-parallel-size 2``), end as on the whole model."""
     import torch.multiprocessing as mp
 
     results = mp.get_context("spawn").SimpleQueue()
     spawn(_llm_on_rank, SIZE, results)
-    assert [results.get() for _ in range(SIZE)] == [[True, True]] * SIZE
+    rows = sorted(results.get() for _ in range(SIZE))
+    assert [same for _, same, _, _ in rows] == [[True, True]] * SIZE
+    (_, _, leader, whole), (_, _, follower, _) = rows
+    assert sorted(whole) == ["a", "b", "c"] and whole["b"][1] == "abort" and whole["c"][0]
+    assert leader == whole
+    assert follower == leader
 
 
 def _load_shard_on_rank(rank: int, folder: str, results) -> None:
