@@ -16,7 +16,12 @@ import dyllm_fx
 from dyllm_fx.distributed import spawn
 from dyllm_fx.errors import UsageError
 from dyllm_fx.models import LLaDAMoEConfig, LLaDAMoEModelLM
-from dyllm_fx.passes.tensor_parallel import check_shardable, collective_group, shard_model
+from dyllm_fx.passes.tensor_parallel import (
+    VocabParallelEmbedding,
+    check_shardable,
+    collective_group,
+    shard_model,
+)
 from dyllm_fx.runtime.policies import make_policy
 from dyllm_fx.transform import TransformedModel
 from test_llada_moe import random_state, tiny_config
@@ -150,8 +155,23 @@ def test_the_plan_shards_heads_and_mlp_and_keeps_the_head_whole():
     assert torch.equal(block.self_attn.q_proj.bias, whole.self_attn.q_proj.bias[16:])
     assert shard.lm_head.weight.shape == model.lm_head.weight.shape
     assert model.parts().blocks[0].n_heads == 4  # the original is not changed
+    embedding, rows = shard.parts().embedding, model.config.vocab_size // 2
+    assert isinstance(embedding, VocabParallelEmbedding) and embedding.start == rows
+    assert torch.equal(embedding.weight, model.parts().embedding.weight[rows:])
     with pytest.raises(UsageError, match="n_kv_heads=2 does not divide by tensor_parallel_size=4"):
         check_shardable(model, 4)
+
+
+def test_the_vocabulary_split_embedding_sums_to_the_whole_lookup():
+    """Each rank's lookup holds its own vocabulary range and zeros; their sum (the all-reduce,
+    done by hand here) is the whole embedding's, exactly. A head tied to the embedding reads
+    every row: that embedding stays whole."""
+    model = tiny_llada(seed=0)
+    ids = torch.arange(model.config.vocab_size).reshape(1, -1)
+    shards = [shard_model(model, rank=r, size=2, group=None).parts().embedding for r in range(2)]
+    assert torch.equal(shards[0](ids) + shards[1](ids), model.parts().embedding(ids))
+    tied = shard_model(tiny_dream(seed=0, tie_word_embeddings=True), rank=0, size=2, group=None)
+    assert not isinstance(tied.parts().embedding, VocabParallelEmbedding)
 
 
 def test_an_unsharded_graph_has_no_group():
