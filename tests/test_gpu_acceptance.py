@@ -1,0 +1,76 @@
+"""benchmarks/gpu_acceptance.py: the prepared GPU acceptance command. Its ``--smoke`` mode runs
+the same stages on the CPU at tiny shapes, so the command cannot rot between GPU runs."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _acceptance():
+    spec = importlib.util.spec_from_file_location("gpu_acceptance", ROOT / "benchmarks" / "gpu_acceptance.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def acceptance():
+    return _acceptance()
+
+
+def test_smoke_runs_every_stage_and_writes_the_report(acceptance, tmp_path, capsys):
+    assert acceptance.main(["--smoke", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "smoke.json").read_text())
+    stages = {s["name"]: s for s in report["stages"]}
+    assert list(stages) == list(acceptance.STAGES) and report["smoke"]
+    assert stages["cuda_tests"]["status"] == "skipped" and "skipped" in stages["cuda_tests"]["why"]
+    assert stages["graphs"]["status"] == "passed"
+    checked = {c["policy"] for c in stages["graphs"]["details"]["checks"]}
+    assert checked == set(acceptance.acceptance_policies()) and {"dyllm", "dual_cache+dyllm"} <= checked
+    timing = stages["timing"]["details"]
+    assert stages["timing"]["status"] == "passed" and timing["bandwidth_gbs"] > 0
+    groups = {(g["decoding"].split(":")[0], g["batch"]) for g in timing["groups"]}
+    assert groups == {(d, b) for d in ("one token a step", "threshold") for b in (1, 8)}
+    labels = [r["case"] for r in timing["groups"][0]["rows"]]
+    assert labels[:2] == ["dense", "dual_cache"] and acceptance.COMPOSED in labels
+    assert len(timing["targets"]) == 4 and all("met" in t["line"] for t in timing["targets"])
+    assert stages["replay"]["status"] in ("passed", "missing")
+    page = (tmp_path / "smoke.md").read_text()
+    assert "| stage | status | seconds | detail |" in page and "x weight-read bound" in page
+    assert page in capsys.readouterr().out
+
+
+def test_the_replay_stage_reports_a_missing_or_failing_script(acceptance, tmp_path):
+    sh, clock = acceptance.shapes(True), acceptance.Clock(1.0)
+    missing = acceptance.run_replay(sh, clock, tmp_path, script=tmp_path / "absent.py")
+    assert missing.status == "missing" and "absent.py" in missing.why
+    failing = tmp_path / "schedule_replay.py"
+    failing.write_text("import sys\nsys.exit('no replay here')\n")
+    failed = acceptance.run_replay(sh, clock, tmp_path, script=failing)
+    assert (
+        failed.status == "failed"
+        and "no replay here" in failed.why
+        and "--smoke" in failed.details["command"]
+    )
+
+
+def test_a_failed_stage_makes_the_exit_code_nonzero(acceptance, tmp_path, monkeypatch):
+    monkeypatch.setattr(acceptance, "run_replay", lambda *a: acceptance.Stage("replay", "failed", "crashed"))
+    assert acceptance.main(["--smoke", "--stages", "replay", "--out", str(tmp_path)]) == 1
+    stages = json.loads((tmp_path / "smoke.json").read_text())["stages"]
+    assert [s["status"] for s in stages] == ["skipped", "skipped", "skipped", "failed"]
+
+
+def test_pytest_summary_counts():
+    counts = _acceptance().pytest_counts(
+        "....\nSKIPPED [2] t.py:3: no GPU\n3 passed, 2 skipped, 1 deselected in 1.2s\n"
+    )
+    assert counts == {"passed": 3, "skipped": 2, "deselected": 1}
