@@ -2,21 +2,22 @@
 graphed step times at the full LLaDA-8B shape beside the weight-read bound, and the schedule
 replay, in one command that writes one JSON and one markdown table.
 
-    python benchmarks/gpu_acceptance.py                  # on a GPU: about 8 minutes on an H100
+    python benchmarks/gpu_acceptance.py                  # on a GPU: budgeted for 8 minutes on an H100
     python benchmarks/gpu_acceptance.py --smoke          # the same code on a CPU at tiny shapes
 
 Stages, each with a time budget (``--budget-scale`` stretches them) and progress lines:
 
 1. ``cuda_tests``: ``pytest -m cuda tests`` (``--smoke``: tests/test_cuda_graph_step.py, where
    they skip without a GPU);
-2. ``graphs``: every policy (``graph_check.py``) on both embedded models, one token a step and
-   threshold 0.9, graphed against eager, token for token (``--smoke``: without capture);
+2. ``graphs``: every policy (``graph_check.py``) on both embedded models in bf16, 32 steps and
+   threshold 0.9, graphed against eager, token for token (``--smoke``: LLaDA in float32, 8 steps,
+   without capture);
 3. ``timing``: the graphed step of every method (``step_gpu.step_cases``) at LLaDA-8B's shape
    (32 layers, d_model 4096, bf16, random weights; prompt 512, response 256, block 32) at batch
    1 and 8, one token a step and ``--threshold-commits`` tokens a step (threshold decoding),
    beside the weight-read bound (``bandwidth.py``: the bandwidth is measured by a copy). GPU
-   targets, reported and not asserted: every graphed step at batch 1 within 1.5x of the bound;
-   graphed dual_cache+dyllm at batch 8 at least 1.5x faster than the graphed dual cache;
+   targets, reported and not asserted: every graphed cached step at batch 1 within 1.5x of the
+   bound; graphed dual_cache+dyllm at batch 8 at least 1.5x faster than the graphed dual cache;
 4. ``replay``: ``benchmarks/schedule_replay.py`` (real schedules replayed at LLaDA-8B's layer
    shape), "missing" where this checkout lacks it.
 
@@ -56,6 +57,8 @@ BOUND_TARGET = 1.5  # a graphed batch-1 step within this many times the weight-r
 BATCH8_TARGET = 1.5  # graphed dual_cache+dyllm at batch 8 against the graphed dual cache
 FRACTION = 0.1  # rows recomputed by the synthetic row patterns (step_gpu.step_cases)
 COMPOSED, DUAL = f"dual_cache+dyllm {FRACTION:.0%}", "dual_cache"
+# recomputes every row every step: arithmetic, not a weight read, bounds it (no bound target)
+UNCACHED = ("dense",)
 
 
 @dataclass(frozen=True)
@@ -102,8 +105,8 @@ def shapes(smoke: bool) -> Shapes:
         dtype=torch.bfloat16,
         test_paths=("tests",),
         graph_models=("default", "default-dream"),
-        graph_dtypes=(torch.float32, torch.bfloat16),
-        graph_gen=dict(gen_length=64, block_length=32, steps=64),
+        graph_dtypes=(torch.bfloat16,),  # float32 is pytest -m cuda's (test_cuda_graph_step.py)
+        graph_gen=dict(gen_length=64, block_length=32, steps=32),
         layers=32,
         prompt=512,
         response=256,
@@ -307,11 +310,12 @@ def targets(groups: list[dict]) -> list[dict]:
     out = []
     for g in groups:
         if g["batch"] == 1:
-            over = [r["case"] for r in g["rows"] if r["x_bound"] > BOUND_TARGET]
+            cached = [r for r in g["rows"] if r["case"] not in UNCACHED]
+            over = [r["case"] for r in cached if r["x_bound"] > BOUND_TARGET]
             met = not over
-            worst = max(r["x_bound"] for r in g["rows"])
+            worst = max(r["x_bound"] for r in cached)
             line = (
-                f"{g['decoding']}, batch 1: every graphed step within {BOUND_TARGET}x of the bound: "
+                f"{g['decoding']}, batch 1: every graphed cached step within {BOUND_TARGET}x of the bound: "
                 f"{'met' if met else 'not met (' + ', '.join(over) + ')'}, worst {worst:.2f}x"
             )
         elif g["batch"] == 8:
@@ -435,7 +439,7 @@ def device_name(device: str) -> str:
     )
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--smoke", action="store_true", help="the same code on a CPU at tiny shapes")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "gpu_acceptance"))
@@ -447,6 +451,11 @@ def main(argv=None) -> int:
         help="tokens a threshold step commits (threshold 0.9 on the embedded models: NFE 7.8 against 37.2)",
     )
     p.add_argument("--budget-scale", type=float, default=1.0, help="multiply every stage's time budget")
+    return p
+
+
+def main(argv=None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
     chosen = [s.strip() for s in args.stages.split(",") if s.strip()]
     unknown = sorted(set(chosen) - set(STAGES))
