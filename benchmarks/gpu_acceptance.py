@@ -35,6 +35,7 @@ import platform
 import re
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -156,23 +157,51 @@ def run_cuda_tests(sh: Shapes, clock: Clock) -> Stage:
     """``pytest -m cuda``: passed when tests passed and none failed; skipped when every one
     skipped (no CUDA device)."""
     budget = clock.start("cuda_tests")
-    command = [sys.executable, "-m", "pytest", "-q", "-rs", "-m", "cuda", "-p", "no:cacheprovider"]
-    try:
-        done = subprocess.run(
-            [*command, *sh.test_paths], cwd=ROOT, capture_output=True, text=True, timeout=budget
-        )
-    except subprocess.TimeoutExpired:
-        return Stage("cuda_tests", "failed", f"pytest -m cuda ran past its {budget:.0f} s budget")
-    counts = pytest_counts(done.stdout)
+    command = [sys.executable, "-m", "pytest", "-v", "-rs", "-m", "cuda", "-p", "no:cacheprovider"]
+    code, output = stream([*command, *sh.test_paths], budget, clock, "cuda_tests", TEST_OUTCOME)
+    counts = pytest_counts(output)
     details = {"command": " ".join(["pytest -m cuda", *sh.test_paths]), "counts": counts}
     summary = ", ".join(f"{n} {kind}" for kind, n in counts.items()) or "no summary line"
-    if done.returncode != 0:
-        return Stage("cuda_tests", "failed", f"{summary}: {done.stdout[-1500:]}", details=details)
+    if code is None:
+        return Stage(
+            "cuda_tests", "failed", f"ran past its {budget:.0f} s budget ({summary})", details=details
+        )
+    if code != 0:
+        return Stage("cuda_tests", "failed", f"{summary}: {output[-1500:]}", details=details)
     if not counts.get("passed"):
-        reason = re.search(r"^SKIPPED \[\d+\] [^:]+:\d+: (.*)$", done.stdout, flags=re.M)
+        reason = re.search(r"^SKIPPED \[\d+\] [^:]+:\d+: (.*)$", output, flags=re.M)
         why = f"{summary}" + (f" ({reason.group(1)})" if reason else "")
         return Stage("cuda_tests", "skipped", why, details=details)
     return Stage("cuda_tests", "passed", summary, details=details)
+
+
+# a test's outcome in pytest -v's output, shown as a progress line
+TEST_OUTCOME = re.compile(r"::.* (PASSED|FAILED|ERROR|SKIPPED)")
+
+
+def stream(command: list[str], budget: float, clock: Clock, stage: str, shown_lines=None) -> tuple:
+    """Run ``command`` from the repository root, its output lines (those ``shown_lines``
+    matches, default all) printed as progress lines as they come; killed at ``budget`` seconds.
+    Returns (exit code, or None when killed; the whole output)."""
+    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    killed = threading.Event()
+
+    def kill():
+        killed.set()
+        proc.kill()
+
+    timer = threading.Timer(budget, kill)
+    timer.start()
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if shown_lines is None or shown_lines.search(line):
+                clock.log(f"{stage}: {line.rstrip()[:200]}")
+        proc.wait()
+    finally:
+        timer.cancel()
+    return (None if killed.is_set() else proc.returncode), "".join(lines)
 
 
 def pytest_counts(output: str) -> dict[str, int]:
@@ -335,26 +364,15 @@ def run_replay(sh: Shapes, clock: Clock, out: Path, script: Path = BENCH / "sche
     """``schedule_replay.py`` through its command line; "missing" where the checkout lacks it."""
     budget = clock.start("replay")
     if not script.is_file():
-        return Stage(
-            "replay",
-            "missing",
-            f"{script.relative_to(ROOT) if script.is_relative_to(ROOT) else script} is not in this checkout",
-        )
+        return Stage("replay", "missing", f"{shown(script)} is not in this checkout")
     paths = {"json": out / "replay.json", "markdown": out / "replay.md"}
     argv = [*sh.replay_args, "--json", str(paths["json"]), "--markdown", str(paths["markdown"])]
-    details = {
-        "command": " ".join(
-            ["python", str(script.relative_to(ROOT) if script.is_relative_to(ROOT) else script), *argv]
-        )
-    }
-    try:
-        done = subprocess.run(
-            [sys.executable, str(script), *argv], cwd=ROOT, capture_output=True, text=True, timeout=budget
-        )
-    except subprocess.TimeoutExpired:
+    details = {"command": " ".join(["python", shown(script), *argv])}
+    code, output = stream([sys.executable, str(script), *argv], budget, clock, "replay")
+    if code is None:
         return Stage("replay", "failed", f"ran past its {budget:.0f} s budget", details=details)
-    if done.returncode != 0:
-        return Stage("replay", "failed", f"exit {done.returncode}: {done.stderr[-1500:]}", details=details)
+    if code != 0:
+        return Stage("replay", "failed", f"exit {code}: {output[-1500:]}", details=details)
     details.update({k: str(p) for k, p in paths.items() if p.is_file()})
     return Stage("replay", "passed", f"tables in {paths['markdown'].name}", details=details)
 

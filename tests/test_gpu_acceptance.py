@@ -112,3 +112,9 @@ def test_the_documented_commands_parse(acceptance):
     assert len(lines) >= 3 and any("--smoke" in line for line in lines)
     for line in lines:
         acceptance.build_parser().parse_args(shlex.split(line))
+
+
+def test_a_stage_command_is_killed_at_its_budget(acceptance):
+    sleeper = [sys.executable, "-c", "import time; print('started', flush=True); time.sleep(60)"]
+    code, output = acceptance.stream(sleeper, 1.0, acceptance.Clock(1.0), "test")
+    assert code is None and output == "started\n"
