@@ -56,17 +56,25 @@ def test_smoke_runs_every_stage_and_writes_the_report(acceptance, tmp_path, caps
     assert page in capsys.readouterr().out
 
 
-def test_the_replay_stage_reports_a_missing_or_failing_script(acceptance, tmp_path):
+def test_the_replay_stage_reports_a_missing_or_script_script(acceptance, tmp_path):
     sh, clock = acceptance.shapes(True), acceptance.Clock(1.0)
     missing = acceptance.run_replay(sh, clock, tmp_path, script=tmp_path / "absent.py")
     assert missing.status == "missing" and "absent.py" in missing.why
-    failing = tmp_path / "schedule_replay.py"
-    failing.write_text("import sys\nsys.exit('no replay here')\n")
-    failed = acceptance.run_replay(sh, clock, tmp_path, script=failing)
+    script = tmp_path / "schedule_replay.py"
+    script.write_text("import sys\nsys.exit('no replay here')\n")
+    failed = acceptance.run_replay(sh, clock, tmp_path, script=script)
     assert (
         failed.status == "failed"
         and "no replay here" in failed.why
         and "--smoke" in failed.details["command"]
+    )
+    script.write_text(  # the contract: --markdown PATH / --json PATH get the tables
+        "import sys\nfrom pathlib import Path\nargs = sys.argv\n"
+        "Path(args[args.index('--markdown') + 1]).write_text('| method | tokens/s |')\n"
+    )
+    passed = acceptance.run_replay(sh, clock, tmp_path, script=script)
+    assert (
+        passed.status == "passed" and Path(passed.details["markdown"]).read_text() == "| method | tokens/s |"
     )
 
 
