@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 
 from ..errors import MethodNotApplicable
-from .random_bench import RandomMethod, RandomResult, format_random_table, random_prompts
+from .bench_rows import RandomMethod, RandomResult, format_random_table, random_prompts
 
 RANDOM_MODEL = "diffusion_gemma:random"
 # The bench's random model: small enough for a CPU, large enough that the layers, not Python,
