@@ -238,3 +238,12 @@ def test_mmada_missing_keys_name_the_fix(tmp_path):
     save_file(state, str(folder / "model.safetensors"))
     with pytest.raises(CheckpointError, match="missing keys .*blocks.1.ff_out.*config.json belongs"):
         dyllm_fx.load(folder)
+
+
+def test_the_command_line_leaves_the_checkpoints_temperature_alone_unless_given():
+    from dyllm_fx.cli.common_args import decoding_kwargs
+    from dyllm_fx.cli.main import build_parser
+
+    assert "temperature" not in decoding_kwargs(build_parser().parse_args(["generate", "x"]))
+    given = build_parser().parse_args(["generate", "x", "--temperature", "0.5"])
+    assert decoding_kwargs(given)["temperature"] == 0.5
