@@ -3,9 +3,13 @@ result, the table, and the random prompts every family's bench decodes."""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+
+from ..errors import MethodNotApplicable
 
 SUFFIX = ":random"
 
@@ -63,4 +67,63 @@ def format_random_table(results: list[RandomResult], family: str = "") -> str:
     return "\n".join(line for line in lines if line)
 
 
-__all__ = ["SUFFIX", "RandomMethod", "RandomResult", "format_random_table", "random_prompts"]
+def check_methods(methods: list[RandomMethod]) -> None:
+    """The first method is the untransformed model (policy None): speedups are relative to it."""
+    if not methods or methods[0].policy is not None:
+        raise ValueError(
+            "the first method must be the untransformed model (policy None): speedups are relative to it"
+        )
+
+
+def run_methods(
+    model,
+    methods: list[RandomMethod],
+    decode: Callable,
+    active: Callable,
+    repeats: int = 1,
+) -> list[RandomResult]:
+    """Every method on ``model``, untransformed first: ``decode(runner)`` returns (response ids,
+    model calls), timed ``repeats`` times (the fastest kept); ``active(runner)`` the mean
+    fraction of rows that ran the MLP. A method the family cannot run (the adapter raises
+    :class:`~dyllm_fx.errors.MethodNotApplicable`) is a row that says why."""
+    from ..transform import transform
+
+    check_methods(methods)
+    results, reference, base_time = [], None, None
+    for method in methods:
+        try:
+            runner = (
+                model if method.policy is None else transform(model, policy=method.policy, **method.params)
+            )
+        except MethodNotApplicable as refusal:
+            results.append(RandomResult(method.label, 0.0, 0.0, 0.0, 0.0, 0.0, refused=str(refusal)))
+            continue
+        best, responses, nfe = float("inf"), None, 0
+        for _ in range(max(1, repeats)):
+            start = time.perf_counter()
+            responses, nfe = decode(runner)
+            best = min(best, time.perf_counter() - start)
+        if reference is None:
+            reference, base_time = responses, best
+        results.append(
+            RandomResult(
+                method=method.label,
+                tokens_per_s=responses.numel() / best,
+                speedup=base_time / best,
+                agreement=float((responses == reference).float().mean()),
+                nfe=float(nfe),
+                active_fraction=active(runner),
+            )
+        )
+    return results
+
+
+__all__ = [
+    "SUFFIX",
+    "RandomMethod",
+    "RandomResult",
+    "check_methods",
+    "format_random_table",
+    "random_prompts",
+    "run_methods",
+]

@@ -11,10 +11,14 @@ same prompts, untransformed first.
 
 from __future__ import annotations
 
-import time
-
-from ..errors import MethodNotApplicable
-from .bench_rows import RandomMethod, RandomResult, format_random_table, random_prompts
+from .bench_rows import (
+    RandomMethod,
+    RandomResult,
+    check_methods,
+    format_random_table,
+    random_prompts,
+    run_methods,
+)
 
 RANDOM_MODEL = "diffusion_gemma:random"
 # The bench's random model: small enough for a CPU, large enough that the layers, not Python,
@@ -67,48 +71,26 @@ def run_gemma_bench(
     repeats: int = 1,
     model=None,
 ) -> list[RandomResult]:
-    """Every method on the same random prompts; each timed ``repeats`` times (fastest kept)."""
+    """Every method on the same random prompts; each timed ``repeats`` times (fastest kept); the
+    first must be the untransformed model."""
     from ..adapters.diffusion_gemma_generation import generate_ids
     from ..models.diffusion_gemma import random_model
-    from ..transform import transform
 
-    if not methods or methods[0].policy is not None:
-        raise ValueError(
-            "the first method must be the untransformed model (policy None): speedups are relative to it"
-        )
+    check_methods(methods)  # before the model is built
     model = model if model is not None else random_model(seed=seed, **BENCH_SIZES)
     model.generation_config.pad_token_id = model.config.text_config.pad_token_id
     ids, mask = random_prompts(n, prompt_length, model.config.text_config.vocab_size, seed)
-    results, reference, base_time = [], None, None
-    for method in methods:
-        try:
-            runner = (
-                model if method.policy is None else transform(model, policy=method.policy, **method.params)
-            )
-        except MethodNotApplicable as refusal:
-            results.append(RandomResult(method.label, 0.0, 0.0, 0.0, 0.0, 0.0, refused=str(refusal)))
-            continue
-        best, out = float("inf"), None
-        for _ in range(max(1, repeats)):
-            start = time.perf_counter()
-            out = generate_ids(runner, ids, mask, max_new_tokens=max_new_tokens, steps=steps, seed=seed)
-            best = min(best, time.perf_counter() - start)
-        responses = out.sequences[:, ids.shape[1] :]
-        if reference is None:
-            reference, base_time = responses, best
+
+    def decode(runner):
+        out = generate_ids(runner, ids, mask, max_new_tokens=max_new_tokens, steps=steps, seed=seed)
+        return out.sequences[:, ids.shape[1] :], out.stats.nfe
+
+    def active(runner) -> float:
         records = getattr(getattr(runner, "engine", None), "records", [])
         rows = [a / r.seq_len for r in records for a in r.active if r.seq_len]
-        results.append(
-            RandomResult(
-                method=method.label,
-                tokens_per_s=responses.numel() / best,
-                speedup=base_time / best,
-                agreement=float((responses == reference).float().mean()),
-                nfe=float(out.stats.nfe),
-                active_fraction=sum(rows) / len(rows) if rows else 1.0,
-            )
-        )
-    return results
+        return sum(rows) / len(rows) if rows else 1.0
+
+    return run_methods(model, methods, decode, active, repeats)
 
 
 __all__ = [

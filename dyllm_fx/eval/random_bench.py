@@ -16,15 +16,22 @@ provides it.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from ..errors import MethodNotApplicable, UsageError
-from .bench_rows import SUFFIX, RandomMethod, RandomResult, format_random_table, random_prompts
+from ..errors import UsageError
+from .bench_rows import (
+    SUFFIX,
+    RandomMethod,
+    RandomResult,
+    check_methods,
+    format_random_table,
+    random_prompts,
+    run_methods,
+)
 from .diffusion_gemma_bench import BENCH_SIZES
 
 
@@ -232,11 +239,9 @@ def run_random_bench(
 ) -> list[RandomResult]:
     """Every method on the family's random model (or ``model``), same prompts, untransformed
     first; each timed ``repeats`` times, the fastest kept. DiffusionGemma decodes ``gen_length``
-    tokens in canvases of ``steps`` steps (default 8)."""
-    if not methods or methods[0].policy is not None:
-        raise ValueError(
-            "the first method must be the untransformed model (policy None): speedups are relative to it"
-        )
+    tokens in canvases of ``steps`` steps (default 8). The first method must be the untransformed
+    model (:func:`~dyllm_fx.eval.bench_rows.run_methods`)."""
+    check_methods(methods)  # before the model is built
     model = model if model is not None else build_random_model(family, seed)
     if family.name == "diffusion_gemma":
         from .diffusion_gemma_bench import run_gemma_bench
@@ -251,7 +256,6 @@ def _run_loop_bench(model, methods, n, prompt_length, gen_length, block_length, 
     from ..generation import default_sampler, step_function
     from ..runtime.loop import denoise
     from ..runtime.schedule import BlockSchedule
-    from ..transform import transform
 
     spec = model.diffusion
     ids, mask = random_prompts(n, prompt_length, spec.mask_token_id, seed)
@@ -260,40 +264,16 @@ def _run_loop_bench(model, methods, n, prompt_length, gen_length, block_length, 
     def decode(runner):
         torch.manual_seed(seed)
         with torch.inference_mode():
-            return denoise(
+            out = denoise(
                 step_function(runner), default_sampler(runner), spec, ids, mask, schedule, 0.0, False
             )
+        return out.responses, out.stats.nfe
 
-    results, reference, base_time = [], None, None
-    for method in methods:
-        try:
-            runner = (
-                model if method.policy is None else transform(model, policy=method.policy, **method.params)
-            )
-        except MethodNotApplicable as refusal:
-            results.append(RandomResult(method.label, 0.0, 0.0, 0.0, 0.0, 0.0, refused=str(refusal)))
-            continue
-        best, out = float("inf"), None
-        for _ in range(max(1, repeats)):
-            start = time.perf_counter()
-            out = decode(runner)
-            best = min(best, time.perf_counter() - start)
-        responses = out.responses
-        if reference is None:
-            reference, base_time = responses, best
-        records = getattr(getattr(runner, "engine", None), "records", [])
-        rows = [r.active_fraction for r in records]
-        results.append(
-            RandomResult(
-                method=method.label,
-                tokens_per_s=responses.numel() / best,
-                speedup=base_time / best,
-                agreement=float((responses == reference).float().mean()),
-                nfe=float(out.stats.nfe),
-                active_fraction=sum(rows) / len(rows) if rows else 1.0,
-            )
-        )
-    return results
+    def active(runner) -> float:
+        rows = [r.active_fraction for r in getattr(getattr(runner, "engine", None), "records", [])]
+        return sum(rows) / len(rows) if rows else 1.0
+
+    return run_methods(model, methods, decode, active, repeats)
 
 
 __all__ = [
