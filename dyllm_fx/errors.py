@@ -19,6 +19,11 @@ class UsageError(DyllmError, ValueError):
     """An argument or option that is wrong as given; the message says what to pass instead."""
 
 
+class MethodNotApplicable(UsageError):
+    """A method (policy) that cannot run on this model family at all, whatever its parameters;
+    the message says why and what to use instead."""
+
+
 class MissingDependencyError(DyllmError, ImportError):
     """An optional package a feature needs is not installed; the message gives the pip command."""
 
