@@ -8,11 +8,13 @@ eager, compiled and as a CUDA graph, measured side by side in one run.
 
 Model: LLaDA-8B (d_model 4096, 32 heads of 128, MLP 12288, vocab 126464), ``--layers`` of them
 (default all 32), random weights, batch ``--batch``, prompt ``--prompt`` (512) + response
-``--response`` (256), block 32. Cases as in ``step_sparsity.py`` (``synthetic.py``): vanilla,
-dual_cache, rows f, dyllm f, dual_cache+dyllm f, es_dllm keep f, with f of the response (of the
-block for dual_cache+dyllm) recomputed. Also prints the weight-read bound of one step at batch 1:
-the bytes of the weights over the device's memory bandwidth (``--bandwidth-gbs``, default the
-H200's 4800 GB/s), the floor a step that reads every weight once cannot beat.
+``--response`` (256), block 32. Cases (``step_cases``): vanilla, then dense, dual_cache,
+prefix_cache and dllm_cache at their defaults, then as in ``step_sparsity.py`` (``synthetic.py``)
+rows f, dyllm f, dual_cache+dyllm f, es_dllm keep f, with f of the response (of the block for
+dual_cache+dyllm) recomputed. Also prints the weight-read bound of one step at batch 1: the
+bytes of the weights a step reads over the device's memory bandwidth (``--bandwidth-gbs``,
+default measured by a device-to-device copy: ``bandwidth.py``), the floor a step that reads
+every weight once cannot beat.
 """
 
 from __future__ import annotations
@@ -26,12 +28,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # noqa: E402 (run from anywhere)
 
 import torch
-from step_timing import Case, Driver, median_ms, time_cases, transform
+from bandwidth import measure_bandwidth, weight_read_bytes
+from step_timing import Case, Driver, median_ms, time_cases, with_policy
 from synthetic import RandomRows, controlled_dyllm, controlled_es_dllm
 
+import dyllm_fx
 from dyllm_fx.models import LLaDAConfig, LLaDAModelLM
 
 BLOCK = 32
+# the device-to-device copy that measures the memory bandwidth: far beyond a GPU's caches
+COPY_BYTES = {"cuda": 2 << 30, "cpu": 32 << 20}
 
 
 def build_model(layers: int, smoke: bool, device: str, dtype: torch.dtype) -> torch.nn.Module:
@@ -69,6 +75,50 @@ def build_model(layers: int, smoke: bool, device: str, dtype: torch.dtype) -> to
     return model.eval()
 
 
+def step_inputs(model, batch: int, prompt: int, response: int, device: str):
+    """Random prompt tokens followed by a masked response, (batch, prompt + response), and the
+    first block's bounds."""
+    mask_id = model.diffusion.mask_token_id
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, min(1000, mask_id), (batch, prompt + response), generator=g)
+    ids[:, prompt:] = mask_id
+    return ids.to(device), (prompt, prompt + BLOCK)
+
+
+def step_cases(
+    model,
+    seq: int,
+    response: int,
+    fractions: list[float],
+    compile: bool = False,
+    cuda_graphs: bool = False,
+    commits: int = 1,
+    vanilla: bool = True,
+    traced=None,
+) -> list[Case]:
+    """Every method's step: the untransformed forward (``vanilla``), the dense step, the block
+    caches and dLLM-Cache at their defaults, then for each fraction f the synthetic row patterns
+    of ``synthetic.py``. ``commits``: tokens committed a step (a DyLLM case makes at least that
+    many rows salient, as the committed tokens' rows change). ``traced``: ``dyllm_fx.transform(model)``
+    when the caller has it (tracing takes seconds; every case runs the same program)."""
+    traced = traced or dyllm_fx.transform(model)
+
+    def make(label, policy, changed=0):
+        return Case(label, with_policy(traced, policy, compile=compile, cuda_graphs=cuda_graphs), changed)
+
+    cases = [Case("vanilla", torch.compile(model, dynamic=False) if compile else model)] if vanilla else []
+    cases += [make(name, name) for name in ("dense", "dual_cache", "prefix_cache", "dllm_cache")]
+    for f in fractions:
+        n, nb = max(1, round(f * response), commits), max(1, round(f * BLOCK), commits)
+        cases += [
+            make(f"rows {f:.0%}", RandomRows(n, seq, response)),
+            make(f"dyllm {f:.0%}", controlled_dyllm(n), n),
+            make(f"dual_cache+dyllm {f:.0%}", controlled_dyllm(nb, scope="block"), nb),
+            make(f"es_dllm keep {f:.0%}", controlled_es_dllm(f, model.config.n_layers)),
+        ]
+    return cases
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--layers", type=int, default=32)
@@ -83,7 +133,9 @@ def main(argv=None) -> int:
     )
     p.add_argument("--cuda-graphs", action="store_true", help="replay every warm step as a CUDA graph")
     p.add_argument("--methods", default=None, help="comma-separated label prefixes to run (default: all)")
-    p.add_argument("--bandwidth-gbs", type=float, default=4800.0)
+    p.add_argument(
+        "--bandwidth-gbs", type=float, default=None, help="memory bandwidth (default: measured by a copy)"
+    )
     p.add_argument("--smoke", action="store_true", help="CPU, tiny model, 1 round")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
@@ -96,29 +148,9 @@ def main(argv=None) -> int:
     model = build_model(args.layers, args.smoke, device, dtype)
     seq, response = args.prompt + args.response, args.response
     mask_id, vocab = model.diffusion.mask_token_id, model.config.vocab_size
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(3, min(1000, mask_id), (args.batch, seq), generator=g)
-    ids[:, args.prompt :] = mask_id
-    ids = ids.to(device)
-    block = (args.prompt, args.prompt + BLOCK)
-
-    def make(label, policy, changed=0):
-        return Case(
-            label, transform(model, policy, compile=args.compile, cuda_graphs=args.cuda_graphs), changed
-        )
-
-    cases = [
-        Case("vanilla", torch.compile(model, dynamic=False) if args.compile else model),
-        make("dual_cache", "dual_cache"),
-    ]
-    for f in (float(x) for x in args.fractions.split(",")):
-        n, nb = max(1, round(f * response)), max(1, round(f * BLOCK))
-        cases += [
-            make(f"rows {f:.0%}", RandomRows(n, seq, response)),
-            make(f"dyllm {f:.0%}", controlled_dyllm(n), n),
-            make(f"dual_cache+dyllm {f:.0%}", controlled_dyllm(nb, scope="block"), nb),
-            make(f"es_dllm keep {f:.0%}", controlled_es_dllm(f, model.config.n_layers)),
-        ]
+    ids, block = step_inputs(model, args.batch, args.prompt, args.response, device)
+    fractions = [float(x) for x in args.fractions.split(",")]
+    cases = step_cases(model, seq, response, fractions, args.compile, args.cuda_graphs)
     if args.methods:
         wanted = tuple(m.strip() for m in args.methods.split(","))
         cases = [cases[0]] + [c for c in cases[1:] if c.label.startswith(wanted)]
@@ -129,7 +161,9 @@ def main(argv=None) -> int:
     time_cases(drivers, args.rounds, args.warmup, device, log=lambda m: print(m, file=sys.stderr, flush=True))
     base = median_ms(cases[0])
     rows = [{"case": c.label, "ms": median_ms(c), "speedup_vs_vanilla": base / median_ms(c)} for c in cases]
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    weight_bytes = weight_read_bytes(model)
+    if args.bandwidth_gbs is None:
+        args.bandwidth_gbs = measure_bandwidth(device, COPY_BYTES[device]) / 1e9
     bound_ms = weight_bytes / (args.bandwidth_gbs * 1e9) * 1e3
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     kernels = "torch ops" if os.environ.get("DYLLM_TRITON") == "0" else "triton"
@@ -138,7 +172,7 @@ def main(argv=None) -> int:
         f"\n{name}, {model.config.n_layers} layers, {dtype}, batch {args.batch}, seq {seq}, response "
         f"{response}, {kernels}, "
         f"{mode}; weight-read bound at batch 1: {bound_ms:.2f} ms ({weight_bytes / 1e9:.1f} GB at "
-        f"{args.bandwidth_gbs:.0f} GB/s)\n"
+        f"{args.bandwidth_gbs:.0f} GB/s, measured by a copy unless given)\n"
     )
     print("| step | ms | speedup vs vanilla | x weight-read bound |\n|---|---|---|---|")
     for r in rows:

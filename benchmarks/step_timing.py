@@ -4,7 +4,9 @@
 A *case* is a transformed model plus how its warm steps are driven: the engine is called as the
 denoising loop calls it (block, response start, what the last step committed), and DyLLM cases
 get ``n`` changed tokens every step (``synthetic.changed_tokens``), so each step recomputes the
-rows it would in steady state. A sample is the mean step time over a group of ``GROUP`` steps
+rows it would in steady state. ``commits`` stands for the decoding: one token a step, or the
+several a step that threshold decoding commits (the step is told it, and a DyLLM case sees at
+least that many changed tokens). A sample is the mean step time over a group of ``GROUP`` steps
 (DyLLM queries the whole sequence every 4th step: a group holds one of those).
 """
 
@@ -19,6 +21,8 @@ import torch
 from synthetic import changed_tokens
 
 import dyllm_fx
+from dyllm_fx import TransformedModel
+from dyllm_fx.runtime.policies import family_of, make_policy
 
 GROUP = 4
 
@@ -36,7 +40,7 @@ class Case:
 
 
 class Driver:
-    """Runs steps of one case on fixed inputs: (1, seq) tokens, the block [block, block + 32)."""
+    """Runs steps of one case on fixed inputs: (batch, seq) tokens, the block [block, block + 32)."""
 
     def __init__(
         self,
@@ -46,9 +50,10 @@ class Driver:
         response_start: int,
         vocab: int,
         mask_id: int,
+        commits: int = 1,
     ):
         self.case, self.ids, self.block, self.response_start = case, ids, block, response_start
-        self.vocab, self.mask_id, self.step = vocab, mask_id, 0
+        self.vocab, self.mask_id, self.step, self.commits = vocab, mask_id, 0, commits
         seq = ids.shape[1]
         self.pos = torch.arange(seq, device=ids.device)[None].expand(ids.shape[0], -1)
         self.logit_pos = torch.arange(*block, device=ids.device)[None].expand(ids.shape[0], -1)
@@ -58,10 +63,10 @@ class Driver:
         if case.vanilla:
             case.model(self.ids, position_ids=self.pos)
             return
-        ids = self.ids
-        if case.changed:  # the response's tokens change at ``changed`` positions every step
+        ids, changed = self.ids, max(case.changed, self.commits) if case.changed else 0
+        if changed:  # the response's tokens change at ``changed`` positions every step
             ids = changed_tokens(
-                self.ids, self.response_start, self.ids.shape[1], case.changed, self.step, self.vocab
+                self.ids, self.response_start, self.ids.shape[1], changed, self.step, self.vocab
             )
         case.model.engine.step(
             ids,
@@ -73,7 +78,7 @@ class Driver:
             block_end=self.block[1],
             response_start=self.response_start,
             mask_token_id=self.mask_id,
-            last_committed=max(case.changed, 1),
+            last_committed=max(case.changed, self.commits),
         )
         self.step += 1
 
@@ -105,3 +110,14 @@ def median_ms(case: Case) -> float:
 
 def transform(model, policy, compile: bool, cuda_graphs: bool = False):
     return dyllm_fx.transform(model, policy=policy, compile=compile, cuda_graphs=cuda_graphs)
+
+
+def with_policy(traced: TransformedModel, policy, compile: bool = False, cuda_graphs: bool = False):
+    """``traced``'s step program under another policy (a name, with the model family's presets, or
+    a policy object): what ``dyllm_fx.transform(model, policy=...)`` gives, without tracing the
+    model again (seconds each time; the program is the same for every policy)."""
+    chosen = make_policy(policy, family=family_of(traced.diffusion))
+    chosen.check_model(len(traced.program.attn))
+    return TransformedModel(
+        traced.program, chosen, traced.diffusion, compile=compile, cuda_graphs=cuda_graphs
+    )

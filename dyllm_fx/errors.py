@@ -19,8 +19,18 @@ class UsageError(DyllmError, ValueError):
     """An argument or option that is wrong as given; the message says what to pass instead."""
 
 
+class MethodNotApplicable(UsageError):
+    """A method (policy) that cannot run on this model family at all, whatever its parameters;
+    the message says why and what to use instead."""
+
+
 class MissingDependencyError(DyllmError, ImportError):
     """An optional package a feature needs is not installed; the message gives the pip command."""
+
+
+class EngineStoppedError(DyllmError, RuntimeError):
+    """The serving engine cannot go on (a tensor-parallel rank was lost, or a bug stopped its
+    thread); the requests it held were answered with this error."""
 
 
 class DyllmWarning(UserWarning):
@@ -38,6 +48,7 @@ class EmptyResponseWarning(DyllmWarning):
 
 __all__ = [
     "DyllmError",
+    "EngineStoppedError",
     "DyllmWarning",
     "EmptyResponseWarning",
     "MissingDependencyError",

@@ -127,8 +127,11 @@ def make_sampler(dream: bool, threshold: float | None = None, **params):
 
 
 def default_sampler(model: nn.Module, **params):
-    """Dream models get Dream's sampler (entropy by default), everything else LLaDA's."""
-    return make_sampler(bool(diffusion_spec(model).logits_shift), **params)
+    """Dream models get Dream's sampler (entropy by default), everything else LLaDA's; the
+    checkpoint's own settings (``DiffusionSpec.sampler_defaults``) apply where ``params`` are
+    silent."""
+    spec = diffusion_spec(model)
+    return make_sampler(bool(spec.logits_shift), **{**dict(spec.sampler_defaults), **params})
 
 
 def step_function(model: nn.Module) -> StepFunction:

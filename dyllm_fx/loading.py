@@ -14,9 +14,16 @@ from torch import nn
 from transformers import AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from .distributed import check_size, group_for
-from .models import CheckpointError, load_model, parse_config, read_config
+from .models import CheckpointError, build_model, load_model, parse_config, read_config, resolve_architecture
+from .models.generation_config import (
+    GENERATION_CONFIG,
+    eos_token_ids,
+    read_generation_config,
+    sampler_defaults,
+)
 from .options import DEFAULT_DREAM_MODEL, DEFAULT_MODEL, resolve_device, resolve_dtype
-from .passes.tensor_parallel import shard_model
+from .passes.tensor_parallel import check_shardable, shard_model
+from .runtime.samplers import DreamSampler
 
 # Files any Hugging Face tokenizer is loaded from (fast, sentencepiece, BPE, WordPiece).
 TOKENIZER_FILES = (
@@ -195,7 +202,25 @@ def _auto_tokenizer(folder: Path) -> PreTrainedTokenizerBase:
                 if isinstance(cfg.get(k), str)
             }
         tok = PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"), **special)
+        template = shipped_chat_template(folder)
+        if template is not None:
+            tok.chat_template = template
     return tok
+
+
+def shipped_chat_template(folder: Path) -> str | dict | None:
+    """The chat template a checkpoint ships, for the tokenizer built from its tokenizer.json
+    (the folder's own tokenizer class needs remote code): ``chat_template.jinja``, else
+    tokenizer_config.json's ``chat_template`` (a string, or a list of named templates)."""
+    jinja = folder / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8")
+    cfg_file = folder / "tokenizer_config.json"
+    template = json.loads(cfg_file.read_text()).get("chat_template") if cfg_file.is_file() else None
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        return named if all(isinstance(k, str) and isinstance(v, str) for k, v in named.items()) else None
+    return template if isinstance(template, str) else None
 
 
 def trained_gen_length(folder: str | Path) -> int | None:
@@ -219,6 +244,19 @@ def trained_gen_length(folder: str | Path) -> int | None:
         (value,) = found
         return value if isinstance(value, int) and value > 0 else None
     return None
+
+
+def check_tensor_parallel(path_or_name: str | Path, tensor_parallel_size: int) -> None:
+    """Refuse, from config.json alone (no weights, no process group), a model whose heads or
+    layer widths do not divide by ``tensor_parallel_size``: a launcher checks this before it
+    starts the ranks, which would otherwise each meet the error after loading."""
+    if check_size(tensor_parallel_size) == 1:
+        return
+    folder = resolve_model_path(path_or_name)
+    config = read_config(folder)
+    with torch.device("meta"):
+        model = build_model(config, str(folder / "config.json"))
+    check_shardable(model, tensor_parallel_size)
 
 
 def load(
@@ -257,6 +295,7 @@ def load(
     config = read_config(folder)
     dtype = resolve_dtype(dtype, torch_dtype=torch_dtype, device=device, config=config)
     parse_config(config, str(folder / "config.json"))  # a wrong setting fails before the weights are read
+    defaults = checkpoint_decoding(folder, dream=resolve_architecture(config).name == "dream")
     tokenizer = load_tokenizer(folder)
     prepare = None
     if check_size(tensor_parallel_size) != 1:
@@ -265,6 +304,37 @@ def load(
         prepare = functools.partial(shard_model, rank=rank, size=tensor_parallel_size, group=group)
     model = load_model(folder, dtype=dtype, device=device, prepare=prepare)
     window = trained_gen_length(folder)
-    if window is not None and dataclasses.is_dataclass(getattr(model, "diffusion", None)):
-        model.diffusion = dataclasses.replace(model.diffusion, trained_gen_length=window)
+    if window is not None:
+        defaults["trained_gen_length"] = window
+    spec = getattr(model, "diffusion", None)
+    if defaults and dataclasses.is_dataclass(spec):
+        if "eos_token_ids" in defaults:  # config.json's first, then the generation config's others
+            defaults["eos_token_ids"] = tuple(
+                dict.fromkeys((*spec.eos_token_ids, *defaults["eos_token_ids"]))
+            )
+        model.diffusion = dataclasses.replace(spec, **defaults)
     return model, tokenizer
+
+
+def checkpoint_decoding(folder: Path, dream: bool) -> dict:
+    """The ``DiffusionSpec`` fields a folder's ``generation_config.json`` sets: a Dream-family
+    checkpoint's sampler settings (``sampler_defaults``) and the end-of-sequence ids it lists
+    (``eos_token_ids``, which ``load`` puts after config.json's). A setting the sampler refuses
+    is a CheckpointError naming the file, raised before any weight is read."""
+    raw = read_generation_config(folder)
+    source = str(folder / GENERATION_CONFIG)
+    fields: dict = {}
+    sampler = sampler_defaults(raw, dream)
+    if sampler:
+        try:
+            DreamSampler(**sampler)
+        except (TypeError, ValueError) as err:
+            raise CheckpointError(
+                f"{source}: {err}. dyllm-fx's Dream sampler does not support this setting; fix it in "
+                f"{GENERATION_CONFIG}, or delete the key to decode with the default"
+            ) from None
+        fields["sampler_defaults"] = tuple(sorted(sampler.items()))
+    eos = eos_token_ids(raw, source)
+    if eos:
+        fields["eos_token_ids"] = eos
+    return fields

@@ -316,6 +316,34 @@ def test_a_failing_step_ends_its_batch_only():
     assert bad.finished
 
 
+def test_an_engine_that_cannot_go_on_answers_every_request_and_refuses_new_ones():
+    """A fault outside a batch's step (a lost tensor-parallel rank) stops the engine thread: the
+    waiting calls get an error answer, never silence, and new calls an EngineStoppedError."""
+    import asyncio
+
+    from dyllm_fx.errors import EngineStoppedError
+    from dyllm_fx.serving.async_engine import AsyncEngine
+
+    engine = ServingEngine(model_for("llada"), TOK)
+
+    def lost(*args, **kwargs):
+        raise RuntimeError("rank 1 is gone")
+
+    engine.step = lost
+    running = AsyncEngine(engine).start()
+
+    async def call():
+        request = engine.make_request("abc", SamplingParams(max_tokens=8, block_length=8))
+        return await running.submit([request]).next(timeout=30)
+
+    out = asyncio.run(call())
+    assert out.finished and out.outputs[0].finish_reason == "error"
+    assert "rank 1 is gone" in out.outputs[0].stop_reason
+    with pytest.raises(EngineStoppedError, match="restart the server"):
+        asyncio.run(call())
+    running.shutdown()
+
+
 # --- outputs ------------------------------------------------------------------------------------
 
 

@@ -63,7 +63,8 @@ def test_the_deployment_refuses_bad_replica_counts(count, most):
 def test_two_replicas_answer_as_one_server_does():
     """Two replicas of the embedded model behind Ray Serve's proxy: /v1/models and /health
     answer, every completion equals the model decoding its prompt alone (whichever replica
-    took it), and both replicas took requests (each has its own /metrics)."""
+    took it), both replicas took requests (each has its own /metrics), and a replica killed
+    mid-run is replaced without a request lost."""
     pytest.importorskip("ray")
     openai = pytest.importorskip("openai")
     from concurrent.futures import ThreadPoolExecutor
@@ -102,3 +103,44 @@ def test_two_replicas_answer_as_one_server_does():
             if len(started) == 2:
                 break
         assert len(started) == 2, started
+        _a_killed_replica_loses_no_request_and_is_replaced(server.url, complete, pool[0], want[0])
+
+
+def _replica_pids() -> list[int]:
+    import subprocess
+
+    found = subprocess.run(["pgrep", "-f", "ServeReplica:dyllm:"], capture_output=True, text=True).stdout
+    return sorted(int(p) for p in found.split())
+
+
+def _a_killed_replica_loses_no_request_and_is_replaced(url, complete, prompt, text) -> None:
+    """A replica killed while requests are in flight: every request is answered (the right text,
+    or an error status, never silence) within the client's timeout, and Ray starts a new
+    replica that answers too."""
+    import os
+    import signal
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    import openai
+
+    before = _replica_pids()
+    assert len(before) == 2, before
+
+    def outcome(_) -> str:
+        try:
+            return "same" if complete(prompt) == text else "different"
+        except openai.APIStatusError as err:
+            return f"error {err.status_code}"
+
+    with ThreadPoolExecutor(16) as threads:
+        results = threads.map(outcome, range(16))
+        time.sleep(0.5)
+        os.kill(before[0], signal.SIGKILL)
+        outcomes = list(results)  # openai's timeout bounds each: a lost request fails the test
+    assert all(o == "same" or o.startswith("error 5") for o in outcomes), outcomes
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (len(now := _replica_pids()) == 2 and before[0] not in now):
+        time.sleep(0.5)
+    assert len(now) == 2 and before[0] not in now, (before, now)
+    assert [outcome(i) for i in range(4)] == ["same"] * 4

@@ -16,7 +16,12 @@ import dyllm_fx
 from dyllm_fx.distributed import spawn
 from dyllm_fx.errors import UsageError
 from dyllm_fx.models import LLaDAMoEConfig, LLaDAMoEModelLM
-from dyllm_fx.passes.tensor_parallel import check_shardable, collective_group, shard_model
+from dyllm_fx.passes.tensor_parallel import (
+    VocabParallelEmbedding,
+    check_shardable,
+    collective_group,
+    shard_model,
+)
 from dyllm_fx.runtime.policies import make_policy
 from dyllm_fx.transform import TransformedModel
 from test_llada_moe import random_state, tiny_config
@@ -117,6 +122,14 @@ def test_a_failing_rank_stops_the_others_with_its_error():
     assert time.monotonic() - start < 60
 
 
+def test_a_server_whose_heads_do_not_divide_is_refused_before_its_ranks_start():
+    from dyllm_fx.serving.replicas import ReplicaConfig
+    from dyllm_fx.serving.tensor_parallel import serve_tensor_parallel
+
+    with pytest.raises(UsageError, match="n_heads=4 does not divide by tensor_parallel_size=3"):
+        serve_tensor_parallel(ReplicaConfig("default", tensor_parallel_size=3))
+
+
 def test_without_a_process_group_the_error_says_how_to_launch():
     model = tiny_llada(seed=0)
     with pytest.raises(UsageError, match="torchrun --nproc-per-node 2"):
@@ -142,8 +155,23 @@ def test_the_plan_shards_heads_and_mlp_and_keeps_the_head_whole():
     assert torch.equal(block.self_attn.q_proj.bias, whole.self_attn.q_proj.bias[16:])
     assert shard.lm_head.weight.shape == model.lm_head.weight.shape
     assert model.parts().blocks[0].n_heads == 4  # the original is not changed
+    embedding, rows = shard.parts().embedding, model.config.vocab_size // 2
+    assert isinstance(embedding, VocabParallelEmbedding) and embedding.start == rows
+    assert torch.equal(embedding.weight, model.parts().embedding.weight[rows:])
     with pytest.raises(UsageError, match="n_kv_heads=2 does not divide by tensor_parallel_size=4"):
         check_shardable(model, 4)
+
+
+def test_the_vocabulary_split_embedding_sums_to_the_whole_lookup():
+    """Each rank's lookup holds its own vocabulary range and zeros; their sum (the all-reduce,
+    done by hand here) is the whole embedding's, exactly. A head tied to the embedding reads
+    every row: that embedding stays whole."""
+    model = tiny_llada(seed=0)
+    ids = torch.arange(model.config.vocab_size).reshape(1, -1)
+    shards = [shard_model(model, rank=r, size=2, group=None).parts().embedding for r in range(2)]
+    assert torch.equal(shards[0](ids) + shards[1](ids), model.parts().embedding(ids))
+    tied = shard_model(tiny_dream(seed=0, tie_word_embeddings=True), rank=0, size=2, group=None)
+    assert not isinstance(tied.parts().embedding, VocabParallelEmbedding)
 
 
 def test_an_unsharded_graph_has_no_group():
@@ -169,24 +197,82 @@ def test_the_experts_keep_their_slice_and_the_router_stays_whole():
     assert dense.gate_proj.out_features == 24 and dense.down_proj.weight.shape == (32, 24)
 
 
+def _serve_script(engine) -> dict:
+    """What a server's engine meets: two requests, steps, a late request on another block clock,
+    a cancellation, an idle moment; returns each request's final tokens and finish reason."""
+    from dyllm_fx import SamplingParams
+
+    finals = {}
+
+    def step():
+        for out in engine.step():
+            if out.finished:
+                finals[out.request_id] = (out.outputs[0].token_ids, out.outputs[0].finish_reason)
+
+    engine.add_request(PROMPTS[0], SamplingParams(max_tokens=16, block_length=8), "a")
+    engine.add_request(PROMPTS[1], SamplingParams(max_tokens=16, block_length=8), "b")
+    step()
+    step()
+    engine.add_request(PROMPTS[1], SamplingParams(max_tokens=16, block_length=16), "c")
+    engine.abort("b")
+    engine.idle()
+    while engine.has_unfinished():
+        step()
+    return finals
+
+
+def _followed(engine, mirror) -> dict:
+    """``follow`` on ``engine``, recording the outputs it drops."""
+    from dyllm_fx.serving.mirror import follow
+
+    finals, step = {}, engine.step
+
+    def recording_step():
+        outs = step()
+        finals.update({o.request_id: (o.outputs[0].token_ids, o.outputs[0].finish_reason) for o in outs})
+        return outs
+
+    engine.step = recording_step
+    follow(engine, mirror)
+    return {k: v for k, v in finals.items() if v[1] is not None}
+
+
 def _llm_on_rank(rank: int, results) -> None:
     from dyllm_fx import LLM, SamplingParams
+    from dyllm_fx.serving.mirror import EngineMirror
 
     torch.set_num_threads(1)
     params = SamplingParams(max_tokens=16, block_length=8)
-    whole = LLM("default", policy="dual_cache").generate(PROMPTS, params)
-    shard = LLM("default", policy="dual_cache", tensor_parallel_size=SIZE).generate(PROMPTS, params)
-    results.put([a.outputs[0].token_ids == b.outputs[0].token_ids != [] for a, b in zip(whole, shard)])
+    whole_llm = LLM("default", policy="dual_cache")
+    shard_llm = LLM("default", policy="dual_cache", tensor_parallel_size=SIZE)
+    whole, shard = whole_llm.generate(PROMPTS, params), shard_llm.generate(PROMPTS, params)
+    same = [a.outputs[0].token_ids == b.outputs[0].token_ids != [] for a, b in zip(whole, shard)]
+    # dyllm serve --tensor-parallel-size: rank 0's engine leads, rank 1's follows its journal
+    mirror = EngineMirror()
+    if rank == 0:
+        shard_llm.engine.mirror = mirror
+        served = _serve_script(shard_llm.engine)
+        mirror.close()
+    else:
+        served = _followed(shard_llm.engine, mirror)
+    results.put((rank, same, served, _serve_script(LLM("default", policy="dual_cache").engine)))
 
 
 @pytest.mark.slow
 def test_llm_with_two_ranks_answers_as_the_whole_model():
-    """vLLM's ``LLM(..., tensor_parallel_size=2)``: the embedded model's completions, on each rank."""
+    """vLLM's ``LLM(..., tensor_parallel_size=2)``: the embedded model's completions, on each rank;
+    and a serving engine's requests, late joins and cancellations, mirrored step for step by the
+    other rank (``dyllm serve --tensor-parallel-size 2``), end as on the whole model."""
     import torch.multiprocessing as mp
 
     results = mp.get_context("spawn").SimpleQueue()
     spawn(_llm_on_rank, SIZE, results)
-    assert [results.get() for _ in range(SIZE)] == [[True, True]] * SIZE
+    rows = sorted(results.get() for _ in range(SIZE))
+    assert [same for _, same, _, _ in rows] == [[True, True]] * SIZE
+    (_, _, leader, whole), (_, _, follower, _) = rows
+    assert sorted(whole) == ["a", "b", "c"] and whole["b"][1] == "abort" and whole["c"][0]
+    assert leader == whole
+    assert follower == leader
 
 
 def _load_shard_on_rank(rank: int, folder: str, results) -> None:

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..errors import UsageError
+from ..errors import MethodNotApplicable
 from ..passes.split_pieces import StepProgram
 from ..runtime.policies import Policy
 from . import diffusion_gemma_dynamo, diffusion_gemma_generation
@@ -68,7 +68,7 @@ class DiffusionGemmaAdapter(ModelAdapter):
 
     def check_policy(self, policy: Policy) -> None:
         if "es_dllm" in policy.name.split("+"):
-            raise UsageError(
+            raise MethodNotApplicable(
                 "es_dllm scores rows by the confidence of their masked tokens, and DiffusionGemma has no "
                 "mask token (its canvas is renoised with random tokens); use policy='dyllm' (saliency), "
                 "'dllm_cache' or 'dense'"

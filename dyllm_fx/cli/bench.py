@@ -23,8 +23,8 @@ def add_bench_parser(sub, parents=()) -> None:
         "--model",
         default=DEFAULT_MODEL,
         help="model folder, 'default' / 'default-dream' for the embedded LLaDA / Dream-architecture model, "
-        "or 'diffusion_gemma:random' for a small random DiffusionGemma (speed and agreement only: "
-        "random weights have no accuracy)",
+        "or FAMILY:random for a small random model of one family (llada, dream, llada_moe, mmada, "
+        "diffusion_gemma; speed and agreement only: random weights have no accuracy)",
     )
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument(
@@ -90,19 +90,22 @@ def cmd_bench(args: argparse.Namespace) -> int:
         run_bench,
         write_outputs,
     )
+    from ..eval.random_bench import family_of
     from ..loading import load, resolve_model_path
 
-    if args.plot and args.model == "diffusion_gemma:random":
+    family = family_of(args.model)  # an unknown FAMILY:random is refused here, before any work
+    if args.plot and family is not None:
         raise ValueError(
-            "--plot draws speed against accuracy, and a random DiffusionGemma has no accuracy; drop --plot"
+            f"--plot draws speed against accuracy, and {args.model} (random weights) has no accuracy; drop "
+            "--plot"
         )
     if args.plot:
         from ..analysis.plots import require_matplotlib
 
         require_matplotlib()  # before the bench runs, not after (an ImportError naming the extra)
-    if args.model == "diffusion_gemma:random":
+    if family is not None:
         apply_threads(args)
-        return _cmd_bench_diffusion_gemma(args)
+        return _cmd_bench_random(args, family)
     apply_threads(args, resolve_model_path(args.model))
     methods = _chosen_methods(default_methods(threshold=args.threshold, tau=args.tau), args.methods)
     model, tok = load(args.model, device=args.device)
@@ -113,20 +116,25 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_bench_diffusion_gemma(args: argparse.Namespace) -> int:
-    """The DiffusionGemma rows (``dyllm_fx.eval.diffusion_gemma_bench``): --n prompts in one batch,
-    --gen-length new tokens, --steps denoising steps per canvas (default 8)."""
-    from ..eval.diffusion_gemma_bench import default_methods, format_gemma_table, run_gemma_bench
+def _cmd_bench_random(args: argparse.Namespace, family) -> int:
+    """The rows of a family's random model (``dyllm_fx.eval.random_bench``): --n prompts in one
+    batch, --gen-length new tokens in blocks of --block-length, --steps denoising steps (default:
+    one per token; DiffusionGemma: per canvas, default 8)."""
+    from ..eval.random_bench import default_methods, format_random_table, run_random_bench
 
+    if family.name == "diffusion_gemma":
+        from ..eval.diffusion_gemma_bench import default_methods
     methods = _chosen_methods(default_methods(tau=args.tau), args.methods)
-    results = run_gemma_bench(
+    results = run_random_bench(
+        family,
         methods,
         n=args.n,
-        max_new_tokens=args.gen_length,
-        steps=args.steps or 8,
+        gen_length=args.gen_length,
+        block_length=args.block_length,
+        steps=args.steps,
         repeats=args.repeats,
     )
-    print(format_gemma_table(results))
+    print(format_random_table(results, family.name))
     if args.json:
         import json
         from dataclasses import asdict

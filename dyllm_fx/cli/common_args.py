@@ -74,13 +74,19 @@ def add_decoding_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="confidence-threshold parallel decoding, e.g. 0.9 (Dream: with --alg maskgit_plus)",
     )
-    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument(
+        "--temperature",
+        type=float,
+        default=None,
+        help="sampling temperature (default: the checkpoint's generation_config.json for the Dream family, "
+        "else 0: greedy)",
+    )
     g.add_argument("--remasking", choices=["low_confidence", "random"], default=None, help="LLaDA models")
     g.add_argument(
         "--alg",
         choices=["origin", "maskgit_plus", "topk_margin", "entropy"],
         default=None,
-        help="Dream models (default entropy)",
+        help="Dream models (default: the checkpoint's generation_config.json, else entropy)",
     )
     g.add_argument("--cfg-scale", type=float, default=0.0, help="classifier-free guidance (LLaDA)")
     g.add_argument(
@@ -105,6 +111,8 @@ DECODING_ARGS = (
 def decoding_kwargs(args: argparse.Namespace) -> dict:
     """``generate()`` keyword arguments from the decoding argument group."""
     params = {name: getattr(args, name) for name in DECODING_ARGS}
+    if params["temperature"] is None:
+        del params["temperature"]  # the checkpoint's own setting, or the sampler's default
     if args.remasking:
         params["remasking"] = args.remasking
     if args.alg:

@@ -21,7 +21,7 @@ from ..values import check_output_path
 
 # Options (by argparse dest) and the range each must lie in, on every command that has them.
 AT_LEAST_ONE = ("threads", "n", "batch_size", "repeats", "limit", "max_num_seqs", "max_num_batches")
-AT_LEAST_ONE += ("max_queue_size", "replicas", "max_replicas")
+AT_LEAST_ONE += ("max_queue_size", "replicas", "max_replicas", "tensor_parallel_size")
 AT_LEAST_ZERO = ("temperature", "cfg_scale", "cpus_per_replica", "gpus_per_replica")
 POSITIVE = ("lifetime", "tau")
 UNIT_INTERVAL = ("threshold",)  # a confidence: (0, 1]
@@ -94,6 +94,11 @@ def _check_serve(args: argparse.Namespace) -> None:
     if args.max_replicas is not None and (args.replicas is None or args.max_replicas < args.replicas):
         raise UsageError(
             f"--max-replicas must be >= --replicas ({args.replicas or 'not given'}), got {args.max_replicas}"
+        )
+    if args.replicas is not None and args.tensor_parallel_size > 1:
+        raise UsageError(
+            "--replicas with --tensor-parallel-size is not supported yet: serve one tensor-parallel "
+            "server per node and put an OpenAI-compatible router in front (docs/scaling.md)"
         )
     if args.replicas is not None:
         from ..serving.replicas import require_ray

@@ -52,6 +52,15 @@ def add_serve_parser(sub, parents=()) -> argparse.ArgumentParser:
     p.add_argument(
         "--cuda-graphs", action="store_true", help="replay each step as a CUDA graph (with --policy NAME)"
     )
+    p.add_argument(
+        "--tensor-parallel-size",
+        "-tp",
+        type=int,
+        default=1,
+        metavar="N",
+        help="shard the model over N ranks on this node (one process each, one GPU each on CUDA); "
+        "for a model too large for one device (default 1)",
+    )
     replicas = p.add_argument_group(
         "replicas on Ray Serve",
         'N copies of this server behind Ray Serve\'s HTTP proxy (pip install "dyllm-fx[ray]"); see '
@@ -107,6 +116,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     require_server_packages()  # FastAPI / uvicorn missing: say so before importing torch
     if args.replicas is not None:
         return _run_replicas(args)
+    if args.tensor_parallel_size > 1:
+        return _run_tensor_parallel(args)
     sock = bind_socket(args.host, args.port)  # a port in use: idem
     try:
         check_run(args, decoding=False)
@@ -133,6 +144,7 @@ def _replica_config(args: argparse.Namespace):
         max_queue_size=args.max_queue_size,
         threads=args.threads,
         served_model_name=args.served_model_name,
+        tensor_parallel_size=args.tensor_parallel_size,
     )
 
 
@@ -152,6 +164,22 @@ def _run_replicas(args: argparse.Namespace) -> int:
         cpus_per_replica=args.cpus_per_replica,
         gpus_per_replica=args.gpus_per_replica,
         ray_address=args.ray_address,
+        lifetime_s=args.lifetime,
+    )
+    return 0
+
+
+def _run_tensor_parallel(args: argparse.Namespace) -> int:
+    from ..serving.net import bind_socket
+    from ..serving.tensor_parallel import serve_tensor_parallel
+
+    bind_socket(args.host, args.port).close()  # a port in use: say so before the ranks start
+    check_run(args, decoding=False)
+    serve_tensor_parallel(
+        _replica_config(args),
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
         lifetime_s=args.lifetime,
     )
     return 0

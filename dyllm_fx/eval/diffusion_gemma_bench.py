@@ -11,10 +11,14 @@ same prompts, untransformed first.
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, field
-
-import torch
+from .bench_rows import (
+    RandomMethod,
+    RandomResult,
+    check_methods,
+    format_random_table,
+    random_prompts,
+    run_methods,
+)
 
 RANDOM_MODEL = "diffusion_gemma:random"
 # The bench's random model: small enough for a CPU, large enough that the layers, not Python,
@@ -35,54 +39,30 @@ BENCH_SIZES = dict(
 )
 
 
-@dataclass(frozen=True)
-class GemmaMethod:
-    label: str
-    policy: str | None  # None: the untransformed model
-    params: dict = field(default_factory=dict)
+# The rows and the table are the random-model bench's (one home for every family's random model).
+GemmaMethod = RandomMethod
+GemmaResult = RandomResult
+format_gemma_table = format_random_table
 
 
-def default_methods(tau: float | None = None) -> list[GemmaMethod]:
+def default_methods(tau: float | None = None) -> list[RandomMethod]:
     """The untransformed model, then dense, DyLLM (official preset: tau 0.99, two dense steps per
-    canvas; ``tau`` overrides), DyLLM with every row salient, and the block caches (the canvas is
-    the one block, the encoder's cache the prefix)."""
+    canvas; ``tau`` overrides), DyLLM with every row salient, the block caches (the canvas is
+    the one block, the encoder's cache the prefix), and ES-dLLM (refused: no mask token)."""
     dy = {} if tau is None else {"tau": tau}
     return [
-        GemmaMethod("untransformed", None),
-        GemmaMethod("dense", "dense"),
-        GemmaMethod("dyllm", "dyllm", dy),
-        GemmaMethod("dyllm: every row salient", "dyllm", {"every_row": True, "full_query_interval": 1}),
-        GemmaMethod("dual_cache", "dual_cache"),
-        GemmaMethod("dllm_cache", "dllm_cache"),
+        RandomMethod("untransformed", None),
+        RandomMethod("dense", "dense"),
+        RandomMethod("dyllm", "dyllm", dy),
+        RandomMethod("dyllm: every row salient", "dyllm", {"every_row": True, "full_query_interval": 1}),
+        RandomMethod("dual_cache", "dual_cache"),
+        RandomMethod("dllm_cache", "dllm_cache"),
+        RandomMethod("es_dllm", "es_dllm"),
     ]
 
 
-@dataclass
-class GemmaResult:
-    method: str
-    tokens_per_s: float
-    speedup: float
-    agreement: float
-    nfe: float  # decoder calls per prompt batch
-    # mean over steps and layers of the canvas rows that ran the MLP, in the batch element that
-    # ran the most (the engine's StepRecord.active)
-    active_fraction: float
-
-
-def random_prompts(n: int, length: int, vocab: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """``n`` random prompts of up to ``length`` tokens, left padded (ragged lengths)."""
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, vocab, (n, length), generator=gen)
-    mask = torch.ones_like(ids)
-    for b in range(n):
-        pad = int(torch.randint(0, max(1, length // 2), (1,), generator=gen))
-        mask[b, :pad] = 0
-        ids[b, :pad] = 0
-    return ids, mask
-
-
 def run_gemma_bench(
-    methods: list[GemmaMethod],
+    methods: list[RandomMethod],
     n: int = 4,
     prompt_length: int = 12,
     max_new_tokens: int = 32,
@@ -90,61 +70,27 @@ def run_gemma_bench(
     seed: int = 0,
     repeats: int = 1,
     model=None,
-) -> list[GemmaResult]:
-    """Every method on the same random prompts; each timed ``repeats`` times (fastest kept)."""
+) -> list[RandomResult]:
+    """Every method on the same random prompts; each timed ``repeats`` times (fastest kept); the
+    first must be the untransformed model."""
     from ..adapters.diffusion_gemma_generation import generate_ids
     from ..models.diffusion_gemma import random_model
-    from ..transform import transform
 
-    if not methods or methods[0].policy is not None:
-        raise ValueError(
-            "the first method must be the untransformed model (policy None): speedups are relative to it"
-        )
+    check_methods(methods)  # before the model is built
     model = model if model is not None else random_model(seed=seed, **BENCH_SIZES)
     model.generation_config.pad_token_id = model.config.text_config.pad_token_id
     ids, mask = random_prompts(n, prompt_length, model.config.text_config.vocab_size, seed)
-    results, reference, base_time = [], None, None
-    for method in methods:
-        runner = model if method.policy is None else transform(model, policy=method.policy, **method.params)
-        best, out = float("inf"), None
-        for _ in range(max(1, repeats)):
-            start = time.perf_counter()
-            out = generate_ids(runner, ids, mask, max_new_tokens=max_new_tokens, steps=steps, seed=seed)
-            best = min(best, time.perf_counter() - start)
-        responses = out.sequences[:, ids.shape[1] :]
-        if reference is None:
-            reference, base_time = responses, best
+
+    def decode(runner):
+        out = generate_ids(runner, ids, mask, max_new_tokens=max_new_tokens, steps=steps, seed=seed)
+        return out.sequences[:, ids.shape[1] :], out.stats.nfe
+
+    def active(runner) -> float:
         records = getattr(getattr(runner, "engine", None), "records", [])
         rows = [a / r.seq_len for r in records for a in r.active if r.seq_len]
-        results.append(
-            GemmaResult(
-                method=method.label,
-                tokens_per_s=responses.numel() / best,
-                speedup=base_time / best,
-                agreement=float((responses == reference).float().mean()),
-                nfe=float(out.stats.nfe),
-                active_fraction=sum(rows) / len(rows) if rows else 1.0,
-            )
-        )
-    return results
+        return sum(rows) / len(rows) if rows else 1.0
 
-
-def format_gemma_table(results: list[GemmaResult]) -> str:
-    head = f"{'method':36s} {'tokens/s':>9s} {'speedup':>8s} {'agreement':>9s} {'nfe':>5s} {'active':>7s}"
-    lines = [head, "-" * len(head)]
-    for r in results:
-        lines.append(
-            f"{r.method:36s} {r.tokens_per_s:9.1f} {r.speedup:7.2f}x {r.agreement:9.3f} {r.nfe:5.0f} "
-            f"{r.active_fraction:7.2f}"
-        )
-    lines.append(
-        "random weights: no accuracy to report; agreement = tokens equal to the untransformed model's;"
-    )
-    lines.append(
-        "active = canvas rows that ran the MLP, mean over steps and layers, in the batch element that ran "
-        "the most"
-    )
-    return "\n".join(lines)
+    return run_methods(model, methods, decode, active, repeats)
 
 
 __all__ = [

@@ -1,4 +1,5 @@
-"""Model definitions (LLaDA, Dream, LLaDA-MoE, LLaDA2) and the registry that picks one from a config.json."""
+"""Model definitions (LLaDA, Dream, LLaDA-MoE, MMaDA's language model, LLaDA2) and the registry
+that picks one from a config.json."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from .dream import DreamConfig, DreamModel
 from .llada import LLaDAConfig, LLaDAModelLM
 from .llada2 import LLaDA2Config, LLaDA2ModelLM
 from .llada_moe import LLaDAMoEConfig, LLaDAMoEModelLM
+from .mmada import MMaDAConfig, MMaDAModelLM
 from .spec import DiffusionSpec
 
 
@@ -40,6 +42,7 @@ ARCHITECTURES = (
     Architecture("llada", LLaDAConfig, LLaDAModelLM, ("llada",), ("LLaDAModelLM",)),
     Architecture("dream", DreamConfig, DreamModel, ("dream",), ("DreamModel",)),
     Architecture("llada_moe", LLaDAMoEConfig, LLaDAMoEModelLM, ("lladamoe",), ("LLaDAMoEModelLM",)),
+    Architecture("mmada", MMaDAConfig, MMaDAModelLM, ("mmada",), ("MMadaModelLM",)),
     Architecture("llada2", LLaDA2Config, LLaDA2ModelLM, ("llada2_moe",), ("LLaDA2MoeModelLM",)),
 )
 
@@ -97,7 +100,8 @@ def load_model(
 
 def model_config_dict(model: nn.Module) -> dict[str, Any]:
     """The config.json content that rebuilds ``model`` (for saving checkpoints)."""
-    for arch in ARCHITECTURES:
+    # the most derived class first: MMaDA's model is a LLaDA model
+    for arch in sorted(ARCHITECTURES, key=lambda a: -len(a.model_cls.__mro__)):
         if isinstance(model, arch.model_cls):
             return config_to_dict(model.config, arch.model_types[0], arch.class_names[0])
     raise TypeError(f"{type(model).__name__} is not a dyllm-fx model class")
@@ -119,6 +123,8 @@ __all__ = [
     "LLaDAModelLM",
     "LLaDAMoEConfig",
     "LLaDAMoEModelLM",
+    "MMaDAConfig",
+    "MMaDAModelLM",
     "build_model",
     "load_model",
     "model_config_dict",

@@ -1,4 +1,8 @@
 """Dream (Dream-org/Dream-v0-Base-7B / -Instruct-7B), written from the published architecture.
+The Dream family shares it: DiffuCoder (apple/DiffuCoder-7B-Base / -Instruct / -cpGRPO) and
+Dream-Coder (Dream-org/Dream-Coder-v0-Base-7B / -Instruct-7B) publish the same
+``model_type: Dream`` / ``DreamModel`` config and keys; their own decoding settings and chat
+templates come from their folders (``models/generation_config.py``, the tokenizer files).
 
 A Qwen2 stack (q/k/v biases, grouped-query attention, RMSNorm, SwiGLU, RoPE) run
 bidirectionally. Dream was initialised from an autoregressive model and keeps its shift: the
@@ -51,6 +55,17 @@ class DreamConfig:
             raise ValueError(
                 f"Dream config sets rope_scaling={raw['rope_scaling']!r}; dyllm-fx implements plain RoPE "
                 "only. Remove rope_scaling from config.json or use a checkpoint without it."
+            )
+        if raw.get("use_sliding_window"):
+            raise ValueError(
+                "Dream config sets use_sliding_window=true; dyllm-fx runs full bidirectional attention "
+                "only (every published Dream, DiffuCoder and Dream-Coder checkpoint sets it false). "
+                "Set it to false in config.json."
+            )
+        if raw.get("hidden_act", "silu") != "silu":
+            raise ValueError(
+                f"Dream config sets hidden_act={raw['hidden_act']!r}; dyllm-fx implements Qwen2's SwiGLU "
+                "MLP (hidden_act 'silu') only"
             )
         if "mask_token_id" not in raw:
             raise ValueError(

@@ -13,6 +13,9 @@ class DiffusionSpec:
     for position i is read from position i - 1), 0 otherwise (LLaDA). ``trained_gen_length``
     is the response window the model was trained with, when its folder records one (the
     embedded model's training.json): ``generate`` warns when another window is asked for.
+    ``sampler_defaults`` are the checkpoint's own sampler settings (``(name, value)`` pairs from
+    a Dream-family ``generation_config.json``: ``alg``, ``temperature``, ...), under the
+    arguments ``generate`` is given.
     """
 
     mask_token_id: int
@@ -21,3 +24,4 @@ class DiffusionSpec:
     logits_shift: int = 0
     max_length: int | None = None
     trained_gen_length: int | None = None
+    sampler_defaults: tuple[tuple[str, object], ...] = ()

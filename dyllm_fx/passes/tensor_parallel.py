@@ -14,8 +14,10 @@ parallel plans and vLLM use):
   every expert's intermediate features; the router whole) and sums its output over the ranks
   through its ``reduce``;
 
-and its head counts (``tp_heads``), divided by N. The embedding, the norms and the LM head stay
-whole on every rank, so the logits, and every decision taken from them, are the same on all.
+and its head counts (``tp_heads``), divided by N. The token embedding is split over the
+vocabulary (:class:`VocabParallelEmbedding`) when the model's head is its own (not tied to the
+embedding) and the vocabulary divides by N. The norms and the LM head stay whole on every rank,
+so the logits, and every decision taken from them, are the same on all.
 
 Sharding happens before capture rather than on the captured graph: the trace then sees the
 shard's own shapes (``view(B, L, H / N, d)``) and needs no rewriting of size constants, and the
@@ -55,6 +57,31 @@ class RowParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return sum_over_shards(F.linear(x, self.weight, self.bias), self.group)
+
+
+class VocabParallelEmbedding(nn.Embedding):
+    """An embedding whose rows (the vocabulary) are split over the ranks: each rank looks up the
+    ids in its own range and gives zeros for the others, and the sum over the ranks is the whole
+    lookup, exactly (one term of each sum is not zero). ``num_embeddings`` is the whole
+    vocabulary (the ids it takes); ``weight`` holds this rank's rows from ``start``."""
+
+    def __init__(self, weight: torch.Tensor, start: int, num_embeddings: int, group: str):
+        nn.Module.__init__(self)  # nn.Embedding's own __init__ would allocate the whole table
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.num_embeddings, self.embedding_dim = num_embeddings, weight.shape[1]
+        self.padding_idx, self.max_norm, self.norm_type = None, None, 2.0
+        self.scale_grad_by_freq, self.sparse = False, False
+        self.start = start
+        self.group = group
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        local = input_ids - self.start
+        inside = (local >= 0) & (local < self.weight.shape[0])
+        rows = F.embedding(torch.where(inside, local, 0), self.weight)
+        return sum_over_shards(torch.where(inside.unsqueeze(-1), rows, 0.0), self.group)
+
+    def extra_repr(self) -> str:
+        return f"rows {self.start}..{self.start + self.weight.shape[0] - 1} of {self.num_embeddings}"
 
 
 def _slice(t: torch.Tensor, dim: int, rank: int, size: int) -> torch.Tensor:
@@ -173,8 +200,22 @@ def shard_model(model: nn.Module, rank: int, size: int, group: str) -> nn.Module
                 _replace(block, name, _rowwise(module, rank, size, group))
         for attr in _plan(block)[1]:
             setattr(block, attr, getattr(block, attr) // size)
+    _shard_embedding(sharded, rank, size, group)
     sharded.tensor_parallel = (rank, size, group)
     return sharded
+
+
+def _shard_embedding(model: nn.Module, rank: int, size: int, group: str) -> None:
+    """Split the token embedding over the vocabulary, unless the head reads its weight (tied:
+    the head needs every row) or the vocabulary does not divide by ``size`` (it stays whole)."""
+    parts = model.parts()
+    embedding = parts.embedding
+    if parts.head is None or not isinstance(embedding, nn.Embedding) or embedding.num_embeddings % size:
+        return
+    name = next(n for n, m in model.named_modules() if m is embedding)
+    rows = embedding.num_embeddings // size
+    weight = _slice(embedding.weight.detach(), 0, rank, size)
+    _replace(model, name, VocabParallelEmbedding(weight, rank * rows, embedding.num_embeddings, group))
 
 
 def collective_group(graph: fx.Graph) -> str | None:
@@ -185,4 +226,10 @@ def collective_group(graph: fx.Graph) -> str | None:
     return None
 
 
-__all__ = ["RowParallelLinear", "check_shardable", "collective_group", "shard_model"]
+__all__ = [
+    "RowParallelLinear",
+    "VocabParallelEmbedding",
+    "check_shardable",
+    "collective_group",
+    "shard_model",
+]

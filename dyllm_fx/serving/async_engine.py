@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 
 import torch
 
+from ..errors import EngineStoppedError
 from .engine import ServingEngine
 from .outputs import RequestOutput
 from .sequence import Request
@@ -82,7 +83,9 @@ class AsyncEngine:
 
     def submit(self, requests: list[Request]) -> Stream:
         """Queue ``requests`` (made with ``engine.make_request``) as one call; raises
-        :class:`~dyllm_fx.serving.QueueFull` when the queue has no room. Call from a coroutine."""
+        :class:`~dyllm_fx.serving.QueueFull` when the queue has no room, EngineStoppedError when
+        the engine thread is gone. Call from a coroutine."""
+        self._check_running()
         stream = Stream(requests, asyncio.get_running_loop())
         with self._lock:
             for r in requests:
@@ -95,7 +98,16 @@ class AsyncEngine:
                     self._streams.pop(r.request_id, None)
             raise
         self._wake.set()
+        if self.error is not None:  # the thread died while these were queued: answer them
+            for out in self.engine.fail_all(self.error):
+                self._dispatch(out)
         return stream
+
+    def _check_running(self) -> None:
+        if self.error is not None:
+            raise EngineStoppedError(
+                f"the engine stopped ({type(self.error).__name__}: {self.error}); restart the server"
+            )
 
     def abort(self, stream: Stream) -> None:
         """Cancel the call's unfinished requests (a client went away)."""
@@ -109,14 +121,17 @@ class AsyncEngine:
         try:
             while not self._stop.is_set():
                 if not self.engine.has_unfinished():
+                    self.engine.idle()
                     self._wake.wait(self.idle_wait_s)
                     self._wake.clear()
                     continue
                 for out in self.engine.step():
                     self._dispatch(out)
-        except BaseException as err:  # pragma: no cover - a bug: report it on /health
+        except BaseException as err:  # a bug, or a lost tensor-parallel rank: on /health
             self.error = err
             log.exception("the engine thread stopped")
+            for out in self.engine.fail_all(err):  # nobody waits for an answer that cannot come
+                self._dispatch(out)
 
     def _dispatch(self, out: RequestOutput) -> None:
         with self._lock:

@@ -75,6 +75,10 @@ class ServingEngine:
         self._requests: dict[str, Request] = {}
         self._aborted: list[Request] = []
         self._lock = threading.Lock()
+        # tensor parallel: rank 0's engine journals what changes it between steps and sends it
+        # to the other ranks' engines before each step (serving/mirror.py)
+        self.mirror = None
+        self._journal: list[tuple] = []
         probe = Stepper(model, self.spec)
         if probe.shared:
             self.scheduler.max_num_batches = 1  # one step function: one batch at a time
@@ -162,6 +166,8 @@ class ServingEngine:
                 raise
             for r in requests:
                 self._requests[r.request_id] = r
+            if self.mirror is not None:
+                self._journal.append(("add", [(r.request_id, r.prompt_ids, r.params) for r in requests]))
         for r in requests:
             self.metrics.arrived(len(r.prompt_ids))
 
@@ -181,6 +187,8 @@ class ServingEngine:
                 return False
             self.scheduler.abort(request.seqs)
             self._aborted.append(request)
+            if self.mirror is not None:
+                self._journal.append(("abort", request_id))
         return True
 
     def has_unfinished(self) -> bool:
@@ -196,6 +204,8 @@ class ServingEngine:
         """One denoising step of the next batch. Returns an output for each request a block
         ended for (texts cumulative), finished or cancelled."""
         outputs: list[RequestOutput] = []
+        if self.mirror is not None:
+            self.mirror.lead(self._take_journal())
         with self._lock:
             aborted, self._aborted = self._aborted, []
         for request in aborted:
@@ -224,6 +234,37 @@ class ServingEngine:
                 outputs.append(request.output())
         if ended:
             batch.drop_finished()
+        return outputs
+
+    def idle(self) -> None:
+        """Called when there is nothing to step: a tensor-parallel leader's heartbeat."""
+        if self.mirror is not None:
+            self.mirror.heartbeat(self._take_journal())
+
+    def _take_journal(self) -> list[tuple]:
+        with self._lock:
+            journal, self._journal = self._journal, []
+        return journal
+
+    def replay(self, journal: list[tuple]) -> None:
+        """Apply a leader's journal (:meth:`step` of a tensor-parallel follower follows it)."""
+        for kind, payload in journal:
+            if kind == "add":
+                self.add_requests([self.make_request(ids, params, rid) for rid, ids, params in payload])
+            else:
+                self.abort(payload)
+
+    def fail_all(self, err: BaseException) -> list[RequestOutput]:
+        """Finish every unfinished request with ``err`` (the engine cannot go on, e.g. a
+        tensor-parallel rank is gone); returns their final outputs."""
+        outputs: list[RequestOutput] = []
+        with self._lock:
+            requests = list(self._requests.values())
+        for request in requests:
+            for s in request.seqs:
+                s.finish("error", f"{type(err).__name__}: {err}")
+                s.cancelled = True
+            self._maybe_finish(request, outputs)
         return outputs
 
     def _prepare(self, batch: Batch, outputs: list[RequestOutput]) -> None:

@@ -58,6 +58,8 @@ class ReplicaConfig:
         policy: ``"vanilla"`` or a ``transform()`` policy; ``policy_args`` its parameters.
         threads: torch CPU threads of each replica's engine thread (None: torch's choice).
         served_model_name: the name clients pass (default: ``model``).
+        tensor_parallel_size: ranks the model is sharded over (``dyllm serve
+            --tensor-parallel-size``; every rank builds this LLM in a process group of that size).
     """
 
     model: str = "default"
@@ -72,6 +74,7 @@ class ReplicaConfig:
     max_queue_size: int | None = 256
     threads: int | None = None
     served_model_name: str | None = None
+    tensor_parallel_size: int = 1
 
     def build_llm(self):
         """The :class:`dyllm_fx.LLM` this configuration names: its model loaded, its policy
@@ -89,6 +92,7 @@ class ReplicaConfig:
             max_queue_size=self.max_queue_size,
             dtype=self.dtype,
             device=self.device,
+            tensor_parallel_size=self.tensor_parallel_size,
             **dict(self.policy_args),
         )
 

@@ -36,7 +36,7 @@ import time
 import uuid
 from typing import Any
 
-from ..errors import DyllmError
+from ..errors import DyllmError, EngineStoppedError
 from .async_engine import AsyncEngine, Stream
 from .chat import render_chat
 from .engine import PromptError, ServingEngine
@@ -262,6 +262,8 @@ def build_app(engine: AsyncEngine, model_name: str = "default", policy: str = ""
             raise OpenAIError(429, str(err), "rate_limit_error", code="queue_full") from None
         except RequestTooLarge as err:  # a retry cannot succeed: not a 429
             raise OpenAIError(400, str(err), param="n", code="request_too_large") from None
+        except EngineStoppedError as err:
+            raise OpenAIError(503, str(err), "server_error", code="engine_stopped") from None
 
     async def outputs_while_connected(stream: Stream, raw: Request):
         """The outputs of ``stream`` as they come, until it finishes or the client goes away
@@ -468,6 +470,10 @@ def serve(
                     )
                 )
             )(url)
+        while not task.done():  # an engine that stopped cannot answer: the server stops too
+            if async_engine.error is not None:
+                server.should_exit = True
+            await asyncio.sleep(0.1)
         await task
 
     try:
@@ -477,6 +483,10 @@ def serve(
             timer.cancel()
         async_engine.shutdown()
         sock.close()
+    if async_engine.error is not None:
+        raise EngineStoppedError(
+            f"the engine stopped: {type(async_engine.error).__name__}: {async_engine.error}"
+        ) from async_engine.error
 
 
 __all__ = ["AsyncEngine", "OpenAIError", "bind_socket", "build_app", "serve"]
