@@ -10,8 +10,8 @@ A method the family cannot run is a row that says why (the adapter's
 :data:`FAMILIES` is the one registry of random models: the LLaDA-style families (``llada``,
 ``dream``, ``llada_moe``, ``mmada``) run ``dyllm_fx.generate``'s denoising loop here;
 ``diffusion_gemma`` runs its own canvas loop (:mod:`dyllm_fx.eval.diffusion_gemma_bench`);
-``llada2`` is the slot of LLaDA2's block-diffusion model, refused with the reason until a build
-provides it.
+``llada2`` runs LLaDA2's block-diffusion loop (:mod:`dyllm_fx.runtime.block_diffusion`: one prompt
+at a time, in the model's own blocks, LLaDA2's threshold rule).
 """
 
 from __future__ import annotations
@@ -179,6 +179,24 @@ def _mmada(
     return randomize(MMaDAModelLM(cfg), seed)
 
 
+def _llada2(seed: int, vocab: int, hidden: int, layers: int, heads: int, mlp: int, **_) -> nn.Module:
+    from ..models.llada2 import random_model
+
+    # the special ids outside the prompts' range (3 .. mask - 1), as the other families'
+    return random_model(
+        seed,
+        vocab_size=vocab,
+        mask_token_id=vocab - 1,
+        eos_token_id=1,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        head_dim=hidden // heads,
+        intermediate_size=mlp,
+        moe_intermediate_size=mlp // 4,
+    )
+
+
 def _diffusion_gemma(seed: int, **sizes) -> nn.Module:
     from ..models.diffusion_gemma import random_model
 
@@ -195,12 +213,7 @@ FAMILIES: dict[str, RandomFamily] = {
     "llada_moe": RandomFamily("llada_moe", _llada_moe, _SIZES),
     "mmada": RandomFamily("mmada", _mmada, _SIZES),
     "diffusion_gemma": RandomFamily("diffusion_gemma", _diffusion_gemma, BENCH_SIZES),
-    "llada2": RandomFamily(
-        "llada2",
-        None,
-        missing="LLaDA2 (BailingMoeV2, block diffusion) has no model in this build yet; its random model is "
-        "added with the LLaDA2 family",
-    ),
+    "llada2": RandomFamily("llada2", _llada2, _SIZES),
 }
 
 
@@ -249,6 +262,8 @@ def run_random_bench(
         return run_gemma_bench(
             methods, n=n, max_new_tokens=gen_length, steps=steps or 8, seed=seed, repeats=repeats, model=model
         )
+    if family.name == "llada2":
+        return _run_block_bench(model, methods, n, prompt_length, gen_length, steps, seed, repeats)
     return _run_loop_bench(model, methods, n, prompt_length, gen_length, block_length, steps, seed, repeats)
 
 
@@ -268,6 +283,33 @@ def _run_loop_bench(model, methods, n, prompt_length, gen_length, block_length, 
                 step_function(runner), default_sampler(runner), spec, ids, mask, schedule, 0.0, False
             )
         return out.responses, out.stats.nfe
+
+    def active(runner) -> float:
+        rows = [r.active_fraction for r in getattr(getattr(runner, "engine", None), "records", [])]
+        return sum(rows) / len(rows) if rows else 1.0
+
+    return run_methods(model, methods, decode, active, repeats)
+
+
+def _run_block_bench(model, methods, n, prompt_length, gen_length, steps, seed, repeats):
+    """LLaDA2: each prompt decoded alone by the published block loop, in the model's blocks."""
+    from ..adapters.llada2 import attention_block_length
+    from ..generation import step_function
+    from ..runtime.block_diffusion import BlockDiffusionSettings, generate_one
+
+    spec = model.diffusion
+    ids, mask = random_prompts(n, prompt_length, spec.mask_token_id, seed)
+    settings = BlockDiffusionSettings.build(gen_length, None, steps, None, attention_block_length(model))
+
+    def decode(runner):
+        responses, nfe = [], 0
+        with torch.inference_mode():
+            for prompt_ids, real in zip(ids, mask.bool()):
+                prompt = prompt_ids[real]
+                row, stats = generate_one(step_function(runner), spec, prompt, settings)
+                responses.append(row[prompt.shape[0] : prompt.shape[0] + gen_length])
+                nfe += stats.nfe
+        return torch.stack(responses), nfe
 
     def active(runner) -> float:
         rows = [r.active_fraction for r in getattr(getattr(runner, "engine", None), "records", [])]
