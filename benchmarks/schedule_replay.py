@@ -149,7 +149,7 @@ def record_all(name: str, batch: int, chosen: list[Method], gen: dict) -> tuple[
 
 
 def replay_all(schedules: list[Schedule], model, compile, device: str, rounds: int, warmup: int, log) -> dict:
-    """label -> (fastest seconds, records, graphs): ``warmup`` replays of each schedule (the
+    """label -> (fastest seconds, records, graphs, plans forced): ``warmup`` replays of each schedule (the
     compiles), then ``rounds`` round-robin replays. Raises when a replay drifts from its
     recording."""
     program = dyllm_fx.transform(model, policy="dense").engine.program  # one trace for every method
@@ -166,7 +166,7 @@ def replay_all(schedules: list[Schedule], model, compile, device: str, rounds: i
             if r < warmup:
                 continue
             if schedule.method not in best or seconds < best[schedule.method][0]:
-                best[schedule.method] = (seconds, records, engine.compiler.graphs)
+                best[schedule.method] = (seconds, records, engine.compiler.graphs, engine.policy.drift)
     return best
 
 
@@ -174,7 +174,7 @@ def summarise(model_name: str, batch: int, chosen: list[Method], schedules, best
     rows = []
     by_label = {s.method: s for s in schedules}
     for m in chosen:
-        seconds, records, graphs = best[m.label]
+        seconds, records, graphs, drift = best[m.label]
         schedule = by_label[m.label]
         sparse = [r for r in records if r.kind not in ("full", "refresh")]
         rows.append(
@@ -195,6 +195,8 @@ def summarise(model_name: str, batch: int, chosen: list[Method], schedules, best
                 "seconds": seconds,
                 "tokens_per_s": batch * gen["gen_length"] / seconds,
                 "graphs": graphs,
+                # steps whose plan the policy did not choose itself from the replayed inputs
+                "plans_forced": drift,
             }
         )
     base = {(r["threshold"] is None): r for r in rows if r["policy"] == "dual_cache" and not r["option"]}
