@@ -196,7 +196,9 @@ class ForcedPlan:
         return Plan(step.planned, own.rows, own.span_start, own.span_len, note=own.note)
 
     def may_rerun(self, plan) -> bool:
-        return self._current.rerun
+        # the policy's own answer too: the engine copies the state before every step that may
+        # rerun, and that copy is part of the method's cost
+        return super().may_rerun(plan) or self._current.rerun
 
     def rerun(self, plan, counts):
         if not self._current.rerun:
