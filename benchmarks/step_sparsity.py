@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # noqa: E402 (run from
 
 import torch
 from step_timing import Case, Driver, median_ms, time_cases, transform
-from synthetic import RandomRows, controlled_dyllm, controlled_es_dllm
+from synthetic import RandomRows, controlled_dyllm, controlled_es_dllm, llada8b_layer_model
 
 from dyllm_fx.models import LLaDAConfig, LLaDAModelLM
 
@@ -57,18 +57,7 @@ def build_model(quick: bool) -> LLaDAModelLM:
             mask_token_id=255,
         )
     else:
-        cfg = LLaDAConfig(
-            d_model=1024,
-            n_heads=8,
-            n_kv_heads=8,
-            n_layers=8,
-            mlp_hidden_size=3072,
-            vocab_size=4096,
-            embedding_size=4096,
-            max_sequence_length=1024,
-            rope_theta=500000.0,
-            mask_token_id=4095,
-        )
+        return llada8b_layer_model(1024, 8, 4096, 4095)
     torch.manual_seed(0)
     model = LLaDAModelLM(cfg)
     with torch.no_grad():

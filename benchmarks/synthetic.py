@@ -11,13 +11,48 @@ marks a meaningless number of rows salient. These policies fix the number instea
   gives the step ``n`` changed tokens at layer 0;
 * :func:`controlled_es_dllm`: ES-dLLM keeping a fraction of the window after the first eighth
   of the layers.
+
+:func:`llada8b_layer_model` is the model these run on: LLaDA-8B's layer scaled down.
 """
 
 from __future__ import annotations
 
 import torch
 
+from dyllm_fx.models import LLaDAConfig, LLaDAModelLM
 from dyllm_fx.runtime.policies import DyLLMPolicy, ESDLLMPolicy, HostState, UniformPolicy
+
+# LLaDA-8B's layer: heads of 128 (32 of them at d_model 4096), the MLP 3x d_model (12288)
+HEAD_DIM = 128
+MLP_RATIO = 3
+
+
+def llada8b_layer_model(
+    d_model: int, n_layers: int, vocab: int, mask_token_id: int, max_seq: int = 1024, seed: int = 0
+) -> LLaDAModelLM:
+    """LLaDA-8B's layer at ``d_model`` (d_model / 128 heads of 128, MLP 3 * d_model, its rope
+    base), ``n_layers`` of them, random weights (normal, std 0.02; norms 1), float32, eval mode."""
+    if d_model % HEAD_DIM:
+        raise ValueError(f"d_model must be a multiple of the head size {HEAD_DIM}; got {d_model}")
+    heads = d_model // HEAD_DIM
+    cfg = LLaDAConfig(
+        d_model=d_model,
+        n_heads=heads,
+        n_kv_heads=heads,
+        n_layers=n_layers,
+        mlp_hidden_size=MLP_RATIO * d_model,
+        vocab_size=vocab,
+        embedding_size=vocab,
+        max_sequence_length=max_seq,
+        rope_theta=500000.0,
+        mask_token_id=mask_token_id,
+    )
+    torch.manual_seed(seed)
+    model = LLaDAModelLM(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.02) if p.dim() > 1 else p.fill_(1.0)
+    return model.eval()
 
 
 class RandomRows(UniformPolicy):

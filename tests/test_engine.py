@@ -148,6 +148,7 @@ def test_records_say_what_every_step_did():
     )
     records = fast.engine.records
     assert [r.kind for r in records] == ["full", "span", "span", "span"] * 2
+    assert [r.key.kind for r in records] == [r.kind for r in records]  # the plan key each step ran
     plen = out.prompt_length
     assert records[1].activity.shape == (3, 1, plen + 8)
     assert (

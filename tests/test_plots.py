@@ -10,7 +10,13 @@ import torch
 pytest.importorskip("matplotlib", reason='plots need the optional extra: pip install "dyllm-fx[plot]"')
 
 import dyllm_fx  # noqa: E402
-from dyllm_fx.analysis.plots import load_bench, pareto_front, plot_pareto, plot_saliency  # noqa: E402
+from dyllm_fx.analysis.plots import (  # noqa: E402
+    load_bench,
+    pareto_front,
+    plot_pareto,
+    plot_ratios,
+    plot_saliency,
+)
 from dyllm_fx.analysis.saliency_trace import record_saliency, trace_from_records  # noqa: E402
 from dyllm_fx.cli.main import main  # noqa: E402
 from dyllm_fx.runtime.engine import StepRecord  # noqa: E402
@@ -58,6 +64,13 @@ def test_pareto_png_and_front(tmp_path):
     _assert_png(plot_pareto(bench_file, tmp_path / "pareto.png"))
     _assert_png(plot_pareto(BENCH, tmp_path / "speedup.png", x="speedup"))
     assert pareto_front([(10, 0.6), (40, 0.58), (5, 0.3)]) == [0, 1]
+
+
+def test_ratio_bars_png(tmp_path):
+    groups = {"model a, batch 1": {"x": 1.5, "y": 0.5}, "model a, batch 8": {"x": 2.0}}
+    _assert_png(plot_ratios(groups, tmp_path / "ratios.png", "against the dual cache"))
+    with pytest.raises(ValueError, match="at least one group"):
+        plot_ratios({}, tmp_path / "none.png")
 
 
 def test_bench_errors_name_the_row_and_field(tmp_path):

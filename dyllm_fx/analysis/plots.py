@@ -231,3 +231,26 @@ def plot_pareto(
         title or ("speed vs accuracy" + (f" ({device})" if device else "")), pad=6 + max(offsets) + 12
     )
     return _save(fig, out)
+
+
+def plot_ratios(groups: dict[str, dict[str, float]], out: str | Path, title: str | None = None) -> Path:
+    """Horizontal bars of speed ratios (e.g. tokens/s against a baseline), one panel per group
+    (``{group: {label: ratio}}``), with a line at 1 (the baseline)."""
+    if not groups:
+        raise ValueError("plot_ratios needs at least one group of ratios")
+    tallest = max(len(ratios) for ratios in groups.values())
+    fig = _figure(figsize=(5.5 * len(groups), 0.9 + 0.28 * tallest))
+    axes = fig.subplots(1, len(groups), squeeze=False)[0]
+    for ax, (group, ratios) in zip(axes, groups.items()):
+        labels = list(ratios)
+        values = [ratios[label] for label in labels]
+        y = np.arange(len(labels))
+        ax.barh(y, values, color=["tab:green" if v >= 1 else "tab:gray" for v in values])
+        ax.axvline(1.0, color="black", linewidth=0.8)
+        ax.set_yticks(y, labels, fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xlabel("ratio")
+        ax.set_title(group, fontsize=9)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return _save(fig, out)

@@ -32,7 +32,7 @@ from ..errors import UsageError
 from .cache import StepCache
 from .cuda_graph import StepGraphs
 from .pieces import Pieces
-from .policies import HostState, Plan, Policy, StepInputs, StepOutput
+from .policies import HostState, Plan, PlanKey, Policy, StepInputs, StepOutput
 
 # Graphs one plan key's step function may compile: one per input shape it meets (batch size,
 # sequence length; serving meets several). Dynamo's default limit (8 per function) would fail a
@@ -58,6 +58,8 @@ class StepRecord:
     activity: torch.Tensor | None = None
     # the policy's own figures (StepReport.extra): e.g. DyLLM's changed rows, its MLP capacity
     extra: dict = field(default_factory=dict)
+    # the plan key the step ran (after a rerun, the rerun's): what fixed its shapes
+    key: PlanKey | None = None
 
     @property
     def active_fraction(self) -> float:
@@ -264,7 +266,13 @@ class StepEngine:
         if again is not None:
             report.extra["rerun"] = True
         record = StepRecord(
-            report.active, seq_len, plan.kind, report.capacity, report.overflow, extra=report.extra
+            report.active,
+            seq_len,
+            plan.kind,
+            report.capacity,
+            report.overflow,
+            extra=report.extra,
+            key=plan.key,
         )
         if self.record_similarity and self.runner is None:
             sims = self.policy.similarity(self.buffers, plan)
