@@ -284,10 +284,10 @@ def test_readme_install_line_selects_the_cpu_wheels():
 
 def test_readme_test_command_is_what_ci_runs():
     ci = (ROOT / ".ci" / "run").read_text()
-    assert 'pip install -e ".[test]"' in ci and "python -m pytest -q tests" in ci
+    assert 'pip install -e ".[test]"' in ci and "python -m pytest -q -n 2 --dist loadfile tests" in ci
     assert "export TRITON_INTERPRET=1" in ci
     install = 'pip install torch==2.13.0 && pip install -e ".[test]"'
-    assert f"{install} && TRITON_INTERPRET=1 python -m pytest -q tests" in TEXT
+    assert f"{install} && TRITON_INTERPRET=1 python -m pytest -q -n 2 --dist loadfile tests" in TEXT
 
 
 def test_docs_dream_threshold_commands_name_maskgit_plus():
