@@ -267,6 +267,12 @@ def run_random_bench(
     return _run_loop_bench(model, methods, n, prompt_length, gen_length, block_length, steps, seed, repeats)
 
 
+def _mean_active_fraction(runner) -> float:
+    """The rows that ran the MLP, mean over a transformed runner's steps (1.0 untransformed)."""
+    rows = [r.active_fraction for r in getattr(getattr(runner, "engine", None), "records", [])]
+    return sum(rows) / len(rows) if rows else 1.0
+
+
 def _run_loop_bench(model, methods, n, prompt_length, gen_length, block_length, steps, seed, repeats):
     from ..generation import default_sampler, step_function
     from ..runtime.loop import denoise
@@ -284,11 +290,7 @@ def _run_loop_bench(model, methods, n, prompt_length, gen_length, block_length, 
             )
         return out.responses, out.stats.nfe
 
-    def active(runner) -> float:
-        rows = [r.active_fraction for r in getattr(getattr(runner, "engine", None), "records", [])]
-        return sum(rows) / len(rows) if rows else 1.0
-
-    return run_methods(model, methods, decode, active, repeats)
+    return run_methods(model, methods, decode, _mean_active_fraction, repeats)
 
 
 def _run_block_bench(model, methods, n, prompt_length, gen_length, steps, seed, repeats):
@@ -311,11 +313,7 @@ def _run_block_bench(model, methods, n, prompt_length, gen_length, steps, seed, 
                 nfe += stats.nfe
         return torch.stack(responses), nfe
 
-    def active(runner) -> float:
-        rows = [r.active_fraction for r in getattr(getattr(runner, "engine", None), "records", [])]
-        return sum(rows) / len(rows) if rows else 1.0
-
-    return run_methods(model, methods, decode, active, repeats)
+    return run_methods(model, methods, decode, _mean_active_fraction, repeats)
 
 
 __all__ = [
