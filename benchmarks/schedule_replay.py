@@ -267,7 +267,7 @@ def markdown(header: str, rows: list[dict], targets: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: list[dict], out: Path) -> Path | None:
+def plot(rows: list[dict], out: Path, eager: bool = False) -> Path | None:
     """Bars of each method's ratio to the dual cache, per model and batch (None without
     matplotlib)."""
     from dyllm_fx.analysis.plots import plot_ratios
@@ -276,8 +276,9 @@ def plot(rows: list[dict], out: Path) -> Path | None:
     for r in rows:
         if r["vs_dual_cache"] is not None:
             groups.setdefault(f"{r['model']}, batch {r['batch']}", {})[r["method"]] = r["vs_dual_cache"]
+    mode = "eager" if eager else "compiled"
     try:
-        return plot_ratios(groups, out, "tokens/s against the compiled dual cache (same decoding)")
+        return plot_ratios(groups, out, f"tokens/s against the {mode} dual cache (same decoding)")
     except ImportError as err:
         print(f"no plot: {err}", file=sys.stderr)
         return None
@@ -370,7 +371,7 @@ def main(argv=None) -> int:
         }
         Path(args.json).write_text(json.dumps(result, indent=1))
     if args.plot:
-        plot(rows, Path(args.plot))
+        plot(rows, Path(args.plot), eager=args.eager)
     return 0
 
 

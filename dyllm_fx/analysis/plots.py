@@ -235,12 +235,13 @@ def plot_pareto(
 
 def plot_ratios(groups: dict[str, dict[str, float]], out: str | Path, title: str | None = None) -> Path:
     """Horizontal bars of speed ratios (e.g. tokens/s against a baseline), one panel per group
-    (``{group: {label: ratio}}``), with a line at 1 (the baseline)."""
+    (``{group: {label: ratio}}``) stacked top to bottom on a shared ratio axis (long method
+    labels keep to the left margin), with a line at 1 (the baseline)."""
     if not groups:
         raise ValueError("plot_ratios needs at least one group of ratios")
-    tallest = max(len(ratios) for ratios in groups.values())
-    fig = _figure(figsize=(5.5 * len(groups), 0.9 + 0.28 * tallest))
-    axes = fig.subplots(1, len(groups), squeeze=False)[0]
+    heights = [max(len(ratios), 1) for ratios in groups.values()]
+    fig = _figure(figsize=(8.0, 0.8 + 0.3 * sum(heights) + 0.45 * len(groups)), layout="constrained")
+    axes = fig.subplots(len(groups), 1, squeeze=False, sharex=True, height_ratios=heights)[:, 0]
     for ax, (group, ratios) in zip(axes, groups.items()):
         labels = list(ratios)
         values = [ratios[label] for label in labels]
@@ -249,8 +250,8 @@ def plot_ratios(groups: dict[str, dict[str, float]], out: str | Path, title: str
         ax.axvline(1.0, color="black", linewidth=0.8)
         ax.set_yticks(y, labels, fontsize=7)
         ax.invert_yaxis()
-        ax.set_xlabel("ratio")
         ax.set_title(group, fontsize=9)
+    axes[-1].set_xlabel("ratio")
     if title:
         fig.suptitle(title, fontsize=10)
     return _save(fig, out)
