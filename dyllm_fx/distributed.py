@@ -20,6 +20,7 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+import time
 from collections.abc import Callable
 
 import torch
@@ -31,6 +32,11 @@ from .values import check_integer
 # A rank that dies leaves the others waiting in a collective: they fail after this long
 # instead of hanging (torch.distributed's own default is 30 minutes).
 DEFAULT_TIMEOUT_S = 120.0
+
+# What a collective says when the rank at its other end has gone; that rank's own error is the
+# one worth reporting, so a rank that sees this waits a moment before failing in turn.
+_PEER_GONE = ("closed by peer", "reset by peer", "Broken pipe", "Connection refused")
+_PEER_GONE_GRACE_S = 3.0
 
 
 def backend_for(device: torch.device | str | None) -> str:
@@ -102,6 +108,11 @@ def _rank_main(rank: int, fn: Callable, world: int, port: int, device, timeout_s
     init_tensor_parallel(device, timeout_s)
     try:
         fn(rank, *args)
+    except Exception as err:
+        if any(text in str(err) for text in _PEER_GONE):
+            # mp.spawn reports the first rank to exit: let the rank that failed first be that one.
+            time.sleep(_PEER_GONE_GRACE_S)
+        raise
     finally:
         dist.destroy_process_group()
 
@@ -115,7 +126,8 @@ def spawn(
 ) -> None:
     """Run ``fn(rank, *args)`` in ``tensor_parallel_size`` processes on this machine, each in the
     process group (127.0.0.1, a free port). ``fn`` must be importable (a module-level function).
-    When a rank raises, the others are stopped and the error is raised here with its traceback."""
+    When a rank raises, the others are stopped and the error is raised here with its traceback
+    (the failing rank's own error, in preference to its peers' reports that it has gone)."""
     import torch.multiprocessing as mp
 
     check_size(tensor_parallel_size)

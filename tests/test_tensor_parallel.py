@@ -112,12 +112,13 @@ def test_sizes_the_heads_do_not_divide_are_refused_on_every_rank():
 
 
 def test_a_failing_rank_stops_the_others_with_its_error():
-    """Rank 1 raises; rank 0, waiting on it, fails too instead of hanging. Either error may reach
-    the caller first: rank 1's own, or rank 0's report that its peer is gone."""
+    """Rank 1 raises; rank 0, waiting on it, fails too instead of hanging. Rank 1's own error is
+    meant to reach the caller; on a loaded machine rank 0's report that its peer is gone (the
+    socket closed or reset) may still win the race, and names the failure too."""
     import time
 
     start = time.monotonic()
-    with pytest.raises(Exception, match="rank 1 failed on purpose|Connection closed by peer"):
+    with pytest.raises(Exception, match="rank 1 failed on purpose|(closed|reset) by peer"):
         spawn(_fails_on_rank_one, SIZE, timeout_s=60)
     assert time.monotonic() - start < 60
 
