@@ -24,6 +24,7 @@ from dyllm_fx.passes.tensor_parallel import (
 )
 from dyllm_fx.runtime.policies import make_policy
 from dyllm_fx.transform import TransformedModel
+from dyllm_fx.vocab_parallel import VocabShard
 from test_llada_moe import random_state, tiny_config
 from tiny_checkpoints import tiny_dream, tiny_llada, tiny_tokenizer
 
@@ -49,8 +50,8 @@ def _models():
     }
 
 
-def _generate(model, threshold=None):
-    settings = dict(threshold=threshold) if threshold else dict(steps=16)
+def _generate(model, threshold=None, **sampling):
+    settings = dict(threshold=threshold) if threshold else dict(steps=16, **sampling)
     if threshold and model.diffusion.logits_shift:  # Dream's threshold decoding reads a probability
         settings["alg"] = "maskgit_plus"
     with warnings.catch_warnings():
@@ -70,11 +71,16 @@ def _compare_on_rank(rank: int, results) -> None:
         whole = dyllm_fx.transform(model)  # traced once each; every policy reuses the program
         shard = dyllm_fx.transform(model, tensor_parallel_size=SIZE)
         assert shard.program.tensor_parallel_group is not None and whole.program.tensor_parallel_group is None
+        assert shard.program.vocab_shard is not None  # the head is split over the vocabulary
         for policy in POLICIES:
             for threshold in (None, 0.9):
                 want = _generate(_with_policy(whole, policy), threshold)
                 got = _generate(_with_policy(shard, policy), threshold)
                 results.put((rank, arch, policy, threshold, torch.equal(got, want), got.tolist()))
+        # sampled: the same seed draws the same tokens from the vocabulary split over the ranks
+        sampled = dict(temperature=0.7, seed=11)
+        want, got = _generate(whole, **sampled), _generate(shard, **sampled)
+        results.put((rank, arch, "dense", "temperature 0.7", torch.equal(got, want), got.tolist()))
 
 
 @pytest.mark.slow
@@ -86,7 +92,7 @@ def test_two_ranks_give_the_tokens_of_the_whole_model():
     rows = []
     while not results.empty():
         rows.append(results.get())
-    assert len(rows) == SIZE * 3 * len(POLICIES) * 2
+    assert len(rows) == SIZE * 3 * (len(POLICIES) * 2 + 1)
     differing = [r[:4] for r in rows if not r[4]]
     assert differing == [], differing
     by_case = {}
@@ -145,8 +151,8 @@ def test_bad_sizes_are_refused(size):
         group_for(size)
 
 
-def test_the_plan_shards_heads_and_mlp_and_keeps_the_head_whole():
-    model = tiny_dream(seed=0)  # 4 heads, 2 KV heads
+def test_the_plan_shards_heads_mlp_and_vocabulary():
+    model = tiny_dream(seed=0)  # 4 heads, 2 KV heads, a head of its own
     check_shardable(model, 2)
     shard = shard_model(model, rank=1, size=2, group="g")
     block, whole = shard.parts().blocks[0], model.parts().blocks[0]
@@ -154,11 +160,14 @@ def test_the_plan_shards_heads_and_mlp_and_keeps_the_head_whole():
     assert torch.equal(block.self_attn.q_proj.weight, whole.self_attn.q_proj.weight[16:])
     assert torch.equal(block.self_attn.o_proj.weight, whole.self_attn.o_proj.weight[:, 16:])
     assert torch.equal(block.self_attn.q_proj.bias, whole.self_attn.q_proj.bias[16:])
-    assert shard.lm_head.weight.shape == model.lm_head.weight.shape
     assert model.parts().blocks[0].n_heads == 4  # the original is not changed
     embedding, rows = shard.parts().embedding, model.config.vocab_size // 2
     assert isinstance(embedding, VocabParallelEmbedding) and embedding.start == rows
     assert torch.equal(embedding.weight, model.parts().embedding.weight[rows:])
+    # the LM head keeps its half of the vocabulary, and the spec says which half
+    assert torch.equal(shard.lm_head.weight, model.lm_head.weight[rows:])
+    assert shard.diffusion.vocab_shard == VocabShard(rows, rows, model.config.vocab_size, "g")
+    assert model.diffusion.vocab_shard is None
     with pytest.raises(UsageError, match="n_kv_heads=2 does not divide by tensor_parallel_size=4"):
         check_shardable(model, 4)
 
@@ -173,6 +182,7 @@ def test_the_vocabulary_split_embedding_sums_to_the_whole_lookup():
     assert torch.equal(shards[0](ids) + shards[1](ids), model.parts().embedding(ids))
     tied = shard_model(tiny_dream(seed=0, tie_word_embeddings=True), rank=0, size=2, group=None)
     assert not isinstance(tied.parts().embedding, VocabParallelEmbedding)
+    assert tied.diffusion.vocab_shard is None  # its head stays whole too
 
 
 def test_an_unsharded_graph_has_no_group():
@@ -283,8 +293,9 @@ def _load_shard_on_rank(rank: int, folder: str, results) -> None:
     held = sum(p.numel() for p in shard.parts().blocks.parameters())
     full = sum(p.numel() for p in whole.parts().blocks.parameters())
     ids = torch.randint(0, len(tok), (2, 9), generator=torch.Generator().manual_seed(0))
+    vocab = shard.diffusion.vocab_shard  # each rank's logits: its half of the vocabulary
     with torch.no_grad():
-        diff = (shard(ids) - whole(ids)).abs().max().item()
+        diff = (shard(ids) - whole(ids)[..., vocab.start : vocab.start + vocab.rows]).abs().max().item()
     same = dyllm_fx.transform(shard, tensor_parallel_size=SIZE)  # not sharded twice
     results.put((rank, held, full, diff, same.program.tensor_parallel_group is not None))
 
@@ -293,7 +304,8 @@ def _load_shard_on_rank(rank: int, folder: str, results) -> None:
 @pytest.mark.parametrize("sharded_files", [False, True])
 def test_each_rank_loads_only_its_slices(tmp_path, sharded_files):
     """``load(folder, tensor_parallel_size=2)``: each rank reads its slices of the safetensors
-    (about half the blocks' weights, bias on rank 0 only) and computes the whole model's logits."""
+    (about half the blocks' weights, bias on rank 0 only) and computes its half of the whole
+    model's logits."""
     import torch.multiprocessing as mp
 
     from tiny_checkpoints import write_model
@@ -305,3 +317,24 @@ def test_each_rank_loads_only_its_slices(tmp_path, sharded_files):
     for rank, held, full, diff, transformed in rows:
         assert full / 2 <= held < full * 0.6, (rank, held, full)  # the norms stay whole
         assert diff < 1e-4 and transformed
+
+
+def _compiled_on_rank(rank: int, results) -> None:
+    torch.set_num_threads(1)
+    model = tiny_llada(seed=11, head_scale=3.0, n_layers=4)
+    for policy in ("es_dllm", "dual_cache+dyllm"):
+        eager = dyllm_fx.transform(model, policy=policy, tensor_parallel_size=SIZE)
+        compiled = dyllm_fx.transform(model, policy=policy, tensor_parallel_size=SIZE, compile="aot_eager")
+        results.put((rank, policy, torch.equal(_generate(compiled), _generate(eager))))
+
+
+@pytest.mark.slow
+def test_the_sharded_step_compiles_whole():
+    """The sharded step, its all-reduces and the vocabulary reductions ES-dLLM runs inside it
+    (max, min, sum over the ranks) compile with ``fullgraph=True`` and give the eager tokens."""
+    import torch.multiprocessing as mp
+
+    results = mp.get_context("spawn").SimpleQueue()
+    spawn(_compiled_on_rank, SIZE, results)
+    rows = [results.get() for _ in range(SIZE * 2)]
+    assert all(same for *_, same in rows), rows

@@ -27,6 +27,9 @@ class TransformedModel(nn.Module):
     (the denoising loop passes the block itself); None: the whole response is one block. The
     logits ``forward()`` returns carry ``commit_mask``: (B, L) bool of the positions whose logits
     come from rows that ran every layer (None: all), which ``DenseStep`` passes on to the loop.
+    On a tensor-parallel shard whose head is split over the vocabulary (``diffusion.vocab_shard``
+    set), the logits are this rank's columns of the vocabulary; ``dyllm_fx.vocab_parallel`` reads
+    them (``gather_vocab`` gives the whole vocabulary's).
     """
 
     def __init__(
@@ -41,6 +44,9 @@ class TransformedModel(nn.Module):
         super().__init__()
         self.program = program
         self.diffusion = spec
+        # a tensor-parallel head split over the vocabulary: the policies reading logits inside
+        # the step (ES-dLLM) reduce over the ranks as the sampler does
+        program.vocab_shard = getattr(spec, "vocab_shard", None)
         self.engine = StepEngine(program, policy, compile=compile, cuda_graphs=cuda_graphs)
         self.block_length = block_length
         # Registered so .parameters() / .to() see the shared weights once.

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..vocab_parallel import VocabShard
 
 
 @dataclass(frozen=True)
@@ -15,7 +19,8 @@ class DiffusionSpec:
     embedded model's training.json): ``generate`` warns when another window is asked for.
     ``sampler_defaults`` are the checkpoint's own sampler settings (``(name, value)`` pairs from
     a Dream-family ``generation_config.json``: ``alg``, ``temperature``, ...), under the
-    arguments ``generate`` is given.
+    arguments ``generate`` is given. ``vocab_shard`` is set on a tensor-parallel shard whose LM
+    head is split over the vocabulary: its logits are that slice (``dyllm_fx/vocab_parallel.py``).
     """
 
     mask_token_id: int
@@ -25,3 +30,4 @@ class DiffusionSpec:
     max_length: int | None = None
     trained_gen_length: int | None = None
     sampler_defaults: tuple[tuple[str, object], ...] = ()
+    vocab_shard: VocabShard | None = None

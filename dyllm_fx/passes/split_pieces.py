@@ -35,6 +35,7 @@ import torch
 from torch import fx
 
 from dyllm_fx.kernels.dispatch import gather_rows
+from dyllm_fx.vocab_parallel import VocabShard
 
 from .attention_operands import piece_operands
 from .capture import INPUT_NAMES, CapturedGraph
@@ -86,6 +87,9 @@ class StepProgram:
     # the process group a tensor-parallel shard sums over (None: the whole model in one
     # process); read from the captured graph's all-reduces (passes/tensor_parallel.py)
     tensor_parallel_group: str | None = None
+    # a head split over the vocabulary: the logits are this slice (the model's spec says so;
+    # the transformed model copies it here for the policies that read logits inside the step)
+    vocab_shard: VocabShard | None = None
 
 
 class _Cutter:

@@ -14,10 +14,12 @@ parallel plans and vLLM use):
   every expert's intermediate features; the router whole) and sums its output over the ranks
   through its ``reduce``;
 
-and its head counts (``tp_heads``), divided by N. The token embedding is split over the
-vocabulary (:class:`VocabParallelEmbedding`) when the model's head is its own (not tied to the
-embedding) and the vocabulary divides by N. The norms and the LM head stay whole on every rank,
-so the logits, and every decision taken from them, are the same on all.
+and its head counts (``tp_heads``), divided by N. When the model's LM head is its own (not tied
+to the embedding) and the vocabulary divides by N, the token embedding
+(:class:`VocabParallelEmbedding`) and the LM head (column-parallel: each rank's logits are its
+slice of the vocabulary) are split over the vocabulary; the sampler then takes its decisions
+from values reduced over the ranks (``dyllm_fx/vocab_parallel.py``), so every rank takes them
+alike. The norms stay whole on every rank.
 
 Sharding happens before capture rather than on the captured graph: the trace then sees the
 shard's own shapes (``view(B, L, H / N, d)``) and needs no rewriting of size constants, and the
@@ -30,6 +32,7 @@ ranks: DyLLM's cosine, dLLM-Cache's value similarity).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import fnmatch
 import functools
 
@@ -39,6 +42,7 @@ from torch import fx, nn
 
 from dyllm_fx.distributed import sum_over_shards
 from dyllm_fx.errors import UsageError
+from dyllm_fx.vocab_parallel import VocabShard
 
 ALL_REDUCE = "_c10d_functional.all_reduce"
 
@@ -200,22 +204,34 @@ def shard_model(model: nn.Module, rank: int, size: int, group: str) -> nn.Module
                 _replace(block, name, _rowwise(module, rank, size, group))
         for attr in _plan(block)[1]:
             setattr(block, attr, getattr(block, attr) // size)
-    _shard_embedding(sharded, rank, size, group)
+    _shard_vocabulary(sharded, rank, size, group)
     sharded.tensor_parallel = (rank, size, group)
     return sharded
 
 
-def _shard_embedding(model: nn.Module, rank: int, size: int, group: str) -> None:
-    """Split the token embedding over the vocabulary, unless the head reads its weight (tied:
-    the head needs every row) or the vocabulary does not divide by ``size`` (it stays whole)."""
+def _shard_vocabulary(model: nn.Module, rank: int, size: int, group: str) -> None:
+    """Split the token embedding and the LM head over the vocabulary, when the head is its own
+    (a tied head reads the embedding's every row: both stay whole) and the vocabulary divides by
+    ``size``. The head's logits are then this rank's columns: the model's ``diffusion`` spec
+    records which (``vocab_shard``), so the sampler reduces over the ranks what it reads."""
     parts = model.parts()
-    embedding = parts.embedding
-    if parts.head is None or not isinstance(embedding, nn.Embedding) or embedding.num_embeddings % size:
+    embedding, head = parts.embedding, parts.head
+    if head is None or not isinstance(embedding, nn.Embedding) or embedding.num_embeddings % size:
         return
-    name = next(n for n, m in model.named_modules() if m is embedding)
     rows = embedding.num_embeddings // size
     weight = _slice(embedding.weight.detach(), 0, rank, size)
-    _replace(model, name, VocabParallelEmbedding(weight, rank * rows, embedding.num_embeddings, group))
+    split = VocabParallelEmbedding(weight, rank * rows, embedding.num_embeddings, group)
+    _replace(model, _name_of(model, embedding), split)
+    if not isinstance(head, nn.Linear) or head.out_features % size:
+        return
+    _replace(model, _name_of(model, head), _colwise(head, rank, size))
+    cols = head.out_features // size
+    shard = VocabShard(rank * cols, cols, head.out_features, group)
+    model.diffusion = dataclasses.replace(model.diffusion, vocab_shard=shard)
+
+
+def _name_of(model: nn.Module, module: nn.Module) -> str:
+    return next(n for n, m in model.named_modules() if m is module)
 
 
 def collective_group(graph: fx.Graph) -> str | None:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from dyllm_fx.models.layers import default_position_ids
+from dyllm_fx.vocab_parallel import VocabShard
 
 from .policies import StepOutput
 from .samplers import Selection, StepContext
@@ -147,12 +148,18 @@ class BlockDecoder:
         return self.restricted and step < spb + b and bool(masks.any())
 
 
-def sampler_select(sampler) -> Select:
-    """``sampler`` choosing for the whole batch at once, then the commit rule."""
+def sampler_select(sampler, vocab: VocabShard | None = None) -> Select:
+    """``sampler`` choosing for the whole batch at once, then the commit rule. ``vocab``: the
+    logits are this slice of the vocabulary (a tensor-parallel head, the spec's ``vocab_shard``)."""
 
     def select(decoder: BlockDecoder, logits: torch.Tensor, allowed: torch.Tensor):
         ctx = StepContext(
-            decoder.schedule_step, decoder.steps_per_block, decoder.initial, decoder.start, decoder.x.shape[1]
+            decoder.schedule_step,
+            decoder.steps_per_block,
+            decoder.initial,
+            decoder.start,
+            decoder.x.shape[1],
+            vocab,
         )
         chosen = sampler.select(logits, allowed, ctx)
         return commit_rule(chosen, allowed, decoder.past_schedule), chosen.tokens

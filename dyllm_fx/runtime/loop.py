@@ -83,7 +83,7 @@ def denoise(
     decoder.lay_out(x, attn, response_start=plen)
     if cfg_scale:
         step_fn = Guided(step_fn, cfg_scale, plen, mask_id)
-    select = sampler_select(sampler)
+    select = sampler_select(sampler, spec.vocab_shard)
     evaluations = 1 + (cfg_scale > 0)
     stats = GenerationStats()
     total_steps = schedule.num_blocks * (schedule.steps_per_block or schedule.block_length)

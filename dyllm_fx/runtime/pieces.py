@@ -53,6 +53,7 @@ class Pieces:
         self._post = [p.post for p in program.attn_parts]
         self._prefix = [getattr(p, "prefix", None) for p in program.attn_parts]
         self.group = getattr(program, "tensor_parallel_group", None)
+        self.vocab_shard = getattr(program, "vocab_shard", None)  # the head's logits: a slice
         index = {name: i for i, name in enumerate(program.table_names)}
         self._attn_tables = [[index[n] for n in p.tables] for p in program.attn]
         self._mlp_tables = [[index[n] for n in p.tables] for p in program.mlp]

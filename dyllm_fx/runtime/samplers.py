@@ -14,6 +14,11 @@ Each sampler follows a published reference step for step:
 At temperature 0 the choices are identical to the references. With temperature > 0 they are
 identical in distribution; the random streams differ because the logits here cover the
 current block only, not the whole sequence.
+
+On a tensor-parallel shard whose head is split over the vocabulary (``StepContext.vocab``) the
+choices are taken from values reduced over the ranks (``dyllm_fx/vocab_parallel.py``): LLaDA's
+sampler always, Dream's at temperature 0 without top-p / top-k with ``maskgit_plus`` or
+``entropy``; Dream's other settings gather the block's masked logits first.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..values import check_integer, check_number
+from ..vocab_parallel import VocabShard, token_probability, vocab_argmax
 from .sampling_math import add_gumbel_noise, dream_sample_tokens
 from .schedule import dream_timesteps, dream_transfer_count, llada_transfer_counts
 
@@ -36,6 +42,7 @@ class StepContext:
     initial_masked: torch.Tensor  # (B,) masked tokens in the block when it started
     block_start: int  # absolute position of the block's first token
     seq_len: int
+    vocab: VocabShard | None = None  # the logits are this slice of the vocabulary (tensor parallel)
 
 
 @dataclass(frozen=True)
@@ -106,10 +113,9 @@ class LLaDASampler:
             raise ValueError("threshold decoding needs a confidence; use remasking='low_confidence'")
 
     def select(self, logits: torch.Tensor, masked: torch.Tensor, ctx: StepContext) -> Selection:
-        tokens = add_gumbel_noise(logits, self.temperature).argmax(dim=-1)
+        tokens = vocab_argmax(add_gumbel_noise(logits, self.temperature, ctx.vocab), ctx.vocab)
         if self.remasking == "low_confidence":
-            probs = torch.softmax(logits.float(), dim=-1)
-            conf = probs.gather(-1, tokens[..., None]).squeeze(-1)
+            conf = token_probability(logits, tokens, ctx.vocab)
         else:
             # The reference draws one number per position of the whole sequence; so do we.
             full = torch.rand(logits.shape[0], ctx.seq_len, device=logits.device)
@@ -186,7 +192,7 @@ class DreamSampler:
         if self.alg == "origin":
             return self._select_origin(mask_logits, masked, ctx, tokens, conf)
         row_conf, row_tokens = dream_sample_tokens(
-            mask_logits, self.temperature, self.top_p, self.top_k, _DREAM_CONFIDENCE[self.alg]
+            mask_logits, self.temperature, self.top_p, self.top_k, _DREAM_CONFIDENCE[self.alg], ctx.vocab
         )
         conf[masked], tokens[masked] = row_conf.float(), row_tokens
         if self.threshold is not None:
@@ -217,7 +223,7 @@ class DreamSampler:
         picked = torch.zeros(mask_logits.shape[0], dtype=torch.long, device=mask_logits.device)
         if reveal.any():
             _, picked[reveal] = dream_sample_tokens(
-                mask_logits[reveal], self.temperature, self.top_p, self.top_k
+                mask_logits[reveal], self.temperature, self.top_p, self.top_k, shard=ctx.vocab
             )
         transfer = torch.zeros_like(masked)
         transfer[masked] = reveal

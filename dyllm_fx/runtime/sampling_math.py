@@ -6,17 +6,30 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..vocab_parallel import (
+    VocabShard,
+    gather_vocab,
+    neg_entropy,
+    probs_neg_entropy,
+    top_probability,
+    uniform_noise,
+    vocab_argmax,
+)
 
-def add_gumbel_noise(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+
+def add_gumbel_noise(
+    logits: torch.Tensor, temperature: float, shard: VocabShard | None = None
+) -> torch.Tensor:
     """LLaDA's temperature sampling: argmax of exp(logits) / (-log u)^T equals a Gumbel-max draw.
 
     Done in float64 because in low precision the perturbed scores collapse and ties replace
-    sampling (the LLaDA authors note this degrades quality).
+    sampling (the LLaDA authors note this degrades quality). ``shard``: the logits are this slice
+    of the vocabulary; the noise is the whole vocabulary's, sliced alike.
     """
     if temperature == 0:
         return logits
     logits = logits.to(torch.float64)
-    noise = torch.rand_like(logits, dtype=torch.float64)
+    noise = uniform_noise(logits, shard)
     return logits.exp() / (-torch.log(noise)) ** temperature
 
 
@@ -44,12 +57,25 @@ def dream_sample_tokens(
     top_p: float | None = None,
     top_k: int | None = None,
     confidence: str = "prob",
+    shard: VocabShard | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Dream's ``sample_tokens``: (confidence, token) per row of ``logits`` (N, V).
 
     ``confidence``: "prob" (probability of the chosen token: maskgit_plus), "margin"
-    (top1 - top2 probability: topk_margin) or "neg_entropy" (entropy).
+    (top1 - top2 probability: topk_margin) or "neg_entropy" (entropy). ``shard``: the logits
+    are this slice of the vocabulary; a greedy choice by "prob" or "neg_entropy" is reduced over
+    the ranks, anything else (sampling, filters, the margin) gathers the whole vocabulary first.
     """
+    if confidence not in ("prob", "margin", "neg_entropy"):
+        raise ValueError(f"unknown confidence {confidence!r}; use 'prob', 'margin' or 'neg_entropy'")
+    filtered = (top_p is not None and top_p < 1) or top_k is not None
+    if shard is not None and (temperature > 0 or filtered or confidence == "margin"):
+        logits, shard = gather_vocab(logits, shard), None
+    if shard is not None:
+        tokens = vocab_argmax(logits, shard)
+        if confidence == "prob":
+            return top_probability(logits, shard), tokens
+        return neg_entropy(logits, shard), tokens
     if temperature > 0:
         logits = logits / temperature
     if top_p is not None and top_p < 1:
@@ -66,7 +92,5 @@ def dream_sample_tokens(
         top2 = probs.topk(2, dim=-1).values
         conf = top2[:, 0] - top2[:, 1]
     elif confidence == "neg_entropy":
-        conf = (probs * torch.log(probs + 1e-10)).sum(-1)
-    elif confidence != "prob":
-        raise ValueError(f"unknown confidence {confidence!r}; use 'prob', 'margin' or 'neg_entropy'")
+        conf = probs_neg_entropy(probs)
     return conf, tokens

@@ -184,6 +184,7 @@ class Batch:
                 decoder.initial[i : i + 1],
                 s.own_block_start(),
                 s.own_seq_len(),
+                self.spec.vocab_shard,
             )
             with s.rng.active() if s.rng is not None else contextlib.nullcontext():
                 chosen = s.sampler.select(logits[i : i + 1], allowed[i : i + 1], ctx)

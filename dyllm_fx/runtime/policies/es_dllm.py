@@ -70,6 +70,7 @@ import torch
 
 from dyllm_fx.errors import UsageError
 from dyllm_fx.kernels.dispatch import partial_attention
+from dyllm_fx.vocab_parallel import top_probability, vocab_argmax
 
 from ..rows import bucket_size, mark, select_top, span_rows, take, write_rows
 from .base import FULL, HostState, Plan, StepOutput, StepReport, full_step, head_logits, rows_step
@@ -385,8 +386,8 @@ class ESDLLMPolicy(RowPolicy):
             # the generation's first step (or a re-layout): its masked rows are the response
             buffers.response.copy_(inp.input_ids == self._mask_id)
             out = full_step(pieces, inp, cache, self.recorder(buffers, pieces))
-        delayed = self._delayed_eos(inp, out, buffers, masked)
-        self._update_confidence(buffers, inp, out, masked, delayed)
+        delayed = self._delayed_eos(inp, out, buffers, masked, pieces.vocab_shard)
+        self._update_confidence(buffers, inp, out, masked, delayed, pieces.vocab_shard)
         buffers.prev_ids.copy_(inp.input_ids)
         if delayed is None:
             return out
@@ -415,7 +416,7 @@ class ESDLLMPolicy(RowPolicy):
             else inp.block_rows
         )
 
-    def _delayed_eos(self, inp, out: StepOutput, buffers, masked) -> torch.Tensor | None:
+    def _delayed_eos(self, inp, out: StepOutput, buffers, masked, vocab=None) -> torch.Tensor | None:
         """(B, P) bool over the logit positions: the rows whose EOS the official
         ``delay_eos_generation`` holds back (``generate.py`` ``sample_tokens_LLaDA`` /
         ``sample_tokens_Dream``): a masked row that predicts EOS while the response has no EOS
@@ -425,7 +426,7 @@ class ESDLLMPolicy(RowPolicy):
             return None
         rows, slots = self._block(inp)
         ids = inp.input_ids
-        predicts_eos = _is_eos(take(out.logits, slots, 1).argmax(-1), self._eos)
+        predicts_eos = _is_eos(vocab_argmax(take(out.logits, slots, 1), vocab), self._eos)
         left_masked = take(masked, (rows - 1).clamp_min(0), 1).bool()
         # whether each row's response holds an EOS, read as the last column of a running count:
         # inductor's CPU code generation fails (KeyError on a buffer) on an any() / amax() here
@@ -433,14 +434,14 @@ class ESDLLMPolicy(RowPolicy):
         held = predicts_eos & left_masked & ~ended & take(masked, rows, 1).bool()
         return torch.zeros_like(out.logits[..., 0], dtype=torch.bool).scatter(1, slots, held)
 
-    def _update_confidence(self, buffers, inp, out: StepOutput, masked, delayed) -> None:
+    def _update_confidence(self, buffers, inp, out: StepOutput, masked, delayed, vocab=None) -> None:
         """The sampler's confidence (top probability) of the block's rows that produced fresh
         logits; 0 where the row's token is not masked (official: the block's rows only). A
         delayed EOS row stores 0 with LLaDA and its probability with Dream: the official LLaDA
         sampler zeroes it before ``all_confidence.scatter_``, the Dream sampler after."""
         rows, slots = self._block(inp)
         logits = take(out.logits, slots, 1)
-        top = torch.softmax(logits.float(), dim=-1).amax(-1) * take(masked, rows, 1)  # (B, Lb)
+        top = top_probability(logits, vocab) * take(masked, rows, 1)  # (B, Lb)
         if delayed is not None and not self._shift:
             top = top * ~take(delayed, slots, 1)
         eligible = None if out.eligible is None else take(out.eligible, slots, 1)
