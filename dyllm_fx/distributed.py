@@ -103,9 +103,17 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _rank_main(rank: int, fn: Callable, world: int, port: int, device, timeout_s: float, args) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def join_local_group(
+    rank: int, size: int, port: int, device=None, timeout_s: float = DEFAULT_TIMEOUT_S
+) -> None:
+    """Join, as ``rank``, the process group of ``size`` ranks on this machine that rank 0 hosts
+    on 127.0.0.1:``port`` (the environment torchrun would set, then :func:`init_tensor_parallel`)."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     init_tensor_parallel(device, timeout_s)
+
+
+def _rank_main(rank: int, fn: Callable, world: int, port: int, device, timeout_s: float, args) -> None:
+    join_local_group(rank, world, port, device, timeout_s)
     try:
         fn(rank, *args)
     except Exception as err:
@@ -139,4 +147,12 @@ def spawn(
     )
 
 
-__all__ = ["DEFAULT_TIMEOUT_S", "check_size", "group_for", "init_tensor_parallel", "spawn", "sum_over_shards"]
+__all__ = [
+    "DEFAULT_TIMEOUT_S",
+    "check_size",
+    "group_for",
+    "init_tensor_parallel",
+    "join_local_group",
+    "spawn",
+    "sum_over_shards",
+]

@@ -47,7 +47,7 @@ BAD_INPUTS = [
     (["serve", "--max-queue-size", "0"], "--max-queue-size must be at least 1"),
     (["serve", "--port", "-1"], "--port must be in 0..65535"),
     (["serve", "--tensor-parallel-size", "0"], "--tensor-parallel-size must be at least 1"),
-    (["serve", "--replicas", "2", "-tp", "2"], "put an OpenAI-compatible router in front"),
+    (["serve", "--replicas", "2", "-tp", "2", "--gpus-per-replica", "1"], "give it --gpus-per-replica 2"),
 ]
 
 # Runs every bad command line in one fresh interpreter and reports, for each, the exit status,

@@ -295,6 +295,50 @@ def test_cancelled_requests_leave_and_the_others_are_unchanged():
     assert engine.scheduler.num_running == 0 and not engine.abort(gone.request_id)
 
 
+class _RecordingMirror:
+    """A tensor-parallel leader's mirror that keeps what it would send; ``during_lead`` runs
+    (in another thread, as the HTTP server's) while the journal is being sent."""
+
+    def __init__(self, during_lead=None):
+        self.sent: list[tuple[list, bool]] = []
+        self.during_lead = during_lead
+
+    def lead(self, journal):
+        self.sent.append((journal, True))
+        if self.during_lead is not None:
+            import threading
+
+            thread = threading.Thread(target=self.during_lead)
+            thread.start()
+            thread.join(0.3)  # it waits for the engine's lock: the step's batch is being decided
+
+    def heartbeat(self, journal):
+        if journal:
+            self.sent.append((journal, False))
+
+
+def test_a_leader_steps_only_what_it_sent_its_followers():
+    """A request arriving while a tensor-parallel leader sends its journal joins no batch before
+    the next journal carries it, and a cancellation takes effect at the next step boundary (the
+    followers apply both there; a step that differed between ranks would break their collectives)."""
+    engine = ServingEngine(model_for("llada", "dual_cache"), TOK, max_num_seqs=4)
+    sp = SamplingParams(max_tokens=16, block_length=8)
+    late = []
+    engine.mirror = _RecordingMirror(lambda: late.append(engine.add_request(prompts(1, 3)[0], sp)))
+    first = engine.add_request(prompts(1, 2)[0], sp)
+    engine.step()
+    assert len(late) == 1 and [kind for kind, _ in engine.mirror.sent[0][0]] == ["add"]
+    scheduled = {id(s) for b in engine.scheduler.batches for s in b.rows}
+    assert all(id(s) not in scheduled for s in late[0].seqs)  # it waits for the next step
+    engine.mirror.during_lead = None
+    assert engine.abort(first.request_id)
+    assert not first.seqs[0].cancelled  # not in the middle of a step: at the next boundary
+    outputs = engine.step()
+    assert engine.mirror.sent[1][0] == [("add", engine.mirror.sent[1][0][0][1]), ("abort", first.request_id)]
+    assert first.seqs[0].cancelled
+    assert [o.outputs[0].finish_reason for o in outputs if o.request_id == first.request_id] == ["abort"]
+
+
 def test_a_failing_step_ends_its_batch_only():
     engine = ServingEngine(model_for("llada"), TOK)
     bad = engine.add_request("abc", SamplingParams(max_tokens=8, block_length=8))

@@ -144,3 +144,78 @@ def _a_killed_replica_loses_no_request_and_is_replaced(url, complete, prompt, te
         time.sleep(0.5)
     assert len(now) == 2 and before[0] not in now, (before, now)
     assert [outcome(i) for i in range(4)] == ["same"] * 4
+
+
+def _rank_pids(replica: int) -> list[int]:
+    """The tensor-parallel ranks a replica started beside itself (multiprocessing's spawned children)."""
+    import subprocess
+
+    children = subprocess.run(["pgrep", "-P", str(replica)], capture_output=True, text=True).stdout.split()
+    ranks = []
+    for pid in children:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            if b"spawn_main" in f.read():
+                ranks.append(int(pid))
+    return ranks
+
+
+@pytest.mark.slow
+def test_a_tensor_parallel_replica_answers_and_a_lost_rank_gets_it_replaced():
+    """``dyllm serve --replicas 1 --tensor-parallel-size 2``: the replica is rank 0 and starts rank 1
+    beside it; its completions are the model's. Rank 1 killed while requests are in flight: each
+    is answered (the text or an error status), the replica fails Ray's health check and is
+    replaced by one that answers."""
+    pytest.importorskip("ray")
+    openai = pytest.importorskip("openai")
+    import os
+    import signal
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = [e.prompt for e in held_out_set(2)][:4]
+    model, tokenizer = dyllm_fx.load("default")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        want = dyllm_fx.generate(
+            dyllm_fx.transform(model, policy=POLICY), tokenizer, pool, gen_length=32, block_length=16
+        ).texts
+    with ServerProcess(
+        "--policy", POLICY, "--replicas", "1", "-tp", "2", "--cpus-per-replica", "0.5", start_timeout_s=300
+    ) as server:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+        def complete(prompt: str):
+            out = client.completions.create(
+                model="default", prompt=prompt, max_tokens=32, extra_body={"block_length": 16}
+            )
+            return out.choices[0]
+
+        def outcome(prompt: str) -> str:
+            """ "same", or how the failure was reported: an error status, or finish_reason "error"
+            (the engine stopped while the request decoded), never a wrong text said to be done."""
+            try:
+                choice = complete(prompt)
+            except openai.APIStatusError as err:
+                return f"error {err.status_code}"
+            if choice.finish_reason == "error":
+                return "error finish"
+            return "same" if choice.text == want[pool.index(prompt)] else "different"
+
+        with ThreadPoolExecutor(8) as threads:
+            assert list(threads.map(outcome, pool * 2)) == ["same"] * 2 * len(pool)
+        (replica,) = _replica_pids()
+        (rank1,) = _rank_pids(replica)
+        with ThreadPoolExecutor(8) as threads:
+            results = threads.map(outcome, pool * 2)
+            time.sleep(0.5)
+            os.kill(rank1, signal.SIGKILL)
+            outcomes = list(results)
+        assert all(o in ("same", "error finish") or o.startswith("error 5") for o in outcomes), outcomes
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and [replica] == (now := _replica_pids()):
+            time.sleep(0.5)
+        assert now != [replica], "the replica whose rank died was not replaced"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and outcome(pool[0]) != "same":
+            time.sleep(1)
+        assert [outcome(p) for p in pool] == ["same"] * len(pool)

@@ -95,14 +95,10 @@ def _check_serve(args: argparse.Namespace) -> None:
         raise UsageError(
             f"--max-replicas must be >= --replicas ({args.replicas or 'not given'}), got {args.max_replicas}"
         )
-    if args.replicas is not None and args.tensor_parallel_size > 1:
-        raise UsageError(
-            "--replicas with --tensor-parallel-size is not supported yet: serve one tensor-parallel "
-            "server per node and put an OpenAI-compatible router in front (docs/scaling.md)"
-        )
     if args.replicas is not None:
-        from ..serving.replicas import require_ray
+        from ..serving.replicas import check_replica_gpus, require_ray
 
+        check_replica_gpus(args.tensor_parallel_size, args.gpus_per_replica)
         require_ray()  # Ray missing: the pip command, before anything loads
 
 

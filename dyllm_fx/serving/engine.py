@@ -180,16 +180,22 @@ class ServingEngine:
 
     def abort(self, request_id: str) -> bool:
         """Cancel a request (its rows leave their batch at the next block boundary); False when
-        no such request runs."""
+        no such request runs. A tensor-parallel leader cancels at its next step boundary, where
+        its followers replay the cancellation: never in the middle of a step they also run."""
         with self._lock:
             request = self._requests.get(request_id)
             if request is None or request.finished:
                 return False
-            self.scheduler.abort(request.seqs)
-            self._aborted.append(request)
-            if self.mirror is not None:
+            if self.mirror is None:
+                self._cancel(request)
+            elif ("abort", request_id) not in self._journal:
                 self._journal.append(("abort", request_id))
         return True
+
+    def _cancel(self, request: Request) -> None:
+        """(Under the lock.) Stop ``request``'s rows; its output is reported at the next step."""
+        self.scheduler.abort(request.seqs)
+        self._aborted.append(request)
 
     def has_unfinished(self) -> bool:
         return bool(self._requests) or self.scheduler.has_work()
@@ -204,22 +210,25 @@ class ServingEngine:
         """One denoising step of the next batch. Returns an output for each request a block
         ended for (texts cumulative), finished or cancelled."""
         outputs: list[RequestOutput] = []
-        if self.mirror is not None:
-            self.mirror.lead(self._take_journal())
-        with self._lock:
+        # What this step runs is decided under the lock, together with the journal a
+        # tensor-parallel leader sends: a request added meanwhile waits for the next step on
+        # every rank alike.
+        with self._lock, torch.inference_mode():
+            if self.mirror is not None:
+                self.mirror.lead(self._publish_journal())
             aborted, self._aborted = self._aborted, []
-        for request in aborted:
-            self._maybe_finish(request, outputs)
-        self.scheduler.open_batches(self._new_batch)
-        batch = self.scheduler.next_batch()
-        if batch is None:
-            return outputs
-        with torch.inference_mode():
-            if not batch.in_block:
+            self.scheduler.open_batches(self._new_batch)
+            batch = self.scheduler.next_batch()
+            if batch is not None and not batch.in_block:
                 self._prepare(batch, outputs)
                 if not batch.rows:
                     self._close(batch)
-                    return outputs
+                    batch = None
+        for request in aborted:
+            self._maybe_finish(request, outputs)
+        if batch is None:
+            return outputs
+        with torch.inference_mode():
             t0 = time.perf_counter()
             try:
                 ended = batch.step()
@@ -239,11 +248,16 @@ class ServingEngine:
     def idle(self) -> None:
         """Called when there is nothing to step: a tensor-parallel leader's heartbeat."""
         if self.mirror is not None:
-            self.mirror.heartbeat(self._take_journal())
+            with self._lock:
+                self.mirror.heartbeat(self._publish_journal())
 
-    def _take_journal(self) -> list[tuple]:
-        with self._lock:
-            journal, self._journal = self._journal, []
+    def _publish_journal(self) -> list[tuple]:
+        """(A leader, under the lock.) The events since the journal was last sent, emptied, its
+        cancellations applied here as the followers apply them on receipt."""
+        journal, self._journal = self._journal, []
+        for kind, payload in journal:
+            if kind == "abort" and (request := self._requests.get(payload)) is not None:
+                self._cancel(request)
         return journal
 
     def replay(self, journal: list[tuple]) -> None:

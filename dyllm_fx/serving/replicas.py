@@ -36,6 +36,8 @@ from ..values import check_integer, check_number
 from .net import bind_socket, require_server_packages
 
 APP_NAME = "dyllm"
+# how often Ray asks a replica whether its engine still runs (a stopped one is replaced)
+HEALTH_CHECK_PERIOD_S = 2.0
 
 
 def require_ray() -> None:
@@ -46,6 +48,15 @@ def require_ray() -> None:
             '(from a checkout: pip install -e ".[ray]"), or leave out --replicas for one server process'
         )
     require_server_packages()
+
+
+def check_replica_gpus(tensor_parallel_size: int, gpus_per_replica: float) -> None:
+    """A replica on GPUs runs one tensor-parallel rank per GPU: refuse fewer (0: a CPU replica)."""
+    if 0 < gpus_per_replica < tensor_parallel_size:
+        raise UsageError(
+            f"a replica of tensor_parallel_size={tensor_parallel_size} runs one rank per GPU: give it "
+            f"--gpus-per-replica {tensor_parallel_size} (got {gpus_per_replica:g})"
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,13 +108,45 @@ class ReplicaConfig:
         )
 
     def build_app(self):
-        """The FastAPI app of one replica, its engine thread started (runs inside the replica)."""
+        """The FastAPI app of one replica, its engine thread started (runs inside the replica).
+        A tensor-parallel replica is rank 0 of its own ranks, which it starts beside itself."""
         from .async_engine import AsyncEngine
         from .server import build_app
 
-        llm = self.build_llm()
-        engine = AsyncEngine(llm.engine, threads=self.threads).start()
-        return build_app(engine, self.served_model_name or self.model, llm.policy_name)
+        if self.tensor_parallel_size > 1:
+            from .tensor_parallel import lead_ranks
+
+            llm, _THIS_REPLICA.followers = lead_ranks(self)
+        else:
+            llm = self.build_llm()
+        _THIS_REPLICA.engine = AsyncEngine(llm.engine, threads=self.threads).start()
+        return build_app(_THIS_REPLICA.engine, self.served_model_name or self.model, llm.policy_name)
+
+
+@dataclasses.dataclass
+class _ReplicaState:
+    """What the replica in this process runs (a Ray Serve replica is a process of its own)."""
+
+    engine: Any = None  # the AsyncEngine
+    followers: list = dataclasses.field(default_factory=list)  # tensor-parallel ranks 1..N-1
+
+    def check_health(self) -> None:
+        if self.engine is not None and not self.engine.alive:
+            raise RuntimeError(f"the engine thread stopped ({self.engine.error!r})")
+        for process in self.followers:
+            if not process.is_alive():
+                raise RuntimeError(f"tensor-parallel rank {process.name} exited with code {process.exitcode}")
+
+
+_THIS_REPLICA = _ReplicaState()
+
+
+class OpenAIServer:
+    """The deployment's class: Ray Serve calls :meth:`check_health` every few seconds and
+    replaces a replica whose engine (or a rank of it) stopped."""
+
+    def check_health(self) -> None:
+        _THIS_REPLICA.check_health()
 
 
 def openai_deployment(
@@ -118,7 +161,9 @@ def openai_deployment(
     ``max_replicas`` above ``num_replicas`` turns on Ray's autoscaling between the two, aiming
     at ``config.max_num_seqs`` requests in flight per replica (one full batch each).
     ``cpus_per_replica`` / ``gpus_per_replica`` are the Ray resources each replica holds (a
-    replica sees only the GPUs Ray gives it). Run it with ``ray.serve.run(app, route_prefix="/")``.
+    replica sees only the GPUs Ray gives it; a tensor-parallel replica needs one per rank, and
+    runs its ranks as processes beside it). A replica whose engine stops (a rank of it lost) fails
+    Ray's health check and is replaced. Run it with ``ray.serve.run(app, route_prefix="/")``.
     """
     require_ray()
     try:
@@ -130,9 +175,16 @@ def openai_deployment(
         raise UsageError(str(err)) from None
     from ray import serve
 
+    tp = config.tensor_parallel_size
+    if tp > 1:
+        from ..loading import check_tensor_parallel
+
+        check_tensor_parallel(config.model, tp)  # heads that do not divide: before Ray starts
+    check_replica_gpus(tp, gpus_per_replica)
     options: dict[str, Any] = {
         "name": "OpenAIServer",
         "ray_actor_options": {"num_cpus": cpus_per_replica, "num_gpus": gpus_per_replica},
+        "health_check_period_s": HEALTH_CHECK_PERIOD_S,
         # a request is one HTTP call that may hold several completions; let a replica's
         # scheduler, not the proxy, decide how many decode at once
         "max_ongoing_requests": max(config.max_num_seqs * 4, 8),
@@ -149,7 +201,7 @@ def openai_deployment(
     def build_app():  # Ray takes a plain function of no arguments as an app builder
         return config.build_app()
 
-    server = serve.deployment(serve.ingress(build_app)(), **options)
+    server = serve.deployment(serve.ingress(build_app)(OpenAIServer), **options)
     return server.bind()
 
 
@@ -222,4 +274,13 @@ def _interrupt_on_sigterm() -> None:
         signal.signal(signal.SIGTERM, interrupt)
 
 
-__all__ = ["APP_NAME", "ReplicaConfig", "free_port", "openai_deployment", "require_ray", "run_replicas"]
+__all__ = [
+    "APP_NAME",
+    "OpenAIServer",
+    "ReplicaConfig",
+    "check_replica_gpus",
+    "free_port",
+    "openai_deployment",
+    "require_ray",
+    "run_replicas",
+]
