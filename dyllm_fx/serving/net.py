@@ -37,4 +37,10 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-__all__ = ["SERVER_PACKAGES", "bind_socket", "require_server_packages"]
+def free_port(host: str) -> int:
+    """A TCP port nobody listens on now on ``host`` (for a server that binds the port itself)."""
+    with bind_socket(host, 0) as sock:
+        return sock.getsockname()[1]
+
+
+__all__ = ["SERVER_PACKAGES", "bind_socket", "free_port", "require_server_packages"]

@@ -28,12 +28,13 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 from ..errors import MissingDependencyError, UsageError
 from ..values import check_integer, check_number
-from .net import bind_socket, require_server_packages
+from .net import free_port, require_server_packages
+from .server_config import ReplicaConfig
 
 APP_NAME = "dyllm"
 # how often Ray asks a replica whether its engine still runs (a stopped one is replaced)
@@ -59,68 +60,20 @@ def check_replica_gpus(tensor_parallel_size: int, gpus_per_replica: float) -> No
         )
 
 
-@dataclasses.dataclass(frozen=True)
-class ReplicaConfig:
-    """What every replica builds: the arguments of :class:`dyllm_fx.LLM` (which loads the
-    model, applies the policy and owns the serving engine) plus the server's own.
+def _build_replica_app(config: ReplicaConfig):
+    """The FastAPI app of one replica, its engine thread started (runs inside the replica).
+    A tensor-parallel replica is rank 0 of its own ranks, which it starts beside itself."""
+    from .async_engine import AsyncEngine
+    from .server import build_app
 
-    Args:
-        model: ``"default"``, a model folder or a Hub id in the local cache, as ``dyllm_fx.load``.
-        policy: ``"vanilla"`` or a ``transform()`` policy; ``policy_args`` its parameters.
-        threads: torch CPU threads of each replica's engine thread (None: torch's choice).
-        served_model_name: the name clients pass (default: ``model``).
-        tensor_parallel_size: ranks the model is sharded over (``dyllm serve
-            --tensor-parallel-size``; every rank builds this LLM in a process group of that size).
-    """
+    if config.tensor_parallel_size > 1:
+        from .tensor_parallel import lead_ranks
 
-    model: str = "default"
-    policy: str = "vanilla"
-    policy_args: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-    compile: bool | str = False
-    cuda_graphs: bool = False
-    dtype: str | None = None
-    device: str | None = None
-    max_num_seqs: int = 16
-    max_num_batches: int = 4
-    max_queue_size: int | None = 256
-    threads: int | None = None
-    served_model_name: str | None = None
-    tensor_parallel_size: int = 1
-
-    def build_llm(self):
-        """The :class:`dyllm_fx.LLM` this configuration names: its model loaded, its policy
-        applied, its serving engine made (``dyllm serve`` without replicas builds its one server
-        from this too)."""
-        from .llm import LLM
-
-        return LLM(
-            self.model,
-            policy=self.policy,
-            compile=self.compile,
-            cuda_graphs=self.cuda_graphs,
-            max_num_seqs=self.max_num_seqs,
-            max_num_batches=self.max_num_batches,
-            max_queue_size=self.max_queue_size,
-            dtype=self.dtype,
-            device=self.device,
-            tensor_parallel_size=self.tensor_parallel_size,
-            **dict(self.policy_args),
-        )
-
-    def build_app(self):
-        """The FastAPI app of one replica, its engine thread started (runs inside the replica).
-        A tensor-parallel replica is rank 0 of its own ranks, which it starts beside itself."""
-        from .async_engine import AsyncEngine
-        from .server import build_app
-
-        if self.tensor_parallel_size > 1:
-            from .tensor_parallel import lead_ranks
-
-            llm, _THIS_REPLICA.followers = lead_ranks(self)
-        else:
-            llm = self.build_llm()
-        _THIS_REPLICA.engine = AsyncEngine(llm.engine, threads=self.threads).start()
-        return build_app(_THIS_REPLICA.engine, self.served_model_name or self.model, llm.policy_name)
+        llm, _THIS_REPLICA.followers = lead_ranks(config)
+    else:
+        llm = config.build_llm()
+    _THIS_REPLICA.engine = AsyncEngine(llm.engine, threads=config.threads).start()
+    return build_app(_THIS_REPLICA.engine, config.served_model_name or config.model, llm.policy_name)
 
 
 @dataclasses.dataclass
@@ -199,16 +152,10 @@ def openai_deployment(
         options["num_replicas"] = num_replicas
 
     def build_app():  # Ray takes a plain function of no arguments as an app builder
-        return config.build_app()
+        return _build_replica_app(config)
 
     server = serve.deployment(serve.ingress(build_app)(OpenAIServer), **options)
     return server.bind()
-
-
-def free_port(host: str) -> int:
-    """A TCP port nobody listens on now (Ray's proxy binds the port itself, so it needs a number)."""
-    with bind_socket(host, 0) as sock:
-        return sock.getsockname()[1]
 
 
 def run_replicas(
@@ -279,7 +226,6 @@ __all__ = [
     "OpenAIServer",
     "ReplicaConfig",
     "check_replica_gpus",
-    "free_port",
     "openai_deployment",
     "require_ray",
     "run_replicas",

@@ -21,7 +21,8 @@ from ..errors import EngineStoppedError, UsageError
 from ..loading import check_tensor_parallel
 from ..options import resolve_device
 from .mirror import EngineMirror, follow
-from .replicas import ReplicaConfig, free_port
+from .net import free_port
+from .server_config import ReplicaConfig
 
 
 def serve_tensor_parallel(
