@@ -65,6 +65,16 @@ def _with_policy(traced: TransformedModel, name: str) -> TransformedModel:
     return TransformedModel(traced.program, make_policy(name), traced.diffusion)
 
 
+def _traced(model: TransformedModel) -> TransformedModel:
+    model.engine.record_activity = True  # each step's rows per layer, in the engine's records
+    return model
+
+
+def _row_sets(model: TransformedModel) -> list:
+    """Per step of the last generation, the rows each layer recomputed or only attended from."""
+    return [None if r.activity is None else r.activity.tolist() for r in model.engine.records]
+
+
 def _compare_on_rank(rank: int, results) -> None:
     torch.set_num_threads(1)
     for arch, model in _models().items():
@@ -74,9 +84,11 @@ def _compare_on_rank(rank: int, results) -> None:
         assert shard.program.vocab_shard is not None  # the head is split over the vocabulary
         for policy in POLICIES:
             for threshold in (None, 0.9):
-                want = _generate(_with_policy(whole, policy), threshold)
-                got = _generate(_with_policy(shard, policy), threshold)
-                results.put((rank, arch, policy, threshold, torch.equal(got, want), got.tolist()))
+                one, sharded = _traced(_with_policy(whole, policy)), _traced(_with_policy(shard, policy))
+                want, got = _generate(one, threshold), _generate(sharded, threshold)
+                # the same tokens, and every layer recomputed the same rows at every step
+                same = torch.equal(got, want) and _row_sets(sharded) == _row_sets(one)
+                results.put((rank, arch, policy, threshold, same, got.tolist()))
         # sampled: the same seed draws the same tokens from the vocabulary split over the ranks
         sampled = dict(temperature=0.7, seed=11)
         want, got = _generate(whole, **sampled), _generate(shard, **sampled)
