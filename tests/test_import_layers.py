@@ -46,6 +46,8 @@ LAYERS = (
     # the tensor-parallel process group and its collectives: used by the sharding pass and the
     # runtime's per-row reductions
     ("dyllm_fx.distributed", 0),
+    # reductions over a vocabulary split across those ranks: the sampler's and the policies'
+    ("dyllm_fx.vocab_parallel", 0),
     ("dyllm_fx.char_tokenizer", 0),
     ("dyllm_fx.prompts", 0),
     ("dyllm_fx.assets", 0),

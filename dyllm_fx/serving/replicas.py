@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import os
 import signal
 import sys
 import threading
@@ -39,6 +40,8 @@ from .server_config import ReplicaConfig
 APP_NAME = "dyllm"
 # how often Ray asks a replica whether its engine still runs (a stopped one is replaced)
 HEALTH_CHECK_PERIOD_S = 2.0
+# how long Ray Serve's HTTP proxy may take to start before Ray kills it (Ray's default: 5 s)
+PROXY_READY_TIMEOUT_S = 60.0
 
 
 def require_ray() -> None:
@@ -180,6 +183,9 @@ def run_replicas(
     from ray import serve
 
     port = port or free_port(host)
+    # Ray Serve kills an HTTP proxy not ready within 5 s; on a machine busy loading models its
+    # worker can take longer to start, and serve.start then fails on the killed actor
+    os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", str(PROXY_READY_TIMEOUT_S))
     _interrupt_on_sigterm()  # ServerProcess and service managers stop with SIGTERM: shut Ray down too
     ray.init(address=ray_address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
     try:
