@@ -97,7 +97,8 @@ def sum_over_shards(tensor: torch.Tensor, group: str | None) -> torch.Tensor:
     return funcol.all_reduce(tensor, "sum", group)
 
 
-def _free_port() -> int:
+def free_local_port() -> int:
+    """A free port on 127.0.0.1, for rank 0 of a group on this machine to host it on."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -141,7 +142,7 @@ def spawn(
     check_size(tensor_parallel_size)
     mp.spawn(
         _rank_main,
-        args=(fn, tensor_parallel_size, _free_port(), device, timeout_s, args),
+        args=(fn, tensor_parallel_size, free_local_port(), device, timeout_s, args),
         nprocs=tensor_parallel_size,
         join=True,
     )
@@ -150,6 +151,7 @@ def spawn(
 __all__ = [
     "DEFAULT_TIMEOUT_S",
     "check_size",
+    "free_local_port",
     "group_for",
     "init_tensor_parallel",
     "join_local_group",

@@ -16,12 +16,11 @@ import dataclasses
 
 import torch
 
-from ..distributed import join_local_group, spawn
+from ..distributed import free_local_port, join_local_group, spawn
 from ..errors import EngineStoppedError, UsageError
 from ..loading import check_tensor_parallel
 from ..options import resolve_device
 from .mirror import EngineMirror, follow
-from .net import free_port
 from .server_config import ReplicaConfig
 
 
@@ -111,7 +110,7 @@ def lead_ranks(config: ReplicaConfig):
 
     size = config.tensor_parallel_size
     device = _check_ranks(config)
-    port = free_port("127.0.0.1")
+    port = free_local_port()
     context = mp.get_context("spawn")
     followers = [
         context.Process(
