@@ -256,7 +256,8 @@ class ServingEngine:
         cancellations applied here as the followers apply them on receipt."""
         journal, self._journal = self._journal, []
         for kind, payload in journal:
-            if kind == "abort" and (request := self._requests.get(payload)) is not None:
+            request = self._requests.get(payload) if kind == "abort" else None
+            if request is not None and not request.finished:  # as a follower's abort() decides
                 self._cancel(request)
         return journal
 
