@@ -34,7 +34,18 @@ from dyllm_fx.export import (  # noqa: E402
     record_plan_keys,
     to_onnx,
 )
-from dyllm_fx.export.plan_keys import SEQ, bind, graph_key  # noqa: E402
+from dyllm_fx.export.plan_keys import (  # noqa: E402
+    ANY,
+    SEQ,
+    KeyRange,
+    bind,
+    branch_key,
+    branch_sizes,
+    branches,
+    graph_key,
+    size_count,
+    with_sizes,
+)
 from dyllm_fx.runtime.policies import make_policy  # noqa: E402
 from dyllm_fx.runtime.policies.dllm_cache import AdaptiveKey  # noqa: E402
 from dyllm_fx.runtime.policies.dyllm import SparseKey  # noqa: E402
@@ -119,7 +130,7 @@ def cache_export(llada, tmp_path_factory):
 
 
 @pytest.mark.parametrize("which", ["dyllm_export", "es_export", "cache_export"])
-def test_graph_is_standard_onnx_with_one_branch_per_key(which, request):
+def test_graph_is_standard_onnx_with_one_branch_per_kind_of_step(which, request):
     exp = request.getfixturevalue(which)
     proto = onnx.load(str(exp.path))
     onnx.checker.check_model(proto, full_check=True)
@@ -127,9 +138,11 @@ def test_graph_is_standard_onnx_with_one_branch_per_key(which, request):
     assert {n.domain for n in nodes} | {f.domain for f in proto.functions} <= {"", "ai.onnx"}
     assert not any("dyllm" in n.op_type for n in nodes)
     props = {p.key: p.value for p in proto.metadata_props}
-    plans = json.loads(props["dyllm.plans"])
+    plans, kinds = json.loads(props["dyllm.plans"]), json.loads(props["dyllm.branches"])
     assert len(plans) == len(exp.keys) and props["dyllm.graph"] == "plans"
-    assert sum(n.op_type == "If" for n in nodes) == len(plans) - 1  # a chain of If over the `plan` input
+    assert len(kinds) == len({branch_key(k) for k in exp.keys})  # keys differing only in sizes share one
+    assert sorted({p["branch"] for p in plans}) == list(range(len(kinds)))
+    assert sum(n.op_type == "If" for n in nodes) == len(kinds) - 1  # a chain of If over the `plan` input
     ops = {n.op_type for n in nodes}
     assert {"TopK", "GatherElements", "Where"} <= ops  # the gating is inside the graph
     assert ops & {"ScatterElements", "ScatterND"}  # and so are the row writes (scatter_ / index_put_)
@@ -150,7 +163,7 @@ def test_graph_is_standard_onnx_with_one_branch_per_key(which, request):
 def test_dyllm_graph_holds_its_buffers_and_tau(dyllm_export):
     proto = onnx.load(str(dyllm_export.path))
     names = [i.name for i in proto.graph.input]
-    assert names[:7] == [
+    assert names[:9] == [
         "input_ids",
         "attention_mask",
         "position_ids",
@@ -158,7 +171,13 @@ def test_dyllm_graph_holds_its_buffers_and_tau(dyllm_export):
         "span_start",
         "span_len",
         "tau",
+        "size_0",  # a sparse step's span width and capacity, as the lengths of two inputs
+        "size_1",
     ]
+    dims = {
+        i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in proto.graph.input
+    }
+    assert dims["size_0"] == ["size_0"] and dims["size_1"] == ["size_1"]
     assert {"context_0", "mlp_1", "prev_ids", "hidden"} <= set(names)
     outputs = [o.name for o in proto.graph.output]
     assert outputs[:3] == ["logits", "eligible", "counts"] and "context_0_out" in outputs
@@ -170,6 +189,54 @@ def test_dyllm_graph_holds_its_buffers_and_tau(dyllm_export):
 
 
 # --- onnxruntime against the torch engine ---------------------------------------------------
+
+
+def test_one_branch_serves_every_size_of_its_keys(llada, tmp_path):
+    """A sparse step's span width and capacity are inputs of one graph: onnxruntime gives the
+    eager step's outputs at capacities below and equal to the span, for spans below and equal
+    to the sequence (the sizes the trace did not see included), from a state that is not zero."""
+    from dyllm_fx.export.plans import build_plan_step
+    from dyllm_fx.export.policy_step import size_inputs
+
+    fast = dyllm_fx.transform(llada, policy="dyllm")
+    keys = [
+        SparseKey(SEQ, SEQ, "exact", False, None),
+        SparseKey(SEQ, 8, "exact", False, None),
+        SparseKey(16, 16, "exact", False, None),
+        SparseKey(16, 9, "exact", False, None),
+    ]
+    path = to_onnx(fast, tmp_path / "sizes.onnx", keys=keys, progress=False, **LAYOUT)
+    proto = onnx.load(str(path))
+    props = {p.key: p.value for p in proto.metadata_props}
+    assert len(json.loads(props["dyllm.branches"])) == 1
+    assert not any(n.op_type == "If" for n in proto.graph.node)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    build = build_plan_step(fast, Layout(**LAYOUT).check(None), keys)
+    step, branch = build.step, build.branches[0]
+    example = list(build.example(0))
+    seq_len, first_size = example[0].shape[1], 6 + len(step.params)
+    gen = torch.Generator().manual_seed(0)
+    for i in range(first_size + step.n_sizes, len(example)):  # a state as after a few steps
+        if example[i].is_floating_point():
+            example[i] = torch.randn(example[i].shape, generator=gen)
+    for key in keys:
+        bound = bind(key, seq_len)
+        args = list(example)
+        sizes = size_inputs(branch_sizes(branch.key, bound), step.n_sizes)
+        args[first_size : first_size + step.n_sizes] = sizes
+        args[4][:] = seq_len - bound.width  # the span: the last `width` rows
+        args[5][:] = bound.width
+        with build.tracing():
+            step.key = branch.key
+            want = step(*args)
+        got = session.run(None, {n: a.numpy() for n, a in zip(names, [*args, torch.tensor(0)])})
+        assert torch.equal(torch.from_numpy(got[2]), want[2]), key  # the counts: rows selected, kept
+        for g, w in zip(got, want):
+            if g.dtype.kind == "f":
+                assert np.allclose(g, w.numpy(), atol=LOGITS_ATOL), key
+            else:
+                assert np.array_equal(g, w.numpy()), key
 
 
 @pytest.mark.parametrize("which", ["dyllm_export", "es_export", "cache_export"])
@@ -211,17 +278,20 @@ def test_es_dllm_eligible_reaches_the_loop(es_export):
 
 
 def test_tau_is_an_input_no_reexport(dyllm_export):
-    """Another tau runs on the same file and gives the engine's tokens for that tau."""
+    """Another tau runs on the same file and gives the engine's tokens for that tau, also where
+    it reaches capacities the calibration run did not (the branch takes its sizes as inputs)."""
     model = dyllm_export.model
+    unlisted = set()
     for tau in (0.9, 0.999):
-        want = dyllm_fx.generate(dyllm_fx.transform(model, policy="dyllm", tau=tau), TOK, PROMPTS, **GEN)
+        reference = dyllm_fx.transform(model, policy="dyllm", tau=tau)
+        with record_plan_keys(reference) as keys:
+            want = dyllm_fx.generate(reference, TOK, PROMPTS, **GEN)
+        unlisted |= set(keys) - set(dyllm_export.keys)
         onnx_model = load_onnx(dyllm_export.path, threads=1, tokenizer=TOK, policy_args={"tau": tau})
         assert onnx_model.policy.tau == tau
-        try:
-            got = dyllm_fx.generate(onnx_model, TOK, PROMPTS, **GEN)
-        except ExportedPlanMissing:  # another tau may reach a capacity the calibration run did not
-            continue
+        got = dyllm_fx.generate(onnx_model, TOK, PROMPTS, **GEN)
         assert torch.equal(got.sequences, want.sequences)
+    assert unlisted, "no tau reached a key the calibration run did not: this test checks nothing new"
 
 
 def test_state_stays_in_onnxruntime(dyllm_export):
@@ -437,6 +507,37 @@ def test_graph_keys_tie_sizes_to_the_sequence():
     # a skip layer's index is not a size, even when it equals the length
     assert graph_key(SkipKey(16, ((2, 3),)), 2) == SkipKey(16, ((2, 3),))
     assert bind(AdaptiveKey(SEQ, 8), 21) == AdaptiveKey(21, 8)
+
+
+def test_keys_that_differ_only_in_sizes_share_a_branch():
+    keys = [
+        SparseKey(SEQ, SEQ, "exact", False, None),
+        SparseKey(SEQ, 8, "exact", False, None),
+        SparseKey(16, 8, "exact", False, None),
+        SparseKey(16, 8, "exact", False, 4),  # a batch-wide MLP capacity: another step
+        SparseKey(16, 8, "cached", False, None),  # another statistics mode: another step
+        SkipKey(16, ((2, 3),)),
+        SkipKey(SEQ, ((2, 5),)),
+        SkipKey(16, ((1, 3),)),  # another skip layer: another step
+    ]
+    groups = branches([KeyRange(k, 20, 40) for k in keys])
+    assert [b.key for b in groups] == [
+        SparseKey(ANY, ANY, "exact", False, None),
+        SparseKey(ANY, ANY, "exact", False, ANY),
+        SparseKey(ANY, ANY, "cached", False, None),
+        SkipKey(ANY, ((2, ANY),)),
+        SkipKey(ANY, ((1, ANY),)),
+    ]
+    assert [len(b.members) for b in groups] == [3, 1, 1, 2, 1]
+    assert size_count(groups) == 3
+    # the sizes a branch takes as inputs, in order, and back
+    key = bind(SkipKey(SEQ, ((2, 5),)), 30)
+    assert branch_sizes(branch_key(key), key) == [5, 30]  # SkipKey.map_sizes' order: kept, width
+    assert with_sizes(branch_key(key), [5, 30, 99]) == key  # sizes beyond the key's are ignored
+    # one branch per key: its sizes stay fixed and it takes none as inputs
+    fixed = branches([KeyRange(k, 20, 40) for k in keys], by_shape=False)
+    assert [b.key for b in fixed] == keys and size_count(fixed) == 0
+    assert with_sizes(keys[1], [30]) == keys[1]
 
 
 def test_plan_keys_refuse_a_layout_too_wide():

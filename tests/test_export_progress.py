@@ -23,7 +23,7 @@ from dyllm_fx.cli.main import main  # noqa: E402
 from dyllm_fx.errors import DyllmWarning, UsageError  # noqa: E402
 from dyllm_fx.export import onnx_plans, to_onnx  # noqa: E402
 from dyllm_fx.export.noise import quiet_exporters  # noqa: E402
-from dyllm_fx.export.progress import key_bar, warn_length  # noqa: E402
+from dyllm_fx.export.progress import graph_bar, warn_length  # noqa: E402
 from dyllm_fx.values import check_output_path  # noqa: E402
 
 LAYOUT = dict(gen_length=16, block_length=8, max_seq=40)
@@ -75,8 +75,8 @@ def test_cli_refuses_the_path_before_loading(tmp_path, monkeypatch, capsys):
 
 
 def test_length_warning_comes_before_the_work():
-    with pytest.warns(DyllmWarning, match=r"traces 11 step graphs .* min"):
-        estimate = warn_length(11, 8, "dyllm")
+    with pytest.warns(DyllmWarning, match=r"traces 3 step graphs .* min"):
+        estimate = warn_length(3, 8, "dyllm")
     assert estimate > 60
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -84,8 +84,8 @@ def test_length_warning_comes_before_the_work():
 
 
 def test_progress_bar_off_and_on():
-    assert key_bar(3, False).disable
-    assert not key_bar(3, True).disable
+    assert graph_bar(3, False).disable
+    assert not graph_bar(3, True).disable
 
 
 def test_noise_filter_is_narrow(caplog):

@@ -103,7 +103,7 @@ def test_row_policy_programs_are_aten_and_decode_like_the_engine():
     fast = dyllm_fx.transform(model, policy="dual_cache+dyllm")
     with record_plan_keys(fast) as keys:
         expected = dyllm_fx.generate(fast, tok, prompts, **gen)
-    build = build_plan_step(fast, Layout(16, 8, max_seq=40), keys)
+    build = build_plan_step(fast, Layout(16, 8, max_seq=40), keys, by_shape=False)
     programs = export_plan_programs(build, max_batch=8)
     assert len(programs) == len(keys) >= 2
     targets = [{n.target for n in p.graph.nodes if n.op == "call_function"} for p in programs]

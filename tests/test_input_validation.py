@@ -394,7 +394,7 @@ needs_onnx_loader = pytest.mark.skipif(
 )
 
 STEP_METADATA = dict(  # a complete, well-formed set of dyllm.* keys for a one-input graph
-    format="dyllm-step/1",
+    format="dyllm-step/2",
     mask_token_id="3",
     eos_token_ids="[1]",
     logits_shift="0",
@@ -430,7 +430,7 @@ def _relu_graph(path, metadata: dict | None):
     [
         (
             {"format": "dyllm-step/0"},
-            r"format 'dyllm-step/0'; this dyllm-fx reads 'dyllm-step/1'\. Export it again",
+            r"format 'dyllm-step/0'; this dyllm-fx reads 'dyllm-step/2'\. Export it again",
         ),
         (
             {"inputs": '["input_ids"]'},

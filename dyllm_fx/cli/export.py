@@ -44,7 +44,7 @@ def add_export_parser(sub, parents=()) -> argparse.ArgumentParser:
         "--workers",
         type=int,
         default=None,
-        help="processes exporting a row policy's plan keys side by side (default: one per core, at most 8)",
+        help="processes exporting a row policy's graphs side by side (default: one per core, at most 8)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     g = p.add_argument_group("layout (row policies only): the generations the export serves")
@@ -153,13 +153,13 @@ def _layout(args: argparse.Namespace, uniform: bool, policy: str) -> dict:
 
 
 def _graph_count(path) -> int:
-    """How many step graphs (plan keys) an exported file holds (1 for a layer-uniform one)."""
+    """How many step graphs (branches) an exported file holds (1 for a layer-uniform one)."""
     import json
 
     import onnx
 
     props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
-    return len(json.loads(props.get("dyllm.plans", "[]"))) or 1
+    return len(json.loads(props.get("dyllm.branches", "[]"))) or 1
 
 
 def load_onnx_model(args: argparse.Namespace, policy=None, policy_args=None):

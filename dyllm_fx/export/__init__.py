@@ -10,8 +10,9 @@
 Every policy exports. A *layer-uniform* one (``dense``, ``fixed``, ``prefix_cache``,
 ``dual_cache``) is one graph on a row set the host picks (``step_module.ExportableStep``). A
 *row* policy (``dyllm``, ``es_dllm``, ``dllm_cache``, compositions with a block cache) exports
-its own step function, gating included, once per plan key the generation layout can reach
-(the policy's ``plan_keys``), as branches of one ONNX file (``onnx_plans``). Either kind runs
+its own step function, gating included, once per kind of step the generation layout can reach
+(the policy's ``plan_keys`` grouped by all but their sizes, which are inputs), as branches of
+one ONNX file (``onnx_plans``). Either kind runs
 under the runtime's own step engine, the exported graph as its runner (``driver``): the same
 policy object plans each step on the host and the plan's key picks the branch.
 
@@ -20,7 +21,7 @@ Modules: ``step_module`` (the layer-uniform step), ``ops`` (its functional cache
 ``policy_step`` (a row policy's functional step), ``plans``, ``onnx_plans``, ``metadata``,
 ``onnx_export``, ``driver`` (the graphs as step-engine runners), ``onnx_runner``, ``tensorrt``,
 ``progress`` (output path, length warning, progress bar), ``noise`` (third-party warnings
-silenced), ``workers`` (plan keys exported in parallel processes).
+silenced), ``workers`` (branches exported in parallel processes).
 """
 
 from .driver import ExportedPlanMissing, ExportedStepModel, PlanGraphRunner, PlanStepModel, UniformGraphRunner

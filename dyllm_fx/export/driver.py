@@ -1,6 +1,6 @@
 """Exported step graphs as runners of the runtime's one step engine.
 
-An exported graph (``step_module.ExportableStep``, or a row policy's graph per plan key) computes
+An exported graph (``step_module.ExportableStep``, or a row policy's graph per branch of plan keys) computes
 one step and returns its state. Everything else is the runtime's own
 :class:`~dyllm_fx.runtime.engine.StepEngine`: the host state, the policy's plan, its ``observe``
 of the step's counts, the step records, and (through ``runtime.step.SparseStep``) the step
@@ -25,7 +25,8 @@ from dyllm_fx.runtime.policies.uniform import plan_rows
 from dyllm_fx.runtime.step import SparseStep
 
 from .metadata import StepGraphInfo
-from .plan_keys import graph_key
+from .plan_keys import branch_key, branch_sizes, graph_key
+from .policy_step import size_count_of, size_inputs, size_names
 from .step_module import ExportError, check_layer_uniform
 
 
@@ -170,7 +171,7 @@ class ExportedStepModel(nn.Module):
         )
 
 
-# --- row policies: the host half of a step exported per plan key -----------------------------
+# --- row policies: the host half of a step exported per branch of plan keys ------------------
 
 
 class PlanBackend(Protocol):
@@ -181,16 +182,16 @@ class PlanBackend(Protocol):
         ...
 
     def run(self, index: int, inputs: dict[str, torch.Tensor], state: list[Any]) -> tuple:
-        """The step of plan ``index``: host inputs by name and the state in input order ->
+        """The step of branch ``index``: host inputs by name and the state in input order ->
         (logits, eligible, counts) on the host and the updated state."""
         ...
 
 
 class PlanGraphRunner(_GraphRunner):
-    """A row policy's step graphs, one per plan key, as a
-    :class:`~dyllm_fx.runtime.engine.StepRunner`: the plan's key picks the graph, its span and
-    the policy's input parameters (DyLLM's tau) go in with the tokens, the cache and the
-    policy's buffers stay in the backend."""
+    """A row policy's step graphs, one per branch of plan keys, as a
+    :class:`~dyllm_fx.runtime.engine.StepRunner`: the plan's key picks the branch, its sizes,
+    its span and the policy's input parameters (DyLLM's tau) go in with the tokens, the cache
+    and the policy's buffers stay in the backend."""
 
     def __init__(self, backend: PlanBackend, info: StepGraphInfo, policy: Policy):
         from .policy_step import StateEntry
@@ -202,26 +203,37 @@ class PlanGraphRunner(_GraphRunner):
         self.state_entries = [StateEntry.from_json(e) for e in info.state]
         self.keys = [decode_key(p["key"]) for p in info.plans]
         self.index = {key: i for i, key in enumerate(self.keys)}
-        self.counts_len = [int(p["counts"]) for p in info.plans]
-        self.has_eligible = [bool(p["eligible"]) for p in info.plans]
+        self.branch_of = [int(p["branch"]) for p in info.plans]
+        self.branch_keys = [decode_key(b["key"]) for b in info.branches]
+        self.branch_seq = [(int(b["min_seq"]), int(b["max_seq"])) for b in info.branches]
+        self.counts_len = [int(b["counts"]) for b in info.branches]
+        self.has_eligible = [bool(b["eligible"]) for b in info.branches]
         self.param_names = list(info.params)
+        self.n_sizes = size_count_of(info.inputs)
 
     def _allocate(self, batch: int, seq_len: int) -> list[Any]:
         return [self.backend.zeros(e, batch, seq_len) for e in self.state_entries]
 
-    def graph_index(self, key, seq_len: int) -> int:
+    def branch_index(self, key, seq_len: int) -> int:
+        """The branch that runs ``key``: the one the file lists it under, else the one of its
+        kind whose sequence range holds ``seq_len`` (the sizes are inputs, so a capacity the
+        export's layout did not list, as another tau may reach, runs too)."""
         gkey = graph_key(key, seq_len)
         index = self.index.get(gkey)
-        if index is None:
-            layout = ", ".join(f"{k}={v}" for k, v in self.info.layout.items() if v is not None)
-            raise ExportedPlanMissing(
-                f"this step graph has no branch for plan key {gkey} (sequence length {seq_len}); it was "
-                "exported for "
-                f"{layout} ({len(self.keys)} keys). Export again for this generation's layout: dyllm export "
-                "--onnx ... "
-                "--gen-length N --block-length N [--steps N | --threshold] [--max-seq N]"
-            )
-        return index
+        if index is not None:
+            return self.branch_of[index]
+        kind = branch_key(key)
+        for i, (bkey, (lo, hi)) in enumerate(zip(self.branch_keys, self.branch_seq)):
+            if bkey == kind and lo <= seq_len <= hi:
+                return i
+        layout = ", ".join(f"{k}={v}" for k, v in self.info.layout.items() if v is not None)
+        raise ExportedPlanMissing(
+            f"this step graph has no branch for plan key {gkey} (sequence length {seq_len}); it was "
+            "exported for "
+            f"{layout} ({len(self.keys)} keys). Export again for this generation's layout: dyllm export "
+            "--onnx ... "
+            "--gen-length N --block-length N [--steps N | --threshold] [--max-seq N]"
+        )
 
     def check_layout(self, host: HostState) -> None:
         """The generation's response and block lengths are the ones the plan keys were listed
@@ -249,7 +261,7 @@ class PlanGraphRunner(_GraphRunner):
     def run(self, host: HostState, plan: Plan, inp: StepInputs) -> StepOutput:
         if host.cold:
             self.check_layout(host)
-        index = self.graph_index(plan.key, host.seq_len)
+        branch = self.branch_index(plan.key, host.seq_len)
         zeros = torch.zeros(host.batch, dtype=torch.long)
         inputs = {
             "input_ids": inp.input_ids,
@@ -262,11 +274,13 @@ class PlanGraphRunner(_GraphRunner):
         inputs = _host_inputs(inputs)
         for name in self.param_names:
             inputs[name] = torch.tensor(float(getattr(self.policy, name)), dtype=torch.float32)
+        sizes = size_inputs(branch_sizes(self.branch_keys[branch], plan.key), self.n_sizes)
+        inputs.update(zip(size_names(self.n_sizes), sizes))
         self.warm = False  # a failed step leaves the state half written
-        logits, eligible, counts, self.state = self.backend.run(index, inputs, self.state)
+        logits, eligible, counts, self.state = self.backend.run(branch, inputs, self.state)
         self.warm = True
-        n = self.counts_len[index]
-        return StepOutput(logits, eligible if self.has_eligible[index] else None, counts[:n] if n else None)
+        n = self.counts_len[branch]
+        return StepOutput(logits, eligible if self.has_eligible[branch] else None, counts[:n] if n else None)
 
 
 class ExportedPlanMissing(ValueError):
@@ -282,7 +296,7 @@ class PlanStepModel(ExportedStepModel):
 
 
 class TorchPlanBackend:
-    """Runs per-key torch callables with :class:`~dyllm_fx.export.policy_step.PolicyStep`'s
+    """Runs per-branch torch callables with :class:`~dyllm_fx.export.policy_step.PolicyStep`'s
     signature (exported programs, TensorRT-compiled modules); state as torch tensors."""
 
     def __init__(self, steps: Sequence, device: torch.device | str):

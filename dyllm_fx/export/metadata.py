@@ -19,9 +19,9 @@ from dyllm_fx.loading import embedded_model_name
 from dyllm_fx.models.spec import DiffusionSpec
 from dyllm_fx.runtime.policies import FixedPolicy, Policy
 
-FORMAT = "dyllm-step/1"
+FORMAT = "dyllm-step/2"  # 2: a row policy's graphs serve branches of plan keys (size inputs)
 PREFIX = "dyllm."
-PLAN_KEYS = ("graph", "plans", "state", "params", "layout")  # the extra keys of a "plans" graph
+PLAN_KEYS = ("graph", "plans", "branches", "state", "params", "layout")  # the extra keys of a "plans" graph
 REQUIRED = (
     "format",
     "mask_token_id",
@@ -111,9 +111,12 @@ class StepGraphInfo:
     model_path: str = ""
     extra: dict = field(default_factory=dict)
     # "rows": one graph, the layer-uniform step on a host-chosen row set; "plans": a row
-    # policy's step, one branch per plan key (``onnx_plans``)
+    # policy's step, one branch per kind of step (``onnx_plans``)
     graph: str = "rows"
-    plans: list = field(default_factory=list)  # per branch: {"key": graph key, "counts": n, "eligible": bool}
+    # per graph key: {"key", "branch": the plan input that runs it, "min_seq", "max_seq"}
+    plans: list = field(default_factory=list)
+    # per branch (plan input): {"key": branch key, "counts": n, "eligible": bool, "min_seq", "max_seq"}
+    branches: list = field(default_factory=list)
     state: list = field(default_factory=list)  # StateEntry.to_json() of each state tensor, in input order
     params: dict = field(
         default_factory=dict
@@ -145,6 +148,7 @@ class StepGraphInfo:
             props.update(
                 graph=self.graph,
                 plans=json.dumps(self.plans),
+                branches=json.dumps(self.branches),
                 state=json.dumps(self.state),
                 params=json.dumps(self.params),
                 layout=json.dumps(self.layout),
@@ -226,7 +230,7 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 def step_graph_info(model, model_path: str | Path | None = None, **plan_fields) -> StepGraphInfo:
     """The metadata of ``model`` (a TransformedModel)'s step: the layer-uniform graph, or with
-    ``plan_fields`` (graph="plans", inputs, outputs, plans, state, params, layout) a row
+    ``plan_fields`` (graph="plans", inputs, outputs, plans, branches, state, params, layout) a row
     policy's plan graphs."""
     from .step_module import input_names, output_names
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from ..values import check_output_path
 from .metadata import step_graph_info
 from .noise import quiet_exporters
-from .progress import key_bar, warn_length
+from .progress import graph_bar, warn_length
 from .step_module import (
     LAYER_UNIFORM_POLICIES,
     ExportableStep,
@@ -49,7 +49,7 @@ def check_exportable(model) -> None:
 
 def check_policy(policy) -> None:
     """An exportable policy: layer-uniform (one graph, host rows) or a row policy whose plan keys
-    ``plan_keys`` lists (one graph per key); else ExportError naming the exportable ones."""
+    ``plan_keys`` lists (one graph per branch of keys); else ExportError naming the exportable ones."""
     from .plan_keys import supports
 
     if is_layer_uniform(policy) or supports(policy):
@@ -94,11 +94,12 @@ def to_onnx(
       and the updated caches. B, L, A and P are dynamic. The layout arguments do not apply.
     * a *row* policy (``dyllm``, ``es_dllm``, ``dllm_cache`` and their compositions with a
       block cache): the policy's own step, with its gating (top-C selections, masks, gathers
-      and scatters) inside the graph. One graph per plan key the layout can reach (a span
-      width, a capacity, ES-dLLM's kept counts fix the shapes), all in this one file as
+      and scatters) inside the graph. One graph per kind of step the layout can reach (its
+      plan keys grouped by all but their sizes: a span width, a capacity, ES-dLLM's kept
+      counts are inputs ``size_i``, each the length of a 1-D tensor), all in this one file as
       branches of an ``If`` chain over the ``plan`` input, with the weights stored once. The
       cache and the policy's buffers are inputs and outputs; DyLLM's ``tau`` is an input. B,
-      L (the prompt length) and P are dynamic.
+      L (the prompt length), P and the sizes are dynamic.
 
     The policy's name and parameters, the diffusion spec, the state layout and the plan keys
     are stored in the file's metadata; :func:`~dyllm_fx.export.load_onnx` runs it.
@@ -119,9 +120,10 @@ def to_onnx(
         max_commit: the most tokens one step commits (default from the schedule).
         keys: export exactly these plan keys (host or graph keys, e.g. the ones a calibration
             run met: :func:`~dyllm_fx.export.record_plan_keys`) instead of the layout's list.
-        progress: a progress bar over the plan keys on stderr with a time estimate (default);
-            False: none; a callable: called as ``progress(i, key)`` as each key's graph is done.
-        workers: processes that export a row policy's plan keys side by side (default: one per
+        progress: a progress bar over the graphs on stderr with a time estimate (default);
+            False: none; a callable: called as ``progress(i, key)`` as each branch's graph is
+            done (``key`` the branch key, its sizes written ``"*"``).
+        workers: processes that export a row policy's graphs side by side (default: one per
             CPU core, at most 8; 1 for a model on a GPU or where ``fork`` is missing).
 
     Returns:
@@ -135,7 +137,7 @@ def to_onnx(
     require_onnx_export()
     path = check_output_path(path, "to_onnx(path)")  # refused before any tracing
     if is_layer_uniform(model.policy):
-        bar = key_bar(1, progress)
+        bar = graph_bar(1, progress)
         with bar, quiet_exporters():
             program, info = _rows_graph(model, model_path, opset, optimize)
             bar.update(1)
@@ -143,13 +145,13 @@ def to_onnx(
         from .plans import Layout, build_plan_step
 
         layout = Layout(gen_length, block_length, steps, threshold, max_seq, max_commit)
-        built = build_plan_step(model, layout, keys)  # lists the keys and runs each once, eagerly
-        workers = default_workers(len(built.keys), built.device) if workers is None else workers
-        warn_length(len(built.keys), len(model.program.attn), model.policy.name, workers)
-        bar = key_bar(len(built.keys), progress)
+        built = build_plan_step(model, layout, keys)  # lists the keys and runs each branch once, eagerly
+        workers = default_workers(len(built.branches), built.device) if workers is None else workers
+        warn_length(len(built.branches), len(model.program.attn), model.policy.name, workers)
+        bar = graph_bar(len(built.branches), progress)
         report = progress if callable(progress) else bar
         with bar, quiet_exporters():
-            program = _plans_graph(built, model.diffusion, opset, optimize, report, workers)
+            program = _plans_graph(built, opset, optimize, report, workers)
         info = built.graph_info(model, model_path)
     program.metadata_props.update(info.to_props())
     _save(program, path, external_data)
@@ -170,25 +172,14 @@ def _rows_graph(model, model_path, opset: int, optimize: bool):
     return onnx_program(step, args, dims, info.inputs, info.outputs, opset, table, optimize), info
 
 
-def _plans_graph(built, spec, opset: int, optimize: bool, progress, workers: int):
-    """The onnx_ir model of a row policy's step: one branch per plan key of ``built``."""
+def _plans_graph(built, opset: int, optimize: bool, progress, workers: int):
+    """The onnx_ir model of a row policy's step: one ``If`` branch per branch of ``built``."""
     from .lowering import translation_table
     from .onnx_plans import export_plans
     from .onnx_plans import optimize as optimize_model
 
     with built.tracing():
-        program = export_plans(
-            built.step,
-            built.keys,
-            spec,
-            built.layout.block,
-            built.device,
-            opset,
-            translation_table(),
-            progress,
-            workers,
-            optimize,
-        )
+        program = export_plans(built, opset, translation_table(), progress, workers, optimize)
     if optimize:
         optimize_model(program, branches_optimized=True)
     return program

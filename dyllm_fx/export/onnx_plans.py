@@ -1,12 +1,13 @@
-"""ONNX export of a row policy's step: one graph per plan key, all in one file.
+"""ONNX export of a row policy's step: one graph per branch of plan keys, all in one file.
 
-Each plan key the layout reaches (``plan_keys``) is exported on its own with torch's dynamo
-exporter (:class:`~dyllm_fx.export.policy_step.PolicyStep`, batch and sequence dynamic). The
-graphs are then merged into one model: the weights are stored once in the main graph, and each
-key's graph becomes a branch of a chain of ``If`` nodes selected by the ``plan`` input (a
-0-d int64, the key's index in the file's metadata). Every branch has the same inputs and
-outputs, so onnxruntime runs the file as one session with one I/O binding, whichever key the
-host picks. onnxscript's optimizer then folds constants, lifts the branches' constants into the
+Each branch (``plan_keys.branches``: the plan keys the layout reaches, grouped by everything but
+their sizes) is exported on its own with torch's dynamo exporter
+(:class:`~dyllm_fx.export.policy_step.PolicyStep`; batch, sequence and the key's sizes
+dynamic). The graphs are then merged into one model: the weights are stored once in the main
+graph, and each graph becomes a branch of a chain of ``If`` nodes selected by the ``plan``
+input (a 0-d int64, the branch's index in the file's metadata). Every branch has the same
+inputs and outputs, so onnxruntime runs the file as one session with one I/O binding, whichever
+key the host picks. onnxscript's optimizer then folds constants, lifts the branches' constants into the
 main graph and deduplicates them (a weight transposed in every branch is stored once).
 """
 
@@ -16,7 +17,7 @@ import numpy as np
 import torch
 
 from .noise import quiet_exporters
-from .policy_step import STEP_INPUTS, STEP_OUTPUTS, PolicyStep, dynamic_shapes, example_inputs
+from .policy_step import STEP_INPUTS, STEP_OUTPUTS, PolicyStep, dynamic_shapes, size_names
 from .workers import run_forked
 
 PLAN_INPUT = "plan"
@@ -49,8 +50,9 @@ def onnx_program(module, args: tuple, dims, input_names, output_names, opset: in
 def export_branch(
     step: PolicyStep, key, args: tuple, dims, input_names, output_names, opset: int, table, optimize=False
 ):
-    """One key's graph as an ``onnx_ir`` model, optimized on its own when asked (in the worker
-    that exports it: the optimizer on the merged model walks every branch at once, and is slow)."""
+    """One branch key's graph as an ``onnx_ir`` model, optimized on its own when asked (in the
+    worker that exports it: the optimizer on the merged model walks every branch at once, and
+    is slow)."""
     step.key = key
     return onnx_program(step, args, dims, input_names, output_names, opset, table, optimize=optimize)
 
@@ -217,50 +219,38 @@ def deduplicate(graph) -> int:
     return removed
 
 
-def input_names(state_names: list[str], params: list[str]) -> list[str]:
-    return [*STEP_INPUTS, *params, *state_names]
+def input_names(state_names: list[str], params: list[str], n_sizes: int) -> list[str]:
+    return [*STEP_INPUTS, *params, *size_names(n_sizes), *state_names]
 
 
 def output_names(state_names: list[str]) -> list[str]:
     return [*STEP_OUTPUTS, *(f"{name}_out" for name in state_names)]
 
 
-def export_plans(
-    step: PolicyStep,
-    keys: list,
-    spec,
-    block: int,
-    device,
-    opset: int,
-    table,
-    progress=None,
-    workers: int = 1,
-    optimize: bool = False,
-):
-    """Every key's branch (``keys``: :class:`~dyllm_fx.export.plan_keys.KeyRange`), merged.
+def export_plans(build, opset: int, table, progress=None, workers: int = 1, optimize: bool = False):
+    """Every branch of ``build`` (:class:`~dyllm_fx.export.plans.PlanBuild`), merged.
 
-    ``progress``: a tqdm bar advanced as each key's graph is done, or a callable called as
-    ``progress(i, key)`` for each key, or None. ``workers``: processes that export keys side by
-    side (``workers.run_forked``); the merged model is the same whichever finishes first.
-    ``optimize``: each branch optimized by its worker before the merge (then finish the merged
-    model with ``optimize(model, branches_optimized=True)``)."""
-    names_in = input_names(step.layout.names, step.params)
+    ``progress``: a tqdm bar advanced as each branch's graph is done, or a callable called as
+    ``progress(i, key)`` for each branch, or None. ``workers``: processes that export branches
+    side by side (``workers.run_forked``); the merged model is the same whichever finishes
+    first. ``optimize``: each branch optimized by its worker before the merge (then finish the
+    merged model with ``optimize(model, branches_optimized=True)``)."""
+    step = build.step
+    names_in = build.input_names()
     names_out = output_names(step.layout.names)
-    params = dict(zip(step.params, step.param_values))
 
     def branch(i: int):
-        kr = keys[i]
-        args = example_inputs(step.layout, kr.key, params, spec, kr.min_seq, kr.max_seq, block, device)
-        dims = dynamic_shapes(step.layout, len(step.params), kr.min_seq, kr.max_seq)
-        return export_branch(step, kr.key, args, dims, names_in, names_out, opset, table, optimize)
+        b = build.branches[i]
+        dims = dynamic_shapes(step.layout, len(step.params), step.n_sizes, b.min_seq, b.max_seq)
+        return export_branch(step, b.key, build.example(i), dims, names_in, names_out, opset, table, optimize)
 
-    models: list = [None] * len(keys)
-    for i, model in run_forked(branch, len(keys), workers):
+    models: list = [None] * len(build.branches)
+    for i, model in run_forked(branch, len(build.branches), workers):
         models[i] = model
         if callable(progress):
-            progress(i, keys[i].key)
+            progress(i, build.branches[i].key)
         elif progress is not None:
-            progress.set_postfix_str(str(keys[i].key), refresh=False)
+            progress.set_postfix_str(str(build.branches[i].key), refresh=False)
             progress.update(1)
     shared = {name for name, _ in step.named_parameters(remove_duplicate=False)}
     shared |= {name for name, _ in step.named_buffers(remove_duplicate=False)}

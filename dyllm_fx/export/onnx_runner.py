@@ -82,7 +82,7 @@ class OrtBackend:
 
 
 class OrtPlanBackend:
-    """A plan step graph (one ``If`` branch per plan key) in an onnxruntime session; the cache
+    """A plan step graph (one ``If`` branch per kind of step) in an onnxruntime session; the cache
     and the policy's buffers are ``OrtValue`` on the session's device between steps, bound
     by I/O binding (the host sends ids, spans, the plan index and parameters; it gets logits,
     eligible and counts back)."""
@@ -171,7 +171,7 @@ class _Tokenizer:
 
 
 class OnnxPlanModel(_Tokenizer, PlanStepModel):
-    """A row policy's exported step (one branch per plan key) in onnxruntime; pass it to
+    """A row policy's exported step (one branch per kind of step) in onnxruntime; pass it to
     ``dyllm_fx.generate`` as the model. ``engine.records`` holds each step's report."""
 
     def __init__(self, path: Path, session, info: StepGraphInfo, policy: Policy, tokenizer=None):

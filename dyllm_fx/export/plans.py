@@ -1,6 +1,7 @@
 """Everything an export of a row policy's step needs, built once for ONNX and TensorRT alike:
-the traced policy copy, its state layout, the plan keys (listed for a layout, or given), and
-what each key's step returns (counts, eligible), found by running each key once eagerly."""
+the traced policy copy, its state layout, the plan keys (listed for a layout, or given), the
+branches that serve them (one graph each), and what each branch's step returns (counts,
+eligible), found by running each branch once eagerly."""
 
 from __future__ import annotations
 
@@ -13,19 +14,27 @@ from dyllm_fx.runtime.policies import make_policy
 from dyllm_fx.runtime.policies.keys import PlanKey
 
 from .metadata import policy_config
-from .plan_keys import SEQ, KeyRange, Layout, decode_key, graph_key, plan_keys
-from .policy_step import PolicyStep, StateLayout, example_inputs, export_policy, graph_params, plain_torch_ops
+from .plan_keys import SEQ, Branch, KeyRange, Layout, branches, decode_key, graph_key, plan_keys, size_count
+from .policy_step import (
+    PolicyStep,
+    StateLayout,
+    example_inputs,
+    export_policy,
+    graph_params,
+    plain_torch_ops,
+)
 from .step_module import ExportError
 
 
 @dataclass
 class PlanBuild:
     step: PolicyStep
-    keys: list[KeyRange]
+    keys: list[KeyRange]  # the graph keys the file serves
+    branches: list[Branch]  # the graphs that serve them
     layout: Layout
     device: torch.device
-    counts: list[int]
-    eligible: list[bool]
+    counts: list[int]  # per branch: the length of its step's counts
+    eligible: list[bool]  # per branch: whether its step returns eligible rows
 
     def tracing(self):
         """The context to trace the step in: plain-torch ops, no autograd."""
@@ -35,24 +44,38 @@ class PlanBuild:
         return stack
 
     def example(self, i: int) -> tuple:
-        kr = self.keys[i]
+        """Example inputs of branch ``i``."""
         params = dict(zip(self.step.params, self.step.param_values))
-        spec = self.step.spec
         return example_inputs(
-            self.step.layout, kr.key, params, spec, kr.min_seq, kr.max_seq, self.layout.block, self.device
+            self.step.layout,
+            self.branches[i],
+            params,
+            self.step.spec,
+            self.layout.block,
+            self.device,
+            self.step.n_sizes,
         )
 
     def plans_metadata(self) -> list[dict]:
+        """Per graph key: the key, the branch that serves it, its sequence lengths."""
+        branch_of = {kr: i for i, b in enumerate(self.branches) for kr in b.members}
         return [
-            {
-                "key": kr.key.to_json(),
-                "counts": n,
-                "eligible": e,
-                "min_seq": kr.min_seq,
-                "max_seq": kr.max_seq,
-            }
-            for kr, n, e in zip(self.keys, self.counts, self.eligible)
+            {"key": kr.key.to_json(), "branch": branch_of[kr], "min_seq": kr.min_seq, "max_seq": kr.max_seq}
+            for kr in self.keys
         ]
+
+    def branches_metadata(self) -> list[dict]:
+        """Per branch (the ``plan`` input's value): its key, counts length, eligible flag and
+        sequence lengths."""
+        return [
+            {"key": b.key.to_json(), "counts": n, "eligible": e, "min_seq": b.min_seq, "max_seq": b.max_seq}
+            for b, n, e in zip(self.branches, self.counts, self.eligible)
+        ]
+
+    def input_names(self) -> list[str]:
+        from .onnx_plans import input_names
+
+        return input_names(self.step.layout.names, self.step.params, self.step.n_sizes)
 
     def state_metadata(self) -> list:
         return [e.to_json() for e in self.step.layout.entries]
@@ -60,15 +83,16 @@ class PlanBuild:
     def graph_info(self, model, model_path=None):
         """The :class:`~dyllm_fx.export.metadata.StepGraphInfo` of these plan graphs."""
         from .metadata import step_graph_info
-        from .onnx_plans import input_names, output_names
+        from .onnx_plans import output_names
 
         return step_graph_info(
             model,
             model_path,
             graph="plans",
-            inputs=input_names(self.step.layout.names, self.step.params),
+            inputs=self.input_names(),
             outputs=output_names(self.step.layout.names),
             plans=self.plans_metadata(),
+            branches=self.branches_metadata(),
             state=self.state_metadata(),
             params=dict(zip(self.step.params, self.step.param_values)),
             layout=self.layout.to_json(),
@@ -105,8 +129,10 @@ def check_round_trip(policy) -> dict:
     return config
 
 
-def build_plan_step(model, layout: Layout, keys=None) -> PlanBuild:
-    """The :class:`PolicyStep` of ``model``'s row policy, its plan keys and their outputs."""
+def build_plan_step(model, layout: Layout, keys=None, by_shape: bool = True) -> PlanBuild:
+    """The :class:`PolicyStep` of ``model``'s row policy, its plan keys, their branches (one per
+    kind of step, or with ``by_shape=False`` one per key: ``plan_keys.branches``) and what each
+    branch's step returns."""
     spec, program = model.diffusion, model.program
     layout = layout.check(spec.max_length)
     check_round_trip(model.policy)
@@ -118,13 +144,14 @@ def build_plan_step(model, layout: Layout, keys=None) -> PlanBuild:
     ranges = (
         plan_keys(traced, layout, n_layers, spec.logits_shift) if keys is None else _given_keys(keys, layout)
     )
-    step = PolicyStep(program, traced, state, params, counts_len=0).eval()
+    groups = branches(ranges, by_shape)
+    step = PolicyStep(program, traced, state, params, counts_len=0, n_sizes=size_count(groups)).eval()
     step.spec = spec
-    build = PlanBuild(step, ranges, layout, device, [], [])
+    build = PlanBuild(step, ranges, groups, layout, device, [], [])
     with build.tracing():
-        for i, kr in enumerate(ranges):
-            step.key = kr.key
-            step(*build.example(i))  # eager: what the key's step returns, and that its inputs fit
+        for i, branch in enumerate(groups):
+            step.key = branch.key
+            step(*build.example(i))  # eager: what the branch's step returns, and that its inputs fit
             build.counts.append(step.last_counts)
             build.eligible.append(step.last_eligible)
     step.counts_len = max(build.counts, default=0)

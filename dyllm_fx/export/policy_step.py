@@ -7,17 +7,20 @@ traced program is functional (torch.export turns the in-place writes into ``scat
 ``index_put`` of new tensors) and every piece of state is an explicit input and output:
 
     forward(input_ids, attention_mask, position_ids, logit_positions, span_start, span_len,
-            *params, *state) -> (logits, eligible, counts, *state')
+            *params, *sizes, *state) -> (logits, eligible, counts, *state')
 
 * ``params``: the policy parameters that are graph inputs (DyLLM's ``tau``, a 0-d float32);
+* ``sizes``: the plan key's sizes, each the length of a 1-D int64 tensor (``size_0``...; a
+  dynamic axis, values unread), so that one graph serves every key of a branch
+  (``plan_keys.branch_key``); a branch with fewer sizes ignores the rest;
 * ``state``: the cache (``k_cache_i``, ``v_cache_i``, ``hidden``) then the policy's buffers
   (:class:`StateLayout` names them: ``context_0``, ``mlp_0``, ``prev_ids``, ``snapshot_1``...);
 * ``eligible`` (B, P) bool is all True where the step returns none, ``counts`` is padded with
-  zeros to the policy's longest (the host reads only the key's own ``counts_len``), so every
-  key's graph has the same outputs.
+  zeros to the policy's longest (the host reads only the branch's own ``counts_len``), so every
+  branch's graph has the same outputs.
 
-The plan key fixes every shape (``plan_keys``); a size written ``"L"`` becomes the symbolic
-sequence length while tracing. Traced on any device with the plain-torch ops
+The branch key fixes the code the step runs (``plan_keys``), the size inputs its shapes. Traced
+on any device with the plain-torch ops
 (:func:`plain_torch_ops`), so the graph holds standard aten ops only.
 """
 
@@ -35,10 +38,30 @@ from dyllm_fx.runtime.pieces import Pieces
 from dyllm_fx.runtime.policies import HostState, Plan, Policy, StepInputs
 from dyllm_fx.runtime.policies.keys import FullKey, PlanKey
 
-from .plan_keys import SEQ, bind
+from .plan_keys import SEQ, Branch, bind, branch_sizes, with_sizes
 
 STEP_INPUTS = ("input_ids", "attention_mask", "position_ids", "logit_positions", "span_start", "span_len")
 STEP_OUTPUTS = ("logits", "eligible", "counts")
+
+
+def size_names(n_sizes: int) -> list[str]:
+    """The graph inputs that carry a plan key's sizes as their lengths."""
+    return [f"size_{i}" for i in range(n_sizes)]
+
+
+def size_count_of(input_names: list[str]) -> int:
+    """How many size inputs a graph with ``input_names`` takes."""
+    n = 0
+    while f"size_{n}" in input_names:
+        n += 1
+    return n
+
+
+def size_inputs(sizes, n_sizes: int, device=None) -> list[torch.Tensor]:
+    """The size inputs of a step with ``sizes`` (a key's, in ``key_sizes`` order), padded with
+    length-1 inputs to ``n_sizes``."""
+    lengths = [int(n) for n in sizes] + [1] * (n_sizes - len(sizes))
+    return [torch.zeros(n, dtype=torch.long, device=device) for n in lengths]
 
 
 @contextlib.contextmanager
@@ -213,10 +236,16 @@ def graph_params(policy: Policy) -> dict[str, float]:
 
 
 class PolicyStep(nn.Module):
-    """``policy``'s step for one plan key, functional (see the module docstring)."""
+    """``policy``'s step for one branch of plan keys, functional (see the module docstring)."""
 
     def __init__(
-        self, program, policy: Policy, layout: StateLayout, params: dict[str, float], counts_len: int
+        self,
+        program,
+        policy: Policy,
+        layout: StateLayout,
+        params: dict[str, float],
+        counts_len: int,
+        n_sizes: int = 0,
     ):
         super().__init__()
         # The program's graph modules, registered so their (shared) weights are parameters.
@@ -235,15 +264,18 @@ class PolicyStep(nn.Module):
         self.params = list(params)
         self.param_values = list(params.values())
         self.counts_len = counts_len
-        self.key: PlanKey = FullKey()
+        self.n_sizes = n_sizes
+        self.key: PlanKey = FullKey()  # a branch key (plan_keys.branch_key)
         self.spec = None
         # what the last (eager) call's step returned: its counts' length, whether it had eligible
         self.last_counts = 0
         self.last_eligible = False
 
     def forward(self, input_ids, attention_mask, position_ids, logit_positions, span_start, span_len, *rest):
-        params = dict(zip(self.params, rest[: len(self.params)]))
-        state = [t.clone() for t in rest[len(self.params) :]]  # written in place below, returned
+        n_params, n_sizes = len(self.params), self.n_sizes
+        params = dict(zip(self.params, rest[:n_params]))
+        sizes = [t.shape[0] for t in rest[n_params : n_params + n_sizes]]
+        state = [t.clone() for t in rest[n_params + n_sizes :]]  # written in place below, returned
         bsz, seq_len = input_ids.shape
         cache, buffers = self.layout.split(state, bsz, seq_len)
         inp = StepInputs(
@@ -256,7 +288,8 @@ class PolicyStep(nn.Module):
             span_len=span_len,
             tau=params.get("tau"),
         )
-        out = self.policy.step(self.pieces, Plan(bind(self.key, seq_len)), inp, cache, buffers)
+        key = bind(with_sizes(self.key, sizes), seq_len)
+        out = self.policy.step(self.pieces, Plan(key), inp, cache, buffers)
         self.last_eligible = out.eligible is not None
         self.last_counts = 0 if out.counts is None else int(out.counts.shape[0])
         eligible = (
@@ -279,26 +312,40 @@ def _fresh(avoid: set[int], start: int) -> int:
     return n
 
 
+def _distinct(sizes: list[int], taken: set[int]) -> list[int]:
+    """``sizes`` each moved to the nearest value not in ``taken`` (nor 1 or 2), downwards first
+    so that a size stays within the one it was cut from; ``taken`` grows with them."""
+    out = []
+    for size in sizes:
+        n = size
+        while n in taken and n > 3:
+            n -= 1
+        if n in taken or n < 3:
+            n = _fresh(taken, max(size, 3))
+        taken.add(n)
+        out.append(n)
+    return out
+
+
 def example_inputs(
-    layout: StateLayout,
-    key: PlanKey,
-    params: dict[str, float],
-    spec,
-    min_seq: int,
-    max_seq: int,
-    block: int,
-    device,
+    layout: StateLayout, branch: Branch, params: dict[str, float], spec, block: int, device, n_sizes: int
 ) -> tuple:
-    """Inputs to trace ``key``'s step with: a left-padded batch of 2 whose sizes differ from
-    each other and from the key's sizes where the key's sequence range allows (so that
-    torch.export ties no two of them together), the span covering the key's width."""
-    sizes = set(key.ints()) | {1, 2}
-    seq_len = _fresh(sizes, min_seq)
-    if seq_len > max_seq:
-        seq_len = min_seq
-    positions = _fresh(sizes | {seq_len}, min(block, seq_len - 1))
+    """Inputs to trace ``branch``'s step with: a left-padded batch of 2, at a length its
+    example member serves, with that member's sizes. The sizes differ from each other, from the
+    batch, the length and the logit positions (so that torch.export ties no two of them
+    together); the span covers the key's width."""
+    member = branch.example
+    avoid = set(member.key.ints()) | {1, 2}
+    seq_len = _fresh(avoid, member.min_seq)
+    if seq_len > member.max_seq:
+        seq_len = member.min_seq
+    positions = _fresh(avoid | {seq_len}, min(block, seq_len - 1))
     if positions >= seq_len:
-        positions = _fresh(sizes | {seq_len}, 3)
+        positions = _fresh(avoid | {seq_len}, 3)
+    taken = {1, 2, seq_len, positions}
+    sizes = _distinct(branch_sizes(branch.key, bind(member.key, seq_len)), taken)
+    key = bind(with_sizes(branch.key, sizes), seq_len)
+    sizes += _distinct([3] * (n_sizes - len(sizes)), taken)  # unread: any length but 0 or 1
     width = getattr(key, "width", seq_len)
     width = seq_len if width == SEQ else min(int(width), seq_len)
     bsz = 2
@@ -315,17 +362,21 @@ def example_inputs(
     state = [
         torch.full(e.concrete(bsz, seq_len), e.fill, dtype=getattr(torch, e.dtype)) for e in layout.entries
     ]
-    return tuple(t.to(device) for t in (ids, mask, pos, logit_pos, span_start, span_len, *values, *state))
+    tensors = (ids, mask, pos, logit_pos, span_start, span_len, *values, *size_inputs(sizes, n_sizes), *state)
+    return tuple(t.to(device) for t in tensors)
 
 
-def dynamic_shapes(layout: StateLayout, n_params: int, min_seq: int, max_seq: int, max_batch: int = 4096):
-    """torch.export dims for :class:`PolicyStep`: batch, sequence (within the key's range) and
-    logit positions."""
+def dynamic_shapes(
+    layout: StateLayout, n_params: int, n_sizes: int, min_seq: int, max_seq: int, max_batch: int = 4096
+):
+    """torch.export dims for :class:`PolicyStep`: batch, sequence (within the branch's range),
+    logit positions and the key's sizes (each at most the longest sequence)."""
     dim = torch.export.Dim
     batch = dim("batch", min=1, max=max_batch)
     seq = dim("seq", min=min_seq, max=max_seq)
     npos = dim("positions", min=1, max=max_seq)
     tokens = {0: batch, 1: seq}
+    sizes = tuple({0: dim(name, min=1, max=max_seq)} for name in size_names(n_sizes))
     state = tuple(
         {i: batch if d == "batch" else seq for i, d in enumerate(e.shape) if isinstance(d, str)}
         for e in layout.entries
@@ -337,7 +388,7 @@ def dynamic_shapes(layout: StateLayout, n_params: int, min_seq: int, max_seq: in
         {0: batch, 1: npos},
         {0: batch},
         {0: batch},
-        (*([None] * n_params), *state),
+        (*([None] * n_params), *sizes, *state),
     )
 
 
@@ -352,4 +403,7 @@ __all__ = [
     "export_policy",
     "graph_params",
     "plain_torch_ops",
+    "size_count_of",
+    "size_inputs",
+    "size_names",
 ]

@@ -99,31 +99,42 @@ def _trt_inputs(
 
 
 def export_plan_programs(build, max_batch: int = 4096) -> list:
-    """One ``torch.export`` program per plan key of ``build`` (``plans.build_plan_step``):
-    the aten graphs ``to_tensorrt`` compiles (batch and sequence dynamic, plain-torch ops)."""
+    """One ``torch.export`` program per branch of ``build`` (``plans.build_plan_step``; built
+    with ``by_shape=False``, one per plan key): the aten graphs ``to_tensorrt`` compiles (batch
+    and sequence dynamic, plain-torch ops)."""
     from .policy_step import dynamic_shapes as plan_dims
 
+    step = build.step
     programs = []
     with build.tracing():
-        for i, kr in enumerate(build.keys):
-            build.step.key = kr.key
-            dims = plan_dims(build.step.layout, len(build.step.params), kr.min_seq, kr.max_seq, max_batch)
-            programs.append(
-                torch.export.export(build.step, build.example(i), dynamic_shapes=dims, strict=False)
+        for i, branch in enumerate(build.branches):
+            step.key = branch.key
+            dims = plan_dims(
+                step.layout, len(step.params), step.n_sizes, branch.min_seq, branch.max_seq, max_batch
             )
+            programs.append(torch.export.export(step, build.example(i), dynamic_shapes=dims, strict=False))
     return programs
 
 
 def _plan_trt_inputs(torch_tensorrt, build, i: int, max_batch: int, opt_seq: int):
-    """min / opt / max shapes of key ``i``'s inputs: batch 1..max_batch (opt 1), the key's
-    sequence range (opt ``opt_seq`` within it), logit positions 1..max_seq (opt one block)."""
-    kr, example = build.keys[i], build.example(i)
-    seq = (kr.min_seq, min(max(opt_seq, kr.min_seq), kr.max_seq), kr.max_seq)
-    positions = (1, build.layout.block, kr.max_seq)
+    """min / opt / max shapes of branch ``i``'s inputs: batch 1..max_batch (opt 1), the branch's
+    sequence range (opt ``opt_seq`` within it), logit positions 1..max_seq (opt one block),
+    each size 1..max_seq (opt its traced example)."""
+    from .policy_step import size_names
+
+    branch, example = build.branches[i], build.example(i)
+    seq = (branch.min_seq, min(max(opt_seq, branch.min_seq), branch.max_seq), branch.max_seq)
+    positions = (1, build.layout.block, branch.max_seq)
+    step = build.step
     axes = [{0: "batch", 1: "seq"}] * 3 + [{0: "batch", 1: "positions"}, {0: "batch"}, {0: "batch"}]
-    axes += [{}] * len(build.step.params)
-    axes += [{a: d for a, d in enumerate(e.shape) if isinstance(d, str)} for e in build.step.layout.entries]
+    axes += [{}] * len(step.params)
+    sizes = size_names(step.n_sizes)
+    axes += [{0: name} for name in sizes]
+    axes += [{a: d for a, d in enumerate(e.shape) if isinstance(d, str)} for e in step.layout.entries]
     ranges = {"batch": (1, 1, max_batch), "seq": seq, "positions": positions}
+    first_size = 6 + len(step.params)
+    for j, name in enumerate(sizes):
+        ranges[name] = (1, int(example[first_size + j].shape[0]), branch.max_seq)
     specs = []
     for t, named in zip(example, axes):
         lo, opt, hi = (
@@ -135,7 +146,8 @@ def _plan_trt_inputs(torch_tensorrt, build, i: int, max_batch: int, opt_seq: int
 
 class TensorRTPlanModel(PlanStepModel):
     """A row policy's step compiled by TensorRT, one engine per plan key; pass it to
-    ``dyllm_fx.generate``. ``compiled`` lists the engines in ``info.plans`` order."""
+    ``dyllm_fx.generate``. ``compiled`` lists the engines in ``info.branches`` order (one
+    branch per key)."""
 
     def __init__(self, compiled: list, info, policy: Policy, device: torch.device):
         super().__init__(TorchPlanBackend(compiled, device), info, policy)
@@ -168,7 +180,8 @@ def to_tensorrt(
             :func:`~dyllm_fx.export.to_onnx` exports. A layer-uniform policy compiles to one
             engine (rows from the host); a row policy (DyLLM, ES-dLLM, dLLM-Cache and their
             compositions) to one engine per plan key of the layout, each its own step with the
-            gating inside, as the ONNX export's branches.
+            gating inside (the ONNX export groups keys that differ only in their sizes; a
+            ``torch.export`` program cannot, see ``_plan_engines``).
         max_batch, max_seq: upper bounds of the engine's dynamic batch and sequence length
             (``max_seq`` defaults to the model's window).
         opt_seq, opt_rows: the shapes TensorRT tunes for (default ``max_seq`` tokens, 32 rows:
@@ -233,7 +246,10 @@ def _plan_engines(
 ):
     from .plans import build_plan_step
 
-    build = build_plan_step(model, layout, keys)
+    # one engine per key: a torch.export program keeps the runtime asserts its trace recorded
+    # about the sizes (a narrowed view's contiguity ties a capacity to its span), so a program
+    # traced at one capacity refuses another
+    build = build_plan_step(model, layout, keys, by_shape=False)
     opt_seq = opt_seq or build.layout.max_seq
     engines = []
     for i, program in enumerate(export_plan_programs(build, max_batch)):

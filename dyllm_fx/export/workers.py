@@ -1,8 +1,8 @@
-"""Plan keys exported side by side in forked worker processes.
+"""Branches (step graphs) exported side by side in forked worker processes.
 
-Each key's export (torch.export, decompositions, lowering) is single-threaded Python, so on a
-multi-core CPU the keys run in parallel: the workers are forked after the step is built, so
-they share the model without pickling it, and each returns its key's ONNX graph serialized.
+Each branch's export (torch.export, decompositions, lowering) is single-threaded Python, so on a
+multi-core CPU the branches run in parallel: the workers are forked after the step is built, so
+they share the model without pickling it, and each returns its branch's ONNX graph serialized.
 A forked child inherits the tracing context (``plain_torch_ops``, ``torch.no_grad``) of the
 thread that forks. Fork is used only where it is safe: a CPU model, a platform with ``fork``.
 """
@@ -15,19 +15,19 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-MAX_WORKERS = 8  # each worker holds one key's trace (hundreds of MB for a small model)
+MAX_WORKERS = 8  # each worker holds one graph's trace (hundreds of MB for a small model)
 
 # The job the forked workers run: set just before the pool forks, read in the children.
 _JOB: Callable[[int], object] | None = None
 
 
-def default_workers(n_keys: int, device: torch.device) -> int:
-    """Processes for ``n_keys`` keys: one per usable core up to :data:`MAX_WORKERS`; 1 (this
+def default_workers(n_graphs: int, device: torch.device) -> int:
+    """Processes for ``n_graphs`` graphs: one per usable core up to :data:`MAX_WORKERS`; 1 (this
     process) for a non-CPU model or where ``fork`` is missing."""
     if torch.device(device).type != "cpu" or "fork" not in multiprocessing.get_all_start_methods():
         return 1
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(n_keys, cores, MAX_WORKERS))
+    return max(1, min(n_graphs, cores, MAX_WORKERS))
 
 
 def _run(i: int) -> tuple[int, bytes]:
