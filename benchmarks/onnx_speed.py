@@ -78,7 +78,8 @@ def run_policy(name: str, model, tokenizer, groups, args, folder: Path) -> dict:
             )
         export_s = time.perf_counter() - start
     onnx_model = load_onnx(path, device="cpu", threads=args.threads)
-    graphs = 1 if uniform else len(onnx_model.info.plans)
+    keys_n = None if uniform else len(onnx_model.info.plans)
+    graphs = 1 if uniform else len(onnx_model.info.branches)
     _, eager_tps = timed(eager, tokenizer, groups, args.repeats)
     got, ort_tps = timed(onnx_model, tokenizer, groups, args.repeats)
     compiled_tps = None
@@ -89,6 +90,7 @@ def run_policy(name: str, model, tokenizer, groups, args, folder: Path) -> dict:
     total = sum(a.shape[0] for a in got)
     return {
         "policy": name,
+        "plan_keys": keys_n,
         "graphs": graphs,
         "export_s": export_s,
         "onnx_mib": path.stat().st_size / 2**20,
@@ -101,14 +103,14 @@ def run_policy(name: str, model, tokenizer, groups, args, folder: Path) -> dict:
 
 def table(rows: list[dict]) -> str:
     lines = [
-        "| policy | step graphs | export (s) | file (MiB) | torch eager tok/s | torch compiled tok/s "
-        "| onnxruntime tok/s | ort / eager | ort tokens = eager |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| policy | plan keys | step graphs | export (s) | file (MiB) | torch eager tok/s "
+        "| torch compiled tok/s | onnxruntime tok/s | ort / eager | ort tokens = eager |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         compiled = "-" if r["compiled_tps"] is None else f"{r['compiled_tps']:.1f}"
         lines.append(
-            f"| {r['policy']} | {r['graphs']} | "
+            f"| {r['policy']} | {r.get('plan_keys') or '-'} | {r['graphs']} | "
             f"{'-' if r['export_s'] is None else format(r['export_s'], '.0f')} | {r['onnx_mib']:.1f} | "
             f"{r['eager_tps']:.1f} "
             f"| {compiled} | {r['ort_tps']:.1f} | {r['ort_tps'] / r['eager_tps']:.2f}x | {r['same_tokens']} |"
