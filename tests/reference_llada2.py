@@ -132,14 +132,52 @@ def _transfer_counts(block_length: int, steps: int) -> list[int]:
 
 
 @torch.no_grad()
+def _sample(logits, temperature, top_k, top_p):
+    """The published ``_sample_with_temperature_topk_topp`` for (1, Lb, V) logits: greedy at
+    temperature 0; else logits / temperature, the top-k cut (scores below the k-th largest to
+    -inf), the top-p cut (in descending order, a token goes when the cumulative probability of
+    the tokens before it exceeds p; the first always stays), softmax, one multinomial draw per
+    row from the global generator. Returns (tokens, their probabilities), (1, Lb) each."""
+    if temperature == 0:
+        x0 = logits.argmax(dim=-1)
+        return x0, F.softmax(logits.float(), dim=-1).gather(-1, x0[..., None]).squeeze(-1)
+    flat = logits.reshape(-1, logits.shape[-1]).float()
+    if temperature != 1.0:
+        flat = flat / temperature
+    if top_k:
+        kth = torch.topk(flat, top_k).values[..., -1, None]
+        flat = torch.where(flat < kth, torch.full_like(flat, float("-inf")), flat)
+    if top_p is not None and top_p < 1.0:
+        ordered, order = torch.sort(flat, descending=True)
+        over = torch.cumsum(F.softmax(ordered, dim=-1), dim=-1) > top_p
+        over[..., 1:] = over[..., :-1].clone()
+        over[..., 0] = False
+        flat = flat.masked_fill(torch.zeros_like(over).scatter(-1, order, over), float("-inf"))
+    probs = F.softmax(flat, dim=-1)
+    token = torch.multinomial(probs, num_samples=1)
+    return token.view(logits.shape[:-1]), probs.gather(-1, token).view(logits.shape[:-1])
+
+
 def llada2_generate(
-    logits_fn, prompt, gen_length, block_length, steps, threshold, mask_id, eos_id, minimal_topk=1
+    logits_fn,
+    prompt,
+    gen_length,
+    block_length,
+    steps,
+    threshold,
+    mask_id,
+    eos_id,
+    minimal_topk=1,
+    temperature=0.0,
+    top_k=None,
+    top_p=None,
 ) -> torch.Tensor:
-    """The published ``generate`` at temperature 0 for one prompt (1, P): blocks counted from
-    position 0, the window up to the current block's end run at each step, every masked token
-    above ``threshold`` committed if they are at least the step's scheduled count, else the
-    scheduled count of the most confident; stops after a block holding an EOS. Returns the prompt
-    and the response up to and including its first EOS. ``logits_fn(ids, positions)``."""
+    """The published ``generate`` for one prompt (1, P): blocks counted from position 0, the
+    window up to the current block's end run at each step, a token drawn for every position of
+    the block (``_sample``), every masked token above ``threshold`` committed if they are at
+    least the step's scheduled count, else the scheduled count of the most confident; stops
+    after a block holding an EOS. Returns the prompt and the response up to and including its
+    first EOS. ``logits_fn(ids, positions)``."""
     steps = min(steps, gen_length // minimal_topk)
     plen = prompt.shape[1]
     num_blocks = (plen + gen_length + block_length - 1) // block_length
@@ -156,9 +194,7 @@ def llada2_generate(
             if active.sum() == 0:
                 break
             logits = logits_fn(cur, positions[:, :end])[:, -block_length:]
-            probs = F.softmax(logits.float(), dim=-1)
-            x0 = logits.argmax(dim=-1)
-            x0_p = probs.gather(-1, x0[..., None]).squeeze(-1)
+            x0, x0_p = _sample(logits, temperature, top_k, top_p)
             confidence = torch.where(active, x0_p, -torch.inf)
             transfer = torch.zeros_like(x0, dtype=torch.bool)
             high = confidence[0] > threshold

@@ -237,7 +237,7 @@ def with_policy(traced, name: str, **params) -> TransformedModel:
     return module
 
 
-def _published(state, cfg, tokenizer, prompt, steps, threshold):
+def _published(state, cfg, tokenizer, prompt, steps, threshold, **sampling):
     ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
     return llada2_generate(
         lambda x, pos: llada2_logits(state, cfg, x, position_ids=pos),
@@ -248,6 +248,7 @@ def _published(state, cfg, tokenizer, prompt, steps, threshold):
         threshold,
         cfg["mask_token_id"],
         cfg["eos_token_id"],
+        **sampling,
     )[0]
 
 
@@ -269,6 +270,25 @@ def test_generation_equals_the_published_loop(checkpoint, loaded, steps_per_bloc
     for row, prompt in enumerate(PROMPTS):
         want = _published(state, cfg, tokenizer, prompt, steps_per_block, threshold)
         assert torch.equal(_ours(out, row, len(prompt), cfg["eos_token_id"]), want)
+
+
+@pytest.mark.parametrize(
+    "sampling",
+    [dict(temperature=1.0), dict(temperature=0.7, top_k=5), dict(temperature=1.3, top_p=0.8)],
+    ids=["t1", "t0.7-top_k5", "t1.3-top_p0.8"],
+)
+def test_sampling_equals_the_published_loop_for_a_seed(checkpoint, loaded, sampling):
+    """At a temperature above 0 the published loop draws every block position's token with
+    torch.multinomial; with the same seed, the same draws and the same tokens here."""
+    _, cfg, state = checkpoint
+    model, tokenizer = loaded
+    out = dyllm_fx.generate(model, tokenizer, PROMPTS, steps=12, threshold=0.9, seed=7, **sampling, **GEN)
+    greedy = dyllm_fx.generate(model, tokenizer, PROMPTS, steps=12, threshold=0.9, **GEN)
+    torch.manual_seed(7)  # one seed for the prompts in turn, as generate() decodes them
+    for row, prompt in enumerate(PROMPTS):
+        want = _published(state, cfg, tokenizer, prompt, 4, 0.9, **sampling)
+        assert torch.equal(_ours(out, row, len(prompt), cfg["eos_token_id"]), want)
+    assert not torch.equal(out.sequences, greedy.sequences)  # the draws changed something
 
 
 def test_decoding_stops_after_the_block_with_an_eos(tmp_path):
@@ -319,7 +339,10 @@ def test_eager_equals_compiled(loaded, traced):
             {"gen_length": 16, "block_length": BLOCK, "steps": 6},
             "steps=6 must be a positive multiple of the number of blocks",
         ),
-        ({"gen_length": 16, "block_length": BLOCK, "temperature": 0.7}, "decodes greedily"),
+        ({"gen_length": 16, "block_length": BLOCK, "temperature": -0.5}, "temperature must be"),
+        ({"gen_length": 16, "block_length": BLOCK, "temperature": 0.7, "top_p": 0.0}, "top_p must be"),
+        ({"gen_length": 16, "block_length": BLOCK, "top_k": -1}, "top_k must be"),
+        ({"gen_length": 16, "block_length": BLOCK, "alg": "entropy"}, "drop ['alg']"),
     ],
 )
 def test_bad_block_settings_are_refused_before_any_work(loaded, monkeypatch, settings, message):

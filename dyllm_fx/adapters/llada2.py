@@ -1,5 +1,6 @@
 """The LLaDA2 adapter: a block-diffusion model traced and transformed as LLaDA is, generated
-with LLaDA2's own block loop and sampler (``runtime/block_diffusion.py``).
+with LLaDA2's own block loop and sampler (``runtime/block_diffusion.py``: greedy, or temperature
+with top-k / top-p).
 
 The trace is the default adapter's: ``model(input_ids, attention_mask, position_ids)``, whose
 prologue builds the block-causal mask from the positions, a full (B, 1, L, L) mask every
@@ -27,6 +28,7 @@ from .transformed import TransformedModel
 
 # dyllm_fx.generate()'s default block_length: left as it is, the model's own block is used.
 GENERATE_BLOCK_LENGTH = 32
+SAMPLING = ("temperature", "top_k", "top_p")  # the published generate's sampler arguments
 
 
 def attention_block_length(model: nn.Module | None) -> int | None:
@@ -65,18 +67,20 @@ class LLaDA2Adapter(LLaDADreamAdapter):
         sampler=None,
         **sampler_params,
     ) -> GenerationOutput:
-        """``dyllm_fx.generate`` for LLaDA2: greedy, LLaDA2's threshold / low-confidence rule per
-        block (``steps`` per block, ``threshold`` default 0.95), every setting checked first.
-        The block is the model's: ``block_length`` None or generate()'s default 32 take it,
-        another value is refused."""
+        """``dyllm_fx.generate`` for LLaDA2: LLaDA2's threshold / low-confidence rule per block
+        (``steps`` per block, ``threshold`` default 0.95) over its sampler (greedy at
+        ``temperature`` 0, else ``temperature``, ``top_k``, ``top_p`` as the published
+        ``generate``; ``seed`` seeds torch's generator), every setting checked first. The block
+        is the model's: ``block_length`` None or generate()'s default 32 take it, another value
+        is refused."""
         for name, value, unset in (("cfg_scale", cfg_scale, 0.0), ("sampler", sampler, None)):
             if value != unset:
                 raise UsageError(f"{name}= does not apply to LLaDA2's block loop; leave it out")
-        temperature = sampler_params.pop("temperature", 0.0)
-        if sampler_params or temperature:
+        sampling = {k: sampler_params.pop(k) for k in SAMPLING if k in sampler_params}
+        if sampler_params:
             raise UsageError(
-                f"LLaDA2's block loop decodes greedily and takes gen_length, block_length, steps and "
-                f"threshold; drop {sorted(sampler_params) or ['temperature']}"
+                "LLaDA2's block loop takes gen_length, block_length, steps, threshold, temperature, top_k, "
+                f"top_p and seed; drop {sorted(sampler_params)}"
             )
         spec = model.diffusion
         settings = BlockDiffusionSettings.build(
@@ -85,6 +89,7 @@ class LLaDA2Adapter(LLaDADreamAdapter):
             steps,
             threshold,
             attention_block_length(model),
+            **sampling,
         )
         if isinstance(prompts, str):
             prompts = [prompts]

@@ -6,10 +6,14 @@ on the blocks after it. The loop, for one prompt (P tokens):
 
 * the canvas is the prompt followed by masks up to a whole number of blocks past P + gen_length;
 * blocks P // block_length onwards are decoded left to right, each over ``steps`` steps;
-* a step commits every masked token of the block whose greedy probability is above
-  ``threshold``, when they are at least the step's scheduled count (``block_length`` spread
-  evenly over the steps, the earlier steps taking the remainder); otherwise the scheduled count
-  of the most confident ones;
+* each step draws a token for every position of the block: the greedy one at temperature 0,
+  else a sample of the softmax of the logits divided by the temperature, cut to the ``top_k``
+  most likely and then to the ``top_p`` nucleus (torch's global generator, as the published
+  ``torch.multinomial``); its confidence is the token's probability under that distribution;
+* a step commits every masked token of the block whose confidence is above ``threshold``,
+  when they are at least the step's scheduled count (``block_length`` spread evenly over the
+  steps, the earlier steps taking the remainder); otherwise the scheduled count of the most
+  confident ones;
 * after a block that holds an EOS in the response, decoding stops.
 
 The published loop runs the canvas up to the current block's end; here the step function gets
@@ -37,23 +41,40 @@ from .step import StepFunction, StepRequest, as_step_output
 
 @dataclass(frozen=True)
 class BlockDiffusionSettings:
-    """The published generate's settings (temperature 0, ``minimal_topk`` 1); ``steps`` are per
-    block, as the published ``steps`` argument."""
+    """The published generate's settings (``minimal_topk`` 1); ``steps`` are per block, as the
+    published ``steps`` argument. ``top_k`` 0 / None and ``top_p`` 1 / None filter nothing;
+    both apply only at a temperature above 0 (the greedy token ignores them)."""
 
     gen_length: int
     block_length: int
     steps: int  # per block
     threshold: float
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
 
     @classmethod
     def build(
-        cls, gen_length, block_length, steps, threshold, model_block_length: int
+        cls,
+        gen_length,
+        block_length,
+        steps,
+        threshold,
+        model_block_length: int,
+        temperature=0.0,
+        top_k=None,
+        top_p=None,
     ) -> "BlockDiffusionSettings":
         """Checked settings; each error names the argument and the value to pass. ``steps`` is
         the total over the response as everywhere in dyllm-fx (a multiple of its blocks; None:
         one token per step) and becomes the steps of each block; ``threshold`` None: 0.95 (the
         published default); ``block_length`` None: the model's, and no other is taken (the
         attention's blocks are the model's)."""
+        temperature = check_number("temperature", temperature, minimum=0, hint="; 0 decodes greedily")
+        top_k = check_integer("top_k", top_k, minimum=0, allow_none=True, hint="; 0 keeps every token")
+        top_p = check_number(
+            "top_p", top_p, minimum=0, maximum=1, above=True, allow_none=True, hint="; 1 keeps every token"
+        )
         block_length = model_block_length if block_length is None else block_length
         check_integer("block_length", block_length, minimum=1)
         if block_length != model_block_length:
@@ -66,7 +87,7 @@ class BlockDiffusionSettings:
         threshold = 0.95 if threshold is None else threshold
         check_number("threshold", threshold, minimum=0, maximum=1, hint="; 0.95 is LLaDA2's default")
         per_block = min(schedule.steps_per_block, schedule.gen_length)  # the published cap
-        return cls(schedule.gen_length, block_length, per_block, float(threshold))
+        return cls(schedule.gen_length, block_length, per_block, float(threshold), temperature, top_k, top_p)
 
     def transfer_counts(self) -> list[int]:
         """Tokens each step of a block commits at least: ``block_length`` spread evenly."""
@@ -74,16 +95,56 @@ class BlockDiffusionSettings:
         return [base + (step < remainder) for step in range(self.steps)]
 
 
-def select_llada2(
-    logits: torch.Tensor, candidates: torch.Tensor, count: int, threshold: float
+def _keep_top_k(logits: torch.Tensor, k: int | None) -> torch.Tensor:
+    """``logits`` with every score below the ``k``-th largest of its row set to -inf (ties
+    with the ``k``-th stay); ``k`` None or 0: unchanged."""
+    if not k:
+        return logits
+    kth = torch.topk(logits, min(k, logits.shape[-1])).values[..., -1:]
+    return logits.masked_fill(logits < kth, -torch.inf)
+
+
+def _keep_top_p(logits: torch.Tensor, p: float | None) -> torch.Tensor:
+    """``logits`` cut to the nucleus: the most likely tokens, in order, until their probability
+    reaches ``p`` (the token that crosses it kept, the most likely always); ``p`` None or 1:
+    unchanged."""
+    if p is None or p >= 1.0:
+        return logits
+    ordered, order = torch.sort(logits, dim=-1, descending=True)
+    cumulative = torch.cumsum(torch.softmax(ordered, dim=-1), dim=-1)
+    drop_sorted = torch.zeros_like(cumulative, dtype=torch.bool)
+    drop_sorted[..., 1:] = cumulative[..., :-1] > p  # the tokens before it already hold more than p
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, -torch.inf)
+
+
+def sample_tokens(
+    logits: torch.Tensor, settings: BlockDiffusionSettings
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(positions to commit, greedy tokens) for one row: ``logits`` (Lb, V), ``candidates`` (Lb)
-    the masked positions that may be committed. Every candidate above ``threshold`` if they are
-    at least ``count``, else the ``count`` most confident candidates."""
-    tokens = logits.argmax(dim=-1)
-    probs = torch.softmax(logits.float(), dim=-1).gather(-1, tokens[:, None]).squeeze(-1)
+    """(tokens, their probabilities) for ``logits`` (Lb, V): greedy at temperature 0 (the
+    probability under the plain softmax), else one draw per row from the tempered, top-k and
+    top-p cut softmax (torch's global generator), with its probability under that distribution."""
+    if settings.temperature == 0:
+        tokens = logits.argmax(dim=-1)
+        probs = torch.softmax(logits.float(), dim=-1)
+    else:
+        scores = logits.float() / settings.temperature
+        scores = _keep_top_p(_keep_top_k(scores, settings.top_k), settings.top_p)
+        probs = torch.softmax(scores, dim=-1)
+        tokens = torch.multinomial(probs, num_samples=1).squeeze(-1)
+    return tokens, probs.gather(-1, tokens[:, None]).squeeze(-1)
+
+
+def select_llada2(
+    logits: torch.Tensor, candidates: torch.Tensor, count: int, settings: BlockDiffusionSettings
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positions to commit, drawn tokens) for one row: ``logits`` (Lb, V), ``candidates`` (Lb)
+    the masked positions that may be committed. Every candidate whose token's probability is
+    above ``settings.threshold`` if they are at least ``count``, else the ``count`` most
+    confident candidates."""
+    tokens, probs = sample_tokens(logits, settings)
     confidence = torch.where(candidates, probs, -torch.inf)
-    high = confidence > threshold
+    high = confidence > settings.threshold
     if int(high.sum()) >= count:
         return high, tokens
     transfer = torch.zeros_like(candidates)
@@ -127,7 +188,7 @@ def generate_one(
             # Past the schedule (only when a step function withheld positions): one at least.
             count = counts[step] if step < len(counts) else 1
             stats.extra_steps += step >= len(counts)
-            transfer, tokens = select_llada2(out.logits[0], candidates, count, settings.threshold)
+            transfer, tokens = select_llada2(out.logits[0], candidates, count, settings)
             x[0, start:end][transfer] = tokens[transfer]
             committed_last = int(transfer.sum())
             stats.step_seconds.append(time.perf_counter() - t0)
@@ -143,4 +204,4 @@ def generate_one(
     return x[0, : plen + settings.gen_length], stats
 
 
-__all__ = ["BlockDiffusionSettings", "generate_one", "select_llada2"]
+__all__ = ["BlockDiffusionSettings", "generate_one", "sample_tokens", "select_llada2"]
