@@ -247,8 +247,8 @@ def _plan_engines(
     from .plans import build_plan_step
 
     # one engine per key: a torch.export program keeps the runtime asserts its trace recorded
-    # about the sizes (a narrowed view's contiguity ties a capacity to its span), so a program
-    # traced at one capacity refuses another
+    # about the sizes (a capacity below its span), so a program traced with sizes as inputs
+    # refuses a capacity equal to the span
     build = build_plan_step(model, layout, keys, by_shape=False)
     opt_seq = opt_seq or build.layout.max_seq
     engines = []

@@ -41,10 +41,9 @@ def select_top(key: torch.Tensor, eligible: torch.Tensor, capacity: int) -> tupl
     (B, C) with slots in ascending order; ties are broken by position (a stable sort), so eager
     and compiled steps choose the same rows. Where fewer than C are eligible the remaining slots
     are other, distinct slots marked not valid."""
-    capacity = torch.sym_min(capacity, key.shape[1])  # no guard when both are symbolic (export)
+    capacity = min(capacity, key.shape[1])
     masked = torch.where(eligible, key.float(), float("-inf"))
-    # narrow, not a slice: a slice guards on whether it clips, which ties C to W in an export
-    order = torch.sort(masked, dim=1, descending=True, stable=True).indices.narrow(1, 0, capacity)
+    order = torch.sort(masked, dim=1, descending=True, stable=True).indices[:, :capacity]
     slots = order.sort(dim=1).values
     return slots, eligible.gather(1, slots)
 
