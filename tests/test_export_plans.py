@@ -258,6 +258,22 @@ def test_onnxruntime_decodes_the_engines_tokens(which, request):
     assert kinds == [r.kind for r in reference.engine.records] and len(set(kinds)) >= 2
 
 
+def test_a_step_over_its_capacity_runs_again_in_onnxruntime(llada, tmp_path):
+    """A step whose salient rows exceed its capacity runs again at the span's capacity, from the
+    state it started from (overflow='rerun', the default), under onnxruntime as in the engine:
+    the same reruns, the same tokens. The rerun's key is not among the recorded ones (a rerun is
+    not planned), so its branch serves it at the span's capacity."""
+    exp = Export(llada, tmp_path, "dyllm", capacity=2)
+    reference = dyllm_fx.transform(llada, policy="dyllm", capacity=2)
+    want = dyllm_fx.generate(reference, TOK, PROMPTS, **GEN)
+    onnx_model = load_onnx(exp.path, threads=1, tokenizer=TOK)
+    got = dyllm_fx.generate(onnx_model, TOK, PROMPTS, **GEN)
+    reruns = [bool(r.extra.get("rerun")) for r in reference.engine.records]
+    assert any(reruns)
+    assert [bool(r.extra.get("rerun")) for r in onnx_model.engine.records] == reruns
+    assert torch.equal(got.sequences, want.sequences)
+
+
 def test_es_dllm_eligible_reaches_the_loop(es_export):
     """Rows that skipped a layer come back not eligible, so the loop never commits them."""
     onnx_model = load_onnx(es_export.path, threads=1, tokenizer=TOK)

@@ -109,6 +109,15 @@ class _GraphRunner:
     def reset(self) -> None:
         self.warm = False
 
+    def checkpoint(self) -> tuple:
+        """The state as it is: the graphs are functional (they return new state tensors and
+        leave their inputs as they were), so the references are the checkpoint."""
+        return list(self.state) if self.state is not None else None, self.warm
+
+    def restore(self, handle: tuple) -> None:
+        state, self.warm = handle
+        self.state = list(state) if state is not None else None
+
 
 class UniformGraphRunner(_GraphRunner):
     """A layer-uniform step graph as a :class:`~dyllm_fx.runtime.engine.StepRunner`: the plan's

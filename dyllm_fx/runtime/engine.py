@@ -6,7 +6,8 @@
 
 A step the policy finds wanting after that read (``policy.rerun``: DyLLM's salient rows beyond the
 capacity) runs again, at the plan it names, from a copy of the state the engine took before the
-step (only for plans the policy says may need it, ``policy.may_rerun``).
+step (only for plans the policy says may need it, ``policy.may_rerun``), or from the runner's
+checkpoint of its own state.
 
 ``step[key]`` is the policy's ``step`` run eagerly (the readable reference), compiled whole by
 inductor (``compile=True``: ``torch.compile(fullgraph=True, dynamic=False)``, one graph per
@@ -84,6 +85,15 @@ class StepRunner(Protocol):
 
     def reset(self) -> None:
         """Nothing in the state is valid any more: the next step is cold."""
+        ...
+
+    def checkpoint(self) -> object:
+        """A handle on the state as it is now, for :meth:`restore` (a step the policy runs
+        again starts from it)."""
+        ...
+
+    def restore(self, handle: object) -> None:
+        """The state as :meth:`checkpoint` found it."""
         ...
 
 
@@ -251,16 +261,22 @@ class StepEngine:
             tuple(extras),
         )
         # a policy that may find its step wanting (DyLLM: rows beyond the capacity) runs it again
-        # from the state it started from, kept here (exported runners keep their own state)
-        saved = self._state_copy() if self.runner is None and self.policy.may_rerun(plan) else None
+        # from the state it started from: a copy kept here, or the runner's own checkpoint
+        saved = None
+        if self.policy.may_rerun(plan):
+            saved = self._state_copy() if self.runner is None else self.runner.checkpoint()
         out = self._run(plan, inp) if self.runner is None else self.runner.run(host, plan, inp)
         counts = out.counts.tolist() if out.counts is not None else None  # the step's one host read
         again = self.policy.rerun(plan, counts) if saved is not None else None
         if again is not None:
-            for tensor, kept in zip(self._state(), saved):
-                tensor.copy_(kept)
             plan = again
-            out = self._run(plan, inp)
+            if self.runner is None:
+                for tensor, kept in zip(self._state(), saved):
+                    tensor.copy_(kept)
+                out = self._run(plan, inp)
+            else:
+                self.runner.restore(saved)
+                out = self.runner.run(host, plan, inp)
             counts = out.counts.tolist() if out.counts is not None else None
         report = self.policy.observe(plan, counts, self.n_layers, seq_len)
         if again is not None:
