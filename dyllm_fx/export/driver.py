@@ -25,8 +25,8 @@ from dyllm_fx.runtime.policies.uniform import plan_rows
 from dyllm_fx.runtime.step import SparseStep
 
 from .metadata import StepGraphInfo
-from .plan_keys import branch_key, branch_sizes, graph_key
-from .policy_step import size_count_of, size_inputs, size_names
+from .plan_keys import branch_key, branch_sizes, graph_key, size_count
+from .policy_step import size_inputs, size_names
 from .step_module import ExportError, check_layer_uniform
 
 
@@ -211,14 +211,13 @@ class PlanGraphRunner(_GraphRunner):
         self.policy = policy
         self.state_entries = [StateEntry.from_json(e) for e in info.state]
         self.keys = [decode_key(p["key"]) for p in info.plans]
-        self.index = {key: i for i, key in enumerate(self.keys)}
-        self.branch_of = [int(p["branch"]) for p in info.plans]
+        self.branch_of = {key: int(p["branch"]) for key, p in zip(self.keys, info.plans)}
         self.branch_keys = [decode_key(b["key"]) for b in info.branches]
         self.branch_seq = [(int(b["min_seq"]), int(b["max_seq"])) for b in info.branches]
         self.counts_len = [int(b["counts"]) for b in info.branches]
         self.has_eligible = [bool(b["eligible"]) for b in info.branches]
         self.param_names = list(info.params)
-        self.n_sizes = size_count_of(info.inputs)
+        self.n_sizes = size_count(self.branch_keys)
 
     def _allocate(self, batch: int, seq_len: int) -> list[Any]:
         return [self.backend.zeros(e, batch, seq_len) for e in self.state_entries]
@@ -228,9 +227,8 @@ class PlanGraphRunner(_GraphRunner):
         kind whose sequence range holds ``seq_len`` (the sizes are inputs, so a capacity the
         export's layout did not list, as another tau may reach, runs too)."""
         gkey = graph_key(key, seq_len)
-        index = self.index.get(gkey)
-        if index is not None:
-            return self.branch_of[index]
+        if gkey in self.branch_of:
+            return self.branch_of[gkey]
         kind = branch_key(key)
         for i, (bkey, (lo, hi)) in enumerate(zip(self.branch_keys, self.branch_seq)):
             if bkey == kind and lo <= seq_len <= hi:

@@ -113,9 +113,10 @@ def branches(ranges: list[KeyRange], by_shape: bool = True) -> list[Branch]:
     return [Branch(key, tuple(members)) for key, members in groups.items()]
 
 
-def size_count(groups: list[Branch]) -> int:
-    """How many size inputs the graphs take: the most :data:`ANY` sizes a branch key holds."""
-    return max((key_sizes(b.key).count(ANY) for b in groups), default=0)
+def size_count(branch_keys) -> int:
+    """How many size inputs the graphs of ``branch_keys`` take: the most :data:`ANY` sizes one
+    holds."""
+    return max((key_sizes(key).count(ANY) for key in branch_keys), default=0)
 
 
 def plan_keys(

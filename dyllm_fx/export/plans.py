@@ -145,7 +145,9 @@ def build_plan_step(model, layout: Layout, keys=None, by_shape: bool = True) -> 
         plan_keys(traced, layout, n_layers, spec.logits_shift) if keys is None else _given_keys(keys, layout)
     )
     groups = branches(ranges, by_shape)
-    step = PolicyStep(program, traced, state, params, counts_len=0, n_sizes=size_count(groups)).eval()
+    step = PolicyStep(
+        program, traced, state, params, counts_len=0, n_sizes=size_count(b.key for b in groups)
+    ).eval()
     step.spec = spec
     build = PlanBuild(step, ranges, groups, layout, device, [], [])
     with build.tracing():

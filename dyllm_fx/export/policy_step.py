@@ -49,14 +49,6 @@ def size_names(n_sizes: int) -> list[str]:
     return [f"size_{i}" for i in range(n_sizes)]
 
 
-def size_count_of(input_names: list[str]) -> int:
-    """How many size inputs a graph with ``input_names`` takes."""
-    n = 0
-    while f"size_{n}" in input_names:
-        n += 1
-    return n
-
-
 def size_inputs(sizes, n_sizes: int, device=None) -> list[torch.Tensor]:
     """The size inputs of a step with ``sizes`` (a key's, in ``key_sizes`` order), padded with
     length-1 inputs to ``n_sizes``."""
@@ -403,7 +395,6 @@ __all__ = [
     "export_policy",
     "graph_params",
     "plain_torch_ops",
-    "size_count_of",
     "size_inputs",
     "size_names",
 ]

@@ -117,24 +117,17 @@ def export_plan_programs(build, max_batch: int = 4096) -> list:
 
 
 def _plan_trt_inputs(torch_tensorrt, build, i: int, max_batch: int, opt_seq: int):
-    """min / opt / max shapes of branch ``i``'s inputs: batch 1..max_batch (opt 1), the branch's
-    sequence range (opt ``opt_seq`` within it), logit positions 1..max_seq (opt one block),
-    each size 1..max_seq (opt its traced example)."""
-    from .policy_step import size_names
-
+    """min / opt / max shapes of branch ``i``'s inputs (a build with one branch per key, so no
+    size inputs): batch 1..max_batch (opt 1), the key's sequence range (opt ``opt_seq`` within
+    it), logit positions 1..max_seq (opt one block)."""
     branch, example = build.branches[i], build.example(i)
     seq = (branch.min_seq, min(max(opt_seq, branch.min_seq), branch.max_seq), branch.max_seq)
     positions = (1, build.layout.block, branch.max_seq)
     step = build.step
     axes = [{0: "batch", 1: "seq"}] * 3 + [{0: "batch", 1: "positions"}, {0: "batch"}, {0: "batch"}]
     axes += [{}] * len(step.params)
-    sizes = size_names(step.n_sizes)
-    axes += [{0: name} for name in sizes]
     axes += [{a: d for a, d in enumerate(e.shape) if isinstance(d, str)} for e in step.layout.entries]
     ranges = {"batch": (1, 1, max_batch), "seq": seq, "positions": positions}
-    first_size = 6 + len(step.params)
-    for j, name in enumerate(sizes):
-        ranges[name] = (1, int(example[first_size + j].shape[0]), branch.max_seq)
     specs = []
     for t, named in zip(example, axes):
         lo, opt, hi = (

@@ -35,6 +35,7 @@ from dyllm_fx.models.spec import DiffusionSpec
 
 from ..values import check_integer, check_number
 from .loop import GenerationStats
+from .sampling_math import top_k_filter
 from .schedule import BlockSchedule
 from .step import StepFunction, StepRequest, as_step_output
 
@@ -95,19 +96,12 @@ class BlockDiffusionSettings:
         return [base + (step < remainder) for step in range(self.steps)]
 
 
-def _keep_top_k(logits: torch.Tensor, k: int | None) -> torch.Tensor:
-    """``logits`` with every score below the ``k``-th largest of its row set to -inf (ties
-    with the ``k``-th stay); ``k`` None or 0: unchanged."""
-    if not k:
-        return logits
-    kth = torch.topk(logits, min(k, logits.shape[-1])).values[..., -1:]
-    return logits.masked_fill(logits < kth, -torch.inf)
-
-
 def _keep_top_p(logits: torch.Tensor, p: float | None) -> torch.Tensor:
     """``logits`` cut to the nucleus: the most likely tokens, in order, until their probability
     reaches ``p`` (the token that crosses it kept, the most likely always); ``p`` None or 1:
-    unchanged."""
+    unchanged. Not ``sampling_math.top_p_filter``: that one compares the cumulative sum minus
+    the token's own probability, which can round differently from the published shifted
+    cumulative sum used here."""
     if p is None or p >= 1.0:
         return logits
     ordered, order = torch.sort(logits, dim=-1, descending=True)
@@ -129,7 +123,9 @@ def sample_tokens(
         probs = torch.softmax(logits.float(), dim=-1)
     else:
         scores = logits.float() / settings.temperature
-        scores = _keep_top_p(_keep_top_k(scores, settings.top_k), settings.top_p)
+        if settings.top_k:  # 0 / None: every token
+            scores = top_k_filter(scores, settings.top_k)
+        scores = _keep_top_p(scores, settings.top_p)
         probs = torch.softmax(scores, dim=-1)
         tokens = torch.multinomial(probs, num_samples=1).squeeze(-1)
     return tokens, probs.gather(-1, tokens[:, None]).squeeze(-1)
